@@ -1,0 +1,1 @@
+//! The `mgkd-train` command line: one module per subcommand.

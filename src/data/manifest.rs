@@ -1,0 +1,103 @@
+//! `dataset.json`: the manifest of a dataset directory (SPEC §3).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::schema::Schema;
+use crate::{Error, Result};
+
+/// Value of the manifest's `format` field.
+pub const FORMAT_NAME: &str = "mgkd-dataset";
+/// The on-disk format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name of the manifest inside a dataset directory.
+pub const MANIFEST_FILE: &str = "dataset.json";
+/// Names of the three splits, by split id.
+pub const SPLIT_NAMES: [&str; 3] = ["train", "valid", "test"];
+
+/// Row and default counts of one split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitStats {
+    /// Split id: 0 train, 1 valid, 2 test.
+    pub split: u8,
+    /// Split name (`train`, `valid`, `test`).
+    pub name: String,
+    /// Rows in the split.
+    pub rows: u64,
+    /// Rows with label 1 (0 when the dataset has no labels).
+    pub positives: u64,
+    /// `positives / rows` (0 for an empty split or an unlabelled dataset).
+    pub default_rate: f64,
+}
+
+/// One shard file of the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name, relative to the dataset directory (`shard-00000.safetensors`).
+    pub file: String,
+    /// Rows stored in the shard.
+    pub rows: u64,
+    /// Total pre-service events stored in the shard (P).
+    pub pre_events: u64,
+    /// Total in-service events stored in the shard.
+    pub in_events: u64,
+    /// File size in bytes.
+    pub bytes: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// The manifest: everything a reader needs to validate and interpret the shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version, [`FORMAT_VERSION`].
+    pub version: u32,
+    /// Field names, kinds, vocabularies, normalisation and length limits.
+    pub schema: Schema,
+    /// Total rows over all shards.
+    pub rows: u64,
+    /// Whether shards carry a `label` tensor (false for new applicants to be scored).
+    pub has_label: bool,
+    /// Whether shards carry `user_id_offsets`/`user_id_bytes` (UTF-8 user ids).
+    pub has_user_id: bool,
+    /// Per-split counts, always three entries (train, valid, test).
+    pub splits: Vec<SplitStats>,
+    /// The shards, in row order.
+    pub shards: Vec<ShardInfo>,
+    /// How the dataset was made (free text, e.g. the synth command line).
+    #[serde(default)]
+    pub source: String,
+}
+
+impl Manifest {
+    /// Reads and parses `dir/dataset.json` (structure only; [`crate::data`]'s reader checks
+    /// it against the shards).
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("not a valid manifest: {e}")))?;
+        if manifest.format != FORMAT_NAME {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "field `format` is {:?}, expected {FORMAT_NAME:?}",
+                    manifest.format
+                ),
+            ));
+        }
+        if manifest.version != FORMAT_VERSION {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "field `version` is {}, this build reads version {FORMAT_VERSION}",
+                    manifest.version
+                ),
+            ));
+        }
+        Ok(manifest)
+    }
+}

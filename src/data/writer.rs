@@ -1,0 +1,534 @@
+//! Streaming dataset writer: rows go in one at a time, shards of a bounded size come out.
+//!
+//! Crash safety: each shard is written to `shard-NNNNN.safetensors.tmp`, flushed, synced and
+//! then renamed; `dataset.json` is written the same way, last of all. A directory without
+//! `dataset.json` is never taken for a dataset, so a crash never leaves something that looks
+//! complete. A writer dropped without [`DatasetWriter::finish`] (an error part-way) removes
+//! every file it created, and the directory too when it created it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{
+    Manifest, ShardInfo, SplitStats, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SPLIT_NAMES,
+};
+use super::schema::Schema;
+use crate::{Error, Result};
+
+/// Default target size of one shard file.
+pub const DEFAULT_SHARD_BYTES: u64 = 256 << 20;
+
+/// Options of a [`DatasetWriter`].
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Close a shard once its tensors reach this many bytes.
+    pub shard_bytes: u64,
+    /// Close a shard once it holds this many rows (in addition to the byte bound).
+    pub shard_rows: Option<usize>,
+    /// Whether rows carry labels (false: new applicants, no `label` tensor).
+    pub has_label: bool,
+    /// Whether rows carry user ids (stored as UTF-8 in `user_id_offsets`/`user_id_bytes`).
+    pub has_user_id: bool,
+    /// Free text stored in the manifest's `source` field.
+    pub source: String,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            shard_bytes: DEFAULT_SHARD_BYTES,
+            shard_rows: None,
+            has_label: true,
+            has_user_id: false,
+            source: String::new(),
+        }
+    }
+}
+
+/// One row to write, borrowed from the caller. Event slices are flattened row-major:
+/// `pre_cat` is `[n_pre, E_c]`, `pre_num` is `[n_pre, E_d]`, events oldest first.
+#[derive(Debug, Clone, Copy)]
+pub struct RowData<'a> {
+    /// Label 0/1; must be `Some` exactly when the writer was opened with `has_label`.
+    pub label: Option<u8>,
+    /// Split id 0/1/2.
+    pub split: u8,
+    /// User id; must be `Some` exactly when the writer was opened with `has_user_id`.
+    pub user_id: Option<&'a str>,
+    /// Dense profile fields, F_d values, already standardised.
+    pub profile_num: &'a [f32],
+    /// Categorical profile ids, F_c values.
+    pub profile_cat: &'a [u32],
+    /// Pre-service event categorical ids, `[n_pre, E_c]`.
+    pub pre_cat: &'a [u32],
+    /// Pre-service event numbers, `[n_pre, E_d]`, standardised.
+    pub pre_num: &'a [f32],
+    /// In-service event categorical ids, `[n_in, E_c]`.
+    pub in_cat: &'a [u32],
+    /// In-service event numbers, `[n_in, E_d]`, standardised.
+    pub in_num: &'a [f32],
+}
+
+/// Column buffers of the shard being filled.
+#[derive(Default)]
+struct ShardBuffers {
+    rows: usize,
+    label: Vec<u8>,
+    split: Vec<u8>,
+    profile_num: Vec<f32>,
+    profile_cat: Vec<u32>,
+    pre_offsets: Vec<u64>,
+    pre_cat: Vec<u32>,
+    pre_num: Vec<f32>,
+    in_offsets: Vec<u64>,
+    in_cat: Vec<u32>,
+    in_num: Vec<f32>,
+    user_id_offsets: Vec<u64>,
+    user_id_bytes: Vec<u8>,
+}
+
+impl ShardBuffers {
+    fn new() -> Self {
+        ShardBuffers {
+            pre_offsets: vec![0],
+            in_offsets: vec![0],
+            user_id_offsets: vec![0],
+            ..Default::default()
+        }
+    }
+
+    /// Bytes of tensor data held so far.
+    fn bytes(&self) -> u64 {
+        (self.label.len()
+            + self.split.len()
+            + self.user_id_bytes.len()
+            + 4 * (self.profile_num.len()
+                + self.profile_cat.len()
+                + self.pre_cat.len()
+                + self.pre_num.len()
+                + self.in_cat.len()
+                + self.in_num.len())
+            + 8 * (self.pre_offsets.len() + self.in_offsets.len() + self.user_id_offsets.len()))
+            as u64
+    }
+}
+
+/// Writes a dataset directory shard by shard; see the module documentation.
+pub struct DatasetWriter {
+    dir: PathBuf,
+    created_dir: bool,
+    schema: Schema,
+    options: WriterOptions,
+    buffers: ShardBuffers,
+    shards: Vec<ShardInfo>,
+    /// Files written so far (final names), removed if the writer is dropped unfinished.
+    written: Vec<PathBuf>,
+    split_rows: [u64; 3],
+    split_positives: [u64; 3],
+    rows: u64,
+    finished: bool,
+}
+
+impl DatasetWriter {
+    /// Starts a dataset in `dir`. The directory is created if missing; an existing one must
+    /// not already hold a dataset (a `dataset.json`) or shard files.
+    pub fn create(dir: &Path, schema: Schema, options: WriterOptions) -> Result<DatasetWriter> {
+        if options.shard_bytes == 0 || options.shard_rows == Some(0) {
+            return Err(Error::invalid(
+                "shard size must be at least one byte and one row",
+            ));
+        }
+        let created_dir = !dir.exists();
+        if created_dir {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        } else {
+            let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(dir, e))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name == MANIFEST_FILE || name.starts_with("shard-") {
+                    return Err(Error::invalid(format!(
+                        "{}: already holds a dataset ({name}); choose an empty or new directory",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(DatasetWriter {
+            dir: dir.to_path_buf(),
+            created_dir,
+            schema,
+            options,
+            buffers: ShardBuffers::new(),
+            shards: Vec::new(),
+            written: Vec::new(),
+            split_rows: [0; 3],
+            split_positives: [0; 3],
+            rows: 0,
+            finished: false,
+        })
+    }
+
+    /// The schema rows are checked against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Checks `row` against the schema and appends it; writes a shard when the current one
+    /// is full. Errors name the row (0-based, in push order) and the field.
+    pub fn push(&mut self, row: &RowData<'_>) -> Result<()> {
+        self.check_row(row)?;
+        let b = &mut self.buffers;
+        b.rows += 1;
+        if let Some(label) = row.label {
+            b.label.push(label);
+            self.split_positives[row.split as usize] += label as u64;
+        }
+        b.split.push(row.split);
+        self.split_rows[row.split as usize] += 1;
+        b.profile_num.extend_from_slice(row.profile_num);
+        b.profile_cat.extend_from_slice(row.profile_cat);
+        b.pre_cat.extend_from_slice(row.pre_cat);
+        b.pre_num.extend_from_slice(row.pre_num);
+        let n_pre = Self::events(
+            row.pre_cat,
+            self.schema.e_cat(),
+            row.pre_num,
+            self.schema.e_num(),
+        );
+        b.pre_offsets
+            .push(b.pre_offsets[b.pre_offsets.len() - 1] + n_pre as u64);
+        b.in_cat.extend_from_slice(row.in_cat);
+        b.in_num.extend_from_slice(row.in_num);
+        let n_in = Self::events(
+            row.in_cat,
+            self.schema.e_cat(),
+            row.in_num,
+            self.schema.e_num(),
+        );
+        b.in_offsets
+            .push(b.in_offsets[b.in_offsets.len() - 1] + n_in as u64);
+        if let Some(id) = row.user_id {
+            b.user_id_bytes.extend_from_slice(id.as_bytes());
+            b.user_id_offsets.push(b.user_id_bytes.len() as u64);
+        }
+        self.rows += 1;
+        let full_rows = self.options.shard_rows.is_some_and(|n| b.rows >= n);
+        if full_rows || b.bytes() >= self.options.shard_bytes {
+            self.flush_shard()?;
+        }
+        Ok(())
+    }
+
+    /// Number of events in a flattened event slice pair (already checked consistent).
+    fn events(cat: &[u32], e_cat: usize, num: &[f32], e_num: usize) -> usize {
+        if e_cat > 0 {
+            cat.len() / e_cat
+        } else if e_num > 0 {
+            num.len() / e_num
+        } else {
+            0
+        }
+    }
+
+    fn check_row(&self, row: &RowData<'_>) -> Result<()> {
+        let r = self.rows;
+        let s = &self.schema;
+        let bad = |msg: String| Err(Error::invalid(format!("row {r}: {msg}")));
+        match (row.label, self.options.has_label) {
+            (Some(l), true) if l > 1 => return bad(format!("label is {l}, must be 0 or 1")),
+            (Some(_), true) | (None, false) => {}
+            (None, true) => return bad("label missing in a labelled dataset".into()),
+            (Some(_), false) => return bad("label given in an unlabelled dataset".into()),
+        }
+        if row.split > 2 {
+            return bad(format!("split is {}, must be 0, 1 or 2", row.split));
+        }
+        if row.user_id.is_some() != self.options.has_user_id {
+            return bad("user id present in some rows and not others".into());
+        }
+        if row.profile_num.len() != s.f_num() {
+            return bad(format!(
+                "profile_num has {} values, the schema has {}",
+                row.profile_num.len(),
+                s.f_num()
+            ));
+        }
+        if row.profile_cat.len() != s.f_cat() {
+            return bad(format!(
+                "profile_cat has {} values, the schema has {}",
+                row.profile_cat.len(),
+                s.f_cat()
+            ));
+        }
+        for (j, (&v, f)) in row.profile_num.iter().zip(&s.profile_num).enumerate() {
+            if !v.is_finite() {
+                return bad(format!("profile_num[{j}] ({}) is {v}", f.name));
+            }
+        }
+        for (j, (&v, f)) in row.profile_cat.iter().zip(&s.profile_cat).enumerate() {
+            if v >= f.vocab {
+                return bad(format!(
+                    "profile_cat[{j}] ({}) id {v} is not below the vocabulary size {}",
+                    f.name, f.vocab
+                ));
+            }
+        }
+        for (kind, cat, num) in [
+            ("pre", row.pre_cat, row.pre_num),
+            ("in", row.in_cat, row.in_num),
+        ] {
+            let (ec, ed) = (s.e_cat(), s.e_num());
+            let n = Self::events(cat, ec, num, ed);
+            if cat.len() != n * ec || num.len() != n * ed {
+                return bad(format!(
+                    "{kind}_cat has {} values and {kind}_num {}: not a whole number of events of {ec} + {ed} fields",
+                    cat.len(),
+                    num.len()
+                ));
+            }
+            for (i, &v) in cat.iter().enumerate() {
+                let f = &s.event_cat[i % ec];
+                if v >= f.vocab {
+                    return bad(format!(
+                        "{kind}_cat event {} field {} ({}) id {v} is not below the vocabulary size {}",
+                        i / ec,
+                        i % ec,
+                        f.name,
+                        f.vocab
+                    ));
+                }
+            }
+            for (i, &v) in num.iter().enumerate() {
+                if !v.is_finite() {
+                    return bad(format!(
+                        "{kind}_num event {} field {} ({}) is {v}",
+                        i / ed,
+                        i % ed,
+                        s.event_num[i % ed].name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered rows as the next shard (temporary name, sync, rename).
+    fn flush_shard(&mut self) -> Result<()> {
+        if self.buffers.rows == 0 {
+            return Ok(());
+        }
+        let b = std::mem::replace(&mut self.buffers, ShardBuffers::new());
+        let s = &self.schema;
+        let n = b.rows;
+        let n_pre = (b.pre_offsets[n]) as usize;
+        let n_in = (b.in_offsets[n]) as usize;
+        let mut tensors: Vec<(&str, TensorView<'_>)> = Vec::with_capacity(13);
+        fn view<'a>(
+            name: &str,
+            dtype: Dtype,
+            shape: Vec<usize>,
+            data: &'a [u8],
+        ) -> Result<TensorView<'a>> {
+            TensorView::new(dtype, shape, data)
+                .map_err(|e| Error::invalid(format!("internal: tensor {name}: {e:?}")))
+        }
+        if self.options.has_label {
+            tensors.push(("label", view("label", Dtype::U8, vec![n], &b.label)?));
+        }
+        tensors.push(("split", view("split", Dtype::U8, vec![n], &b.split)?));
+        tensors.push((
+            "profile_num",
+            view(
+                "profile_num",
+                Dtype::F32,
+                vec![n, s.f_num()],
+                bytemuck::cast_slice(&b.profile_num),
+            )?,
+        ));
+        tensors.push((
+            "profile_cat",
+            view(
+                "profile_cat",
+                Dtype::U32,
+                vec![n, s.f_cat()],
+                bytemuck::cast_slice(&b.profile_cat),
+            )?,
+        ));
+        tensors.push((
+            "pre_offsets",
+            view(
+                "pre_offsets",
+                Dtype::U64,
+                vec![n + 1],
+                bytemuck::cast_slice(&b.pre_offsets),
+            )?,
+        ));
+        tensors.push((
+            "pre_cat",
+            view(
+                "pre_cat",
+                Dtype::U32,
+                vec![n_pre, s.e_cat()],
+                bytemuck::cast_slice(&b.pre_cat),
+            )?,
+        ));
+        tensors.push((
+            "pre_num",
+            view(
+                "pre_num",
+                Dtype::F32,
+                vec![n_pre, s.e_num()],
+                bytemuck::cast_slice(&b.pre_num),
+            )?,
+        ));
+        tensors.push((
+            "in_offsets",
+            view(
+                "in_offsets",
+                Dtype::U64,
+                vec![n + 1],
+                bytemuck::cast_slice(&b.in_offsets),
+            )?,
+        ));
+        tensors.push((
+            "in_cat",
+            view(
+                "in_cat",
+                Dtype::U32,
+                vec![n_in, s.e_cat()],
+                bytemuck::cast_slice(&b.in_cat),
+            )?,
+        ));
+        tensors.push((
+            "in_num",
+            view(
+                "in_num",
+                Dtype::F32,
+                vec![n_in, s.e_num()],
+                bytemuck::cast_slice(&b.in_num),
+            )?,
+        ));
+        if self.options.has_user_id {
+            tensors.push((
+                "user_id_offsets",
+                view(
+                    "user_id_offsets",
+                    Dtype::U64,
+                    vec![n + 1],
+                    bytemuck::cast_slice(&b.user_id_offsets),
+                )?,
+            ));
+            tensors.push((
+                "user_id_bytes",
+                view(
+                    "user_id_bytes",
+                    Dtype::U8,
+                    vec![b.user_id_bytes.len()],
+                    &b.user_id_bytes,
+                )?,
+            ));
+        }
+        let metadata: HashMap<String, String> =
+            [("format".to_string(), FORMAT_NAME.to_string())].into();
+        let bytes = safetensors::tensor::serialize(tensors, &Some(metadata))
+            .map_err(|e| Error::invalid(format!("internal: serialising a shard: {e:?}")))?;
+        let file = format!("shard-{:05}.safetensors", self.shards.len());
+        let path = self.dir.join(&file);
+        write_atomic(&path, &bytes)?;
+        self.written.push(path);
+        self.shards.push(ShardInfo {
+            file,
+            rows: n as u64,
+            pre_events: n_pre as u64,
+            in_events: n_in as u64,
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        });
+        Ok(())
+    }
+
+    /// Writes the last shard and then the manifest, and returns the manifest.
+    pub fn finish(mut self) -> Result<Manifest> {
+        self.flush_shard()?;
+        let splits = (0..3)
+            .map(|i| SplitStats {
+                split: i as u8,
+                name: SPLIT_NAMES[i].to_string(),
+                rows: self.split_rows[i],
+                positives: self.split_positives[i],
+                default_rate: if self.split_rows[i] > 0 {
+                    self.split_positives[i] as f64 / self.split_rows[i] as f64
+                } else {
+                    0.0
+                },
+            })
+            .collect();
+        let manifest = Manifest {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            schema: self.schema.clone(),
+            rows: self.rows,
+            has_label: self.options.has_label,
+            has_user_id: self.options.has_user_id,
+            splits,
+            shards: self.shards.clone(),
+            source: self.options.source.clone(),
+        };
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::invalid(format!("internal: manifest: {e}")))?;
+        write_atomic(&self.dir.join(MANIFEST_FILE), text.as_bytes())?;
+        self.finished = true;
+        Ok(manifest)
+    }
+}
+
+impl Drop for DatasetWriter {
+    /// An unfinished writer removes what it wrote (best effort: this runs on error paths).
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        for path in &self.written {
+            let _ = fs::remove_file(path);
+        }
+        if self.created_dir {
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` atomically: a `.tmp` sibling is written, synced and renamed over
+/// `path`. On failure the temporary file is removed and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}

@@ -1,0 +1,18 @@
+//! # mgkd — Multi-Granularity Knowledge Distillation engine
+//!
+//! Trains credit-default risk models: a **teacher** reads a user's in-service behaviour
+//! sequence, a **student** reads only application-time (pre-service) data and is trained
+//! under the frozen teacher's guidance (soft labels, sequence- and behaviour-level
+//! alignment, self-distillation, class re-weighting). See `SPEC.md` of the project for the
+//! contract; the README for how to run it.
+//!
+//! Architecture, in the order data flows:
+//! - [`data`]: the on-disk dataset format (safetensors shards + `dataset.json`), the
+//!   synthetic generator, CSV import and batch assembly.
+//! - [`cli`]: the `mgkd-train` subcommands.
+
+pub mod cli;
+pub mod data;
+pub mod error;
+
+pub use error::{Error, Result};

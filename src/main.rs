@@ -1,0 +1,33 @@
+//! `mgkd-train`: the command-line front end of the MGKD engine.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Multi-Granularity Knowledge Distillation for credit-default risk models.
+///
+/// Typical flow: `synth` or `import` a dataset, `inspect` it, then train a teacher on
+/// in-service behaviour and a student on pre-service data under the teacher's guidance.
+#[derive(Parser)]
+#[command(name = "mgkd-train", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: mgkd::Result<()> = match cli.command {
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
