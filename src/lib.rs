@@ -11,6 +11,7 @@
 //!   synthetic generator, CSV import and batch assembly.
 //! - [`cli`]: the `mgkd-train` subcommands.
 
+pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;

@@ -1,0 +1,500 @@
+//! The narrow backend abstraction: every numerical primitive the model, the losses and the
+//! optimizer need, each with its backward, behind one trait that the CPU reference
+//! ([`cpu::CpuBackend`], generic over f32 and f64) and the CUDA backend implement. One model
+//! and one trainer drive both.
+//!
+//! Conventions, for every method:
+//! - Matrices are row-major. A window into a buffer is a [`Ref`] (read) or a [`Mut`] (write):
+//!   the buffer and an element offset; the extent follows from the shape arguments.
+//! - **Parameter gradients accumulate** (`+=`): the model's gradient buffer is zeroed once per
+//!   step and every op adds its contribution. Activation outputs and activation gradients
+//!   overwrite unless the method says "accumulates".
+//! - Sequences are padded `[batch, max_len, …]` with per-row lengths in an id buffer; padded
+//!   positions contribute nothing to any output or gradient, and a query with no valid key
+//!   gives a zero output and a zero gradient (never a NaN).
+//! - Reductions run in a fixed order, so results are bit-identical whatever the number of
+//!   threads.
+
+pub mod float;
+
+pub use float::Float;
+
+use crate::Result;
+
+/// A read-only window into a backend buffer, starting at element `off`.
+#[derive(Debug)]
+pub struct Ref<'a, T> {
+    /// The buffer.
+    pub buf: &'a T,
+    /// Offset in elements.
+    pub off: usize,
+}
+
+impl<T> Clone for Ref<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Ref<'_, T> {}
+
+/// A writable window into a backend buffer, starting at element `off`.
+#[derive(Debug)]
+pub struct Mut<'a, T> {
+    /// The buffer.
+    pub buf: &'a mut T,
+    /// Offset in elements.
+    pub off: usize,
+}
+
+impl<'a, T> Ref<'a, T> {
+    /// The window of `buf` starting at element `off`.
+    pub fn at(buf: &'a T, off: usize) -> Self {
+        Ref { buf, off }
+    }
+    /// The window starting at element 0.
+    pub fn whole(buf: &'a T) -> Self {
+        Ref { buf, off: 0 }
+    }
+}
+
+impl<'a, T> Mut<'a, T> {
+    /// The window of `buf` starting at element `off`.
+    pub fn at(buf: &'a mut T, off: usize) -> Self {
+        Mut { buf, off }
+    }
+    /// The window starting at element 0.
+    pub fn whole(buf: &'a mut T) -> Self {
+        Mut { buf, off: 0 }
+    }
+    /// A shorter-lived window on the same place (to pass a `Mut` on and keep it).
+    pub fn reborrow(&mut self) -> Mut<'_, T> {
+        Mut {
+            buf: self.buf,
+            off: self.off,
+        }
+    }
+}
+
+/// Shape of a (strided-batched) general matrix product, row-major:
+/// for `b in 0..batch`, `C_b[i,j] = α·Σ_p op(A_b)[i,p]·op(B_b)[p,j] + β·C_b[i,j]`, with
+/// `op(X) = Xᵀ` when the `trans_*` flag is set. `C_b` is `m×n` with row stride `ldc`;
+/// `A_b` is stored `m×k` (or `k×m` when transposed) with row stride `lda`; `B_b` is stored
+/// `k×n` (or `n×k` when transposed) with row stride `ldb`. Batch `b` starts `b·stride_*`
+/// elements after the window's offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Use Aᵀ.
+    pub trans_a: bool,
+    /// Use Bᵀ.
+    pub trans_b: bool,
+    /// Row stride of A as stored.
+    pub lda: usize,
+    /// Row stride of B as stored.
+    pub ldb: usize,
+    /// Row stride of C.
+    pub ldc: usize,
+    /// Number of products.
+    pub batch: usize,
+    /// Element distance between consecutive A matrices.
+    pub stride_a: usize,
+    /// Element distance between consecutive B matrices.
+    pub stride_b: usize,
+    /// Element distance between consecutive C matrices.
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A single dense product with packed operands: `C[m,n] = op(A)·op(B)`.
+    pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            lda: if trans_a { m } else { k },
+            ldb: if trans_b { k } else { n },
+            ldc: n,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+}
+
+/// One embedding table inside a parameter buffer: `vocab` rows of the op's `width`,
+/// starting at element `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbTable {
+    /// Element offset of row 0.
+    pub offset: usize,
+    /// Number of rows (ids must be `< vocab`; the data layer guarantees it).
+    pub vocab: usize,
+}
+
+/// How [`Backend::embedding`] combines the fields of one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbMode {
+    /// `out[i, :] = Σ_k table_k[ids[i,k], :]` (event embedding; `out` is `width` wide).
+    Sum,
+    /// `out[i, k·width .. (k+1)·width] = table_k[ids[i,k], :]` (profile embedding).
+    Concat,
+}
+
+/// Hyper-parameters of one AdamW step (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate of this step (after the schedule).
+    pub lr: f64,
+    /// First-moment decay β1.
+    pub beta1: f64,
+    /// Second-moment decay β2.
+    pub beta2: f64,
+    /// ε added to √v̂.
+    pub eps: f64,
+    /// Decoupled weight decay λ, applied where the decay mask is 1.
+    pub weight_decay: f64,
+    /// 1-based step number (for bias correction).
+    pub step: u64,
+    /// Factor applied to every gradient first (global-norm clipping: `min(1, c/‖g‖)`).
+    pub grad_scale: f64,
+}
+
+/// Shape of the fine-grained (behaviour-level) alignment loss, SPEC §5 `L_fine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FineShape {
+    /// Rows.
+    pub batch: usize,
+    /// Padded student tokens per row.
+    pub lq: usize,
+    /// Padded teacher tokens per row.
+    pub lk: usize,
+    /// Model width d.
+    pub d: usize,
+}
+
+/// The backend: buffers and every primitive of the engine. See the module documentation for
+/// the conventions (row-major, windows, parameter gradients accumulate).
+pub trait Backend: Send + Sync {
+    /// Element type of float buffers.
+    type F: Float;
+    /// A float buffer resident on the device.
+    type Buf: Send + Sync;
+    /// A `u32` buffer resident on the device (ids, lengths).
+    type Ids: Send + Sync;
+
+    /// A short human-readable name ("cpu-f64", "cuda:0 NVIDIA H100 …").
+    fn name(&self) -> String;
+
+    // ---- memory ------------------------------------------------------------------------
+
+    /// A zero-filled buffer of `len` elements.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of `host`.
+    fn upload(&self, host: &[Self::F]) -> Result<Self::Buf>;
+    /// An id buffer holding a copy of `host`.
+    fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
+    /// The buffer's contents on the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<Self::F>>;
+    /// Number of elements of `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// `x[0..len] = value`.
+    fn fill(&self, len: usize, value: Self::F, x: Mut<Self::Buf>);
+    /// `dst[0..len] = src[0..len]`.
+    fn copy(&self, len: usize, src: Ref<Self::Buf>, dst: Mut<Self::Buf>);
+    /// 2-D block copy: `dst[r·dst_ld + c] = src[r·src_ld + c]` for `r < rows, c < cols`;
+    /// accumulates (`+=`) when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_2d(
+        &self,
+        rows: usize,
+        cols: usize,
+        src: Ref<Self::Buf>,
+        src_ld: usize,
+        dst: Mut<Self::Buf>,
+        dst_ld: usize,
+        accumulate: bool,
+    );
+    /// `y[0..len] += α·x[0..len]`.
+    fn axpy(&self, len: usize, alpha: Self::F, x: Ref<Self::Buf>, y: Mut<Self::Buf>);
+
+    // ---- dense -------------------------------------------------------------------------
+
+    /// General (strided-batched) matrix product, see [`Gemm`].
+    fn gemm(
+        &self,
+        shape: &Gemm,
+        alpha: Self::F,
+        a: Ref<Self::Buf>,
+        b: Ref<Self::Buf>,
+        beta: Self::F,
+        c: Mut<Self::Buf>,
+    );
+    /// `y[r, :] += bias` for `r < rows`, `y` is `rows×n`.
+    fn add_bias(&self, rows: usize, n: usize, bias: Ref<Self::Buf>, y: Mut<Self::Buf>);
+    /// Bias gradient, accumulates: `db[j] += Σ_r dy[r, j]`.
+    fn bias_backward(&self, rows: usize, n: usize, dy: Ref<Self::Buf>, db: Mut<Self::Buf>);
+
+    // ---- element-wise and normalisation ----------------------------------------------
+
+    /// Exact GELU `y = x·Φ(x) = x·(1 + erf(x/√2))/2` on `len` elements.
+    fn gelu(&self, len: usize, x: Ref<Self::Buf>, y: Mut<Self::Buf>);
+    /// `dx = dy·GELU'(x)`, `GELU'(x) = Φ(x) + x·φ(x)`.
+    fn gelu_backward(
+        &self,
+        len: usize,
+        x: Ref<Self::Buf>,
+        dy: Ref<Self::Buf>,
+        dx: Mut<Self::Buf>,
+    );
+    /// LayerNorm over the last dimension, ε = 1e-5:
+    /// `y = (x − μ)·rstd·γ + β`, `rstd = 1/√(σ² + ε)`. `gamma_beta` holds γ (d) then β (d).
+    /// `stats` (`rows×2`) receives μ and rstd per row for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<Self::Buf>,
+        gamma_beta: Ref<Self::Buf>,
+        y: Mut<Self::Buf>,
+        stats: Mut<Self::Buf>,
+    );
+    /// LayerNorm backward. **Accumulates** into `dx` (the residual stream's gradient) and into
+    /// `dgamma_beta` (dγ then dβ, d each).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<Self::Buf>,
+        gamma_beta: Ref<Self::Buf>,
+        stats: Ref<Self::Buf>,
+        dy: Ref<Self::Buf>,
+        dx: Mut<Self::Buf>,
+        dgamma_beta: Mut<Self::Buf>,
+    );
+
+    // ---- embeddings --------------------------------------------------------------------
+
+    /// Embedding lookup of `n` tokens with `tables.len()` fields each; `ids` is `n×fields`
+    /// (row `i`, field `k` at `i·fields + k`), `params` holds the tables. Writes `out`
+    /// (`n×width` for [`EmbMode::Sum`], `n×(fields·width)` for [`EmbMode::Concat`]) with row
+    /// stride `out_ld`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &Self::Ids,
+        params: &Self::Buf,
+        mode: EmbMode,
+        out: Mut<Self::Buf>,
+        out_ld: usize,
+    );
+    /// Backward of [`Backend::embedding`]: scatter-adds `dout` rows into the tables' gradients
+    /// in `grads` (laid out like `params`), in a fixed order.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &Self::Ids,
+        mode: EmbMode,
+        dout: Ref<Self::Buf>,
+        dout_ld: usize,
+        grads: &mut Self::Buf,
+    );
+    /// Learned positions counted back from the most recent event (SPEC §4): for row `b` of
+    /// length `ℓ = lens[b]` and slot `t < ℓ`, `x[b,t,:] += pos[ℓ−1−t, :]`; padded slots are
+    /// left untouched. `x` is `batch×max_len×d`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_positions(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        pos: Ref<Self::Buf>,
+        x: Mut<Self::Buf>,
+    );
+    /// Backward of [`Backend::add_positions`], accumulates `dpos[ℓ−1−t,:] += dx[b,t,:]`.
+    fn add_positions_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        dx: Ref<Self::Buf>,
+        dpos: Mut<Self::Buf>,
+    );
+
+    // ---- attention and pooling ---------------------------------------------------------
+
+    /// Masked softmax of attention scores, in place: `scores` is
+    /// `batch×heads×lq×lk`; for row `b` only keys `j < key_lens[b]` are valid:
+    /// `p[b,h,i,j] = exp(s·scale − max)/Σ` over valid `j`, 0 for the others, and an all-zero
+    /// row when `key_lens[b] = 0`.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_softmax(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &Self::Ids,
+        scale: Self::F,
+        scores: Mut<Self::Buf>,
+    );
+    /// Backward of [`Backend::masked_softmax`]: `ds = scale·p⊙(dp − Σ_j p·dp)` (0 where
+    /// masked). `probs` is the forward output.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_softmax_backward(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &Self::Ids,
+        scale: Self::F,
+        probs: Ref<Self::Buf>,
+        dprobs: Ref<Self::Buf>,
+        dscores: Mut<Self::Buf>,
+    );
+    /// Masked mean over time: `out[b,:] = Σ_{t<ℓ} x[b,t,:]/ℓ` with `ℓ = lens[b]`, or `empty`
+    /// (the learned `s_∅`) when `ℓ = 0`. `x` is `batch×max_len×d`.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_mean(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        x: Ref<Self::Buf>,
+        empty: Ref<Self::Buf>,
+        out: Mut<Self::Buf>,
+    );
+    /// Backward of [`Backend::masked_mean`]: overwrites `dx` (`dout/ℓ` on valid slots, 0 on
+    /// padding) and accumulates the rows with `ℓ = 0` into `dempty`.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_mean_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        dout: Ref<Self::Buf>,
+        dx: Mut<Self::Buf>,
+        dempty: Mut<Self::Buf>,
+    );
+
+    // ---- losses (fused forward + backward) ---------------------------------------------
+    //
+    // Each returns the loss value and, when a gradient window is given, **accumulates**
+    // `coef · ∂L/∂input` into it.
+
+    /// Weighted binary cross-entropy on logits, stable (softplus form):
+    /// `L = (1/n)·Σ_i w_i·(softplus(z_i) − y_i·z_i)`, `∂L/∂z_i = w_i·(σ(z_i) − y_i)/n`.
+    /// `labels` holds 0/1 as floats.
+    #[allow(clippy::too_many_arguments)]
+    fn bce_loss(
+        &self,
+        n: usize,
+        logits: Ref<Self::Buf>,
+        labels: Ref<Self::Buf>,
+        weights: Ref<Self::Buf>,
+        coef: Self::F,
+        dlogits: Option<Mut<Self::Buf>>,
+    ) -> Result<Self::F>;
+    /// Temperature-scaled Bernoulli KL (soft labels and self-distillation):
+    /// `L = τ²·(1/n)·Σ_i w_i·KL(Bern(σ(t_i/τ)) ‖ Bern(σ(s_i/τ)))`,
+    /// `∂L/∂s_i = τ·w_i·(σ(s_i/τ) − σ(t_i/τ))/n`; no gradient to the targets `t`.
+    /// `weights = None` means `w_i = 1`.
+    #[allow(clippy::too_many_arguments)]
+    fn bernoulli_kl_loss(
+        &self,
+        n: usize,
+        student: Ref<Self::Buf>,
+        target: Ref<Self::Buf>,
+        weights: Option<Ref<Self::Buf>>,
+        tau: Self::F,
+        coef: Self::F,
+        dstudent: Option<Mut<Self::Buf>>,
+    ) -> Result<Self::F>;
+    /// Sequence-level alignment, `pred`/`target` are `n×d`:
+    /// MSE form `L = (1/n)·Σ_i w_i·‖pred_i − target_i‖²/d`;
+    /// cosine form `L = (1/n)·Σ_i w_i·(1 − cos(pred_i, target_i))` (a zero vector has cosine
+    /// 0 and a zero gradient). No gradient to `target`.
+    #[allow(clippy::too_many_arguments)]
+    fn coarse_loss(
+        &self,
+        n: usize,
+        d: usize,
+        pred: Ref<Self::Buf>,
+        target: Ref<Self::Buf>,
+        weights: Ref<Self::Buf>,
+        cosine: bool,
+        coef: Self::F,
+        dpred: Option<Mut<Self::Buf>>,
+    ) -> Result<Self::F>;
+    /// Behaviour-level alignment (SPEC §5 `L_fine`), all `batch×l×d`: `q = W_q·T_pre`,
+    /// `k = W_k·T_in`, `v = W_v·T_pre` (projections done by the caller), `t_in` the teacher's
+    /// tokens. For row `b` with `ℓq = q_lens[b] > 0` student tokens and `ℓk = k_lens[b]`
+    /// teacher tokens: `A_j = softmax_k(q_j·k_k/√d)` over `k < ℓk`,
+    /// `e_j = ‖v_j − Σ_k A_jk·t_in,k‖²/d`, row loss `mean_{j<ℓq} e_j`;
+    /// `L = Σ_{b∈R} w_b·rowloss_b/|R|` with `R = {b : ℓk > 0}` (0 when R is empty).
+    /// Gradients (accumulated, scaled by `coef`) go to `q`, `k` and `v`, never to `t_in`.
+    #[allow(clippy::too_many_arguments)]
+    fn fine_loss(
+        &self,
+        shape: FineShape,
+        q: Ref<Self::Buf>,
+        k: Ref<Self::Buf>,
+        v: Ref<Self::Buf>,
+        t_in: Ref<Self::Buf>,
+        q_lens: &Self::Ids,
+        k_lens: &Self::Ids,
+        weights: Ref<Self::Buf>,
+        coef: Self::F,
+        grads: Option<FineGrads<'_, Self::Buf>>,
+    ) -> Result<Self::F>;
+
+    // ---- optimizer ---------------------------------------------------------------------
+
+    /// `Σ x²` over `len` elements, in a fixed order (for the global gradient norm).
+    fn sum_squares(&self, len: usize, x: Ref<Self::Buf>) -> Result<Self::F>;
+    /// One AdamW pass over the flat buffers (SPEC §6), `g ← grad_scale·g`,
+    /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+    /// `p ← p − lr·(m̂/(√v̂ + ε) + λ·mask·p)` with `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`.
+    /// `decay_mask` holds 1 for weight-matrix elements and 0 elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        decay_mask: &Self::Buf,
+    );
+}
+
+/// Gradient windows of [`Backend::fine_loss`]: three distinct buffers.
+#[derive(Debug)]
+pub struct FineGrads<'a, B> {
+    /// Gradient of `q`.
+    pub dq: Mut<'a, B>,
+    /// Gradient of `k`.
+    pub dk: Mut<'a, B>,
+    /// Gradient of `v`.
+    pub dv: Mut<'a, B>,
+}
