@@ -396,19 +396,19 @@ impl ImportConfig {
                 ));
             }
             seen_in |= step.phase == Phase::In;
-            for f in &fields {
-                if !step.columns.contains_key(f) {
-                    return Err(self.error(
-                        &format!("steps[{k}].columns.{f}"),
-                        "missing: every event field needs a column at every step",
-                    ));
-                }
-            }
             for key in step.columns.keys() {
                 if !fields.contains(key) {
                     return Err(self.error(
                         &format!("steps[{k}].columns.{key}"),
                         "not an event field (declare it in event_cat or event_num)",
+                    ));
+                }
+            }
+            for f in &fields {
+                if !step.columns.contains_key(f) {
+                    return Err(self.error(
+                        &format!("steps[{k}].columns.{f}"),
+                        "missing: every event field needs a column at every step",
                     ));
                 }
             }
