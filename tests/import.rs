@@ -870,3 +870,62 @@ fn binary_reports_errors_and_leaves_nothing() {
     assert!(!o.status.success());
     Manifest::load(&out).unwrap();
 }
+
+#[test]
+fn scoring_data_reuses_the_training_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train");
+    import::import(&fixtures().join("long.toml"), &train, None).unwrap();
+    let (tm, _) = read_dataset(&train);
+    let tv = Vocabularies::load(&train).unwrap();
+    // New applicants with the training columns, minus label and fold.
+    std::fs::write(
+        dir.path().join("users.csv"),
+        "user_id,activated_at,income,region,age\nn1,500,3000,east,33\nn2,510,70000,mars,51\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("events.csv"),
+        "uid,ts,kind,channel,amount,balance\nn1,400,buy,web,10,100\nn2,515,teleport,branch,-5,\n",
+    )
+    .unwrap();
+    let cfg = fixture_config()
+        .replace(
+            "layout = \"long\"",
+            "layout = \"long\"\nhas_label = false\nencoding_from = \"train\"",
+        )
+        .replace("label = \"defaulted\"\n", "")
+        .replace("method = \"column\"\ncolumn = \"fold\"", "seed = 1");
+    let path = dir.path().join("import.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    // A per-field min_count makes no sense when the vocabulary is reused.
+    assert_names(&fails(&path), &["import.toml", "event_cat[1].min_count"]);
+    std::fs::write(&path, cfg.replace("min_count = 2\n", "")).unwrap();
+    let out = dir.path().join("new");
+    import::import(&path, &out, None).unwrap();
+    let (m, d) = read_dataset(&out);
+    assert_eq!(
+        m.schema, tm.schema,
+        "same fields, vocabularies, statistics and limits"
+    );
+    assert_eq!(Vocabularies::load(&out).unwrap(), tv);
+    let region = vocab_map(&tv, false, "region");
+    let kind = vocab_map(&tv, true, "kind");
+    assert_eq!(
+        d.profile_cat,
+        [region["east"], 0],
+        "unseen `mars` is unknown"
+    );
+    assert_eq!(d.pre_cat[0], kind["buy"]);
+    assert_eq!(d.in_cat[0], 0, "unseen `teleport` is unknown");
+    let f = &tm.schema.event_num[0];
+    assert!((d.pre_num[0] as f64 - (slog1p(10.0) - f.mean) / f.std).abs() < 1e-5);
+    // A field list that differs from the reference is refused.
+    std::fs::write(
+        &path,
+        cfg.replace("min_count = 2\n", "")
+            .replace("log1p = true\nfill = 0", "fill = 0"),
+    )
+    .unwrap();
+    assert_names(&fails(&path), &["import.toml", "profile_num[0].log1p"]);
+}

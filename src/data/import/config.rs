@@ -63,6 +63,10 @@ pub struct ImportConfig {
     /// How rows are split into train/valid/test (default: stratified random 80/10/10, seed 0).
     #[serde(default)]
     pub split: SplitConfig,
+    /// A dataset directory made by an earlier import whose vocabularies (`vocab.json`),
+    /// numeric statistics and length limits are reused instead of fitted (for scoring data
+    /// that must be encoded exactly like the training data).
+    pub encoding_from: Option<PathBuf>,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -223,6 +227,9 @@ impl ImportConfig {
         if let Some(events) = &mut config.events {
             events.file = config.base_dir.join(&events.file);
         }
+        if let Some(dir) = &mut config.encoding_from {
+            *dir = config.base_dir.join(&*dir);
+        }
         config.check()?;
         Ok(config)
     }
@@ -334,6 +341,12 @@ impl ImportConfig {
     fn check_cat(&self, key: &str, f: &CatConfig) -> Result<()> {
         if f.min_count == Some(0) {
             return Err(self.error(&format!("{key}.min_count"), "must be at least 1"));
+        }
+        if f.min_count.is_some() && self.encoding_from.is_some() {
+            return Err(self.error(
+                &format!("{key}.min_count"),
+                "not used with `encoding_from` (the vocabulary comes from that dataset)",
+            ));
         }
         if f.fill.is_some() && f.empty_is_unknown {
             return Err(self.error(

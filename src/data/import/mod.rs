@@ -105,17 +105,29 @@ pub fn import_config(
         Layout::Wide => wide::parse(config)?,
     };
     let splits = assign_splits(config, &table)?;
-    let encoded = Encoding::fit(config, &table, &splits)?;
+    let (encoded, reference_lens) = match &config.encoding_from {
+        Some(dir) => {
+            let (enc, schema) = Encoding::from_reference(config, &table, dir)?;
+            (enc, Some((schema.pre_len, schema.in_len)))
+        }
+        None => (Encoding::fit(config, &table, &splits)?, None),
+    };
     let schema = Schema {
         profile_num: encoded.profile_num.clone(),
         profile_cat: field_vocab_schema(&encoded.vocab.profile_cat),
         event_cat: field_vocab_schema(&encoded.vocab.event_cat),
         event_num: encoded.event_num.clone(),
-        pre_len: config.pre_len.unwrap_or_else(|| table.pre.longest().max(1)),
-        in_len: config.in_len.unwrap_or_else(|| table.inn.longest().max(1)),
+        pre_len: config
+            .pre_len
+            .or(reference_lens.map(|l| l.0))
+            .unwrap_or_else(|| table.pre.longest().max(1)),
+        in_len: config
+            .in_len
+            .or(reference_lens.map(|l| l.1))
+            .unwrap_or_else(|| table.inn.longest().max(1)),
     };
     let source = format!(
-        "mgkd-train import: {} layout, config {}, users {}{}; categorical vocabularies in {VOCAB_FILE}",
+        "mgkd-train import: {} layout, config {}, users {}{}{}; categorical vocabularies in {VOCAB_FILE}",
         match config.layout {
             Layout::Long => "long",
             Layout::Wide => "wide",
@@ -126,6 +138,11 @@ pub fn import_config(
             .events
             .as_ref()
             .map(|e| format!(", events {}", e.file.display()))
+            .unwrap_or_default(),
+        config
+            .encoding_from
+            .as_ref()
+            .map(|d| format!(", encoding from {}", d.display()))
             .unwrap_or_default(),
     );
     let options = WriterOptions {
@@ -819,6 +836,123 @@ impl Encoding {
             profile_num: num_fields(&config.profile_num, profile_stats)?,
             event_num: num_fields(&config.event_num, event_stats)?,
         })
+    }
+}
+
+impl Encoding {
+    /// The encoding of an earlier import in `dir`: its `vocab.json` and its schema's numeric
+    /// statistics. The config's fields must match that schema (names, order, log1p); values
+    /// missing from its vocabularies map to 0. Returns the reference schema too.
+    fn from_reference(
+        config: &ImportConfig,
+        table: &Table,
+        dir: &Path,
+    ) -> Result<(Encoding, Schema)> {
+        let manifest = Manifest::load(dir)?;
+        let vocab = Vocabularies::load(dir)?;
+        let schema = manifest.schema;
+        let vocab_path = dir.join(VOCAB_FILE);
+        let same = |list: &str, ours: Vec<String>, theirs: Vec<&str>| -> Result<()> {
+            if ours.iter().map(String::as_str).eq(theirs.iter().copied()) {
+                Ok(())
+            } else {
+                Err(config.error(
+                    list,
+                    format!(
+                        "fields {ours:?} differ from those of the encoding_from dataset {}: {theirs:?}",
+                        dir.display()
+                    ),
+                ))
+            }
+        };
+        same(
+            "profile_num",
+            config
+                .profile_num
+                .iter()
+                .map(NumConfig::field_name)
+                .collect(),
+            schema.profile_num.iter().map(|f| f.name.as_str()).collect(),
+        )?;
+        same(
+            "event_num",
+            config.event_num.iter().map(NumConfig::field_name).collect(),
+            schema.event_num.iter().map(|f| f.name.as_str()).collect(),
+        )?;
+        same(
+            "profile_cat",
+            config
+                .profile_cat
+                .iter()
+                .map(CatConfig::field_name)
+                .collect(),
+            schema.profile_cat.iter().map(|f| f.name.as_str()).collect(),
+        )?;
+        same(
+            "event_cat",
+            config.event_cat.iter().map(CatConfig::field_name).collect(),
+            schema.event_cat.iter().map(|f| f.name.as_str()).collect(),
+        )?;
+        for (list, cfgs, fields) in [
+            ("profile_num", &config.profile_num, &schema.profile_num),
+            ("event_num", &config.event_num, &schema.event_num),
+        ] {
+            for (i, (c, f)) in cfgs.iter().zip(fields).enumerate() {
+                if c.log1p != f.log1p {
+                    return Err(config.error(
+                        &format!("{list}[{i}].log1p"),
+                        format!("is {}, the encoding_from dataset has {}", c.log1p, f.log1p),
+                    ));
+                }
+            }
+        }
+        let maps = |vocabs: &[FieldVocab],
+                    fields: &[CatField],
+                    interners: &[Interner]|
+         -> Result<Vec<Vec<u32>>> {
+            if vocabs.len() != fields.len() {
+                return Err(Error::format(
+                    &vocab_path,
+                    "the categorical fields do not match dataset.json",
+                ));
+            }
+            vocabs
+                .iter()
+                .zip(fields)
+                .zip(interners)
+                .map(|((v, f), interner)| {
+                    if v.name != f.name
+                        || v.vocab != f.vocab
+                        || v.ids.values().any(|&id| id == 0 || id >= v.vocab)
+                    {
+                        return Err(Error::format(
+                            &vocab_path,
+                            format!(
+                                "field `{}`: does not match dataset.json (vocab {}) or has ids outside 1..vocab",
+                                v.name, f.vocab
+                            ),
+                        ));
+                    }
+                    Ok(interner
+                        .values
+                        .iter()
+                        .map(|value| v.ids.get(value).copied().unwrap_or(0))
+                        .collect())
+                })
+                .collect()
+        };
+        let encoding = Encoding {
+            profile_map: maps(
+                &vocab.profile_cat,
+                &schema.profile_cat,
+                &table.profile_interners,
+            )?,
+            event_map: maps(&vocab.event_cat, &schema.event_cat, &table.event_interners)?,
+            profile_num: schema.profile_num.clone(),
+            event_num: schema.event_num.clone(),
+            vocab,
+        };
+        Ok((encoding, schema))
     }
 }
 
