@@ -17,11 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Import CSV files (long or wide layout) into a dataset directory.
+    Import(mgkd::cli::import::ImportArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
+        Command::Import(args) => mgkd::cli::import::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,2 @@
 //! The `mgkd-train` command line: one module per subcommand.
+pub mod import;

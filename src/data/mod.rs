@@ -2,6 +2,7 @@
 //! `dataset.json` manifest, written by [`writer::DatasetWriter`] and read back zero-copy.
 
 pub mod batch;
+pub mod import;
 pub mod manifest;
 pub mod schema;
 pub mod writer;

@@ -1,0 +1,511 @@
+//! The import configuration file (TOML), documented for users in `docs/import.md`.
+//!
+//! Every table rejects unknown keys, so a misspelt key is an error naming the key rather than
+//! a silently ignored setting. [`ImportConfig::load`] parses the file and resolves relative
+//! paths against the config file's directory; the column names are checked against the CSV
+//! headers when the files are read.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The layout of the input files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// A users file (one row per user) and an events file (one row per event).
+    Long,
+    /// One row per user; groups of columns are the time steps of the event sequence.
+    Wide,
+}
+
+/// The whole import configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportConfig {
+    /// `long` or `wide`.
+    pub layout: Layout,
+    /// Whether the users file has a label column (false: applicants to be scored).
+    #[serde(default = "default_true")]
+    pub has_label: bool,
+    /// Default minimum train-split count for a categorical value to get its own id.
+    #[serde(default = "default_min_count")]
+    pub min_count: u64,
+    /// Pre-service length limit Lp (default: the longest pre-service sequence, at least 1).
+    pub pre_len: Option<usize>,
+    /// In-service length limit L (default: the longest in-service sequence, at least 1).
+    pub in_len: Option<usize>,
+    /// The users file and its id/label/time columns.
+    pub users: UsersConfig,
+    /// The events file (long layout only).
+    pub events: Option<EventsConfig>,
+    /// The time steps (wide layout only), oldest first.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Wide layout: a step whose cells are all empty is no event (instead of an error).
+    #[serde(default)]
+    pub skip_empty_steps: bool,
+    /// Numeric profile columns.
+    #[serde(default)]
+    pub profile_num: Vec<NumConfig>,
+    /// Categorical profile columns.
+    #[serde(default)]
+    pub profile_cat: Vec<CatConfig>,
+    /// Categorical event fields.
+    #[serde(default)]
+    pub event_cat: Vec<CatConfig>,
+    /// Numeric event fields.
+    #[serde(default)]
+    pub event_num: Vec<NumConfig>,
+    /// How rows are split into train/valid/test (default: stratified random 80/10/10, seed 0).
+    #[serde(default)]
+    pub split: SplitConfig,
+    /// A dataset directory made by an earlier import whose vocabularies (`vocab.json`),
+    /// numeric statistics and length limits are reused instead of fitted (for scoring data
+    /// that must be encoded exactly like the training data).
+    pub encoding_from: Option<PathBuf>,
+    /// Directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself (named in configuration errors).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// The users file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersConfig {
+    /// Path of the CSV file (relative to the config file's directory).
+    pub file: PathBuf,
+    /// User id column.
+    pub id: String,
+    /// Label column (0/1); required when `has_label`, forbidden otherwise.
+    pub label: Option<String>,
+    /// Activation time column: required in the long layout; used by time-based splits.
+    pub time: Option<String>,
+}
+
+/// The events file (long layout).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Path of the CSV file (relative to the config file's directory).
+    pub file: PathBuf,
+    /// User id column (ids as in the users file).
+    pub id: String,
+    /// Event time column (same unit as the users' activation time).
+    pub time: String,
+    /// In-service window: events at or after `activation + window` are dropped.
+    pub window: Option<f64>,
+}
+
+/// Which service phase a wide-layout step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Before activation.
+    Pre,
+    /// At or after activation.
+    In,
+}
+
+/// One time step of the wide layout: one event per user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// `pre` or `in`.
+    pub phase: Phase,
+    /// Event field name → CSV column holding that field at this step; every field of
+    /// `event_cat` and `event_num` must appear.
+    pub columns: BTreeMap<String, String>,
+}
+
+/// A numeric column or event field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumConfig {
+    /// CSV column (profile fields and long-layout event fields).
+    pub column: Option<String>,
+    /// Field name in the schema (default: the column); required for wide-layout event fields.
+    pub name: Option<String>,
+    /// Apply the signed log1p `sign(x)·ln(1+|x|)` before standardising.
+    #[serde(default)]
+    pub log1p: bool,
+    /// Raw value used for empty, NaN or infinite cells (default: such cells are an error).
+    pub fill: Option<f64>,
+}
+
+/// A categorical column or event field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatConfig {
+    /// CSV column (profile fields and long-layout event fields).
+    pub column: Option<String>,
+    /// Field name in the schema (default: the column); required for wide-layout event fields.
+    pub name: Option<String>,
+    /// Minimum train-split count for a value to get its own id (default: the global one).
+    pub min_count: Option<u64>,
+    /// Value used for empty cells (default: an empty cell is an error).
+    pub fill: Option<String>,
+    /// Map empty cells to id 0 (unknown) instead of failing; excludes `fill`.
+    #[serde(default)]
+    pub empty_is_unknown: bool,
+}
+
+/// How rows are assigned to splits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// `random` (stratified by label), `column` or `time`.
+    #[serde(default)]
+    pub method: SplitMethod,
+    /// Random: the seed.
+    pub seed: Option<u64>,
+    /// Random: train/valid/test fractions (default 0.8, 0.1, 0.1), summing to 1.
+    pub fractions: Option<[f64; 3]>,
+    /// Column: the users-file column holding 0/1/2 or train/valid/test.
+    pub column: Option<String>,
+    /// Time: activation times at or after this are valid (or test).
+    pub valid_from: Option<f64>,
+    /// Time: activation times at or after this are test.
+    pub test_from: Option<f64>,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            method: SplitMethod::Random,
+            seed: None,
+            fractions: None,
+            column: None,
+            valid_from: None,
+            test_from: None,
+        }
+    }
+}
+
+/// The split method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitMethod {
+    /// Stratified random by seed.
+    #[default]
+    Random,
+    /// From a column of the users file.
+    Column,
+    /// By cut-offs on the users' activation time.
+    Time,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_min_count() -> u64 {
+    1
+}
+
+impl ImportConfig {
+    /// Reads, parses and checks the config at `path`; relative paths inside are resolved
+    /// against its directory. Errors name the config file and the key.
+    pub fn load(path: &Path) -> Result<ImportConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path` (used for relative paths and messages).
+    pub fn parse(text: &str, path: &Path) -> Result<ImportConfig> {
+        let mut config: ImportConfig =
+            toml::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
+        config.path = path.to_path_buf();
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.users.file = config.base_dir.join(&config.users.file);
+        if let Some(events) = &mut config.events {
+            events.file = config.base_dir.join(&events.file);
+        }
+        if let Some(dir) = &mut config.encoding_from {
+            *dir = config.base_dir.join(&*dir);
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A configuration error naming this config file and `key`.
+    pub fn error(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Error::format(&self.path, format!("key `{key}`: {msg}"))
+    }
+
+    /// Consistency checks that serde cannot express.
+    fn check(&self) -> Result<()> {
+        if self.min_count == 0 {
+            return Err(self.error("min_count", "must be at least 1"));
+        }
+        for (key, len) in [("pre_len", self.pre_len), ("in_len", self.in_len)] {
+            if len == Some(0) {
+                return Err(self.error(key, "must be at least 1"));
+            }
+        }
+        match (self.has_label, &self.users.label) {
+            (true, None) => return Err(self.error(
+                "users.label",
+                "missing: a labelled import (has_label = true, the default) needs the label column",
+            )),
+            (false, Some(_)) => {
+                return Err(self.error("users.label", "given, but has_label = false"))
+            }
+            _ => {}
+        }
+        let wide_event_fields = self.layout == Layout::Wide;
+        for (i, f) in self.profile_num.iter().enumerate() {
+            self.check_column(&format!("profile_num[{i}]"), &f.column, true)?;
+            self.check_fill(&format!("profile_num[{i}].fill"), f.fill)?;
+        }
+        for (i, f) in self.profile_cat.iter().enumerate() {
+            self.check_column(&format!("profile_cat[{i}]"), &f.column, true)?;
+            self.check_cat(&format!("profile_cat[{i}]"), f)?;
+        }
+        for (i, f) in self.event_num.iter().enumerate() {
+            let key = format!("event_num[{i}]");
+            self.check_column(&key, &f.column, !wide_event_fields)?;
+            if wide_event_fields && f.name.is_none() {
+                return Err(self.error(&format!("{key}.name"), "missing (wide layout)"));
+            }
+            self.check_fill(&format!("{key}.fill"), f.fill)?;
+        }
+        for (i, f) in self.event_cat.iter().enumerate() {
+            let key = format!("event_cat[{i}]");
+            self.check_column(&key, &f.column, !wide_event_fields)?;
+            if wide_event_fields && f.name.is_none() {
+                return Err(self.error(&format!("{key}.name"), "missing (wide layout)"));
+            }
+            self.check_cat(&key, f)?;
+        }
+        self.check_unique_names()?;
+        match self.layout {
+            Layout::Long => {
+                if self.events.is_none() {
+                    return Err(
+                        self.error("events", "missing: the long layout needs an events file")
+                    );
+                }
+                if self.users.time.is_none() {
+                    return Err(self.error(
+                        "users.time",
+                        "missing: the long layout needs the users' activation time",
+                    ));
+                }
+                if !self.steps.is_empty() {
+                    return Err(self.error("steps", "only for the wide layout"));
+                }
+                if self.skip_empty_steps {
+                    return Err(self.error("skip_empty_steps", "only for the wide layout"));
+                }
+                if let Some(w) = self.events.as_ref().and_then(|e| e.window) {
+                    if !(w.is_finite() && w > 0.0) {
+                        return Err(self.error("events.window", "must be a positive finite number"));
+                    }
+                }
+            }
+            Layout::Wide => {
+                if self.events.is_some() {
+                    return Err(self.error("events", "only for the long layout"));
+                }
+                self.check_steps()?;
+            }
+        }
+        self.check_split()
+    }
+
+    fn check_column(&self, key: &str, column: &Option<String>, required: bool) -> Result<()> {
+        match (column, required) {
+            (None, true) => Err(self.error(&format!("{key}.column"), "missing")),
+            (Some(_), false) => Err(self.error(
+                &format!("{key}.column"),
+                "not used in the wide layout: name the field and give its columns in `steps`",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_fill(&self, key: &str, fill: Option<f64>) -> Result<()> {
+        match fill {
+            Some(v) if !v.is_finite() => Err(self.error(key, "must be a finite number")),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_cat(&self, key: &str, f: &CatConfig) -> Result<()> {
+        if f.min_count == Some(0) {
+            return Err(self.error(&format!("{key}.min_count"), "must be at least 1"));
+        }
+        if f.min_count.is_some() && self.encoding_from.is_some() {
+            return Err(self.error(
+                &format!("{key}.min_count"),
+                "not used with `encoding_from` (the vocabulary comes from that dataset)",
+            ));
+        }
+        if f.fill.is_some() && f.empty_is_unknown {
+            return Err(self.error(
+                &format!("{key}.empty_is_unknown"),
+                "cannot be combined with `fill`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Field names must be unique within each of the four field lists.
+    fn check_unique_names(&self) -> Result<()> {
+        let lists: [(&str, Vec<String>); 4] = [
+            (
+                "profile_num",
+                self.profile_num.iter().map(NumConfig::field_name).collect(),
+            ),
+            (
+                "profile_cat",
+                self.profile_cat.iter().map(CatConfig::field_name).collect(),
+            ),
+            (
+                "event_num",
+                self.event_num.iter().map(NumConfig::field_name).collect(),
+            ),
+            (
+                "event_cat",
+                self.event_cat.iter().map(CatConfig::field_name).collect(),
+            ),
+        ];
+        for (list, names) in &lists {
+            for (i, name) in names.iter().enumerate() {
+                if names[..i].contains(name) {
+                    return Err(self.error(
+                        &format!("{list}[{i}]"),
+                        format!("field name `{name}` is used twice"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_steps(&self) -> Result<()> {
+        let fields: Vec<String> = self
+            .event_cat
+            .iter()
+            .map(CatConfig::field_name)
+            .chain(self.event_num.iter().map(NumConfig::field_name))
+            .collect();
+        if !self.steps.is_empty() && fields.is_empty() {
+            return Err(self.error("steps", "steps are given but no event_cat/event_num fields"));
+        }
+        let mut seen_in = false;
+        for (k, step) in self.steps.iter().enumerate() {
+            if step.phase == Phase::Pre && seen_in {
+                return Err(self.error(
+                    &format!("steps[{k}].phase"),
+                    "a pre-service step after an in-service step (list the steps oldest first)",
+                ));
+            }
+            seen_in |= step.phase == Phase::In;
+            for key in step.columns.keys() {
+                if !fields.contains(key) {
+                    return Err(self.error(
+                        &format!("steps[{k}].columns.{key}"),
+                        "not an event field (declare it in event_cat or event_num)",
+                    ));
+                }
+            }
+            for f in &fields {
+                if !step.columns.contains_key(f) {
+                    return Err(self.error(
+                        &format!("steps[{k}].columns.{f}"),
+                        "missing: every event field needs a column at every step",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_split(&self) -> Result<()> {
+        let s = &self.split;
+        let unused = |key: &str, given: bool| -> Result<()> {
+            if given {
+                Err(self.error(
+                    &format!("split.{key}"),
+                    format!("not used by split method {:?}", s.method),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match s.method {
+            SplitMethod::Random => {
+                unused("column", s.column.is_some())?;
+                unused("valid_from", s.valid_from.is_some())?;
+                unused("test_from", s.test_from.is_some())?;
+                if let Some(f) = s.fractions {
+                    let sum: f64 = f.iter().sum();
+                    if f.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || (sum - 1.0).abs() > 1e-9 {
+                        return Err(self.error(
+                            "split.fractions",
+                            "must be three non-negative numbers summing to 1",
+                        ));
+                    }
+                }
+            }
+            SplitMethod::Column => {
+                unused("seed", s.seed.is_some())?;
+                unused("fractions", s.fractions.is_some())?;
+                unused("valid_from", s.valid_from.is_some())?;
+                unused("test_from", s.test_from.is_some())?;
+                if s.column.is_none() {
+                    return Err(self.error("split.column", "missing (split method column)"));
+                }
+            }
+            SplitMethod::Time => {
+                unused("seed", s.seed.is_some())?;
+                unused("fractions", s.fractions.is_some())?;
+                unused("column", s.column.is_some())?;
+                let (Some(v), Some(t)) = (s.valid_from, s.test_from) else {
+                    return Err(self.error(
+                        "split.valid_from",
+                        "the time split needs both valid_from and test_from",
+                    ));
+                };
+                if !(v.is_finite() && t.is_finite() && v <= t) {
+                    return Err(self.error(
+                        "split.test_from",
+                        "valid_from and test_from must be finite with valid_from <= test_from",
+                    ));
+                }
+                if self.users.time.is_none() {
+                    return Err(self.error("users.time", "missing: the time split needs it"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NumConfig {
+    /// The field's schema name: `name`, else the column.
+    pub fn field_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.column.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl CatConfig {
+    /// The field's schema name: `name`, else the column.
+    pub fn field_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.column.clone())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,142 @@
+//! The *long* layout: a users file (one row per user: id, activation time, label, profile)
+//! and an events file (one row per event: user id, time, event fields), in any order.
+//!
+//! Events of a user are sorted by time (stable: equal times keep their file order). An event
+//! with `time < activation` is pre-service; one with `activation <= time` (and, when the
+//! config sets `events.window`, `time < activation + window`) is in-service; later events
+//! are dropped and counted.
+
+use std::collections::HashMap;
+
+use super::config::ImportConfig;
+use super::{At, Col, Csv, Table, UserColumns};
+use crate::{Error, Result};
+
+/// Reads and checks both files into a [`Table`].
+pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
+    let events_cfg = config
+        .events
+        .as_ref()
+        .ok_or_else(|| config.error("events", "missing: the long layout needs an events file"))?;
+    let mut users = Csv::open(&config.users.file)?;
+    let cols = UserColumns::resolve(config, &users)?;
+    let mut table = Table::new(config, &config.users.file, &cols);
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut rec = csv::StringRecord::new();
+    while let Some(line) = users.next(&mut rec)? {
+        let at = At {
+            file: &config.users.file,
+            line,
+        };
+        table.push_user(config, &cols, at, &rec, &mut ids)?;
+    }
+    let activation = table
+        .times
+        .clone()
+        .ok_or_else(|| config.error("users.time", "missing: the long layout needs it"))?;
+
+    let mut events = Csv::open(&events_cfg.file)?;
+    let id_col = events.column(config, "events.id", &events_cfg.id)?;
+    let time_col = events.column(config, "events.time", &events_cfg.time)?;
+    let cat_cols: Vec<Col> = config
+        .event_cat
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            events.column(
+                config,
+                &format!("event_cat[{i}].column"),
+                f.column.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect::<Result<_>>()?;
+    let num_cols: Vec<Col> = config
+        .event_num
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            events.column(
+                config,
+                &format!("event_num[{i}].column"),
+                f.column.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect::<Result<_>>()?;
+    let (ec, ed) = (cat_cols.len(), num_cols.len());
+
+    // All events, in file order.
+    let mut ev_user: Vec<usize> = Vec::new();
+    let mut ev_time: Vec<f64> = Vec::new();
+    let mut ev_cat: Vec<u32> = Vec::new();
+    let mut ev_num: Vec<f64> = Vec::new();
+    while let Some(line) = events.next(&mut rec)? {
+        let at = At {
+            file: &events_cfg.file,
+            line,
+        };
+        let id = at.cell(&rec, &id_col)?;
+        let user = *ids.get(id).ok_or_else(|| {
+            at.err(
+                &id_col,
+                format!(
+                    "user id {id:?} is not in the users file {}",
+                    config.users.file.display()
+                ),
+            )
+        })?;
+        ev_user.push(user);
+        ev_time.push(at.finite(&rec, &time_col)?);
+        for ((col, cfg), interner) in cat_cols
+            .iter()
+            .zip(&config.event_cat)
+            .zip(&mut table.event_interners)
+        {
+            ev_cat.push(at.category(&rec, col, cfg, interner)?);
+        }
+        for (col, cfg) in num_cols.iter().zip(&config.event_num) {
+            ev_num.push(at.number(&rec, col, cfg)?);
+        }
+    }
+
+    // Group by user, time order within a user; the sort is stable, so ties keep file order.
+    let mut order: Vec<usize> = (0..ev_user.len()).collect();
+    order.sort_by(|&a, &b| {
+        ev_user[a].cmp(&ev_user[b]).then_with(|| {
+            ev_time[a]
+                .partial_cmp(&ev_time[b])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+    });
+    let window = events_cfg.window;
+    let mut next = 0;
+    for (user, &act) in activation.iter().enumerate() {
+        let (mut n_pre, mut n_in) = (0, 0);
+        let start = next;
+        while next < order.len() && ev_user[order[next]] == user {
+            next += 1;
+        }
+        // Pre-service events come first in time order, so one pass fills both sequences.
+        for &e in &order[start..next] {
+            let t = ev_time[e];
+            let (seq, n) = if t < act {
+                (&mut table.pre, &mut n_pre)
+            } else if window.map_or(true, |w| t < act + w) {
+                (&mut table.inn, &mut n_in)
+            } else {
+                table.dropped_events += 1;
+                continue;
+            };
+            seq.cat.extend_from_slice(&ev_cat[e * ec..(e + 1) * ec]);
+            seq.num.extend_from_slice(&ev_num[e * ed..(e + 1) * ed]);
+            *n += 1;
+        }
+        table.pre.close_row(n_pre);
+        table.inn.close_row(n_in);
+    }
+    if next != order.len() {
+        return Err(Error::invalid(
+            "internal: events left after grouping by user",
+        ));
+    }
+    Ok(table)
+}
