@@ -9,11 +9,14 @@
 //! Architecture, in the order data flows:
 //! - [`data`]: the on-disk dataset format (safetensors shards + `dataset.json`), the
 //!   synthetic generator, CSV import and batch assembly.
+//! - [`metrics`]: evaluation of scores against labels (AUC, KS, log-loss, PR-AUC, approval
+//!   and lift tables).
 //! - [`cli`]: the `mgkd-train` subcommands.
 
 pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod metrics;
 
 pub use error::{Error, Result};
