@@ -866,6 +866,17 @@ fn gradcheck_embedding() {
     for (i, (name, c)) in cases.iter().enumerate() {
         run_case(&format!("embedding {name}"), c, 500 + i as u64);
     }
+    // Two fields sharing one table, and a table overlapping another (serial scatter path).
+    for (i, mode) in [EmbMode::Sum, EmbMode::Concat].into_iter().enumerate() {
+        let mut c = EmbCase::new(9, 40, &[6, 6, 3], mode, 15 + i as u64);
+        c.tables[1] = c.tables[0];
+        c.tables[2].offset = c.tables[0].offset + 7;
+        run_case(
+            &format!("embedding shared tables {mode:?}"),
+            &c,
+            510 + i as u64,
+        );
+    }
 }
 
 // ---- positions ---------------------------------------------------------------------------
