@@ -17,11 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Describe a dataset: splits, default rates, schema, sequence lengths, shards.
+    Inspect(mgkd::cli::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
+        Command::Inspect(args) => mgkd::cli::inspect::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
