@@ -19,12 +19,15 @@ struct Cli {
 enum Command {
     /// Import CSV files (long or wide layout) into a dataset directory.
     Import(mgkd::cli::import::ImportArgs),
+    /// Describe a dataset: splits, default rates, schema, sequence lengths, shards.
+    Inspect(mgkd::cli::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
         Command::Import(args) => mgkd::cli::import::run(&args),
+        Command::Inspect(args) => mgkd::cli::inspect::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,4 @@
 //! The `mgkd-train` command line: one module per subcommand.
+
 pub mod import;
+pub mod inspect;

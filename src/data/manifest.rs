@@ -78,11 +78,17 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&path, format!("not a valid manifest: {e}")))?;
+        Manifest::from_json(&path, &text)
+    }
+
+    /// Parses manifest text (structure, format name and version only); `path` names the file
+    /// in errors. Used by [`Manifest::load`] and by fuzzing.
+    pub fn from_json(path: &Path, text: &str) -> Result<Manifest> {
+        let manifest: Manifest = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("not a valid manifest: {e}")))?;
         if manifest.format != FORMAT_NAME {
             return Err(Error::format(
-                &path,
+                path,
                 format!(
                     "field `format` is {:?}, expected {FORMAT_NAME:?}",
                     manifest.format
@@ -91,7 +97,7 @@ impl Manifest {
         }
         if manifest.version != FORMAT_VERSION {
             return Err(Error::format(
-                &path,
+                path,
                 format!(
                     "field `version` is {}, this build reads version {FORMAT_VERSION}",
                     manifest.version
