@@ -16,13 +16,11 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {
-}
+enum Command {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: mgkd::Result<()> = match cli.command {
-    };
+    let result: mgkd::Result<()> = match cli.command {};
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -247,13 +247,7 @@ pub trait Backend: Send + Sync {
     /// Exact GELU `y = x·Φ(x) = x·(1 + erf(x/√2))/2` on `len` elements.
     fn gelu(&self, len: usize, x: Ref<Self::Buf>, y: Mut<Self::Buf>);
     /// `dx = dy·GELU'(x)`, `GELU'(x) = Φ(x) + x·φ(x)`.
-    fn gelu_backward(
-        &self,
-        len: usize,
-        x: Ref<Self::Buf>,
-        dy: Ref<Self::Buf>,
-        dx: Mut<Self::Buf>,
-    );
+    fn gelu_backward(&self, len: usize, x: Ref<Self::Buf>, dy: Ref<Self::Buf>, dx: Mut<Self::Buf>);
     /// LayerNorm over the last dimension, ε = 1e-5:
     /// `y = (x − μ)·rstd·γ + β`, `rstd = 1/√(σ² + ε)`. `gamma_beta` holds γ (d) then β (d).
     /// `stats` (`rows×2`) receives μ and rstd per row for the backward.
