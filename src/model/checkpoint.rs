@@ -132,7 +132,7 @@ fn parse_config(path: &Path, meta: &BTreeMap<String, String>) -> Result<ModelCon
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, m) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        .map_err(|e| Error::format(path, format!("not a readable safetensors file (truncated or damaged): {e}")))?;
     let meta = parse_meta(path, m.metadata())?;
     parse_config(path, &meta)
 }
@@ -143,11 +143,11 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
 pub fn read(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, m) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        .map_err(|e| Error::format(path, format!("not a readable safetensors file (truncated or damaged): {e}")))?;
     let metadata = parse_meta(path, m.metadata())?;
     let config = parse_config(path, &metadata)?;
     let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("damaged safetensors file: {e}")))?;
+        .map_err(|e| Error::format(path, format!("truncated or damaged safetensors file: {e}")))?;
     let table = ParamTable::new(&config);
     let mut values = Vec::with_capacity(table.total());
     for e in table.entries() {
