@@ -32,7 +32,11 @@ fn schema() -> Schema {
     Schema {
         profile_num: (0..32).map(num).collect(),
         profile_cat: (0..16).map(|i| cat(i, 100)).collect(),
-        event_cat: [64, 1024, 16, 168].iter().enumerate().map(|(i, &v)| cat(i, v)).collect(),
+        event_cat: [64, 1024, 16, 168]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| cat(i, v))
+            .collect(),
         event_num: (0..2).map(num).collect(),
         pre_len: 32,
         in_len: 128,

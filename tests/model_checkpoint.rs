@@ -27,7 +27,9 @@ fn round_trip_gives_identical_logits_and_metadata() {
     let loaded = checkpoint::load(&be, &path, Some(&s.config)).unwrap();
     let db = upload(&be, &batch5(3));
     let a = be.download(&s.forward(&be, &db).unwrap().logits).unwrap();
-    let b = be.download(&loaded.forward(&be, &db).unwrap().logits).unwrap();
+    let b = be
+        .download(&loaded.forward(&be, &db).unwrap().logits)
+        .unwrap();
     assert_eq!(a, b);
     assert_eq!(
         be.download(&s.params.values).unwrap(),
@@ -54,8 +56,12 @@ fn checkpoint_of_another_configuration_is_refused_with_the_difference() {
     assert!(err.contains("blocks: 1 here, 2 wanted"), "{err}");
     let student = ModelConfig::new(Role::Student, &schema(), 8, 2, 1, 3).unwrap();
     let diff = checkpoint::read_config(&path).unwrap().diff(&student);
-    assert!(diff.iter().any(|l| l.starts_with("role: teacher here, student wanted")));
-    assert!(diff.iter().any(|l| l.starts_with("len_limit: 6 here, 4 wanted")));
+    assert!(diff
+        .iter()
+        .any(|l| l.starts_with("role: teacher here, student wanted")));
+    assert!(diff
+        .iter()
+        .any(|l| l.starts_with("len_limit: 6 here, 4 wanted")));
 }
 
 fn refused(bytes: &[u8], needle: &str) {
@@ -66,7 +72,10 @@ fn refused(bytes: &[u8], needle: &str) {
     match checkpoint::load(&be, &path, None) {
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("bad.safetensors") && msg.contains(needle), "{msg}");
+            assert!(
+                msg.contains("bad.safetensors") && msg.contains(needle),
+                "{msg}"
+            );
         }
         Ok(_) => panic!("damaged checkpoint accepted ({needle})"),
     }
@@ -95,10 +104,19 @@ fn damaged_checkpoints_are_refused_without_panic() {
         b
     };
     refused(&edit("mgkd-checkpoint", "mgkd-chekpoint_"), "mgkd.format");
-    refused(&edit("\"mgkd.version\":\"1\"", "\"mgkd.version\":\"9\""), "version");
-    refused(&edit("fine.v.bias", "fine.v.bia_"), "fine.v.bias is missing");
+    refused(
+        &edit("\"mgkd.version\":\"1\"", "\"mgkd.version\":\"9\""),
+        "version",
+    );
+    refused(
+        &edit("fine.v.bias", "fine.v.bia_"),
+        "fine.v.bias is missing",
+    );
     // The config JSON sits escaped inside the metadata string.
-    refused(&edit(r#"\"heads\":2"#, r#"\"heads\":3"#), "multiple of heads");
+    refused(
+        &edit(r#"\"heads\":2"#, r#"\"heads\":3"#),
+        "multiple of heads",
+    );
 }
 
 #[test]
@@ -111,7 +129,11 @@ fn invalid_configurations_are_refused() {
     let mut c = ModelConfig::with_defaults(Role::Teacher, &s).unwrap();
     assert_eq!((c.d, c.heads, c.blocks, c.d_cat), (128, 4, 2, 16));
     c.len_limit = 5;
-    assert!(c.validate().unwrap_err().to_string().contains("len_limit: 6 here, 5 wanted"));
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("len_limit: 6 here, 5 wanted"));
 }
 
 #[test]
@@ -120,12 +142,22 @@ fn table_naming_order_decay_and_seeded_init() {
     let t = ParamTable::new(&cfg);
     let names: Vec<&str> = t.entries().iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names[0], "encoder.embed.cat.0.weight");
-    assert_eq!(names[2..5], ["encoder.embed.num.weight", "encoder.embed.num.bias", "encoder.embed.pos.weight"]);
+    assert_eq!(
+        names[2..5],
+        [
+            "encoder.embed.num.weight",
+            "encoder.embed.num.bias",
+            "encoder.embed.pos.weight"
+        ]
+    );
     assert_eq!(names.last(), Some(&"fine.v.bias"));
     assert!(names.contains(&"aux.0.weight") && !names.contains(&"aux.1.weight"));
     let e = t.get("encoder.blocks.1.attn.in_proj.weight").unwrap();
     assert_eq!(e.shape, vec![24, 8]);
-    assert_eq!(t.get("profile.proj.weight").unwrap().shape, vec![8, 3 + 2 * 3]);
+    assert_eq!(
+        t.get("profile.proj.weight").unwrap().shape,
+        vec![8, 3 + 2 * 3]
+    );
     for e in t.entries() {
         let linear_weight = e.name.ends_with(".weight")
             && !e.name.contains("embed.cat")

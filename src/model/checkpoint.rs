@@ -131,8 +131,12 @@ fn parse_config(path: &Path, meta: &BTreeMap<String, String>) -> Result<ModelCon
 /// Reads only the configuration of the checkpoint at `path` (header and metadata).
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, m) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a readable safetensors file (truncated or damaged): {e}")))?;
+    let (_, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a readable safetensors file (truncated or damaged): {e}"),
+        )
+    })?;
     let meta = parse_meta(path, m.metadata())?;
     parse_config(path, &meta)
 }
@@ -142,8 +146,12 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
 /// shape (errors name the file and the tensor).
 pub fn read(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, m) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a readable safetensors file (truncated or damaged): {e}")))?;
+    let (_, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a readable safetensors file (truncated or damaged): {e}"),
+        )
+    })?;
     let metadata = parse_meta(path, m.metadata())?;
     let config = parse_config(path, &metadata)?;
     let st = SafeTensors::deserialize(&bytes)

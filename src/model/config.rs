@@ -35,6 +35,10 @@ pub const DEFAULT_BLOCKS: usize = 2;
 /// Default width of each profile embedding `d_cat`.
 pub const DEFAULT_D_CAT: usize = 16;
 
+/// Upper bound on a network's parameter count (2³³ scalars, 32 GiB in f32): a guard
+/// against configurations read from damaged files.
+pub const MAX_PARAMS: u128 = 1 << 33;
+
 /// Everything that fixes the parameter table of one network. The field counts, vocabularies
 /// and length limit are copies of the schema's (kept explicit so a checkpoint's JSON says
 /// them at a glance); [`ModelConfig::validate`] checks they agree with `schema`.
@@ -149,6 +153,20 @@ impl ModelConfig {
                 return bad(format!("{what} categorical field {k} has vocabulary 0"));
             }
         }
+        let (d, lim) = (self.d as u128, self.len_limit as u128);
+        let vocab_sum: u128 = self.event_vocabs.iter().map(|&v| v as u128).sum();
+        let pvocab_sum: u128 = self.profile_vocabs.iter().map(|&v| v as u128).sum();
+        let size = vocab_sum * d
+            + lim * d
+            + self.blocks as u128 * 12 * d * d
+            + pvocab_sum * self.d_cat as u128
+            + self.profile_in() as u128 * d
+            + self.event_num as u128 * d;
+        if size > MAX_PARAMS {
+            return bad(format!(
+                "about {size} parameters, more than the supported {MAX_PARAMS}"
+            ));
+        }
         if self.profile_in() == 0 {
             return bad("the profile has no fields (F_d + F_c = 0)".into());
         }
@@ -218,10 +236,33 @@ impl ModelConfig {
             self.len_limit.to_string(),
             wanted.len_limit.to_string(),
         );
-        if self.schema != wanted.schema {
-            let a = serde_json::to_string(&self.schema).unwrap_or_default();
-            let b = serde_json::to_string(&wanted.schema).unwrap_or_default();
-            out.push(format!("schema: {a} here, {b} wanted"));
+        let (a, b) = (&self.schema, &wanted.schema);
+        fn json<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+        for (name, x, y) in [
+            (
+                "schema.profile_num",
+                json(&a.profile_num),
+                json(&b.profile_num),
+            ),
+            (
+                "schema.profile_cat",
+                json(&a.profile_cat),
+                json(&b.profile_cat),
+            ),
+            ("schema.event_cat", json(&a.event_cat), json(&b.event_cat)),
+            ("schema.event_num", json(&a.event_num), json(&b.event_num)),
+            (
+                "schema.pre_len",
+                a.pre_len.to_string(),
+                b.pre_len.to_string(),
+            ),
+            ("schema.in_len", a.in_len.to_string(), b.in_len.to_string()),
+        ] {
+            if x != y {
+                out.push(format!("{name}: {x} here, {y} wanted"));
+            }
         }
         out
     }

@@ -39,6 +39,8 @@ pub struct DeviceBatch<B: Backend> {
     pub labels: Option<B::Buf>,
     /// Labels on the host.
     pub labels_host: Option<Vec<u8>>,
+    /// The schema the batch was checked against (a model only reads batches of its own).
+    pub schema: Schema,
 }
 
 fn check_ids(what: &str, ids: &[u32], vocabs: &[u32]) -> Result<()> {
@@ -174,6 +176,7 @@ impl<B: Backend> DeviceBatch<B> {
             )?,
             labels,
             labels_host: batch.labels.clone(),
+            schema: schema.clone(),
         })
     }
 }

@@ -350,6 +350,7 @@ impl ProfileEncoder {
     }
 
     /// Backward from `dp` = ∂L/∂p; accumulates into `grads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
         be: &B,

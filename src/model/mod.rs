@@ -6,6 +6,7 @@
 //! event embedding → N pre-LN blocks → final LN → masked mean `s` (or `s_∅`);
 //! profile → `p`; `H = GELU(W_f·[s ; p] + b_f)`; `z = w·H + c`.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device_batch;

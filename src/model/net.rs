@@ -45,7 +45,7 @@ impl Layout {
     pub fn new(cfg: &ModelConfig, table: &ParamTable) -> Result<Layout> {
         let student = cfg.role == Role::Student;
         let aux = if student {
-            (0..cfg.blocks - 1)
+            (0..cfg.blocks.saturating_sub(1))
                 .map(|l| Linear::from_table(table, &format!("aux.{l}")))
                 .collect::<Result<_>>()?
         } else {
@@ -180,6 +180,17 @@ impl<B: Backend> Model<B> {
     pub fn forward(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Forward<B>> {
         let (rows, d, lay) = (batch.rows, self.config.d, &self.layout);
         let params = &self.params.values;
+        let (bs, ms) = (&batch.schema, &self.config.schema);
+        let vocabs = |s: &crate::data::Schema| {
+            let v = |f: &[crate::data::CatField]| f.iter().map(|c| c.vocab).collect::<Vec<_>>();
+            (v(&s.profile_cat), v(&s.event_cat), s.f_num(), s.e_num())
+        };
+        if vocabs(bs) != vocabs(ms) {
+            return Err(Error::invalid(format!(
+                "the batch's fields or vocabularies differ from the {}'s schema",
+                self.config.role
+            )));
+        }
         let seq = self.sequence(batch);
         if seq.len > self.config.len_limit.max(1) {
             return Err(Error::invalid(format!(

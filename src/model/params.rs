@@ -106,7 +106,7 @@ impl ParamTable {
         t.linear("fuse", d, 2 * d);
         t.linear("head", 1, d);
         if cfg.role == Role::Student {
-            for l in 0..cfg.blocks - 1 {
+            for l in 0..cfg.blocks.saturating_sub(1) {
                 t.linear(&format!("aux.{l}"), 1, 2 * d);
             }
             t.linear("coarse", d, d);
@@ -177,7 +177,7 @@ impl ParamTable {
     /// draw nothing).
     pub fn init_values<F: Float>(&self, seed: u64) -> Vec<F> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let normal = Normal::new(0.0, INIT_STD).unwrap_or_else(|_| unreachable!());
+        let normal = Normal::new(0.0, INIT_STD).expect("INIT_STD is a valid standard deviation");
         let mut v = Vec::with_capacity(self.total);
         for e in &self.entries {
             let n = e.numel();
