@@ -1,5 +1,5 @@
 //! Checkpoint round trip and refusals; configuration validation; class weights; the
-//! parameter table's naming and init.
+//! parameter table's naming and init; batch validation; thread-count determinism.
 
 mod common;
 
@@ -186,4 +186,40 @@ fn class_weights_average_one_over_train() {
     assert_eq!(class_weights(900, 100, 0.5, false).unwrap(), [1.0, 1.0]);
     assert_eq!(class_weights(900, 100, 0.0, true).unwrap(), [1.0, 1.0]);
     assert!(class_weights(0, 0, 0.5, true).is_err());
+}
+
+#[test]
+fn bad_batches_are_refused_with_the_place() {
+    let be = mgkd::backend::cpu::CpuBackend::<f32>::new();
+    let s = schema();
+    let mut b = batch5(5);
+    b.in_service.cat[1] = 3; // field 1 ("channel") has vocabulary 3
+    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s).err().unwrap().to_string();
+    assert!(err.contains("in-service") && err.contains("row 0, field 1 has id 3"), "{err}");
+    let mut b = batch5(5);
+    b.pre.lens[2] = 9;
+    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s).err().unwrap().to_string();
+    assert!(err.contains("pre-service") && err.contains("row 2"), "{err}");
+    let mut b = batch5(5);
+    b.profile_num[4] = f32::NAN;
+    assert!(mgkd::model::DeviceBatch::upload(&be, &b, &s).is_err());
+}
+
+#[test]
+fn student_step_is_bit_identical_across_thread_counts() {
+    use mgkd::loss::{student_objective, LossConfig};
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (be, t) = model::<f32>(Role::Teacher, 2, 1);
+            let (_, mut s) = model::<f32>(Role::Student, 2, 2);
+            let db = upload(&be, &batch5(9));
+            s.params.zero_grads(&be);
+            let cfg = LossConfig::default();
+            let l = student_objective(&be, &cfg, [0.8, 1.6], &t, &mut s, &db, true).unwrap();
+            let g = be.download(&s.params.grads).unwrap();
+            (l.total.to_bits(), g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        })
+    };
+    assert_eq!(run(1), run(3));
 }
