@@ -109,14 +109,21 @@ fn main() -> mgkd::Result<()> {
         }
     }
     times.sort_by(f64::total_cmp);
+    let fill = |e: &EventBatch| {
+        let valid: u64 = e.lens.iter().map(|&l| u64::from(l)).sum();
+        valid as f64 / (BATCH * e.max_len.max(1)) as f64
+    };
     let median = times[times.len() / 2];
     println!(
         "cpu_step (f32, batch {BATCH}, L=128, Lp=32, d=128, 4 heads, 2 blocks, {} threads): \
-         median {median:.3} s/step, {:.1} samples/s (pre max_len {}, in max_len {})",
+         median {median:.3} s/step, {:.1} samples/s (pre max_len {}, in max_len {}; \
+         valid slots {:.0} % / {:.0} % of the padded pre / in tensors)",
         rayon::current_num_threads(),
         BATCH as f64 / median,
         b.pre.max_len,
-        b.in_service.max_len
+        b.in_service.max_len,
+        100.0 * fill(&b.pre),
+        100.0 * fill(&b.in_service)
     );
     Ok(())
 }

@@ -194,12 +194,24 @@ fn bad_batches_are_refused_with_the_place() {
     let s = schema();
     let mut b = batch5(5);
     b.in_service.cat[1] = 3; // field 1 ("channel") has vocabulary 3
-    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s).err().unwrap().to_string();
-    assert!(err.contains("in-service") && err.contains("row 0, field 1 has id 3"), "{err}");
+    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("in-service") && err.contains("row 0, field 1 has id 3"),
+        "{err}"
+    );
     let mut b = batch5(5);
     b.pre.lens[2] = 9;
-    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s).err().unwrap().to_string();
-    assert!(err.contains("pre-service") && err.contains("row 2"), "{err}");
+    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pre-service") && err.contains("row 2"),
+        "{err}"
+    );
     let mut b = batch5(5);
     b.profile_num[4] = f32::NAN;
     assert!(mgkd::model::DeviceBatch::upload(&be, &b, &s).is_err());
@@ -209,7 +221,10 @@ fn bad_batches_are_refused_with_the_place() {
 fn student_step_is_bit_identical_across_thread_counts() {
     use mgkd::loss::{student_objective, LossConfig};
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             let (be, t) = model::<f32>(Role::Teacher, 2, 1);
             let (_, mut s) = model::<f32>(Role::Student, 2, 2);
@@ -218,8 +233,44 @@ fn student_step_is_bit_identical_across_thread_counts() {
             let cfg = LossConfig::default();
             let l = student_objective(&be, &cfg, [0.8, 1.6], &t, &mut s, &db, true).unwrap();
             let g = be.download(&s.params.grads).unwrap();
-            (l.total.to_bits(), g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            (
+                l.total.to_bits(),
+                g.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            )
         })
     };
     assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn grad_norm_clipping_and_step_count() {
+    use mgkd::optim::{clip_factor, grad_norm, AdamWConfig, Optimizer};
+    let (be, mut s) = model::<f64>(Role::Student, 1, 3);
+    let n = s.params.table.total();
+    let g: Vec<f64> = (0..n).map(|i| ((i % 7) as f64 - 3.0) * 0.5).collect();
+    s.params.grads = be.upload(&g).unwrap();
+    let want = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let norm = grad_norm(&be, &s.params).unwrap();
+    assert!((norm - want).abs() <= 1e-12 * want);
+    assert_eq!(clip_factor(0.5, 1.0).unwrap(), 1.0);
+    assert_eq!(clip_factor(4.0, 1.0).unwrap(), 0.25);
+    assert!(clip_factor(f64::NAN, 1.0).is_err());
+    let mut opt = Optimizer::new(AdamWConfig::default());
+    let before = be.download(&s.params.values).unwrap();
+    let info = opt.step(&be, &mut s.params, 1e-2).unwrap();
+    assert_eq!((info.step, info.scale), (1, 1.0 / want));
+    // First AdamW step: m̂ = ĝ and √v̂ = |ĝ| for the clipped ĝ = g/‖g‖, so the Adam part is
+    // lr·ĝ/(|ĝ| + ε) ≈ lr·sign(g).
+    let after = be.download(&s.params.values).unwrap();
+    let mask = s.params.table.decay_mask::<f64>();
+    for i in 0..n {
+        let gs = g[i] / want;
+        let adam = 1e-2 * gs / (gs.abs() + 1e-8);
+        let want = before[i] - adam - 1e-2 * 0.01 * mask[i] * before[i];
+        assert!(
+            (after[i] - want).abs() < 1e-12,
+            "element {i}: {} vs {want}",
+            after[i]
+        );
+    }
 }
