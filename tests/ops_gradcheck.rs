@@ -502,8 +502,41 @@ fn gemm_large_and_degenerate() {
             "gemm large f32 ta={ta} tb={tb}"
         );
     }
-    // k = 0 with β = 0 writes zeros over NaN; with β ≠ 0 scales C.
+    // Batches sharing one C (stride 0, β = 1): the products add up in batch order, exactly as
+    // one call per batch entry would.
+    let (m, n, k, batch) = (2100, 128, 64, 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(60);
+    let a = randv(&mut rng, batch * m * k);
+    let b = randv(&mut rng, batch * k * n);
+    let c0 = randv(&mut rng, m * n);
+    let mut s = Gemm::new(m, n, k, false, false);
+    s.batch = batch;
+    s.stride_a = m * k;
+    s.stride_b = k * n;
     let bk = be::<f64>();
+    let mut c = c0.clone();
+    bk.gemm(
+        &s,
+        0.9,
+        Ref::whole(&a),
+        Ref::whole(&b),
+        1.0,
+        Mut::whole(&mut c),
+    );
+    let mut want = c0.clone();
+    for bi in 0..batch {
+        let one = Gemm::new(m, n, k, false, false);
+        bk.gemm(
+            &one,
+            0.9,
+            Ref::at(&a, bi * m * k),
+            Ref::at(&b, bi * k * n),
+            1.0,
+            Mut::whole(&mut want),
+        );
+    }
+    assert_eq!(c, want, "gemm with a shared C");
+    // k = 0 with β = 0 writes zeros over NaN; with β ≠ 0 scales C.
     let mut c = nan::<f64>(6);
     let empty: Vec<f64> = Vec::new();
     bk.gemm(
@@ -865,6 +898,17 @@ fn gradcheck_embedding() {
     ];
     for (i, (name, c)) in cases.iter().enumerate() {
         run_case(&format!("embedding {name}"), c, 500 + i as u64);
+    }
+    // Two fields sharing one table, and a table overlapping another (serial scatter path).
+    for (i, mode) in [EmbMode::Sum, EmbMode::Concat].into_iter().enumerate() {
+        let mut c = EmbCase::new(9, 40, &[6, 6, 3], mode, 15 + i as u64);
+        c.tables[1] = c.tables[0];
+        c.tables[2].offset = c.tables[0].offset + 7;
+        run_case(
+            &format!("embedding shared tables {mode:?}"),
+            &c,
+            510 + i as u64,
+        );
     }
 }
 

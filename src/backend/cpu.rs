@@ -26,8 +26,12 @@ use crate::{Error, Result};
 const CHUNK: usize = 1 << 14;
 /// Columns per task in column-parallel reductions (bias, LayerNorm parameters, embeddings).
 const COL_CHUNK: usize = 32;
-/// Multiply-adds per task below which a matrix product is not split.
-const GEMM_TASK_WORK: usize = 1 << 18;
+/// Multiply-adds per parallel task of a matrix product (products smaller than this run as
+/// one call).
+const GEMM_TASK_WORK: usize = 1 << 23;
+/// Fewest output rows per parallel task of a matrix product: each task repacks the whole
+/// right operand, so small row blocks would spend their time packing.
+const GEMM_MIN_ROWS: usize = 128;
 
 /// The CPU reference backend over element type `F` (`f32` or `f64`); buffers are `Vec<F>`,
 /// id buffers `Vec<u32>`. Stateless: every method works on the buffers it is given.
@@ -458,7 +462,8 @@ impl<F: Float> Backend for CpuBackend<F> {
         }
         // Output row blocks: a fixed size from the shape only.
         let work_per_row = n * k.max(1);
-        let rows_per = (GEMM_TASK_WORK / work_per_row.max(1)).clamp(8, m.max(8));
+        let rows_per =
+            (GEMM_TASK_WORK / work_per_row.max(1)).clamp(GEMM_MIN_ROWS, m.max(GEMM_MIN_ROWS));
         let nblk = m.div_ceil(rows_per);
         // Batches may run in parallel only when their C matrices provably share no element:
         // stacked blocks, or side-by-side column blocks inside common rows.
@@ -804,11 +809,18 @@ impl<F: Float> Backend for CpuBackend<F> {
             }
         }
         // Column blocks in parallel; inside a block tables in order, tokens in order, so each
-        // gradient element receives its terms in one fixed order. Tables may not overlap
-        // (distinct parameters), hence distinct column blocks touch distinct elements.
+        // gradient element receives its terms in one fixed order. Distinct column blocks touch
+        // distinct elements when the tables do not overlap (distinct parameters); tables that
+        // share elements are processed one block after the other (same order, same result).
+        let mut spans: Vec<(usize, usize)> = tables
+            .iter()
+            .map(|t| (t.offset, t.offset + t.vocab * width))
+            .collect();
+        spans.sort_unstable();
+        let disjoint = spans.windows(2).all(|p| p[0].1 <= p[1].0);
         let g = SendPtr(grads.as_mut_ptr());
         let nblk = width.div_ceil(COL_CHUNK);
-        (0..nblk).into_par_iter().for_each(|blk| {
+        let block = |blk: usize| {
             let gp = g;
             let c0 = blk * COL_CHUNK;
             let w = COL_CHUNK.min(width - c0);
@@ -821,7 +833,7 @@ impl<F: Float> Backend for CpuBackend<F> {
                     let id = ids[i * fields + k] as usize;
                     let src = &dout[i * dout_ld + src0 + c0..i * dout_ld + src0 + c0 + w];
                     // SAFETY: bounds checked above (`id < vocab`, table inside the buffer);
-                    // this task alone writes columns c0..c0+w of every table row.
+                    // concurrent blocks write disjoint columns of disjoint tables.
                     unsafe {
                         let dst = gp.0.add(t.offset + id * width + c0);
                         for (j, &s) in src.iter().enumerate() {
@@ -830,7 +842,12 @@ impl<F: Float> Backend for CpuBackend<F> {
                     }
                 }
             }
-        });
+        };
+        if disjoint {
+            (0..nblk).into_par_iter().for_each(block);
+        } else {
+            (0..nblk).for_each(block);
+        }
     }
 
     fn add_positions(
