@@ -9,14 +9,22 @@
 //! Architecture, in the order data flows:
 //! - [`data`]: the on-disk dataset format (safetensors shards + `dataset.json`), the
 //!   synthetic generator, CSV import and batch assembly.
+//! - [`model`]: parameter table and storage, checkpoints, layers, teacher and student.
+//! - [`loss`]: class weights and the teacher/student objectives of SPEC §5.
+//! - [`optim`]: global-norm clipping and AdamW over the flat buffers.
 //! - [`metrics`]: evaluation of scores against labels (AUC, KS, log-loss, PR-AUC, approval
 //!   and lift tables).
+//! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
+//!   trait.
 //! - [`cli`]: the `mgkd-train` subcommands.
 
 pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod loss;
 pub mod metrics;
+pub mod model;
+pub mod optim;
 
 pub use error::{Error, Result};

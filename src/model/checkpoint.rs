@@ -1,0 +1,253 @@
+//! Model checkpoints as safetensors files: one F32 tensor per named parameter (table
+//! order), metadata `mgkd.format = "mgkd-checkpoint"`, `mgkd.version = "1"`,
+//! `mgkd.config` = the [`ModelConfig`] as JSON, plus free keys that callers add (training
+//! configuration, …). Written atomically (temp file, then rename).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::backend::{Backend, Float};
+use crate::data::writer::write_atomic;
+use crate::model::config::ModelConfig;
+use crate::model::net::Model;
+use crate::model::params::{ParamStore, ParamTable};
+use crate::{Error, Result};
+
+/// Value of the `mgkd.format` metadata key.
+pub const FORMAT: &str = "mgkd-checkpoint";
+/// Value of the `mgkd.version` metadata key.
+pub const VERSION: &str = "1";
+/// Metadata key of the format tag.
+pub const KEY_FORMAT: &str = "mgkd.format";
+/// Metadata key of the format version.
+pub const KEY_VERSION: &str = "mgkd.version";
+/// Metadata key of the model configuration JSON.
+pub const KEY_CONFIG: &str = "mgkd.config";
+
+/// Writes `model`'s parameters (converted to f32) and `extra` metadata keys to `path`.
+/// Keys of `extra` must not start with `mgkd.format`/`mgkd.version`/`mgkd.config`.
+pub fn save<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    extra: &BTreeMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let values = be.download(&model.params.values)?;
+    let table = &model.params.table;
+    let bytes: Vec<Vec<u8>> = table
+        .entries()
+        .iter()
+        .map(|e| {
+            let v: Vec<f32> = values[e.offset..e.offset + e.numel()]
+                .iter()
+                .map(|x| x.to_f64() as f32)
+                .collect();
+            bytemuck::cast_slice::<f32, u8>(&v).to_vec()
+        })
+        .collect();
+    let mut tensors = Vec::with_capacity(bytes.len());
+    for (e, b) in table.entries().iter().zip(&bytes) {
+        let view = TensorView::new(Dtype::F32, e.shape.clone(), b)
+            .map_err(|err| Error::format(path, format!("tensor {}: {err}", e.name)))?;
+        tensors.push((e.name.as_str(), view));
+    }
+    let mut meta: HashMap<String, String> = HashMap::new();
+    for (k, v) in extra {
+        if [KEY_FORMAT, KEY_VERSION, KEY_CONFIG].contains(&k.as_str()) {
+            return Err(Error::invalid(format!(
+                "checkpoint metadata key {k} is reserved"
+            )));
+        }
+        meta.insert(k.clone(), v.clone());
+    }
+    meta.insert(KEY_FORMAT.into(), FORMAT.into());
+    meta.insert(KEY_VERSION.into(), VERSION.into());
+    let config = serde_json::to_string(&model.config)
+        .map_err(|e| Error::invalid(format!("model config to JSON: {e}")))?;
+    meta.insert(KEY_CONFIG.into(), config);
+    let out = safetensors::tensor::serialize(tensors, &Some(meta))
+        .map_err(|e| Error::format(path, format!("serialising the checkpoint: {e}")))?;
+    write_atomic(path, &out)
+}
+
+/// A checkpoint read from disk: its configuration, parameter values (f32, table order) and
+/// every metadata key.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The model configuration.
+    pub config: ModelConfig,
+    /// The values in the order of `ParamTable::new(&config)`.
+    pub values: Vec<f32>,
+    /// All metadata keys, the `mgkd.*` ones included.
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn parse_meta(
+    path: &Path,
+    st_meta: &Option<HashMap<String, String>>,
+) -> Result<BTreeMap<String, String>> {
+    let meta: BTreeMap<String, String> = st_meta
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let get = |k: &str| {
+        meta.get(k).ok_or_else(|| {
+            Error::format(path, format!("not an mgkd checkpoint: no metadata key {k}"))
+        })
+    };
+    if get(KEY_FORMAT)? != FORMAT {
+        return Err(Error::format(
+            path,
+            format!(
+                "{KEY_FORMAT} is {:?}, expected {FORMAT:?}",
+                meta[KEY_FORMAT]
+            ),
+        ));
+    }
+    if get(KEY_VERSION)? != VERSION {
+        return Err(Error::format(
+            path,
+            format!(
+                "checkpoint version {:?} is not supported (this build reads {VERSION:?})",
+                meta[KEY_VERSION]
+            ),
+        ));
+    }
+    get(KEY_CONFIG)?;
+    Ok(meta)
+}
+
+fn parse_config(path: &Path, meta: &BTreeMap<String, String>) -> Result<ModelConfig> {
+    let json = meta.get(KEY_CONFIG).map(String::as_str).unwrap_or("");
+    let cfg: ModelConfig = serde_json::from_str(json)
+        .map_err(|e| Error::format(path, format!("{KEY_CONFIG}: {e}")))?;
+    cfg.validate()
+        .map_err(|e| Error::format(path, format!("{KEY_CONFIG}: {e}")))?;
+    Ok(cfg)
+}
+
+/// Reads only the configuration of the checkpoint at `path` (header and metadata).
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a readable safetensors file (truncated or damaged): {e}"),
+        )
+    })?;
+    let meta = parse_meta(path, m.metadata())?;
+    parse_config(path, &meta)
+}
+
+/// Reads and checks the checkpoint at `path`: format and version metadata, a valid
+/// configuration, and exactly the tensors of its parameter table, each F32 with the right
+/// shape (errors name the file and the tensor).
+pub fn read(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a readable safetensors file (truncated or damaged): {e}"),
+        )
+    })?;
+    let metadata = parse_meta(path, m.metadata())?;
+    let config = parse_config(path, &metadata)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, format!("truncated or damaged safetensors file: {e}")))?;
+    let table = ParamTable::new(&config);
+    let mut values = Vec::with_capacity(table.total());
+    for e in table.entries() {
+        let t = st
+            .tensor(&e.name)
+            .map_err(|_| Error::format(path, format!("tensor {} is missing", e.name)))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(Error::format(
+                path,
+                format!("tensor {}: dtype {:?}, expected F32", e.name, t.dtype()),
+            ));
+        }
+        if t.shape() != e.shape.as_slice() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor {}: shape {:?}, expected {:?}",
+                    e.name,
+                    t.shape(),
+                    e.shape
+                ),
+            ));
+        }
+        let data = t.data();
+        values.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        if let Some(i) = values[e.offset..].iter().position(|x| !x.is_finite()) {
+            return Err(Error::format(
+                path,
+                format!("tensor {}: element {i} is not finite", e.name),
+            ));
+        }
+    }
+    if st.len() != table.entries().len() {
+        let mut extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| table.get(n).is_err())
+            .cloned()
+            .collect();
+        extra.sort();
+        return Err(Error::format(
+            path,
+            format!(
+                "unexpected tensors for this configuration: {}",
+                extra.join(", ")
+            ),
+        ));
+    }
+    Ok(Checkpoint {
+        config,
+        values,
+        metadata,
+    })
+}
+
+/// Checks that the checkpoint at `path` holds a model of configuration `wanted`; otherwise
+/// an error naming the file and every field that differs.
+pub fn check_config(path: &Path, wanted: &ModelConfig) -> Result<()> {
+    let found = read_config(path)?;
+    let diff = found.diff(wanted);
+    if diff.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::format(
+            path,
+            format!("checkpoint of another configuration: {}", diff.join("; ")),
+        ))
+    }
+}
+
+impl Checkpoint {
+    /// The model on backend `be` (values converted to its element type).
+    pub fn into_model<B: Backend>(self, be: &B) -> Result<Model<B>> {
+        let table = ParamTable::new(&self.config);
+        let values: Vec<B::F> = self
+            .values
+            .iter()
+            .map(|&x| <B::F as Float>::from_f64(x as f64))
+            .collect();
+        let store = ParamStore::from_values(be, table, &values)?;
+        Model::with_params(self.config, store)
+    }
+}
+
+/// Loads the checkpoint at `path` as a model on `be`, refusing it (with the differences)
+/// when `wanted` is given and the checkpoint's configuration is another.
+pub fn load<B: Backend>(be: &B, path: &Path, wanted: Option<&ModelConfig>) -> Result<Model<B>> {
+    if let Some(w) = wanted {
+        check_config(path, w)?;
+    }
+    read(path)?.into_model(be)
+}

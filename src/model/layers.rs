@@ -1,0 +1,387 @@
+//! The dense building blocks, each a set of parameter offsets with a forward that keeps what
+//! its backward needs and a hand-written backward (no autodiff): linear map, LayerNorm,
+//! multi-head self-attention with a key-padding mask, and the pre-LN Transformer block.
+//!
+//! Activations are `rows×width` row-major buffers; sequences are `batch×len×d` with per-row
+//! lengths (padded slots hold finite garbage, masked everywhere, and receive zero gradient).
+
+use crate::backend::{Backend, Float, Gemm, Mut, Ref};
+pub use crate::model::attention::{Attention, AttentionCache};
+use crate::model::params::ParamTable;
+use crate::{Error, Result};
+
+/// The element 1.
+pub(crate) fn one<F: Float>() -> F {
+    <F as Float>::from_f64(1.0)
+}
+
+/// The element 0.
+pub(crate) fn zero<F: Float>() -> F {
+    <F as Float>::from_f64(0.0)
+}
+
+/// A fresh zero buffer (shorthand).
+pub(crate) fn zeros<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
+    be.zeros(n)
+}
+
+/// A linear map `y = x·Wᵀ + b` with `W` stored `[out, in]` at `w` and `b` (`[out]`) at `b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    /// Offset of the weight.
+    pub w: usize,
+    /// Offset of the bias.
+    pub b: usize,
+    /// Output width.
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
+}
+
+impl Linear {
+    /// The linear map `{prefix}.weight` / `{prefix}.bias` of `table`.
+    pub fn from_table(table: &ParamTable, prefix: &str) -> Result<Linear> {
+        let w = table.get(&format!("{prefix}.weight"))?;
+        let b = table.get(&format!("{prefix}.bias"))?;
+        match w.shape[..] {
+            [out, inp] => Ok(Linear {
+                w: w.offset,
+                b: b.offset,
+                out,
+                inp,
+            }),
+            _ => Err(Error::invalid(format!("{prefix}.weight is not a matrix"))),
+        }
+    }
+
+    /// `y = x·Wᵀ + b` on `rows` rows (`x` packed `rows×in`, `y` packed `rows×out`); with
+    /// `accumulate` the result is added to `y` (`y += x·Wᵀ + b`, a residual connection).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        mut y: Mut<B::Buf>,
+        accumulate: bool,
+    ) {
+        let beta = if accumulate {
+            one::<B::F>()
+        } else {
+            zero::<B::F>()
+        };
+        if self.inp > 0 {
+            let g = Gemm::new(rows, self.out, self.inp, false, true);
+            be.gemm(
+                &g,
+                one::<B::F>(),
+                x,
+                Ref::at(params, self.w),
+                beta,
+                y.reborrow(),
+            );
+        } else if !accumulate {
+            be.fill(rows * self.out, zero::<B::F>(), y.reborrow());
+        }
+        be.add_bias(rows, self.out, Ref::at(params, self.b), y);
+    }
+
+    /// Backward: `dW += dyᵀ·x`, `db += Σ_rows dy`, and when `dx` is given
+    /// `dx = dy·W` (or `dx += dy·W` with `accumulate_dx`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        dy: Ref<B::Buf>,
+        dx: Option<Mut<B::Buf>>,
+        accumulate_dx: bool,
+    ) {
+        if self.inp > 0 {
+            let g = Gemm::new(self.out, self.inp, rows, true, false);
+            be.gemm(
+                &g,
+                one::<B::F>(),
+                dy,
+                x,
+                one::<B::F>(),
+                Mut::at(grads, self.w),
+            );
+        }
+        be.bias_backward(rows, self.out, dy, Mut::at(grads, self.b));
+        if let (Some(dx), true) = (dx, self.inp > 0) {
+            let beta = if accumulate_dx {
+                one::<B::F>()
+            } else {
+                zero::<B::F>()
+            };
+            let g = Gemm::new(rows, self.inp, self.out, false, false);
+            be.gemm(&g, one::<B::F>(), dy, Ref::at(params, self.w), beta, dx);
+        }
+    }
+}
+
+/// LayerNorm over width `d` with γ at `gb` and β right after it (ε = 1e-5):
+/// `y = (x − μ)/√(σ² + ε)·γ + β`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerNorm {
+    /// Offset of γ (β follows at `gb + d`).
+    pub gb: usize,
+    /// Width.
+    pub d: usize,
+}
+
+impl LayerNorm {
+    /// The LayerNorm `{prefix}.weight` / `{prefix}.bias` of `table` (adjacent by design).
+    pub fn from_table(table: &ParamTable, prefix: &str) -> Result<LayerNorm> {
+        let w = table.get(&format!("{prefix}.weight"))?;
+        let b = table.get(&format!("{prefix}.bias"))?;
+        let d = w.numel();
+        if b.offset != w.offset + d {
+            return Err(Error::invalid(format!(
+                "{prefix}: LayerNorm scale and shift are not adjacent"
+            )));
+        }
+        Ok(LayerNorm { gb: w.offset, d })
+    }
+
+    /// Forward on `rows` rows into `y`, per-row (μ, rstd) into `stats` (`rows×2`).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        y: Mut<B::Buf>,
+        stats: Mut<B::Buf>,
+    ) {
+        be.layernorm(rows, self.d, x, Ref::at(params, self.gb), y, stats);
+    }
+
+    /// Backward: `dx += ∂L/∂x` (accumulates into the residual stream's gradient) and
+    /// `dγ, dβ +=` into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        stats: Ref<B::Buf>,
+        dy: Ref<B::Buf>,
+        dx: Mut<B::Buf>,
+    ) {
+        let gb = Ref::at(params, self.gb);
+        be.layernorm_backward(rows, self.d, x, gb, stats, dy, dx, Mut::at(grads, self.gb));
+    }
+}
+
+/// Shape of a padded sequence batch: `batch` rows of `len` slots, width `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqShape {
+    /// Rows.
+    pub batch: usize,
+    /// Padded length (≥ 1).
+    pub len: usize,
+    /// Width d.
+    pub d: usize,
+}
+
+impl SeqShape {
+    /// Number of token slots `batch·len`.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.len
+    }
+}
+
+/// One pre-LN Transformer block:
+/// `h_mid = h + out_proj(MHSA(LN1(h)))`, `h_out = h_mid + fc2(GELU(fc1(LN2(h_mid))))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// LN before attention.
+    pub ln1: LayerNorm,
+    /// Self-attention.
+    pub attn: Attention,
+    /// LN before the feed-forward network.
+    pub ln2: LayerNorm,
+    /// FFN expansion `[4d, d]`.
+    pub fc1: Linear,
+    /// FFN contraction `[d, 4d]`.
+    pub fc2: Linear,
+}
+
+/// What [`Block`]'s backward needs (its input is kept by the encoder).
+pub struct BlockCache<B: Backend> {
+    stats1: B::Buf,
+    xn1: B::Buf,
+    attn: AttentionCache<B>,
+    h_mid: B::Buf,
+    stats2: B::Buf,
+    xn2: B::Buf,
+    f1: B::Buf,
+    g: B::Buf,
+}
+
+impl Block {
+    /// The block `{prefix}` (`encoder.blocks.{l}`) of `table`.
+    pub fn from_table(table: &ParamTable, prefix: &str, heads: usize) -> Result<Block> {
+        Ok(Block {
+            ln1: LayerNorm::from_table(table, &format!("{prefix}.ln1"))?,
+            attn: Attention {
+                in_proj: Linear::from_table(table, &format!("{prefix}.attn.in_proj"))?,
+                out_proj: Linear::from_table(table, &format!("{prefix}.attn.out_proj"))?,
+                heads,
+            },
+            ln2: LayerNorm::from_table(table, &format!("{prefix}.ln2"))?,
+            fc1: Linear::from_table(table, &format!("{prefix}.ffn.fc1"))?,
+            fc2: Linear::from_table(table, &format!("{prefix}.ffn.fc2"))?,
+        })
+    }
+
+    /// Forward of `h` (`tokens×d`); returns the output `h_out` and the cache.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        h: &B::Buf,
+    ) -> Result<(B::Buf, BlockCache<B>)> {
+        let (n, d) = (sh.tokens(), sh.d);
+        let mut xn1 = zeros(be, n * d)?;
+        let mut stats1 = zeros(be, n * 2)?;
+        let hr = Ref::whole(h);
+        self.ln1.forward(
+            be,
+            params,
+            n,
+            hr,
+            Mut::whole(&mut xn1),
+            Mut::whole(&mut stats1),
+        );
+        let mut h_mid = zeros(be, n * d)?;
+        be.copy(n * d, hr, Mut::whole(&mut h_mid));
+        let attn = self.attn.forward(
+            be,
+            params,
+            sh,
+            lens,
+            Ref::whole(&xn1),
+            Mut::whole(&mut h_mid),
+        )?;
+        let mut xn2 = zeros(be, n * d)?;
+        let mut stats2 = zeros(be, n * 2)?;
+        let hm = Ref::whole(&h_mid);
+        self.ln2.forward(
+            be,
+            params,
+            n,
+            hm,
+            Mut::whole(&mut xn2),
+            Mut::whole(&mut stats2),
+        );
+        let mut f1 = zeros(be, n * 4 * d)?;
+        self.fc1
+            .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
+        let mut g = zeros(be, n * 4 * d)?;
+        be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
+        let mut out = zeros(be, n * d)?;
+        be.copy(n * d, hm, Mut::whole(&mut out));
+        self.fc2
+            .forward(be, params, n, Ref::whole(&g), Mut::whole(&mut out), true);
+        let cache = BlockCache {
+            stats1,
+            xn1,
+            attn,
+            h_mid,
+            stats2,
+            xn2,
+            f1,
+            g,
+        };
+        Ok((out, cache))
+    }
+
+    /// Backward in place: `dh` holds ∂L/∂h_out on entry and ∂L/∂h (the block input `h`)
+    /// on return; parameter gradients accumulate into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        h: &B::Buf,
+        c: &BlockCache<B>,
+        dh: &mut B::Buf,
+    ) -> Result<()> {
+        let (n, d) = (sh.tokens(), sh.d);
+        let mut dg = zeros(be, n * 4 * d)?;
+        let (g, dhr) = (Ref::whole(&c.g), Ref::whole(dh));
+        self.fc2.backward(
+            be,
+            params,
+            grads,
+            n,
+            g,
+            dhr,
+            Some(Mut::whole(&mut dg)),
+            false,
+        );
+        let mut df1 = zeros(be, n * 4 * d)?;
+        be.gelu_backward(
+            n * 4 * d,
+            Ref::whole(&c.f1),
+            Ref::whole(&dg),
+            Mut::whole(&mut df1),
+        );
+        let mut dxn2 = zeros(be, n * d)?;
+        let (xn2, df1) = (Ref::whole(&c.xn2), Ref::whole(&df1));
+        self.fc1.backward(
+            be,
+            params,
+            grads,
+            n,
+            xn2,
+            df1,
+            Some(Mut::whole(&mut dxn2)),
+            false,
+        );
+        self.ln2.backward(
+            be,
+            params,
+            grads,
+            n,
+            Ref::whole(&c.h_mid),
+            Ref::whole(&c.stats2),
+            Ref::whole(&dxn2),
+            Mut::whole(dh),
+        );
+        let dxn1 = self.attn.backward(
+            be,
+            params,
+            grads,
+            sh,
+            lens,
+            Ref::whole(&c.xn1),
+            &c.attn,
+            Ref::whole(dh),
+        )?;
+        self.ln1.backward(
+            be,
+            params,
+            grads,
+            n,
+            Ref::whole(h),
+            Ref::whole(&c.stats1),
+            Ref::whole(&dxn1),
+            Mut::whole(dh),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! The parameter table (every named tensor of a network, in the fixed order and naming of
+//! the engine design) and the flat parameter storage on a backend: values, gradients, both
+//! Adam moments and the weight-decay mask, one buffer each (SPEC §6).
+
+use std::collections::HashMap;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::backend::{Backend, Float, Mut, Ref};
+use crate::model::config::{ModelConfig, Role};
+use crate::model::layers::zero;
+use crate::{Error, Result};
+
+/// Standard deviation of the normal initialisation of matrices and embeddings (SPEC §4).
+pub const INIT_STD: f64 = 0.02;
+
+/// How a tensor is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// normal(0, [`INIT_STD`]): linear weights, embedding tables, positions, `encoder.empty`.
+    Normal,
+    /// Zeros: biases and LayerNorm shifts.
+    Zeros,
+    /// Ones: LayerNorm scales.
+    Ones,
+}
+
+/// One named tensor of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamEntry {
+    /// Checkpoint name, e.g. `encoder.blocks.0.attn.in_proj.weight`.
+    pub name: String,
+    /// Shape (PyTorch convention: a linear weight is `[out, in]`).
+    pub shape: Vec<usize>,
+    /// Element offset in the flat buffers.
+    pub offset: usize,
+    /// Whether AdamW's weight decay applies (weights of linear maps only).
+    pub decay: bool,
+    /// Initialisation.
+    pub init: Init,
+}
+
+impl ParamEntry {
+    /// Number of elements, the product of the shape.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The ordered list of a network's tensors and their places in the flat buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamTable {
+    entries: Vec<ParamEntry>,
+    index: HashMap<String, usize>,
+    total: usize,
+}
+
+impl ParamTable {
+    /// The table of `cfg` in the engine design's order: encoder (embeddings, numeric
+    /// projection, positions, blocks, final LN, `s_∅`), profile, fusion, head, then for the
+    /// student the auxiliary heads, the coarse projection and the fine projections.
+    pub fn new(cfg: &ModelConfig) -> ParamTable {
+        let mut t = ParamTable {
+            entries: Vec::new(),
+            index: HashMap::new(),
+            total: 0,
+        };
+        let d = cfg.d;
+        for (k, &v) in cfg.event_vocabs.iter().enumerate() {
+            t.push(
+                format!("encoder.embed.cat.{k}.weight"),
+                &[v as usize, d],
+                Init::Normal,
+                false,
+            );
+        }
+        t.linear("encoder.embed.num", d, cfg.event_num);
+        t.push(
+            "encoder.embed.pos.weight".into(),
+            &[cfg.len_limit, d],
+            Init::Normal,
+            false,
+        );
+        for l in 0..cfg.blocks {
+            let p = format!("encoder.blocks.{l}");
+            t.layernorm(&format!("{p}.ln1"), d);
+            t.linear(&format!("{p}.attn.in_proj"), 3 * d, d);
+            t.linear(&format!("{p}.attn.out_proj"), d, d);
+            t.layernorm(&format!("{p}.ln2"), d);
+            t.linear(&format!("{p}.ffn.fc1"), 4 * d, d);
+            t.linear(&format!("{p}.ffn.fc2"), d, 4 * d);
+        }
+        t.layernorm("encoder.ln_f", d);
+        t.push("encoder.empty".into(), &[d], Init::Normal, false);
+        for (j, &v) in cfg.profile_vocabs.iter().enumerate() {
+            t.push(
+                format!("profile.cat.{j}.weight"),
+                &[v as usize, cfg.d_cat],
+                Init::Normal,
+                false,
+            );
+        }
+        t.linear("profile.proj", d, cfg.profile_in());
+        t.linear("fuse", d, 2 * d);
+        t.linear("head", 1, d);
+        if cfg.role == Role::Student {
+            for l in 0..cfg.blocks.saturating_sub(1) {
+                t.linear(&format!("aux.{l}"), 1, 2 * d);
+            }
+            t.linear("coarse", d, d);
+            t.linear("fine.q", d, d);
+            t.linear("fine.k", d, d);
+            t.linear("fine.v", d, d);
+        }
+        t
+    }
+
+    fn push(&mut self, name: String, shape: &[usize], init: Init, decay: bool) {
+        let e = ParamEntry {
+            name: name.clone(),
+            shape: shape.to_vec(),
+            offset: self.total,
+            decay,
+            init,
+        };
+        self.total += e.numel();
+        self.index.insert(name, self.entries.len());
+        self.entries.push(e);
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) {
+        self.push(format!("{prefix}.weight"), &[out, inp], Init::Normal, true);
+        self.push(format!("{prefix}.bias"), &[out], Init::Zeros, false);
+    }
+
+    fn layernorm(&mut self, prefix: &str, d: usize) {
+        self.push(format!("{prefix}.weight"), &[d], Init::Ones, false);
+        self.push(format!("{prefix}.bias"), &[d], Init::Zeros, false);
+    }
+
+    /// The entries, in table order.
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+
+    /// Total number of scalars (length of each flat buffer).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The entry named `name`.
+    pub fn get(&self, name: &str) -> Result<&ParamEntry> {
+        self.index
+            .get(name)
+            .and_then(|&i| self.entries.get(i))
+            .ok_or_else(|| Error::invalid(format!("no parameter tensor named {name}")))
+    }
+
+    /// Element offset of the tensor `name`.
+    pub fn offset(&self, name: &str) -> Result<usize> {
+        Ok(self.get(name)?.offset)
+    }
+
+    /// The decay mask on the host: 1 on the elements of tensors with `decay`, 0 elsewhere.
+    pub fn decay_mask<F: Float>(&self) -> Vec<F> {
+        let mut m = vec![<F as num_traits::Zero>::zero(); self.total];
+        for e in self.entries.iter().filter(|e| e.decay) {
+            m[e.offset..e.offset + e.numel()].fill(<F as num_traits::One>::one());
+        }
+        m
+    }
+
+    /// Seeded initial values (SPEC §4): a ChaCha8 stream from `seed`, tensors drawn in table
+    /// order, normal(0, 0.02) for [`Init::Normal`] tensors, 0 or 1 for the others (which
+    /// draw nothing).
+    pub fn init_values<F: Float>(&self, seed: u64) -> Vec<F> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0, INIT_STD).expect("INIT_STD is a valid standard deviation");
+        let mut v = Vec::with_capacity(self.total);
+        for e in &self.entries {
+            let n = e.numel();
+            match e.init {
+                Init::Normal => {
+                    v.extend((0..n).map(|_| <F as Float>::from_f64(normal.sample(&mut rng))))
+                }
+                Init::Zeros => v.extend(std::iter::repeat(<F as num_traits::Zero>::zero()).take(n)),
+                Init::Ones => v.extend(std::iter::repeat(<F as num_traits::One>::one()).take(n)),
+            }
+        }
+        v
+    }
+}
+
+/// The flat storage of one network on backend `B`: parameter values, gradients, the Adam
+/// moments m and v, and the decay mask, each `table.total()` long and laid out by `table`.
+pub struct ParamStore<B: Backend> {
+    /// The table that lays out every buffer.
+    pub table: ParamTable,
+    /// Parameter values θ.
+    pub values: B::Buf,
+    /// Gradients ∂L/∂θ (accumulated by the backward ops; zero them once per step).
+    pub grads: B::Buf,
+    /// Adam first moment.
+    pub m: B::Buf,
+    /// Adam second moment.
+    pub v: B::Buf,
+    /// 1 where weight decay applies, 0 elsewhere.
+    pub decay_mask: B::Buf,
+}
+
+impl<B: Backend> ParamStore<B> {
+    /// Storage for `table` holding `values` (host, table order), zero gradients and moments.
+    pub fn from_values(be: &B, table: ParamTable, values: &[B::F]) -> Result<Self> {
+        if values.len() != table.total() {
+            return Err(Error::invalid(format!(
+                "parameter values: {} elements given, the table has {}",
+                values.len(),
+                table.total()
+            )));
+        }
+        let n = table.total();
+        Ok(ParamStore {
+            values: be.upload(values)?,
+            grads: be.zeros(n)?,
+            m: be.zeros(n)?,
+            v: be.zeros(n)?,
+            decay_mask: be.upload(&table.decay_mask::<B::F>())?,
+            table,
+        })
+    }
+
+    /// Seeded initial storage (see [`ParamTable::init_values`]).
+    pub fn init(be: &B, table: ParamTable, seed: u64) -> Result<Self> {
+        let values = table.init_values::<B::F>(seed);
+        Self::from_values(be, table, &values)
+    }
+
+    /// Zeroes the gradient buffer (once per step, before the backward passes).
+    pub fn zero_grads(&mut self, be: &B) {
+        be.fill(
+            self.table.total(),
+            zero::<B::F>(),
+            Mut::whole(&mut self.grads),
+        );
+    }
+
+    /// Replaces the values with `host` (table order).
+    pub fn set_values(&mut self, be: &B, host: &[B::F]) -> Result<()> {
+        if host.len() != self.table.total() {
+            return Err(Error::invalid(format!(
+                "parameter values: {} elements given, the table has {}",
+                host.len(),
+                self.table.total()
+            )));
+        }
+        self.values = be.upload(host)?;
+        Ok(())
+    }
+
+    /// Read window on the values of the tensor `name`.
+    pub fn value(&self, name: &str) -> Result<Ref<'_, B::Buf>> {
+        Ok(Ref::at(&self.values, self.table.offset(name)?))
+    }
+
+    /// Read window on the gradient of the tensor `name`.
+    pub fn grad(&self, name: &str) -> Result<Ref<'_, B::Buf>> {
+        Ok(Ref::at(&self.grads, self.table.offset(name)?))
+    }
+
+    /// The values of the tensor `name`, on the host.
+    pub fn value_host(&self, be: &B, name: &str) -> Result<Vec<B::F>> {
+        let e = self.table.get(name)?;
+        let all = be.download(&self.values)?;
+        Ok(all[e.offset..e.offset + e.numel()].to_vec())
+    }
+}
