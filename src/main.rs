@@ -17,11 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
+    Synth(mgkd::cli::synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
+        Command::Synth(args) => mgkd::cli::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

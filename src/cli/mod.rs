@@ -1,1 +1,3 @@
 //! The `mgkd-train` command line: one module per subcommand.
+
+pub mod synth;
