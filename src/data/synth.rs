@@ -73,11 +73,13 @@
 //! # Parallelism and determinism
 //!
 //! Users are generated in chunks of [`CHUNK_USERS`] in parallel (rayon), a wave of chunks
-//! at a time; the next wave is generated while the current one is written. Because every
+//! at a time; a writer thread pushes the waves in order through a bounded queue, so
+//! generation goes on while a shard is hashed, written and synced. Because every
 //! user has its own random stream and the rows are pushed in user order, the shards are
 //! byte-identical for a given seed whatever `RAYON_NUM_THREADS`.
 
 use std::path::Path;
+use std::sync::mpsc;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -91,8 +93,11 @@ use crate::{Error, Result};
 
 /// Users generated per parallel work item (fixed: it never depends on the thread count).
 pub const CHUNK_USERS: usize = 4096;
-/// Chunks generated per wave (one wave is written while the next is generated).
+/// Chunks generated per wave (the unit handed to the writer thread).
 const WAVE_CHUNKS: usize = 8;
+/// Waves the generator may run ahead of the writer (bounds memory: a wave is about 32 MiB
+/// at the default lengths).
+const QUEUE_WAVES: usize = 8;
 
 /// Slope `A` of the label's logit in the latent risk: `y ~ Bernoulli(σ(A·r + b))`.
 pub const LABEL_SLOPE: f64 = 2.5;
@@ -593,9 +598,7 @@ impl Generator {
     /// allocations reused).
     pub fn fill_chunk(&self, first_user: u64, n: usize, c: &mut UserChunk) {
         c.first_user = first_user;
-        for v in [&mut c.labels] {
-            v.clear();
-        }
+        c.labels.clear();
         for v in [&mut c.profile_num, &mut c.pre_num, &mut c.in_num] {
             v.clear();
         }
@@ -829,43 +832,44 @@ pub fn synthesize_with_progress(
     let chunk = CHUNK_USERS as u64;
     let n_chunks = users.div_ceil(chunk);
     let n_waves = n_chunks.div_ceil(WAVE_CHUNKS as u64);
-    // Two sets of chunk buffers, reused: one is written while the other is generated.
-    let fill_wave = |w: u64, bufs: &mut [UserChunk]| -> usize {
-        let lo = w * WAVE_CHUNKS as u64;
-        let hi = (lo + WAVE_CHUNKS as u64).min(n_chunks);
-        let used = (hi - lo) as usize;
-        bufs[..used].par_iter_mut().enumerate().for_each(|(j, ch)| {
-            let first = (lo + j as u64) * chunk;
-            gen.fill_chunk(first, (users - first).min(chunk) as usize, ch);
-        });
-        used
-    };
-    let mut current: Vec<UserChunk> = vec![UserChunk::default(); WAVE_CHUNKS];
-    let mut next: Vec<UserChunk> = vec![UserChunk::default(); WAVE_CHUNKS];
-    let mut current_used = fill_wave(0, &mut current);
-    for w in 0..n_waves {
-        let (next_used, pushed) = rayon::join(
-            || {
-                if w + 1 < n_waves {
-                    fill_wave(w + 1, &mut next)
-                } else {
-                    0
-                }
-            },
-            || -> Result<()> {
-                for ch in &current[..current_used] {
+    // The writer runs on its own thread, fed waves in user order through a bounded queue,
+    // so that generation goes on while it blocks on a shard's fsync; emptied wave buffers
+    // come back for reuse.
+    let (to_writer, from_gen) = mpsc::sync_channel::<(Vec<UserChunk>, usize)>(QUEUE_WAVES);
+    let (recycle, recycled) = mpsc::channel::<Vec<UserChunk>>();
+    std::thread::scope(|scope| {
+        let write = scope.spawn(move || -> Result<Manifest> {
+            for (wave, used) in from_gen {
+                for ch in &wave[..used] {
                     for i in 0..ch.len() {
                         let split = splits.next(ch.labels[i]);
                         writer.push(&ch.row(i, split))?;
                     }
                     progress(writer.rows());
                 }
-                Ok(())
-            },
-        );
-        pushed?;
-        std::mem::swap(&mut current, &mut next);
-        current_used = next_used;
-    }
-    writer.finish()
+                // The generator may have finished already; then the buffers just drop.
+                let _ = recycle.send(wave);
+            }
+            writer.finish()
+        });
+        for w in 0..n_waves {
+            let mut wave = recycled
+                .try_recv()
+                .unwrap_or_else(|_| vec![UserChunk::default(); WAVE_CHUNKS]);
+            let lo = w * WAVE_CHUNKS as u64;
+            let hi = (lo + WAVE_CHUNKS as u64).min(n_chunks);
+            let used = (hi - lo) as usize;
+            wave[..used].par_iter_mut().enumerate().for_each(|(j, ch)| {
+                let first = (lo + j as u64) * chunk;
+                gen.fill_chunk(first, (users - first).min(chunk) as usize, ch);
+            });
+            if to_writer.send((wave, used)).is_err() {
+                break; // The writer stopped on an error; its result says which.
+            }
+        }
+        drop(to_writer);
+        write
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid("internal: the writer thread panicked")))
+    })
 }

@@ -258,13 +258,10 @@ impl DatasetWriter {
 
     /// Number of events in a flattened event slice pair (already checked consistent).
     fn events(cat: &[u32], e_cat: usize, num: &[f32], e_num: usize) -> usize {
-        if e_cat > 0 {
-            cat.len() / e_cat
-        } else if e_num > 0 {
-            num.len() / e_num
-        } else {
-            0
-        }
+        cat.len()
+            .checked_div(e_cat)
+            .or_else(|| num.len().checked_div(e_num))
+            .unwrap_or(0)
     }
 
     fn check_row(&self, row: &RowData<'_>) -> Result<()> {
