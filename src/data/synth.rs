@@ -15,15 +15,15 @@
 //! - label `y ~ Bernoulli(σ(A·r + b))`, `A = 2.5`, and `b` solved by bisection so that
 //!   `E_r[σ(A·r + b)]` (trapezoid rule on `[−12, 12]`, step 1/256) equals the requested
 //!   default rate;
-//! - in-service distress `D = r + κ·y`, `κ = 1` (delinquency precedes the default flag);
+//! - in-service distress `D = r + κ·y`, `κ = 0.5` (delinquency precedes the default flag);
 //! - profile numbers `z_j = α_j·r + β_j·q(r) + γ_j·s + δ_j·a + √(1 − V_j)·ε_j` with
 //!   `q(r) = (r² − 1)/√2` (non-linear: uncorrelated with `r`, `s` and `a`) and
 //!   `V_j = α_j² + β_j² + γ_j² + 2ρ·α_j·γ_j + δ_j²`, so every `z_j` has mean 0 and variance 1
 //!   exactly; the raw value is `μ_j + σ_j·z_j` and `z_j` is what is stored;
 //! - profile categories: a driver `x ∈ {r, q(r), s, a, none}` with loading `λ`, a bucket
 //!   `k = ⌊99·σ(1.7·(λ·x + √(1−λ²)·ε))⌋` (for `none`, `k = ⌊99·u²⌋`, skewed), id
-//!   `1 + (m_f·k + o_f) mod 99` (a fixed affine permutation per field, so the ids carry no
-//!   order); id 0 (missing) with probability 2 %, plus 2 % when the driver is `r` and `r > 1`;
+//!   `1 + (m_f·k + 7f) mod 99` (`m_f` coprime with 99: a fixed permutation per field `f`, so
+//!   the ids carry no order); id 0 (missing) with probability 2 %, plus 1 % when the driver is `r` and `r > 1`;
 //! - pre-service length: empty with probability `σ(−1.75 − 0.4·a)` (≈ 15 %), otherwise
 //!   `min(Lp, ⌈exp(1.7 + 0.5·a + 0.8·ε)⌉)`; in-service length
 //!   `min(L, ⌊exp(2.9 + 0.5·a + 0.25·D + 0.7·ε)⌋)`: log-normal, heavy-tailed, clipped at the
@@ -31,13 +31,16 @@
 //! - event type: softmax over 14 groups with logits `c₀ + c_D·D + c_s·s` (in-service) or
 //!   `c₀ + c_r·r + c_s·s` (pre-service), tables [`IN_TYPE_LOGITS`] and [`PRE_TYPE_LOGITS`]:
 //!   late and missed payments, cash withdrawals, limit requests, fees and declines rise with
-//!   `D` in-service, far more weakly with `r` before; group 13 is a background of ids 14..63;
+//!   `D` in-service, far more weakly with `r` before; group 13 is a background of ids
+//!   `14 + ⌊50·v²⌋` (14..63, skewed);
 //! - merchant category (purchases and declines only, 0 otherwise): gambling-like ids
 //!   990..999 with probability `σ(−4.6 + D + 0.6·s)` in-service, `σ(−5.2 + 0.2·r + 0.7·s)`
 //!   before; style ids 600..623 with `σ(−2.2 + s)` in both; otherwise a log-uniform
 //!   (Zipf-like) background `⌊1023^u⌋`;
-//! - channel: fixed by the event type (POS 1, web 2, mobile 3, ATM 4, branch 5), mobile
-//!   rather than web with probability `σ(0.2 + 0.8·s)`; background types uniform in 1..15;
+//! - channel (`c ~ U[0,1)`): card purchases and declines POS 1, cash withdrawals ATM 4;
+//!   payments branch 5 when `c > 0.9`; online purchases, payments, transfers, logins and
+//!   balance inquiries mobile 3 when `c < σ(0.2 + 0.8·s)`, web 2 otherwise; other types
+//!   `1 + ⌊15·c⌋`;
 //! - hour of week: day uniform, night hour (0–5 h) with probability `σ(−2.2 + 0.8·s + 0.5·D)`
 //!   in-service, `σ(−2.4 + 0.8·s)` before, day hours 6–23 otherwise; hour `h = 24·day +
 //!   hour` is stored as id `1 + min(h, 166)` (§8 gives the field a vocabulary of 168 with id
@@ -198,26 +201,26 @@ const fn pn(
 
 /// The 32 profile numeric fields.
 const PROFILE_NUM: [ProfileNumSpec; 32] = [
-    pn("income_log", 10.5, 0.6, -0.063, 0.0, 0.0, 0.2),
-    pn("age", 41.0, 12.0, -0.042, 0.0, -0.105, 0.0),
-    pn("tenure_months", 60.0, 40.0, -0.056, 0.0, 0.0, 0.3),
-    pn("debt_ratio", 0.35, 0.2, 0.077, 0.0, 0.0, 0.0),
-    pn("inquiries_6m", 1.5, 1.4, 0.063, 0.0, 0.0, 0.1),
-    pn("bureau_score", 680.0, 60.0, -0.091, 0.0, 0.0, 0.0),
-    pn("revolving_util", 0.4, 0.25, 0.042, 0.15, 0.0, 0.0),
-    pn("open_accounts", 4.0, 2.5, 0.0, 0.15, 0.0, 0.3),
-    pn("months_since_delinq", 30.0, 20.0, 0.0, -0.2, 0.0, 0.0),
-    pn("address_years", 8.0, 6.0, -0.028, 0.0, -0.07, 0.0),
-    pn("employment_years", 9.0, 7.0, -0.035, 0.0, 0.0, 0.1),
-    pn("savings_log", 7.0, 2.0, -0.042, -0.1, 0.0, 0.0),
-    pn("mobile_sessions_30d", 25.0, 15.0, 0.0, 0.0, 0.175, 0.3),
-    pn("night_login_share", 0.1, 0.08, 0.0, 0.0, 0.21, 0.0),
-    pn("online_share", 0.5, 0.2, 0.0, 0.0, 0.14, 0.0),
-    pn("device_age_months", 20.0, 12.0, 0.0, 0.0, -0.105, 0.0),
-    pn("app_rating", 3.5, 1.0, 0.0, 0.0, 0.07, 0.0),
-    pn("promo_responses_1y", 2.0, 2.0, 0.021, 0.0, 0.105, 0.0),
+    pn("income_log", 10.5, 0.6, -0.05, 0.0, 0.0, 0.2),
+    pn("age", 41.0, 12.0, -0.034, 0.0, -0.079, 0.0),
+    pn("tenure_months", 60.0, 40.0, -0.045, 0.0, 0.0, 0.3),
+    pn("debt_ratio", 0.35, 0.2, 0.062, 0.0, 0.0, 0.0),
+    pn("inquiries_6m", 1.5, 1.4, 0.05, 0.0, 0.0, 0.1),
+    pn("bureau_score", 680.0, 60.0, -0.073, 0.0, 0.0, 0.0),
+    pn("revolving_util", 0.4, 0.25, 0.034, 0.09, 0.0, 0.0),
+    pn("open_accounts", 4.0, 2.5, 0.0, 0.09, 0.0, 0.3),
+    pn("months_since_delinq", 30.0, 20.0, 0.0, -0.12, 0.0, 0.0),
+    pn("address_years", 8.0, 6.0, -0.022, 0.0, -0.053, 0.0),
+    pn("employment_years", 9.0, 7.0, -0.028, 0.0, 0.0, 0.1),
+    pn("savings_log", 7.0, 2.0, -0.034, -0.06, 0.0, 0.0),
+    pn("mobile_sessions_30d", 25.0, 15.0, 0.0, 0.0, 0.131, 0.3),
+    pn("night_login_share", 0.1, 0.08, 0.0, 0.0, 0.158, 0.0),
+    pn("online_share", 0.5, 0.2, 0.0, 0.0, 0.105, 0.0),
+    pn("device_age_months", 20.0, 12.0, 0.0, 0.0, -0.079, 0.0),
+    pn("app_rating", 3.5, 1.0, 0.0, 0.0, 0.053, 0.0),
+    pn("promo_responses_1y", 2.0, 2.0, 0.017, 0.0, 0.079, 0.0),
     pn("txn_count_90d", 120.0, 80.0, 0.0, 0.0, 0.0, 0.6),
-    pn("avg_balance_log", 6.5, 1.5, -0.035, 0.0, 0.0, 0.3),
+    pn("avg_balance_log", 6.5, 1.5, -0.028, 0.0, 0.0, 0.3),
     pn("num_products", 2.0, 1.0, 0.0, 0.0, 0.0, 0.35),
     pn("branch_visits_1y", 3.0, 3.0, 0.0, 0.0, 0.0, -0.2),
     pn("aux_00", 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
@@ -245,21 +248,21 @@ enum Driver {
 /// The 16 categorical profile fields (vocabulary 100 each): name, driver, loading.
 const PROFILE_CAT: [(&str, Driver, f32); 16] = [
     ("region", Driver::Noise, 0.0),
-    ("occupation", Driver::Risk, 0.056),
-    ("education", Driver::Risk, 0.049),
-    ("housing", Driver::Risk, 0.049),
+    ("occupation", Driver::Risk, 0.045),
+    ("education", Driver::Risk, 0.039),
+    ("housing", Driver::Risk, 0.039),
     ("marital_status", Driver::Noise, 0.0),
-    ("employer_sector", Driver::RiskSquared, 0.15),
-    ("acquisition_channel", Driver::Style, 0.2),
-    ("device_os", Driver::Style, 0.15),
+    ("employer_sector", Driver::RiskSquared, 0.09),
+    ("acquisition_channel", Driver::Style, 0.15),
+    ("device_os", Driver::Style, 0.112),
     ("product_variant", Driver::Activity, 0.3),
     ("branch", Driver::Noise, 0.0),
-    ("income_band", Driver::Risk, 0.042),
-    ("age_band", Driver::Style, 0.12),
-    ("referral_source", Driver::RiskSquared, 0.1),
+    ("income_band", Driver::Risk, 0.034),
+    ("age_band", Driver::Style, 0.09),
+    ("referral_source", Driver::RiskSquared, 0.06),
     ("campaign", Driver::Noise, 0.0),
-    ("postal_district", Driver::Risk, 0.035),
-    ("bureau_segment", Driver::Risk, 0.07),
+    ("postal_district", Driver::Risk, 0.028),
+    ("bureau_segment", Driver::Risk, 0.056),
 ];
 /// Vocabulary of every categorical profile field.
 const PROFILE_VOCAB: u32 = 100;
@@ -637,7 +640,7 @@ impl Generator {
         // Profile categories.
         for (k, &(_, driver, load)) in PROFILE_CAT.iter().enumerate() {
             let missing_p = match driver {
-                Driver::Risk if r > 1.0 => 0.04,
+                Driver::Risk if r > 1.0 => 0.03,
                 _ => 0.02,
             };
             let u_missing = unif(rng);
