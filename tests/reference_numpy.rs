@@ -388,6 +388,10 @@ fn engine_matches_numpy_reference() {
     compare(d, "b1-all-on", &be, t, s, &b1, &all_on());
     compare(d, "b1-cosine-noreweight-nosoft", &be, t, s, &b1, &other);
     compare(d, "b9-one-block", &be, t, &mut student1, &b9, &all_on());
+    // No in-service events at all: zero-width in_* tensors, R empty so L_fine = 0.
+    let b2 = batch(13, &[2, 0], &[0, 0], &[0, 1]);
+    assert_eq!(b2.in_service.max_len, 0);
+    compare(d, "b2-no-in-service", &be, t, s, &b2, &all_on());
 }
 
 #[test]
