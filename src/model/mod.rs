@@ -10,6 +10,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device_batch;
+pub mod dump;
 pub mod encoder;
 pub mod layers;
 pub mod net;
