@@ -15,6 +15,7 @@
 //! - Reductions run in a fixed order, so results are bit-identical whatever the number of
 //!   threads.
 
+pub mod cpu;
 pub mod float;
 
 pub use float::Float;
