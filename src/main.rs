@@ -19,12 +19,15 @@ struct Cli {
 enum Command {
     /// Import CSV files (long or wide layout) into a dataset directory.
     Import(mgkd::cli::import::ImportArgs),
+    /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
+    Devices(mgkd::cli::devices::DevicesArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
         Command::Import(args) => mgkd::cli::import::run(&args),
+        Command::Devices(args) => mgkd::cli::devices::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,3 @@
 //! The `mgkd-train` command line: one module per subcommand.
+pub mod devices;
 pub mod import;
