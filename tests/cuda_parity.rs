@@ -191,7 +191,7 @@ fn poisoned<B: Backend>(be: &B, n: usize) -> B::Buf {
 fn padded(x: &[f64]) -> Vec<f64> {
     let mut v = vec![SENT; PAD];
     v.extend_from_slice(x);
-    v.extend(std::iter::repeat_n(SENT, PAD));
+    v.extend([SENT; PAD]);
     v
 }
 
@@ -199,7 +199,7 @@ fn padded(x: &[f64]) -> Vec<f64> {
 fn junk_padded(x: &[f64]) -> Vec<f64> {
     let mut v = vec![-7.5; PAD];
     v.extend_from_slice(x);
-    v.extend(std::iter::repeat_n(9.25, PAD));
+    v.extend([9.25; PAD]);
     v
 }
 

@@ -17,11 +17,24 @@ use mgkd::backend::cuda::KERNELS;
 
 const ARCHS: &[&str] = &["sm_80", "sm_90"];
 
+/// The repository root: `CARGO_MANIFEST_DIR` at run time (cargo sets it), else the current
+/// directory when it holds `kernels/` (a prebuilt test binary run from the repository, as
+/// `tools/gpu-check` does), else the directory this test was built in.
+fn repo_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    if Path::new("kernels").is_dir() {
+        return PathBuf::from(".");
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Loads NVRTC and its builtins library (NVRTC opens it by name at compile time) by path,
 /// kept loaded for the process, so that lookups by name (`libnvrtc.so.13`,
 /// `libnvrtc-builtins.so.13.0`) resolve to them without `LD_LIBRARY_PATH`.
 fn preload_nvrtc() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let nvrtc = std::env::var_os("MGKD_NVRTC_LIB")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".ci-tools/cuda/nvidia/cu13/lib/libnvrtc.so.13"));
@@ -128,7 +141,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     println!("NVRTC {}.{}", version.0, version.1);
 
     // The files on disk must be exactly those the backend embeds.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let dir = repo_root().join("kernels");
     let mut on_disk = BTreeSet::new();
     for e in std::fs::read_dir(&dir).expect("kernels/ is readable") {
         let name = e

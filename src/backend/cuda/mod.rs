@@ -37,6 +37,11 @@ use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref};
 use crate::{Error, Result};
 
+/// The CUDA backend's float buffer.
+pub type CudaBuf = CudaSlice<f32>;
+/// The CUDA backend's id buffer.
+pub type CudaIds = CudaSlice<u32>;
+
 /// Every kernel the backend launches, with the file that defines it (checked by
 /// `tests/kernels_compile.rs` without a GPU, loaded by [`CudaBackend::new`]).
 pub const KERNELS: &[(&str, &str)] = &[

@@ -194,9 +194,12 @@ pub fn compile(k: &KernelSource, arch: &str, extra: &[String]) -> Result<Compile
     })
 }
 
+/// The CUBIN image of every kernel file (file name, image) for one architecture.
+pub type Images = Arc<Vec<(&'static str, Vec<u8>)>>;
+
 /// CUBIN images of every kernel file for `arch`, compiled once per process and architecture.
-pub fn images(arch: &str) -> Result<Arc<Vec<(&'static str, Vec<u8>)>>, String> {
-    type Cache = Mutex<HashMap<String, Arc<Vec<(&'static str, Vec<u8>)>>>>;
+pub fn images(arch: &str) -> Result<Images, String> {
+    type Cache = Mutex<HashMap<String, Images>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
