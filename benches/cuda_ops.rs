@@ -418,12 +418,14 @@ fn main() {
 
     // Losses (fused forward + backward, value downloaded: includes one synchronisation).
     let wts = rand_buf(&be, &mut r, B);
+    let labels_h: Vec<f32> = (0..B).map(|_| r.gen_range(0..2) as f32).collect();
+    let labels = be.upload(&labels_h).expect("labels");
     let mut dz = be.zeros(B * D).expect("dz");
     let t = time(&be, || {
         be.bce_loss(
             B,
             Ref::whole(&pooled),
-            Ref::whole(&empty),
+            Ref::whole(&labels),
             Ref::whole(&wts),
             1.0,
             Some(Mut::whole(&mut dz)),

@@ -727,7 +727,11 @@ fn embedding_sum_and_concat() {
 
 #[test]
 fn embedding_id_beyond_vocab_is_an_error_not_a_write() {
-    let Some(g) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
+    // A backend of its own: the fault flag it raises must not reach the other tests.
+    let g = &CudaBackend::new(0).expect("a second backend on the same device");
     let ids = g.upload_ids(&[0, 7, 2]).expect("ids");
     let params = g.upload(&[0.5f32; 40]).expect("params");
     let tables = [EmbTable {
@@ -1248,8 +1252,8 @@ fn fine_alignment() {
         (110, 1, 1, 1, 1),
         (111, 5, 7, 13, 37),
         (112, 16, 32, 128, 128),
-        (113, 3, 40, 9, 256), // more student tokens than one shared-memory tile holds
-        (114, 4, 0, 6, 8),    // no student token anywhere
+        (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (71 + 9)
+        (114, 4, 0, 6, 8),      // no student token anywhere
     ] {
         parity(
             &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
@@ -1276,6 +1280,37 @@ fn fine_rejects_lengths_beyond_padding() {
         .fine_loss(shape, x4, x4, x4, x4, &ql, &kl, Ref::whole(&w), 1.0, None)
         .expect_err("q_lens[1] = 3 > lq = 2");
     assert!(err.to_string().contains("q_lens[1]"), "{err}");
+}
+
+#[test]
+fn fine_refuses_shapes_beyond_shared_memory() {
+    let Some(g) = gpu() else { return };
+    let shape = FineShape {
+        batch: 1,
+        lq: 1,
+        lk: 1500,
+        d: 64,
+    };
+    let q = g.upload(&[0.5f32; 64]).expect("q");
+    let k = g.upload(&vec![0.5f32; 1500 * 64]).expect("k");
+    let w = g.upload(&[1.0f32]).expect("w");
+    let ql = g.upload_ids(&[1]).expect("q_lens");
+    let kl = g.upload_ids(&[1500]).expect("k_lens");
+    let err = g
+        .fine_loss(
+            shape,
+            Ref::whole(&q),
+            Ref::whole(&k),
+            Ref::whole(&q),
+            Ref::whole(&k),
+            &ql,
+            &kl,
+            Ref::whole(&w),
+            1.0,
+            None,
+        )
+        .expect_err("lk + d = 1564 exceeds the kernel's shared memory");
+    assert!(err.to_string().contains("too large"), "{err}");
 }
 
 // ---- optimizer ---------------------------------------------------------------------------

@@ -112,7 +112,7 @@ pub struct CudaBackend {
     state: Mutex<State>,
     error: Mutex<Option<String>>,
     // Dropped last: everything above lives in this context.
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -234,7 +234,7 @@ impl CudaBackend {
             kernels,
             state: Mutex::new(state),
             error: Mutex::new(None),
-            _ctx: ctx,
+            ctx,
         })
     }
 
@@ -499,6 +499,8 @@ impl Backend for CudaBackend {
         }
         let s = self.rp(src, len, "copy src");
         let d = self.mp(dst, len, "copy dst");
+        // Raw driver call: make the context current on this thread first.
+        self.note(self.ctx.bind_to_thread(), "bind context");
         // SAFETY: both ranges were checked against their buffers; distinct buffers (a `Ref`
         // and a `Mut` cannot borrow the same one).
         let r = unsafe {
@@ -572,6 +574,8 @@ impl Backend for CudaBackend {
         let bp = self.rp(b, last * s.stride_b + extent(br, bc, s.ldb), "gemm B");
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's buffer is
         // cuBLAS's first operand (column-major n×k when not transposed), A's the second.
+        // cuBLAS runs in the calling thread's current context.
+        self.note(self.ctx.bind_to_thread(), "bind context");
         let h = *self.blas.handle();
         let (cm, cn, ck) = (int(n, "n"), int(m, "m"), int(k, "k"));
         let (lda, ldb, ldc) = (int(s.ldb, "ldb"), int(s.lda, "lda"), int(s.ldc, "ldc"));
