@@ -28,6 +28,11 @@ pub enum Error {
     /// Bad user input that is not tied to a file (arguments, configuration values).
     #[error("{0}")]
     Invalid(String),
+    /// A failure of the compute device or its libraries (CUDA driver, NVRTC, cuBLAS, a kernel
+    /// launch), or a fault a kernel detected (an id beyond its vocabulary, a length beyond
+    /// its padded extent).
+    #[error("{0}")]
+    Device(String),
 }
 
 /// Result alias used throughout the crate.
@@ -48,6 +53,11 @@ impl Error {
             file: file.as_ref().to_path_buf(),
             msg: msg.into(),
         }
+    }
+
+    /// A device error.
+    pub fn device(msg: impl Into<String>) -> Self {
+        Error::Device(msg.into())
     }
 
     /// An invalid-input error.

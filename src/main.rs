@@ -23,6 +23,8 @@ enum Command {
     Inspect(mgkd::cli::inspect::InspectArgs),
     /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
     Synth(mgkd::cli::synth::SynthArgs),
+    /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
+    Devices(mgkd::cli::devices::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Command::Import(args) => mgkd::cli::import::run(&args),
         Command::Inspect(args) => mgkd::cli::inspect::run(&args),
         Command::Synth(args) => mgkd::cli::synth::run(&args),
+        Command::Devices(args) => mgkd::cli::devices::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,8 @@
 //!   threads.
 
 pub mod cpu;
+pub mod cuda;
+pub mod device;
 pub mod float;
 
 pub use float::Float;

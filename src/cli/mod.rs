@@ -1,5 +1,6 @@
 //! The `mgkd-train` command line: one module per subcommand.
 
+pub mod devices;
 pub mod import;
 pub mod inspect;
 pub mod synth;

@@ -1,0 +1,55 @@
+// Shared prelude of every kernel file: the backend (and tests/kernels_compile.rs) prepend it
+// to each kernels/*.cu before handing the source to NVRTC, so no include path is needed.
+// Reductions here use fixed shuffle/tree patterns: for a given launch shape the result is
+// bit-identical from run to run (SPEC §6 determinism; no floating-point atomics anywhere).
+
+typedef unsigned int u32;
+typedef long long i64;
+
+// +∞ without math_constants.h (NVRTC has no INFINITY).
+#define MGKD_INF __int_as_float(0x7f800000)
+
+// Error bits a kernel may raise in the backend's device flag word (checked at the next
+// synchronising call, reported as an error there).
+#define MGKD_ERR_ID 1u   // an embedding id ≥ its table's vocabulary
+#define MGKD_ERR_LEN 2u  // a sequence length beyond its padded extent
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order; every
+// thread gets the result. `sh` holds at least 32 doubles.
+__device__ __forceinline__ double block_sum_d(double v, double* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum_d(v);
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  double r = (lane < nw) ? sh[lane] : 0.0;
+  r = warp_sum_d(r);
+  __syncthreads();
+  return r;
+}
+
+// Stable log(1 + e^x).
+__device__ __forceinline__ float softplusf(float x) {
+  return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
+}
+
+// Stable logistic sigmoid.
+__device__ __forceinline__ float sigmoidf(float x) {
+  if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+  const float e = expf(x);
+  return e / (1.0f + e);
+}

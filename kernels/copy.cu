@@ -1,0 +1,59 @@
+// Memory family: fill, (2-D, accumulating) copy, axpy, β-scaling of a matrix block (the
+// k = 0 case of a GEMM), and the deterministic column reduction used by every parameter
+// gradient that sums over rows (bias, LayerNorm γ/β): pass 1 writes one partial sum per
+// (fixed-size row chunk, column), pass 2 adds the chunks in chunk order.
+
+extern "C" __global__ void fill_f32(float* x, i64 n, float v) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    x[i] = v;
+}
+
+// dst[r·dst_ld + c] (+)= src[r·src_ld + c] for r < rows, c < cols.
+extern "C" __global__ void copy_2d_f32(int rows, int cols, const float* __restrict__ src, i64 src_ld,
+                                       float* __restrict__ dst, i64 dst_ld, int accumulate) {
+  const i64 total = (i64)rows * cols;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+    const i64 r = i / cols, c = i % cols;
+    const float s = src[r * src_ld + c];
+    if (accumulate) dst[r * dst_ld + c] += s; else dst[r * dst_ld + c] = s;
+  }
+}
+
+// y += α·x.
+extern "C" __global__ void axpy_f32(i64 n, float alpha, const float* __restrict__ x, float* __restrict__ y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    y[i] += alpha * x[i];
+}
+
+// C ← β·C on batch matrices of rows×cols (row stride ld, batch stride bs); β = 0 writes zeros.
+extern "C" __global__ void scale_2d_f32(int batch, int rows, int cols, float beta, float* c, i64 ld, i64 bs) {
+  const i64 per = (i64)rows * cols, total = per * batch;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+    const i64 b = i / per, r = (i % per) / cols, col = i % cols;
+    float* p = c + b * bs + r * ld + col;
+    *p = (beta == 0.0f) ? 0.0f : beta * *p;
+  }
+}
+
+// Pass 1 of a column sum: partial[chunk·n + j] = Σ_{r in chunk} x[r·n + j], chunks of
+// `chunk_rows` rows, rows in order. Grid (⌈n/blockDim⌉, chunks).
+extern "C" __global__ void col_partial_f32(int rows, int n, int chunk_rows, const float* __restrict__ x,
+                                           float* __restrict__ partial) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const int r0 = blockIdx.y * chunk_rows;
+  const int r1 = min(rows, r0 + chunk_rows);
+  float acc = 0.0f;
+  for (int r = r0; r < r1; ++r) acc += x[(i64)r * n + j];
+  partial[(i64)blockIdx.y * n + j] = acc;
+}
+
+// Pass 2: out[j] += Σ_chunk partial[chunk·n + j], chunks in order.
+extern "C" __global__ void col_finish_f32(int n, int chunks, const float* __restrict__ partial,
+                                          float* __restrict__ out) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  float acc = 0.0f;
+  for (int c = 0; c < chunks; ++c) acc += partial[(i64)c * n + j];
+  out[j] += acc;
+}

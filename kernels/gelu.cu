@@ -1,0 +1,27 @@
+// Bias and GELU family: y += bias per row; exact GELU (erf form) and its derivative.
+
+// y[r, :] += bias for r < rows; y is rows×n.
+extern "C" __global__ void add_bias_f32(int rows, int n, const float* __restrict__ bias, float* __restrict__ y) {
+  const i64 total = (i64)rows * n;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x)
+    y[i] += bias[i % n];
+}
+
+// y = x·Φ(x) = x·(1 + erf(x/√2))/2.
+extern "C" __global__ void gelu_f32(i64 n, const float* __restrict__ x, float* __restrict__ y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  }
+}
+
+// dx = dy·(Φ(x) + x·φ(x)).
+extern "C" __global__ void gelu_backward_f32(i64 n, const float* __restrict__ x, const float* __restrict__ dy,
+                                             float* __restrict__ dx) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    dx[i] = dy[i] * (cdf + v * pdf);
+  }
+}

@@ -1,0 +1,206 @@
+// The SPEC §5 losses, each one fused launch computing the per-row loss terms (in double, one
+// slot per row) and, when a gradient pointer is given, accumulating coef·∂L/∂input; then
+// reduce_f64 adds the row terms in a fixed order (strided per thread, then a fixed tree) and
+// applies the final scale. The host downloads that one scalar.
+
+// out[0] = scale · Σ_i terms[i]; a single block (blockDim.x a multiple of 32).
+extern "C" __global__ void reduce_f64(int n, const double* __restrict__ terms, double scale,
+                                      double* __restrict__ out) {
+  __shared__ double sh[32];
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += terms[i];
+  const double total = block_sum_d(acc, sh);
+  if (threadIdx.x == 0) out[0] = total * scale;
+}
+
+// Weighted BCE on logits: term_i = w·(softplus(z) − y·z); dz += f·w·(σ(z) − y), f = coef/n.
+extern "C" __global__ void bce_f32(int n, const float* __restrict__ z, const float* __restrict__ y,
+                                   const float* __restrict__ w, float f, float* __restrict__ dz,
+                                   double* __restrict__ terms) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float zi = z[i], yi = y[i], wi = w[i];
+    terms[i] = (double)(wi * (softplusf(zi) - yi * zi));
+    if (dz) dz[i] += f * wi * (sigmoidf(zi) - yi);
+  }
+}
+
+// Temperature-scaled Bernoulli KL, a = t/τ, b = s/τ:
+// term_i = w·(softplus(b) − softplus(a) + σ(a)·(a − b)); ds += f·w·(σ(b) − σ(a)), f = coef·τ/n.
+// w = null means weights 1.
+extern "C" __global__ void bernoulli_kl_f32(int n, const float* __restrict__ s, const float* __restrict__ t,
+                                            const float* __restrict__ w, float inv_tau, float f,
+                                            float* __restrict__ ds, double* __restrict__ terms) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float wi = w ? w[i] : 1.0f;
+    const float a = t[i] * inv_tau, b = s[i] * inv_tau;
+    terms[i] = (double)(wi * (softplusf(b) - softplusf(a) + sigmoidf(a) * (a - b)));
+    if (ds) ds[i] += f * wi * (sigmoidf(b) - sigmoidf(a));
+  }
+}
+
+// Coarse alignment, one warp per row. MSE: term = w·‖p − t‖²/d, dp += 2·coef·w/(n·d)·(p − t).
+// Cosine: term = w·(1 − cos), dp += coef·w/n·(cos·p/‖p‖² − t/(‖p‖‖t‖)); a zero vector has
+// cosine 0 and no gradient.
+extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p, const float* __restrict__ t,
+                                      const float* __restrict__ w, int cosine, float coef_over_n,
+                                      float* __restrict__ dp, double* __restrict__ terms) {
+  const int lane = threadIdx.x & 31;
+  const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (i >= n) return;
+  const float* pr = p + (i64)i * d;
+  const float* tr = t + (i64)i * d;
+  const float wi = w[i];
+  const float inv_d = 1.0f / (float)d;
+  if (cosine) {
+    float pp = 0.0f, tt = 0.0f, pt = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+      pp += pr[j] * pr[j];
+      tt += tr[j] * tr[j];
+      pt += pr[j] * tr[j];
+    }
+    pp = warp_sum(pp);
+    tt = warp_sum(tt);
+    pt = warp_sum(pt);
+    if (pp == 0.0f || tt == 0.0f) {
+      if (lane == 0) terms[i] = (double)wi;
+      return;
+    }
+    const float np = sqrtf(pp), nt = sqrtf(tt);
+    const float cs = pt / (np * nt);
+    if (dp) {
+      const float f = coef_over_n * wi;
+      float* g = dp + (i64)i * d;
+      for (int j = lane; j < d; j += 32) g[j] += f * (cs * pr[j] / pp - tr[j] / (np * nt));
+    }
+    if (lane == 0) terms[i] = (double)(wi * (1.0f - cs));
+  } else {
+    float se = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+      const float e = pr[j] - tr[j];
+      se += e * e;
+    }
+    se = warp_sum(se);
+    if (dp) {
+      const float f = 2.0f * coef_over_n * wi * inv_d;
+      float* g = dp + (i64)i * d;
+      for (int j = lane; j < d; j += 32) g[j] += f * (pr[j] - tr[j]);
+    }
+    if (lane == 0) terms[i] = (double)(wi * se * inv_d);
+  }
+}
+
+// Behaviour-level alignment (SPEC §5 L_fine), one block per batch row b, one warp per student
+// token j (per tile of J tokens). For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
+//   A_j = softmax_k(q_j·k_k/√d), r_j = v_j − Σ_k A_jk·t_k, e_j = ‖r_j‖²/d,
+//   term_b = w_b·mean_j e_j (0 for a row with no query or no key).
+// Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R|: dv_j += G·r_j; dA_jk = −G·r_j·t_k;
+// dS = A⊙(dA − Σ_k A·dA); dq_j += dS_j·K/√d; dk += dSᵀ·Q/√d (added tile by tile, tokens in
+// order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
+// never read. Dynamic shared memory: warps·(lk + d) + J·lk + J floats.
+extern "C" __global__ void fine_f32(int lq, int lk, int d, int J, const float* __restrict__ q,
+                                    const float* __restrict__ k, const float* __restrict__ v,
+                                    const float* __restrict__ tin, const u32* __restrict__ q_lens,
+                                    const u32* __restrict__ k_lens, const float* __restrict__ w,
+                                    float f, float* __restrict__ dq, float* __restrict__ dk,
+                                    float* __restrict__ dv, double* __restrict__ terms, u32* err) {
+  extern __shared__ float sm[];
+  const int b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  u32 Lq = q_lens[b], Lk = k_lens[b];
+  if (Lq > (u32)lq || Lk > (u32)lk) {
+    if (threadIdx.x == 0) atomicOr(err, MGKD_ERR_LEN);
+    Lq = min(Lq, (u32)lq);
+    Lk = min(Lk, (u32)lk);
+  }
+  if (Lq == 0 || Lk == 0) {
+    if (threadIdx.x == 0) terms[b] = 0.0;
+    return;
+  }
+  const bool grad = dq != nullptr;
+  const float* Q = q + (i64)b * lq * d;
+  const float* K = k + (i64)b * lk * d;
+  const float* V = v + (i64)b * lq * d;
+  const float* T = tin + (i64)b * lk * d;
+  float* ss = sm + warp * (lk + d);  // this warp's scores / probabilities
+  float* sv = ss + lk;               // this warp's q_j, then r_j
+  float* dS = sm + nw * (lk + d);    // J×lk score gradients of the tile
+  float* es = dS + J * lk;           // J token errors of the tile
+  const float inv_sqrt_d = 1.0f / sqrtf((float)d);
+  const float inv_d = 1.0f / (float)d;
+  const float G = 2.0f * (f * w[b]) * inv_d / (float)Lq;
+  double loss = 0.0;
+  for (u32 j0 = 0; j0 < Lq; j0 += J) {
+    const u32 tj = min((u32)J, Lq - j0);
+    for (u32 jj = warp; jj < tj; jj += nw) {
+      const u32 j = j0 + jj;
+      for (int c = lane; c < d; c += 32) sv[c] = Q[(i64)j * d + c];
+      __syncwarp();
+      for (u32 kk = 0; kk < Lk; ++kk) {
+        float s = 0.0f;
+        for (int c = lane; c < d; c += 32) s += sv[c] * K[(i64)kk * d + c];
+        s = warp_sum(s);
+        if (lane == 0) ss[kk] = inv_sqrt_d * s;
+      }
+      __syncwarp();
+      float mx = -MGKD_INF;
+      for (u32 kk = lane; kk < Lk; kk += 32) mx = fmaxf(mx, ss[kk]);
+      mx = warp_max(mx);
+      float sum = 0.0f;
+      for (u32 kk = lane; kk < Lk; kk += 32) {
+        const float e = expf(ss[kk] - mx);
+        ss[kk] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / warp_sum(sum);
+      for (u32 kk = lane; kk < Lk; kk += 32) ss[kk] *= inv;
+      __syncwarp();
+      float e2 = 0.0f;
+      for (int c = lane; c < d; c += 32) {
+        float acc = 0.0f;
+        for (u32 kk = 0; kk < Lk; ++kk) acc += ss[kk] * T[(i64)kk * d + c];
+        const float r = V[(i64)j * d + c] - acc;
+        sv[c] = r;
+        e2 += r * r;
+      }
+      e2 = warp_sum(e2);
+      if (lane == 0) es[jj] = e2 * inv_d;
+      __syncwarp();
+      if (grad) {
+        for (int c = lane; c < d; c += 32) dv[((i64)b * lq + j) * d + c] += G * sv[c];
+        float* dsr = dS + jj * lk;
+        for (u32 kk = 0; kk < Lk; ++kk) {
+          float s = 0.0f;
+          for (int c = lane; c < d; c += 32) s += sv[c] * T[(i64)kk * d + c];
+          s = warp_sum(s);
+          if (lane == 0) dsr[kk] = -G * s;
+        }
+        __syncwarp();
+        float dot = 0.0f;
+        for (u32 kk = lane; kk < Lk; kk += 32) dot += ss[kk] * dsr[kk];
+        dot = warp_sum(dot);
+        for (u32 kk = lane; kk < Lk; kk += 32) dsr[kk] = ss[kk] * (dsr[kk] - dot);
+        __syncwarp();
+        for (int c = lane; c < d; c += 32) {
+          float acc = 0.0f;
+          for (u32 kk = 0; kk < Lk; ++kk) acc += dsr[kk] * K[(i64)kk * d + c];
+          dq[((i64)b * lq + j) * d + c] += inv_sqrt_d * acc;
+        }
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (u32 jj = 0; jj < tj; ++jj) loss += (double)es[jj];
+    if (grad) {
+      for (i64 idx = threadIdx.x; idx < (i64)Lk * d; idx += blockDim.x) {
+        const i64 kk = idx / d;
+        const int c = (int)(idx % d);
+        float acc = 0.0f;
+        for (u32 jj = 0; jj < tj; ++jj) acc += dS[jj * lk + kk] * Q[(i64)(j0 + jj) * d + c];
+        dk[((i64)b * lk + kk) * d + c] += inv_sqrt_d * acc;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) terms[b] = (double)w[b] * (loss / (double)Lq);
+}

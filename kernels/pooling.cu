@@ -1,0 +1,54 @@
+// Masked mean over time and its backward. One thread per output element; time steps are
+// added in order (the CPU reference's order).
+
+// out[b,c] = Σ_{t<ℓ} x[b,t,c]/ℓ, or empty[c] when ℓ = lens[b] = 0.
+extern "C" __global__ void masked_mean_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                           const float* __restrict__ x, const float* __restrict__ empty,
+                                           float* __restrict__ out, u32* err) {
+  const i64 total = (i64)batch * d;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+    const i64 b = e / d;
+    const int c = (int)(e % d);
+    u32 l = lens[b];
+    if (l > (u32)max_len) {
+      atomicOr(err, MGKD_ERR_LEN);
+      l = max_len;
+    }
+    if (l == 0) {
+      out[e] = empty[c];
+      continue;
+    }
+    float acc = 0.0f;
+    for (u32 t = 0; t < l; ++t) acc += x[(b * max_len + t) * d + c];
+    out[e] = acc / (float)l;
+  }
+}
+
+// dx[b,t,c] = dout[b,c]/ℓ on valid slots, 0 on padding (overwrites).
+extern "C" __global__ void masked_mean_backward_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                                    const float* __restrict__ dout, float* __restrict__ dx,
+                                                    u32* err) {
+  const i64 total = (i64)batch * max_len * d;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+    const i64 b = e / ((i64)max_len * d);
+    const u32 t = (u32)((e / d) % max_len);
+    const int c = (int)(e % d);
+    u32 l = lens[b];
+    if (l > (u32)max_len) {
+      atomicOr(err, MGKD_ERR_LEN);
+      l = max_len;
+    }
+    dx[e] = (t < l) ? dout[b * d + c] / (float)l : 0.0f;
+  }
+}
+
+// dempty[c] += Σ_{b: ℓ_b = 0} dout[b,c], rows in order.
+extern "C" __global__ void masked_mean_dempty_f32(int batch, int d, const u32* __restrict__ lens,
+                                                  const float* __restrict__ dout, float* __restrict__ dempty) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  float acc = dempty[c];
+  for (int b = 0; b < batch; ++b)
+    if (lens[b] == 0) acc += dout[(i64)b * d + c];
+  dempty[c] = acc;
+}

@@ -1,0 +1,1227 @@
+//! The CUDA backend: [`CudaBackend`], `F = f32`, buffers `CudaSlice<f32>`, ids
+//! `CudaSlice<u32>`, everything on one stream of one device.
+//!
+//! - Kernels: the project's own (`kernels/*.cu`, see [`nvrtc`]), compiled by NVRTC at start
+//!   for the device's architecture and cached for the process; dense products through cuBLAS
+//!   (row-major through the usual swap: `C = op(A)·op(B)` row-major is
+//!   `Cᵀ = op(B)ᵀ·op(A)ᵀ` column-major, so cuBLAS gets B's buffer first; strided-batched for
+//!   `Gemm::batch > 1`). cuBLAS runs in its default math mode (no TF32).
+//! - Determinism: no floating-point atomics. Every reduction (bias, LayerNorm γ/β, embedding
+//!   and position scatter-adds, loss sums, Σx²) has a launch shape that depends only on the
+//!   problem's shape and a fixed summation order, so repeated runs give identical bits.
+//!   Embedding and position gradients are added in token order, as on the CPU.
+//! - Errors: the trait's element-wise ops return nothing, so a failed launch, or a fault a
+//!   kernel detects (an id ≥ its vocabulary, a length beyond its padded extent, raised in a
+//!   device flag word), is kept and reported as [`Error::Device`] by the next call that
+//!   synchronises (a download, a loss, `sum_squares`). A bad id contributes nothing; a bad
+//!   length is clamped; either way the error surfaces. Window extents that do not fit their
+//!   buffers are caller bugs and panic with a message, as on the CPU backend.
+//! - Losses compute per-row terms in double, sum them in a fixed order on the device and
+//!   download one scalar.
+//! - `fine_loss` is one block per batch row (a warp per student token, the score-gradient
+//!   tile in shared memory), which bounds `8·(lk + d) + lk + 1` floats by 48 KiB of shared
+//!   memory (lk + d ≤ 1530); larger shapes are refused with an error.
+
+pub mod nvrtc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::device::{probe_cuda, CudaDeviceInfo};
+use super::{AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref};
+use crate::{Error, Result};
+
+/// The CUDA backend's float buffer.
+pub type CudaBuf = CudaSlice<f32>;
+/// The CUDA backend's id buffer.
+pub type CudaIds = CudaSlice<u32>;
+
+/// Every kernel the backend launches, with the file that defines it (checked by
+/// `tests/kernels_compile.rs` without a GPU, loaded by [`CudaBackend::new`]).
+pub const KERNELS: &[(&str, &str)] = &[
+    ("copy.cu", "fill_f32"),
+    ("copy.cu", "copy_2d_f32"),
+    ("copy.cu", "axpy_f32"),
+    ("copy.cu", "scale_2d_f32"),
+    ("copy.cu", "col_partial_f32"),
+    ("copy.cu", "col_finish_f32"),
+    ("gelu.cu", "add_bias_f32"),
+    ("gelu.cu", "gelu_f32"),
+    ("gelu.cu", "gelu_backward_f32"),
+    ("layernorm.cu", "layernorm_f32"),
+    ("layernorm.cu", "layernorm_backward_dx_f32"),
+    ("layernorm.cu", "layernorm_param_partial_f32"),
+    ("embedding.cu", "embedding_gather_f32"),
+    ("embedding.cu", "embedding_scatter_f32"),
+    ("embedding.cu", "embedding_check_ids"),
+    ("embedding.cu", "add_positions_f32"),
+    ("embedding.cu", "add_positions_backward_f32"),
+    ("softmax.cu", "masked_softmax_f32"),
+    ("softmax.cu", "masked_softmax_backward_f32"),
+    ("pooling.cu", "masked_mean_f32"),
+    ("pooling.cu", "masked_mean_backward_f32"),
+    ("pooling.cu", "masked_mean_dempty_f32"),
+    ("losses.cu", "reduce_f64"),
+    ("losses.cu", "bce_f32"),
+    ("losses.cu", "bernoulli_kl_f32"),
+    ("losses.cu", "coarse_f32"),
+    ("losses.cu", "fine_f32"),
+    ("adamw.cu", "sum_squares_partial"),
+    ("adamw.cu", "adamw_f32"),
+];
+
+/// Threads per block of element-wise kernels.
+const THREADS: u32 = 256;
+/// Rows per block of the warp-per-row kernels (4 warps).
+const ROW_WARPS: u32 = 4;
+/// Minimum rows per chunk of the column reductions.
+const COL_CHUNK_ROWS: usize = 128;
+/// Table rows per block of the embedding scatter (`EMB_ROWS` in embedding.cu).
+const EMB_ROWS: usize = 16;
+/// Warps per block of the fine-alignment kernel.
+const FINE_WARPS: usize = 8;
+/// Shared memory the fine-alignment kernel may use, in floats (48 KiB).
+const FINE_SMEM_FLOATS: usize = 48 * 1024 / 4;
+/// Blocks of the first pass of `sum_squares` (at most).
+const SUMSQ_BLOCKS: usize = 1024;
+/// Largest grid x-extent used by grid-stride kernels.
+const MAX_GRID: usize = 1 << 20;
+
+/// Scratch buffers and the device fault flag, used under one lock.
+struct State {
+    /// f32 partial sums of the column reductions.
+    fscratch: CudaSlice<f32>,
+    /// f64 loss terms: slot 0 the reduced value, slots 1.. the terms.
+    dscratch: CudaSlice<f64>,
+    /// Fault bits raised by kernels (`MGKD_ERR_*` in common.cuh).
+    err_flag: CudaSlice<u32>,
+}
+
+/// The CUDA backend on one device (see the module documentation).
+pub struct CudaBackend {
+    info: CudaDeviceInfo,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+    state: Mutex<State>,
+    error: Mutex<Option<String>>,
+    // Dropped last: everything above lives in this context.
+    ctx: Arc<CudaContext>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.info)
+            .finish()
+    }
+}
+
+/// `usize` → `i32` for a kernel or cuBLAS argument; a shape beyond 2³¹ is a caller bug.
+fn int(x: usize, what: &str) -> i32 {
+    i32::try_from(x)
+        .unwrap_or_else(|_| panic!("{what} = {x} exceeds the CUDA backend's 2^31 limit"))
+}
+
+/// `usize` → `i64` (lossless on every supported target).
+fn long(x: usize) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+/// Extent in elements of `rows` rows of `cols` with row stride `ld` (0 when empty).
+fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    }
+}
+
+/// A 1-D grid-stride launch over `n` items.
+fn grid1(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_GRID);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A warp-per-row launch over `rows` rows.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    let blocks = rows.div_ceil(ROW_WARPS as usize).max(1);
+    LaunchConfig {
+        grid_dim: (
+            u32::try_from(blocks).expect("row count within the grid limit"),
+            1,
+            1,
+        ),
+        block_dim: (32 * ROW_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Rows per chunk and chunk count of a column reduction over `rows` rows (shape-only, so
+/// the summation order is fixed; at most 65535 chunks, the grid's y limit).
+fn col_chunks(rows: usize) -> (usize, usize) {
+    let per = COL_CHUNK_ROWS.max(rows.div_ceil(65_535));
+    (per, rows.div_ceil(per))
+}
+
+/// Launches kernel `$name` with the given arguments (each evaluated into a local first, so
+/// the builder's references stay valid) and records a launch failure.
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let func = $self.kernel($name);
+        let mut builder = $self.stream.launch_builder(func);
+        $(
+            let a = $arg;
+            builder.arg(&a);
+        )*
+        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu (types and
+        // order), and every pointer was bounds-checked against its buffer by the caller.
+        let r = unsafe { builder.launch($cfg) };
+        $self.note(r.map(|_| ()), $name);
+    }};
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `index`, compiles (or takes from the process cache) every kernel for
+    /// its architecture and loads them. Fails with a one-line reason when CUDA, the device,
+    /// NVRTC or cuBLAS is unavailable; never panics for a missing library.
+    pub fn new(index: usize) -> Result<CudaBackend> {
+        let info = probe_cuda(index).map_err(|w| Error::device(format!("cuda:{index}: {w}")))?;
+        nvrtc::quietly("CUDA backend", || Self::init(info))
+            .map_err(|w| Error::device(format!("cuda:{index}: {w}")))
+    }
+
+    fn init(info: CudaDeviceInfo) -> std::result::Result<CudaBackend, String> {
+        let ctx = CudaContext::new(info.index).map_err(|e| format!("context: {e}"))?;
+        // One stream only: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: called before any allocation, and all work goes to one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+        let images = nvrtc::images(&info.arch())?;
+        let mut kernels = HashMap::new();
+        for (file, cubin) in images.iter() {
+            let module = ctx
+                .load_module(Ptx::from_binary(cubin.clone()))
+                .map_err(|e| format!("loading {file}: {e}"))?;
+            for (_, name) in KERNELS.iter().filter(|(f, _)| f == file) {
+                let func = module
+                    .load_function(name)
+                    .map_err(|e| format!("{file}: kernel {name}: {e}"))?;
+                kernels.insert(*name, func);
+            }
+        }
+        let alloc = |what: &str, e: cudarc::driver::DriverError| format!("{what}: {e}");
+        let state = State {
+            fscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
+            dscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
+            err_flag: stream.alloc_zeros(1).map_err(|e| alloc("flag", e))?,
+        };
+        Ok(CudaBackend {
+            info,
+            stream,
+            blas,
+            kernels,
+            state: Mutex::new(state),
+            error: Mutex::new(None),
+            ctx,
+        })
+    }
+
+    /// The device this backend runs on.
+    pub fn device(&self) -> &CudaDeviceInfo {
+        &self.info
+    }
+
+    /// Waits for all queued work and reports any error kept since the last check (see the
+    /// module documentation).
+    pub fn synchronize(&self) -> Result<()> {
+        let mut st = self.lock_state();
+        self.sync_check(&mut st)
+    }
+
+    fn kernel(&self, name: &str) -> &CudaFunction {
+        self.kernels
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel {name} is not in KERNELS"))
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the first error of a launch or library call.
+    fn note<E: std::fmt::Debug>(&self, r: std::result::Result<(), E>, what: &str) {
+        if let Err(e) = r {
+            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(format!("{}: {what}: {e:?}", self.info.index));
+            }
+        }
+    }
+
+    /// Synchronises the stream, then reports a kept error or a raised fault flag (clearing
+    /// the flag).
+    fn sync_check(&self, st: &mut State) -> Result<()> {
+        let synced = self.stream.synchronize();
+        self.note(synced, "synchronize");
+        if let Some(e) = self
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(Error::device(format!("cuda:{e}")));
+        }
+        let flag = self.stream.clone_dtoh(&st.err_flag).map_err(|e| {
+            Error::device(format!(
+                "cuda:{}: reading the fault flag: {e}",
+                self.info.index
+            ))
+        })?;
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
+        let bits = flag.first().copied().unwrap_or(0);
+        if bits != 0 {
+            self.stream
+                .memset_zeros(&mut st.err_flag)
+                .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
+            let mut what = Vec::new();
+            if bits & 1 != 0 {
+                what.push("an embedding id is not below its table's vocabulary");
+            }
+            if bits & 2 != 0 {
+                what.push("a sequence length exceeds its padded length");
+            }
+            return Err(Error::device(format!(
+                "cuda:{}: a kernel rejected its input: {}",
+                self.info.index,
+                what.join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Device address of element 0 of `s`.
+    fn base<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    /// Device address of a read window of `len` elements (checked against the buffer).
+    fn rp(&self, r: Ref<CudaSlice<f32>>, len: usize, what: &str) -> u64 {
+        assert!(
+            r.off + len <= r.buf.len(),
+            "{what}: window of {len} at {} exceeds the buffer of {}",
+            r.off,
+            r.buf.len()
+        );
+        self.base(r.buf) + 4 * r.off as u64
+    }
+
+    /// Device address of a write window of `len` elements (checked against the buffer).
+    fn mp(&self, m: Mut<CudaSlice<f32>>, len: usize, what: &str) -> u64 {
+        assert!(
+            m.off + len <= m.buf.len(),
+            "{what}: window of {len} at {} exceeds the buffer of {}",
+            m.off,
+            m.buf.len()
+        );
+        self.base(m.buf) + 4 * m.off as u64
+    }
+
+    /// Device address of an id buffer holding at least `len` ids.
+    fn ip(&self, ids: &CudaSlice<u32>, len: usize, what: &str) -> u64 {
+        assert!(
+            len <= ids.len(),
+            "{what}: {len} ids needed, the buffer holds {}",
+            ids.len()
+        );
+        self.base(ids)
+    }
+
+    /// Grows the f32 scratch to at least `len` elements; returns its address.
+    fn fscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+        if st.fscratch.len() < len {
+            st.fscratch = self
+                .stream
+                .alloc_zeros(len)
+                .map_err(|e| Error::device(format!("cuda:{}: scratch: {e}", self.info.index)))?;
+        }
+        Ok(self.base(&st.fscratch))
+    }
+
+    /// Grows the f64 scratch to at least `1 + terms` elements; returns its address.
+    fn dscratch(&self, st: &mut State, terms: usize) -> Result<u64> {
+        if st.dscratch.len() < terms + 1 {
+            st.dscratch = self
+                .stream
+                .alloc_zeros(terms + 1)
+                .map_err(|e| Error::device(format!("cuda:{}: scratch: {e}", self.info.index)))?;
+        }
+        Ok(self.base(&st.dscratch))
+    }
+
+    /// Column sums through the f32 scratch: `out[j] += Σ_r x[r·n + j]`, `rows×n`.
+    fn column_sum(&self, rows: usize, n: usize, x: u64, out: u64) {
+        let (per, chunks) = col_chunks(rows);
+        let mut st = self.lock_state();
+        let part = match self.fscratch(&mut st, chunks * n) {
+            Ok(p) => p,
+            Err(e) => return self.note(Err(e), "column_sum scratch"),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "col_partial_f32", cfg; int(rows, "rows"), int(n, "n"), int(per, "chunk"), x, part);
+        self.col_finish(n, chunks, part, out);
+    }
+
+    /// Pass 2 of a column sum: `out[j] += Σ_c partial[c·n + j]`.
+    fn col_finish(&self, n: usize, chunks: usize, part: u64, out: u64) {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "col_finish_f32", cfg; int(n, "n"), int(chunks, "chunks"), part, out);
+    }
+
+    /// Sums `count` f64 terms at scratch slot 1.. times `scale` on the device, synchronises
+    /// and returns the value (or the error kept since the last check).
+    fn finish_loss(&self, st: &mut State, count: usize, scale: f64) -> Result<f32> {
+        let base = self.dscratch(st, count)?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "reduce_f64", cfg; int(count, "terms"), base + 8, scale, base);
+        self.sync_check(st)?;
+        let v = self
+            .stream
+            .clone_dtoh(&st.dscratch.slice(0..1))
+            .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
+        Ok(v.first().copied().unwrap_or(f64::NAN) as f32)
+    }
+
+    fn dev_err(&self, e: impl std::fmt::Display) -> Error {
+        Error::device(format!("cuda:{}: {e}", self.info.index))
+    }
+}
+
+/// cuBLAS operation for a transpose flag.
+fn op(t: bool) -> blas_sys::cublasOperation_t {
+    if t {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl Backend for CudaBackend {
+    type F = f32;
+    type Buf = CudaSlice<f32>;
+    type Ids = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} {} ({})",
+            self.info.index,
+            self.info.name,
+            self.info.arch()
+        )
+    }
+
+    // ---- memory ------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.stream.null().map_err(|e| self.dev_err(e));
+        }
+        self.stream.alloc_zeros(len).map_err(|e| self.dev_err(e))
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        if host.is_empty() {
+            return self.stream.null().map_err(|e| self.dev_err(e));
+        }
+        self.stream.clone_htod(host).map_err(|e| self.dev_err(e))
+    }
+
+    fn upload_ids(&self, host: &[u32]) -> Result<CudaSlice<u32>> {
+        if host.is_empty() {
+            return self.stream.null().map_err(|e| self.dev_err(e));
+        }
+        self.stream.clone_htod(host).map_err(|e| self.dev_err(e))
+    }
+
+    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.synchronize()?;
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        let v = self.stream.clone_dtoh(buf).map_err(|e| self.dev_err(e))?;
+        self.stream.synchronize().map_err(|e| self.dev_err(e))?;
+        Ok(v)
+    }
+
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn fill(&self, len: usize, value: f32, x: Mut<CudaSlice<f32>>) {
+        if len == 0 {
+            return;
+        }
+        let p = self.mp(x, len, "fill");
+        launch!(self, "fill_f32", grid1(len); p, long(len), value);
+    }
+
+    fn copy(&self, len: usize, src: Ref<CudaSlice<f32>>, dst: Mut<CudaSlice<f32>>) {
+        if len == 0 {
+            return;
+        }
+        let s = self.rp(src, len, "copy src");
+        let d = self.mp(dst, len, "copy dst");
+        // Raw driver call: make the context current on this thread first.
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: both ranges were checked against their buffers; distinct buffers (a `Ref`
+        // and a `Mut` cannot borrow the same one).
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(d, s, 4 * len, self.stream.cu_stream())
+        };
+        self.note(r, "copy");
+    }
+
+    fn copy_2d(
+        &self,
+        rows: usize,
+        cols: usize,
+        src: Ref<CudaSlice<f32>>,
+        src_ld: usize,
+        dst: Mut<CudaSlice<f32>>,
+        dst_ld: usize,
+        accumulate: bool,
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!(
+            src_ld >= cols && dst_ld >= cols,
+            "copy_2d: row stride below cols"
+        );
+        let s = self.rp(src, extent(rows, cols, src_ld), "copy_2d src");
+        let d = self.mp(dst, extent(rows, cols, dst_ld), "copy_2d dst");
+        launch!(self, "copy_2d_f32", grid1(rows * cols);
+            int(rows, "rows"), int(cols, "cols"), s, long(src_ld), d, long(dst_ld), accumulate as i32);
+    }
+
+    fn axpy(&self, len: usize, alpha: f32, x: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+        if len == 0 {
+            return;
+        }
+        let xp = self.rp(x, len, "axpy x");
+        let yp = self.mp(y, len, "axpy y");
+        launch!(self, "axpy_f32", grid1(len); long(len), alpha, xp, yp);
+    }
+
+    // ---- dense -------------------------------------------------------------------------
+
+    fn gemm(
+        &self,
+        s: &Gemm,
+        alpha: f32,
+        a: Ref<CudaSlice<f32>>,
+        b: Ref<CudaSlice<f32>>,
+        beta: f32,
+        c: Mut<CudaSlice<f32>>,
+    ) {
+        let (m, n, k) = (s.m, s.n, s.k);
+        if s.batch == 0 || m == 0 || n == 0 {
+            return;
+        }
+        assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
+        let last = s.batch - 1;
+        let cp = self.mp(c, last * s.stride_c + extent(m, n, s.ldc), "gemm C");
+        if k == 0 {
+            launch!(self, "scale_2d_f32", grid1(s.batch * m * n);
+                int(s.batch, "batch"), int(m, "m"), int(n, "n"), beta, cp, long(s.ldc), long(s.stride_c));
+            return;
+        }
+        let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if s.trans_b { (n, k) } else { (k, n) };
+        assert!(
+            s.lda >= ac && s.ldb >= bc,
+            "gemm: lda/ldb below the row width"
+        );
+        let ap = self.rp(a, last * s.stride_a + extent(ar, ac, s.lda), "gemm A");
+        let bp = self.rp(b, last * s.stride_b + extent(br, bc, s.ldb), "gemm B");
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's buffer is
+        // cuBLAS's first operand (column-major n×k when not transposed), A's the second.
+        // cuBLAS runs in the calling thread's current context.
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let h = *self.blas.handle();
+        let (cm, cn, ck) = (int(n, "n"), int(m, "m"), int(k, "k"));
+        let (lda, ldb, ldc) = (int(s.ldb, "ldb"), int(s.lda, "lda"), int(s.ldc, "ldc"));
+        // SAFETY: the three windows were checked above for every batch entry; the pointers
+        // are device addresses in this context; alpha/beta are host values (host pointer
+        // mode, cuBLAS's default).
+        let r = unsafe {
+            if s.batch == 1 {
+                blas::sgemm(
+                    h,
+                    op(s.trans_b),
+                    op(s.trans_a),
+                    cm,
+                    cn,
+                    ck,
+                    &alpha,
+                    bp as *const f32,
+                    lda,
+                    ap as *const f32,
+                    ldb,
+                    &beta,
+                    cp as *mut f32,
+                    ldc,
+                )
+            } else {
+                blas::sgemm_strided_batched(
+                    h,
+                    op(s.trans_b),
+                    op(s.trans_a),
+                    cm,
+                    cn,
+                    ck,
+                    &alpha,
+                    bp as *const f32,
+                    lda,
+                    long(s.stride_b),
+                    ap as *const f32,
+                    ldb,
+                    long(s.stride_a),
+                    &beta,
+                    cp as *mut f32,
+                    ldc,
+                    long(s.stride_c),
+                    int(s.batch, "batch"),
+                )
+            }
+        };
+        self.note(r, "cuBLAS sgemm");
+    }
+
+    fn add_bias(&self, rows: usize, n: usize, bias: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let bp = self.rp(bias, n, "add_bias bias");
+        let yp = self.mp(y, rows * n, "add_bias y");
+        launch!(self, "add_bias_f32", grid1(rows * n); int(rows, "rows"), int(n, "n"), bp, yp);
+    }
+
+    fn bias_backward(
+        &self,
+        rows: usize,
+        n: usize,
+        dy: Ref<CudaSlice<f32>>,
+        db: Mut<CudaSlice<f32>>,
+    ) {
+        if n == 0 || rows == 0 {
+            return;
+        }
+        let g = self.rp(dy, rows * n, "bias_backward dy");
+        let o = self.mp(db, n, "bias_backward db");
+        self.column_sum(rows, n, g, o);
+    }
+
+    // ---- element-wise and normalisation ----------------------------------------------
+
+    fn gelu(&self, len: usize, x: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+        if len == 0 {
+            return;
+        }
+        let xp = self.rp(x, len, "gelu x");
+        let yp = self.mp(y, len, "gelu y");
+        launch!(self, "gelu_f32", grid1(len); long(len), xp, yp);
+    }
+
+    fn gelu_backward(
+        &self,
+        len: usize,
+        x: Ref<CudaSlice<f32>>,
+        dy: Ref<CudaSlice<f32>>,
+        dx: Mut<CudaSlice<f32>>,
+    ) {
+        if len == 0 {
+            return;
+        }
+        let xp = self.rp(x, len, "gelu_backward x");
+        let gp = self.rp(dy, len, "gelu_backward dy");
+        let dp = self.mp(dx, len, "gelu_backward dx");
+        launch!(self, "gelu_backward_f32", grid1(len); long(len), xp, gp, dp);
+    }
+
+    fn layernorm(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<CudaSlice<f32>>,
+        gamma_beta: Ref<CudaSlice<f32>>,
+        y: Mut<CudaSlice<f32>>,
+        stats: Mut<CudaSlice<f32>>,
+    ) {
+        if rows == 0 || d == 0 {
+            return;
+        }
+        let xp = self.rp(x, rows * d, "layernorm x");
+        let gb = self.rp(gamma_beta, 2 * d, "layernorm gamma_beta");
+        let yp = self.mp(y, rows * d, "layernorm y");
+        let sp = self.mp(stats, 2 * rows, "layernorm stats");
+        launch!(self, "layernorm_f32", rows_cfg(rows); int(rows, "rows"), int(d, "d"), xp, gb, yp, sp);
+    }
+
+    fn layernorm_backward(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<CudaSlice<f32>>,
+        gamma_beta: Ref<CudaSlice<f32>>,
+        stats: Ref<CudaSlice<f32>>,
+        dy: Ref<CudaSlice<f32>>,
+        dx: Mut<CudaSlice<f32>>,
+        dgamma_beta: Mut<CudaSlice<f32>>,
+    ) {
+        if rows == 0 || d == 0 {
+            return;
+        }
+        let xp = self.rp(x, rows * d, "layernorm_backward x");
+        let gb = self.rp(gamma_beta, 2 * d, "layernorm_backward gamma_beta");
+        let sp = self.rp(stats, 2 * rows, "layernorm_backward stats");
+        let gp = self.rp(dy, rows * d, "layernorm_backward dy");
+        let dxp = self.mp(dx, rows * d, "layernorm_backward dx");
+        let dgb = self.mp(dgamma_beta, 2 * d, "layernorm_backward dgamma_beta");
+        let (ri, di) = (int(rows, "rows"), int(d, "d"));
+        launch!(self, "layernorm_backward_dx_f32", rows_cfg(rows); ri, di, xp, gb, sp, gp, dxp);
+        let (per, chunks) = col_chunks(rows);
+        let mut st = self.lock_state();
+        let part = match self.fscratch(&mut st, chunks * 2 * d) {
+            Ok(p) => p,
+            Err(e) => return self.note(Err(e), "layernorm_backward scratch"),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "layernorm_param_partial_f32", cfg; ri, di, int(per, "chunk"), xp, sp, gp, part);
+        self.col_finish(2 * d, chunks, part, dgb);
+    }
+
+    // ---- embeddings --------------------------------------------------------------------
+
+    fn embedding(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &CudaSlice<u32>,
+        params: &CudaSlice<f32>,
+        mode: EmbMode,
+        out: Mut<CudaSlice<f32>>,
+        out_ld: usize,
+    ) {
+        let fields = tables.len();
+        let out_w = match mode {
+            EmbMode::Sum => width,
+            EmbMode::Concat => fields * width,
+        };
+        if n == 0 || out_w == 0 {
+            return;
+        }
+        assert!(
+            out_ld >= out_w,
+            "embedding: out_ld {out_ld} < row width {out_w}"
+        );
+        let idp = self.ip(ids, n * fields, "embedding ids");
+        let op_ = self.mp(out, extent(n, out_w, out_ld), "embedding out");
+        if fields == 0 {
+            // Sum over no field: zeros.
+            launch!(self, "scale_2d_f32", grid1(n * width);
+                1i32, int(n, "n"), int(width, "width"), 0.0f32, op_, long(out_ld), 0i64);
+            return;
+        }
+        let err = self.base(&self.lock_state().err_flag);
+        let pbase = self.base(params);
+        for (k, t) in tables.iter().enumerate() {
+            assert!(
+                t.offset + t.vocab * width <= params.len(),
+                "embedding: table at {} exceeds the parameter buffer",
+                t.offset
+            );
+            let (col0, acc) = match mode {
+                EmbMode::Sum => (0, (k > 0) as i32),
+                EmbMode::Concat => (k * width, 0),
+            };
+            let vocab = u32::try_from(t.vocab).expect("vocabulary within u32");
+            launch!(self, "embedding_gather_f32", grid1(n * width);
+                int(n, "n"), int(width, "width"), int(fields, "fields"), int(k, "field"), idp,
+                pbase + 4 * t.offset as u64, vocab, op_, long(out_ld), int(col0, "col0"), acc, err);
+        }
+    }
+
+    fn embedding_backward(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &CudaSlice<u32>,
+        mode: EmbMode,
+        dout: Ref<CudaSlice<f32>>,
+        dout_ld: usize,
+        grads: &mut CudaSlice<f32>,
+    ) {
+        let fields = tables.len();
+        let out_w = match mode {
+            EmbMode::Sum => width,
+            EmbMode::Concat => fields * width,
+        };
+        if n == 0 || width == 0 || fields == 0 {
+            return;
+        }
+        assert!(
+            dout_ld >= out_w,
+            "embedding_backward: dout_ld {dout_ld} < {out_w}"
+        );
+        let idp = self.ip(ids, n * fields, "embedding_backward ids");
+        let gp = self.rp(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
+        let err = self.base(&self.lock_state().err_flag);
+        let gbase = self.base(grads);
+        for (k, t) in tables.iter().enumerate() {
+            assert!(
+                t.offset + t.vocab * width <= grads.len(),
+                "embedding_backward: table {k} exceeds the gradient buffer"
+            );
+            let vocab = u32::try_from(t.vocab).expect("vocabulary within u32");
+            let (ni, wi, fi, ki) = (
+                int(n, "n"),
+                int(width, "width"),
+                int(fields, "fields"),
+                int(k, "field"),
+            );
+            launch!(self, "embedding_check_ids", grid1(n); ni, fi, ki, idp, vocab, err);
+            if t.vocab == 0 {
+                continue;
+            }
+            let col0 = match mode {
+                EmbMode::Sum => 0,
+                EmbMode::Concat => k * width,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    width.div_ceil(32) as u32,
+                    t.vocab.div_ceil(EMB_ROWS).min(65_535) as u32,
+                    1,
+                ),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "embedding_scatter_f32", cfg;
+                ni, wi, fi, ki, idp, gp, long(dout_ld), int(col0, "col0"),
+                gbase + 4 * t.offset as u64, vocab);
+        }
+    }
+
+    fn add_positions(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        pos: Ref<CudaSlice<f32>>,
+        x: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || max_len == 0 || d == 0 {
+            return;
+        }
+        let lp = self.ip(lens, batch, "add_positions lens");
+        let pp = self.rp(pos, max_len * d, "add_positions pos");
+        let xp = self.mp(x, batch * max_len * d, "add_positions x");
+        let err = self.base(&self.lock_state().err_flag);
+        launch!(self, "add_positions_f32", grid1(batch * max_len * d);
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, pp, xp, err);
+    }
+
+    fn add_positions_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        dx: Ref<CudaSlice<f32>>,
+        dpos: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || max_len == 0 || d == 0 {
+            return;
+        }
+        assert!(
+            max_len <= 65_535,
+            "add_positions_backward: max_len {max_len} > 65535"
+        );
+        let lp = self.ip(lens, batch, "add_positions_backward lens");
+        let gp = self.rp(dx, batch * max_len * d, "add_positions_backward dx");
+        let pp = self.mp(dpos, max_len * d, "add_positions_backward dpos");
+        let err = self.base(&self.lock_state().err_flag);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, max_len as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "add_positions_backward_f32", cfg;
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, gp, pp, err);
+    }
+
+    // ---- attention and pooling ---------------------------------------------------------
+
+    fn masked_softmax(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &CudaSlice<u32>,
+        scale: f32,
+        scores: Mut<CudaSlice<f32>>,
+    ) {
+        let rows = batch * heads * lq;
+        if rows == 0 || lk == 0 {
+            return;
+        }
+        let lp = self.ip(key_lens, batch, "masked_softmax key_lens");
+        let sp = self.mp(scores, rows * lk, "masked_softmax scores");
+        let err = self.base(&self.lock_state().err_flag);
+        launch!(self, "masked_softmax_f32", rows_cfg(rows);
+            int(rows, "rows"), int(heads * lq, "heads·lq"), int(lk, "lk"), lp, scale, sp, err);
+    }
+
+    fn masked_softmax_backward(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &CudaSlice<u32>,
+        scale: f32,
+        probs: Ref<CudaSlice<f32>>,
+        dprobs: Ref<CudaSlice<f32>>,
+        dscores: Mut<CudaSlice<f32>>,
+    ) {
+        let rows = batch * heads * lq;
+        if rows == 0 || lk == 0 {
+            return;
+        }
+        let lp = self.ip(key_lens, batch, "masked_softmax_backward key_lens");
+        let pp = self.rp(probs, rows * lk, "masked_softmax_backward probs");
+        let gp = self.rp(dprobs, rows * lk, "masked_softmax_backward dprobs");
+        let dp = self.mp(dscores, rows * lk, "masked_softmax_backward dscores");
+        let err = self.base(&self.lock_state().err_flag);
+        launch!(self, "masked_softmax_backward_f32", rows_cfg(rows);
+            int(rows, "rows"), int(heads * lq, "heads·lq"), int(lk, "lk"), lp, scale, pp, gp, dp, err);
+    }
+
+    fn masked_mean(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        x: Ref<CudaSlice<f32>>,
+        empty: Ref<CudaSlice<f32>>,
+        out: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || d == 0 {
+            return;
+        }
+        let lp = self.ip(lens, batch, "masked_mean lens");
+        let xp = if max_len == 0 {
+            self.base(x.buf)
+        } else {
+            self.rp(x, batch * max_len * d, "masked_mean x")
+        };
+        let ep = self.rp(empty, d, "masked_mean empty");
+        let op_ = self.mp(out, batch * d, "masked_mean out");
+        let err = self.base(&self.lock_state().err_flag);
+        launch!(self, "masked_mean_f32", grid1(batch * d);
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, xp, ep, op_, err);
+    }
+
+    fn masked_mean_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        dout: Ref<CudaSlice<f32>>,
+        dx: Mut<CudaSlice<f32>>,
+        dempty: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || d == 0 {
+            return;
+        }
+        let lp = self.ip(lens, batch, "masked_mean_backward lens");
+        let gp = self.rp(dout, batch * d, "masked_mean_backward dout");
+        let ep = self.mp(dempty, d, "masked_mean_backward dempty");
+        let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
+        if max_len > 0 {
+            let xp = self.mp(dx, batch * max_len * d, "masked_mean_backward dx");
+            let err = self.base(&self.lock_state().err_flag);
+            launch!(self, "masked_mean_backward_f32", grid1(batch * max_len * d);
+                bi, li, di, lp, gp, xp, err);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "masked_mean_dempty_f32", cfg; bi, di, lp, gp, ep);
+    }
+
+    // ---- losses ------------------------------------------------------------------------
+
+    fn bce_loss(
+        &self,
+        n: usize,
+        logits: Ref<CudaSlice<f32>>,
+        labels: Ref<CudaSlice<f32>>,
+        weights: Ref<CudaSlice<f32>>,
+        coef: f32,
+        dlogits: Option<Mut<CudaSlice<f32>>>,
+    ) -> Result<f32> {
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let zp = self.rp(logits, n, "bce_loss logits");
+        let yp = self.rp(labels, n, "bce_loss labels");
+        let wp = self.rp(weights, n, "bce_loss weights");
+        let gp = dlogits.map_or(0, |g| self.mp(g, n, "bce_loss dlogits"));
+        let mut st = self.lock_state();
+        let terms = self.dscratch(&mut st, n)? + 8;
+        let f = coef / n as f32;
+        launch!(self, "bce_f32", grid1(n); int(n, "n"), zp, yp, wp, f, gp, terms);
+        self.finish_loss(&mut st, n, 1.0 / n as f64)
+    }
+
+    fn bernoulli_kl_loss(
+        &self,
+        n: usize,
+        student: Ref<CudaSlice<f32>>,
+        target: Ref<CudaSlice<f32>>,
+        weights: Option<Ref<CudaSlice<f32>>>,
+        tau: f32,
+        coef: f32,
+        dstudent: Option<Mut<CudaSlice<f32>>>,
+    ) -> Result<f32> {
+        if tau.is_nan() || tau <= 0.0 {
+            return Err(Error::invalid(format!(
+                "bernoulli_kl_loss: temperature τ = {tau} must be positive"
+            )));
+        }
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let sp = self.rp(student, n, "bernoulli_kl_loss student");
+        let tp = self.rp(target, n, "bernoulli_kl_loss target");
+        let wp = weights.map_or(0, |w| self.rp(w, n, "bernoulli_kl_loss weights"));
+        let gp = dstudent.map_or(0, |g| self.mp(g, n, "bernoulli_kl_loss dstudent"));
+        let mut st = self.lock_state();
+        let terms = self.dscratch(&mut st, n)? + 8;
+        let f = coef * tau / n as f32;
+        launch!(self, "bernoulli_kl_f32", grid1(n); int(n, "n"), sp, tp, wp, 1.0f32 / tau, f, gp, terms);
+        let tau2 = tau as f64 * tau as f64;
+        self.finish_loss(&mut st, n, tau2 / n as f64)
+    }
+
+    fn coarse_loss(
+        &self,
+        n: usize,
+        d: usize,
+        pred: Ref<CudaSlice<f32>>,
+        target: Ref<CudaSlice<f32>>,
+        weights: Ref<CudaSlice<f32>>,
+        cosine: bool,
+        coef: f32,
+        dpred: Option<Mut<CudaSlice<f32>>>,
+    ) -> Result<f32> {
+        if n == 0 || d == 0 {
+            return Ok(0.0);
+        }
+        let pp = self.rp(pred, n * d, "coarse_loss pred");
+        let tp = self.rp(target, n * d, "coarse_loss target");
+        let wp = self.rp(weights, n, "coarse_loss weights");
+        let gp = dpred.map_or(0, |g| self.mp(g, n * d, "coarse_loss dpred"));
+        let mut st = self.lock_state();
+        let terms = self.dscratch(&mut st, n)? + 8;
+        let coef_over_n = coef * (1.0 / n as f32);
+        launch!(self, "coarse_f32", rows_cfg(n);
+            int(n, "n"), int(d, "d"), pp, tp, wp, cosine as i32, coef_over_n, gp, terms);
+        self.finish_loss(&mut st, n, 1.0 / n as f64)
+    }
+
+    fn fine_loss(
+        &self,
+        shape: FineShape,
+        q: Ref<CudaSlice<f32>>,
+        k: Ref<CudaSlice<f32>>,
+        v: Ref<CudaSlice<f32>>,
+        t_in: Ref<CudaSlice<f32>>,
+        q_lens: &CudaSlice<u32>,
+        k_lens: &CudaSlice<u32>,
+        weights: Ref<CudaSlice<f32>>,
+        coef: f32,
+        grads: Option<FineGrads<'_, CudaSlice<f32>>>,
+    ) -> Result<f32> {
+        let FineShape { batch, lq, lk, d } = shape;
+        if batch == 0 {
+            return Ok(0.0);
+        }
+        if q_lens.len() < batch || k_lens.len() < batch {
+            return Err(Error::invalid(format!(
+                "fine_loss: {} query / {} key lengths for a batch of {batch}",
+                q_lens.len(),
+                k_lens.len()
+            )));
+        }
+        // The lengths decide |R| and are validated on the host, as on the CPU.
+        self.synchronize()?;
+        let down = |ids: &CudaSlice<u32>| -> Result<Vec<u32>> {
+            let v = self
+                .stream
+                .clone_dtoh(&ids.slice(0..batch))
+                .map_err(|e| self.dev_err(e))?;
+            self.stream.synchronize().map_err(|e| self.dev_err(e))?;
+            Ok(v)
+        };
+        let (ql, kl) = (down(q_lens)?, down(k_lens)?);
+        for b in 0..batch {
+            for (what, l, max) in [("q_lens", ql[b], lq), ("k_lens", kl[b], lk)] {
+                if usize::try_from(l).map_or(true, |l| l > max) {
+                    return Err(Error::invalid(format!(
+                        "fine_loss {what}[{b}] = {l} exceeds the padded length {max}"
+                    )));
+                }
+            }
+        }
+        let n_r = kl.iter().filter(|&&l| l > 0).count();
+        if n_r == 0 || d == 0 {
+            return Ok(0.0);
+        }
+        let fixed = FINE_WARPS * (lk + d);
+        if fixed + lk + 1 > FINE_SMEM_FLOATS {
+            return Err(Error::invalid(format!(
+                "fine_loss: lk + d = {} is too large for the CUDA kernel (at most {})",
+                lk + d,
+                (FINE_SMEM_FLOATS - 1) / FINE_WARPS - 1
+            )));
+        }
+        let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
+        let qp = self.rp(q, batch * lq * d, "fine_loss q");
+        let kp = self.rp(k, batch * lk * d, "fine_loss k");
+        let vp = self.rp(v, batch * lq * d, "fine_loss v");
+        let tp = self.rp(t_in, batch * lk * d, "fine_loss t_in");
+        let wp = self.rp(weights, batch, "fine_loss weights");
+        let (dq, dk, dv) = match grads {
+            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => (
+                self.mp(dq, batch * lq * d, "fine_loss dq"),
+                self.mp(dk, batch * lk * d, "fine_loss dk"),
+                self.mp(dv, batch * lq * d, "fine_loss dv"),
+            ),
+            _ => (0, 0, 0),
+        };
+        let qlp = self.base(q_lens);
+        let klp = self.base(k_lens);
+        let mut st = self.lock_state();
+        let terms = self.dscratch(&mut st, batch)? + 8;
+        let err = self.base(&st.err_flag);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(batch).expect("batch within the grid limit"),
+                1,
+                1,
+            ),
+            block_dim: (32 * FINE_WARPS as u32, 1, 1),
+            shared_mem_bytes: (4 * (fixed + tile * lk + tile)) as u32,
+        };
+        let f = coef / n_r as f32;
+        launch!(self, "fine_f32", cfg;
+            int(lq, "lq"), int(lk, "lk"), int(d, "d"), int(tile, "tile"), qp, kp, vp, tp, qlp, klp,
+            wp, f, dq, dk, dv, terms, err);
+        self.finish_loss(&mut st, batch, 1.0 / n_r as f64)
+    }
+
+    // ---- optimizer ---------------------------------------------------------------------
+
+    fn sum_squares(&self, len: usize, x: Ref<CudaSlice<f32>>) -> Result<f32> {
+        if len == 0 {
+            return Ok(0.0);
+        }
+        let xp = self.rp(x, len, "sum_squares x");
+        let blocks = len.div_ceil(THREADS as usize).min(SUMSQ_BLOCKS);
+        let mut st = self.lock_state();
+        let part = self.dscratch(&mut st, blocks)? + 8;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "sum_squares_partial", cfg; long(len), xp, part);
+        self.finish_loss(&mut st, blocks, 1.0)
+    }
+
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        decay_mask: &CudaSlice<f32>,
+    ) {
+        let len = params.len();
+        assert!(
+            grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
+            "adamw: parameter, gradient, moment and mask buffers differ in length"
+        );
+        assert!(hp.step >= 1, "adamw: the step number is 1-based");
+        if len == 0 {
+            return;
+        }
+        let step = i32::try_from(hp.step).unwrap_or(i32::MAX);
+        let bc1 = (1.0 - hp.beta1.powi(step)) as f32;
+        let bc2 = (1.0 - hp.beta2.powi(step)) as f32;
+        let (pp, gp, mp, vp, dp) = (
+            self.base(params),
+            self.base(grads),
+            self.base(m),
+            self.base(v),
+            self.base(decay_mask),
+        );
+        launch!(self, "adamw_f32", grid1(len);
+            long(len), pp, gp, mp, vp, dp, hp.grad_scale as f32, hp.beta1 as f32, hp.beta2 as f32,
+            bc1, bc2, hp.lr as f32, hp.eps as f32, hp.weight_decay as f32);
+    }
+}

@@ -1,0 +1,59 @@
+//! `mgkd-train devices`: what compute devices this machine offers, and why a CUDA device
+//! cannot be used when it cannot.
+
+use crate::backend::cuda::nvrtc::nvrtc_version;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::device::{cuda_device_count, probe_cuda, resolve, DeviceChoice, Resolved};
+use crate::Result;
+
+/// Arguments of `mgkd-train devices`.
+#[derive(Debug, clap::Args)]
+pub struct DevicesArgs {
+    /// Exit with an error unless this device can be used (`cpu`, `cuda`, `cuda:N`, `auto`).
+    #[arg(long, value_name = "DEVICE")]
+    pub require: Option<DeviceChoice>,
+}
+
+/// Prints the CPU, every CUDA device (usable, or the reason it is not; for a usable one, the
+/// kernels are compiled and loaded as a check), NVRTC's version and what `--device auto`
+/// would pick; then fails if `--require` names a device that cannot be used.
+pub fn run(args: &DevicesArgs) -> Result<()> {
+    println!("cpu: available ({} threads)", rayon::current_num_threads());
+    match nvrtc_version() {
+        Ok((major, minor)) => println!("nvrtc: {major}.{minor}"),
+        Err(why) => println!("nvrtc: unavailable: {why}"),
+    }
+    match cuda_device_count() {
+        Err(why) => println!("cuda: unavailable: {why}"),
+        Ok(0) => println!("cuda: unavailable: the CUDA driver reports no device"),
+        Ok(n) => {
+            for i in 0..n {
+                match probe_cuda(i) {
+                    Err(why) => println!("cuda:{i}: unusable: {why}"),
+                    Ok(info) => {
+                        let t0 = std::time::Instant::now();
+                        match CudaBackend::new(i) {
+                            Ok(_) => println!(
+                                "{info}: usable (kernels compiled and loaded in {:.2} s)",
+                                t0.elapsed().as_secs_f64()
+                            ),
+                            Err(e) => println!("cuda:{i}: unusable: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match resolve(DeviceChoice::Auto)? {
+        Resolved::Cuda(info) => println!("--device auto: {info}"),
+        Resolved::Cpu { reason } => println!(
+            "--device auto: cpu ({})",
+            reason.as_deref().unwrap_or("requested")
+        ),
+    }
+    if let Some(required) = args.require {
+        resolve(required)?;
+        println!("--require {required}: ok");
+    }
+    Ok(())
+}

@@ -1,0 +1,1373 @@
+//! Parity of the CUDA backend with the CPU reference: every op and loss on random inputs of
+//! several shapes (odd sizes, empty sequences, windows at an offset inside larger buffers),
+//! run on `CpuBackend<f32>`, `CpuBackend<f64>` and `CudaBackend`, then compared.
+//!
+//! - Outputs an op overwrites are poisoned with NaN on every backend before the call; the
+//!   reference leaves exactly the elements outside the contract NaN, so the GPU must write
+//!   the same elements (an unwritten element, or a write outside the window, is a failure).
+//! - Windows an op accumulates into are pre-filled with random values and surrounded by a
+//!   sentinel that must come back bit-identical.
+//! - Error: `‖gpu − ref‖₂ / ‖ref‖₂ ≤ 1e-5` over the written elements, against the f32 CPU and
+//!   against the f64 CPU (the latter is the gradient reference). The norm-wise form is the
+//!   one that is meaningful for f32: element-wise relative error is unbounded where a value
+//!   cancels to near zero, and the two backends sum in different orders (cuBLAS tiles,
+//!   warp-shuffle trees), so agreement is to rounding, not to the bit.
+//! - Reductions on the GPU must be deterministic: the ops with sums (bias/LayerNorm/embedding/
+//!   position gradients, losses, Σx²) are run twice and must agree bit for bit.
+//!
+//! Without a usable GPU every test prints that it skipped and passes; with
+//! `MGKD_REQUIRE_GPU=1` a missing GPU is a failure. `MGKD_PARITY_SELFTEST=1` (no GPU) runs
+//! the cases on the two CPU backends and holds f32 against f64 to the same bound, a check of
+//! the harness that needs no device.
+
+use std::sync::OnceLock;
+
+use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::cuda::CudaBackend;
+use mgkd::backend::{
+    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Norm-wise relative tolerance (see the module documentation).
+const TOL: f64 = 1e-5;
+/// Value around accumulate windows that must stay untouched.
+const SENT: f64 = 12345.0;
+/// Elements of padding around every window.
+const PAD: usize = 3;
+
+// ---- harness ---------------------------------------------------------------------------
+
+/// The shared GPU backend, or `None` (after printing why) when there is none.
+fn gpu() -> Option<&'static CudaBackend> {
+    static GPU: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    GPU.get_or_init(|| match CudaBackend::new(0) {
+        Ok(b) => {
+            println!("parity on {}", b.name());
+            Some(b)
+        }
+        Err(e) => {
+            if std::env::var("MGKD_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("MGKD_REQUIRE_GPU=1 but no usable GPU: {e}");
+            }
+            None
+        }
+    })
+    .as_ref()
+    .or_else(|| {
+        println!("skipped: no usable CUDA device");
+        None
+    })
+}
+
+/// One named output of a case (a full buffer, pads included, as f64).
+struct Out {
+    name: &'static str,
+    data: Vec<f64>,
+    /// Lower bound of the norm the error is relative to (for loss values whose f32 formula
+    /// cancels: the magnitude of the summed parts, computed on the host in f64).
+    floor: f64,
+    /// Bound against the f64 CPU (default [`TOL`]).
+    tol64: f64,
+}
+
+/// An output compared with the default bounds.
+fn named(name: &'static str, data: Vec<f64>) -> Out {
+    Out {
+        name,
+        data,
+        floor: 0.0,
+        tol64: TOL,
+    }
+}
+
+/// Outputs of one case.
+type Outs = Vec<Out>;
+
+/// Runs `case` on the GPU (twice, for determinism when `deterministic`), the f32 CPU and the
+/// f64 CPU, and compares.
+fn parity<C: Case>(label: &str, case: &C) {
+    let want32 = case.run(&CpuBackend::<f32>::new());
+    let want64 = case.run(&CpuBackend::<f64>::new());
+    let Some(g) = gpu() else {
+        // Harness self-test without a GPU: the f32 CPU stands in for the device, which checks
+        // the cases themselves (windows, poison, sentinels) and that the f32-vs-f64 bound
+        // holds for f32 arithmetic on these inputs.
+        if std::env::var("MGKD_PARITY_SELFTEST").as_deref() == Ok("1") {
+            for (a, b) in want32.iter().zip(&want64) {
+                let what = format!("{label}: {} cpu-f32 vs cpu-f64", a.name);
+                check(&what, &a.data, &b.data, a.tol64, a.floor);
+            }
+        }
+        return;
+    };
+    let got = case.run(g);
+    assert_eq!(got.len(), want32.len());
+    for ((o, w32), w64) in got.iter().zip(&want32).zip(&want64) {
+        check(
+            &format!("{label}: {} vs cpu-f32", o.name),
+            &o.data,
+            &w32.data,
+            TOL,
+            o.floor,
+        );
+        check(
+            &format!("{label}: {} vs cpu-f64", o.name),
+            &o.data,
+            &w64.data,
+            o.tol64,
+            o.floor,
+        );
+    }
+    let again = case.run(g);
+    for (a, b) in got.iter().zip(&again) {
+        let same = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{label}: {} differs between two GPU runs", a.name);
+    }
+}
+
+/// Compares one output (see the module documentation).
+fn check(what: &str, got: &[f64], want: &[f64], tol: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let (mut num, mut den, mut compared) = (0.0f64, 0.0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(
+                g.is_nan(),
+                "{what}: element {i} = {g} written outside the contract"
+            );
+            continue;
+        }
+        assert!(g.is_finite(), "{what}: element {i} = {g}, expected {w}");
+        if w == SENT {
+            assert_eq!(g, SENT, "{what}: element {i} outside the window changed");
+            continue;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+        compared += 1;
+    }
+    let scale = den.sqrt().max(floor);
+    let err = if scale > 0.0 {
+        num.sqrt() / scale
+    } else {
+        num.sqrt()
+    };
+    assert!(
+        err <= tol,
+        "{what}: relative error {err:.3e} > {tol:.0e} over {compared} elements"
+    );
+}
+
+/// One parity case: shapes and host inputs fixed, run on any backend.
+trait Case {
+    fn run<B: Backend>(&self, be: &B) -> Outs;
+}
+
+fn up<B: Backend>(be: &B, x: &[f64]) -> B::Buf {
+    let v: Vec<B::F> = x.iter().map(|&v| <B::F as Float>::from_f64(v)).collect();
+    be.upload(&v).expect("upload")
+}
+
+fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f64> {
+    be.download(b)
+        .expect("download")
+        .iter()
+        .map(|&v| <B::F as Float>::to_f64(v))
+        .collect()
+}
+
+/// A buffer of `n` NaNs with `PAD` NaNs either side (an overwrite target; window at PAD).
+fn poisoned<B: Backend>(be: &B, n: usize) -> B::Buf {
+    up(be, &vec![f64::NAN; n + 2 * PAD])
+}
+
+/// `x` with `PAD` sentinels either side (an accumulate target; window at PAD).
+fn padded(x: &[f64]) -> Vec<f64> {
+    let mut v = vec![SENT; PAD];
+    v.extend_from_slice(x);
+    v.extend([SENT; PAD]);
+    v
+}
+
+/// `x` with `PAD` junk values either side (an input; window at PAD).
+fn junk_padded(x: &[f64]) -> Vec<f64> {
+    let mut v = vec![-7.5; PAD];
+    v.extend_from_slice(x);
+    v.extend([9.25; PAD]);
+    v
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// f32-representable uniform values in (−1, 1).
+fn randv(r: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0) as f64).collect()
+}
+
+/// f32-representable values of scale `s`.
+fn scaled(r: &mut ChaCha8Rng, n: usize, s: f64) -> Vec<f64> {
+    randv(r, n)
+        .into_iter()
+        .map(|v| (v * s) as f32 as f64)
+        .collect()
+}
+
+/// Lengths in 0..=max, forcing one 0 and one max when there are at least two rows.
+fn lens(r: &mut ChaCha8Rng, n: usize, max: usize) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..n).map(|_| r.gen_range(0..=max) as u32).collect();
+    if n >= 2 {
+        v[0] = 0;
+        v[n - 1] = max as u32;
+    }
+    v
+}
+
+fn cst<B: Backend>(x: f64) -> B::F {
+    <B::F as Float>::from_f64(x)
+}
+
+fn val<B: Backend>(x: B::F) -> f64 {
+    <B::F as Float>::to_f64(x)
+}
+
+// ---- memory ------------------------------------------------------------------------------
+
+struct MemCase {
+    n: usize,
+    x: Vec<f64>,
+    y: Vec<f64>,
+    rows: usize,
+    cols: usize,
+    src_ld: usize,
+    dst_ld: usize,
+}
+
+impl Case for MemCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let n = self.n;
+        let x = up(be, &junk_padded(&self.x));
+        let z = be.zeros(n + 1).expect("zeros");
+        assert_eq!(be.len(&z), n + 1);
+        let mut fill = poisoned(be, n);
+        be.fill(n, cst::<B>(0.375), Mut::at(&mut fill, PAD));
+        let mut copy = poisoned(be, n);
+        be.copy(n, Ref::at(&x, PAD), Mut::at(&mut copy, PAD));
+        let mut axpy = up(be, &padded(&self.y));
+        be.axpy(
+            n,
+            cst::<B>(-1.25),
+            Ref::at(&x, PAD),
+            Mut::at(&mut axpy, PAD),
+        );
+        let (r, c) = (self.rows, self.cols);
+        let src = up(be, &junk_padded(&self.x[..r * self.src_ld]));
+        let ext = (r - 1) * self.dst_ld + c;
+        let mut c2 = poisoned(be, ext);
+        be.copy_2d(
+            r,
+            c,
+            Ref::at(&src, PAD),
+            self.src_ld,
+            Mut::at(&mut c2, PAD),
+            self.dst_ld,
+            false,
+        );
+        let mut c2a = up(be, &padded(&self.y[..ext]));
+        be.copy_2d(
+            r,
+            c,
+            Ref::at(&src, PAD),
+            self.src_ld,
+            Mut::at(&mut c2a, PAD),
+            self.dst_ld,
+            true,
+        );
+        vec![
+            named("zeros", down(be, &z)),
+            named("upload/download", down(be, &x)),
+            named("fill", down(be, &fill)),
+            named("copy", down(be, &copy)),
+            named("axpy", down(be, &axpy)),
+            named("copy_2d", down(be, &c2)),
+            named("copy_2d accumulate", down(be, &c2a)),
+        ]
+    }
+}
+
+#[test]
+fn memory_ops() {
+    for (seed, n, rows, cols, src_ld, dst_ld) in [
+        (1, 1, 1, 1, 1, 1),
+        (2, 1000, 7, 13, 20, 17),
+        (3, 70_001, 300, 37, 37, 40),
+    ] {
+        let mut r = rng(seed);
+        let case = MemCase {
+            n,
+            x: randv(&mut r, n.max(rows * src_ld)),
+            y: randv(&mut r, n.max(rows * dst_ld)),
+            rows,
+            cols,
+            src_ld,
+            dst_ld,
+        };
+        parity(&format!("memory n={n}"), &case);
+    }
+    let Some(g) = gpu() else { return };
+    let empty = g.zeros(0).expect("empty buffer");
+    assert_eq!(g.len(&empty), 0);
+    assert!(g.download(&empty).expect("download empty").is_empty());
+}
+
+// ---- dense -------------------------------------------------------------------------------
+
+struct GemmCase {
+    s: Gemm,
+    alpha: f64,
+    beta: f64,
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c: Vec<f64>,
+}
+
+impl Case for GemmCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let a = up(be, &junk_padded(&self.a));
+        let b = up(be, &junk_padded(&self.b));
+        // β = 0 must not read C: poison it; otherwise start from C.
+        let mut c = if self.beta == 0.0 {
+            poisoned(be, self.c.len())
+        } else {
+            up(be, &padded(&self.c))
+        };
+        be.gemm(
+            &self.s,
+            cst::<B>(self.alpha),
+            Ref::at(&a, PAD),
+            Ref::at(&b, PAD),
+            cst::<B>(self.beta),
+            Mut::at(&mut c, PAD),
+        );
+        vec![named("C", down(be, &c))]
+    }
+}
+
+/// Extent of a batch of row-major matrices.
+fn ext(rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> usize {
+    if rows == 0 || cols == 0 || batch == 0 {
+        0
+    } else {
+        (batch - 1) * stride + (rows - 1) * ld + cols
+    }
+}
+
+#[test]
+fn gemm_every_transpose_and_batching() {
+    let mut r = rng(10);
+    let shapes = [
+        (1, 1, 1),
+        (37, 53, 29),
+        (128, 384, 128),
+        (5, 3, 0),
+        (64, 33, 257),
+    ];
+    for &(m, n, k) in &shapes {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for (batch, extra_ld) in [(1, 0), (3, 2)] {
+                    let mut s = Gemm::new(m, n, k, ta, tb);
+                    s.lda += extra_ld;
+                    s.ldb += extra_ld;
+                    s.ldc += extra_ld;
+                    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                    let (br, bc) = if tb { (n, k) } else { (k, n) };
+                    s.batch = batch;
+                    s.stride_a = ar * s.lda + 1;
+                    s.stride_b = br * s.ldb;
+                    s.stride_c = m * s.ldc + 2;
+                    let a = randv(&mut r, ext(ar, ac, s.lda, batch, s.stride_a));
+                    let b = randv(&mut r, ext(br, bc, s.ldb, batch, s.stride_b));
+                    let c = randv(&mut r, ext(m, n, s.ldc, batch, s.stride_c));
+                    for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-1.25, 0.75)] {
+                        let case = GemmCase {
+                            s,
+                            alpha,
+                            beta,
+                            a: a.clone(),
+                            b: b.clone(),
+                            c: c.clone(),
+                        };
+                        parity(
+                            &format!(
+                                "gemm {m}x{n}x{k} ta={ta} tb={tb} batch={batch} α={alpha} β={beta}"
+                            ),
+                            &case,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Attention-style batched products on column blocks inside common rows (per-head
+/// `Q·Kᵀ` with `stride = dh` inside rows of width d).
+#[test]
+fn gemm_heads_side_by_side() {
+    let mut r = rng(11);
+    let (l, d, heads) = (19, 48, 4);
+    let dh = d / heads;
+    let q = randv(&mut r, l * d);
+    let k = randv(&mut r, l * d);
+    let s = Gemm {
+        m: l,
+        n: l,
+        k: dh,
+        trans_a: false,
+        trans_b: true,
+        lda: d,
+        ldb: d,
+        ldc: l,
+        batch: heads,
+        stride_a: dh,
+        stride_b: dh,
+        stride_c: l * l,
+    };
+    let case = GemmCase {
+        s,
+        alpha: 0.25,
+        beta: 0.0,
+        a: q,
+        b: k,
+        c: vec![0.0; heads * l * l],
+    };
+    parity("gemm heads", &case);
+}
+
+struct BiasCase {
+    rows: usize,
+    n: usize,
+    bias: Vec<f64>,
+    y: Vec<f64>,
+    db: Vec<f64>,
+}
+
+impl Case for BiasCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let bias = up(be, &junk_padded(&self.bias));
+        let mut y = up(be, &padded(&self.y));
+        be.add_bias(self.rows, self.n, Ref::at(&bias, PAD), Mut::at(&mut y, PAD));
+        let dy = up(be, &junk_padded(&self.y));
+        let mut db = up(be, &padded(&self.db));
+        be.bias_backward(self.rows, self.n, Ref::at(&dy, PAD), Mut::at(&mut db, PAD));
+        vec![
+            named("add_bias", down(be, &y)),
+            named("bias_backward", down(be, &db)),
+        ]
+    }
+}
+
+#[test]
+fn bias_forward_and_backward() {
+    let mut r = rng(20);
+    for (rows, n) in [(0, 5), (1, 1), (7, 37), (1000, 128), (20_000, 3)] {
+        let case = BiasCase {
+            rows,
+            n,
+            bias: randv(&mut r, n),
+            y: randv(&mut r, rows * n),
+            db: randv(&mut r, n),
+        };
+        parity(&format!("bias rows={rows} n={n}"), &case);
+    }
+}
+
+// ---- element-wise and normalisation ------------------------------------------------------
+
+struct GeluCase {
+    x: Vec<f64>,
+    dy: Vec<f64>,
+}
+
+impl Case for GeluCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let n = self.x.len();
+        let x = up(be, &junk_padded(&self.x));
+        let dy = up(be, &junk_padded(&self.dy));
+        let mut y = poisoned(be, n);
+        be.gelu(n, Ref::at(&x, PAD), Mut::at(&mut y, PAD));
+        let mut dx = poisoned(be, n);
+        be.gelu_backward(
+            n,
+            Ref::at(&x, PAD),
+            Ref::at(&dy, PAD),
+            Mut::at(&mut dx, PAD),
+        );
+        vec![
+            named("gelu", down(be, &y)),
+            named("gelu_backward", down(be, &dx)),
+        ]
+    }
+}
+
+#[test]
+fn gelu_forward_and_backward() {
+    let mut r = rng(30);
+    for n in [1, 31, 1000, 100_003] {
+        let case = GeluCase {
+            x: scaled(&mut r, n, 4.0),
+            dy: randv(&mut r, n),
+        };
+        parity(&format!("gelu n={n}"), &case);
+    }
+}
+
+struct LnCase {
+    rows: usize,
+    d: usize,
+    x: Vec<f64>,
+    gb: Vec<f64>,
+    dy: Vec<f64>,
+    dx0: Vec<f64>,
+    dgb0: Vec<f64>,
+}
+
+impl Case for LnCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (rows, d) = (self.rows, self.d);
+        let x = up(be, &junk_padded(&self.x));
+        let gb = up(be, &junk_padded(&self.gb));
+        let mut y = poisoned(be, rows * d);
+        let mut st = poisoned(be, 2 * rows);
+        be.layernorm(
+            rows,
+            d,
+            Ref::at(&x, PAD),
+            Ref::at(&gb, PAD),
+            Mut::at(&mut y, PAD),
+            Mut::at(&mut st, PAD),
+        );
+        let dy = up(be, &junk_padded(&self.dy));
+        let mut dx = up(be, &padded(&self.dx0));
+        let mut dgb = up(be, &padded(&self.dgb0));
+        be.layernorm_backward(
+            rows,
+            d,
+            Ref::at(&x, PAD),
+            Ref::at(&gb, PAD),
+            Ref::at(&st, PAD),
+            Ref::at(&dy, PAD),
+            Mut::at(&mut dx, PAD),
+            Mut::at(&mut dgb, PAD),
+        );
+        vec![
+            named("y", down(be, &y)),
+            named("stats", down(be, &st)),
+            named("dx", down(be, &dx)),
+            named("dgamma_beta", down(be, &dgb)),
+        ]
+    }
+}
+
+#[test]
+fn layernorm_forward_and_backward() {
+    let mut r = rng(40);
+    for (rows, d) in [(1, 1), (1, 37), (7, 128), (300, 256), (2_000, 64)] {
+        let case = LnCase {
+            rows,
+            d,
+            x: randv(&mut r, rows * d)
+                .into_iter()
+                .map(|v| (v * 3.0 + 0.5) as f32 as f64)
+                .collect(),
+            gb: randv(&mut r, 2 * d),
+            dy: randv(&mut r, rows * d),
+            dx0: randv(&mut r, rows * d),
+            dgb0: randv(&mut r, 2 * d),
+        };
+        parity(&format!("layernorm rows={rows} d={d}"), &case);
+    }
+}
+
+// ---- embeddings --------------------------------------------------------------------------
+
+struct EmbCase {
+    n: usize,
+    width: usize,
+    tables: Vec<EmbTable>,
+    ids: Vec<u32>,
+    params: Vec<f64>,
+    mode: EmbMode,
+    out_ld: usize,
+    dout: Vec<f64>,
+    grads: Vec<f64>,
+}
+
+impl Case for EmbCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let ids = be.upload_ids(&self.ids).expect("ids");
+        let params = up(be, &self.params);
+        let fields = self.tables.len();
+        let w = match self.mode {
+            EmbMode::Sum => self.width,
+            EmbMode::Concat => fields * self.width,
+        };
+        let ext = if self.n == 0 {
+            0
+        } else {
+            (self.n - 1) * self.out_ld + w
+        };
+        let mut out = poisoned(be, ext);
+        be.embedding(
+            self.n,
+            self.width,
+            &self.tables,
+            &ids,
+            &params,
+            self.mode,
+            Mut::at(&mut out, PAD),
+            self.out_ld,
+        );
+        let dout = up(be, &junk_padded(&self.dout));
+        let mut grads = up(be, &self.grads);
+        be.embedding_backward(
+            self.n,
+            self.width,
+            &self.tables,
+            &ids,
+            self.mode,
+            Ref::at(&dout, PAD),
+            self.out_ld,
+            &mut grads,
+        );
+        vec![
+            named("out", down(be, &out)),
+            named("grads", down(be, &grads)),
+        ]
+    }
+}
+
+fn emb_case(
+    seed: u64,
+    n: usize,
+    width: usize,
+    vocabs: &[usize],
+    mode: EmbMode,
+    extra_ld: usize,
+) -> EmbCase {
+    let mut r = rng(seed);
+    let mut tables = Vec::new();
+    let mut off = 5; // other parameters before the first table
+    for &v in vocabs {
+        tables.push(EmbTable {
+            offset: off,
+            vocab: v,
+        });
+        off += v * width + 3; // and between tables
+    }
+    let total = off + 4;
+    let ids: Vec<u32> = (0..n)
+        .flat_map(|_| {
+            vocabs
+                .iter()
+                .map(|&v| r.gen_range(0..v) as u32)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let w = match mode {
+        EmbMode::Sum => width,
+        EmbMode::Concat => vocabs.len() * width,
+    };
+    let out_ld = w + extra_ld;
+    // The gradient buffer: random in the tables, sentinels elsewhere (must stay untouched).
+    let mut grads = vec![SENT; total];
+    for t in &tables {
+        for (j, g) in grads[t.offset..t.offset + t.vocab * width]
+            .iter_mut()
+            .enumerate()
+        {
+            *g = ((j % 97) as f64 - 48.0) / 64.0;
+        }
+    }
+    EmbCase {
+        n,
+        width,
+        tables,
+        ids,
+        params: randv(&mut r, total),
+        mode,
+        out_ld,
+        dout: randv(&mut r, n * out_ld),
+        grads,
+    }
+}
+
+#[test]
+fn embedding_sum_and_concat() {
+    for (seed, n, width, vocabs, extra) in [
+        (50, 1, 1, vec![1usize], 0),
+        (51, 37, 33, vec![5, 300, 1], 3),
+        (52, 2_000, 128, vec![64, 1024, 16, 168], 0),
+        (53, 517, 16, vec![100; 16], 1),
+    ] {
+        for mode in [EmbMode::Sum, EmbMode::Concat] {
+            let case = emb_case(seed, n, width, &vocabs, mode, extra);
+            parity(&format!("embedding n={n} width={width} {mode:?}"), &case);
+        }
+    }
+}
+
+#[test]
+fn embedding_id_beyond_vocab_is_an_error_not_a_write() {
+    if gpu().is_none() {
+        return;
+    }
+    // A backend of its own: the fault flag it raises must not reach the other tests.
+    let g = &CudaBackend::new(0).expect("a second backend on the same device");
+    let ids = g.upload_ids(&[0, 7, 2]).expect("ids");
+    let params = g.upload(&[0.5f32; 40]).expect("params");
+    let tables = [EmbTable {
+        offset: 0,
+        vocab: 5,
+    }];
+    let mut out = g.upload(&[f32::NAN; 24]).expect("out");
+    g.embedding(
+        3,
+        8,
+        &tables,
+        &ids,
+        &params,
+        EmbMode::Sum,
+        Mut::whole(&mut out),
+        8,
+    );
+    let err = g
+        .download(&out)
+        .expect_err("an id ≥ vocab must be reported");
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    // The flag is cleared once reported.
+    g.synchronize().expect("no error after the report");
+}
+
+struct PosCase {
+    batch: usize,
+    max_len: usize,
+    d: usize,
+    lens: Vec<u32>,
+    pos: Vec<f64>,
+    x: Vec<f64>,
+    dpos: Vec<f64>,
+}
+
+impl Case for PosCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let lens = be.upload_ids(&self.lens).expect("lens");
+        let pos = up(be, &junk_padded(&self.pos));
+        let mut x = up(be, &padded(&self.x));
+        be.add_positions(
+            self.batch,
+            self.max_len,
+            self.d,
+            &lens,
+            Ref::at(&pos, PAD),
+            Mut::at(&mut x, PAD),
+        );
+        let dx = up(be, &junk_padded(&self.x));
+        let mut dpos = up(be, &padded(&self.dpos));
+        be.add_positions_backward(
+            self.batch,
+            self.max_len,
+            self.d,
+            &lens,
+            Ref::at(&dx, PAD),
+            Mut::at(&mut dpos, PAD),
+        );
+        vec![named("x", down(be, &x)), named("dpos", down(be, &dpos))]
+    }
+}
+
+#[test]
+fn positions_forward_and_backward() {
+    let mut r = rng(60);
+    for (batch, max_len, d) in [(1, 1, 1), (5, 7, 37), (64, 128, 128), (3, 32, 8)] {
+        let case = PosCase {
+            batch,
+            max_len,
+            d,
+            lens: lens(&mut r, batch, max_len),
+            pos: randv(&mut r, max_len * d),
+            x: randv(&mut r, batch * max_len * d),
+            dpos: randv(&mut r, max_len * d),
+        };
+        parity(&format!("positions b={batch} L={max_len} d={d}"), &case);
+    }
+}
+
+// ---- attention and pooling ---------------------------------------------------------------
+
+struct SoftmaxCase {
+    batch: usize,
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    lens: Vec<u32>,
+    scale: f64,
+    s: Vec<f64>,
+    dp: Vec<f64>,
+}
+
+impl Case for SoftmaxCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let lens = be.upload_ids(&self.lens).expect("lens");
+        let n = self.s.len();
+        let mut p = up(be, &junk_padded(&self.s));
+        be.masked_softmax(
+            self.batch,
+            self.heads,
+            self.lq,
+            self.lk,
+            &lens,
+            cst::<B>(self.scale),
+            Mut::at(&mut p, PAD),
+        );
+        let dp = up(be, &junk_padded(&self.dp));
+        let mut ds = poisoned(be, n);
+        be.masked_softmax_backward(
+            self.batch,
+            self.heads,
+            self.lq,
+            self.lk,
+            &lens,
+            cst::<B>(self.scale),
+            Ref::at(&p, PAD),
+            Ref::at(&dp, PAD),
+            Mut::at(&mut ds, PAD),
+        );
+        vec![
+            named("probs", down(be, &p)),
+            named("dscores", down(be, &ds)),
+        ]
+    }
+}
+
+#[test]
+fn masked_softmax_forward_and_backward() {
+    let mut r = rng(70);
+    for (batch, heads, lq, lk) in [
+        (1, 1, 1, 1),
+        (3, 4, 5, 33),
+        (8, 4, 128, 128),
+        (2, 1, 3, 200),
+    ] {
+        let n = batch * heads * lq * lk;
+        let case = SoftmaxCase {
+            batch,
+            heads,
+            lq,
+            lk,
+            lens: lens(&mut r, batch, lk),
+            scale: 0.125,
+            s: scaled(&mut r, n, 20.0),
+            dp: randv(&mut r, n),
+        };
+        parity(
+            &format!("softmax b={batch} h={heads} lq={lq} lk={lk}"),
+            &case,
+        );
+    }
+}
+
+struct MeanCase {
+    batch: usize,
+    max_len: usize,
+    d: usize,
+    lens: Vec<u32>,
+    x: Vec<f64>,
+    empty: Vec<f64>,
+    dout: Vec<f64>,
+    dempty: Vec<f64>,
+}
+
+impl Case for MeanCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (b, l, d) = (self.batch, self.max_len, self.d);
+        let lens = be.upload_ids(&self.lens).expect("lens");
+        let x = up(be, &junk_padded(&self.x));
+        let empty = up(be, &junk_padded(&self.empty));
+        let mut out = poisoned(be, b * d);
+        be.masked_mean(
+            b,
+            l,
+            d,
+            &lens,
+            Ref::at(&x, PAD),
+            Ref::at(&empty, PAD),
+            Mut::at(&mut out, PAD),
+        );
+        let dout = up(be, &junk_padded(&self.dout));
+        let mut dx = poisoned(be, b * l * d);
+        let mut de = up(be, &padded(&self.dempty));
+        be.masked_mean_backward(
+            b,
+            l,
+            d,
+            &lens,
+            Ref::at(&dout, PAD),
+            Mut::at(&mut dx, PAD),
+            Mut::at(&mut de, PAD),
+        );
+        vec![
+            named("out", down(be, &out)),
+            named("dx", down(be, &dx)),
+            named("dempty", down(be, &de)),
+        ]
+    }
+}
+
+#[test]
+fn masked_mean_forward_and_backward() {
+    let mut r = rng(80);
+    for (batch, max_len, d) in [(1, 1, 1), (6, 7, 37), (64, 128, 128), (4, 0, 5)] {
+        let case = MeanCase {
+            batch,
+            max_len,
+            d,
+            lens: lens(&mut r, batch, max_len),
+            x: randv(&mut r, batch * max_len * d),
+            empty: randv(&mut r, d),
+            dout: randv(&mut r, batch * d),
+            dempty: randv(&mut r, d),
+        };
+        parity(&format!("masked_mean b={batch} L={max_len} d={d}"), &case);
+    }
+}
+
+// ---- losses ------------------------------------------------------------------------------
+
+struct PointLossCase {
+    z: Vec<f64>,
+    y: Vec<f64>,
+    t: Vec<f64>,
+    w: Vec<f64>,
+    g0: Vec<f64>,
+}
+
+impl Case for PointLossCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let n = self.z.len();
+        let z = up(be, &junk_padded(&self.z));
+        let y = up(be, &junk_padded(&self.y));
+        let t = up(be, &junk_padded(&self.t));
+        let w = up(be, &junk_padded(&self.w));
+        let coef = cst::<B>(0.7);
+        let bce0 = be
+            .bce_loss(
+                n,
+                Ref::at(&z, PAD),
+                Ref::at(&y, PAD),
+                Ref::at(&w, PAD),
+                coef,
+                None,
+            )
+            .expect("bce");
+        let mut dz = up(be, &padded(&self.g0));
+        let bce = be
+            .bce_loss(
+                n,
+                Ref::at(&z, PAD),
+                Ref::at(&y, PAD),
+                Ref::at(&w, PAD),
+                coef,
+                Some(Mut::at(&mut dz, PAD)),
+            )
+            .expect("bce");
+        let tau = cst::<B>(2.0);
+        let mut ds = up(be, &padded(&self.g0));
+        let kl = be
+            .bernoulli_kl_loss(
+                n,
+                Ref::at(&z, PAD),
+                Ref::at(&t, PAD),
+                Some(Ref::at(&w, PAD)),
+                tau,
+                coef,
+                Some(Mut::at(&mut ds, PAD)),
+            )
+            .expect("kl");
+        let mut ds1 = up(be, &padded(&self.g0));
+        let kl1 = be
+            .bernoulli_kl_loss(
+                n,
+                Ref::at(&z, PAD),
+                Ref::at(&t, PAD),
+                None,
+                cst::<B>(0.5),
+                coef,
+                Some(Mut::at(&mut ds1, PAD)),
+            )
+            .expect("kl unweighted");
+        assert!(be
+            .bernoulli_kl_loss(
+                n,
+                Ref::at(&z, PAD),
+                Ref::at(&t, PAD),
+                None,
+                cst::<B>(0.0),
+                coef,
+                None
+            )
+            .is_err());
+        // Magnitudes of the summed parts (f64, host): BCE's softplus(z) − y·z and KL's
+        // softplus(b) − softplus(a) + σ(a)·(a − b) cancel, so a value's f32 rounding is
+        // relative to these, not to the (possibly tiny) value.
+        let sp = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+        let sg = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let nf = n as f64;
+        let bce_mag = (0..n)
+            .map(|i| self.w[i] * (sp(self.z[i]) + (self.y[i] * self.z[i]).abs()))
+            .sum::<f64>()
+            / nf;
+        let kl_mag = |tau: f64, weighted: bool| {
+            let m = (0..n)
+                .map(|i| {
+                    let (a, b) = (self.t[i] / tau, self.z[i] / tau);
+                    let w = if weighted { self.w[i] } else { 1.0 };
+                    w * (sp(b) + sp(a) + (sg(a) * (a - b)).abs())
+                })
+                .sum::<f64>();
+            tau * tau * m / nf
+        };
+        let floored = |name, v: B::F, floor: f64| Out {
+            floor,
+            ..named(name, vec![val::<B>(v)])
+        };
+        vec![
+            floored("bce value (no grad)", bce0, bce_mag),
+            floored("bce value", bce, bce_mag),
+            named("bce dlogits", down(be, &dz)),
+            floored("kl value", kl, kl_mag(2.0, true)),
+            named("kl dstudent", down(be, &ds)),
+            floored("kl unweighted value", kl1, kl_mag(0.5, false)),
+            named("kl unweighted dstudent", down(be, &ds1)),
+        ]
+    }
+}
+
+#[test]
+fn bce_and_bernoulli_kl() {
+    let mut r = rng(90);
+    for n in [1, 37, 1024, 5_000] {
+        let case = PointLossCase {
+            z: scaled(&mut r, n, 12.0),
+            y: (0..n).map(|_| r.gen_range(0..2) as f64).collect(),
+            t: scaled(&mut r, n, 12.0),
+            w: (0..n).map(|_| r.gen_range(0.2f32..2.0) as f64).collect(),
+            g0: randv(&mut r, n),
+        };
+        parity(&format!("bce/kl n={n}"), &case);
+    }
+}
+
+struct CoarseCase {
+    n: usize,
+    d: usize,
+    p: Vec<f64>,
+    t: Vec<f64>,
+    w: Vec<f64>,
+    g0: Vec<f64>,
+}
+
+impl Case for CoarseCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (n, d) = (self.n, self.d);
+        let p = up(be, &junk_padded(&self.p));
+        let t = up(be, &junk_padded(&self.t));
+        let w = up(be, &junk_padded(&self.w));
+        let mut outs = Vec::new();
+        for cosine in [false, true] {
+            let v0 = be
+                .coarse_loss(
+                    n,
+                    d,
+                    Ref::at(&p, PAD),
+                    Ref::at(&t, PAD),
+                    Ref::at(&w, PAD),
+                    cosine,
+                    cst::<B>(1.5),
+                    None,
+                )
+                .expect("coarse");
+            let mut g = up(be, &padded(&self.g0));
+            let v = be
+                .coarse_loss(
+                    n,
+                    d,
+                    Ref::at(&p, PAD),
+                    Ref::at(&t, PAD),
+                    Ref::at(&w, PAD),
+                    cosine,
+                    cst::<B>(1.5),
+                    Some(Mut::at(&mut g, PAD)),
+                )
+                .expect("coarse");
+            let (a, b, c) = if cosine {
+                ("cosine value (no grad)", "cosine value", "cosine dpred")
+            } else {
+                ("mse value (no grad)", "mse value", "mse dpred")
+            };
+            outs.push(named(a, vec![val::<B>(v0)]));
+            outs.push(named(b, vec![val::<B>(v)]));
+            outs.push(named(c, down(be, &g)));
+        }
+        outs
+    }
+}
+
+#[test]
+fn coarse_mse_and_cosine() {
+    let mut r = rng(100);
+    for (n, d) in [(1, 1), (9, 37), (1024, 128), (3, 256)] {
+        let mut p = randv(&mut r, n * d);
+        let mut t = randv(&mut r, n * d);
+        if n >= 3 {
+            // A zero prediction and a zero target: cosine 0, no gradient.
+            p[..d].iter_mut().for_each(|x| *x = 0.0);
+            t[2 * d..3 * d].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let case = CoarseCase {
+            n,
+            d,
+            p,
+            t,
+            w: (0..n).map(|_| r.gen_range(0.2f32..2.0) as f64).collect(),
+            g0: randv(&mut r, n * d),
+        };
+        parity(&format!("coarse n={n} d={d}"), &case);
+    }
+}
+
+struct FineCase {
+    shape: FineShape,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    t: Vec<f64>,
+    ql: Vec<u32>,
+    kl: Vec<u32>,
+    w: Vec<f64>,
+    gq: Vec<f64>,
+    gk: Vec<f64>,
+}
+
+impl Case for FineCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let q = up(be, &junk_padded(&self.q));
+        let k = up(be, &junk_padded(&self.k));
+        let v = up(be, &junk_padded(&self.v));
+        let t = up(be, &junk_padded(&self.t));
+        let w = up(be, &junk_padded(&self.w));
+        let ql = be.upload_ids(&self.ql).expect("q_lens");
+        let kl = be.upload_ids(&self.kl).expect("k_lens");
+        let coef = cst::<B>(0.9);
+        let v0 = be
+            .fine_loss(
+                self.shape,
+                Ref::at(&q, PAD),
+                Ref::at(&k, PAD),
+                Ref::at(&v, PAD),
+                Ref::at(&t, PAD),
+                &ql,
+                &kl,
+                Ref::at(&w, PAD),
+                coef,
+                None,
+            )
+            .expect("fine");
+        let mut dq = up(be, &padded(&self.gq));
+        let mut dk = up(be, &padded(&self.gk));
+        let mut dv = up(be, &padded(&self.gq));
+        let v1 = be
+            .fine_loss(
+                self.shape,
+                Ref::at(&q, PAD),
+                Ref::at(&k, PAD),
+                Ref::at(&v, PAD),
+                Ref::at(&t, PAD),
+                &ql,
+                &kl,
+                Ref::at(&w, PAD),
+                coef,
+                Some(FineGrads {
+                    dq: Mut::at(&mut dq, PAD),
+                    dk: Mut::at(&mut dk, PAD),
+                    dv: Mut::at(&mut dv, PAD),
+                }),
+            )
+            .expect("fine");
+        vec![
+            named("value (no grad)", vec![val::<B>(v0)]),
+            named("value", vec![val::<B>(v1)]),
+            named("dq", down(be, &dq)),
+            named("dk", down(be, &dk)),
+            named("dv", down(be, &dv)),
+        ]
+    }
+}
+
+fn fine_case(seed: u64, batch: usize, lq: usize, lk: usize, d: usize) -> FineCase {
+    let mut r = rng(seed);
+    let mut ql = lens(&mut r, batch, lq);
+    let kl = lens(&mut r, batch, lk);
+    if batch >= 3 {
+        ql[1] = 0; // a row with keys but no query: counts in |R|, contributes 0
+    }
+    let (nq, nk) = (batch * lq * d, batch * lk * d);
+    FineCase {
+        shape: FineShape { batch, lq, lk, d },
+        q: scaled(&mut r, nq, 2.0),
+        k: scaled(&mut r, nk, 2.0),
+        v: randv(&mut r, nq),
+        t: randv(&mut r, nk),
+        ql,
+        kl,
+        w: (0..batch)
+            .map(|_| r.gen_range(0.2f32..2.0) as f64)
+            .collect(),
+        gq: randv(&mut r, nq),
+        gk: randv(&mut r, nk),
+    }
+}
+
+#[test]
+fn fine_alignment() {
+    for (seed, batch, lq, lk, d) in [
+        (110, 1, 1, 1, 1),
+        (111, 5, 7, 13, 37),
+        (112, 16, 32, 128, 128),
+        (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (71 + 9)
+        (114, 4, 0, 6, 8),      // no student token anywhere
+    ] {
+        parity(
+            &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
+            &fine_case(seed, batch, lq, lk, d),
+        );
+    }
+}
+
+#[test]
+fn fine_rejects_lengths_beyond_padding() {
+    let Some(g) = gpu() else { return };
+    let shape = FineShape {
+        batch: 2,
+        lq: 2,
+        lk: 2,
+        d: 4,
+    };
+    let x = g.upload(&[0.5f32; 16]).expect("x");
+    let w = g.upload(&[1.0f32; 2]).expect("w");
+    let ql = g.upload_ids(&[1, 3]).expect("q_lens");
+    let kl = g.upload_ids(&[1, 1]).expect("k_lens");
+    let x4 = Ref::whole(&x);
+    let err = g
+        .fine_loss(shape, x4, x4, x4, x4, &ql, &kl, Ref::whole(&w), 1.0, None)
+        .expect_err("q_lens[1] = 3 > lq = 2");
+    assert!(err.to_string().contains("q_lens[1]"), "{err}");
+}
+
+#[test]
+fn fine_refuses_shapes_beyond_shared_memory() {
+    let Some(g) = gpu() else { return };
+    let shape = FineShape {
+        batch: 1,
+        lq: 1,
+        lk: 1500,
+        d: 64,
+    };
+    let q = g.upload(&[0.5f32; 64]).expect("q");
+    let k = g.upload(&vec![0.5f32; 1500 * 64]).expect("k");
+    let w = g.upload(&[1.0f32]).expect("w");
+    let ql = g.upload_ids(&[1]).expect("q_lens");
+    let kl = g.upload_ids(&[1500]).expect("k_lens");
+    let err = g
+        .fine_loss(
+            shape,
+            Ref::whole(&q),
+            Ref::whole(&k),
+            Ref::whole(&q),
+            Ref::whole(&k),
+            &ql,
+            &kl,
+            Ref::whole(&w),
+            1.0,
+            None,
+        )
+        .expect_err("lk + d = 1564 exceeds the kernel's shared memory");
+    assert!(err.to_string().contains("too large"), "{err}");
+}
+
+// ---- optimizer ---------------------------------------------------------------------------
+
+struct OptCase {
+    p: Vec<f64>,
+    g: Vec<f64>,
+    mask: Vec<f64>,
+}
+
+impl Case for OptCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let n = self.p.len();
+        let g = up(be, &junk_padded(&self.g));
+        let ss = be.sum_squares(n, Ref::at(&g, PAD)).expect("sum_squares");
+        let mut p = up(be, &self.p);
+        let gw = up(be, &self.g);
+        let mut m = be.zeros(n).expect("m");
+        let mut v = be.zeros(n).expect("v");
+        let mask = up(be, &self.mask);
+        for step in 1..=3 {
+            let hp = AdamW {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                step,
+                grad_scale: 0.5,
+            };
+            be.adamw(&hp, &mut p, &gw, &mut m, &mut v, &mask);
+        }
+        // Against f64 the moments differ by the rounding of the constants themselves:
+        // 1 − β2 = 0.001 is 0.0010000467 in f32 (4.7e-5 relative), which v and, through
+        // √v̂, the update carry; 1e-4 bounds it (the GPU against the f32 CPU stays at 1e-5).
+        let loose = |name, data| Out {
+            tol64: 1e-4,
+            ..named(name, data)
+        };
+        vec![
+            named("sum_squares", vec![val::<B>(ss)]),
+            loose("params after 3 steps", down(be, &p)),
+            loose("m", down(be, &m)),
+            loose("v", down(be, &v)),
+        ]
+    }
+}
+
+#[test]
+fn sum_squares_and_adamw() {
+    let mut r = rng(120);
+    for n in [1, 255, 257, 100_000, 1_000_003] {
+        let case = OptCase {
+            p: randv(&mut r, n),
+            g: randv(&mut r, n),
+            mask: (0..n).map(|i| (i % 3 != 0) as u8 as f64).collect(),
+        };
+        parity(&format!("optimizer n={n}"), &case);
+    }
+}

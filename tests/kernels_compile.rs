@@ -1,0 +1,264 @@
+//! Kernel check without a GPU: every `kernels/*.cu` is compiled by NVRTC to a CUBIN for sm_80
+//! and sm_90 with `--ptxas-options=-v`; the test fails on a compile error, on a kernel that
+//! spills registers or keeps a stack frame in local memory (unless its source says
+//! `// mgkd: may-spill: <reason>`), or on a kernel the backend needs that a file does not
+//! define. It prints ptxas's register/spill table.
+//!
+//! NVRTC is found through the dynamic loader (`LD_LIBRARY_PATH`, as `.ci/run` sets it); a
+//! library path in `MGKD_NVRTC_LIB`, or else the wheel that `.ci/run` installs under
+//! `.ci-tools/cuda`, is loaded first so that the by-name lookup finds it. Without NVRTC the
+//! test says it skipped — unless `CI` is set, where a missing NVRTC is a failure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use mgkd::backend::cuda::nvrtc::{self, KernelSource};
+use mgkd::backend::cuda::KERNELS;
+
+const ARCHS: &[&str] = &["sm_80", "sm_90"];
+
+/// The repository root: `CARGO_MANIFEST_DIR` at run time (cargo sets it), else the current
+/// directory when it holds `kernels/` (a prebuilt test binary run from the repository, as
+/// `tools/gpu-check` does), else the directory this test was built in.
+fn repo_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    if Path::new("kernels").is_dir() {
+        return PathBuf::from(".");
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Loads NVRTC and its builtins library (NVRTC opens it by name at compile time) by path,
+/// kept loaded for the process, so that lookups by name (`libnvrtc.so.13`,
+/// `libnvrtc-builtins.so.13.0`) resolve to them without `LD_LIBRARY_PATH`.
+fn preload_nvrtc() {
+    let root = repo_root();
+    let nvrtc = std::env::var_os("MGKD_NVRTC_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".ci-tools/cuda/nvidia/cu13/lib/libnvrtc.so.13"));
+    if !nvrtc.is_file() {
+        return;
+    }
+    let mut libs = Vec::new();
+    if let Some(dir) = nvrtc.parent() {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("libnvrtc-builtins.so") {
+                    libs.push(e.path());
+                }
+            }
+        }
+    }
+    libs.push(nvrtc);
+    for lib in libs {
+        // SAFETY: loading the NVRTC libraries runs only their initialisers; the handles are
+        // leaked on purpose (they stay loaded for the process).
+        match unsafe { libloading::Library::new(&lib) } {
+            Ok(l) => std::mem::forget(l),
+            Err(e) => eprintln!("could not load {}: {e}", lib.display()),
+        }
+    }
+}
+
+/// One kernel's ptxas report.
+#[derive(Debug, Default, Clone)]
+struct Report {
+    regs: u32,
+    stack: u32,
+    spill_st: u32,
+    spill_ld: u32,
+    smem: u32,
+}
+
+/// The first unsigned number in `s` that precedes `unit`.
+fn number_before(s: &str, unit: &str) -> Option<u32> {
+    let i = s.find(unit)?;
+    s[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses NVRTC's log (ptxas `-v` lines) into per-kernel reports.
+fn parse_log(log: &str) -> BTreeMap<String, Report> {
+    let mut out: BTreeMap<String, Report> = BTreeMap::new();
+    let mut cur: Option<String> = None;
+    for line in log.lines() {
+        if let Some(rest) = line
+            .split("Compiling entry function '")
+            .nth(1)
+            .or_else(|| line.split("Function properties for ").nth(1))
+        {
+            let name = rest.split('\'').next().unwrap_or(rest).trim().to_string();
+            out.entry(name.clone()).or_default();
+            cur = Some(name);
+            continue;
+        }
+        let Some(name) = cur.clone() else { continue };
+        let r = out.entry(name).or_default();
+        if line.contains("bytes stack frame") {
+            r.stack = number_before(line, "bytes stack frame").unwrap_or(0);
+            r.spill_st = number_before(line, "bytes spill stores").unwrap_or(0);
+            r.spill_ld = number_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used ") && line.contains("registers") {
+            r.regs = number_before(line, "registers").unwrap_or(0);
+            r.smem = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Whether the source of kernel `name` in `src` carries a `// mgkd: may-spill: <reason>`.
+fn may_spill(src: &str, name: &str) -> bool {
+    let Some(start) = src.find(&format!("void {name}(")) else {
+        return false;
+    };
+    let body = &src[start..];
+    let end = body[1..].find("extern \"C\"").map_or(body.len(), |i| i + 1);
+    body[..end].lines().any(|l| {
+        l.split("// mgkd: may-spill:")
+            .nth(1)
+            .is_some_and(|reason| !reason.trim().is_empty())
+    })
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
+    preload_nvrtc();
+    let version = match nvrtc::nvrtc_version() {
+        Ok(v) => v,
+        Err(why) => {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "CI is set but NVRTC is unavailable: {why} (run .ci/run, which installs it)"
+                );
+            }
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    println!("NVRTC {}.{}", version.0, version.1);
+
+    // The files on disk must be exactly those the backend embeds.
+    let dir = repo_root().join("kernels");
+    let mut on_disk = BTreeSet::new();
+    for e in std::fs::read_dir(&dir).expect("kernels/ is readable") {
+        let name = e
+            .expect("dir entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name.ends_with(".cu") {
+            on_disk.insert(name);
+        }
+    }
+    let embedded: BTreeSet<String> = nvrtc::SOURCES.iter().map(|k| k.file.to_string()).collect();
+    assert_eq!(on_disk, embedded, "kernels/*.cu and nvrtc::SOURCES differ");
+
+    let mut failures = Vec::new();
+    let mut rows = Vec::new();
+    for file in &on_disk {
+        let text = std::fs::read_to_string(dir.join(file)).expect("kernel file is readable");
+        let leaked: &'static str = Box::leak(text.clone().into_boxed_str());
+        let fname: &'static str = Box::leak(file.clone().into_boxed_str());
+        let ks = KernelSource {
+            file: fname,
+            src: leaked,
+        };
+        for arch in ARCHS {
+            let compiled = match nvrtc::compile(&ks, arch, &["--ptxas-options=-v".to_string()]) {
+                Ok(c) => c,
+                Err(log) => {
+                    failures.push(format!("{file} {arch}: {log}"));
+                    continue;
+                }
+            };
+            assert!(!compiled.cubin.is_empty(), "{file} {arch}: empty CUBIN");
+            let reports = parse_log(&compiled.log);
+            if reports.is_empty() {
+                failures.push(format!(
+                    "{file} {arch}: no ptxas report in the log:\n{}",
+                    compiled.log
+                ));
+            }
+            for (file_needed, kernel) in KERNELS.iter().filter(|(f, _)| *f == file.as_str()) {
+                if !reports.contains_key(*kernel) {
+                    failures.push(format!("{file_needed} {arch}: kernel {kernel} not defined"));
+                }
+            }
+            for (name, r) in &reports {
+                // Spills, or a stack frame (a local array in slow local memory).
+                let spills = r.spill_st > 0 || r.spill_ld > 0 || r.stack > 0;
+                let allowed = spills && may_spill(&text, name);
+                if spills && !allowed {
+                    failures.push(format!(
+                        "{file} {arch}: {name} spills ({} B stores, {} B loads, {} B stack \
+                         frame) without a `// mgkd: may-spill: <reason>` comment",
+                        r.spill_st, r.spill_ld, r.stack
+                    ));
+                }
+                rows.push((
+                    file.clone(),
+                    arch.to_string(),
+                    name.clone(),
+                    r.clone(),
+                    allowed,
+                ));
+            }
+        }
+    }
+    println!(
+        "{:<13} {:<6} {:<28} {:>5} {:>6} {:>6} {:>6} {:>6}",
+        "file", "arch", "kernel", "regs", "stack", "spillS", "spillL", "smem"
+    );
+    for (file, arch, name, r, allowed) in &rows {
+        println!(
+            "{:<13} {:<6} {:<28} {:>5} {:>6} {:>6} {:>6} {:>6}{}",
+            file,
+            arch,
+            name,
+            r.regs,
+            r.stack,
+            r.spill_st,
+            r.spill_ld,
+            r.smem,
+            if *allowed { "  (may spill)" } else { "" }
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "kernel check failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ptxas_report_is_parsed() {
+    // Lines as NVRTC 13.0 prints them (captured from a kernel built with a register cap).
+    let log = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'spill_probe' for 'sm_90'
+ptxas info    : Function properties for spill_probe
+ptxas         .     192 bytes stack frame, 192 bytes spill stores, 328 bytes spill loads
+ptxas info    : Used 24 registers, used 0 barriers, 192 bytes cumulative stack size
+ptxas info    : Compiling entry function 'sum_squares_partial' for 'sm_90'
+ptxas info    : Function properties for sum_squares_partial
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 256 bytes smem
+";
+    let r = parse_log(log);
+    let p = &r["spill_probe"];
+    assert_eq!(
+        (p.regs, p.stack, p.spill_st, p.spill_ld),
+        (24, 192, 192, 328)
+    );
+    let q = &r["sum_squares_partial"];
+    assert_eq!(
+        (q.regs, q.stack, q.spill_st, q.spill_ld, q.smem),
+        (32, 0, 0, 0, 256)
+    );
+    let src = "extern \"C\" __global__ void a(float* x) {\n  // mgkd: may-spill: big tile\n}\n\
+               extern \"C\" __global__ void b(float* x) {\n}\n";
+    assert!(may_spill(src, "a"));
+    assert!(!may_spill(src, "b"));
+}
