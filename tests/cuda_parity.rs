@@ -20,8 +20,9 @@
 //! the cases on the two CPU backends and holds f32 against f64 to the same bound, a check of
 //! the harness that needs no device.
 
-use std::sync::OnceLock;
+mod cuda_common;
 
+use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::{
@@ -38,28 +39,6 @@ const SENT: f64 = 12345.0;
 const PAD: usize = 3;
 
 // ---- harness ---------------------------------------------------------------------------
-
-/// The shared GPU backend, or `None` (after printing why) when there is none.
-fn gpu() -> Option<&'static CudaBackend> {
-    static GPU: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    GPU.get_or_init(|| match CudaBackend::new(0) {
-        Ok(b) => {
-            println!("parity on {}", b.name());
-            Some(b)
-        }
-        Err(e) => {
-            if std::env::var("MGKD_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("MGKD_REQUIRE_GPU=1 but no usable GPU: {e}");
-            }
-            None
-        }
-    })
-    .as_ref()
-    .or_else(|| {
-        println!("skipped: no usable CUDA device");
-        None
-    })
-}
 
 /// One named output of a case (a full buffer, pads included, as f64).
 struct Out {
@@ -94,7 +73,7 @@ fn parity<C: Case>(label: &str, case: &C) {
         // Harness self-test without a GPU: the f32 CPU stands in for the device, which checks
         // the cases themselves (windows, poison, sentinels) and that the f32-vs-f64 bound
         // holds for f32 arithmetic on these inputs.
-        if std::env::var("MGKD_PARITY_SELFTEST").as_deref() == Ok("1") {
+        if selftest() {
             for (a, b) in want32.iter().zip(&want64) {
                 let what = format!("{label}: {} cpu-f32 vs cpu-f64", a.name);
                 check(&what, &a.data, &b.data, a.tol64, a.floor);

@@ -6,7 +6,7 @@ use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::Float;
 use mgkd::data::{Batch, CatField, EventBatch, NumField, Schema};
 use mgkd::model::params::Init;
-use mgkd::model::{DeviceBatch, Model, ModelConfig, Role};
+use mgkd::model::{DeviceBatch, Model, ModelConfig, ParamTable, Role};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -84,9 +84,25 @@ pub fn batch5(seed: u64) -> Batch {
     batch(seed, &[0, 3, 4, 2, 1], &[5, 0, 6, 3, 2], &[1, 0, 1, 0, 0])
 }
 
-/// A model of `role` (d = 8, 2 heads) whose parameters are randomised around their
-/// initial kind: weights/embeddings N(0, 0.35²), biases N(0, 0.1²), LN scales 1 + N(0, 0.2²).
-/// Values are rounded through f32 so that f32 and f64 copies hold the same numbers.
+/// Randomised values for `table` (table order) around each tensor's initial kind:
+/// weights/embeddings N(0, 0.35²), biases N(0, 0.1²), LN scales 1 + N(0, 0.2²). Values are
+/// rounded through f32 so that f32 and f64 copies hold the same numbers.
+pub fn random_values(table: &ParamTable, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut v = Vec::with_capacity(table.total());
+    for e in table.entries() {
+        let (mean, sd) = match e.init {
+            Init::Normal => (0.0, 0.35),
+            Init::Zeros => (0.0, 0.1),
+            Init::Ones => (1.0, 0.2),
+        };
+        let nd = Normal::new(mean, sd).expect("normal");
+        v.extend((0..e.numel()).map(|_| nd.sample(&mut rng) as f32 as f64));
+    }
+    v
+}
+
+/// A model of `role` (d = 8, 2 heads) with the parameters of [`random_values`].
 pub fn model<F: Float>(
     role: Role,
     blocks: usize,
@@ -95,17 +111,10 @@ pub fn model<F: Float>(
     let be = CpuBackend::<F>::new();
     let cfg = ModelConfig::new(role, &schema(), 8, 2, blocks, 3).expect("config");
     let mut m = Model::new(&be, cfg, seed).expect("model");
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let mut v = Vec::with_capacity(m.params.table.total());
-    for e in m.params.table.entries() {
-        let (mean, sd) = match e.init {
-            Init::Normal => (0.0, 0.35),
-            Init::Zeros => (0.0, 0.1),
-            Init::Ones => (1.0, 0.2),
-        };
-        let nd = Normal::new(mean, sd).expect("normal");
-        v.extend((0..e.numel()).map(|_| <F as Float>::from_f64(nd.sample(&mut rng) as f32 as f64)));
-    }
+    let v: Vec<F> = random_values(&m.params.table, seed)
+        .into_iter()
+        .map(<F as Float>::from_f64)
+        .collect();
     m.params.set_values(&be, &v).expect("values");
     (be, m)
 }
