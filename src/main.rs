@@ -21,6 +21,8 @@ enum Command {
     Import(mgkd::cli::import::ImportArgs),
     /// Describe a dataset: splits, default rates, schema, sequence lengths, shards.
     Inspect(mgkd::cli::inspect::InspectArgs),
+    /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
+    Synth(mgkd::cli::synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
     let result: mgkd::Result<()> = match cli.command {
         Command::Import(args) => mgkd::cli::import::run(&args),
         Command::Inspect(args) => mgkd::cli::inspect::run(&args),
+        Command::Synth(args) => mgkd::cli::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ pub mod import;
 pub mod manifest;
 pub mod schema;
 pub mod shard;
+pub mod synth;
 pub mod writer;
 
 pub use batch::{Batch, EventBatch};
@@ -15,4 +16,5 @@ pub use dataset::{check_manifest, Dataset, EpochOrder, VerifyReport, GATHER_CHUN
 pub use manifest::{Manifest, ShardInfo, SplitStats};
 pub use schema::{CatField, NumField, Schema};
 pub use shard::{validate_shard_bytes, EventsView, Shard, ShardView, UserIdsView};
+pub use synth::{synthesize, SynthConfig};
 pub use writer::{DatasetWriter, RowData, WriterOptions};

@@ -6,12 +6,14 @@
 //! complete. A writer dropped without [`DatasetWriter::finish`] (an error part-way) removes
 //! every file it created, and the directory too when it created it.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, TensorView, View};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{
@@ -99,6 +101,29 @@ impl ShardBuffers {
             in_offsets: vec![0],
             user_id_offsets: vec![0],
             ..Default::default()
+        }
+    }
+
+    /// Empties the buffers for the next shard, keeping their allocations (the next shard
+    /// is usually as large, so it neither reallocates nor faults its pages in again).
+    fn clear(&mut self) {
+        self.rows = 0;
+        for v in [&mut self.label, &mut self.split, &mut self.user_id_bytes] {
+            v.clear();
+        }
+        for v in [&mut self.profile_num, &mut self.pre_num, &mut self.in_num] {
+            v.clear();
+        }
+        for v in [&mut self.profile_cat, &mut self.pre_cat, &mut self.in_cat] {
+            v.clear();
+        }
+        for v in [
+            &mut self.pre_offsets,
+            &mut self.in_offsets,
+            &mut self.user_id_offsets,
+        ] {
+            v.clear();
+            v.push(0);
         }
     }
 
@@ -295,6 +320,16 @@ impl DatasetWriter {
                     num.len()
                 ));
             }
+            // Fast path: a whole-event scan without index arithmetic; only a failing slice
+            // is walked again value by value to name the first bad one.
+            let cat_ok = ec == 0
+                || cat
+                    .chunks_exact(ec)
+                    .all(|ev| ev.iter().zip(&s.event_cat).all(|(&v, f)| v < f.vocab));
+            let num_ok = num.iter().all(|v| v.is_finite());
+            if cat_ok && num_ok {
+                continue;
+            }
             for (i, &v) in cat.iter().enumerate() {
                 let f = &s.event_cat[i % ec];
                 if v >= f.vocab {
@@ -326,7 +361,16 @@ impl DatasetWriter {
         if self.buffers.rows == 0 {
             return Ok(());
         }
-        let b = std::mem::replace(&mut self.buffers, ShardBuffers::new());
+        let result = self.write_shard();
+        // The rows are gone whether or not the shard could be written (as before: a failed
+        // flush is an error the caller reports; the buffers start afresh either way).
+        self.buffers.clear();
+        result
+    }
+
+    /// Serialises the buffered rows and writes them as the next shard.
+    fn write_shard(&mut self) -> Result<()> {
+        let b = &self.buffers;
         let s = &self.schema;
         let n = b.rows;
         let n_pre = (b.pre_offsets[n]) as usize;
@@ -439,19 +483,51 @@ impl DatasetWriter {
         }
         let metadata: HashMap<String, String> =
             [("format".to_string(), FORMAT_NAME.to_string())].into();
-        let bytes = safetensors::tensor::serialize(tensors, &Some(metadata))
-            .map_err(|e| Error::invalid(format!("internal: serialising a shard: {e:?}")))?;
+        // The file is exactly what `safetensors::tensor::serialize` returns, written without
+        // first copying every tensor into one buffer: the library lays out the header and
+        // the data order (see `HeaderOnly`), the data go to the file from the column buffers.
+        let order = RefCell::new(Vec::with_capacity(tensors.len()));
+        let header = safetensors::tensor::serialize(
+            tensors.iter().enumerate().map(|(index, (name, view))| {
+                (
+                    *name,
+                    HeaderOnly {
+                        view,
+                        index,
+                        order: &order,
+                    },
+                )
+            }),
+            &Some(metadata),
+        )
+        .map_err(|e| Error::invalid(format!("internal: serialising a shard: {e:?}")))?;
+        let order = order.into_inner();
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(tensors.len() + 1);
+        pieces.push(&header);
+        for &i in &order {
+            if let Some((_, view)) = tensors.get(i) {
+                pieces.push(view.data());
+            }
+        }
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        if !sorted.iter().copied().eq(0..tensors.len()) {
+            return Err(Error::invalid(
+                "internal: the serialiser did not lay out every tensor exactly once",
+            ));
+        }
+        let bytes_len: usize = pieces.iter().map(|p| p.len()).sum();
         let file = format!("shard-{:05}.safetensors", self.shards.len());
         let path = self.dir.join(&file);
-        write_atomic(&path, &bytes)?;
+        let sha256 = write_atomic_hashed(&path, &pieces)?;
         self.written.push(path);
         self.shards.push(ShardInfo {
             file,
             rows: n as u64,
             pre_events: n_pre as u64,
             in_events: n_in as u64,
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
+            bytes: bytes_len as u64,
+            sha256,
         });
         Ok(())
     }
@@ -508,19 +584,70 @@ impl Drop for DatasetWriter {
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of a digest.
+fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `bytes` to `path` atomically: a `.tmp` sibling is written, synced and renamed over
 /// `path`. On failure the temporary file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, &[bytes], |_| {})
+}
+
+/// A tensor handed to `safetensors::tensor::serialize` that reports its dtype, shape and
+/// length but yields no bytes, recording instead when the serialiser asks for them: the
+/// serialiser then returns just `[header length: u64 LE][header]`, and `order` lists the
+/// tensors in the order it lays their data out after the header.
+struct HeaderOnly<'a> {
+    view: &'a TensorView<'a>,
+    index: usize,
+    order: &'a RefCell<Vec<usize>>,
+}
+
+impl View for HeaderOnly<'_> {
+    fn dtype(&self) -> Dtype {
+        self.view.dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        self.view.shape()
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        self.order.borrow_mut().push(self.index);
+        Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.view.data().len()
+    }
+}
+
+/// [`write_atomic`] of the concatenation of `pieces` that also returns its
+/// [`sha256_hex`], hashing each piece just before writing it, while it is still in the CPU
+/// cache (one pass over memory, not two).
+fn write_atomic_hashed(path: &Path, pieces: &[&[u8]]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    write_atomic_with(path, pieces, |piece| hasher.update(piece))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Bytes per `write` call of [`write_atomic_with`] (small enough to stay in the cache).
+const WRITE_PIECE: usize = 1 << 20;
+
+/// The body of [`write_atomic`]: the concatenation of `pieces` goes to the `.tmp` sibling
+/// in writes of at most [`WRITE_PIECE`] bytes; `on_piece` sees each before it is written.
+fn write_atomic_with(path: &Path, pieces: &[&[u8]], mut on_piece: impl FnMut(&[u8])) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        for piece in pieces.iter().flat_map(|p| p.chunks(WRITE_PIECE)) {
+            on_piece(piece);
+            f.write_all(piece)?;
+        }
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();

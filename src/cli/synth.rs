@@ -1,0 +1,95 @@
+//! `mgkd-train synth`: writes a synthetic dataset (generator model: `docs/synth.md`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::data::synth::{synthesize_with_progress, SynthConfig};
+use crate::{Error, Result};
+
+/// Arguments of `mgkd-train synth`.
+#[derive(Debug, Clone, Args)]
+pub struct SynthArgs {
+    /// Output dataset directory (created; must not already hold a dataset).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of users (rows).
+    #[arg(long)]
+    pub users: u64,
+    /// Random seed: the same seed gives byte-identical shards whatever the thread count.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Expected default rate, strictly between 0 and 1.
+    #[arg(long, default_value_t = 0.04)]
+    pub default_rate: f64,
+    /// In-service length limit L.
+    #[arg(long, default_value_t = 128)]
+    pub in_len: usize,
+    /// Pre-service length limit Lp.
+    #[arg(long, default_value_t = 32)]
+    pub pre_len: usize,
+    /// Close a shard after this many rows (besides the size bound).
+    #[arg(long)]
+    pub shard_rows: Option<usize>,
+    /// Target shard size in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub shard_mib: u64,
+}
+
+impl SynthArgs {
+    /// The generator configuration these arguments describe (not yet validated).
+    pub fn config(&self) -> Result<SynthConfig> {
+        let shard_bytes = self.shard_mib.checked_mul(1 << 20).ok_or_else(|| {
+            Error::invalid(format!("--shard-mib {} is too large", self.shard_mib))
+        })?;
+        Ok(SynthConfig {
+            users: self.users,
+            seed: self.seed,
+            default_rate: self.default_rate,
+            in_len: self.in_len,
+            pre_len: self.pre_len,
+            shard_rows: self.shard_rows,
+            shard_bytes,
+        })
+    }
+}
+
+/// Runs the subcommand: progress bar on stderr (only on a terminal), one summary line on
+/// stdout.
+pub fn run(args: &SynthArgs) -> Result<()> {
+    let cfg = args.config()?;
+    cfg.validate()?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(Some(cfg.users), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} synth [{elapsed_precise}] {wide_bar} {pos}/{len} users ({per_sec}, eta {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    let manifest = synthesize_with_progress(&args.out, &cfg, &|done| bar.set_position(done))?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let rates: Vec<String> = manifest
+        .splits
+        .iter()
+        .map(|s| format!("{} {:.4} ({} rows)", s.name, s.default_rate, s.rows))
+        .collect();
+    println!(
+        "synth: {} users in {:.2} s ({:.0} users/s), {} shards in {}; default rate {}",
+        manifest.rows,
+        secs,
+        manifest.rows as f64 / secs.max(1e-9),
+        manifest.shards.len(),
+        args.out.display(),
+        rates.join(", ")
+    );
+    Ok(())
+}
