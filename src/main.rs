@@ -23,6 +23,16 @@ enum Command {
     Inspect(mgkd::cli::inspect::InspectArgs),
     /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
     Synth(mgkd::cli::synth::SynthArgs),
+    /// Train a teacher on in-service behaviour (keeps the best validation-AUC checkpoint).
+    Teacher(mgkd::cli::train::TeacherArgs),
+    /// Train a student on pre-service data under a frozen teacher (MGKD, SPEC §5).
+    Student(mgkd::cli::train::StudentArgs),
+    /// Evaluate a checkpoint on a split: AUC, KS, log-loss, PR-AUC, approval and lift tables.
+    Eval(mgkd::cli::eval::EvalArgs),
+    /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
+    Predict(mgkd::cli::predict::PredictArgs),
+    /// Synthesise a small cohort, train teacher, plain and MGKD students, compare them.
+    Quickstart(mgkd::cli::quickstart::QuickstartArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +41,11 @@ fn main() -> ExitCode {
         Command::Import(args) => mgkd::cli::import::run(&args),
         Command::Inspect(args) => mgkd::cli::inspect::run(&args),
         Command::Synth(args) => mgkd::cli::synth::run(&args),
+        Command::Teacher(args) => mgkd::cli::train::run_teacher(&args),
+        Command::Student(args) => mgkd::cli::train::run_student(&args),
+        Command::Eval(args) => mgkd::cli::eval::run(&args),
+        Command::Predict(args) => mgkd::cli::predict::run(&args),
+        Command::Quickstart(args) => mgkd::cli::quickstart::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
