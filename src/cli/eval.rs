@@ -27,6 +27,11 @@ pub enum Split {
 }
 
 impl Split {
+    /// The split's name (`train`, `valid`, `test`).
+    pub fn name(self) -> &'static str {
+        crate::data::manifest::SPLIT_NAMES[usize::from(self.id())]
+    }
+
     /// The split id stored in the shards.
     pub fn id(self) -> u8 {
         match self {
@@ -90,8 +95,8 @@ pub fn evaluate_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalOutput> {
     let rows = ds.rows_of_split(args.split.id());
     if rows.is_empty() {
         return Err(Error::invalid(format!(
-            "the {:?} split of {} has no rows",
-            args.split,
+            "the {} split of {} has no rows",
+            args.split.name(),
             ds.dir().display()
         )));
     }
@@ -115,10 +120,10 @@ fn opt(x: Option<f64>, prec: usize) -> String {
 pub fn print_report(o: &EvalOutput) {
     let r = &o.report;
     println!(
-        "{} {} on split {:?}: {} rows, {} defaults ({:.2}%)",
+        "{} {} on split {}: {} rows, {} defaults ({:.2}%)",
         o.role,
         o.model,
-        o.split,
+        o.split.name(),
         r.n,
         r.positives,
         100.0 * r.bad_rate
