@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// Quickstart defaults, chosen to finish in under 3 minutes on 2 cores.
 pub mod defaults {
     /// Synthetic users.
-    pub const USERS: u64 = 8000;
+    pub const USERS: u64 = 16000;
     /// Default rate of the synthetic cohort (higher than the generator's 4 % so that the
     /// small test split holds enough defaulters for a stable AUC).
     pub const DEFAULT_RATE: f64 = 0.1;
@@ -43,7 +43,7 @@ pub mod defaults {
     /// Rows per batch.
     pub const BATCH: usize = 128;
     /// Peak learning rate.
-    pub const LR: f64 = 2e-3;
+    pub const LR: f64 = 1e-3;
 }
 
 /// Arguments of `mgkd-train quickstart`.
@@ -62,6 +62,12 @@ pub struct QuickstartArgs {
     /// Epochs per model.
     #[arg(long, default_value_t = defaults::EPOCHS)]
     pub epochs: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = defaults::LR)]
+    pub lr: f64,
+    /// Model width d.
+    #[arg(long, default_value_t = defaults::D)]
+    pub d: usize,
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -142,7 +148,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<QuickRow>>
     let ds = Dataset::open(&data)?;
     let be = CpuBackend::<f32>::new();
     let widths = Widths {
-        d: defaults::D,
+        d: args.d,
         heads: defaults::HEADS,
         blocks: defaults::BLOCKS,
         d_cat: defaults::D_CAT,
@@ -150,7 +156,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<QuickRow>>
     let tc = TrainConfig {
         epochs: args.epochs,
         batch: defaults::BATCH,
-        lr: defaults::LR,
+        lr: args.lr,
         seed: args.seed,
         ..TrainConfig::default()
     };
