@@ -347,6 +347,31 @@ fn mismatched_schemas_and_bad_options_are_refused() {
         ],
         &["width d = 16"],
     );
+    refused(
+        &[
+            "student",
+            "--data",
+            p(&data),
+            "--teacher",
+            p(&t),
+            "--out",
+            p(&t),
+        ],
+        &["teacher checkpoint"],
+    );
+    let missing = tmp.path().join("no-such-dir").join("t.safetensors");
+    refused(
+        &[
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&missing),
+            "--epochs",
+            "1",
+        ],
+        &["no-such-dir", "does not exist"],
+    );
     // Not a checkpoint at all.
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a checkpoint").expect("write");
@@ -462,4 +487,56 @@ fn checkpoints_are_bit_identical_for_1_and_2_threads() {
         one.1 == two.1,
         "student checkpoints differ between 1 and 2 threads"
     );
+}
+
+#[test]
+fn quickstart_runs_small_and_prints_the_comparison() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("work");
+    let out = ok(&[
+        "quickstart",
+        "--users",
+        "1200",
+        "--epochs",
+        "1",
+        "--d",
+        "8",
+        "--seed",
+        "3",
+        "--quiet",
+        "--workdir",
+        p(&work),
+    ]);
+    for name in [
+        "teacher (in-service)",
+        "student, plain",
+        "student, MGKD",
+        "AUC",
+        "log-loss",
+    ] {
+        assert!(out.contains(name), "{name} missing:\n{out}");
+    }
+    for f in [
+        "model-0-teacher.safetensors",
+        "model-1-student.safetensors",
+        "model-2-student.safetensors",
+        "data/dataset.json",
+    ] {
+        assert!(work.join(f).exists(), "{f} missing");
+    }
+    // The plain student has every distillation term off, the MGKD student every one on.
+    let rec = |f: &str| {
+        let path = work.join(f);
+        let ck = mgkd::model::checkpoint::read(&path).expect("checkpoint");
+        mgkd::train::TrainingRecord::from_metadata(&path, &ck.metadata)
+            .expect("record")
+            .expect("present")
+    };
+    let (plain, full) = (
+        rec("model-1-student.safetensors"),
+        rec("model-2-student.safetensors"),
+    );
+    assert!(!plain.loss.soft && !plain.loss.coarse && !plain.loss.fine && !plain.loss.self_distill);
+    assert!(plain.loss.reweight);
+    assert!(full.loss.soft && full.loss.coarse && full.loss.fine && full.loss.self_distill);
 }

@@ -515,6 +515,12 @@ pub fn teacher_on<B: Backend>(be: &B, args: &TeacherArgs, r: &Resolved) -> Resul
 /// `mgkd-train student`). The teacher must be a teacher checkpoint of the dataset's schema.
 pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Result<TrainReport> {
     let c = &args.common;
+    if c.out == args.teacher {
+        return Err(Error::invalid(format!(
+            "--out {} is the teacher checkpoint: choose another output",
+            c.out.display()
+        )));
+    }
     let ds = Dataset::open(&c.data)?;
     require_in_service(
         &ds,

@@ -372,6 +372,16 @@ pub fn train<B: Backend>(
             ));
         }
     }
+    for path in opts.checkpoint.iter().chain(&opts.log) {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+            return Err(Error::invalid(format!(
+                "{}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
     let start = Instant::now();
     let train_rows = ds.rows_of_split(TRAIN);
     let valid_rows = ds.rows_of_split(VALID);
