@@ -246,6 +246,27 @@ fn teacher_student_eval_predict_end_to_end() {
         &["in-service"],
     );
     refused(&["eval", "--data", p(&new), "--model", p(&s)], &["labels"]);
+    let labelled_new = tmp.path().join("labelled-new");
+    train_common::write(
+        &labelled_new,
+        Spec {
+            in_service: false,
+            ..Spec::labelled(150, 23)
+        },
+    );
+    refused(
+        &["eval", "--data", p(&labelled_new), "--model", p(&t)],
+        &["in-service", "has none"],
+    );
+    ok(&["eval", "--data", p(&labelled_new), "--model", p(&s)]);
+    // predict wrote atomically: no temporary file is left.
+    let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]
