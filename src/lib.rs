@@ -12,6 +12,8 @@
 //! - [`model`]: parameter table and storage, checkpoints, layers, teacher and student.
 //! - [`loss`]: class weights and the teacher/student objectives of SPEC §5.
 //! - [`optim`]: global-norm clipping and AdamW over the flat buffers.
+//! - [`train`]: the training loop (schedule, bucketed batches, early stopping, best
+//!   checkpoint) over any backend.
 //! - [`metrics`]: evaluation of scores against labels (AUC, KS, log-loss, PR-AUC, approval
 //!   and lift tables).
 //! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
@@ -26,5 +28,6 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};

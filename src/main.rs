@@ -17,12 +17,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Synthesise a small cohort, train teacher, plain and MGKD students, compare them.
+    Quickstart(mgkd::cli::quickstart::QuickstartArgs),
+    /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
+    Synth(mgkd::cli::synth::SynthArgs),
     /// Import CSV files (long or wide layout) into a dataset directory.
     Import(mgkd::cli::import::ImportArgs),
     /// Describe a dataset: splits, default rates, schema, sequence lengths, shards.
     Inspect(mgkd::cli::inspect::InspectArgs),
-    /// Generate a synthetic dataset in the §8 reference schema (model: docs/synth.md).
-    Synth(mgkd::cli::synth::SynthArgs),
+    /// Train a teacher on in-service behaviour (keeps the best validation-AUC checkpoint).
+    Teacher(mgkd::cli::train::TeacherArgs),
+    /// Train a student on pre-service data under a frozen teacher (MGKD, SPEC §5).
+    Student(mgkd::cli::train::StudentArgs),
+    /// Evaluate a checkpoint on a split: AUC, KS, log-loss, PR-AUC, approval and lift tables.
+    Eval(mgkd::cli::eval::EvalArgs),
+    /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
+    Predict(mgkd::cli::predict::PredictArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),
 }
@@ -30,9 +40,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
+        Command::Quickstart(args) => mgkd::cli::quickstart::run(&args),
+        Command::Synth(args) => mgkd::cli::synth::run(&args),
         Command::Import(args) => mgkd::cli::import::run(&args),
         Command::Inspect(args) => mgkd::cli::inspect::run(&args),
-        Command::Synth(args) => mgkd::cli::synth::run(&args),
+        Command::Teacher(args) => mgkd::cli::train::run_teacher(&args),
+        Command::Student(args) => mgkd::cli::train::run_student(&args),
+        Command::Eval(args) => mgkd::cli::eval::run(&args),
+        Command::Predict(args) => mgkd::cli::predict::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),
     };
     match result {

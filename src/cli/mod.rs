@@ -1,6 +1,10 @@
 //! The `mgkd-train` command line: one module per subcommand.
 
 pub mod devices;
+pub mod eval;
 pub mod import;
 pub mod inspect;
+pub mod predict;
+pub mod quickstart;
 pub mod synth;
+pub mod train;

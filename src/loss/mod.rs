@@ -220,8 +220,8 @@ fn on(flag: bool, f: impl FnOnce() -> Result<f64>) -> Result<Term> {
     }
 }
 
-/// Student stage (SPEC §5): runs the frozen teacher forward and the student forward, every
-/// switched-on term, and with `backward` accumulates ∂L/∂θ_student into the student's
+/// Student stage (SPEC §5): runs the frozen teacher forward (only when L_soft, L_coarse or
+/// L_fine is on) and the student forward, every switched-on term, and with `backward` accumulates ∂L/∂θ_student into the student's
 /// gradient buffer. Returns the per-term values and the total.
 pub fn student_objective<B: Backend>(
     be: &B,
@@ -245,14 +245,23 @@ pub fn student_objective<B: Backend>(
     }
     cfg.validate()?;
     let (w, labels) = row_weights(be, batch, class_w)?;
-    let t = teacher.forward(be, batch)?;
+    // The teacher runs only when a term reads it (L_self and L_hard do not).
+    let t = if cfg.soft || cfg.coarse || cfg.fine {
+        Some(teacher.forward(be, batch)?)
+    } else {
+        None
+    };
+    let teacher_out = || {
+        t.as_ref()
+            .ok_or_else(|| Error::invalid("teacher forward missing"))
+    };
     let s = student.forward(be, batch)?;
     let (n, d) = (batch.rows, student.config.d);
     let f = <B::F as Float>::from_f64;
     let tau = f(cfg.tau);
     let wr = Ref::whole(&w);
     let mut dz = zeros(be, n)?;
-    let (zs, zt) = (Ref::whole(&s.logits), Ref::whole(&t.logits));
+    let zs = Ref::whole(&s.logits);
     let hard = on(cfg.hard, || {
         let g = backward.then(|| Mut::whole(&mut dz));
         Ok(be
@@ -261,6 +270,7 @@ pub fn student_objective<B: Backend>(
     })?;
     let soft = on(cfg.soft, || {
         let g = backward.then(|| Mut::whole(&mut dz));
+        let zt = Ref::whole(&teacher_out()?.logits);
         Ok(be
             .bernoulli_kl_loss(n, zs, zt, Some(wr), tau, f(cfg.alpha), g)?
             .to_f64())
@@ -283,7 +293,7 @@ pub fn student_objective<B: Backend>(
         );
         let mut dpred = zeros(be, n * d)?;
         let g = backward.then(|| Mut::whole(&mut dpred));
-        let (pr, tr) = (Ref::whole(&pred), Ref::whole(&t.hidden));
+        let (pr, tr) = (Ref::whole(&pred), Ref::whole(&teacher_out()?.hidden));
         let v = be.coarse_loss(n, d, pr, tr, wr, cfg.coarse_cosine, f(cfg.beta), g)?;
         if backward {
             let mut dh = zeros(be, n * d)?;
@@ -305,7 +315,8 @@ pub fn student_objective<B: Backend>(
     })?;
     let (mut dtokens, mut dp) = (None, None);
     let fine = on(cfg.fine, || {
-        let (v, grads) = fine_term(be, cfg.gamma, student, batch, &s, &t, &w, backward)?;
+        let t = teacher_out()?;
+        let (v, grads) = fine_term(be, cfg.gamma, student, batch, &s, t, &w, backward)?;
         if let Some((dt, dpp)) = grads {
             dtokens = Some(dt);
             dp = Some(dpp);

@@ -69,7 +69,32 @@ pub fn save<B: Backend>(
     meta.insert(KEY_CONFIG.into(), config);
     let out = safetensors::tensor::serialize(tensors, &Some(meta))
         .map_err(|e| Error::format(path, format!("serialising the checkpoint: {e}")))?;
+    let out = canonical_header(&out)
+        .ok_or_else(|| Error::format(path, "serialising the checkpoint: unreadable header"))?;
     write_atomic(path, &out)
+}
+
+/// Rewrites a serialised safetensors file with its JSON header in a canonical form (keys,
+/// metadata keys included, in sorted order; padded with spaces to 8 bytes). `safetensors`
+/// writes the metadata from a `HashMap`, whose order changes from process to process, so
+/// without this the same model would not always give the same bytes. `None` when the
+/// header cannot be read back.
+fn canonical_header(bytes: &[u8]) -> Option<Vec<u8>> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let end = n.checked_add(8)?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    if let Some(meta) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(meta).ok()?;
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).ok()?);
+    }
+    let mut json = serde_json::to_vec(&header).ok()?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[end..]);
+    Some(out)
 }
 
 /// A checkpoint read from disk: its configuration, parameter values (f32, table order) and

@@ -1,0 +1,598 @@
+//! `mgkd-train teacher` and `mgkd-train student`: train a model on a dataset directory and
+//! keep the checkpoint of the best validation AUC (SPEC §6).
+//!
+//! Settings come from the defaults, then the `--config` TOML file (sections `[model]`,
+//! `[train]`, `[loss]`; an unknown key is an error naming it), then the flags. The whole
+//! resolved configuration is stored in the checkpoint, so `eval` and `predict` need no flags.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use crate::backend::Backend;
+use crate::data::writer::sha256_hex;
+use crate::data::Dataset;
+use crate::loss::{class_weights, LossConfig};
+use crate::model::config::{DEFAULT_BLOCKS, DEFAULT_D, DEFAULT_D_CAT, DEFAULT_HEADS};
+use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::train::{
+    labels_of, train, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord, TRAIN,
+};
+use crate::{Error, Result};
+
+/// Where the computation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The best available backend (the CPU in this build).
+    Auto,
+    /// The CPU reference backend.
+    Cpu,
+    /// The CUDA backend.
+    Cuda,
+}
+
+/// Runs `$body` with `$be` bound to the backend that `$device` selects: the one place that
+/// maps a [`Device`] to a backend type.
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, $be:ident => $body:expr) => {
+        match $device {
+            $crate::cli::train::Device::Auto | $crate::cli::train::Device::Cpu => {
+                let $be = &$crate::backend::cpu::CpuBackend::<f32>::new();
+                $body
+            }
+            $crate::cli::train::Device::Cuda => Err($crate::Error::invalid("--device cuda: this build's trainer runs on the CPU backend only (the CUDA backend is not wired in yet); use --device cpu")),
+        }
+    };
+}
+
+/// Options shared by `teacher` and `student`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output checkpoint (safetensors), written atomically whenever validation AUC improves.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// TOML file with every hyper-parameter (`[model]`, `[train]`, `[loss]`); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// JSONL log, one line per epoch (default `<out>.log.jsonl`).
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// No progress bar and no per-epoch table.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Maximum epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Rows per batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed (initialisation, shuffles).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Early-stopping patience in validations.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Plain shuffled batches instead of length-bucketed ones.
+    #[arg(long)]
+    pub no_bucket: bool,
+    /// Model width d (a student defaults to its teacher's).
+    #[arg(long)]
+    pub d: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub blocks: Option<usize>,
+    /// Width of each profile categorical embedding.
+    #[arg(long)]
+    pub d_cat: Option<usize>,
+    /// Class re-weighting exponent ρ.
+    #[arg(long)]
+    pub rho: Option<f64>,
+    /// No class re-weighting.
+    #[arg(long)]
+    pub no_reweight: bool,
+    /// Worker threads (default: RAYON_NUM_THREADS or all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+/// Arguments of `mgkd-train teacher`.
+#[derive(Debug, Clone, Args)]
+pub struct TeacherArgs {
+    /// Common options.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Arguments of `mgkd-train student`.
+#[derive(Debug, Clone, Args)]
+pub struct StudentArgs {
+    /// Common options.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The frozen teacher's checkpoint.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Switch L_soft off.
+    #[arg(long)]
+    pub no_soft: bool,
+    /// Switch L_coarse off.
+    #[arg(long)]
+    pub no_coarse: bool,
+    /// Switch L_fine off.
+    #[arg(long)]
+    pub no_fine: bool,
+    /// Switch L_self off.
+    #[arg(long)]
+    pub no_self: bool,
+    /// L_coarse as cosine distance.
+    #[arg(long)]
+    pub coarse_cosine: bool,
+    /// α, weight of L_soft.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// β, weight of L_coarse.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// γ, weight of L_fine.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// δ, weight of L_self.
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// Temperature τ.
+    #[arg(long)]
+    pub tau: Option<f64>,
+}
+
+/// `[model]` section of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Model width.
+    pub d: Option<usize>,
+    /// Attention heads.
+    pub heads: Option<usize>,
+    /// Transformer blocks.
+    pub blocks: Option<usize>,
+    /// Profile embedding width.
+    pub d_cat: Option<usize>,
+}
+
+/// `[train]` section of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Maximum epochs.
+    pub epochs: Option<usize>,
+    /// Rows per batch.
+    pub batch: Option<usize>,
+    /// Peak learning rate.
+    pub lr: Option<f64>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Early-stopping patience.
+    pub patience: Option<usize>,
+    /// Length-bucketed batches.
+    pub bucket: Option<bool>,
+    /// Warm-up share of the steps.
+    pub warmup: Option<f64>,
+    /// AdamW weight decay.
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping threshold.
+    pub clip: Option<f64>,
+}
+
+/// `[loss]` section of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    /// α.
+    pub alpha: Option<f64>,
+    /// β.
+    pub beta: Option<f64>,
+    /// γ.
+    pub gamma: Option<f64>,
+    /// δ.
+    pub delta: Option<f64>,
+    /// τ.
+    pub tau: Option<f64>,
+    /// ρ.
+    pub rho: Option<f64>,
+    /// L_soft on.
+    pub soft: Option<bool>,
+    /// L_coarse on.
+    pub coarse: Option<bool>,
+    /// L_fine on.
+    pub fine: Option<bool>,
+    /// L_self on.
+    pub self_distill: Option<bool>,
+    /// Re-weighting on.
+    pub reweight: Option<bool>,
+    /// Cosine form of L_coarse.
+    pub coarse_cosine: Option<bool>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Model widths.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Optimisation.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Loss coefficients and switches.
+    #[serde(default)]
+    pub loss: LossSection,
+}
+
+impl FileConfig {
+    /// Reads and parses `path` (errors name the file and the offending key).
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+    }
+}
+
+/// Widths of a model to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Widths {
+    /// d.
+    pub d: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Blocks.
+    pub blocks: usize,
+    /// d_cat.
+    pub d_cat: usize,
+}
+
+impl Widths {
+    /// The library defaults (d 128, 4 heads, 2 blocks, d_cat 16).
+    pub fn defaults() -> Widths {
+        Widths {
+            d: DEFAULT_D,
+            heads: DEFAULT_HEADS,
+            blocks: DEFAULT_BLOCKS,
+            d_cat: DEFAULT_D_CAT,
+        }
+    }
+
+    /// The widths of an existing configuration.
+    pub fn of(cfg: &ModelConfig) -> Widths {
+        Widths {
+            d: cfg.d,
+            heads: cfg.heads,
+            blocks: cfg.blocks,
+            d_cat: cfg.d_cat,
+        }
+    }
+}
+
+/// The settings of one run after defaults, config file and flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// Model widths.
+    pub widths: Widths,
+    /// Optimisation.
+    pub train: TrainConfig,
+    /// Loss.
+    pub loss: LossConfig,
+}
+
+/// Resolves defaults ← file ← flags; `base` are the default widths (the teacher's for a
+/// student).
+pub fn resolve(
+    common: &CommonArgs,
+    student: Option<&StudentArgs>,
+    base: Widths,
+) -> Result<Resolved> {
+    let file = match &common.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
+    let (m, t, l) = (&file.model, &file.train, &file.loss);
+    let widths = Widths {
+        d: pick(common.d, m.d, base.d),
+        heads: pick(common.heads, m.heads, base.heads),
+        blocks: pick(common.blocks, m.blocks, base.blocks),
+        d_cat: pick(common.d_cat, m.d_cat, base.d_cat),
+    };
+    let td = TrainConfig::default();
+    let train = TrainConfig {
+        epochs: pick(common.epochs, t.epochs, td.epochs),
+        batch: pick(common.batch, t.batch, td.batch),
+        lr: common.lr.or(t.lr).unwrap_or(td.lr),
+        seed: common.seed.or(t.seed).unwrap_or(td.seed),
+        patience: pick(common.patience, t.patience, td.patience),
+        bucket: !common.no_bucket && t.bucket.unwrap_or(td.bucket),
+        warmup: t.warmup.unwrap_or(td.warmup),
+        weight_decay: t.weight_decay.unwrap_or(td.weight_decay),
+        clip: t.clip.unwrap_or(td.clip),
+    };
+    let ld = LossConfig::default();
+    let f = |flag: Option<f64>, file: Option<f64>, def: f64| flag.or(file).unwrap_or(def);
+    let off = |flag: bool, file: Option<bool>, def: bool| !flag && file.unwrap_or(def);
+    let s = student;
+    let loss = LossConfig {
+        alpha: f(s.and_then(|s| s.alpha), l.alpha, ld.alpha),
+        beta: f(s.and_then(|s| s.beta), l.beta, ld.beta),
+        gamma: f(s.and_then(|s| s.gamma), l.gamma, ld.gamma),
+        delta: f(s.and_then(|s| s.delta), l.delta, ld.delta),
+        tau: f(s.and_then(|s| s.tau), l.tau, ld.tau),
+        rho: f(common.rho, l.rho, ld.rho),
+        hard: true,
+        soft: off(s.is_some_and(|s| s.no_soft), l.soft, ld.soft),
+        coarse: off(s.is_some_and(|s| s.no_coarse), l.coarse, ld.coarse),
+        fine: off(s.is_some_and(|s| s.no_fine), l.fine, ld.fine),
+        self_distill: off(
+            s.is_some_and(|s| s.no_self),
+            l.self_distill,
+            ld.self_distill,
+        ),
+        reweight: off(common.no_reweight, l.reweight, ld.reweight),
+        coarse_cosine: s.is_some_and(|s| s.coarse_cosine)
+            || l.coarse_cosine.unwrap_or(ld.coarse_cosine),
+    };
+    train.validate()?;
+    loss.validate()?;
+    Ok(Resolved {
+        widths,
+        train,
+        loss,
+    })
+}
+
+/// Runs `f` in a rayon pool of `threads` threads (the global pool when `None`).
+pub fn in_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    match threads {
+        None => f(),
+        Some(0) => Err(Error::invalid("--threads must be at least 1")),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("thread pool of {n}: {e}")))?
+            .install(f),
+    }
+}
+
+/// Total in-service events stored in the dataset.
+pub fn in_service_events(ds: &Dataset) -> u64 {
+    ds.manifest().shards.iter().map(|s| s.in_events).sum()
+}
+
+/// An error when `ds` has no in-service event at all (a teacher cannot read it).
+pub fn require_in_service(ds: &Dataset, what: &str) -> Result<()> {
+    if in_service_events(ds) == 0 {
+        return Err(Error::invalid(format!(
+            "{what} needs in-service events (the teacher reads them), and the dataset {} has none",
+            ds.dir().display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a checkpoint's configuration `found` (read from `file`) was built for the
+/// schema of `ds`; otherwise an error naming both and every difference.
+pub fn check_schema(file: &Path, found: &ModelConfig, ds: &Dataset) -> Result<()> {
+    let w = Widths::of(found);
+    let wanted = ModelConfig::new(found.role, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
+    let diff = found.diff(&wanted);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(Error::format(
+        file,
+        format!(
+            "this {} was trained on data of another schema than the dataset {} (checkpoint here, dataset wanted): {}",
+            found.role,
+            ds.dir().display(),
+            diff.join("; ")
+        ),
+    ))
+}
+
+/// The default log path `<out>.log.jsonl`.
+pub fn default_log(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".log.jsonl");
+    PathBuf::from(s)
+}
+
+/// Prints the per-epoch table and the best epoch.
+pub fn print_summary(report: &TrainReport, out: &Path) {
+    println!(
+        "{:>5} {:>11} {:>9} {:>8} {:>10} {:>11} {:>8}",
+        "epoch", "train_loss", "valid_auc", "valid_ks", "valid_ll", "samples/s", "padding"
+    );
+    for e in &report.history {
+        println!(
+            "{:>5} {:>11.5} {:>9.4} {:>8.4} {:>10.5} {:>11.0} {:>7.1}%{}",
+            e.epoch,
+            e.train_loss,
+            e.valid_auc,
+            e.valid_ks,
+            e.valid_log_loss,
+            e.samples_per_s,
+            100.0 * e.padding,
+            if e.best { " *" } else { "" }
+        );
+    }
+    println!(
+        "best epoch {}: valid AUC {:.4}, KS {:.4}; {} epochs{} in {:.1} s ({:.0} samples/s); checkpoint {}",
+        report.best.epoch,
+        report.best.valid_auc,
+        report.best.valid_ks,
+        report.history.len(),
+        if report.stopped_early {
+            " (early stop)"
+        } else {
+            ""
+        },
+        report.seconds,
+        report.samples_per_s,
+        out.display()
+    );
+}
+
+fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOptions> {
+    Ok(RunOptions {
+        checkpoint: Some(common.out.clone()),
+        metadata: record.to_metadata()?,
+        log: Some(
+            common
+                .log
+                .clone()
+                .unwrap_or_else(|| default_log(&common.out)),
+        ),
+        progress: !common.quiet && std::io::stderr().is_terminal(),
+    })
+}
+
+/// The training record of a run on `ds` (given as `data`) with settings `r`; `teacher` is
+/// the teacher checkpoint's path and SHA-256 for a student.
+pub fn training_record(
+    ds: &Dataset,
+    data: &Path,
+    r: &Resolved,
+    stage: Role,
+    teacher: Option<(&Path, String)>,
+) -> Result<TrainingRecord> {
+    let rows = ds.rows_of_split(TRAIN);
+    let labels = labels_of(ds, &rows, "training")?;
+    let pos = labels.iter().filter(|&&y| y == 1).count() as u64;
+    Ok(TrainingRecord {
+        stage,
+        train: r.train.clone(),
+        loss: r.loss.clone(),
+        class_weights: class_weights(labels.len() as u64 - pos, pos, r.loss.rho, r.loss.reweight)?,
+        dataset: data.display().to_string(),
+        train_rows: rows.len() as u64,
+        teacher: teacher.as_ref().map(|(p, _)| p.display().to_string()),
+        teacher_sha256: teacher.map(|(_, s)| s),
+    })
+}
+
+/// Trains a teacher on `be` (library entry of `mgkd-train teacher`).
+pub fn teacher_on<B: Backend>(be: &B, args: &TeacherArgs, r: &Resolved) -> Result<TrainReport> {
+    let c = &args.common;
+    let ds = Dataset::open(&c.data)?;
+    require_in_service(&ds, "training a teacher")?;
+    let w = r.widths;
+    let cfg = ModelConfig::new(Role::Teacher, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
+    let mut model = Model::new(be, cfg, r.train.seed)?;
+    let rec = training_record(&ds, &c.data, r, Role::Teacher, None)?;
+    let opts = run_options(c, &rec)?;
+    train(
+        be,
+        &ds,
+        &mut model,
+        &Stage::Teacher,
+        &r.loss,
+        &r.train,
+        &opts,
+    )
+}
+
+/// Trains a student under the teacher of `args.teacher` on `be` (library entry of
+/// `mgkd-train student`). The teacher must be a teacher checkpoint of the dataset's schema.
+pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Result<TrainReport> {
+    let c = &args.common;
+    if c.out == args.teacher {
+        return Err(Error::invalid(format!(
+            "--out {} is the teacher checkpoint: choose another output",
+            c.out.display()
+        )));
+    }
+    let ds = Dataset::open(&c.data)?;
+    require_in_service(
+        &ds,
+        "training a student (its teacher reads in-service events)",
+    )?;
+    let bytes = std::fs::read(&args.teacher).map_err(|e| Error::io(&args.teacher, e))?;
+    let sha = sha256_hex(&bytes);
+    drop(bytes);
+    let ck = checkpoint::read(&args.teacher)?;
+    if ck.config.role != Role::Teacher {
+        return Err(Error::format(
+            &args.teacher,
+            "--teacher needs a teacher checkpoint, this is a student",
+        ));
+    }
+    check_schema(&args.teacher, &ck.config, &ds)?;
+    let teacher = ck.into_model(be)?;
+    let w = r.widths;
+    if w.d != teacher.config.d {
+        return Err(Error::invalid(format!(
+            "the student's width d = {} must equal its teacher's ({}): the coarse and fine terms compare their representations",
+            w.d, teacher.config.d
+        )));
+    }
+    let cfg = ModelConfig::new(Role::Student, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
+    let mut model = Model::new(be, cfg, r.train.seed)?;
+    let rec = training_record(&ds, &c.data, r, Role::Student, Some((&args.teacher, sha)))?;
+    let opts = run_options(c, &rec)?;
+    train(
+        be,
+        &ds,
+        &mut model,
+        &Stage::Student(&teacher),
+        &r.loss,
+        &r.train,
+        &opts,
+    )
+}
+
+/// `mgkd-train teacher`.
+pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
+    let r = resolve(&args.common, None, Widths::defaults())?;
+    let report = in_pool(
+        args.common.threads,
+        || with_backend!(args.common.device, be => teacher_on(be, args, &r)),
+    )?;
+    finish(&args.common, &report);
+    Ok(())
+}
+
+/// `mgkd-train student`.
+pub fn run_student(args: &StudentArgs) -> Result<()> {
+    let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
+    let r = resolve(&args.common, Some(args), base)?;
+    let report = in_pool(
+        args.common.threads,
+        || with_backend!(args.common.device, be => student_on(be, args, &r)),
+    )?;
+    finish(&args.common, &report);
+    Ok(())
+}
+
+fn finish(c: &CommonArgs, report: &TrainReport) {
+    if c.quiet {
+        println!(
+            "best epoch {}: valid AUC {:.4}, KS {:.4}; checkpoint {}",
+            report.best.epoch,
+            report.best.valid_auc,
+            report.best.valid_ks,
+            c.out.display()
+        );
+    } else {
+        print_summary(report, &c.out);
+    }
+}

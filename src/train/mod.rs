@@ -1,0 +1,17 @@
+//! Training (SPEC §6): the learning-rate schedule, the epoch's batches (optionally
+//! length-bucketed) and the training loop shared by the teacher and student stages. Generic
+//! over the [`crate::backend::Backend`], so every backend runs the same loop; the CLI and an
+//! ablation driver call [`train`] as a library function.
+
+pub mod batching;
+pub mod record;
+pub mod schedule;
+pub mod trainer;
+
+pub use batching::{cost_key, epoch_batches, kept_lengths, BUCKET_WINDOW_BATCHES};
+pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};
+pub use schedule::{lr_at, warmup_steps};
+pub use trainer::{
+    labels_of, score_rows, sigmoid, train, BestEpoch, EpochLog, RunOptions, Stage, TermMeans,
+    TrainConfig, TrainReport, KEY_BEST, SCORE_BATCH, TEST, TRAIN, VALID,
+};

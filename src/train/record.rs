@@ -1,0 +1,74 @@
+//! The training record stored in a checkpoint's metadata (key [`KEY_TRAINING`]): everything
+//! that produced the model besides its [`crate::model::ModelConfig`] (which holds the data
+//! schema), so that `eval`, `predict` and a reader of the file know how it was trained.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::loss::LossConfig;
+use crate::model::Role;
+use crate::train::trainer::{BestEpoch, TrainConfig, KEY_BEST};
+use crate::{Error, Result};
+
+/// Checkpoint metadata key of the [`TrainingRecord`] JSON.
+pub const KEY_TRAINING: &str = "mgkd.training";
+
+/// How a checkpoint was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingRecord {
+    /// Teacher or student stage.
+    pub stage: Role,
+    /// Optimisation settings.
+    pub train: TrainConfig,
+    /// Loss settings (the teacher stage uses only `rho` and `reweight`).
+    pub loss: LossConfig,
+    /// Class weights `[w_0, w_1]` used (SPEC §5).
+    pub class_weights: [f64; 2],
+    /// The dataset directory trained on, as given.
+    pub dataset: String,
+    /// Rows of its train split.
+    pub train_rows: u64,
+    /// Student stage: the teacher checkpoint's path, as given.
+    pub teacher: Option<String>,
+    /// Student stage: lower-case hex SHA-256 of the teacher checkpoint file.
+    pub teacher_sha256: Option<String>,
+}
+
+impl TrainingRecord {
+    /// The record as checkpoint metadata (`KEY_TRAINING` → JSON).
+    pub fn to_metadata(&self) -> Result<BTreeMap<String, String>> {
+        let json = serde_json::to_string(self)
+            .map_err(|e| Error::invalid(format!("training record to JSON: {e}")))?;
+        Ok(BTreeMap::from([(KEY_TRAINING.to_string(), json)]))
+    }
+
+    /// The record in checkpoint metadata, when there is one; `file` names the checkpoint
+    /// in errors.
+    pub fn from_metadata(
+        file: &std::path::Path,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<Option<TrainingRecord>> {
+        meta.get(KEY_TRAINING)
+            .map(|j| {
+                serde_json::from_str(j)
+                    .map_err(|e| Error::format(file, format!("metadata {KEY_TRAINING}: {e}")))
+            })
+            .transpose()
+    }
+}
+
+/// The validation metrics of the kept parameters recorded in checkpoint metadata, when
+/// present; `file` names the checkpoint in errors.
+pub fn best_from_metadata(
+    file: &std::path::Path,
+    meta: &BTreeMap<String, String>,
+) -> Result<Option<BestEpoch>> {
+    meta.get(KEY_BEST)
+        .map(|j| {
+            serde_json::from_str(j)
+                .map_err(|e| Error::format(file, format!("metadata {KEY_BEST}: {e}")))
+        })
+        .transpose()
+}

@@ -1,0 +1,555 @@
+//! The training loop of SPEC §6, generic over the backend: epochs of (optionally
+//! length-bucketed) batches over the train split, AdamW with global-norm clipping under the
+//! warm-up + cosine schedule, validation AUC/KS after every epoch, early stopping on
+//! validation AUC, the best parameters kept (and written atomically as a checkpoint), a
+//! progress bar and one JSONL log line per epoch.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Float};
+use crate::data::Dataset;
+use crate::loss::{class_weights, student_objective, teacher_objective, LossConfig, Term};
+use crate::metrics;
+use crate::model::{checkpoint, DeviceBatch, Model, Role};
+use crate::optim::{AdamWConfig, Optimizer};
+use crate::train::batching::{cost_key, epoch_batches, kept_lengths};
+use crate::train::schedule::lr_at;
+use crate::{Error, Result};
+
+/// Checkpoint metadata key holding the [`BestEpoch`] JSON (validation metrics of the kept
+/// parameters).
+pub const KEY_BEST: &str = "mgkd.best";
+
+/// Rows per forward batch when scoring (validation, `eval`, `predict`).
+pub const SCORE_BATCH: usize = 512;
+
+/// Split ids.
+pub const TRAIN: u8 = 0;
+/// Validation split id.
+pub const VALID: u8 = 1;
+/// Test split id.
+pub const TEST: u8 = 2;
+
+/// Hyper-parameters of the optimisation (SPEC §6 defaults where it fixes them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Maximum number of epochs over the train split.
+    pub epochs: usize,
+    /// Rows per training batch.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Seed of the initialisation, the row shuffle and the batch order.
+    pub seed: u64,
+    /// Early stopping: stop after this many validations without a better AUC.
+    pub patience: usize,
+    /// Length-bucketed batching (see [`crate::train::batching`]).
+    pub bucket: bool,
+    /// Share of the planned steps spent in linear warm-up.
+    pub warmup: f64,
+    /// AdamW decoupled weight decay on linear weights.
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping threshold.
+    pub clip: f64,
+}
+
+impl Default for TrainConfig {
+    /// 20 epochs, batch 256, lr 1e-3, seed 0, patience 8, bucketing on, 5 % warm-up, weight
+    /// decay 0.01, clipping at 1.0.
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 20,
+            batch: 256,
+            lr: 1e-3,
+            seed: 0,
+            patience: 8,
+            bucket: true,
+            warmup: 0.05,
+            weight_decay: 0.01,
+            clip: 1.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the values: epochs, batch and patience ≥ 1, lr finite and > 0, warm-up share
+    /// in [0, 1], weight decay finite and ≥ 0, clip finite and > 0.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(format!("training config: {m}")));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return bad("batch must be at least 1".into());
+        }
+        if self.patience == 0 {
+            return bad("patience must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr = {} must be > 0", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.warmup) {
+            return bad(format!("warmup = {} must be in [0, 1]", self.warmup));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight_decay = {} must be ≥ 0", self.weight_decay));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return bad(format!("clip = {} must be > 0", self.clip));
+        }
+        Ok(())
+    }
+}
+
+/// What a training run optimises.
+pub enum Stage<'a, B: Backend> {
+    /// Teacher stage: `L_T`, weighted BCE of the teacher (class weights from the loss
+    /// config's `rho` and `reweight`).
+    Teacher,
+    /// Student stage: the full student objective with the loss config, the frozen teacher
+    /// running forward on every batch.
+    Student(&'a Model<B>),
+}
+
+impl<B: Backend> Stage<'_, B> {
+    fn role(&self) -> Role {
+        match self {
+            Stage::Teacher => Role::Teacher,
+            Stage::Student(_) => Role::Student,
+        }
+    }
+}
+
+/// Side effects of a run: where the best checkpoint and the log go, whether to draw a
+/// progress bar.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Write the best parameters here (atomically) whenever validation AUC improves.
+    pub checkpoint: Option<PathBuf>,
+    /// Extra checkpoint metadata (the [`KEY_BEST`] key is added by the trainer).
+    pub metadata: BTreeMap<String, String>,
+    /// Append one JSON line per epoch here (the file is truncated first).
+    pub log: Option<PathBuf>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Per-epoch mean of each student-stage term (terms off or absent are `None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TermMeans {
+    /// L_hard.
+    pub hard: Option<f64>,
+    /// L_soft.
+    pub soft: Option<f64>,
+    /// L_coarse.
+    pub coarse: Option<f64>,
+    /// L_fine.
+    pub fine: Option<f64>,
+    /// L_self.
+    #[serde(rename = "self")]
+    pub self_distill: Option<f64>,
+}
+
+/// One epoch: training loss, validation metrics, speed (one JSONL log line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// `teacher` or `student`.
+    pub stage: String,
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    /// Learning rate of the epoch's last step.
+    pub lr: f64,
+    /// Mean training loss over the epoch's batches (weighted by rows).
+    pub train_loss: f64,
+    /// Per-term means (student stage).
+    pub terms: Option<TermMeans>,
+    /// Validation AUC.
+    pub valid_auc: f64,
+    /// Validation KS.
+    pub valid_ks: f64,
+    /// Validation log-loss.
+    pub valid_log_loss: f64,
+    /// Training throughput, rows per second (training steps only).
+    pub samples_per_s: f64,
+    /// Seconds spent training this epoch.
+    pub train_seconds: f64,
+    /// Seconds spent on validation.
+    pub valid_seconds: f64,
+    /// Share of padded slots among the sequence slots the batches carried (the sequence the
+    /// stage's cost key weighs most: in-service for both stages).
+    pub padding: f64,
+    /// Whether this epoch is the best so far (its parameters were kept).
+    pub best: bool,
+}
+
+/// Validation metrics of the kept parameters (stored in the checkpoint under [`KEY_BEST`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestEpoch {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Validation AUC.
+    pub valid_auc: f64,
+    /// Validation KS.
+    pub valid_ks: f64,
+    /// Validation log-loss.
+    pub valid_log_loss: f64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// One entry per epoch run.
+    pub history: Vec<EpochLog>,
+    /// The best epoch (its parameters are in the model after [`train`] returns).
+    pub best: BestEpoch,
+    /// Whether early stopping ended the run before the last epoch.
+    pub stopped_early: bool,
+    /// Rows per second over all training steps.
+    pub samples_per_s: f64,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
+/// Labels of `rows`; an error naming `what` when the dataset has none.
+pub fn labels_of(ds: &Dataset, rows: &[u64], what: &str) -> Result<Vec<u8>> {
+    if !ds.manifest().has_label {
+        return Err(Error::invalid(format!(
+            "{what} needs labels, and the dataset {} has none",
+            ds.dir().display()
+        )));
+    }
+    rows.iter()
+        .map(|&r| {
+            ds.label(r)?
+                .ok_or_else(|| Error::format(ds.dir(), format!("row {r} has no label")))
+        })
+        .collect()
+}
+
+/// Logits of `model` on `rows` (returned in the order of `rows`). Rows are scored in
+/// batches of [`SCORE_BATCH`] sorted by the model's sequence length (less padding); each
+/// row's logit does not depend on its batch-mates.
+pub fn score_rows<B: Backend>(
+    be: &B,
+    ds: &Dataset,
+    model: &Model<B>,
+    rows: &[u64],
+) -> Result<Vec<f64>> {
+    let lens = kept_lengths(ds, rows)?;
+    let mut idx: Vec<usize> = (0..rows.len()).collect();
+    let role = model.config.role;
+    idx.sort_by_key(|&i| match role {
+        Role::Teacher => lens[i].1,
+        Role::Student => lens[i].0,
+    });
+    let mut out = vec![0.0f64; rows.len()];
+    let schema = ds.schema();
+    for chunk in idx.chunks(SCORE_BATCH) {
+        let ids: Vec<u64> = chunk.iter().map(|&i| rows[i]).collect();
+        let batch = ds.gather(&ids)?;
+        let dev = DeviceBatch::upload(be, &batch, schema)?;
+        let fwd = model.forward(be, &dev)?;
+        let z = be.download(&fwd.logits)?;
+        for (&i, zi) in chunk.iter().zip(z) {
+            out[i] = Float::to_f64(zi);
+        }
+    }
+    if let Some(i) = out.iter().position(|z| !z.is_finite()) {
+        return Err(Error::invalid(format!(
+            "the {role} produced a non-finite logit for row {}",
+            rows[i]
+        )));
+    }
+    Ok(out)
+}
+
+/// `σ(z)`, computed without overflow.
+pub fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// AUC, KS and log-loss of `model` on `rows` with `labels`.
+fn validate<B: Backend>(
+    be: &B,
+    ds: &Dataset,
+    model: &Model<B>,
+    rows: &[u64],
+    labels: &[u8],
+) -> Result<(f64, f64, f64)> {
+    let z = score_rows(be, ds, model, rows)?;
+    let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
+    Ok((
+        metrics::auc(&p, labels)?,
+        metrics::ks(&p, labels)?,
+        metrics::log_loss_from_logits(&z, labels)?,
+    ))
+}
+
+fn progress_bar(show: bool, len: u64, prefix: String) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Running sums of the student-stage terms.
+#[derive(Default)]
+struct TermSums {
+    sums: [f64; 5],
+    on: [bool; 5],
+}
+
+impl TermSums {
+    fn add(&mut self, terms: [Term; 5], rows: f64) {
+        for (k, t) in terms.iter().enumerate() {
+            if let Term::On(v) = t {
+                self.sums[k] += v * rows;
+                self.on[k] = true;
+            }
+        }
+    }
+    fn means(&self, rows: f64) -> TermMeans {
+        let m = |k: usize| self.on[k].then(|| self.sums[k] / rows);
+        TermMeans {
+            hard: m(0),
+            soft: m(1),
+            coarse: m(2),
+            fine: m(3),
+            self_distill: m(4),
+        }
+    }
+}
+
+/// Trains `model` on `ds`'s train split for `stage`, validating on the valid split after
+/// every epoch. On return the model holds the parameters of the best validation AUC; with
+/// `opts.checkpoint` they were written there (atomically) every time they improved.
+///
+/// Deterministic for a given `cfg.seed` (and backend): batch order from
+/// [`epoch_batches`], reductions in a fixed order.
+pub fn train<B: Backend>(
+    be: &B,
+    ds: &Dataset,
+    model: &mut Model<B>,
+    stage: &Stage<'_, B>,
+    loss: &LossConfig,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    loss.validate()?;
+    let role = stage.role();
+    if model.config.role != role {
+        return Err(Error::invalid(format!(
+            "the {role} stage cannot train a {}",
+            model.config.role
+        )));
+    }
+    if let Stage::Student(t) = stage {
+        if t.config.schema != *ds.schema() || model.config.schema != *ds.schema() {
+            return Err(Error::invalid(
+                "teacher, student and dataset must share one schema",
+            ));
+        }
+    }
+    for path in opts.checkpoint.iter().chain(&opts.log) {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+            return Err(Error::invalid(format!(
+                "{}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    let start = Instant::now();
+    let train_rows = ds.rows_of_split(TRAIN);
+    let valid_rows = ds.rows_of_split(VALID);
+    if train_rows.is_empty() {
+        return Err(Error::invalid(format!(
+            "the dataset {} has no train rows",
+            ds.dir().display()
+        )));
+    }
+    let train_labels = labels_of(ds, &train_rows, "training")?;
+    let valid_labels = labels_of(ds, &valid_rows, "validation")?;
+    let vpos = valid_labels.iter().filter(|&&y| y == 1).count();
+    if vpos == 0 || vpos == valid_labels.len() {
+        return Err(Error::invalid(format!(
+            "the valid split of {} has {} rows and {vpos} defaults: validation AUC needs both classes",
+            ds.dir().display(),
+            valid_labels.len()
+        )));
+    }
+    let n_pos = train_labels.iter().filter(|&&y| y == 1).count() as u64;
+    let n_neg = train_labels.len() as u64 - n_pos;
+    let cw = class_weights(n_neg, n_pos, loss.rho, loss.reweight)?;
+    let lens = kept_lengths(ds, &train_rows)?;
+    let keys: Option<Vec<u64>> = cfg
+        .bucket
+        .then(|| lens.iter().map(|&l| cost_key(role, l)).collect());
+    let len_of: std::collections::HashMap<u64, (u32, u32)> = train_rows
+        .iter()
+        .copied()
+        .zip(lens.iter().copied())
+        .collect();
+    let steps_per_epoch = train_rows.len().div_ceil(cfg.batch) as u64;
+    let total_steps = steps_per_epoch * cfg.epochs as u64;
+    let mut opt = Optimizer::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        clip: cfg.clip,
+        ..AdamWConfig::default()
+    });
+    let mut log = match &opts.log {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    let mut history: Vec<EpochLog> = Vec::new();
+    let mut best: Option<(BestEpoch, Vec<B::F>)> = None;
+    let mut since_best = 0usize;
+    let mut stopped_early = false;
+    let (mut train_secs_all, mut rows_all) = (0.0f64, 0usize);
+    for epoch in 1..=cfg.epochs {
+        let batches = epoch_batches(
+            &train_rows,
+            keys.as_deref(),
+            cfg.batch,
+            cfg.seed,
+            epoch as u64,
+        )?;
+        let bar = progress_bar(
+            opts.progress,
+            batches.len() as u64,
+            format!("{role} epoch {epoch}/{}", cfg.epochs),
+        );
+        let t0 = Instant::now();
+        let (mut loss_sum, mut rows_done) = (0.0f64, 0usize);
+        let mut terms = TermSums::default();
+        let (mut slots, mut filled) = (0u64, 0u64);
+        let mut lr = 0.0;
+        for ids in &batches {
+            let batch = ds.gather(ids)?;
+            let dev = DeviceBatch::upload(be, &batch, ds.schema())?;
+            let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
+            slots += u64::from(max_in) * ids.len() as u64;
+            filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
+            model.params.zero_grads(be);
+            let value = match stage {
+                Stage::Teacher => teacher_objective(be, cw, model, &dev, true)?,
+                Stage::Student(teacher) => {
+                    let l = student_objective(be, loss, cw, teacher, model, &dev, true)?;
+                    terms.add(
+                        [l.hard, l.soft, l.coarse, l.fine, l.self_distill],
+                        ids.len() as f64,
+                    );
+                    l.total
+                }
+            };
+            if !value.is_finite() {
+                return Err(Error::invalid(format!(
+                    "{role} training diverged at epoch {epoch}: loss {value}"
+                )));
+            }
+            lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
+            opt.step(be, &mut model.params, lr)?;
+            loss_sum += value * ids.len() as f64;
+            rows_done += ids.len();
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4} · {:.0} samples/s",
+                loss_sum / rows_done as f64,
+                rows_done as f64 / secs
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_seconds = t0.elapsed().as_secs_f64();
+        train_secs_all += train_seconds;
+        rows_all += rows_done;
+        let t1 = Instant::now();
+        let (auc, ks, ll) = validate(be, ds, model, &valid_rows, &valid_labels)?;
+        let valid_seconds = t1.elapsed().as_secs_f64();
+        let improved = best.as_ref().map_or(true, |(b, _)| auc > b.valid_auc);
+        let entry = EpochLog {
+            stage: role.to_string(),
+            epoch,
+            step: opt.step,
+            lr,
+            train_loss: loss_sum / rows_done as f64,
+            terms: matches!(stage, Stage::Student(_)).then(|| terms.means(rows_done as f64)),
+            valid_auc: auc,
+            valid_ks: ks,
+            valid_log_loss: ll,
+            samples_per_s: rows_done as f64 / train_seconds.max(1e-9),
+            train_seconds,
+            valid_seconds,
+            padding: if slots == 0 {
+                0.0
+            } else {
+                1.0 - filled as f64 / slots as f64
+            },
+            best: improved,
+        };
+        if improved {
+            since_best = 0;
+            let b = BestEpoch {
+                epoch,
+                valid_auc: auc,
+                valid_ks: ks,
+                valid_log_loss: ll,
+            };
+            if let Some(path) = &opts.checkpoint {
+                let mut meta = opts.metadata.clone();
+                meta.insert(
+                    KEY_BEST.into(),
+                    serde_json::to_string(&b)
+                        .map_err(|e| Error::invalid(format!("best epoch to JSON: {e}")))?,
+                );
+                checkpoint::save(be, model, &meta, path)?;
+            }
+            best = Some((b, be.download(&model.params.values)?));
+        } else {
+            since_best += 1;
+        }
+        if let (Some(f), Some(p)) = (log.as_mut(), &opts.log) {
+            let line = serde_json::to_string(&entry)
+                .map_err(|e| Error::invalid(format!("log line to JSON: {e}")))?;
+            writeln!(f, "{line}").map_err(|e| Error::io(p, e))?;
+            f.flush().map_err(|e| Error::io(p, e))?;
+        }
+        history.push(entry);
+        if since_best >= cfg.patience && epoch < cfg.epochs {
+            stopped_early = true;
+            break;
+        }
+    }
+    let (best, values) = best.ok_or_else(|| Error::invalid("no epoch was run"))?;
+    model.params.set_values(be, &values)?;
+    Ok(TrainReport {
+        history,
+        best,
+        stopped_early,
+        samples_per_s: rows_all as f64 / train_secs_all.max(1e-9),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

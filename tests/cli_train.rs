@@ -1,0 +1,563 @@
+//! `mgkd-train teacher | student | eval | predict` end to end through the binary: training
+//! on a planted signal, eval --json against `metrics::auc` on predict's scores, scoring
+//! unlabelled data without in-service events, refusals of mismatched checkpoints and
+//! datasets, config files, and bit-identical checkpoints for 1 and 2 threads.
+
+mod train_common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mgkd::data::Dataset;
+use mgkd::metrics;
+use train_common::Spec;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run mgkd-train")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?} failed:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must be refused: non-zero exit, an `error:` line containing every
+/// one of `needles`, no panic.
+fn refused(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "{args:?} should fail:\n{t}");
+    assert!(!t.contains("panicked"), "{args:?} panicked:\n{t}");
+    assert!(t.contains("error:"), "{args:?}: no error line:\n{t}");
+    for n in needles {
+        assert!(t.contains(n), "{args:?}: message lacks {n:?}:\n{t}");
+    }
+}
+
+const TINY: [&str; 12] = [
+    "--d", "8", "--heads", "2", "--blocks", "2", "--d-cat", "4", "--batch", "32", "--lr", "5e-3",
+];
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn teacher(data: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut a = vec![
+        "teacher",
+        "--data",
+        p(data),
+        "--out",
+        p(out),
+        "--epochs",
+        "4",
+    ];
+    a.extend(TINY);
+    a.extend(extra);
+    ok(&a)
+}
+
+/// Parses `predict`'s CSV into (first column, probability, logit).
+fn read_scores(path: &Path) -> (Vec<String>, Vec<f64>, Vec<f64>) {
+    let mut r = csv::Reader::from_path(path).expect("csv");
+    let header: Vec<String> = r
+        .headers()
+        .expect("header")
+        .iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(header[1..], ["probability", "logit"]);
+    let (mut ids, mut ps, mut zs) = (Vec::new(), Vec::new(), Vec::new());
+    for rec in r.records() {
+        let rec = rec.expect("record");
+        ids.push(rec[0].to_string());
+        ps.push(rec[1].parse::<f64>().expect("probability"));
+        zs.push(rec[2].parse::<f64>().expect("logit"));
+    }
+    (ids, ps, zs)
+}
+
+#[test]
+fn teacher_student_eval_predict_end_to_end() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(800, 21));
+    let t = tmp.path().join("teacher.safetensors");
+    let s = tmp.path().join("student.safetensors");
+    let out = teacher(&data, &t, &[]);
+    assert!(out.contains("best epoch"), "{out}");
+    // One JSONL line per epoch next to the checkpoint.
+    let log =
+        std::fs::read_to_string(tmp.path().join("teacher.safetensors.log.jsonl")).expect("log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[3]["epoch"], 4);
+    assert!(lines[0]["samples_per_s"].as_f64().is_some_and(|v| v > 0.0));
+
+    let mut a = vec![
+        "student",
+        "--data",
+        p(&data),
+        "--teacher",
+        p(&t),
+        "--out",
+        p(&s),
+        "--epochs",
+        "4",
+        "--no-coarse",
+        "--alpha",
+        "0.5",
+    ];
+    a.extend(&TINY[8..]);
+    ok(&a);
+    let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The full configuration is in the checkpoint: widths inherited from the teacher, the
+    // loss switches and coefficients, the teacher's hash.
+    let ck = mgkd::model::checkpoint::read(&s).expect("student checkpoint");
+    assert_eq!((ck.config.d, ck.config.heads, ck.config.d_cat), (8, 2, 4));
+    let rec = mgkd::train::TrainingRecord::from_metadata(&s, &ck.metadata)
+        .expect("record")
+        .expect("present");
+    assert!(!rec.loss.coarse && rec.loss.soft && rec.loss.fine);
+    assert_eq!(rec.loss.alpha, 0.5);
+    let sha = mgkd::data::writer::sha256_hex(&std::fs::read(&t).expect("teacher"));
+    assert_eq!(rec.teacher_sha256.as_deref(), Some(sha.as_str()));
+    assert!(ck.metadata.contains_key(mgkd::train::KEY_BEST));
+
+    // eval --json agrees with metrics::auc on predict's scores, for both models.
+    let ds = Dataset::open(&data).expect("open");
+    for (model, floor) in [(&t, 0.85), (&s, 0.65)] {
+        let j: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            "--data",
+            p(&data),
+            "--model",
+            p(model),
+            "--json",
+        ]))
+        .expect("eval JSON");
+        let auc = j["auc"].as_f64().expect("auc");
+        assert!(auc > floor, "{}: test AUC {auc}", model.display());
+        assert_eq!(j["split"], "test");
+        assert_eq!(j["deciles"].as_array().map(Vec::len), Some(10));
+        assert_eq!(j["approval"].as_array().map(Vec::len), Some(9));
+        let scores = tmp.path().join("scores.csv");
+        ok(&[
+            "predict",
+            "--data",
+            p(&data),
+            "--model",
+            p(model),
+            "--out",
+            p(&scores),
+            "--split",
+            "test",
+        ]);
+        let (ids, probs, logits) = read_scores(&scores);
+        let rows: Vec<u64> = ids.iter().map(|i| i.parse().expect("row index")).collect();
+        assert_eq!(rows, ds.rows_of_split(2));
+        let labels: Vec<u8> = rows
+            .iter()
+            .map(|&r| ds.label(r).expect("label").expect("labelled"))
+            .collect();
+        // (serde_json may parse the last bit of a float differently.)
+        assert!((metrics::auc(&probs, &labels).expect("auc") - auc).abs() < 1e-15);
+        let ll = metrics::log_loss(&probs, &labels).expect("log-loss");
+        assert!((ll - j["log_loss"].as_f64().expect("log_loss")).abs() < 1e-12);
+        for (p, z) in probs.iter().zip(&logits) {
+            assert!((p - 1.0 / (1.0 + (-z).exp())).abs() < 1e-12);
+        }
+    }
+    // The text report names the metrics.
+    let txt = ok(&[
+        "eval",
+        "--data",
+        p(&data),
+        "--model",
+        p(&s),
+        "--split",
+        "valid",
+    ]);
+    for w in ["AUC", "KS", "log-loss", "PR-AUC", "approval", "decile"] {
+        assert!(txt.contains(w), "{w} missing:\n{txt}");
+    }
+
+    // New applicants: no labels, no in-service events, user ids; all rows by default.
+    let new = tmp.path().join("new");
+    train_common::write(
+        &new,
+        Spec {
+            labels: false,
+            in_service: false,
+            user_ids: true,
+            ..Spec::labelled(150, 22)
+        },
+    );
+    let scores = tmp.path().join("new.csv");
+    ok(&[
+        "predict",
+        "--data",
+        p(&new),
+        "--model",
+        p(&s),
+        "--out",
+        p(&scores),
+    ]);
+    let (ids, probs, _) = read_scores(&scores);
+    assert_eq!(ids.len(), 150);
+    assert_eq!(ids[0], "u00000");
+    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+    let header = std::fs::read_to_string(&scores).expect("csv");
+    assert!(header.starts_with("user_id,probability,logit"));
+    // A teacher cannot score it, eval needs labels: both say why.
+    refused(
+        &[
+            "predict",
+            "--data",
+            p(&new),
+            "--model",
+            p(&t),
+            "--out",
+            p(&scores),
+        ],
+        &["in-service"],
+    );
+    refused(&["eval", "--data", p(&new), "--model", p(&s)], &["labels"]);
+    let labelled_new = tmp.path().join("labelled-new");
+    train_common::write(
+        &labelled_new,
+        Spec {
+            in_service: false,
+            ..Spec::labelled(150, 23)
+        },
+    );
+    refused(
+        &["eval", "--data", p(&labelled_new), "--model", p(&t)],
+        &["in-service", "has none"],
+    );
+    ok(&["eval", "--data", p(&labelled_new), "--model", p(&s)]);
+    // predict wrote atomically: no temporary file is left.
+    let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn mismatched_schemas_and_bad_options_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let other = tmp.path().join("other");
+    train_common::write(&data, Spec::labelled(200, 31));
+    train_common::write(
+        &other,
+        Spec {
+            event_vocab: 9,
+            ..Spec::labelled(200, 32)
+        },
+    );
+    let t = tmp.path().join("teacher.safetensors");
+    let mut a = vec![
+        "teacher",
+        "--data",
+        p(&data),
+        "--out",
+        p(&t),
+        "--epochs",
+        "1",
+        "--quiet",
+    ];
+    a.extend(TINY);
+    ok(&a);
+    let s = tmp.path().join("student.safetensors");
+    // A student on data of another schema than its teacher's.
+    refused(
+        &[
+            "student",
+            "--data",
+            p(&other),
+            "--teacher",
+            p(&t),
+            "--out",
+            p(&s),
+            "--epochs",
+            "1",
+        ],
+        &["teacher.safetensors", "event_cat", "another schema"],
+    );
+    assert!(!s.exists());
+    // A checkpoint evaluated / scored on a dataset of another schema.
+    refused(
+        &["eval", "--data", p(&other), "--model", p(&t)],
+        &["another schema", "event_vocabs"],
+    );
+    refused(
+        &[
+            "predict",
+            "--data",
+            p(&other),
+            "--model",
+            p(&t),
+            "--out",
+            p(&s),
+        ],
+        &["another schema"],
+    );
+    // A student as a teacher, a width other than the teacher's.
+    let mut a = vec![
+        "student",
+        "--data",
+        p(&data),
+        "--teacher",
+        p(&t),
+        "--out",
+        p(&s),
+    ];
+    a.extend(["--epochs", "1", "--quiet"]);
+    ok(&a);
+    let s2 = tmp.path().join("s2.safetensors");
+    refused(
+        &[
+            "student",
+            "--data",
+            p(&data),
+            "--teacher",
+            p(&s),
+            "--out",
+            p(&s2),
+        ],
+        &["teacher checkpoint"],
+    );
+    refused(
+        &[
+            "student",
+            "--data",
+            p(&data),
+            "--teacher",
+            p(&t),
+            "--out",
+            p(&s2),
+            "--d",
+            "16",
+        ],
+        &["width d = 16"],
+    );
+    refused(
+        &[
+            "student",
+            "--data",
+            p(&data),
+            "--teacher",
+            p(&t),
+            "--out",
+            p(&t),
+        ],
+        &["teacher checkpoint"],
+    );
+    let missing = tmp.path().join("no-such-dir").join("t.safetensors");
+    refused(
+        &[
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&missing),
+            "--epochs",
+            "1",
+        ],
+        &["no-such-dir", "does not exist"],
+    );
+    // Not a checkpoint at all.
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint").expect("write");
+    refused(
+        &["eval", "--data", p(&data), "--model", p(&junk)],
+        &["junk.safetensors"],
+    );
+    // The CUDA backend is not wired into this build's trainer.
+    refused(
+        &[
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&s2),
+            "--device",
+            "cuda",
+        ],
+        &["CPU backend"],
+    );
+    // Config files: unknown keys are named; flags override the file.
+    let cfg = tmp.path().join("model.toml");
+    std::fs::write(&cfg, "[train]\nepochs = 1\nlearning_rate = 0.1\n").expect("write");
+    refused(
+        &[
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&s2),
+            "--config",
+            p(&cfg),
+        ],
+        &["model.toml", "learning_rate"],
+    );
+    std::fs::write(
+        &cfg,
+        "[model]\nd = 8\nheads = 2\nblocks = 1\nd_cat = 4\n[train]\nepochs = 3\nbatch = 64\n[loss]\nrho = 0.25\n",
+    )
+    .expect("write");
+    ok(&[
+        "teacher",
+        "--data",
+        p(&data),
+        "--out",
+        p(&s2),
+        "--config",
+        p(&cfg),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    let ck = mgkd::model::checkpoint::read(&s2).expect("checkpoint");
+    assert_eq!((ck.config.d, ck.config.blocks), (8, 1));
+    let rec = mgkd::train::TrainingRecord::from_metadata(&s2, &ck.metadata)
+        .expect("record")
+        .expect("present");
+    assert_eq!((rec.train.epochs, rec.train.batch), (1, 64));
+    assert_eq!(rec.loss.rho, 0.25);
+    refused(
+        &["teacher", "--data", p(&data), "--out", p(&s2), "--lr", "0"],
+        &["lr"],
+    );
+}
+
+#[test]
+fn checkpoints_are_bit_identical_for_1_and_2_threads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(240, 41));
+    // Each run in its own directory with the same relative file names, so that the paths
+    // recorded in the checkpoints are the same.
+    let train_with = |threads: &str| -> (Vec<u8>, Vec<u8>) {
+        let dir = tmp.path().join(format!("threads-{threads}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        for args in [
+            vec!["teacher", "--data", p(&data), "--out", "t.safetensors"],
+            vec![
+                "student",
+                "--data",
+                p(&data),
+                "--teacher",
+                "t.safetensors",
+                "--out",
+                "s.safetensors",
+            ],
+        ] {
+            let mut a = args;
+            a.extend(["--epochs", "2", "--quiet", "--seed", "5"]);
+            a.extend(if a[0] == "teacher" {
+                &TINY[..]
+            } else {
+                &TINY[8..]
+            });
+            let o = bin()
+                .args(&a)
+                .current_dir(&dir)
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .expect("run");
+            assert!(o.status.success(), "{}", text(&o));
+        }
+        let read = |n: &str| std::fs::read(dir.join(n)).expect("checkpoint");
+        (read("t.safetensors"), read("s.safetensors"))
+    };
+    let one = train_with("1");
+    let two = train_with("2");
+    assert!(
+        one.0 == two.0,
+        "teacher checkpoints differ between 1 and 2 threads"
+    );
+    assert!(
+        one.1 == two.1,
+        "student checkpoints differ between 1 and 2 threads"
+    );
+}
+
+#[test]
+fn quickstart_runs_small_and_prints_the_comparison() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("work");
+    let out = ok(&[
+        "quickstart",
+        "--users",
+        "1200",
+        "--epochs",
+        "1",
+        "--d",
+        "8",
+        "--seed",
+        "3",
+        "--quiet",
+        "--workdir",
+        p(&work),
+    ]);
+    for name in [
+        "teacher (in-service)",
+        "student, plain",
+        "student, MGKD",
+        "AUC",
+        "log-loss",
+    ] {
+        assert!(out.contains(name), "{name} missing:\n{out}");
+    }
+    for f in [
+        "model-0-teacher.safetensors",
+        "model-1-student.safetensors",
+        "model-2-student.safetensors",
+        "data/dataset.json",
+    ] {
+        assert!(work.join(f).exists(), "{f} missing");
+    }
+    // The plain student has every distillation term off, the MGKD student every one on.
+    let rec = |f: &str| {
+        let path = work.join(f);
+        let ck = mgkd::model::checkpoint::read(&path).expect("checkpoint");
+        mgkd::train::TrainingRecord::from_metadata(&path, &ck.metadata)
+            .expect("record")
+            .expect("present")
+    };
+    let (plain, full) = (
+        rec("model-1-student.safetensors"),
+        rec("model-2-student.safetensors"),
+    );
+    assert!(!plain.loss.soft && !plain.loss.coarse && !plain.loss.fine && !plain.loss.self_distill);
+    assert!(plain.loss.reweight);
+    assert!(full.loss.soft && full.loss.coarse && full.loss.fine && full.loss.self_distill);
+}
