@@ -34,8 +34,8 @@ pub struct PredictArgs {
     /// Worker threads.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: Device,
 }
 

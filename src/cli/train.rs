@@ -8,7 +8,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Deserialize;
 
 use crate::backend::Backend;
@@ -22,28 +22,35 @@ use crate::train::{
 };
 use crate::{Error, Result};
 
-/// Where the computation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    /// The best available backend (the CPU in this build).
-    Auto,
-    /// The CPU reference backend.
-    Cpu,
-    /// The CUDA backend.
-    Cuda,
-}
+pub use crate::backend::device::DeviceChoice as Device;
 
-/// Runs `$body` with `$be` bound to the backend that `$device` selects: the one place that
-/// maps a [`Device`] to a backend type.
+/// Runs `$body` with `$be` bound to the backend that `$device` (a
+/// [`DeviceChoice`](crate::backend::device::DeviceChoice)) selects: the one place that maps a
+/// device to a backend type. `auto` takes CUDA device 0 when it works and otherwise says in
+/// one line (stderr) why it runs on the CPU; an explicit `cuda[:N]` that cannot be used is an
+/// error. Evaluates to the body's `Result`.
 #[macro_export]
 macro_rules! with_backend {
     ($device:expr, $be:ident => $body:expr) => {
-        match $device {
-            $crate::cli::train::Device::Auto | $crate::cli::train::Device::Cpu => {
+        match $crate::backend::device::resolve($device) {
+            Err(e) => Err(e),
+            Ok($crate::backend::device::Resolved::Cpu { reason }) => {
+                if let Some(why) = reason {
+                    eprintln!("device: cpu (no CUDA device: {why})");
+                }
                 let $be = &$crate::backend::cpu::CpuBackend::<f32>::new();
                 $body
             }
-            $crate::cli::train::Device::Cuda => Err($crate::Error::invalid("--device cuda: this build's trainer runs on the CPU backend only (the CUDA backend is not wired in yet); use --device cpu")),
+            Ok($crate::backend::device::Resolved::Cuda(info)) => {
+                match $crate::backend::cuda::CudaBackend::new(info.index) {
+                    Err(e) => Err(e),
+                    Ok(backend) => {
+                        eprintln!("device: {}", $crate::backend::Backend::name(&backend));
+                        let $be = &backend;
+                        $body
+                    }
+                }
+            }
         }
     };
 }
@@ -105,8 +112,8 @@ pub struct CommonArgs {
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: Device,
 }
 
