@@ -20,7 +20,7 @@
 //!   download one scalar.
 //! - `fine_loss` is one block per batch row (a warp per student token, the score-gradient
 //!   tile in shared memory), which bounds `8·(lk + d) + lk + 1` floats by 48 KiB of shared
-//!   memory (lk + d ≤ 1530); larger shapes are refused with an error.
+//!   memory (12288 floats: lk ≤ 1251 at d = 128); larger shapes are refused with an error.
 
 pub mod nvrtc;
 
@@ -1133,9 +1133,10 @@ impl Backend for CudaBackend {
         let fixed = FINE_WARPS * (lk + d);
         if fixed + lk + 1 > FINE_SMEM_FLOATS {
             return Err(Error::invalid(format!(
-                "fine_loss: lk + d = {} is too large for the CUDA kernel (at most {})",
-                lk + d,
-                (FINE_SMEM_FLOATS - 1) / FINE_WARPS - 1
+                "fine_loss: lk = {lk}, d = {d} is too large for the CUDA kernel: it needs \
+                 {FINE_WARPS}·(lk + d) + lk + 1 = {} floats of shared memory, at most \
+                 {FINE_SMEM_FLOATS}",
+                fixed + lk + 1
             )));
         }
         let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
