@@ -469,6 +469,25 @@ fn bias_forward_and_backward() {
     }
 }
 
+/// More rows than 128-row chunks fit in the grid's y limit (128·65535): the column sums then
+/// use longer chunks (129 rows here). Integer data so that every order of summation is exact
+/// in f32 and the sums must agree to the bit with the f64 reference; a chunk lost or added
+/// twice shows as an integer difference.
+#[test]
+fn bias_backward_beyond_the_chunk_grid_limit() {
+    let mut r = rng(21);
+    let rows = 8_400_000;
+    let y: Vec<f64> = (0..rows).map(|_| r.gen_range(-1i32..=1) as f64).collect();
+    let case = BiasCase {
+        rows,
+        n: 1,
+        bias: vec![0.25],
+        y,
+        db: vec![3.0],
+    };
+    parity(&format!("bias rows={rows} n=1"), &case);
+}
+
 // ---- element-wise and normalisation ------------------------------------------------------
 
 struct GeluCase {
@@ -704,6 +723,32 @@ fn embedding_sum_and_concat() {
     }
 }
 
+/// No field at all: Sum writes zero rows, Concat writes nothing, the backward adds nothing.
+#[test]
+fn embedding_without_fields() {
+    for mode in [EmbMode::Sum, EmbMode::Concat] {
+        let case = emb_case(54, 9, 6, &[], mode, 2);
+        parity(&format!("embedding no field {mode:?}"), &case);
+    }
+}
+
+/// A vocabulary of more than 16·65535 rows: the scatter's grid is capped at 65535 row
+/// groups in y and its blocks stride over the rest; half the ids hit the groups past the cap
+/// (with repeats, so that their order matters), the last row included.
+#[test]
+fn embedding_backward_vocabulary_beyond_the_grid_limit() {
+    let vocab = 16 * 65_535 + 100;
+    for mode in [EmbMode::Sum, EmbMode::Concat] {
+        let mut case = emb_case(55, 64, 3, &[vocab], mode, 1);
+        for (i, id) in case.ids.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                *id = (vocab - 1 - (i / 2) % 7) as u32;
+            }
+        }
+        parity(&format!("embedding vocab={vocab} {mode:?}"), &case);
+    }
+}
+
 #[test]
 fn embedding_id_beyond_vocab_is_an_error_not_a_write() {
     if gpu().is_none() {
@@ -776,7 +821,13 @@ impl Case for PosCase {
 #[test]
 fn positions_forward_and_backward() {
     let mut r = rng(60);
-    for (batch, max_len, d) in [(1, 1, 1), (5, 7, 37), (64, 128, 128), (3, 32, 8)] {
+    for (batch, max_len, d) in [
+        (1, 1, 1),
+        (5, 7, 37),
+        (64, 128, 128),
+        (3, 32, 8),
+        (4, 5, 300),
+    ] {
         let case = PosCase {
             batch,
             max_len,
@@ -864,6 +915,25 @@ fn masked_softmax_forward_and_backward() {
     }
 }
 
+#[test]
+fn key_length_beyond_padding_is_an_error() {
+    if gpu().is_none() {
+        return;
+    }
+    // A backend of its own: the fault flag it raises must not reach the other tests.
+    let g = &CudaBackend::new(0).expect("a second backend on the same device");
+    let lens = g.upload_ids(&[2, 5]).expect("lens"); // 5 > lk = 4
+    let mut s = g.upload(&[0.5f32; 2 * 3 * 4]).expect("scores");
+    g.masked_softmax(2, 1, 3, 4, &lens, 1.0, Mut::whole(&mut s));
+    let err = g
+        .download(&s)
+        .expect_err("a key length > lk must be reported");
+    assert!(err.to_string().contains("padded length"), "{err}");
+    // Clamped, not out of bounds: the row with the bad length is a softmax over all 4 keys.
+    let p = g.download(&s).expect("the flag is cleared once reported");
+    assert!(p[12..].iter().all(|&x| (x - 0.25).abs() < 1e-6), "{p:?}");
+}
+
 struct MeanCase {
     batch: usize,
     max_len: usize,
@@ -914,7 +984,13 @@ impl Case for MeanCase {
 #[test]
 fn masked_mean_forward_and_backward() {
     let mut r = rng(80);
-    for (batch, max_len, d) in [(1, 1, 1), (6, 7, 37), (64, 128, 128), (4, 0, 5)] {
+    for (batch, max_len, d) in [
+        (1, 1, 1),
+        (6, 7, 37),
+        (64, 128, 128),
+        (4, 0, 5),
+        (5, 3, 300),
+    ] {
         let case = MeanCase {
             batch,
             max_len,
@@ -1233,6 +1309,9 @@ fn fine_alignment() {
         (112, 16, 32, 128, 128),
         (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (71 + 9)
         (114, 4, 0, 6, 8),      // no student token anywhere
+        // The largest lk accepted at d = 64: 8·(lk + d) + lk + 1 = 12285 of 12288 floats of
+        // shared memory, a tile of one token (5 tiles per row).
+        (115, 3, 5, 1308, 64),
     ] {
         parity(
             &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
@@ -1264,32 +1343,36 @@ fn fine_rejects_lengths_beyond_padding() {
 #[test]
 fn fine_refuses_shapes_beyond_shared_memory() {
     let Some(g) = gpu() else { return };
-    let shape = FineShape {
-        batch: 1,
-        lq: 1,
-        lk: 1500,
-        d: 64,
-    };
-    let q = g.upload(&[0.5f32; 64]).expect("q");
-    let k = g.upload(&vec![0.5f32; 1500 * 64]).expect("k");
-    let w = g.upload(&[1.0f32]).expect("w");
-    let ql = g.upload_ids(&[1]).expect("q_lens");
-    let kl = g.upload_ids(&[1500]).expect("k_lens");
-    let err = g
-        .fine_loss(
-            shape,
-            Ref::whole(&q),
-            Ref::whole(&k),
-            Ref::whole(&q),
-            Ref::whole(&k),
-            &ql,
-            &kl,
-            Ref::whole(&w),
-            1.0,
-            None,
-        )
-        .expect_err("lk + d = 1564 exceeds the kernel's shared memory");
-    assert!(err.to_string().contains("too large"), "{err}");
+    // lk = 1309 at d = 64 is the first shape past 12288 floats (12294); see fine_alignment
+    // for lk = 1308, the last one accepted.
+    for lk in [1309, 1500] {
+        let shape = FineShape {
+            batch: 1,
+            lq: 1,
+            lk,
+            d: 64,
+        };
+        let q = g.upload(&[0.5f32; 64]).expect("q");
+        let k = g.upload(&vec![0.5f32; lk * 64]).expect("k");
+        let w = g.upload(&[1.0f32]).expect("w");
+        let ql = g.upload_ids(&[1]).expect("q_lens");
+        let kl = g.upload_ids(&[lk as u32]).expect("k_lens");
+        let err = g
+            .fine_loss(
+                shape,
+                Ref::whole(&q),
+                Ref::whole(&k),
+                Ref::whole(&q),
+                Ref::whole(&k),
+                &ql,
+                &kl,
+                Ref::whole(&w),
+                1.0,
+                None,
+            )
+            .expect_err("the shape exceeds the kernel's shared memory");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
 }
 
 // ---- optimizer ---------------------------------------------------------------------------
