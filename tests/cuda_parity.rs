@@ -397,6 +397,41 @@ fn gemm_every_transpose_and_batching() {
     }
 }
 
+/// Batches whose C matrices share elements (all on one C, or overlapping by a few columns):
+/// the trait's `for b in 0..batch` runs them one after the other, so C accumulates every
+/// product (β applied once per batch); a concurrent strided-batched call would race.
+#[test]
+fn gemm_batches_sharing_c() {
+    let mut r = rng(12);
+    for (m, n, k) in [(5, 4, 3), (33, 40, 17), (5, 4, 0)] {
+        for stride_c in [0, 2] {
+            let batch = 3;
+            let mut s = Gemm::new(m, n, k, false, true);
+            s.batch = batch;
+            s.stride_a = m * k;
+            s.stride_b = n * k;
+            s.stride_c = stride_c;
+            let a = randv(&mut r, batch * m * k);
+            let b = randv(&mut r, batch * n * k);
+            let c = randv(&mut r, ext(m, n, s.ldc, batch, stride_c));
+            for (alpha, beta) in [(1.0, 1.0), (-1.25, 0.75), (0.5, 0.0)] {
+                let case = GemmCase {
+                    s,
+                    alpha,
+                    beta,
+                    a: a.clone(),
+                    b: b.clone(),
+                    c: c.clone(),
+                };
+                parity(
+                    &format!("gemm {m}x{n}x{k} batch={batch} stride_c={stride_c} β={beta}"),
+                    &case,
+                );
+            }
+        }
+    }
+}
+
 /// Attention-style batched products on column blocks inside common rows (per-head
 /// `Q·Kᵀ` with `stride = dh` inside rows of width d).
 #[test]

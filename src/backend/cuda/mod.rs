@@ -559,9 +559,24 @@ impl Backend for CudaBackend {
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
         let last = s.batch - 1;
         let cp = self.mp(c, last * s.stride_c + extent(m, n, s.ldc), "gemm C");
+        // Batched work runs concurrently (one scale_2d launch, or cuBLAS's strided batch),
+        // which is only the trait's `for b in 0..batch` when the C matrices share no element
+        // (stacked, or side by side inside common rows: the CPU reference's test); otherwise
+        // one matrix after the other, in batch order, on the stream.
+        let disjoint = s.batch == 1
+            || s.stride_c >= extent(m, n, s.ldc)
+            || (s.stride_c >= n && last * s.stride_c + n <= s.ldc);
         if k == 0 {
-            launch!(self, "scale_2d_f32", grid1(s.batch * m * n);
-                int(s.batch, "batch"), int(m, "m"), int(n, "n"), beta, cp, long(s.ldc), long(s.stride_c));
+            if disjoint {
+                launch!(self, "scale_2d_f32", grid1(s.batch * m * n);
+                    int(s.batch, "batch"), int(m, "m"), int(n, "n"), beta, cp, long(s.ldc), long(s.stride_c));
+            } else {
+                for bi in 0..s.batch {
+                    launch!(self, "scale_2d_f32", grid1(m * n);
+                        1i32, int(m, "m"), int(n, "n"), beta, cp + 4 * (bi * s.stride_c) as u64,
+                        long(s.ldc), 0i64);
+                }
+            }
             return;
         }
         let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
@@ -583,23 +598,25 @@ impl Backend for CudaBackend {
         // are device addresses in this context; alpha/beta are host values (host pointer
         // mode, cuBLAS's default).
         let r = unsafe {
-            if s.batch == 1 {
-                blas::sgemm(
-                    h,
-                    op(s.trans_b),
-                    op(s.trans_a),
-                    cm,
-                    cn,
-                    ck,
-                    &alpha,
-                    bp as *const f32,
-                    lda,
-                    ap as *const f32,
-                    ldb,
-                    &beta,
-                    cp as *mut f32,
-                    ldc,
-                )
+            if !disjoint || s.batch == 1 {
+                (0..s.batch as u64).try_for_each(|bi| {
+                    blas::sgemm(
+                        h,
+                        op(s.trans_b),
+                        op(s.trans_a),
+                        cm,
+                        cn,
+                        ck,
+                        &alpha,
+                        (bp + 4 * bi * s.stride_b as u64) as *const f32,
+                        lda,
+                        (ap + 4 * bi * s.stride_a as u64) as *const f32,
+                        ldb,
+                        &beta,
+                        (cp + 4 * bi * s.stride_c as u64) as *mut f32,
+                        ldc,
+                    )
+                })
             } else {
                 blas::sgemm_strided_batched(
                     h,
