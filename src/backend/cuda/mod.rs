@@ -5,7 +5,8 @@
 //!   for the device's architecture and cached for the process; dense products through cuBLAS
 //!   (row-major through the usual swap: `C = op(A)·op(B)` row-major is
 //!   `Cᵀ = op(B)ᵀ·op(A)ᵀ` column-major, so cuBLAS gets B's buffer first; strided-batched for
-//!   `Gemm::batch > 1`). cuBLAS runs in its default math mode (no TF32).
+//!   `Gemm::batch > 1` when the C matrices are disjoint, else one product per batch in
+//!   order). cuBLAS runs in its default math mode (no TF32).
 //! - Determinism: no floating-point atomics. Every reduction (bias, LayerNorm γ/β, embedding
 //!   and position scatter-adds, loss sums, Σx²) has a launch shape that depends only on the
 //!   problem's shape and a fixed summation order, so repeated runs give identical bits.
