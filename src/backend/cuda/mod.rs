@@ -244,8 +244,9 @@ impl CudaBackend {
         &self.info
     }
 
-    /// Waits for all queued work and reports any error kept since the last check (see the
-    /// module documentation).
+    /// Waits for all queued work and reports a kept launch or library error (kept for good:
+    /// work queued after a failed launch cannot be trusted, so every later call reports it)
+    /// or a fault a kernel raised (cleared once reported); see the module documentation.
     pub fn synchronize(&self) -> Result<()> {
         let mut st = self.lock_state();
         self.sync_check(&mut st)
