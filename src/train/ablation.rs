@@ -207,6 +207,9 @@ pub struct AblationOutcome {
     pub curves: CurveScores,
 }
 
+/// A kept teacher checkpoint: its path and SHA-256 (hex).
+type TeacherFile = (PathBuf, String);
+
 /// Runs the ablation on `ds` with backend `be`; `on_run` is called after each run (progress
 /// lines).
 pub fn run_ablation<B: Backend>(
@@ -244,7 +247,7 @@ pub fn run_ablation<B: Backend>(
             seed,
             ..cfg.train.clone()
         };
-        let mut teacher: Option<(Model<B>, Option<(PathBuf, String)>)> = None;
+        let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
         let stages: Vec<Option<Variant>> = std::iter::once(None)
             .chain(Variant::ALL.into_iter().map(Some))
             .collect();
