@@ -276,3 +276,13 @@ fn ablation_refuses_zero_seeds_and_missing_data() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("none") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn shipped_ablation_configs_parse() {
+    for name in ["synthetic", "taiwan"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/configs/{name}.toml"));
+        let cfg = mgkd::cli::train::FileConfig::load(&p).expect("config parses");
+        assert_eq!(cfg.model.d, Some(32), "{name}");
+        assert!(cfg.loss.alpha.is_some() && cfg.train.epochs.is_some(), "{name}");
+    }
+}
