@@ -283,6 +283,9 @@ fn shipped_ablation_configs_parse() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/configs/{name}.toml"));
         let cfg = mgkd::cli::train::FileConfig::load(&p).expect("config parses");
         assert_eq!(cfg.model.d, Some(32), "{name}");
-        assert!(cfg.loss.alpha.is_some() && cfg.train.epochs.is_some(), "{name}");
+        assert!(
+            cfg.loss.alpha.is_some() && cfg.train.epochs.is_some(),
+            "{name}"
+        );
     }
 }
