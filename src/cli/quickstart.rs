@@ -49,9 +49,9 @@ pub mod defaults {
     /// β of the MGKD student.
     pub const BETA: f64 = 1.0;
     /// γ of the MGKD student (L_fine's gradient is large early: below the library's 1).
-    pub const GAMMA: f64 = 0.3;
-    /// δ of the MGKD student.
-    pub const DELTA: f64 = 0.5;
+    pub const GAMMA: f64 = 0.1;
+    /// δ of the MGKD student (L_self did not help alone in the ablation).
+    pub const DELTA: f64 = 0.1;
     /// τ of the MGKD student.
     pub const TAU: f64 = 2.0;
 }
