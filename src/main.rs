@@ -33,6 +33,8 @@ enum Command {
     Eval(mgkd::cli::eval::EvalArgs),
     /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
     Predict(mgkd::cli::predict::PredictArgs),
+    /// Paired ablation: per seed a teacher and seven students, report with plots (SPEC §6).
+    Ablation(mgkd::cli::ablation::AblationArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),
 }
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Student(args) => mgkd::cli::train::run_student(&args),
         Command::Eval(args) => mgkd::cli::eval::run(&args),
         Command::Predict(args) => mgkd::cli::predict::run(&args),
+        Command::Ablation(args) => mgkd::cli::ablation::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),
     };
     match result {

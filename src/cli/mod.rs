@@ -1,5 +1,6 @@
 //! The `mgkd-train` command line: one module per subcommand.
 
+pub mod ablation;
 pub mod devices;
 pub mod eval;
 pub mod import;

@@ -3,6 +3,7 @@
 //! over the [`crate::backend::Backend`], so every backend runs the same loop; the CLI and an
 //! ablation driver call [`train`] as a library function.
 
+pub mod ablation;
 pub mod batching;
 pub mod record;
 pub mod schedule;

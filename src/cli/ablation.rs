@@ -1,0 +1,508 @@
+//! `mgkd-train ablation --data DIR --out REPORT_DIR [--seeds 5]`: the paired ablation of
+//! SPEC §6 ([`crate::train::ablation`]) and its report: `results.json` (every run),
+//! `report.md` (per variant mean ± std of test AUC and KS, and of the paired difference to
+//! the plain student with the count of seeds improved; the teacher's row; the command),
+//! SVG plots (`roc.svg`, `ks.svg`, `training.svg`) and the checkpoints of every run under
+//! `REPORT_DIR/checkpoints/` (unless `--no-checkpoints`).
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::train::{in_pool, resolve, CommonArgs, Device, StudentArgs, Widths};
+use crate::data::writer::write_atomic;
+use crate::data::Dataset;
+use crate::metrics;
+use crate::train::ablation::{
+    run_ablation, summarize, AblationConfig, AblationOutcome, AblationWidths, RunResult, Variant,
+    VariantSummary, TEACHER,
+};
+use crate::{Error, Result};
+
+/// Arguments of `mgkd-train ablation`.
+#[derive(Debug, Clone, Args)]
+pub struct AblationArgs {
+    /// Dataset directory (its own train/valid/test split is used by every run).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Report directory (created): results.json, report.md, plots, checkpoints/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of seeds (0, 1, …, N−1); each trains one teacher and seven students.
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    pub first_seed: u64,
+    /// TOML file with the hyper-parameters (`[model]`, `[train]`, `[loss]`, as for
+    /// `teacher`/`student`; the loss switches are set by each variant); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Do not keep the checkpoints.
+    #[arg(long)]
+    pub no_checkpoints: bool,
+    /// Print the summary as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Maximum epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Rows per batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Early-stopping patience in validations.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Plain shuffled batches instead of length-bucketed ones.
+    #[arg(long)]
+    pub no_bucket: bool,
+    /// Model width d.
+    #[arg(long)]
+    pub d: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub blocks: Option<usize>,
+    /// Width of each profile categorical embedding.
+    #[arg(long)]
+    pub d_cat: Option<usize>,
+    /// α, weight of L_soft.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// β, weight of L_coarse.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// γ, weight of L_fine.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// δ, weight of L_self.
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// Temperature τ.
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// Class re-weighting exponent ρ.
+    #[arg(long)]
+    pub rho: Option<f64>,
+    /// L_coarse as cosine distance.
+    #[arg(long)]
+    pub coarse_cosine: bool,
+    /// Worker threads (default: RAYON_NUM_THREADS or all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// The content of `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultsFile {
+    /// The command line that produced it.
+    pub command: String,
+    /// The dataset directory, as given.
+    pub data: String,
+    /// Seeds run.
+    pub seeds: Vec<u64>,
+    /// Wall-clock seconds of the whole ablation.
+    pub seconds: f64,
+    /// One row per run (per seed: teacher, then the students).
+    pub runs: Vec<RunResult>,
+    /// The summary (as in report.md).
+    pub summary: Vec<VariantSummary>,
+}
+
+/// The command line, shell-quoted where needed.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The resolved settings: the same defaults ← file ← flags rules as `teacher`/`student`.
+fn settings(
+    args: &AblationArgs,
+) -> Result<(Widths, crate::train::TrainConfig, crate::loss::LossConfig)> {
+    let common = CommonArgs {
+        data: args.data.clone(),
+        out: args.out.clone(),
+        config: args.config.clone(),
+        log: None,
+        quiet: args.quiet,
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr,
+        seed: None,
+        patience: args.patience,
+        no_bucket: args.no_bucket,
+        d: args.d,
+        heads: args.heads,
+        blocks: args.blocks,
+        d_cat: args.d_cat,
+        rho: args.rho,
+        no_reweight: false,
+        threads: args.threads,
+        device: args.device,
+    };
+    let student = StudentArgs {
+        common: common.clone(),
+        teacher: PathBuf::new(),
+        no_soft: false,
+        no_coarse: false,
+        no_fine: false,
+        no_self: false,
+        coarse_cosine: args.coarse_cosine,
+        alpha: args.alpha,
+        beta: args.beta,
+        gamma: args.gamma,
+        delta: args.delta,
+        tau: args.tau,
+    };
+    let r = resolve(&common, Some(&student), Widths::defaults())?;
+    Ok((r.widths, r.train, r.loss))
+}
+
+fn fmt_pm(mean: f64, std: f64) -> String {
+    format!("{mean:.4} ± {std:.4}")
+}
+
+fn fmt_diff(variant: &str, m: &crate::train::ablation::MetricSummary, seeds: usize) -> String {
+    if variant == Variant::Plain.name() {
+        return "baseline".to_string();
+    }
+    match (m.diff_mean, m.diff_std, m.improved) {
+        (Some(d), Some(s), Some(k)) => format!("{d:+.4} ± {s:.4} ({k}/{seeds})"),
+        _ => "—".to_string(),
+    }
+}
+
+fn label_of(name: &str) -> &str {
+    if name == TEACHER {
+        "teacher (in-service)"
+    } else {
+        Variant::from_name(name).map_or(name, |v| v.label())
+    }
+}
+
+/// The summary table as Markdown.
+pub fn summary_markdown(summary: &[VariantSummary]) -> String {
+    let mut s = String::new();
+    s.push_str("| model | seeds | test AUC | ΔAUC vs plain (improved) | test KS | ΔKS vs plain (improved) |\n");
+    s.push_str("|---|---|---|---|---|---|\n");
+    for v in summary {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            label_of(&v.variant),
+            v.seeds,
+            fmt_pm(v.auc.mean, v.auc.std),
+            fmt_diff(&v.variant, &v.auc, v.seeds),
+            fmt_pm(v.ks.mean, v.ks.std),
+            fmt_diff(&v.variant, &v.ks, v.seeds),
+        );
+    }
+    s
+}
+
+fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# MGKD ablation\n");
+    let _ = writeln!(s, "Command:\n\n```sh\n{}\n```\n", file.command);
+    let m = ds.manifest();
+    let _ = writeln!(
+        s,
+        "Dataset `{}`: {} rows; test split {} rows. Seeds {:?}; {:.0} s in all.\n",
+        file.data,
+        m.rows,
+        ds.rows_of_split(crate::train::TEST).len(),
+        file.seeds,
+        file.seconds
+    );
+    if let Some(r) = file.runs.first() {
+        let _ = writeln!(
+            s,
+            "Settings (every run; seed per run): model {}, train {}, loss coefficients {}.\n",
+            serde_json::to_string(&r.config.model).unwrap_or_default(),
+            serde_json::to_string(&r.config.train).unwrap_or_default(),
+            serde_json::to_string(&r.config.loss).unwrap_or_default(),
+        );
+    }
+    s.push_str(
+        "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference to \
+         the plain student of the same seed (same split, teacher, initialisation seed and \
+         batch order), mean ± sample std over seeds, and in brackets the number of seeds on \
+         which the variant beat plain.\n\n",
+    );
+    s.push_str(&summary_markdown(&file.summary));
+    s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in &file.runs {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {:.1} |",
+            r.variant,
+            r.seed,
+            r.test_auc,
+            r.test_ks,
+            r.test_log_loss,
+            r.test_pr_auc,
+            r.best_epoch,
+            r.epochs_run,
+            r.seconds
+        );
+    }
+    s.push_str("\nPlots: `roc.svg`, `ks.svg` (teacher, plain and full students, first seed, test split), `training.svg` (validation AUC per epoch, first seed).\n");
+    s
+}
+
+fn plot_err(file: &Path, e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{}: plotting failed: {e}", file.display()))
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(0, 0, 0),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+];
+
+/// Draws `series` (name, points) into an SVG file at `path`.
+fn line_plot(
+    path: &Path,
+    title: &str,
+    (xl, yl): (&str, &str),
+    (x0, x1, y0, y1): (f64, f64, f64, f64),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 540)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc(xl)
+            .y_desc(yl)
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        for (k, (name, pts)) in series.iter().enumerate() {
+            let color = COLORS[k % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| plot_err(path, e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    write_atomic(path, svg.as_bytes())
+}
+
+fn write_plots(dir: &Path, outcome: &AblationOutcome) -> Result<()> {
+    let c = &outcome.curves;
+    let mut roc = Vec::new();
+    let mut ks = Vec::new();
+    for (name, p) in &c.models {
+        let r = metrics::roc_curve(p, &c.labels)?;
+        roc.push((
+            format!(
+                "{} (AUC {:.3})",
+                label_of(name),
+                metrics::auc(p, &c.labels)?
+            ),
+            r.fpr.iter().copied().zip(r.tpr.iter().copied()).collect(),
+        ));
+        let k = metrics::ks_curve(p, &c.labels)?;
+        ks.push((
+            format!("{} (KS {:.3})", label_of(name), k.ks),
+            k.flagged_share
+                .iter()
+                .zip(k.tpr.iter().zip(&k.fpr))
+                .map(|(&x, (&t, &f))| (x, t - f))
+                .collect(),
+        ));
+    }
+    roc.push(("chance".to_string(), vec![(0.0, 0.0), (1.0, 1.0)]));
+    line_plot(
+        &dir.join("roc.svg"),
+        &format!("ROC, test split, seed {}", c.seed),
+        ("false-positive rate", "true-positive rate"),
+        (0.0, 1.0, 0.0, 1.0),
+        &roc,
+    )?;
+    line_plot(
+        &dir.join("ks.svg"),
+        &format!("KS curve (TPR − FPR), test split, seed {}", c.seed),
+        ("share flagged (highest scores)", "TPR − FPR"),
+        (0.0, 1.0, 0.0, 1.0),
+        &ks,
+    )?;
+    let first: Vec<&RunResult> = outcome.runs.iter().filter(|r| r.seed == c.seed).collect();
+    let max_epochs = first
+        .iter()
+        .map(|r| r.valid_auc.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let series: Vec<(String, Vec<(f64, f64)>)> = first
+        .iter()
+        .map(|r| {
+            (
+                label_of(&r.variant).to_string(),
+                r.valid_auc
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &a)| ((e + 1) as f64, a))
+                    .collect(),
+            )
+        })
+        .collect();
+    let lo = first
+        .iter()
+        .flat_map(|r| r.valid_auc.iter().copied())
+        .fold(1.0f64, f64::min);
+    let hi = first
+        .iter()
+        .flat_map(|r| r.valid_auc.iter().copied())
+        .fold(0.0f64, f64::max);
+    line_plot(
+        &dir.join("training.svg"),
+        &format!("Validation AUC per epoch, seed {}", c.seed),
+        ("epoch", "validation AUC"),
+        (
+            1.0,
+            max_epochs as f64,
+            (lo - 0.01).max(0.0),
+            (hi + 0.01).min(1.0),
+        ),
+        &series,
+    )
+}
+
+/// Runs the ablation and writes the report (library entry of `mgkd-train ablation`).
+pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
+    let start = Instant::now();
+    let (w, train, loss) = settings(args)?;
+    if args.seeds == 0 {
+        return Err(Error::invalid("--seeds must be at least 1"));
+    }
+    let ds = Dataset::open(&args.data)?;
+    crate::cli::train::require_in_service(
+        &ds,
+        "the ablation (its teachers read in-service events)",
+    )?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let ck = (!args.no_checkpoints).then(|| args.out.join("checkpoints"));
+    if let Some(d) = &ck {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let seeds: Vec<u64> = (0..args.seeds)
+        .map(|k| {
+            args.first_seed
+                .checked_add(k)
+                .ok_or_else(|| Error::invalid("--first-seed + --seeds overflows"))
+        })
+        .collect::<Result<_>>()?;
+    let cfg = AblationConfig {
+        seeds: seeds.clone(),
+        widths: AblationWidths {
+            d: w.d,
+            heads: w.heads,
+            blocks: w.blocks,
+            d_cat: w.d_cat,
+        },
+        train,
+        loss,
+        checkpoints: ck,
+        data: args.data.clone(),
+        progress: !args.quiet && std::io::stderr().is_terminal(),
+    };
+    let outcome = in_pool(args.threads, || {
+        crate::with_backend!(args.device, be => run_ablation(be, &ds, &cfg, |r| {
+            eprintln!(
+                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s",
+                r.seed,
+                r.variant,
+                r.test_auc,
+                r.test_ks,
+                r.best_epoch,
+                r.epochs_run,
+                r.seconds
+            );
+        }))
+    })?;
+    let file = ResultsFile {
+        command: command_line(),
+        data: args.data.display().to_string(),
+        seeds,
+        seconds: start.elapsed().as_secs_f64(),
+        summary: summarize(&outcome.runs)?,
+        runs: outcome.runs.clone(),
+    };
+    let json = serde_json::to_string_pretty(&file)
+        .map_err(|e| Error::invalid(format!("results to JSON: {e}")))?;
+    write_atomic(&args.out.join("results.json"), json.as_bytes())?;
+    write_atomic(
+        &args.out.join("report.md"),
+        report_markdown(&file, &ds).as_bytes(),
+    )?;
+    write_plots(&args.out, &outcome)?;
+    Ok(file)
+}
+
+/// `mgkd-train ablation`.
+pub fn run(args: &AblationArgs) -> Result<()> {
+    let file = ablation_in(args)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&file.summary)
+            .map_err(|e| Error::invalid(format!("summary to JSON: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{}", summary_markdown(&file.summary));
+        println!(
+            "{:.0} s; report in {}",
+            file.seconds,
+            args.out.join("report.md").display()
+        );
+    }
+    Ok(())
+}

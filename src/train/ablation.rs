@@ -1,0 +1,433 @@
+//! The paired ablation of SPEC §6: per seed, one teacher, then seven students (plain, each
+//! distillation term alone on top of plain, full MGKD, full without re-weighting), each
+//! evaluated on the test split; and the paired summary (per variant the mean ± std of its
+//! test AUC and KS over seeds, and of its per-seed difference to the plain student, with the
+//! number of seeds on which it improved).
+//!
+//! Paired means: for a given seed every variant trains on the same split (the dataset's),
+//! under the same teacher (trained once per seed), from the same initialisation seed and on
+//! the same batches in the same order (the batch order depends only on the seed, the epoch
+//! and the sequence lengths, see [`crate::train::batching`]), so the split's and the
+//! seed's own noise cancel in the differences.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::loss::{class_weights, LossConfig};
+use crate::metrics;
+use crate::model::{Model, ModelConfig, Role};
+use crate::train::{
+    labels_of, score_rows, sigmoid, train, RunOptions, Stage, TrainConfig, TrainingRecord, TEST,
+    TRAIN,
+};
+use crate::{Error, Result};
+
+/// The students of the ablation, in table order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// `L_hard` only, re-weighted: the baseline every difference is taken against.
+    Plain,
+    /// Plain + `L_soft`.
+    Soft,
+    /// Plain + `L_coarse`.
+    Coarse,
+    /// Plain + `L_fine`.
+    Fine,
+    /// Plain + `L_self`.
+    #[serde(rename = "self")]
+    SelfDistill,
+    /// Every term, re-weighted (MGKD).
+    Full,
+    /// Every term, without class re-weighting.
+    FullNoReweight,
+}
+
+impl Variant {
+    /// Every student variant, in table order.
+    pub const ALL: [Variant; 7] = [
+        Variant::Plain,
+        Variant::Soft,
+        Variant::Coarse,
+        Variant::Fine,
+        Variant::SelfDistill,
+        Variant::Full,
+        Variant::FullNoReweight,
+    ];
+
+    /// The name used in `results.json`, the report and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Soft => "soft",
+            Variant::Coarse => "coarse",
+            Variant::Fine => "fine",
+            Variant::SelfDistill => "self",
+            Variant::Full => "full",
+            Variant::FullNoReweight => "full-no-reweight",
+        }
+    }
+
+    /// The variant of a name (as [`Variant::name`]).
+    pub fn from_name(name: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// A human description (report rows).
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain (hard, re-weighted)",
+            Variant::Soft => "+ soft",
+            Variant::Coarse => "+ coarse",
+            Variant::Fine => "+ fine",
+            Variant::SelfDistill => "+ self",
+            Variant::Full => "full MGKD",
+            Variant::FullNoReweight => "full, no re-weighting",
+        }
+    }
+
+    /// The loss of this variant: `base`'s coefficients (α, β, γ, δ, τ, ρ, cosine form) with
+    /// the switches of the variant (plain and the one-term variants are re-weighted).
+    pub fn loss(self, base: &LossConfig) -> LossConfig {
+        let only = |soft, coarse, fine, self_distill, reweight| LossConfig {
+            hard: true,
+            soft,
+            coarse,
+            fine,
+            self_distill,
+            reweight,
+            ..base.clone()
+        };
+        match self {
+            Variant::Plain => only(false, false, false, false, true),
+            Variant::Soft => only(true, false, false, false, true),
+            Variant::Coarse => only(false, true, false, false, true),
+            Variant::Fine => only(false, false, true, false, true),
+            Variant::SelfDistill => only(false, false, false, true, true),
+            Variant::Full => only(true, true, true, true, true),
+            Variant::FullNoReweight => only(true, true, true, true, false),
+        }
+    }
+}
+
+/// Name of the teacher's rows in the results.
+pub const TEACHER: &str = "teacher";
+
+/// Model widths of the ablation (teacher and students share them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AblationWidths {
+    /// d.
+    pub d: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Transformer blocks.
+    pub blocks: usize,
+    /// Profile embedding width.
+    pub d_cat: usize,
+}
+
+/// Settings of an ablation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AblationConfig {
+    /// The seeds; each gives one teacher and seven students.
+    pub seeds: Vec<u64>,
+    /// Widths of every model.
+    pub widths: AblationWidths,
+    /// Optimisation (its `seed` is replaced by each seed in turn).
+    pub train: TrainConfig,
+    /// Coefficients (the switches are set per variant; the teacher uses `rho`, `reweight`).
+    pub loss: LossConfig,
+    /// Keep each run's best checkpoint in this directory (`seed{S}-{variant}.safetensors`).
+    pub checkpoints: Option<PathBuf>,
+    /// The dataset directory as given (recorded in checkpoints).
+    pub data: PathBuf,
+    /// Progress bars during training.
+    pub progress: bool,
+}
+
+/// The settings one run used (stored with each result).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Widths.
+    pub model: AblationWidths,
+    /// Optimisation settings (with this run's seed).
+    pub train: TrainConfig,
+    /// Loss settings (with this variant's switches).
+    pub loss: LossConfig,
+}
+
+/// One trained model's test metrics (one row of `results.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// `teacher` or a [`Variant::name`].
+    pub variant: String,
+    /// Seed.
+    pub seed: u64,
+    /// Test AUC.
+    pub test_auc: f64,
+    /// Test KS.
+    pub test_ks: f64,
+    /// Test log-loss.
+    pub test_log_loss: f64,
+    /// Test PR-AUC.
+    pub test_pr_auc: f64,
+    /// Best validation epoch (1-based; its parameters were evaluated).
+    pub best_epoch: usize,
+    /// Epochs run (fewer than configured after an early stop).
+    pub epochs_run: usize,
+    /// Validation AUC after each epoch.
+    pub valid_auc: Vec<f64>,
+    /// Wall-clock seconds of training plus test scoring.
+    pub seconds: f64,
+    /// Settings of the run.
+    pub config: RunConfig,
+}
+
+/// The test scores of the first seed's teacher, plain and full students (for the curves).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurveScores {
+    /// Seed they belong to.
+    pub seed: u64,
+    /// Test labels.
+    pub labels: Vec<u8>,
+    /// `(name, probabilities)` of teacher, plain and full students.
+    pub models: Vec<(String, Vec<f64>)>,
+}
+
+/// Everything an ablation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AblationOutcome {
+    /// One row per run: per seed the teacher then the variants in [`Variant::ALL`] order.
+    pub runs: Vec<RunResult>,
+    /// Scores for the ROC and KS curves (first seed).
+    pub curves: CurveScores,
+}
+
+/// A kept teacher checkpoint: its path and SHA-256 (hex).
+type TeacherFile = (PathBuf, String);
+
+/// Runs the ablation on `ds` with backend `be`; `on_run` is called after each run (progress
+/// lines).
+pub fn run_ablation<B: Backend>(
+    be: &B,
+    ds: &Dataset,
+    cfg: &AblationConfig,
+    mut on_run: impl FnMut(&RunResult),
+) -> Result<AblationOutcome> {
+    if cfg.seeds.is_empty() {
+        return Err(Error::invalid("ablation: at least one seed is needed"));
+    }
+    let test_rows = ds.rows_of_split(TEST);
+    let test_labels = labels_of(ds, &test_rows, "the ablation's test evaluation")?;
+    let pos = test_labels.iter().filter(|&&y| y == 1).count();
+    if pos == 0 || pos == test_labels.len() {
+        return Err(Error::invalid(format!(
+            "the test split of {} has {} rows and {pos} defaults: test AUC needs both classes",
+            ds.dir().display(),
+            test_labels.len()
+        )));
+    }
+    let train_rows = ds.rows_of_split(TRAIN);
+    let train_labels = labels_of(ds, &train_rows, "training")?;
+    let n_pos = train_labels.iter().filter(|&&y| y == 1).count() as u64;
+    let n_neg = train_labels.len() as u64 - n_pos;
+    let w = cfg.widths;
+    let mut runs = Vec::new();
+    let mut curves = CurveScores {
+        seed: cfg.seeds[0],
+        labels: test_labels.clone(),
+        models: Vec::new(),
+    };
+    for (k, &seed) in cfg.seeds.iter().enumerate() {
+        let tc = TrainConfig {
+            seed,
+            ..cfg.train.clone()
+        };
+        let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
+        let stages: Vec<Option<Variant>> = std::iter::once(None)
+            .chain(Variant::ALL.into_iter().map(Some))
+            .collect();
+        for variant in stages {
+            let t0 = Instant::now();
+            let (role, loss, name) = match variant {
+                None => (Role::Teacher, cfg.loss.clone(), TEACHER),
+                Some(v) => (Role::Student, v.loss(&cfg.loss), v.name()),
+            };
+            let mc = ModelConfig::new(role, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
+            let mut model = Model::new(be, mc, seed)?;
+            let file = cfg
+                .checkpoints
+                .as_ref()
+                .map(|d| d.join(format!("seed{seed}-{name}.safetensors")));
+            let metadata = match &file {
+                None => Default::default(),
+                Some(_) => TrainingRecord {
+                    stage: role,
+                    train: tc.clone(),
+                    loss: loss.clone(),
+                    class_weights: class_weights(n_neg, n_pos, loss.rho, loss.reweight)?,
+                    dataset: cfg.data.display().to_string(),
+                    train_rows: train_rows.len() as u64,
+                    teacher: teacher
+                        .as_ref()
+                        .and_then(|(_, f)| f.as_ref())
+                        .map(|(p, _)| p.display().to_string()),
+                    teacher_sha256: teacher
+                        .as_ref()
+                        .and_then(|(_, f)| f.as_ref())
+                        .map(|(_, s)| s.clone()),
+                }
+                .to_metadata()?,
+            };
+            let opts = RunOptions {
+                checkpoint: file.clone(),
+                metadata,
+                log: None,
+                progress: cfg.progress,
+            };
+            let report = match (&teacher, variant) {
+                (_, None) => train(be, ds, &mut model, &Stage::Teacher, &loss, &tc, &opts)?,
+                (Some((t, _)), Some(_)) => {
+                    train(be, ds, &mut model, &Stage::Student(t), &loss, &tc, &opts)?
+                }
+                (None, Some(_)) => return Err(Error::invalid("ablation: no teacher")),
+            };
+            let z = score_rows(be, ds, &model, &test_rows)?;
+            let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
+            let result = RunResult {
+                variant: name.to_string(),
+                seed,
+                test_auc: metrics::auc(&p, &test_labels)?,
+                test_ks: metrics::ks(&p, &test_labels)?,
+                test_log_loss: metrics::log_loss_from_logits(&z, &test_labels)?,
+                test_pr_auc: metrics::pr_auc(&p, &test_labels)?,
+                best_epoch: report.best.epoch,
+                epochs_run: report.history.len(),
+                valid_auc: report.history.iter().map(|e| e.valid_auc).collect(),
+                seconds: t0.elapsed().as_secs_f64(),
+                config: RunConfig {
+                    model: w,
+                    train: tc.clone(),
+                    loss,
+                },
+            };
+            on_run(&result);
+            runs.push(result);
+            if k == 0 && matches!(variant, None | Some(Variant::Plain) | Some(Variant::Full)) {
+                curves.models.push((name.to_string(), p));
+            }
+            if variant.is_none() {
+                let sha = match &file {
+                    Some(f) => Some((
+                        f.clone(),
+                        crate::data::writer::sha256_hex(
+                            &std::fs::read(f).map_err(|e| Error::io(f, e))?,
+                        ),
+                    )),
+                    None => None,
+                };
+                teacher = Some((model, sha));
+            }
+        }
+    }
+    Ok(AblationOutcome { runs, curves })
+}
+
+/// Mean and sample standard deviation (n − 1 in the denominator; 0 for a single value).
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// Mean ± std of one metric over seeds, and of its paired difference to the plain student.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSummary {
+    /// Mean over seeds.
+    pub mean: f64,
+    /// Sample standard deviation over seeds.
+    pub std: f64,
+    /// Mean of the per-seed difference `variant − plain` (`None` for the teacher).
+    pub diff_mean: Option<f64>,
+    /// Sample standard deviation of that difference.
+    pub diff_std: Option<f64>,
+    /// Seeds on which the variant beat plain (difference > 0).
+    pub improved: Option<usize>,
+}
+
+/// One row of the summary table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantSummary {
+    /// `teacher` or a [`Variant::name`].
+    pub variant: String,
+    /// Seeds it was run on.
+    pub seeds: usize,
+    /// Test AUC.
+    pub auc: MetricSummary,
+    /// Test KS.
+    pub ks: MetricSummary,
+}
+
+/// The summary of `runs`: the teacher, then each variant present, in table order. The
+/// paired differences are taken seed by seed against the plain student's run of the same
+/// seed; a variant's seed without a plain run is an error.
+pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
+    let plain_of = |seed: u64| {
+        runs.iter()
+            .find(|r| r.variant == Variant::Plain.name() && r.seed == seed)
+    };
+    let names = std::iter::once(TEACHER).chain(Variant::ALL.iter().map(|v| v.name()));
+    let mut out = Vec::new();
+    for name in names {
+        let rows: Vec<&RunResult> = runs.iter().filter(|r| r.variant == name).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let metric = |get: fn(&RunResult) -> f64| -> Result<MetricSummary> {
+            let (mean, std) = mean_std(&rows.iter().map(|r| get(r)).collect::<Vec<_>>());
+            if name == TEACHER {
+                return Ok(MetricSummary {
+                    mean,
+                    std,
+                    diff_mean: None,
+                    diff_std: None,
+                    improved: None,
+                });
+            }
+            let diffs = rows
+                .iter()
+                .map(|r| {
+                    plain_of(r.seed).map(|p| get(r) - get(p)).ok_or_else(|| {
+                        Error::invalid(format!("seed {} has no plain student", r.seed))
+                    })
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            let (dm, ds) = mean_std(&diffs);
+            Ok(MetricSummary {
+                mean,
+                std,
+                diff_mean: Some(dm),
+                diff_std: Some(ds),
+                improved: Some(diffs.iter().filter(|&&d| d > 0.0).count()),
+            })
+        };
+        out.push(VariantSummary {
+            variant: name.to_string(),
+            seeds: rows.len(),
+            auc: metric(|r| r.test_auc)?,
+            ks: metric(|r| r.test_ks)?,
+        });
+    }
+    Ok(out)
+}

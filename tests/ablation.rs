@@ -1,0 +1,291 @@
+//! `mgkd-train ablation` end to end on a tiny synthetic cohort: the files, the 8 runs per
+//! seed, the report's paired differences recomputed from results.json, determinism, and the
+//! kept checkpoints read back by `eval`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run mgkd-train")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = bin(args);
+    assert!(
+        out.status.success(),
+        "mgkd-train {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const NAMES: [&str; 8] = [
+    "teacher",
+    "plain",
+    "soft",
+    "coarse",
+    "fine",
+    "self",
+    "full",
+    "full-no-reweight",
+];
+
+const LABELS: [&str; 8] = [
+    "teacher (in-service)",
+    "plain (hard, re-weighted)",
+    "+ soft",
+    "+ coarse",
+    "+ fine",
+    "+ self",
+    "full MGKD",
+    "full, no re-weighting",
+];
+
+fn ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "ablation",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seeds",
+        seeds,
+        "--epochs",
+        "2",
+        "--d",
+        "8",
+        "--heads",
+        "2",
+        "--blocks",
+        "2",
+        "--d-cat",
+        "4",
+        "--batch",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, v.sqrt())
+}
+
+fn runs(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json");
+    let v: Value = serde_json::from_str(&text).expect("results.json parses");
+    v["runs"].as_array().expect("runs array").clone()
+}
+
+fn metric(runs: &[Value], variant: &str, seed: u64, key: &str) -> f64 {
+    runs.iter()
+        .find(|r| r["variant"] == variant && r["seed"] == seed)
+        .unwrap_or_else(|| panic!("no run {variant} seed {seed}"))[key]
+        .as_f64()
+        .expect("number")
+}
+
+#[test]
+fn ablation_report_is_paired_complete_and_deterministic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "1200",
+        "--seed",
+        "3",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "16",
+        "--pre-len",
+        "8",
+    ]);
+    let rep = tmp.path().join("rep");
+    let out = ablation(&data, &rep, "2", &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("full MGKD"),
+        "summary table on stdout: {stdout}"
+    );
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("ablation: seed"))
+            .count(),
+        16,
+        "one progress line per run: {stderr}"
+    );
+    for f in [
+        "results.json",
+        "report.md",
+        "roc.svg",
+        "ks.svg",
+        "training.svg",
+    ] {
+        assert!(rep.join(f).is_file(), "{f} missing");
+    }
+    for f in ["roc.svg", "ks.svg", "training.svg"] {
+        let svg = std::fs::read_to_string(rep.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{f}");
+    }
+    let runs = runs(&rep);
+    assert_eq!(runs.len(), 16);
+    for seed in [0u64, 1] {
+        let mut names: Vec<&str> = runs
+            .iter()
+            .filter(|r| r["seed"] == seed)
+            .map(|r| r["variant"].as_str().unwrap())
+            .collect();
+        names.sort_unstable();
+        let mut want = NAMES.to_vec();
+        want.sort_unstable();
+        assert_eq!(names, want, "seed {seed}");
+        for name in NAMES {
+            let ck = rep.join(format!("checkpoints/seed{seed}-{name}.safetensors"));
+            assert!(ck.is_file(), "{} missing", ck.display());
+        }
+    }
+    for r in &runs {
+        for k in ["test_auc", "test_ks", "test_log_loss", "test_pr_auc"] {
+            let x = r[k].as_f64().expect(k);
+            assert!(x.is_finite() && x >= 0.0, "{k} = {x}");
+        }
+        assert!(r["best_epoch"].as_u64().unwrap() >= 1);
+        assert_eq!(r["epochs_run"].as_u64().unwrap(), 2);
+        assert_eq!(r["valid_auc"].as_array().unwrap().len(), 2);
+        assert!(r["config"]["loss"]["alpha"].is_number());
+    }
+    // The variants really differ from one another (the switches reach the trainer).
+    assert_ne!(
+        metric(&runs, "plain", 0, "test_log_loss"),
+        metric(&runs, "full", 0, "test_log_loss")
+    );
+
+    // The report's rows equal the statistics recomputed here from results.json.
+    let report = std::fs::read_to_string(rep.join("report.md")).unwrap();
+    assert!(report.contains("mgkd-train") && report.contains("ablation --data"));
+    for (name, label) in NAMES.iter().zip(LABELS) {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .unwrap_or_else(|| panic!("no report row for {label}:\n{report}"));
+        for key in ["test_auc", "test_ks"] {
+            let xs: Vec<f64> = [0u64, 1]
+                .iter()
+                .map(|&s| metric(&runs, name, s, key))
+                .collect();
+            let (m, s) = mean_std(&xs);
+            let cell = format!("{m:.4} ± {s:.4}");
+            assert!(line.contains(&cell), "{label} {key}: want {cell} in {line}");
+            if *name == "teacher" || *name == "plain" {
+                continue;
+            }
+            let d: Vec<f64> = [0u64, 1]
+                .iter()
+                .map(|&s| metric(&runs, name, s, key) - metric(&runs, "plain", s, key))
+                .collect();
+            let (dm, ds) = mean_std(&d);
+            let k = d.iter().filter(|&&x| x > 0.0).count();
+            let cell = format!("{dm:+.4} ± {ds:.4} ({k}/2)");
+            assert!(
+                line.contains(&cell),
+                "{label} Δ{key}: want {cell} in {line}"
+            );
+        }
+    }
+
+    // Same seed, same results (only the timings may differ).
+    let rep2 = tmp.path().join("rep2");
+    ablation(&data, &rep2, "1", &["--no-checkpoints", "--json"]);
+    assert!(!rep2.join("checkpoints").exists());
+    let again = self::runs(&rep2);
+    assert_eq!(again.len(), 8);
+    for r in &again {
+        let first = runs
+            .iter()
+            .find(|x| x["variant"] == r["variant"] && x["seed"] == 0)
+            .unwrap();
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        };
+        assert_eq!(strip(first), strip(r), "{}", r["variant"]);
+    }
+
+    // A kept checkpoint is a regular one: `eval` reproduces the recorded test AUC.
+    let ck = rep.join("checkpoints/seed1-full.safetensors");
+    let out = ok(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        ck.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    let ev: Value = serde_json::from_slice(&out.stdout).expect("eval --json");
+    let auc = ev["auc"].as_f64().unwrap();
+    assert!((auc - metric(&runs, "full", 1, "test_auc")).abs() < 1e-12);
+}
+
+#[test]
+fn ablation_refuses_zero_seeds_and_missing_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = bin(&[
+        "ablation",
+        "--data",
+        tmp.path().join("none").to_str().unwrap(),
+        "--out",
+        tmp.path().join("rep").to_str().unwrap(),
+        "--seeds",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seeds must be at least 1"));
+    let out = bin(&[
+        "ablation",
+        "--data",
+        tmp.path().join("none").to_str().unwrap(),
+        "--out",
+        tmp.path().join("rep").to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("none") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn shipped_ablation_configs_parse() {
+    for name in ["synthetic", "taiwan"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/configs/{name}.toml"));
+        let cfg = mgkd::cli::train::FileConfig::load(&p).expect("config parses");
+        assert_eq!(cfg.model.d, Some(32), "{name}");
+        assert!(
+            cfg.loss.alpha.is_some() && cfg.train.epochs.is_some(),
+            "{name}"
+        );
+    }
+}
