@@ -14,7 +14,7 @@ use clap::Args;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::train::{in_pool, resolve, CommonArgs, Device, StudentArgs, Widths};
+use crate::cli::train::{in_pool, resolve, CoefArgs, HyperArgs, SwitchArgs, Widths};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
 use crate::metrics;
@@ -39,10 +39,6 @@ pub struct AblationArgs {
     /// First seed.
     #[arg(long, default_value_t = 0)]
     pub first_seed: u64,
-    /// TOML file with the hyper-parameters (`[model]`, `[train]`, `[loss]`, as for
-    /// `teacher`/`student`; the loss switches are set by each variant); flags override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
     /// Do not keep the checkpoints.
     #[arg(long)]
     pub no_checkpoints: bool,
@@ -52,60 +48,12 @@ pub struct AblationArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
-    /// Maximum epochs.
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Rows per batch.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Early-stopping patience in validations.
-    #[arg(long)]
-    pub patience: Option<usize>,
-    /// Plain shuffled batches instead of length-bucketed ones.
-    #[arg(long)]
-    pub no_bucket: bool,
-    /// Model width d.
-    #[arg(long)]
-    pub d: Option<usize>,
-    /// Attention heads.
-    #[arg(long)]
-    pub heads: Option<usize>,
-    /// Transformer blocks.
-    #[arg(long)]
-    pub blocks: Option<usize>,
-    /// Width of each profile categorical embedding.
-    #[arg(long)]
-    pub d_cat: Option<usize>,
-    /// α, weight of L_soft.
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// β, weight of L_coarse.
-    #[arg(long)]
-    pub beta: Option<f64>,
-    /// γ, weight of L_fine.
-    #[arg(long)]
-    pub gamma: Option<f64>,
-    /// δ, weight of L_self.
-    #[arg(long)]
-    pub delta: Option<f64>,
-    /// Temperature τ.
-    #[arg(long)]
-    pub tau: Option<f64>,
-    /// Class re-weighting exponent ρ.
-    #[arg(long)]
-    pub rho: Option<f64>,
-    /// L_coarse as cosine distance.
-    #[arg(long)]
-    pub coarse_cosine: bool,
-    /// Worker threads (default: RAYON_NUM_THREADS or all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
+    /// Model and training settings (as for `teacher`/`student`).
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+    /// Loss coefficients (the loss switches are set by each variant).
+    #[command(flatten)]
+    pub coefs: CoefArgs,
 }
 
 /// The content of `results.json`.
@@ -146,42 +94,14 @@ fn command_line() -> String {
 fn settings(
     args: &AblationArgs,
 ) -> Result<(Widths, crate::train::TrainConfig, crate::loss::LossConfig)> {
-    let common = CommonArgs {
-        data: args.data.clone(),
-        out: args.out.clone(),
-        config: args.config.clone(),
-        log: None,
-        quiet: args.quiet,
-        epochs: args.epochs,
-        batch: args.batch,
-        lr: args.lr,
-        seed: None,
-        patience: args.patience,
-        no_bucket: args.no_bucket,
-        d: args.d,
-        heads: args.heads,
-        blocks: args.blocks,
-        d_cat: args.d_cat,
-        rho: args.rho,
-        no_reweight: false,
-        threads: args.threads,
-        device: args.device,
-    };
-    let student = StudentArgs {
-        common: common.clone(),
-        teacher: PathBuf::new(),
-        no_soft: false,
-        no_coarse: false,
-        no_fine: false,
-        no_self: false,
-        coarse_cosine: args.coarse_cosine,
-        alpha: args.alpha,
-        beta: args.beta,
-        gamma: args.gamma,
-        delta: args.delta,
-        tau: args.tau,
-    };
-    let r = resolve(&common, Some(&student), Widths::defaults())?;
+    let r = resolve(
+        &args.hyper,
+        None,
+        false,
+        SwitchArgs::default(),
+        &args.coefs,
+        Widths::defaults(),
+    )?;
     Ok((r.widths, r.train, r.loss))
 }
 
@@ -456,8 +376,8 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         data: args.data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
     };
-    let outcome = in_pool(args.threads, || {
-        crate::with_backend!(args.device, be => run_ablation(be, &ds, &cfg, |r| {
+    let outcome = in_pool(args.hyper.threads, || {
+        crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
             eprintln!(
                 "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s",
                 r.seed,

@@ -55,24 +55,12 @@ macro_rules! with_backend {
     };
 }
 
-/// Options shared by `teacher` and `student`.
+/// Model and training flags shared by `teacher`, `student` and `ablation`.
 #[derive(Debug, Clone, Args)]
-pub struct CommonArgs {
-    /// Dataset directory.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Output checkpoint (safetensors), written atomically whenever validation AUC improves.
-    #[arg(long)]
-    pub out: PathBuf,
+pub struct HyperArgs {
     /// TOML file with every hyper-parameter (`[model]`, `[train]`, `[loss]`); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// JSONL log, one line per epoch (default `<out>.log.jsonl`).
-    #[arg(long)]
-    pub log: Option<PathBuf>,
-    /// No progress bar and no per-epoch table.
-    #[arg(long)]
-    pub quiet: bool,
     /// Maximum epochs.
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -82,9 +70,6 @@ pub struct CommonArgs {
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Seed (initialisation, shuffles).
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Early-stopping patience in validations.
     #[arg(long)]
     pub patience: Option<usize>,
@@ -106,15 +91,78 @@ pub struct CommonArgs {
     /// Class re-weighting exponent ρ.
     #[arg(long)]
     pub rho: Option<f64>,
-    /// No class re-weighting.
-    #[arg(long)]
-    pub no_reweight: bool,
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+}
+
+/// Loss coefficients shared by `student` and `ablation` (unset: config file, then defaults).
+#[derive(Debug, Clone, Default, Args)]
+pub struct CoefArgs {
+    /// L_coarse as cosine distance.
+    #[arg(long)]
+    pub coarse_cosine: bool,
+    /// α, weight of L_soft.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// β, weight of L_coarse.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// γ, weight of L_fine.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// δ, weight of L_self.
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// Temperature τ.
+    #[arg(long)]
+    pub tau: Option<f64>,
+}
+
+/// The student's loss switches (the ablation's variants set them themselves).
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct SwitchArgs {
+    /// Switch L_soft off.
+    #[arg(long)]
+    pub no_soft: bool,
+    /// Switch L_coarse off.
+    #[arg(long)]
+    pub no_coarse: bool,
+    /// Switch L_fine off.
+    #[arg(long)]
+    pub no_fine: bool,
+    /// Switch L_self off.
+    #[arg(long)]
+    pub no_self: bool,
+}
+
+/// Options shared by `teacher` and `student`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output checkpoint (safetensors), written atomically whenever validation AUC improves.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// JSONL log, one line per epoch (default `<out>.log.jsonl`).
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// No progress bar and no per-epoch table.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Seed (initialisation, shuffles).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// No class re-weighting.
+    #[arg(long)]
+    pub no_reweight: bool,
+    /// Model and training settings.
+    #[command(flatten)]
+    pub hyper: HyperArgs,
 }
 
 /// Arguments of `mgkd-train teacher`.
@@ -134,36 +182,12 @@ pub struct StudentArgs {
     /// The frozen teacher's checkpoint.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Switch L_soft off.
-    #[arg(long)]
-    pub no_soft: bool,
-    /// Switch L_coarse off.
-    #[arg(long)]
-    pub no_coarse: bool,
-    /// Switch L_fine off.
-    #[arg(long)]
-    pub no_fine: bool,
-    /// Switch L_self off.
-    #[arg(long)]
-    pub no_self: bool,
-    /// L_coarse as cosine distance.
-    #[arg(long)]
-    pub coarse_cosine: bool,
-    /// α, weight of L_soft.
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// β, weight of L_coarse.
-    #[arg(long)]
-    pub beta: Option<f64>,
-    /// γ, weight of L_fine.
-    #[arg(long)]
-    pub gamma: Option<f64>,
-    /// δ, weight of L_self.
-    #[arg(long)]
-    pub delta: Option<f64>,
-    /// Temperature τ.
-    #[arg(long)]
-    pub tau: Option<f64>,
+    /// Loss switches.
+    #[command(flatten)]
+    pub switches: SwitchArgs,
+    /// Loss coefficients.
+    #[command(flatten)]
+    pub coefs: CoefArgs,
 }
 
 /// `[model]` section of the config file.
@@ -306,30 +330,33 @@ pub struct Resolved {
 /// Resolves defaults ← file ← flags; `base` are the default widths (the teacher's for a
 /// student).
 pub fn resolve(
-    common: &CommonArgs,
-    student: Option<&StudentArgs>,
+    hyper: &HyperArgs,
+    seed: Option<u64>,
+    no_reweight: bool,
+    switches: SwitchArgs,
+    coefs: &CoefArgs,
     base: Widths,
 ) -> Result<Resolved> {
-    let file = match &common.config {
+    let file = match &hyper.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
     let (m, t, l) = (&file.model, &file.train, &file.loss);
     let widths = Widths {
-        d: pick(common.d, m.d, base.d),
-        heads: pick(common.heads, m.heads, base.heads),
-        blocks: pick(common.blocks, m.blocks, base.blocks),
-        d_cat: pick(common.d_cat, m.d_cat, base.d_cat),
+        d: pick(hyper.d, m.d, base.d),
+        heads: pick(hyper.heads, m.heads, base.heads),
+        blocks: pick(hyper.blocks, m.blocks, base.blocks),
+        d_cat: pick(hyper.d_cat, m.d_cat, base.d_cat),
     };
     let td = TrainConfig::default();
     let train = TrainConfig {
-        epochs: pick(common.epochs, t.epochs, td.epochs),
-        batch: pick(common.batch, t.batch, td.batch),
-        lr: common.lr.or(t.lr).unwrap_or(td.lr),
-        seed: common.seed.or(t.seed).unwrap_or(td.seed),
-        patience: pick(common.patience, t.patience, td.patience),
-        bucket: !common.no_bucket && t.bucket.unwrap_or(td.bucket),
+        epochs: pick(hyper.epochs, t.epochs, td.epochs),
+        batch: pick(hyper.batch, t.batch, td.batch),
+        lr: hyper.lr.or(t.lr).unwrap_or(td.lr),
+        seed: seed.or(t.seed).unwrap_or(td.seed),
+        patience: pick(hyper.patience, t.patience, td.patience),
+        bucket: !hyper.no_bucket && t.bucket.unwrap_or(td.bucket),
         warmup: t.warmup.unwrap_or(td.warmup),
         weight_decay: t.weight_decay.unwrap_or(td.weight_decay),
         clip: t.clip.unwrap_or(td.clip),
@@ -337,26 +364,20 @@ pub fn resolve(
     let ld = LossConfig::default();
     let f = |flag: Option<f64>, file: Option<f64>, def: f64| flag.or(file).unwrap_or(def);
     let off = |flag: bool, file: Option<bool>, def: bool| !flag && file.unwrap_or(def);
-    let s = student;
     let loss = LossConfig {
-        alpha: f(s.and_then(|s| s.alpha), l.alpha, ld.alpha),
-        beta: f(s.and_then(|s| s.beta), l.beta, ld.beta),
-        gamma: f(s.and_then(|s| s.gamma), l.gamma, ld.gamma),
-        delta: f(s.and_then(|s| s.delta), l.delta, ld.delta),
-        tau: f(s.and_then(|s| s.tau), l.tau, ld.tau),
-        rho: f(common.rho, l.rho, ld.rho),
+        alpha: f(coefs.alpha, l.alpha, ld.alpha),
+        beta: f(coefs.beta, l.beta, ld.beta),
+        gamma: f(coefs.gamma, l.gamma, ld.gamma),
+        delta: f(coefs.delta, l.delta, ld.delta),
+        tau: f(coefs.tau, l.tau, ld.tau),
+        rho: f(hyper.rho, l.rho, ld.rho),
         hard: true,
-        soft: off(s.is_some_and(|s| s.no_soft), l.soft, ld.soft),
-        coarse: off(s.is_some_and(|s| s.no_coarse), l.coarse, ld.coarse),
-        fine: off(s.is_some_and(|s| s.no_fine), l.fine, ld.fine),
-        self_distill: off(
-            s.is_some_and(|s| s.no_self),
-            l.self_distill,
-            ld.self_distill,
-        ),
-        reweight: off(common.no_reweight, l.reweight, ld.reweight),
-        coarse_cosine: s.is_some_and(|s| s.coarse_cosine)
-            || l.coarse_cosine.unwrap_or(ld.coarse_cosine),
+        soft: off(switches.no_soft, l.soft, ld.soft),
+        coarse: off(switches.no_coarse, l.coarse, ld.coarse),
+        fine: off(switches.no_fine, l.fine, ld.fine),
+        self_distill: off(switches.no_self, l.self_distill, ld.self_distill),
+        reweight: off(no_reweight, l.reweight, ld.reweight),
+        coarse_cosine: coefs.coarse_cosine || l.coarse_cosine.unwrap_or(ld.coarse_cosine),
     };
     train.validate()?;
     loss.validate()?;
@@ -569,10 +590,18 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
 
 /// `mgkd-train teacher`.
 pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
-    let r = resolve(&args.common, None, Widths::defaults())?;
+    let c = &args.common;
+    let r = resolve(
+        &c.hyper,
+        c.seed,
+        c.no_reweight,
+        SwitchArgs::default(),
+        &CoefArgs::default(),
+        Widths::defaults(),
+    )?;
     let report = in_pool(
-        args.common.threads,
-        || with_backend!(args.common.device, be => teacher_on(be, args, &r)),
+        c.hyper.threads,
+        || with_backend!(c.hyper.device, be => teacher_on(be, args, &r)),
     )?;
     finish(&args.common, &report);
     Ok(())
@@ -581,10 +610,18 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
 /// `mgkd-train student`.
 pub fn run_student(args: &StudentArgs) -> Result<()> {
     let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
-    let r = resolve(&args.common, Some(args), base)?;
+    let c = &args.common;
+    let r = resolve(
+        &c.hyper,
+        c.seed,
+        c.no_reweight,
+        args.switches,
+        &args.coefs,
+        base,
+    )?;
     let report = in_pool(
-        args.common.threads,
-        || with_backend!(args.common.device, be => student_on(be, args, &r)),
+        c.hyper.threads,
+        || with_backend!(c.hyper.device, be => student_on(be, args, &r)),
     )?;
     finish(&args.common, &report);
     Ok(())
