@@ -715,10 +715,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         out_ld: usize,
     ) {
         let fields = tables.len();
-        let out_w = match mode {
-            EmbMode::Sum => width,
-            EmbMode::Concat => fields * width,
-        };
+        let out_w = mode.row_width(fields, width);
         if n == 0 || out_w == 0 {
             return;
         }
@@ -781,10 +778,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         grads: &mut Vec<F>,
     ) {
         let fields = tables.len();
-        let out_w = match mode {
-            EmbMode::Sum => width,
-            EmbMode::Concat => fields * width,
-        };
+        let out_w = mode.row_width(fields, width);
         if n == 0 || width == 0 || fields == 0 {
             return;
         }

@@ -151,6 +151,17 @@ pub enum EmbMode {
     Concat,
 }
 
+impl EmbMode {
+    /// Width of one output row for `fields` tables of `width` columns: `width` for
+    /// [`EmbMode::Sum`], `fields·width` for [`EmbMode::Concat`].
+    pub fn row_width(self, fields: usize, width: usize) -> usize {
+        match self {
+            EmbMode::Sum => width,
+            EmbMode::Concat => fields * width,
+        }
+    }
+}
+
 /// Hyper-parameters of one AdamW step (SPEC §6).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {

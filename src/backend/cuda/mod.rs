@@ -766,10 +766,7 @@ impl Backend for CudaBackend {
         out_ld: usize,
     ) {
         let fields = tables.len();
-        let out_w = match mode {
-            EmbMode::Sum => width,
-            EmbMode::Concat => fields * width,
-        };
+        let out_w = mode.row_width(fields, width);
         if n == 0 || out_w == 0 {
             return;
         }
@@ -816,10 +813,7 @@ impl Backend for CudaBackend {
         grads: &mut CudaSlice<f32>,
     ) {
         let fields = tables.len();
-        let out_w = match mode {
-            EmbMode::Sum => width,
-            EmbMode::Concat => fields * width,
-        };
+        let out_w = mode.row_width(fields, width);
         if n == 0 || width == 0 || fields == 0 {
             return;
         }
