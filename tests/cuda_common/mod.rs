@@ -28,7 +28,11 @@ pub fn gpu() -> Option<&'static CudaBackend> {
     })
     .as_ref()
     .or_else(|| {
-        println!("skipped: no usable CUDA device");
+        if selftest() {
+            println!("no usable CUDA device: harness self-test (CPU f32 against CPU f64)");
+        } else {
+            println!("skipped: no usable CUDA device");
+        }
         None
     })
 }
