@@ -33,7 +33,7 @@ enum Command {
     Eval(mgkd::cli::eval::EvalArgs),
     /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
     Predict(mgkd::cli::predict::PredictArgs),
-    /// Paired ablation: per seed a teacher and seven students, report with plots (SPEC §6).
+    /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots (SPEC §6).
     Ablation(mgkd::cli::ablation::AblationArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),

@@ -211,12 +211,26 @@ fn ablation_report_is_paired_complete_and_deterministic() {
         }
     }
 
-    // Same seed, same results (only the timings may differ).
+    // Same seed, same results (only the timings may differ), also when only some variants
+    // run: a variant's run does not depend on which others are trained.
     let rep2 = tmp.path().join("rep2");
-    ablation(&data, &rep2, "1", &["--no-checkpoints", "--json"]);
+    ablation(
+        &data,
+        &rep2,
+        "1",
+        &["--no-checkpoints", "--json", "--variants", "full,plain"],
+    );
     assert!(!rep2.join("checkpoints").exists());
     let again = self::runs(&rep2);
-    assert_eq!(again.len(), 8);
+    let names: Vec<&str> = again
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["teacher", "plain", "full"],
+        "table order, chosen variants"
+    );
     for r in &again {
         let first = runs
             .iter()
@@ -275,6 +289,44 @@ fn ablation_refuses_zero_seeds_and_missing_data() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("none") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn ablation_refuses_variants_without_plain_or_unknown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "300",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "8",
+        "--pre-len",
+        "4",
+    ]);
+    for (variants, want) in [
+        ("full,soft", "must include plain"),
+        ("plain,fulll", "unknown variant 'fulll'"),
+    ] {
+        let out = bin(&[
+            "ablation",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            tmp.path().join("rep").to_str().unwrap(),
+            "--variants",
+            variants,
+            "--device",
+            "cpu",
+        ]);
+        assert!(!out.status.success(), "--variants {variants} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want) && !err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]

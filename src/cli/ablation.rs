@@ -33,9 +33,13 @@ pub struct AblationArgs {
     /// Report directory (created): results.json, report.md, plots, checkpoints/.
     #[arg(long)]
     pub out: PathBuf,
-    /// Number of seeds (0, 1, …, N−1); each trains one teacher and seven students.
+    /// Number of seeds (0, 1, …, N−1); each trains one teacher and a student per variant.
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
+    /// Student variants to train, comma-separated, from plain, soft, coarse, fine, self,
+    /// full, full-no-reweight (default: all seven); plain, the baseline, is always needed.
+    #[arg(long, value_delimiter = ',', value_parser = parse_variant)]
+    pub variants: Vec<Variant>,
     /// First seed.
     #[arg(long, default_value_t = 0)]
     pub first_seed: u64,
@@ -54,6 +58,14 @@ pub struct AblationArgs {
     /// Loss coefficients (the loss switches are set by each variant).
     #[command(flatten)]
     pub coefs: CoefArgs,
+}
+
+/// A variant from its name (`--variants`).
+fn parse_variant(name: &str) -> std::result::Result<Variant, String> {
+    Variant::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
+        format!("unknown variant '{name}' (one of: {})", names.join(", "))
+    })
 }
 
 /// The content of `results.json`.
@@ -345,16 +357,6 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     if args.seeds == 0 {
         return Err(Error::invalid("--seeds must be at least 1"));
     }
-    let ds = Dataset::open(&args.data)?;
-    crate::cli::train::require_in_service(
-        &ds,
-        "the ablation (its teachers read in-service events)",
-    )?;
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
-    let ck = (!args.no_checkpoints).then(|| args.out.join("checkpoints"));
-    if let Some(d) = &ck {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-    }
     let seeds: Vec<u64> = (0..args.seeds)
         .map(|k| {
             args.first_seed
@@ -362,8 +364,15 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
                 .ok_or_else(|| Error::invalid("--first-seed + --seeds overflows"))
         })
         .collect::<Result<_>>()?;
+    let variants = if args.variants.is_empty() {
+        Variant::ALL.to_vec()
+    } else {
+        args.variants.clone()
+    };
+    let ck = (!args.no_checkpoints).then(|| args.out.join("checkpoints"));
     let cfg = AblationConfig {
         seeds: seeds.clone(),
+        variants,
         widths: AblationWidths {
             d: w.d,
             heads: w.heads,
@@ -376,6 +385,16 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         data: args.data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
     };
+    cfg.validate()?;
+    let ds = Dataset::open(&args.data)?;
+    crate::cli::train::require_in_service(
+        &ds,
+        "the ablation (its teachers read in-service events)",
+    )?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    if let Some(d) = &cfg.checkpoints {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
     let outcome = in_pool(args.hyper.threads, || {
         crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
             eprintln!(

@@ -133,8 +133,11 @@ pub struct AblationWidths {
 /// Settings of an ablation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AblationConfig {
-    /// The seeds; each gives one teacher and seven students.
+    /// The seeds; each gives one teacher and a student per variant.
     pub seeds: Vec<u64>,
+    /// The student variants to train, in [`Variant::ALL`] order; must include
+    /// [`Variant::Plain`], the baseline of every paired difference.
+    pub variants: Vec<Variant>,
     /// Widths of every model.
     pub widths: AblationWidths,
     /// Optimisation (its `seed` is replaced by each seed in turn).
@@ -147,6 +150,22 @@ pub struct AblationConfig {
     pub data: PathBuf,
     /// Progress bars during training.
     pub progress: bool,
+}
+
+impl AblationConfig {
+    /// Checks what [`run_ablation`] needs: at least one seed, and the plain student among
+    /// the variants.
+    pub fn validate(&self) -> Result<()> {
+        if self.seeds.is_empty() {
+            return Err(Error::invalid("ablation: at least one seed is needed"));
+        }
+        if !self.variants.contains(&Variant::Plain) {
+            return Err(Error::invalid(
+                "ablation: the variants must include plain, the baseline of every paired difference",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The settings one run used (stored with each result).
@@ -201,7 +220,8 @@ pub struct CurveScores {
 /// Everything an ablation produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AblationOutcome {
-    /// One row per run: per seed the teacher then the variants in [`Variant::ALL`] order.
+    /// One row per run: per seed the teacher then the chosen variants in [`Variant::ALL`]
+    /// order.
     pub runs: Vec<RunResult>,
     /// Scores for the ROC and KS curves (first seed).
     pub curves: CurveScores,
@@ -218,9 +238,7 @@ pub fn run_ablation<B: Backend>(
     cfg: &AblationConfig,
     mut on_run: impl FnMut(&RunResult),
 ) -> Result<AblationOutcome> {
-    if cfg.seeds.is_empty() {
-        return Err(Error::invalid("ablation: at least one seed is needed"));
-    }
+    cfg.validate()?;
     let test_rows = ds.rows_of_split(TEST);
     let test_labels = labels_of(ds, &test_rows, "the ablation's test evaluation")?;
     let pos = test_labels.iter().filter(|&&y| y == 1).count();
@@ -249,7 +267,12 @@ pub fn run_ablation<B: Backend>(
         };
         let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
         let stages: Vec<Option<Variant>> = std::iter::once(None)
-            .chain(Variant::ALL.into_iter().map(Some))
+            .chain(
+                Variant::ALL
+                    .into_iter()
+                    .filter(|v| cfg.variants.contains(v))
+                    .map(Some),
+            )
             .collect();
         for variant in stages {
             let t0 = Instant::now();
