@@ -309,13 +309,18 @@ fn mismatched_schemas_and_bad_options_are_refused() {
             "--epochs",
             "1",
         ],
-        &["teacher.safetensors", "event_cat", "another schema"],
+        &[
+            "teacher.safetensors",
+            "event categorical fields",
+            "event categorical fields `event_type`: vocabulary 6 here, vocabulary 9 wanted",
+            "another schema",
+        ],
     );
     assert!(!s.exists());
     // A checkpoint evaluated / scored on a dataset of another schema.
     refused(
         &["eval", "--data", p(&other), "--model", p(&t)],
-        &["another schema", "event_vocabs"],
+        &["another schema", "event categorical fields"],
     );
     refused(
         &[

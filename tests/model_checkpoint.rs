@@ -65,6 +65,43 @@ fn checkpoint_of_another_configuration_is_refused_with_the_difference() {
         .any(|l| l.starts_with("len_limit: 6 here, 4 wanted")));
 }
 
+#[test]
+fn schema_differences_name_the_fields_not_the_whole_schema() {
+    let a = schema();
+    assert!(a.diff(&a).is_empty());
+    let mut b = schema();
+    b.profile_num.truncate(2);
+    b.event_cat[0].vocab = 9;
+    b.event_num[1].mean = 0.5;
+    b.event_num[1].log1p = true;
+    b.pre_len = 5;
+    assert_eq!(
+        a.diff(&b),
+        [
+            "profile numeric fields: [age, income, limit] here, [age, income] wanted",
+            "event categorical fields `type`: vocabulary 6 here, vocabulary 9 wanted",
+            "event numeric fields `gap`: mean 0, std 1 here, mean 0.5, std 1, log1p wanted",
+            "pre-service length limit: 4 here, 5 wanted",
+        ]
+    );
+    // Long lists are cut after six names; the derived sizes are not repeated.
+    let mut c = schema();
+    c.profile_num = (0..40)
+        .map(|k| mgkd::data::NumField {
+            name: format!("f{k}"),
+            mean: 0.0,
+            std: 1.0,
+            log1p: false,
+        })
+        .collect();
+    let ta = ModelConfig::new(Role::Teacher, &a, 8, 2, 1, 3).unwrap();
+    let tc = ModelConfig::new(Role::Teacher, &c, 8, 2, 1, 3).unwrap();
+    assert_eq!(
+        ta.diff(&tc),
+        ["profile numeric fields: [age, income, limit] here, [f0, f1, f2, f3, f4, f5, …] (40 fields) wanted"]
+    );
+}
+
 fn refused(bytes: &[u8], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.safetensors");

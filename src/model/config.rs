@@ -198,7 +198,10 @@ impl ModelConfig {
     }
 
     /// The differences between `self` (what is found) and `wanted`, one readable line per
-    /// differing field (`"d: 64 here, 128 wanted"`); empty when they are equal.
+    /// difference (`"d: 64 here, 128 wanted"`); empty when they are equal. Data-schema
+    /// differences are described field by field ([`Schema::diff`]); the sizes derived from
+    /// the schema (`profile_num`, the vocabularies, `len_limit`) are compared only when the
+    /// schemas agree, since otherwise they only repeat the schema's difference.
     pub fn diff(&self, wanted: &ModelConfig) -> Vec<String> {
         let mut out = Vec::new();
         let mut cmp = |name: &str, a: String, b: String| {
@@ -211,59 +214,35 @@ impl ModelConfig {
         cmp("heads", self.heads.to_string(), wanted.heads.to_string());
         cmp("blocks", self.blocks.to_string(), wanted.blocks.to_string());
         cmp("d_cat", self.d_cat.to_string(), wanted.d_cat.to_string());
-        cmp(
-            "profile_num",
-            self.profile_num.to_string(),
-            wanted.profile_num.to_string(),
-        );
-        cmp(
-            "profile_vocabs",
-            format!("{:?}", self.profile_vocabs),
-            format!("{:?}", wanted.profile_vocabs),
-        );
-        cmp(
-            "event_vocabs",
-            format!("{:?}", self.event_vocabs),
-            format!("{:?}", wanted.event_vocabs),
-        );
-        cmp(
-            "event_num",
-            self.event_num.to_string(),
-            wanted.event_num.to_string(),
-        );
-        cmp(
-            "len_limit",
-            self.len_limit.to_string(),
-            wanted.len_limit.to_string(),
-        );
-        let (a, b) = (&self.schema, &wanted.schema);
-        fn json<T: Serialize>(v: &T) -> String {
-            serde_json::to_string(v).unwrap_or_default()
+        let schema = self.schema.diff(&wanted.schema);
+        if schema.is_empty() {
+            cmp(
+                "profile_num",
+                self.profile_num.to_string(),
+                wanted.profile_num.to_string(),
+            );
+            cmp(
+                "profile_vocabs",
+                format!("{:?}", self.profile_vocabs),
+                format!("{:?}", wanted.profile_vocabs),
+            );
+            cmp(
+                "event_vocabs",
+                format!("{:?}", self.event_vocabs),
+                format!("{:?}", wanted.event_vocabs),
+            );
+            cmp(
+                "event_num",
+                self.event_num.to_string(),
+                wanted.event_num.to_string(),
+            );
+            cmp(
+                "len_limit",
+                self.len_limit.to_string(),
+                wanted.len_limit.to_string(),
+            );
         }
-        for (name, x, y) in [
-            (
-                "schema.profile_num",
-                json(&a.profile_num),
-                json(&b.profile_num),
-            ),
-            (
-                "schema.profile_cat",
-                json(&a.profile_cat),
-                json(&b.profile_cat),
-            ),
-            ("schema.event_cat", json(&a.event_cat), json(&b.event_cat)),
-            ("schema.event_num", json(&a.event_num), json(&b.event_num)),
-            (
-                "schema.pre_len",
-                a.pre_len.to_string(),
-                b.pre_len.to_string(),
-            ),
-            ("schema.in_len", a.in_len.to_string(), b.in_len.to_string()),
-        ] {
-            if x != y {
-                out.push(format!("{name}: {x} here, {y} wanted"));
-            }
-        }
+        out.extend(schema);
         out
     }
 }
