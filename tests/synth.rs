@@ -201,6 +201,53 @@ fn splits_are_80_10_10_and_stratified() {
 }
 
 #[test]
+fn custom_split_is_stratified_and_leaves_the_users_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dflt, custom) = (tmp.path().join("d"), tmp.path().join("c"));
+    synth(&dflt, 20_000, 3, 0.1);
+    let out = run_bin(
+        &custom,
+        "2",
+        &[
+            "--users",
+            "20000",
+            "--seed",
+            "3",
+            "--default-rate",
+            "0.1",
+            "--split",
+            "20,5,75",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let ((_, a), (m, b)) = (load(&dflt), load(&custom));
+    // The same users; only the split column differs.
+    assert_eq!(a.label, b.label);
+    assert_eq!(a.pre_cat, b.pre_cat);
+    assert_eq!(a.in_num, b.in_num);
+    assert_ne!(a.split, b.split);
+    for class in [0u8, 1] {
+        let members: Vec<u8> = b
+            .split
+            .iter()
+            .zip(&b.label)
+            .filter(|(_, &l)| l == class)
+            .map(|(&s, _)| s)
+            .collect();
+        let n = members.len() as f64;
+        for (split, share) in [(0u8, 0.2), (1, 0.05), (2, 0.75)] {
+            let k = members.iter().filter(|&&s| s == split).count() as f64;
+            // Exact to within one block of 20 (4 train, 1 valid, 15 test) per class.
+            assert!(
+                (k - share * n).abs() <= 20.0,
+                "class {class} split {split}: {k} of {n}"
+            );
+        }
+    }
+    assert!(m.source.contains("--split 20,5,75"), "{}", m.source);
+}
+
+#[test]
 fn lengths_stay_within_the_limits_with_heavy_tails_and_empty_pre() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
@@ -336,6 +383,10 @@ fn invalid_arguments_fail_cleanly() {
         vec!["--users", "10", "--default-rate", "NaN"],
         vec!["--users", "10", "--in-len", "0"],
         vec!["--users", "10", "--shard-mib", "0"],
+        vec!["--users", "10", "--split", "80,10"],
+        vec!["--users", "10", "--split", "80,10,20"],
+        vec!["--users", "10", "--split", "0,50,50"],
+        vec!["--users", "10", "--split", "80,10,x"],
     ]
     .into_iter()
     .enumerate()

@@ -37,6 +37,10 @@ pub struct SynthArgs {
     /// Target shard size in MiB.
     #[arg(long, default_value_t = 256)]
     pub shard_mib: u64,
+    /// Train, valid and test shares in whole percent, summing to 100 (stratified by label),
+    /// e.g. 20,5,75 for a small training cohort measured on a large test split.
+    #[arg(long, value_delimiter = ',', num_args = 1, default_value = "80,10,10")]
+    pub split: Vec<u32>,
 }
 
 impl SynthArgs {
@@ -44,6 +48,12 @@ impl SynthArgs {
     pub fn config(&self) -> Result<SynthConfig> {
         let shard_bytes = self.shard_mib.checked_mul(1 << 20).ok_or_else(|| {
             Error::invalid(format!("--shard-mib {} is too large", self.shard_mib))
+        })?;
+        let split: [u32; 3] = self.split.as_slice().try_into().map_err(|_| {
+            Error::invalid(format!(
+                "--split takes three percentages (train,valid,test), got {}",
+                self.split.len()
+            ))
         })?;
         Ok(SynthConfig {
             users: self.users,
@@ -53,6 +63,7 @@ impl SynthArgs {
             pre_len: self.pre_len,
             shard_rows: self.shard_rows,
             shard_bytes,
+            split,
         })
     }
 }

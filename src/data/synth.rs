@@ -68,10 +68,12 @@
 //!
 //! # Splits
 //!
-//! Stratified by label, 80/10/10: the users of each class, in user order, form blocks of 10;
-//! each block's 10 slots (8 train, 1 valid, 1 test) are shuffled by a generator keyed by the
-//! seed. This runs sequentially while the rows are pushed (it is O(1) per user) and so is
-//! deterministic and exact to within one block per class.
+//! Stratified by label, by default 80/10/10 (`--split` sets other whole percentages): the
+//! users of each class, in user order, form blocks of `100 / g` users, `g` the greatest
+//! common divisor of the three percentages and 100 (10 for 80/10/10: 8 train, 1 valid, 1 test
+//! slots); each block's slots are shuffled by a generator keyed by the seed. This runs
+//! sequentially while the rows are pushed (it is O(1) per user) and so is deterministic and
+//! exact to within one block per class.
 //!
 //! # Parallelism and determinism
 //!
@@ -296,6 +298,8 @@ pub struct SynthConfig {
     pub shard_rows: Option<usize>,
     /// Close a shard once its tensors reach this many bytes.
     pub shard_bytes: u64,
+    /// Train, valid and test shares in whole percent, summing to 100.
+    pub split: [u32; 3],
 }
 
 impl Default for SynthConfig {
@@ -309,9 +313,13 @@ impl Default for SynthConfig {
             pre_len: 32,
             shard_rows: None,
             shard_bytes: DEFAULT_SHARD_BYTES,
+            split: DEFAULT_SPLIT,
         }
     }
 }
+
+/// The default train/valid/test percentages.
+pub const DEFAULT_SPLIT: [u32; 3] = [80, 10, 10];
 
 /// Largest accepted sequence-length limit.
 const MAX_LEN_LIMIT: usize = 1 << 16;
@@ -340,6 +348,13 @@ impl SynthConfig {
         }
         if self.shard_bytes == 0 {
             return Err(Error::invalid("--shard-mib must be at least 1"));
+        }
+        if self.split.iter().sum::<u32>() != 100 || self.split[0] == 0 {
+            return Err(Error::invalid(format!(
+                "--split is {}, must be three whole percentages (train, valid, test) summing \
+                 to 100 with train above 0",
+                self.split.map(|p| p.to_string()).join(",")
+            )));
         }
         Ok(())
     }
@@ -767,37 +782,55 @@ fn events(rng: &mut ChaCha8Rng, n: usize, law: &EventLaw, cat: &mut Vec<u32>, nu
     }
 }
 
-/// Sequential stratified 80/10/10 split assignment (see the module documentation).
+/// Sequential stratified split assignment (see the module documentation).
 struct SplitAssigner {
     rng: ChaCha8Rng,
     count: [u64; 2],
-    block: [[u8; 10]; 2],
+    /// The slots of a fresh block, in split order (`split[k]·len/100` slots of split `k`).
+    slots: Vec<u8>,
+    block: [Vec<u8>; 2],
 }
 
 impl SplitAssigner {
-    fn new(seed: u64) -> SplitAssigner {
+    fn new(seed: u64, split: [u32; 3]) -> SplitAssigner {
+        let g = split.iter().fold(100, |a, &b| gcd(a, b));
+        let slots: Vec<u8> = (0u8..)
+            .zip(split)
+            .flat_map(|(k, p)| std::iter::repeat_n(k, (p / g) as usize))
+            .collect();
         SplitAssigner {
             rng: ChaCha8Rng::from_seed(key(seed, 2)),
             count: [0; 2],
-            block: [[0; 10]; 2],
+            block: [slots.clone(), slots.clone()],
+            slots,
         }
     }
 
     /// Split of the next user of class `label` (0 or 1).
     fn next(&mut self, label: u8) -> u8 {
         let c = usize::from(label.min(1));
-        let pos = (self.count[c] % 10) as usize;
+        let n = self.slots.len();
+        let pos = (self.count[c] % n as u64) as usize;
         if pos == 0 {
             let b = &mut self.block[c];
-            *b = [0, 0, 0, 0, 0, 0, 0, 0, 1, 2];
+            b.copy_from_slice(&self.slots);
             // Fisher–Yates.
-            for i in (1..10).rev() {
+            for i in (1..n).rev() {
                 let j = (self.rng.next_u32() % (i as u32 + 1)) as usize;
                 b.swap(i, j);
             }
         }
         self.count[c] += 1;
         self.block[c][pos]
+    }
+}
+
+/// Greatest common divisor (`gcd(a, 0) = a`).
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -819,18 +852,23 @@ pub fn synthesize_with_progress(
         has_label: true,
         has_user_id: false,
         source: format!(
-            "mgkd-train synth --users {} --seed {} --default-rate {} --in-len {} --pre-len {} \
+            "mgkd-train synth --users {} --seed {} --default-rate {} --in-len {} --pre-len {}{} \
              (generator model: docs/synth.md; label bias b = {:.6})",
             cfg.users,
             cfg.seed,
             cfg.default_rate,
             cfg.in_len,
             cfg.pre_len,
+            if cfg.split == DEFAULT_SPLIT {
+                String::new()
+            } else {
+                format!(" --split {}", cfg.split.map(|p| p.to_string()).join(","))
+            },
             gen.bias()
         ),
     };
     let mut writer = DatasetWriter::create(dir, cfg.schema(), options)?;
-    let mut splits = SplitAssigner::new(cfg.seed);
+    let mut splits = SplitAssigner::new(cfg.seed, cfg.split);
     let users = cfg.users;
     let chunk = CHUNK_USERS as u64;
     let n_chunks = users.div_ceil(chunk);
