@@ -159,14 +159,27 @@ fn student_check(cfg: &LossConfig, blocks: usize, b: &Batch, what: &str) -> usiz
     })
 }
 
+/// Every term at a sizeable weight (the SPEC's starting coefficients α = β = γ = 1,
+/// δ = 0.5, τ = 2, not the tuned defaults), so that each term's gradient weighs in the check.
+fn full_weight() -> LossConfig {
+    LossConfig {
+        alpha: 1.0,
+        beta: 1.0,
+        gamma: 1.0,
+        delta: 0.5,
+        tau: 2.0,
+        ..LossConfig::default()
+    }
+}
+
 #[test]
 fn student_objective_all_terms_matches_finite_differences() {
-    let cfg = LossConfig::default();
+    let cfg = full_weight();
     let n = student_check(&cfg, 2, &batch5(21), "student, all terms");
     assert!(n >= 200, "only {n} elements checked");
     let cos = LossConfig {
         coarse_cosine: true,
-        ..LossConfig::default()
+        ..full_weight()
     };
     student_check(&cos, 2, &batch5(22), "student, all terms, cosine coarse");
 }
@@ -179,7 +192,7 @@ fn student_objective_each_term_alone_matches_finite_differences() {
         coarse: false,
         fine: false,
         self_distill: false,
-        ..LossConfig::default()
+        ..full_weight()
     };
     let alone: [(&str, LossConfig); 5] = [
         (
@@ -226,7 +239,7 @@ fn student_objective_each_term_alone_matches_finite_differences() {
 
 #[test]
 fn student_batch_of_one_and_one_block() {
-    let cfg = LossConfig::default();
+    let cfg = full_weight();
     student_check(
         &cfg,
         2,
@@ -261,7 +274,7 @@ fn norm_rel(a: &[f64], b: &[f64]) -> f64 {
 fn f32_matches_f64_forward_and_backward() {
     let b = batch5(51);
     let cw = weights(&b);
-    let cfg = LossConfig::default();
+    let cfg = full_weight();
     let (b64, t64) = model::<f64>(Role::Teacher, 2, 6);
     let (_, mut s64) = model::<f64>(Role::Student, 2, 7);
     let (b32, t32) = model::<f32>(Role::Teacher, 2, 6);
@@ -327,16 +340,7 @@ fn teacher_is_frozen_during_a_student_step() {
     let s_before = be.download(&s.params.values).unwrap();
     let mut opt = Optimizer::new(AdamWConfig::default());
     s.params.zero_grads(&be);
-    student_objective(
-        &be,
-        &LossConfig::default(),
-        weights(&b),
-        &t,
-        &mut s,
-        &db,
-        true,
-    )
-    .unwrap();
+    student_objective(&be, &full_weight(), weights(&b), &t, &mut s, &db, true).unwrap();
     let info = opt.step(&be, &mut s.params, 1e-3).unwrap();
     assert!(info.grad_norm > 0.0);
     let after: Vec<Vec<f64>> = [&t.params.values, &t.params.grads, &t.params.m, &t.params.v]
