@@ -538,17 +538,17 @@ fn quickstart_runs_small_and_prints_the_comparison() {
     ]);
     for name in [
         "teacher (in-service)",
-        "student, plain",
-        "student, MGKD",
+        "plain (hard, re-weighted)",
+        "full MGKD",
         "AUC",
         "log-loss",
     ] {
         assert!(out.contains(name), "{name} missing:\n{out}");
     }
     for f in [
-        "model-0-teacher.safetensors",
-        "model-1-student.safetensors",
-        "model-2-student.safetensors",
+        "checkpoints/seed3-teacher.safetensors",
+        "checkpoints/seed3-plain.safetensors",
+        "checkpoints/seed3-full.safetensors",
         "data/dataset.json",
     ] {
         assert!(work.join(f).exists(), "{f} missing");
@@ -562,10 +562,24 @@ fn quickstart_runs_small_and_prints_the_comparison() {
             .expect("present")
     };
     let (plain, full) = (
-        rec("model-1-student.safetensors"),
-        rec("model-2-student.safetensors"),
+        rec("checkpoints/seed3-plain.safetensors"),
+        rec("checkpoints/seed3-full.safetensors"),
     );
     assert!(!plain.loss.soft && !plain.loss.coarse && !plain.loss.fine && !plain.loss.self_distill);
     assert!(plain.loss.reweight);
     assert!(full.loss.soft && full.loss.coarse && full.loss.fine && full.loss.self_distill);
+    // The MGKD student uses the default coefficients; the split is 20/20/60.
+    assert_eq!(full.loss, mgkd::loss::LossConfig::default());
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(work.join("data/dataset.json")).expect("manifest"),
+    )
+    .expect("json");
+    let rows: Vec<u64> = m["splits"]
+        .as_array()
+        .expect("splits")
+        .iter()
+        .map(|s| s["rows"].as_u64().expect("rows"))
+        .collect();
+    assert_eq!(rows.iter().sum::<u64>(), 1200);
+    assert!(rows[2] > 2 * rows[0], "{rows:?}");
 }

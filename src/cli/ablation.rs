@@ -131,7 +131,8 @@ fn fmt_diff(variant: &str, m: &crate::train::ablation::MetricSummary, seeds: usi
     }
 }
 
-fn label_of(name: &str) -> &str {
+/// The table label of a run (`teacher` or a [`Variant::name`]).
+pub fn label_of(name: &str) -> &str {
     if name == TEACHER {
         "teacher (in-service)"
     } else {
