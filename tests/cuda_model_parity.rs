@@ -170,15 +170,8 @@ impl<B: Backend> Setup<B> {
                 self.student.params.zero_grads(be);
                 let l = student_objective(
                     be,
-                    // Every term at a sizeable weight (the SPEC's starting coefficients).
-                    &LossConfig {
-                        alpha: 1.0,
-                        beta: 1.0,
-                        gamma: 1.0,
-                        delta: 0.5,
-                        tau: 2.0,
-                        ..LossConfig::default()
-                    },
+                    // Every term at a sizeable weight.
+                    &LossConfig::spec_starting(),
                     self.class_w,
                     &self.teacher,
                     &mut self.student,

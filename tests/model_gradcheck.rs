@@ -159,17 +159,9 @@ fn student_check(cfg: &LossConfig, blocks: usize, b: &Batch, what: &str) -> usiz
     })
 }
 
-/// Every term at a sizeable weight (the SPEC's starting coefficients α = β = γ = 1,
-/// δ = 0.5, τ = 2, not the tuned defaults), so that each term's gradient weighs in the check.
+/// Every term at a sizeable weight, so that each term's gradient weighs in the check.
 fn full_weight() -> LossConfig {
-    LossConfig {
-        alpha: 1.0,
-        beta: 1.0,
-        gamma: 1.0,
-        delta: 0.5,
-        tau: 2.0,
-        ..LossConfig::default()
-    }
+    LossConfig::spec_starting()
 }
 
 #[test]

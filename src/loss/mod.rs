@@ -72,6 +72,20 @@ impl Default for LossConfig {
 }
 
 impl LossConfig {
+    /// The SPEC §5 starting coefficients, α = β = γ = 1, δ = 0.5, τ = 2, with every term and
+    /// re-weighting on: every term at a sizeable weight, as the gradient and parity checks
+    /// want (the tuned [`Default`] weighs the representation terms at 0.1).
+    pub fn spec_starting() -> Self {
+        LossConfig {
+            alpha: 1.0,
+            beta: 1.0,
+            gamma: 1.0,
+            delta: 0.5,
+            tau: 2.0,
+            ..LossConfig::default()
+        }
+    }
+
     /// Checks the coefficients: finite and ≥ 0, τ > 0, ρ ∈ [0, 1].
     pub fn validate(&self) -> Result<()> {
         let coefs = [
