@@ -331,10 +331,10 @@ fn ablation_refuses_variants_without_plain_or_unknown() {
 
 #[test]
 fn shipped_ablation_configs_parse() {
-    for name in ["synthetic", "taiwan"] {
+    for (name, d) in [("synthetic", 16), ("taiwan", 32)] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/configs/{name}.toml"));
         let cfg = mgkd::cli::train::FileConfig::load(&p).expect("config parses");
-        assert_eq!(cfg.model.d, Some(32), "{name}");
+        assert_eq!(cfg.model.d, Some(d), "{name}");
         assert!(
             cfg.loss.alpha.is_some() && cfg.train.epochs.is_some(),
             "{name}"
