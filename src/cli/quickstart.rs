@@ -13,16 +13,22 @@ use clap::Args;
 
 use crate::backend::cpu::CpuBackend;
 use crate::cli::ablation::label_of;
-use crate::cli::train::in_pool;
+use crate::cli::train::{
+    in_pool, resolve_with, CoefArgs, Device, FileConfig, HyperArgs, Resolved, SwitchArgs, Widths,
+};
 use crate::data::synth::{synthesize, SynthConfig};
 use crate::data::Dataset;
-use crate::loss::LossConfig;
 use crate::train::ablation::{run_ablation, AblationConfig, AblationWidths, RunResult, Variant};
-use crate::train::TrainConfig;
 use crate::{Error, Result};
 
-/// Quickstart defaults: the cohort and the settings of `tools/configs/synthetic.toml`, under
-/// which docs/results.md measures the ablation (there 5 training seeds per cohort, here one).
+/// The shipped settings of the synthetic cohort, `tools/configs/synthetic.toml`, built into
+/// the binary: the quickstart trains with exactly the widths, schedule and coefficients
+/// under which docs/results.md measures the ablation (there 5 training seeds per cohort, here
+/// one).
+pub const SYNTHETIC_CONFIG: &str = include_str!("../../tools/configs/synthetic.toml");
+
+/// The cohort the quickstart synthesises: the one of `tools/configs/synthetic.toml`'s
+/// header and docs/results.md.
 pub mod defaults {
     /// Synthetic users.
     pub const USERS: u64 = 80_000;
@@ -37,20 +43,6 @@ pub mod defaults {
     pub const IN_LEN: usize = 64;
     /// Pre-service length limit.
     pub const PRE_LEN: usize = 16;
-    /// Model width.
-    pub const D: usize = 16;
-    /// Attention heads.
-    pub const HEADS: usize = 2;
-    /// Transformer blocks.
-    pub const BLOCKS: usize = 2;
-    /// Profile embedding width.
-    pub const D_CAT: usize = 8;
-    /// Epochs per model.
-    pub const EPOCHS: usize = 6;
-    /// Rows per batch.
-    pub const BATCH: usize = 256;
-    /// Peak learning rate.
-    pub const LR: f64 = 1e-3;
 }
 
 /// Arguments of `mgkd-train quickstart`.
@@ -66,15 +58,15 @@ pub struct QuickstartArgs {
     /// Synthetic users (20 % train, 20 % valid, 60 % test).
     #[arg(long, default_value_t = defaults::USERS)]
     pub users: u64,
-    /// Epochs per model.
-    #[arg(long, default_value_t = defaults::EPOCHS)]
-    pub epochs: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = defaults::LR)]
-    pub lr: f64,
-    /// Model width d.
-    #[arg(long, default_value_t = defaults::D)]
-    pub d: usize,
+    /// Epochs per model [default: the built-in tools/configs/synthetic.toml's].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate [default: the built-in tools/configs/synthetic.toml's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Model width d [default: the built-in tools/configs/synthetic.toml's].
+    #[arg(long)]
+    pub d: Option<usize>,
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -118,23 +110,22 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     let ds = Dataset::open(&data)?;
     let checkpoints = dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+    let Resolved {
+        widths: w,
+        train,
+        loss,
+    } = settings(args)?;
     let cfg = AblationConfig {
         seeds: vec![args.seed],
         variants: vec![Variant::Plain, Variant::Full],
         widths: AblationWidths {
-            d: args.d,
-            heads: defaults::HEADS,
-            blocks: defaults::BLOCKS,
-            d_cat: defaults::D_CAT,
+            d: w.d,
+            heads: w.heads,
+            blocks: w.blocks,
+            d_cat: w.d_cat,
         },
-        train: TrainConfig {
-            epochs: args.epochs,
-            batch: defaults::BATCH,
-            lr: args.lr,
-            seed: args.seed,
-            ..TrainConfig::default()
-        },
-        loss: LossConfig::default(),
+        train,
+        loss,
         checkpoints: Some(checkpoints),
         data: data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
@@ -151,6 +142,44 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         );
     })?;
     Ok(outcome.runs)
+}
+
+/// The settings of the run: [`SYNTHETIC_CONFIG`], with `--epochs`, `--lr`, `--d` and `--seed`
+/// over it (the same defaults ← file ← flags rules as `teacher`, `student` and `ablation`).
+fn settings(args: &QuickstartArgs) -> Result<Resolved> {
+    let file = FileConfig::parse(
+        SYNTHETIC_CONFIG,
+        Path::new("tools/configs/synthetic.toml (built in)"),
+    )?;
+    resolve_with(
+        &file,
+        &hyper_of(args),
+        Some(args.seed),
+        false,
+        SwitchArgs::default(),
+        &CoefArgs::default(),
+        Widths::defaults(),
+    )
+}
+
+/// The quickstart's flags as the training flags they stand for (no config file: the
+/// built-in one is passed to [`resolve_with`] directly).
+fn hyper_of(args: &QuickstartArgs) -> HyperArgs {
+    HyperArgs {
+        config: None,
+        epochs: args.epochs,
+        batch: None,
+        lr: args.lr,
+        patience: None,
+        no_bucket: false,
+        d: args.d,
+        heads: None,
+        blocks: None,
+        d_cat: None,
+        rho: None,
+        threads: None,
+        device: Device::Cpu,
+    }
 }
 
 /// `mgkd-train quickstart`.
@@ -196,4 +225,58 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         println!("dataset and checkpoints kept in {}", dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quickstart trains what `ablation --config tools/configs/synthetic.toml` trains, and
+    /// its flags override the file.
+    #[test]
+    fn quickstart_settings_are_the_shipped_synthetic_config() {
+        let args = QuickstartArgs {
+            seed: 3,
+            workdir: None,
+            users: defaults::USERS,
+            epochs: None,
+            lr: None,
+            d: None,
+            threads: None,
+            quiet: true,
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/configs/synthetic.toml");
+        let hyper = HyperArgs {
+            config: Some(path),
+            ..hyper_of(&args)
+        };
+        let from_file = crate::cli::train::resolve(
+            &hyper,
+            Some(3),
+            false,
+            SwitchArgs::default(),
+            &CoefArgs::default(),
+            Widths::defaults(),
+        )
+        .expect("shipped config resolves");
+        assert_eq!(settings(&args).expect("built-in config"), from_file);
+        assert_ne!(
+            from_file.widths,
+            Widths::defaults(),
+            "the file was not applied"
+        );
+
+        let flagged = settings(&QuickstartArgs {
+            epochs: Some(2),
+            lr: Some(3e-4),
+            d: Some(8),
+            ..args
+        })
+        .expect("flags resolve");
+        assert_eq!(
+            (flagged.train.epochs, flagged.train.lr, flagged.widths.d),
+            (2, 3e-4, 8)
+        );
+        assert_eq!(flagged.widths.heads, from_file.widths.heads);
+    }
 }

@@ -277,7 +277,12 @@ impl FileConfig {
     /// Reads and parses `path` (errors name the file and the offending key).
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+        FileConfig::parse(&text, path)
+    }
+
+    /// Parses the TOML `text`; errors name `origin` (the file it came from).
+    pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
+        toml::from_str(text).map_err(|e| Error::format(origin, e.to_string()))
     }
 }
 
@@ -327,8 +332,8 @@ pub struct Resolved {
     pub loss: LossConfig,
 }
 
-/// Resolves defaults ← file ← flags; `base` are the default widths (the teacher's for a
-/// student).
+/// Resolves defaults ← file (`--config`) ← flags; `base` are the default widths (the
+/// teacher's for a student).
 pub fn resolve(
     hyper: &HyperArgs,
     seed: Option<u64>,
@@ -341,6 +346,20 @@ pub fn resolve(
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    resolve_with(&file, hyper, seed, no_reweight, switches, coefs, base)
+}
+
+/// Resolves defaults ← `file` ← flags, for a configuration already parsed (`hyper.config`
+/// is not read); `base` are the default widths.
+pub fn resolve_with(
+    file: &FileConfig,
+    hyper: &HyperArgs,
+    seed: Option<u64>,
+    no_reweight: bool,
+    switches: SwitchArgs,
+    coefs: &CoefArgs,
+    base: Widths,
+) -> Result<Resolved> {
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
     let (m, t, l) = (&file.model, &file.train, &file.loss);
     let widths = Widths {
