@@ -14,13 +14,13 @@ use clap::Args;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::train::{in_pool, resolve, CoefArgs, HyperArgs, SwitchArgs, Widths};
+use crate::cli::train::{in_pool, resolve, CoefArgs, FileConfig, HyperArgs, SwitchArgs, Widths};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
 use crate::metrics;
 use crate::train::ablation::{
-    run_ablation, summarize, AblationConfig, AblationOutcome, AblationWidths, RunResult, Variant,
-    VariantSummary, TEACHER,
+    run_ablation, summarize, AblationConfig, AblationOutcome, RunResult, Variant, VariantSummary,
+    TEACHER,
 };
 use crate::{Error, Result};
 
@@ -107,6 +107,7 @@ fn settings(
     args: &AblationArgs,
 ) -> Result<(Widths, crate::train::TrainConfig, crate::loss::LossConfig)> {
     let r = resolve(
+        &FileConfig::from_flag(args.hyper.config.as_deref())?,
         &args.hyper,
         None,
         false,
@@ -374,12 +375,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let cfg = AblationConfig {
         seeds: seeds.clone(),
         variants,
-        widths: AblationWidths {
-            d: w.d,
-            heads: w.heads,
-            blocks: w.blocks,
-            d_cat: w.d_cat,
-        },
+        widths: w.into(),
         train,
         loss,
         checkpoints: ck,

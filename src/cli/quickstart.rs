@@ -14,11 +14,11 @@ use clap::Args;
 use crate::backend::cpu::CpuBackend;
 use crate::cli::ablation::label_of;
 use crate::cli::train::{
-    in_pool, resolve_with, CoefArgs, Device, FileConfig, HyperArgs, Resolved, SwitchArgs, Widths,
+    in_pool, resolve, CoefArgs, Device, FileConfig, HyperArgs, Resolved, SwitchArgs, Widths,
 };
 use crate::data::synth::{synthesize, SynthConfig};
 use crate::data::Dataset;
-use crate::train::ablation::{run_ablation, AblationConfig, AblationWidths, RunResult, Variant};
+use crate::train::ablation::{run_ablation, AblationConfig, RunResult, Variant};
 use crate::{Error, Result};
 
 /// The shipped settings of the synthetic cohort, `tools/configs/synthetic.toml`, built into
@@ -118,12 +118,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     let cfg = AblationConfig {
         seeds: vec![args.seed],
         variants: vec![Variant::Plain, Variant::Full],
-        widths: AblationWidths {
-            d: w.d,
-            heads: w.heads,
-            blocks: w.blocks,
-            d_cat: w.d_cat,
-        },
+        widths: w.into(),
         train,
         loss,
         checkpoints: Some(checkpoints),
@@ -151,7 +146,7 @@ fn settings(args: &QuickstartArgs) -> Result<Resolved> {
         SYNTHETIC_CONFIG,
         Path::new("tools/configs/synthetic.toml (built in)"),
     )?;
-    resolve_with(
+    resolve(
         &file,
         &hyper_of(args),
         Some(args.seed),
@@ -163,7 +158,7 @@ fn settings(args: &QuickstartArgs) -> Result<Resolved> {
 }
 
 /// The quickstart's flags as the training flags they stand for (no config file: the
-/// built-in one is passed to [`resolve_with`] directly).
+/// built-in one is passed to [`resolve`] directly).
 fn hyper_of(args: &QuickstartArgs) -> HyperArgs {
     HyperArgs {
         config: None,
@@ -246,12 +241,9 @@ mod tests {
             quiet: true,
         };
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/configs/synthetic.toml");
-        let hyper = HyperArgs {
-            config: Some(path),
-            ..hyper_of(&args)
-        };
-        let from_file = crate::cli::train::resolve(
-            &hyper,
+        let from_file = resolve(
+            &FileConfig::load(&path).expect("shipped config loads"),
+            &hyper_of(&args),
             Some(3),
             false,
             SwitchArgs::default(),

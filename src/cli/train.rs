@@ -17,6 +17,7 @@ use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
 use crate::model::config::{DEFAULT_BLOCKS, DEFAULT_D, DEFAULT_D_CAT, DEFAULT_HEADS};
 use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::train::ablation::AblationWidths;
 use crate::train::{
     labels_of, train, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord, TRAIN,
 };
@@ -280,6 +281,11 @@ impl FileConfig {
         FileConfig::parse(&text, path)
     }
 
+    /// The file `--config` names, or the empty configuration when there is none.
+    pub fn from_flag(config: Option<&Path>) -> Result<FileConfig> {
+        config.map_or_else(|| Ok(FileConfig::default()), FileConfig::load)
+    }
+
     /// Parses the TOML `text`; errors name `origin` (the file it came from).
     pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
         toml::from_str(text).map_err(|e| Error::format(origin, e.to_string()))
@@ -321,6 +327,17 @@ impl Widths {
     }
 }
 
+impl From<Widths> for AblationWidths {
+    fn from(w: Widths) -> AblationWidths {
+        AblationWidths {
+            d: w.d,
+            heads: w.heads,
+            blocks: w.blocks,
+            d_cat: w.d_cat,
+        }
+    }
+}
+
 /// The settings of one run after defaults, config file and flags.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -332,26 +349,10 @@ pub struct Resolved {
     pub loss: LossConfig,
 }
 
-/// Resolves defaults ← file (`--config`) ← flags; `base` are the default widths (the
-/// teacher's for a student).
+/// Resolves defaults ← `file` ← flags (`hyper.config` is not read here: pass
+/// [`FileConfig::from_flag`] of it, or a configuration parsed elsewhere); `base` are the
+/// default widths (the teacher's for a student).
 pub fn resolve(
-    hyper: &HyperArgs,
-    seed: Option<u64>,
-    no_reweight: bool,
-    switches: SwitchArgs,
-    coefs: &CoefArgs,
-    base: Widths,
-) -> Result<Resolved> {
-    let file = match &hyper.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    resolve_with(&file, hyper, seed, no_reweight, switches, coefs, base)
-}
-
-/// Resolves defaults ← `file` ← flags, for a configuration already parsed (`hyper.config`
-/// is not read); `base` are the default widths.
-pub fn resolve_with(
     file: &FileConfig,
     hyper: &HyperArgs,
     seed: Option<u64>,
@@ -611,6 +612,7 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
 pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
     let c = &args.common;
     let r = resolve(
+        &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
         c.seed,
         c.no_reweight,
@@ -631,6 +633,7 @@ pub fn run_student(args: &StudentArgs) -> Result<()> {
     let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let c = &args.common;
     let r = resolve(
+        &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
         c.seed,
         c.no_reweight,
