@@ -375,7 +375,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let cfg = AblationConfig {
         seeds: seeds.clone(),
         variants,
-        widths: w.into(),
+        widths: w,
         train,
         loss,
         checkpoints: ck,

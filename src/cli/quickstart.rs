@@ -118,7 +118,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     let cfg = AblationConfig {
         seeds: vec![args.seed],
         variants: vec![Variant::Plain, Variant::Full],
-        widths: w.into(),
+        widths: w,
         train,
         loss,
         checkpoints: Some(checkpoints),

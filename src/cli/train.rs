@@ -15,9 +15,8 @@ use crate::backend::Backend;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
-use crate::model::config::{DEFAULT_BLOCKS, DEFAULT_D, DEFAULT_D_CAT, DEFAULT_HEADS};
+pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role};
-use crate::train::ablation::AblationWidths;
 use crate::train::{
     labels_of, train, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord, TRAIN,
 };
@@ -289,52 +288,6 @@ impl FileConfig {
     /// Parses the TOML `text`; errors name `origin` (the file it came from).
     pub fn parse(text: &str, origin: &Path) -> Result<FileConfig> {
         toml::from_str(text).map_err(|e| Error::format(origin, e.to_string()))
-    }
-}
-
-/// Widths of a model to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Widths {
-    /// d.
-    pub d: usize,
-    /// Heads.
-    pub heads: usize,
-    /// Blocks.
-    pub blocks: usize,
-    /// d_cat.
-    pub d_cat: usize,
-}
-
-impl Widths {
-    /// The library defaults (d 128, 4 heads, 2 blocks, d_cat 16).
-    pub fn defaults() -> Widths {
-        Widths {
-            d: DEFAULT_D,
-            heads: DEFAULT_HEADS,
-            blocks: DEFAULT_BLOCKS,
-            d_cat: DEFAULT_D_CAT,
-        }
-    }
-
-    /// The widths of an existing configuration.
-    pub fn of(cfg: &ModelConfig) -> Widths {
-        Widths {
-            d: cfg.d,
-            heads: cfg.heads,
-            blocks: cfg.blocks,
-            d_cat: cfg.d_cat,
-        }
-    }
-}
-
-impl From<Widths> for AblationWidths {
-    fn from(w: Widths) -> AblationWidths {
-        AblationWidths {
-            d: w.d,
-            heads: w.heads,
-            blocks: w.blocks,
-            d_cat: w.d_cat,
-        }
     }
 }
 

@@ -35,6 +35,42 @@ pub const DEFAULT_BLOCKS: usize = 2;
 /// Default width of each profile embedding `d_cat`.
 pub const DEFAULT_D_CAT: usize = 16;
 
+/// The widths of a network: d, attention heads, Transformer blocks and the profile
+/// embedding width (a teacher and its students share them in the ablation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Widths {
+    /// Model width d.
+    pub d: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Transformer blocks.
+    pub blocks: usize,
+    /// Width of each profile categorical embedding.
+    pub d_cat: usize,
+}
+
+impl Widths {
+    /// The library defaults (d 128, 4 heads, 2 blocks, d_cat 16).
+    pub fn defaults() -> Widths {
+        Widths {
+            d: DEFAULT_D,
+            heads: DEFAULT_HEADS,
+            blocks: DEFAULT_BLOCKS,
+            d_cat: DEFAULT_D_CAT,
+        }
+    }
+
+    /// The widths of an existing configuration.
+    pub fn of(cfg: &ModelConfig) -> Widths {
+        Widths {
+            d: cfg.d,
+            heads: cfg.heads,
+            blocks: cfg.blocks,
+            d_cat: cfg.d_cat,
+        }
+    }
+}
+
 /// Upper bound on a network's parameter count (2³³ scalars, 32 GiB in f32): a guard
 /// against configurations read from damaged files.
 pub const MAX_PARAMS: u128 = 1 << 33;

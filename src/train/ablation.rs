@@ -19,6 +19,7 @@ use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
 use crate::metrics;
+use crate::model::config::Widths;
 use crate::model::{Model, ModelConfig, Role};
 use crate::train::{
     labels_of, score_rows, sigmoid, train, RunOptions, Stage, TrainConfig, TrainingRecord, TEST,
@@ -117,19 +118,6 @@ impl Variant {
 /// Name of the teacher's rows in the results.
 pub const TEACHER: &str = "teacher";
 
-/// Model widths of the ablation (teacher and students share them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AblationWidths {
-    /// d.
-    pub d: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// Transformer blocks.
-    pub blocks: usize,
-    /// Profile embedding width.
-    pub d_cat: usize,
-}
-
 /// Settings of an ablation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AblationConfig {
@@ -139,7 +127,7 @@ pub struct AblationConfig {
     /// [`Variant::Plain`], the baseline of every paired difference.
     pub variants: Vec<Variant>,
     /// Widths of every model.
-    pub widths: AblationWidths,
+    pub widths: Widths,
     /// Optimisation (its `seed` is replaced by each seed in turn).
     pub train: TrainConfig,
     /// Coefficients (the switches are set per variant; the teacher uses `rho`, `reweight`).
@@ -172,7 +160,7 @@ impl AblationConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
     /// Widths.
-    pub model: AblationWidths,
+    pub model: Widths,
     /// Optimisation settings (with this run's seed).
     pub train: TrainConfig,
     /// Loss settings (with this variant's switches).
