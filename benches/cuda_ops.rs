@@ -308,6 +308,7 @@ fn main() {
             Ref::whole(&x),
             D,
             &mut grads,
+            None,
         )
     });
     push(

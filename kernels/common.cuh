@@ -13,6 +13,7 @@ typedef long long i64;
 // synchronising call, reported as an error there).
 #define MGKD_ERR_ID 1u   // an embedding id ≥ its table's vocabulary
 #define MGKD_ERR_LEN 2u  // a sequence length beyond its padded extent
+#define MGKD_ERR_NONFINITE 4u  // a non-finite gradient norm (the optimizer step was skipped)
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

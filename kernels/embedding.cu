@@ -1,71 +1,203 @@
 // Embedding family: gather (Sum / Concat) and its deterministic scatter-add backward, plus
 // the learned positions counted back from the most recent event.
 //
-// Backward without float atomics: one block of 32 threads owns EMB_ROWS consecutive rows of
-// one table and 32 columns; it walks every token in token order (ids staged through shared
-// memory) and adds the tokens that hit its rows into a shared-memory accumulator seeded with
-// the current gradient. Each gradient element therefore receives its terms in token order,
-// exactly the order of the CPU reference, whatever the grid.
+// One launch covers a group of fields (at most EMB_MAX_FIELDS, described by EmbFields, passed
+// by value). The fields' rows form one key space: key = key0[f] + id, so a group's tables are
+// addressed as one vocabulary of key0[count] rows.
+//
+// Backward in O(tokens), without float atomics: a stable counting sort of the (token, field)
+// items by key, then one pass per key that adds its tokens' output gradients in token order.
+//   1. emb_hist:     per chunk of items, a histogram of keys (integer atomics: exact counts);
+//                    ids beyond their vocabulary raise the fault flag and are left out, and
+//                    so are padded tokens when the sequences' lengths are given.
+//   2. emb_col_scan: per key, exclusive prefix of the counts over the chunks (in place) and
+//                    the key's total.
+//   3. emb_key_scan: exclusive prefix of the totals over the keys: starts[key].
+//   4. emb_place:    one warp per chunk walks its items in order and writes each token index
+//                    at starts[key] + (earlier items of the key) — a stable placement.
+//   5. emb_rows_f32: one block per key (× column tiles): grad[row, c] += dout[token, c] for
+//                    the key's tokens in increasing token order.
+// Each gradient element therefore receives its terms in token order, the CPU reference's
+// order, and the result is bit-identical from run to run whatever the grid.
 
-#define EMB_ROWS 16
-#define EMB_TILE 256
+#define EMB_MAX_FIELDS 32
+#define EMB_SCAN_THREADS 1024
 
-// One field k of a gather: out[i·out_ld + col0 + c] (+)= table[ids[i·fields + k]·width + c].
-// `accumulate` adds (Sum mode, fields after the first), else overwrites.
-extern "C" __global__ void embedding_gather_f32(int n, int width, int fields, int k,
-                                                const u32* __restrict__ ids,
-                                                const float* __restrict__ table, u32 vocab,
-                                                float* __restrict__ out, i64 out_ld, int col0,
-                                                int accumulate, u32* err) {
-  const i64 total = (i64)n * width;
-  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
-    const i64 i = e / width;
-    const int c = (int)(e % width);
-    const u32 id = ids[i * fields + k];
-    float v = 0.0f;
-    if (id < vocab) v = table[(i64)id * width + c];
-    else atomicOr(err, MGKD_ERR_ID);
-    float* o = out + i * out_ld + col0 + c;
-    if (accumulate) *o += v; else *o = v;
-  }
+struct EmbFields {
+  int count;                       // fields in the group
+  int first;                       // the group's first field among the ids' columns
+  u32 key0[EMB_MAX_FIELDS + 1];    // key0[f]: first key of field f; key0[count]: keys in all
+  i64 offset[EMB_MAX_FIELDS];      // element offset of field f's table (params / grads)
+  int col0[EMB_MAX_FIELDS];        // first column of field f's slice of out / dout
+};
+
+// The field of `key` (linear search: a group has at most EMB_MAX_FIELDS fields).
+__device__ __forceinline__ int emb_field_of(const EmbFields& g, u32 key) {
+  int f = 0;
+  while (f + 1 < g.count && key >= g.key0[f + 1]) ++f;
+  return f;
 }
 
-// Backward of one field k. Grid (⌈width/32⌉, up to ⌈vocab/EMB_ROWS⌉ row groups, the blocks
-// striding over the groups when there are more), 32 threads.
-extern "C" __global__ void embedding_scatter_f32(int n, int width, int fields, int k,
-                                                 const u32* __restrict__ ids,
-                                                 const float* __restrict__ dout, i64 dout_ld,
-                                                 int col0, float* __restrict__ grad, u32 vocab) {
-  __shared__ float acc[EMB_ROWS][32];
-  __shared__ u32 tile[EMB_TILE];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  for (u32 row0 = blockIdx.y * EMB_ROWS; row0 < vocab; row0 += gridDim.y * EMB_ROWS) {
-    const u32 nrows = min((u32)EMB_ROWS, vocab - row0);
-    for (u32 r = 0; r < nrows; ++r)
-      acc[r][threadIdx.x] = (c < width) ? grad[(i64)(row0 + r) * width + c] : 0.0f;
-    for (int t0 = 0; t0 < n; t0 += EMB_TILE) {
-      const int tn = min(EMB_TILE, n - t0);
-      __syncthreads();
-      for (int t = threadIdx.x; t < tn; t += 32) tile[t] = ids[(i64)(t0 + t) * fields + k];
-      __syncthreads();
-      if (c < width) {
-        for (int t = 0; t < tn; ++t) {
-          const u32 rel = tile[t] - row0;  // wraps to a huge value below row0
-          if (rel < nrows) acc[rel][threadIdx.x] += dout[(i64)(t0 + t) * dout_ld + col0 + c];
-        }
+// Gather. Sum mode (`sum` = 1): out[i, c] (+)= Σ_f table_f[id_f, c], fields in order, one
+// thread per (token, column); `accumulate` adds to out (a group after the first). Concat
+// mode: out[i, col0_f + c] = table_f[id_f, c], one thread per (token, field, column). A bad
+// id reads nothing (contributes 0) and raises the fault flag.
+extern "C" __global__ void emb_gather_f32(int n, int width, int fields, EmbFields g,
+                                          const u32* __restrict__ ids,
+                                          const float* __restrict__ params,
+                                          float* __restrict__ out, i64 out_ld, int sum,
+                                          int accumulate, u32* err) {
+  const int per_token = sum ? width : g.count * width;
+  const i64 total = (i64)n * per_token;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total;
+       e += (i64)gridDim.x * blockDim.x) {
+    const i64 i = e / per_token;
+    const int r = (int)(e % per_token);
+    const u32* row_ids = ids + i * fields + g.first;
+    if (sum) {
+      float v = accumulate ? out[i * out_ld + r] : 0.0f;
+      for (int f = 0; f < g.count; ++f) {
+        const u32 id = row_ids[f];
+        if (id < g.key0[f + 1] - g.key0[f]) v += params[g.offset[f] + (i64)id * width + r];
+        else atomicOr(err, MGKD_ERR_ID);
       }
+      out[i * out_ld + r] = v;
+    } else {
+      const int f = r / width, c = r % width;
+      const u32 id = row_ids[f];
+      float v = 0.0f;
+      if (id < g.key0[f + 1] - g.key0[f]) v = params[g.offset[f] + (i64)id * width + c];
+      else atomicOr(err, MGKD_ERR_ID);
+      out[i * out_ld + g.col0[f] + c] = v;
     }
-    if (c < width)
-      for (u32 r = 0; r < nrows; ++r) grad[(i64)(row0 + r) * width + c] = acc[r][threadIdx.x];
   }
 }
 
-// Checks every id of field k against its vocabulary (the scatter skips bad ids; this raises
-// the flag that turns them into an error).
-extern "C" __global__ void embedding_check_ids(int n, int fields, int k, const u32* __restrict__ ids,
-                                               u32 vocab, u32* err) {
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    if (ids[i * fields + k] >= vocab) atomicOr(err, MGKD_ERR_ID);
+// Key of item e = i·count + f (token i, field f of the group); EMB_BAD_ID for an id beyond
+// its vocabulary, EMB_SKIP for a padded token (with valid_lens: token i is row i / valid_len,
+// slot i % valid_len, valid below the row's length).
+#define EMB_BAD_ID 0xffffffffu
+#define EMB_SKIP 0xfffffffeu
+__device__ __forceinline__ u32 emb_key(const EmbFields& g, const u32* __restrict__ ids, int fields,
+                                       const u32* __restrict__ valid_lens, int valid_len, i64 e) {
+  const i64 i = e / g.count;
+  const int f = (int)(e % g.count);
+  if (valid_lens && (u32)(i % valid_len) >= valid_lens[i / valid_len]) return EMB_SKIP;
+  const u32 id = ids[i * fields + g.first + f];
+  return id < g.key0[f + 1] - g.key0[f] ? g.key0[f] + id : EMB_BAD_ID;
+}
+
+// Pass 1. Grid: one block per chunk of `chunk` items; hist is chunks × keys.
+extern "C" __global__ void emb_hist(int n, int fields, EmbFields g, const u32* __restrict__ ids,
+                                    const u32* __restrict__ valid_lens, int valid_len, int chunk,
+                                    u32* __restrict__ hist, u32* err) {
+  const u32 keys = g.key0[g.count];
+  u32* h = hist + (i64)blockIdx.x * keys;
+  for (u32 k = threadIdx.x; k < keys; k += blockDim.x) h[k] = 0;
+  __syncthreads();
+  const i64 items = (i64)n * g.count;
+  const i64 begin = (i64)blockIdx.x * chunk;
+  const i64 end = min(items, begin + chunk);
+  for (i64 e = begin + threadIdx.x; e < end; e += blockDim.x) {
+    const u32 key = emb_key(g, ids, fields, valid_lens, valid_len, e);
+    if (key < EMB_SKIP) atomicAdd(&h[key], 1u);
+    else if (key == EMB_BAD_ID) atomicOr(err, MGKD_ERR_ID);
+  }
+}
+
+// Pass 2. One thread per key: hist[c, key] ← Σ_{c' < c} hist[c', key]; totals[key] = Σ_c.
+extern "C" __global__ void emb_col_scan(int chunks, u32 keys, u32* __restrict__ hist,
+                                        u32* __restrict__ totals) {
+  const u32 key = blockIdx.x * blockDim.x + threadIdx.x;
+  if (key >= keys) return;
+  u32 run = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const u32 t = hist[(i64)c * keys + key];
+    hist[(i64)c * keys + key] = run;
+    run += t;
+  }
+  totals[key] = run;
+}
+
+// Pass 3. One block of EMB_SCAN_THREADS: starts[key] = Σ_{k < key} totals[k], for key ≤ keys
+// (starts[keys] = all valid items). `starts` may alias `totals` shifted by one: totals[k]
+// lives at starts[k + 1].
+extern "C" __global__ void emb_key_scan(u32 keys, u32* __restrict__ starts) {
+  __shared__ u32 sh[EMB_SCAN_THREADS];
+  u32 carry = 0;
+  for (u32 base = 0; base < keys; base += EMB_SCAN_THREADS) {
+    const u32 k = base + threadIdx.x;
+    const u32 v = k < keys ? starts[k + 1] : 0;
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    // Inclusive Hillis–Steele scan of the tile.
+    for (int o = 1; o < EMB_SCAN_THREADS; o <<= 1) {
+      const u32 add = threadIdx.x >= (u32)o ? sh[threadIdx.x - o] : 0;
+      __syncthreads();
+      sh[threadIdx.x] += add;
+      __syncthreads();
+    }
+    if (k < keys) starts[k + 1] = carry + sh[threadIdx.x];
+    carry += sh[EMB_SCAN_THREADS - 1];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) starts[0] = 0;
+}
+
+// Pass 4. One warp per chunk: items in order, 32 at a time; lanes holding the same key get
+// consecutive slots in lane order after the key's earlier items.
+extern "C" __global__ void emb_place(int n, int fields, EmbFields g, const u32* __restrict__ ids,
+                                     const u32* __restrict__ valid_lens, int valid_len, int chunk,
+                                     u32* __restrict__ hist,
+                                     const u32* __restrict__ starts, u32* __restrict__ sorted) {
+  const u32 keys = g.key0[g.count];
+  u32* h = hist + (i64)blockIdx.x * keys;
+  const i64 items = (i64)n * g.count;
+  const i64 begin = (i64)blockIdx.x * chunk;
+  const i64 end = min(items, begin + chunk);
+  const u32 lane = threadIdx.x;
+  for (i64 e0 = begin; e0 < end; e0 += 32) {
+    const i64 e = e0 + lane;
+    const u32 key = e < end ? emb_key(g, ids, fields, valid_lens, valid_len, e) : EMB_BAD_ID;
+    const u32 same = __match_any_sync(0xffffffffu, key);
+    const u32 rank = __popc(same & ((1u << lane) - 1u));
+    u32 before = 0;
+    if (key < EMB_SKIP) before = h[key];
+    __syncwarp();
+    if (key < EMB_SKIP) {
+      sorted[starts[key] + before + rank] = (u32)(e / g.count);
+      if (rank == 0) h[key] = before + __popc(same);
+    }
+    __syncwarp();
+  }
+}
+
+// Pass 5. Grid (keys, column tiles of blockDim.x): grad[offset_f + row·width + c] += the
+// key's tokens' dout[token·dout_ld + col0_f + c], in token order.
+extern "C" __global__ void emb_rows_f32(int width, EmbFields g, const u32* __restrict__ starts,
+                                        const u32* __restrict__ sorted,
+                                        const float* __restrict__ dout, i64 dout_ld,
+                                        float* __restrict__ grad) {
+  const u32 key = blockIdx.x;
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
+  const u32 s = starts[key], t_end = starts[key + 1];
+  if (c >= width || s == t_end) return;
+  const int f = emb_field_of(g, key);
+  float* gp = grad + g.offset[f] + (i64)(key - g.key0[f]) * width + c;
+  const float* d = dout + g.col0[f] + c;
+  float acc = *gp;
+  u32 t = s;
+  // Four loads in flight, added in order.
+  for (; t + 4 <= t_end; t += 4) {
+    const float a = d[(i64)sorted[t] * dout_ld], b = d[(i64)sorted[t + 1] * dout_ld];
+    const float x = d[(i64)sorted[t + 2] * dout_ld], y = d[(i64)sorted[t + 3] * dout_ld];
+    acc += a;
+    acc += b;
+    acc += x;
+    acc += y;
+  }
+  for (; t < t_end; ++t) acc += d[(i64)sorted[t] * dout_ld];
+  *gp = acc;
 }
 
 // x[b,t,:] += pos[ℓ−1−t, :] for t < ℓ = lens[b]; padded slots untouched.

@@ -1,16 +1,38 @@
 // The SPEC §5 losses, each one fused launch computing the per-row loss terms (in double, one
 // slot per row) and, when a gradient pointer is given, accumulating coef·∂L/∂input; then
-// reduce_f64 adds the row terms in a fixed order (strided per thread, then a fixed tree) and
-// applies the final scale. The host downloads that one scalar.
+// reduce_terms adds the row terms in a fixed order (strided per thread, then a fixed tree),
+// applies the final scale and stores the value as a float in the caller's slot on the
+// device (nothing is read back here).
 
-// out[0] = scale · Σ_i terms[i]; a single block (blockDim.x a multiple of 32).
-extern "C" __global__ void reduce_f64(int n, const double* __restrict__ terms, double scale,
-                                      double* __restrict__ out) {
+// Number of rows b < n with lens[b] > 0, for every thread of the block (integer sums are
+// exact, so any order gives the same count). `sh` holds at least one u32.
+__device__ __forceinline__ u32 block_count_nonzero(int n, const u32* __restrict__ lens, u32* sh) {
+  if (threadIdx.x == 0) *sh = 0;
+  __syncthreads();
+  u32 c = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) c += lens[i] > 0;
+  atomicAdd(sh, c);
+  __syncthreads();
+  const u32 total = *sh;
+  __syncthreads();
+  return total;
+}
+
+// out[0] = (float)(scale · Σ_i terms[i]); a single block (blockDim.x a multiple of 32). With
+// `count_lens`, scale = 1/|{b < count_n : count_lens[b] > 0}| (0 when that set is empty).
+extern "C" __global__ void reduce_terms(int n, const double* __restrict__ terms, double scale,
+                                        const u32* __restrict__ count_lens, int count_n,
+                                        float* __restrict__ out) {
   __shared__ double sh[32];
+  __shared__ u32 cnt;
   double acc = 0.0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) acc += terms[i];
   const double total = block_sum_d(acc, sh);
-  if (threadIdx.x == 0) out[0] = total * scale;
+  if (count_lens) {
+    const u32 r = block_count_nonzero(count_n, count_lens, &cnt);
+    scale = r == 0 ? 0.0 : 1.0 / (double)r;
+  }
+  if (threadIdx.x == 0) out[0] = (float)(total * scale);
 }
 
 // Weighted BCE on logits: term_i = w·(softplus(z) − y·z); dz += f·w·(σ(z) − y), f = coef/n.
@@ -93,18 +115,20 @@ extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p,
 // token j (per tile of J tokens). For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
 //   A_j = softmax_k(q_j·k_k/√d), r_j = v_j − Σ_k A_jk·t_k, e_j = ‖r_j‖²/d,
 //   term_b = w_b·mean_j e_j (0 for a row with no query or no key).
-// Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R|: dv_j += G·r_j; dA_jk = −G·r_j·t_k;
+// Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R| (|R| counted here from k_lens): dv_j += G·r_j; dA_jk = −G·r_j·t_k;
 // dS = A⊙(dA − Σ_k A·dA); dq_j += dS_j·K/√d; dk += dSᵀ·Q/√d (added tile by tile, tokens in
 // order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
 // never read. Dynamic shared memory: warps·(lk + d) + J·lk + J floats.
-extern "C" __global__ void fine_f32(int lq, int lk, int d, int J, const float* __restrict__ q,
+extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, const float* __restrict__ q,
                                     const float* __restrict__ k, const float* __restrict__ v,
                                     const float* __restrict__ tin, const u32* __restrict__ q_lens,
                                     const u32* __restrict__ k_lens, const float* __restrict__ w,
-                                    float f, float* __restrict__ dq, float* __restrict__ dk,
+                                    float coef, float* __restrict__ dq, float* __restrict__ dk,
                                     float* __restrict__ dv, double* __restrict__ terms, u32* err) {
   extern __shared__ float sm[];
+  __shared__ u32 n_r;
   const int b = blockIdx.x;
+  const float f = coef / (float)block_count_nonzero(batch, k_lens, &n_r);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   u32 Lq = q_lens[b], Lk = k_lens[b];
   if (Lq > (u32)lq || Lk > (u32)lk) {

@@ -1,5 +1,5 @@
-// Masked mean over time and its backward. One thread per output element; time steps are
-// added in order (the CPU reference's order).
+// Masked mean over time and its backward, and the empty-row slot of the fine loss. One thread
+// per output element; time steps are added in order (the CPU reference's order).
 
 // out[b,c] = Σ_{t<ℓ} x[b,t,c]/ℓ, or empty[c] when ℓ = lens[b] = 0.
 extern "C" __global__ void masked_mean_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
@@ -51,4 +51,28 @@ extern "C" __global__ void masked_mean_dempty_f32(int batch, int d, const u32* _
   for (int b = 0; b < batch; ++b)
     if (lens[b] == 0) acc += dout[(i64)b * d + c];
   dempty[c] = acc;
+}
+
+// seq[b,0,c] = vec[b,c] for the rows with lens[b] = 0 (one thread per (b, c)).
+extern "C" __global__ void put_empty_rows_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                              const float* __restrict__ vec, float* __restrict__ seq) {
+  const i64 total = (i64)batch * d;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+    const i64 b = e / d;
+    if (lens[b] == 0) seq[b * max_len * d + e % d] = vec[e];
+  }
+}
+
+// For the rows with lens[b] = 0: dvec[b,c] += dseq[b,0,c], then dseq[b,0,c] = 0.
+extern "C" __global__ void put_empty_rows_backward_f32(int batch, int max_len, int d,
+                                                       const u32* __restrict__ lens,
+                                                       float* __restrict__ dseq, float* __restrict__ dvec) {
+  const i64 total = (i64)batch * d;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+    const i64 b = e / d;
+    if (lens[b] != 0) continue;
+    float* s = dseq + b * max_len * d + e % d;
+    dvec[e] += *s;
+    *s = 0.0f;
+  }
 }

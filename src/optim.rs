@@ -1,9 +1,9 @@
 //! The optimizer of SPEC §6 over a model's flat buffers: global gradient norm, clipping
 //! factor, and one AdamW pass (the learning-rate schedule belongs to the trainer).
 
-use crate::backend::{AdamW, Backend, Float, Ref};
+use crate::backend::{sched_values, AdamW, Backend, Float, Mut, Ref};
 use crate::model::ParamStore;
-use crate::{Error, Result};
+use crate::Result;
 
 /// AdamW hyper-parameters without the learning rate (SPEC §6 defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,16 +38,7 @@ pub fn grad_norm<B: Backend>(be: &B, store: &ParamStore<B>) -> Result<f64> {
     Ok(ss.to_f64().sqrt())
 }
 
-/// Clipping factor `min(1, c/‖g‖)` (1 for a zero gradient); an error for a non-finite norm
-/// (the step would destroy the parameters).
-pub fn clip_factor(norm: f64, clip: f64) -> Result<f64> {
-    if !norm.is_finite() {
-        return Err(Error::invalid(format!(
-            "gradient norm is {norm}: training diverged"
-        )));
-    }
-    Ok(if norm > clip { clip / norm } else { 1.0 })
-}
+pub use crate::backend::clip_factor;
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,39 +68,104 @@ impl Optimizer {
 
     /// One step at learning rate `lr`: `s = min(1, c/‖g‖)`, then for every element
     /// `g ← s·g`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
-    /// `θ ← θ − lr·(m̂/(√v̂ + ε) + λ·mask·θ)` with bias-corrected `m̂, v̂`.
+    /// `θ ← θ − lr·(m̂/(√v̂ + ε) + λ·mask·θ)` with bias-corrected `m̂, v̂`. Waits for the
+    /// device to report ‖g‖ (see [`Optimizer::step_queued`] for the form that does not).
     pub fn step<B: Backend>(
         &mut self,
         be: &B,
         store: &mut ParamStore<B>,
         lr: f64,
     ) -> Result<StepInfo> {
-        let norm = grad_norm(be, store)?;
-        let scale = clip_factor(norm, self.config.clip)?;
+        let mut sum_sq = be.zeros(1)?;
+        self.step_queued(be, store, lr, Mut::whole(&mut sum_sq))?;
+        let norm = be.download(&sum_sq)?[0].to_f64().sqrt();
+        Ok(StepInfo {
+            step: self.step,
+            grad_norm: norm,
+            scale: clip_factor(norm, self.config.clip)?,
+        })
+    }
+
+    /// [`Optimizer::step`] without waiting: `Σ g²` goes to `sum_sq[0]` and the clipping
+    /// factor is computed from it on the device. A non-finite norm skips the update and is
+    /// reported as an error by the backend's next synchronising call (at once on the CPU).
+    pub fn step_queued<B: Backend>(
+        &mut self,
+        be: &B,
+        store: &mut ParamStore<B>,
+        lr: f64,
+        sum_sq: Mut<B::Buf>,
+    ) -> Result<()> {
         self.step += 1;
+        self.apply(be, store, lr, sum_sq, None)
+    }
+
+    /// The host half of a step whose device half was recorded in a graph
+    /// ([`Optimizer::apply_recorded`]): counts the step and writes its schedule constants
+    /// `[lr, 1 − β1^t, 1 − β2^t]` to `sched`, where the recorded kernel reads them.
+    pub fn advance_recorded<B: Backend>(
+        &mut self,
+        be: &B,
+        lr: f64,
+        sched: Mut<B::Buf>,
+    ) -> Result<()> {
+        self.step += 1;
+        be.write(&sched_values::<B::F>(&self.hyper(lr)), sched)
+    }
+
+    /// The device half of a step, to record once and replay after each
+    /// [`Optimizer::advance_recorded`]: `Σ g²`, clipping and AdamW with lr and the bias
+    /// corrections read from `sched` (`lr` and the current step stand for them where the
+    /// backend runs work at once).
+    pub fn apply_recorded<B: Backend>(
+        &self,
+        be: &B,
+        store: &mut ParamStore<B>,
+        lr: f64,
+        sum_sq: Mut<B::Buf>,
+        sched: Ref<B::Buf>,
+    ) -> Result<()> {
+        self.apply(be, store, lr, sum_sq, Some(sched))
+    }
+
+    /// AdamW hyper-parameters of the current step at learning rate `lr`.
+    fn hyper(&self, lr: f64) -> AdamW {
         let c = self.config;
-        let hp = AdamW {
+        AdamW {
             lr,
             beta1: c.beta1,
             beta2: c.beta2,
             eps: c.eps,
             weight_decay: c.weight_decay,
             step: self.step,
-            grad_scale: scale,
-        };
+            grad_scale: 1.0,
+        }
+    }
+
+    fn apply<B: Backend>(
+        &self,
+        be: &B,
+        store: &mut ParamStore<B>,
+        lr: f64,
+        mut sum_sq: Mut<B::Buf>,
+        sched: Option<Ref<B::Buf>>,
+    ) -> Result<()> {
+        be.sum_squares_into(
+            store.table.total(),
+            Ref::whole(&store.grads),
+            sum_sq.reborrow(),
+        )?;
         let s = store;
-        be.adamw(
-            &hp,
+        be.adamw_clipped(
+            &self.hyper(lr),
+            self.config.clip,
+            Ref::at(sum_sq.buf, sum_sq.off),
+            sched,
             &mut s.values,
             &s.grads,
             &mut s.m,
             &mut s.v,
             &s.decay_mask,
-        );
-        Ok(StepInfo {
-            step: self.step,
-            grad_norm: norm,
-            scale,
-        })
+        )
     }
 }

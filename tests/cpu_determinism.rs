@@ -152,6 +152,7 @@ fn op_sequence<F: Float>() -> Vec<Vec<F>> {
         Ref::whole(&dx),
         d,
         &mut gp,
+        None,
     );
     let dxc = randv::<F>(&mut rng, rows * 3 * d);
     b.embedding_backward(
@@ -163,6 +164,7 @@ fn op_sequence<F: Float>() -> Vec<Vec<F>> {
         Ref::whole(&dxc),
         3 * d,
         &mut gp,
+        None,
     );
     let pos = randv::<F>(&mut rng, len * d);
     b.add_positions(batch, len, d, &lens, Ref::whole(&pos), Mut::whole(&mut e));

@@ -26,7 +26,7 @@ use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
+    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref, ValidTokens,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -466,6 +466,60 @@ fn gemm_heads_side_by_side() {
     parity("gemm heads", &case);
 }
 
+/// The linear map: each backend's `linear_forward` (fused on CUDA) against the CPU's
+/// composition, overwriting (output poisoned) and accumulating (output random, sentinels
+/// around it).
+struct LinearCase {
+    rows: usize,
+    inp: usize,
+    out: usize,
+    x: Vec<f64>,
+    w: Vec<f64>,
+    b: Vec<f64>,
+    y: Vec<f64>,
+}
+
+impl Case for LinearCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (r, i, o) = (self.rows, self.inp, self.out);
+        let x = up(be, &junk_padded(&self.x));
+        let w = up(be, &junk_padded(&self.w));
+        let b = up(be, &junk_padded(&self.b));
+        let (xr, wr, br) = (Ref::at(&x, PAD), Ref::at(&w, PAD), Ref::at(&b, PAD));
+        let mut y0 = poisoned(be, r * o);
+        be.linear_forward(r, i, o, xr, wr, br, Mut::at(&mut y0, PAD), false);
+        let mut y1 = up(be, &padded(&self.y));
+        be.linear_forward(r, i, o, xr, wr, br, Mut::at(&mut y1, PAD), true);
+        vec![
+            named("y = x·Wᵀ + b", down(be, &y0)),
+            named("y += x·Wᵀ + b", down(be, &y1)),
+        ]
+    }
+}
+
+#[test]
+fn linear_forward_overwriting_and_accumulating() {
+    let mut r = rng(35);
+    for (rows, inp, out) in [
+        (1, 1, 1),
+        (7, 5, 3),
+        (33, 288, 128),
+        (4096, 128, 512),
+        (4096, 512, 128),
+    ] {
+        let case = LinearCase {
+            rows,
+            inp,
+            out,
+            x: randv(&mut r, rows * inp),
+            w: randv(&mut r, out * inp),
+            b: randv(&mut r, out),
+            y: randv(&mut r, rows * out),
+        };
+        parity(&format!("linear {rows}x{inp} -> {out}"), &case);
+    }
+}
+
 struct BiasCase {
     rows: usize,
     n: usize,
@@ -642,6 +696,8 @@ struct EmbCase {
     out_ld: usize,
     dout: Vec<f64>,
     grads: Vec<f64>,
+    /// Row lengths and slots per row (padded tokens skipped by the backward).
+    valid: Option<(Vec<u32>, usize)>,
 }
 
 impl Case for EmbCase {
@@ -671,6 +727,14 @@ impl Case for EmbCase {
         );
         let dout = up(be, &junk_padded(&self.dout));
         let mut grads = up(be, &self.grads);
+        let lens = self
+            .valid
+            .as_ref()
+            .map(|(l, _)| be.upload_ids(l).expect("lens"));
+        let valid = lens
+            .as_ref()
+            .zip(self.valid.as_ref())
+            .map(|(lens, (_, l))| ValidTokens { lens, max_len: *l });
         be.embedding_backward(
             self.n,
             self.width,
@@ -680,6 +744,7 @@ impl Case for EmbCase {
             Ref::at(&dout, PAD),
             self.out_ld,
             &mut grads,
+            valid,
         );
         vec![
             named("out", down(be, &out)),
@@ -740,6 +805,7 @@ fn emb_case(
         out_ld,
         dout: randv(&mut r, n * out_ld),
         grads,
+        valid: None,
     }
 }
 
@@ -755,6 +821,14 @@ fn embedding_sum_and_concat() {
             let case = emb_case(seed, n, width, &vocabs, mode, extra);
             parity(&format!("embedding n={n} width={width} {mode:?}"), &case);
         }
+    }
+    // Padded sequences (64 rows of 32 slots, the §8 event fields): the backward skips the
+    // padded tokens, whose output-gradient rows hold random values here.
+    let mut r = rng(54);
+    for mode in [EmbMode::Sum, EmbMode::Concat] {
+        let mut case = emb_case(54, 64 * 32, 128, &[64, 1024, 16, 168], mode, 0);
+        case.valid = Some((lens(&mut r, 64, 32), 32));
+        parity(&format!("embedding padded 64x32 {mode:?}"), &case);
     }
 }
 
@@ -1037,6 +1111,54 @@ fn masked_mean_forward_and_backward() {
             dempty: randv(&mut r, d),
         };
         parity(&format!("masked_mean b={batch} L={max_len} d={d}"), &case);
+    }
+}
+
+struct EmptyRowsCase {
+    lens: Vec<u32>,
+    max_len: usize,
+    d: usize,
+    vec: Vec<f64>,
+    seq: Vec<f64>,
+    dseq: Vec<f64>,
+    dvec: Vec<f64>,
+}
+
+impl Case for EmptyRowsCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (b, l, d) = (self.lens.len(), self.max_len, self.d);
+        let lens = be.upload_ids(&self.lens).expect("upload lens");
+        let v = up(be, &junk_padded(&self.vec));
+        let mut seq = up(be, &padded(&self.seq));
+        be.put_empty_rows(b, l, d, &lens, Ref::at(&v, PAD), Mut::at(&mut seq, PAD));
+        let mut ds = up(be, &padded(&self.dseq));
+        let mut dv = up(be, &padded(&self.dvec));
+        be.put_empty_rows_backward(b, l, d, &lens, Mut::at(&mut ds, PAD), Mut::at(&mut dv, PAD));
+        vec![
+            named("seq", down(be, &seq)),
+            named("dseq", down(be, &ds)),
+            named("dvec", down(be, &dv)),
+        ]
+    }
+}
+
+#[test]
+fn put_empty_rows_forward_and_backward() {
+    let mut r = rng(85);
+    for (batch, max_len, d) in [(1, 1, 1), (6, 7, 37), (1024, 32, 128), (5, 3, 300)] {
+        let case = EmptyRowsCase {
+            lens: lens(&mut r, batch, max_len),
+            max_len,
+            d,
+            vec: randv(&mut r, batch * d),
+            seq: randv(&mut r, batch * max_len * d),
+            dseq: randv(&mut r, batch * max_len * d),
+            dvec: randv(&mut r, batch * d),
+        };
+        parity(
+            &format!("put_empty_rows b={batch} L={max_len} d={d}"),
+            &case,
+        );
     }
 }
 
@@ -1344,9 +1466,9 @@ fn fine_alignment() {
         (112, 16, 32, 128, 128),
         (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (71 + 9)
         (114, 4, 0, 6, 8),      // no student token anywhere
-        // The largest lk accepted at d = 64: 8·(lk + d) + lk + 1 = 12285 of 12288 floats of
-        // shared memory, a tile of one token (5 tiles per row).
-        (115, 3, 5, 1308, 64),
+        // The largest lk accepted at d = 64: 8·(lk + d) + lk + 1 = 12267 of the 12272 floats
+        // of dynamic shared memory, a tile of one token (5 tiles per row).
+        (115, 3, 5, 1306, 64),
     ] {
         parity(
             &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
@@ -1357,7 +1479,12 @@ fn fine_alignment() {
 
 #[test]
 fn fine_rejects_lengths_beyond_padding() {
-    let Some(g) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
+    // A backend of its own: the kernel checks the lengths and raises the fault flag, which
+    // must not reach the other tests.
+    let g = &CudaBackend::new(0).expect("a second backend on the same device");
     let shape = FineShape {
         batch: 2,
         lq: 2,
@@ -1372,15 +1499,15 @@ fn fine_rejects_lengths_beyond_padding() {
     let err = g
         .fine_loss(shape, x4, x4, x4, x4, &ql, &kl, Ref::whole(&w), 1.0, None)
         .expect_err("q_lens[1] = 3 > lq = 2");
-    assert!(err.to_string().contains("q_lens[1]"), "{err}");
+    assert!(err.to_string().contains("padded length"), "{err}");
 }
 
 #[test]
 fn fine_refuses_shapes_beyond_shared_memory() {
     let Some(g) = gpu() else { return };
-    // lk = 1309 at d = 64 is the first shape past 12288 floats (12294); see fine_alignment
-    // for lk = 1308, the last one accepted.
-    for lk in [1309, 1500] {
+    // lk = 1307 at d = 64 is the first shape past 12272 floats (12276); see fine_alignment
+    // for lk = 1306, the last one accepted.
+    for lk in [1307, 1500] {
         let shape = FineShape {
             batch: 1,
             lq: 1,
@@ -1440,6 +1567,41 @@ impl Case for OptCase {
             };
             be.adamw(&hp, &mut p, &gw, &mut m, &mut v, &mask);
         }
+        // The clipping factor read from the device: ‖g‖ from sum_squares_into, clipped at
+        // 1.0 (these gradients' norms are above it, but for n = 1) and at 1e9 (no clipping).
+        let mut clipped = Vec::new();
+        for clip in [1.0, 1e9] {
+            let mut ss_slot = be.zeros(1).expect("slot");
+            be.sum_squares_into(n, Ref::at(&g, PAD), Mut::whole(&mut ss_slot))
+                .expect("sum_squares_into");
+            let mut p2 = up(be, &self.p);
+            let mut m2 = be.zeros(n).expect("m");
+            let mut v2 = be.zeros(n).expect("v");
+            for step in 1..=3 {
+                let hp = AdamW {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    step,
+                    grad_scale: 1.0,
+                };
+                be.adamw_clipped(
+                    &hp,
+                    clip,
+                    Ref::whole(&ss_slot),
+                    None,
+                    &mut p2,
+                    &gw,
+                    &mut m2,
+                    &mut v2,
+                    &mask,
+                )
+                .expect("adamw_clipped");
+            }
+            clipped.push(down(be, &p2));
+        }
         // Against f64 the moments differ by the rounding of the constants themselves:
         // 1 − β2 = 0.001 is 0.0010000467 in f32 (4.7e-5 relative), which v and, through
         // √v̂, the update carry; 1e-4 bounds it (the GPU against the f32 CPU stays at 1e-5).
@@ -1452,6 +1614,11 @@ impl Case for OptCase {
             loose("params after 3 steps", down(be, &p)),
             loose("m", down(be, &m)),
             loose("v", down(be, &v)),
+            loose("params after 3 clipped steps (clip 1)", clipped[0].clone()),
+            loose(
+                "params after 3 clipped steps (clip 1e9)",
+                clipped[1].clone(),
+            ),
         ]
     }
 }
@@ -1467,4 +1634,72 @@ fn sum_squares_and_adamw() {
         };
         parity(&format!("optimizer n={n}"), &case);
     }
+}
+
+#[test]
+fn adamw_with_a_non_finite_norm_changes_nothing_and_is_an_error() {
+    let n = 1000;
+    let check = |what: &str, p0: Vec<f64>, after: Vec<f64>| {
+        assert_eq!(p0, after, "{what}: the parameters changed");
+    };
+    let mut r = rng(121);
+    let p0 = randv(&mut r, n);
+    let g0 = randv(&mut r, n);
+    // The CPU reports it at once.
+    let cpu = CpuBackend::<f32>::new();
+    let hp = AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    {
+        let be = &cpu;
+        let (mut p, g, mask) = (up(be, &p0), up(be, &g0), up(be, &vec![1.0; n]));
+        let (mut m, mut v) = (be.zeros(n).unwrap(), be.zeros(n).unwrap());
+        let nan = up(be, &[f64::NAN]);
+        let err = be
+            .adamw_clipped(
+                &hp,
+                1.0,
+                Ref::whole(&nan),
+                None,
+                &mut p,
+                &g,
+                &mut m,
+                &mut v,
+                &mask,
+            )
+            .expect_err("a NaN norm is an error");
+        assert!(err.to_string().contains("diverged"), "{err}");
+        check("cpu", down(be, &up(be, &p0)), down(be, &p));
+    }
+    if gpu().is_none() {
+        return;
+    }
+    // A backend of its own: the fault flag it raises must not reach the other tests.
+    let be = &CudaBackend::new(0).expect("a second backend on the same device");
+    let (mut p, g, mask) = (up(be, &p0), up(be, &g0), up(be, &vec![1.0; n]));
+    let (mut m, mut v) = (be.zeros(n).unwrap(), be.zeros(n).unwrap());
+    let inf = up(be, &[f64::INFINITY]);
+    be.adamw_clipped(
+        &hp,
+        1.0,
+        Ref::whole(&inf),
+        None,
+        &mut p,
+        &g,
+        &mut m,
+        &mut v,
+        &mask,
+    )
+    .expect("queued: reported at the next synchronising call");
+    let err = be
+        .download(&p)
+        .expect_err("an infinite norm must be reported");
+    assert!(err.to_string().contains("diverged"), "{err}");
+    check("cuda", down(be, &up(be, &p0)), down(be, &p));
 }

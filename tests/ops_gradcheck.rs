@@ -16,7 +16,7 @@
 
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
+    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref, ValidTokens,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -763,6 +763,9 @@ struct EmbCase {
     mode: EmbMode,
     out_ld: usize,
     params_len: usize,
+    /// Row lengths and slots per row: tokens past their row's length are padding, whose
+    /// output rows the case zeroes (the backward skips them).
+    valid: Option<(Vec<u32>, usize)>,
 }
 
 impl EmbCase {
@@ -793,7 +796,13 @@ impl EmbCase {
             mode,
             out_ld: out_w + 3,
             params_len: off,
+            valid: None,
         }
+    }
+    fn is_valid(&self, i: usize) -> bool {
+        self.valid
+            .as_ref()
+            .map_or(true, |(lens, l)| i % l < lens[i / l] as usize)
     }
     fn out_w(&self) -> usize {
         match self.mode {
@@ -839,7 +848,7 @@ impl Case for EmbCase {
             for j in 0..self.out_ld {
                 let v = out[1 + i * self.out_ld + j];
                 if j < w {
-                    y.push(v);
+                    y.push(if self.is_valid(i) { v } else { 0.0 });
                 } else {
                     assert!(v.is_nan(), "embedding wrote outside the row width");
                 }
@@ -850,8 +859,9 @@ impl Case for EmbCase {
     }
     fn bwd<F: Float>(&self, _x: &[f64], r: &[f64]) -> Vec<f64> {
         let w = self.out_w();
+        // Padded tokens' rows stay NaN: the backward must not read them.
         let mut dout = nan::<F>(self.n * self.out_ld);
-        for i in 0..self.n {
+        for i in (0..self.n).filter(|&i| self.is_valid(i)) {
             for j in 0..w {
                 dout[i * self.out_ld + j] = <F as Float>::from_f64(r[i * w + j]);
             }
@@ -867,6 +877,10 @@ impl Case for EmbCase {
             Ref::whole(&dout),
             self.out_ld,
             &mut grads,
+            self.valid.as_ref().map(|(lens, max_len)| ValidTokens {
+                lens,
+                max_len: *max_len,
+            }),
         );
         let g0 = down(&up::<F>(&g0));
         let g = down(&grads);
@@ -898,6 +912,12 @@ fn gradcheck_embedding() {
     ];
     for (i, (name, c)) in cases.iter().enumerate() {
         run_case(&format!("embedding {name}"), c, 500 + i as u64);
+    }
+    // Padded sequences: 4 rows of 5 slots, one row empty; only the valid tokens count.
+    for (i, mode) in [EmbMode::Sum, EmbMode::Concat].into_iter().enumerate() {
+        let mut c = EmbCase::new(20, 6, &[3, 4], mode, 16 + i as u64);
+        c.valid = Some((vec![5, 0, 2, 3], 5));
+        run_case(&format!("embedding padded {mode:?}"), &c, 520 + i as u64);
     }
     // Two fields sharing one table, and a table overlapping another (serial scatter path).
     for (i, mode) in [EmbMode::Sum, EmbMode::Concat].into_iter().enumerate() {
@@ -1231,6 +1251,96 @@ fn gradcheck_masked_mean() {
     ];
     for (i, c) in cases.iter().enumerate() {
         run_case(&format!("masked_mean case {i}"), c, 800 + i as u64);
+    }
+}
+
+/// `put_empty_rows` as a function of (vec, seq): slot 0 of the empty rows takes `vec`'s row.
+struct EmptyRowsCase {
+    batch: usize,
+    max_len: usize,
+    d: usize,
+    lens: Vec<usize>,
+}
+
+impl Case for EmptyRowsCase {
+    fn inputs(&self) -> Vec<f64> {
+        randv(
+            &mut ChaCha8Rng::seed_from_u64(20),
+            self.batch * self.d * (1 + self.max_len),
+        )
+    }
+    fn fwd<F: Float>(&self, x: &[f64]) -> Vec<f64> {
+        let nv = self.batch * self.d;
+        let v = up::<F>(&x[..nv]);
+        let mut seq = up::<F>(&x[nv..]);
+        be::<F>().put_empty_rows(
+            self.batch,
+            self.max_len,
+            self.d,
+            &ids(&self.lens),
+            Ref::whole(&v),
+            Mut::whole(&mut seq),
+        );
+        down(&seq)
+    }
+    fn bwd<F: Float>(&self, _x: &[f64], r: &[f64]) -> Vec<f64> {
+        let nv = self.batch * self.d;
+        let mut dseq = up::<F>(r);
+        // dvec accumulates: start from random values and take the difference.
+        let v0 = randv(&mut ChaCha8Rng::seed_from_u64(21), nv);
+        let mut dv = up::<F>(&v0);
+        be::<F>().put_empty_rows_backward(
+            self.batch,
+            self.max_len,
+            self.d,
+            &ids(&self.lens),
+            Mut::whole(&mut dseq),
+            Mut::whole(&mut dv),
+        );
+        let v0 = down(&up::<F>(&v0));
+        let mut g: Vec<f64> = down(&dv).iter().zip(&v0).map(|(a, b)| a - b).collect();
+        g.extend(down(&dseq));
+        g
+    }
+    fn padded(&self) -> Vec<usize> {
+        // vec rows of non-empty sequences, and slot 0 of the empty ones, have no influence.
+        let (d, nv) = (self.d, self.batch * self.d);
+        let mut v = Vec::new();
+        for (b, &l) in self.lens.iter().enumerate() {
+            if l > 0 {
+                v.extend(b * d..(b + 1) * d);
+            } else {
+                v.extend(nv + b * self.max_len * d..nv + b * self.max_len * d + d);
+            }
+        }
+        v
+    }
+}
+
+#[test]
+fn gradcheck_put_empty_rows() {
+    let cases = [
+        EmptyRowsCase {
+            batch: 4,
+            max_len: 3,
+            d: 5,
+            lens: vec![0, 2, 0, 3],
+        },
+        EmptyRowsCase {
+            batch: 1,
+            max_len: 1,
+            d: 2,
+            lens: vec![0],
+        },
+        EmptyRowsCase {
+            batch: 2,
+            max_len: 2,
+            d: 3,
+            lens: vec![1, 2],
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        run_case(&format!("put_empty_rows case {i}"), c, 850 + i as u64);
     }
 }
 

@@ -142,6 +142,30 @@ pub struct EmbTable {
     pub vocab: usize,
 }
 
+/// The valid tokens of `batch` padded sequences of `max_len` slots each, flattened to
+/// `batch·max_len` tokens: token `i` is valid when `i % max_len < lens[i / max_len]`.
+#[derive(Debug)]
+pub struct ValidTokens<'a, I> {
+    /// Per-row lengths.
+    pub lens: &'a I,
+    /// Slots per row.
+    pub max_len: usize,
+}
+
+impl<I> Clone for ValidTokens<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for ValidTokens<'_, I> {}
+
+impl ValidTokens<'_, Vec<u32>> {
+    /// Whether token `i` is valid (host lengths).
+    pub fn is_valid(&self, i: usize) -> bool {
+        self.max_len > 0 && i % self.max_len < self.lens[i / self.max_len] as usize
+    }
+}
+
 /// How [`Backend::embedding`] combines the fields of one token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbMode {
@@ -203,6 +227,8 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     /// A `u32` buffer resident on the device (ids, lengths).
     type Ids: Send + Sync;
+    /// Recorded work that can be replayed ([`Backend::capture`]).
+    type Graph;
 
     /// A short human-readable name ("cpu-f64", "cuda:0 NVIDIA H100 …").
     fn name(&self) -> String;
@@ -219,6 +245,27 @@ pub trait Backend: Send + Sync {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<Self::F>>;
     /// Number of elements of `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Waits until every queued operation has finished and reports an error a device kept
+    /// since the last check (a no-op on the CPU, whose operations finish when they return).
+    fn synchronize(&self) -> Result<()>;
+    /// Records the work that `queue` enqueues as a replayable graph instead of running it,
+    /// where the backend can (CUDA graphs); `Ok(None)` where it cannot (the CPU runs work as
+    /// it is queued, and does not call `queue`). While recording, `queue` must neither wait
+    /// for the device nor read from it, must not grow a buffer the backend keeps, and every
+    /// buffer it touches from outside must outlive the graph; its own temporaries belong to
+    /// the graph.
+    fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
+    /// Queues one run of `graph`.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    /// `dst[0..host.len()] = host`, queued after the work before it.
+    fn write(&self, host: &[Self::F], dst: Mut<Self::Buf>) -> Result<()>;
+    /// `dst[0..len] = src[0..len]` for id buffers.
+    fn copy_ids(&self, len: usize, src: &Self::Ids, dst: &mut Self::Ids);
+    /// Peak bytes held by this backend's device buffers since the last
+    /// [`Backend::reset_peak_memory`], where the backend can tell (`None` on the CPU).
+    fn peak_memory(&self) -> Option<u64>;
+    /// Starts a new window for [`Backend::peak_memory`] at the bytes held now.
+    fn reset_peak_memory(&self);
     /// `x[0..len] = value`.
     fn fill(&self, len: usize, value: Self::F, x: Mut<Self::Buf>);
     /// `dst[0..len] = src[0..len]`.
@@ -251,6 +298,24 @@ pub trait Backend: Send + Sync {
         beta: Self::F,
         c: Mut<Self::Buf>,
     );
+    /// The linear map `y = x·Wᵀ + b` on `rows` rows (`y += x·Wᵀ + b` with `accumulate`, a
+    /// residual connection): `x` packed `rows×inp`, `w` stored `out×inp`, `b` of `out`,
+    /// `y` packed `rows×out`. The default is [`linear_composed`] ([`Backend::gemm`], then
+    /// [`Backend::add_bias`]); a backend may fuse the bias into the product.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<Self::Buf>,
+        w: Ref<Self::Buf>,
+        b: Ref<Self::Buf>,
+        y: Mut<Self::Buf>,
+        accumulate: bool,
+    ) {
+        linear_composed(self, rows, inp, out, x, w, b, y, accumulate)
+    }
     /// `y[r, :] += bias` for `r < rows`, `y` is `rows×n`.
     fn add_bias(&self, rows: usize, n: usize, bias: Ref<Self::Buf>, y: Mut<Self::Buf>);
     /// Bias gradient, accumulates: `db[j] += Σ_r dy[r, j]`.
@@ -309,7 +374,10 @@ pub trait Backend: Send + Sync {
         out_ld: usize,
     );
     /// Backward of [`Backend::embedding`]: scatter-adds `dout` rows into the tables' gradients
-    /// in `grads` (laid out like `params`), in a fixed order.
+    /// in `grads` (laid out like `params`), each element's terms in token order. With
+    /// `valid`, only the valid tokens' rows are added: the backward of the embedding followed
+    /// by zeroing the padded tokens' rows (whose gradient a masked model leaves at zero, so
+    /// skipping them spares the work that padding would otherwise cost).
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
@@ -321,6 +389,7 @@ pub trait Backend: Send + Sync {
         dout: Ref<Self::Buf>,
         dout_ld: usize,
         grads: &mut Self::Buf,
+        valid: Option<ValidTokens<'_, Self::Ids>>,
     );
     /// Learned positions counted back from the most recent event (SPEC §4): for row `b` of
     /// length `ℓ = lens[b]` and slot `t < ℓ`, `x[b,t,:] += pos[ℓ−1−t, :]`; padded slots are
@@ -405,14 +474,57 @@ pub trait Backend: Send + Sync {
         dempty: Mut<Self::Buf>,
     );
 
+    /// Puts a per-row vector into slot 0 of the rows whose sequence is empty: for every `b`
+    /// with `lens[b] = 0`, `seq[b,0,:] = vec[b,:]`; other rows are left untouched. `vec` is
+    /// `batch×d`, `seq` is `batch×max_len×d` with `max_len ≥ 1`. (SPEC §5 `L_fine`: the
+    /// student token of an empty pre-service sequence is the profile vector.)
+    #[allow(clippy::too_many_arguments)]
+    fn put_empty_rows(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        vec: Ref<Self::Buf>,
+        seq: Mut<Self::Buf>,
+    );
+    /// Backward of [`Backend::put_empty_rows`]: for every `b` with `lens[b] = 0`,
+    /// **accumulates** `dvec[b,:] += dseq[b,0,:]` and zeroes `dseq[b,0,:]` (that slot held no
+    /// token of the sequence); other rows are left untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn put_empty_rows_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Self::Ids,
+        dseq: Mut<Self::Buf>,
+        dvec: Mut<Self::Buf>,
+    );
+
     // ---- losses (fused forward + backward) ---------------------------------------------
     //
-    // Each returns the loss value and, when a gradient window is given, **accumulates**
-    // `coef · ∂L/∂input` into it.
+    // Each `*_into` writes the loss value into `out[0]` (a one-element window, left on the
+    // device: no synchronisation) and, when a gradient window is given, **accumulates**
+    // `coef · ∂L/∂input` into it. The value-returning forms read `out` back (they wait for
+    // the device); a training step uses the `*_into` forms and reads its scalars once per
+    // logging interval.
 
     /// Weighted binary cross-entropy on logits, stable (softplus form):
     /// `L = (1/n)·Σ_i w_i·(softplus(z_i) − y_i·z_i)`, `∂L/∂z_i = w_i·(σ(z_i) − y_i)/n`.
     /// `labels` holds 0/1 as floats.
+    #[allow(clippy::too_many_arguments)]
+    fn bce_loss_into(
+        &self,
+        n: usize,
+        logits: Ref<Self::Buf>,
+        labels: Ref<Self::Buf>,
+        weights: Ref<Self::Buf>,
+        coef: Self::F,
+        dlogits: Option<Mut<Self::Buf>>,
+        out: Mut<Self::Buf>,
+    ) -> Result<()>;
+    /// [`Backend::bce_loss_into`], returning the value.
     #[allow(clippy::too_many_arguments)]
     fn bce_loss(
         &self,
@@ -422,11 +534,28 @@ pub trait Backend: Send + Sync {
         weights: Ref<Self::Buf>,
         coef: Self::F,
         dlogits: Option<Mut<Self::Buf>>,
-    ) -> Result<Self::F>;
+    ) -> Result<Self::F> {
+        read_scalar(self, |out| {
+            self.bce_loss_into(n, logits, labels, weights, coef, dlogits, out)
+        })
+    }
     /// Temperature-scaled Bernoulli KL (soft labels and self-distillation):
     /// `L = τ²·(1/n)·Σ_i w_i·KL(Bern(σ(t_i/τ)) ‖ Bern(σ(s_i/τ)))`,
     /// `∂L/∂s_i = τ·w_i·(σ(s_i/τ) − σ(t_i/τ))/n`; no gradient to the targets `t`.
     /// `weights = None` means `w_i = 1`.
+    #[allow(clippy::too_many_arguments)]
+    fn bernoulli_kl_loss_into(
+        &self,
+        n: usize,
+        student: Ref<Self::Buf>,
+        target: Ref<Self::Buf>,
+        weights: Option<Ref<Self::Buf>>,
+        tau: Self::F,
+        coef: Self::F,
+        dstudent: Option<Mut<Self::Buf>>,
+        out: Mut<Self::Buf>,
+    ) -> Result<()>;
+    /// [`Backend::bernoulli_kl_loss_into`], returning the value.
     #[allow(clippy::too_many_arguments)]
     fn bernoulli_kl_loss(
         &self,
@@ -437,11 +566,29 @@ pub trait Backend: Send + Sync {
         tau: Self::F,
         coef: Self::F,
         dstudent: Option<Mut<Self::Buf>>,
-    ) -> Result<Self::F>;
+    ) -> Result<Self::F> {
+        read_scalar(self, |out| {
+            self.bernoulli_kl_loss_into(n, student, target, weights, tau, coef, dstudent, out)
+        })
+    }
     /// Sequence-level alignment, `pred`/`target` are `n×d`:
     /// MSE form `L = (1/n)·Σ_i w_i·‖pred_i − target_i‖²/d`;
     /// cosine form `L = (1/n)·Σ_i w_i·(1 − cos(pred_i, target_i))` (a zero vector has cosine
     /// 0 and a zero gradient). No gradient to `target`.
+    #[allow(clippy::too_many_arguments)]
+    fn coarse_loss_into(
+        &self,
+        n: usize,
+        d: usize,
+        pred: Ref<Self::Buf>,
+        target: Ref<Self::Buf>,
+        weights: Ref<Self::Buf>,
+        cosine: bool,
+        coef: Self::F,
+        dpred: Option<Mut<Self::Buf>>,
+        out: Mut<Self::Buf>,
+    ) -> Result<()>;
+    /// [`Backend::coarse_loss_into`], returning the value.
     #[allow(clippy::too_many_arguments)]
     fn coarse_loss(
         &self,
@@ -453,7 +600,11 @@ pub trait Backend: Send + Sync {
         cosine: bool,
         coef: Self::F,
         dpred: Option<Mut<Self::Buf>>,
-    ) -> Result<Self::F>;
+    ) -> Result<Self::F> {
+        read_scalar(self, |out| {
+            self.coarse_loss_into(n, d, pred, target, weights, cosine, coef, dpred, out)
+        })
+    }
     /// Behaviour-level alignment (SPEC §5 `L_fine`), all `batch×l×d`: `q = W_q·T_pre`,
     /// `k = W_k·T_in`, `v = W_v·T_pre` (projections done by the caller), `t_in` the teacher's
     /// tokens. For row `b` with `ℓq = q_lens[b] > 0` student tokens and `ℓk = k_lens[b]`
@@ -461,6 +612,24 @@ pub trait Backend: Send + Sync {
     /// `e_j = ‖v_j − Σ_k A_jk·t_in,k‖²/d`, row loss `mean_{j<ℓq} e_j`;
     /// `L = Σ_{b∈R} w_b·rowloss_b/|R|` with `R = {b : ℓk > 0}` (0 when R is empty).
     /// Gradients (accumulated, scaled by `coef`) go to `q`, `k` and `v`, never to `t_in`.
+    /// A length beyond its padded extent is an error (on a device, reported by the next
+    /// synchronising call).
+    #[allow(clippy::too_many_arguments)]
+    fn fine_loss_into(
+        &self,
+        shape: FineShape,
+        q: Ref<Self::Buf>,
+        k: Ref<Self::Buf>,
+        v: Ref<Self::Buf>,
+        t_in: Ref<Self::Buf>,
+        q_lens: &Self::Ids,
+        k_lens: &Self::Ids,
+        weights: Ref<Self::Buf>,
+        coef: Self::F,
+        grads: Option<FineGrads<'_, Self::Buf>>,
+        out: Mut<Self::Buf>,
+    ) -> Result<()>;
+    /// [`Backend::fine_loss_into`], returning the value.
     #[allow(clippy::too_many_arguments)]
     fn fine_loss(
         &self,
@@ -474,12 +643,54 @@ pub trait Backend: Send + Sync {
         weights: Ref<Self::Buf>,
         coef: Self::F,
         grads: Option<FineGrads<'_, Self::Buf>>,
-    ) -> Result<Self::F>;
+    ) -> Result<Self::F> {
+        read_scalar(self, |out| {
+            self.fine_loss_into(
+                shape, q, k, v, t_in, q_lens, k_lens, weights, coef, grads, out,
+            )
+        })
+    }
 
     // ---- optimizer ---------------------------------------------------------------------
 
-    /// `Σ x²` over `len` elements, in a fixed order (for the global gradient norm).
-    fn sum_squares(&self, len: usize, x: Ref<Self::Buf>) -> Result<Self::F>;
+    /// `out[0] = Σ x²` over `len` elements, in a fixed order (for the global gradient norm).
+    fn sum_squares_into(&self, len: usize, x: Ref<Self::Buf>, out: Mut<Self::Buf>) -> Result<()>;
+    /// [`Backend::sum_squares_into`], returning the value.
+    fn sum_squares(&self, len: usize, x: Ref<Self::Buf>) -> Result<Self::F> {
+        read_scalar(self, |out| self.sum_squares_into(len, x, out))
+    }
+    /// One AdamW pass (as [`Backend::adamw`]) with the global-norm clipping factor taken
+    /// from the device: `‖g‖ = √sum_sq[0]`, `hp.grad_scale` replaced by `min(1, clip/‖g‖)`.
+    /// A non-finite `‖g‖` leaves the parameters and moments untouched and is an error
+    /// ("training diverged"; on a device, reported by the next synchronising call).
+    /// `sched`, when given, holds `[lr, 1 − β1^t, 1 − β2^t]` for the step `hp` describes, and
+    /// a device reads them from there (so that a recorded graph takes each replay's values;
+    /// see [`sched_values`]). The default reads `sum_sq` back (waits for the device) and
+    /// calls [`Backend::adamw`] with `hp`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_clipped(
+        &self,
+        hp: &AdamW,
+        clip: f64,
+        sum_sq: Ref<Self::Buf>,
+        sched: Option<Ref<Self::Buf>>,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        decay_mask: &Self::Buf,
+    ) -> Result<()> {
+        let _ = sched; // it repeats hp's values; only recorded work needs them on the device
+        let mut one = self.zeros(1)?;
+        self.copy(1, sum_sq, Mut::whole(&mut one));
+        let ss = self.download(&one)?[0].to_f64();
+        let hp = AdamW {
+            grad_scale: clip_factor(ss.sqrt(), clip)?,
+            ..*hp
+        };
+        self.adamw(&hp, params, grads, m, v, decay_mask);
+        Ok(())
+    }
     /// One AdamW pass over the flat buffers (SPEC §6), `g ← grad_scale·g`,
     /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
     /// `p ← p − lr·(m̂/(√v̂ + ε) + λ·mask·p)` with `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`.
@@ -505,4 +716,68 @@ pub struct FineGrads<'a, B> {
     pub dk: Mut<'a, B>,
     /// Gradient of `v`.
     pub dv: Mut<'a, B>,
+}
+
+/// Runs `write` on a fresh one-element buffer and returns what it wrote (waits for the
+/// device).
+fn read_scalar<B: Backend + ?Sized>(
+    be: &B,
+    write: impl FnOnce(Mut<B::Buf>) -> Result<()>,
+) -> Result<B::F> {
+    let mut out = be.zeros(1)?;
+    write(Mut::whole(&mut out))?;
+    Ok(be.download(&out)?[0])
+}
+
+/// The device schedule constants of an AdamW step, `[lr, 1 − β1^t, 1 − β2^t]` (see
+/// [`Backend::adamw_clipped`]), rounded as the kernels round them.
+pub fn sched_values<F: Float>(hp: &AdamW) -> [F; 3] {
+    let step = i32::try_from(hp.step).unwrap_or(i32::MAX);
+    [
+        <F as Float>::from_f64(hp.lr),
+        <F as Float>::from_f64(1.0 - hp.beta1.powi(step)),
+        <F as Float>::from_f64(1.0 - hp.beta2.powi(step)),
+    ]
+}
+
+/// The global-norm clipping factor `min(1, clip/‖g‖)` (1 for a zero gradient); an error for
+/// a non-finite norm (the step would destroy the parameters).
+pub fn clip_factor(norm: f64, clip: f64) -> Result<f64> {
+    if !norm.is_finite() {
+        return Err(crate::Error::invalid(format!(
+            "gradient norm is {norm}: training diverged"
+        )));
+    }
+    Ok(if norm > clip { clip / norm } else { 1.0 })
+}
+
+/// [`Backend::linear_forward`] composed of [`Backend::gemm`] (or a zero fill when `inp = 0`)
+/// and [`Backend::add_bias`]: the reference a fused implementation is checked against.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_composed<B: Backend + ?Sized>(
+    be: &B,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    x: Ref<B::Buf>,
+    w: Ref<B::Buf>,
+    b: Ref<B::Buf>,
+    mut y: Mut<B::Buf>,
+    accumulate: bool,
+) {
+    let f = <B::F as Float>::from_f64;
+    if inp > 0 {
+        let beta = f(if accumulate { 1.0 } else { 0.0 });
+        be.gemm(
+            &Gemm::new(rows, out, inp, false, true),
+            f(1.0),
+            x,
+            w,
+            beta,
+            y.reborrow(),
+        );
+    } else if !accumulate {
+        be.fill(rows * out, f(0.0), y.reborrow());
+    }
+    be.add_bias(rows, out, b, y);
 }

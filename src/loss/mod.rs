@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FineGrads, FineShape, Float, Mut, Ref};
-use crate::model::layers::{one, zero, zeros};
+use crate::model::layers::{one, zeros};
 use crate::model::{DeviceBatch, Model, OutputGrads, Role};
 use crate::{Error, Result};
 
@@ -147,20 +147,23 @@ fn row_weights<'a, B: Backend>(
     batch: &'a DeviceBatch<B>,
     cw: [f64; 2],
 ) -> Result<(B::Buf, &'a B::Buf)> {
-    match (&batch.labels, &batch.labels_host) {
-        (Some(l), Some(h)) => {
-            let w: Vec<B::F> = h
-                .iter()
-                .map(|&y| <B::F as Float>::from_f64(cw[(y & 1) as usize]))
-                .collect();
-            Ok((be.upload(&w)?, l))
-        }
-        _ => Err(Error::invalid("training needs labels; the batch has none")),
-    }
+    let Some(labels) = &batch.labels else {
+        return Err(Error::invalid("training needs labels; the batch has none"));
+    };
+    // On the device, no upload: w = w_0, then w −= w_0·y (exactly 0 where y = 1), then
+    // w += w_1·y; labels are 0/1, so each row gets exactly w_0 or w_1.
+    let n = batch.rows;
+    let f = <B::F as Float>::from_f64;
+    let mut w = zeros(be, n)?;
+    be.fill(n, f(cw[0]), Mut::whole(&mut w));
+    be.axpy(n, f(-cw[0]), Ref::whole(labels), Mut::whole(&mut w));
+    be.axpy(n, f(cw[1]), Ref::whole(labels), Mut::whole(&mut w));
+    Ok((w, labels))
 }
 
 /// Teacher stage `L_T = mean_i w_i·BCE(y_i, σ(z_t,i))`. With `backward`, accumulates
-/// ∂L_T/∂θ into the teacher's gradient buffer. Returns `L_T`.
+/// ∂L_T/∂θ into the teacher's gradient buffer. Returns `L_T` (waits for the device; see
+/// [`teacher_objective_queued`]).
 pub fn teacher_objective<B: Backend>(
     be: &B,
     class_w: [f64; 2],
@@ -168,13 +171,27 @@ pub fn teacher_objective<B: Backend>(
     batch: &DeviceBatch<B>,
     backward: bool,
 ) -> Result<f64> {
+    let mut out = zeros(be, 1)?;
+    teacher_objective_queued(be, class_w, teacher, batch, backward, Mut::whole(&mut out))?;
+    Ok(be.download(&out)?[0].to_f64())
+}
+
+/// [`teacher_objective`] without waiting: `L_T` is stored at `out[0]` on the device.
+pub fn teacher_objective_queued<B: Backend>(
+    be: &B,
+    class_w: [f64; 2],
+    teacher: &mut Model<B>,
+    batch: &DeviceBatch<B>,
+    backward: bool,
+    out: Mut<B::Buf>,
+) -> Result<()> {
     let (w, labels) = row_weights(be, batch, class_w)?;
     let fwd = teacher.forward(be, batch)?;
     let n = batch.rows;
     let mut dz = zeros(be, n)?;
     let dzm = backward.then(|| Mut::whole(&mut dz));
     let (z, y, wr) = (Ref::whole(&fwd.logits), Ref::whole(labels), Ref::whole(&w));
-    let loss = be.bce_loss(n, z, y, wr, one::<B::F>(), dzm)?;
+    be.bce_loss_into(n, z, y, wr, one::<B::F>(), dzm, out)?;
     if backward {
         let g = OutputGrads {
             logits: dz,
@@ -185,7 +202,7 @@ pub fn teacher_objective<B: Backend>(
         };
         teacher.backward(be, batch, &fwd, &g)?;
     }
-    Ok(loss.to_f64())
+    Ok(())
 }
 
 /// The value of one student-stage term.
@@ -227,17 +244,81 @@ pub struct StudentLoss {
     pub total: f64,
 }
 
-fn on(flag: bool, f: impl FnOnce() -> Result<f64>) -> Result<Term> {
-    if flag {
-        Ok(Term::On(f()?))
-    } else {
-        Ok(Term::Off)
+/// Where [`student_objective_queued`] stores a step's terms on the device, and how to read
+/// them back: slot 0 L_hard, 1 L_soft, 2 L_coarse, 3 L_fine, then one slot per auxiliary head
+/// (the head's KL; L_self is their mean). Slots of terms that are off are not written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudentSlots {
+    /// The loss configuration (switches and coefficients).
+    pub cfg: LossConfig,
+    /// Auxiliary heads of the student (blocks − 1).
+    pub heads: usize,
+}
+
+/// Slot of L_hard.
+pub const SLOT_HARD: usize = 0;
+/// Slot of L_soft.
+pub const SLOT_SOFT: usize = 1;
+/// Slot of L_coarse.
+pub const SLOT_COARSE: usize = 2;
+/// Slot of L_fine.
+pub const SLOT_FINE: usize = 3;
+/// First slot of the auxiliary heads' KL terms (L_self).
+pub const SLOT_SELF: usize = 4;
+
+impl StudentSlots {
+    /// The slots of `student` under `cfg`.
+    pub fn new<B: Backend>(cfg: &LossConfig, student: &Model<B>) -> StudentSlots {
+        StudentSlots {
+            cfg: cfg.clone(),
+            heads: student.layout.aux.len(),
+        }
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        SLOT_SELF + self.heads
+    }
+
+    /// Always false: there are at least the four fixed slots.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The terms and the total from the slot values `v` (`len()` of them).
+    pub fn read(&self, v: &[f64]) -> StudentLoss {
+        let c = &self.cfg;
+        let on = |flag: bool, slot: usize| if flag { Term::On(v[slot]) } else { Term::Off };
+        let self_distill = if !c.self_distill {
+            Term::Off
+        } else if self.heads == 0 {
+            Term::Absent
+        } else {
+            let kl = &v[SLOT_SELF..SLOT_SELF + self.heads];
+            Term::On(kl.iter().sum::<f64>() / self.heads as f64)
+        };
+        let (hard, soft) = (on(c.hard, SLOT_HARD), on(c.soft, SLOT_SOFT));
+        let (coarse, fine) = (on(c.coarse, SLOT_COARSE), on(c.fine, SLOT_FINE));
+        let total = hard.value()
+            + c.alpha * soft.value()
+            + c.beta * coarse.value()
+            + c.gamma * fine.value()
+            + c.delta * self_distill.value();
+        StudentLoss {
+            hard,
+            soft,
+            coarse,
+            fine,
+            self_distill,
+            total,
+        }
     }
 }
 
 /// Student stage (SPEC §5): runs the frozen teacher forward (only when L_soft, L_coarse or
-/// L_fine is on) and the student forward, every switched-on term, and with `backward` accumulates ∂L/∂θ_student into the student's
-/// gradient buffer. Returns the per-term values and the total.
+/// L_fine is on) and the student forward, every switched-on term, and with `backward`
+/// accumulates ∂L/∂θ_student into the student's gradient buffer. Returns the per-term values
+/// and the total (waits for the device; see [`student_objective_queued`]).
 pub fn student_objective<B: Backend>(
     be: &B,
     cfg: &LossConfig,
@@ -247,6 +328,28 @@ pub fn student_objective<B: Backend>(
     batch: &DeviceBatch<B>,
     backward: bool,
 ) -> Result<StudentLoss> {
+    let slots = StudentSlots::new(cfg, student);
+    let mut out = zeros(be, slots.len())?;
+    let m = Mut::whole(&mut out);
+    student_objective_queued(be, cfg, class_w, teacher, student, batch, backward, m)?;
+    let v: Vec<f64> = be.download(&out)?.iter().map(|x| x.to_f64()).collect();
+    Ok(slots.read(&v))
+}
+
+/// [`student_objective`] without waiting: the terms are stored on the device in the
+/// [`StudentSlots`] layout from `out`'s offset on (`StudentSlots::len()` elements; slots of
+/// terms that are off are left as they are).
+#[allow(clippy::too_many_arguments)]
+pub fn student_objective_queued<B: Backend>(
+    be: &B,
+    cfg: &LossConfig,
+    class_w: [f64; 2],
+    teacher: &Model<B>,
+    student: &mut Model<B>,
+    batch: &DeviceBatch<B>,
+    backward: bool,
+    out: Mut<B::Buf>,
+) -> Result<()> {
     if teacher.config.role != Role::Teacher || student.config.role != Role::Student {
         return Err(Error::invalid(
             "student objective needs a teacher and a student",
@@ -277,21 +380,20 @@ pub fn student_objective<B: Backend>(
     let wr = Ref::whole(&w);
     let mut dz = zeros(be, n)?;
     let zs = Ref::whole(&s.logits);
-    let hard = on(cfg.hard, || {
+    let (slots, base) = (out.buf, out.off);
+    if cfg.hard {
         let g = backward.then(|| Mut::whole(&mut dz));
-        Ok(be
-            .bce_loss(n, zs, Ref::whole(labels), wr, one::<B::F>(), g)?
-            .to_f64())
-    })?;
-    let soft = on(cfg.soft, || {
+        let o = Mut::at(&mut *slots, base + SLOT_HARD);
+        be.bce_loss_into(n, zs, Ref::whole(labels), wr, one::<B::F>(), g, o)?;
+    }
+    if cfg.soft {
         let g = backward.then(|| Mut::whole(&mut dz));
         let zt = Ref::whole(&teacher_out()?.logits);
-        Ok(be
-            .bernoulli_kl_loss(n, zs, zt, Some(wr), tau, f(cfg.alpha), g)?
-            .to_f64())
-    })?;
+        let o = Mut::at(&mut *slots, base + SLOT_SOFT);
+        be.bernoulli_kl_loss_into(n, zs, zt, Some(wr), tau, f(cfg.alpha), g, o)?;
+    }
     let mut dhidden = None;
-    let coarse = on(cfg.coarse, || {
+    if cfg.coarse {
         let lin = student
             .layout
             .coarse
@@ -309,7 +411,8 @@ pub fn student_objective<B: Backend>(
         let mut dpred = zeros(be, n * d)?;
         let g = backward.then(|| Mut::whole(&mut dpred));
         let (pr, tr) = (Ref::whole(&pred), Ref::whole(&teacher_out()?.hidden));
-        let v = be.coarse_loss(n, d, pr, tr, wr, cfg.coarse_cosine, f(cfg.beta), g)?;
+        let o = Mut::at(&mut *slots, base + SLOT_COARSE);
+        be.coarse_loss_into(n, d, pr, tr, wr, cfg.coarse_cosine, f(cfg.beta), g, o)?;
         if backward {
             let mut dh = zeros(be, n * d)?;
             let grads = &mut student.params.grads;
@@ -326,42 +429,27 @@ pub fn student_objective<B: Backend>(
             );
             dhidden = Some(dh);
         }
-        Ok(v.to_f64())
-    })?;
+    }
     let (mut dtokens, mut dp) = (None, None);
-    let fine = on(cfg.fine, || {
+    if cfg.fine {
         let t = teacher_out()?;
-        let (v, grads) = fine_term(be, cfg.gamma, student, batch, &s, t, &w, backward)?;
-        if let Some((dt, dpp)) = grads {
+        let o = Mut::at(&mut *slots, base + SLOT_FINE);
+        if let Some((dt, dpp)) = fine_term(be, cfg.gamma, student, batch, &s, t, &w, backward, o)? {
             dtokens = Some(dt);
             dp = Some(dpp);
         }
-        Ok(v)
-    })?;
+    }
     let mut daux = Vec::new();
-    let self_distill = if !cfg.self_distill {
-        Term::Off
-    } else if s.aux_logits.is_empty() {
-        Term::Absent
-    } else {
-        let heads = s.aux_logits.len() as f64;
-        let coef = f(cfg.delta / heads);
-        let mut sum = 0.0;
-        for zl in &s.aux_logits {
+    if cfg.self_distill && !s.aux_logits.is_empty() {
+        let coef = f(cfg.delta / s.aux_logits.len() as f64);
+        for (l, zl) in s.aux_logits.iter().enumerate() {
             let mut dzl = zeros(be, n)?;
             let g = backward.then(|| Mut::whole(&mut dzl));
-            sum += be
-                .bernoulli_kl_loss(n, Ref::whole(zl), zs, None, tau, coef, g)?
-                .to_f64();
+            let o = Mut::at(&mut *slots, base + SLOT_SELF + l);
+            be.bernoulli_kl_loss_into(n, Ref::whole(zl), zs, None, tau, coef, g, o)?;
             daux.push(dzl);
         }
-        Term::On(sum / heads)
-    };
-    let total = hard.value()
-        + cfg.alpha * soft.value()
-        + cfg.beta * coarse.value()
-        + cfg.gamma * fine.value()
-        + cfg.delta * self_distill.value();
+    }
     if backward {
         let g = OutputGrads {
             logits: dz,
@@ -372,20 +460,13 @@ pub fn student_objective<B: Backend>(
         };
         student.backward(be, batch, &s, &g)?;
     }
-    Ok(StudentLoss {
-        hard,
-        soft,
-        coarse,
-        fine,
-        self_distill,
-        total,
-    })
+    Ok(())
 }
 
 /// `L_fine` (SPEC §5) with coefficient `gamma`: student tokens are `T_pre` (or `p` in slot 0
-/// for rows with an empty pre-service sequence), teacher tokens `T_in` (detached). Returns
-/// the value and, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the W_q/W_k/W_v gradients are
-/// accumulated here).
+/// for rows with an empty pre-service sequence), teacher tokens `T_in` (detached). Stores
+/// the value at `out[0]` and returns, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the
+/// W_q/W_k/W_v gradients are accumulated here).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn fine_term<B: Backend>(
     be: &B,
@@ -396,7 +477,8 @@ fn fine_term<B: Backend>(
     t: &crate::model::Forward<B>,
     w: &B::Buf,
     backward: bool,
-) -> Result<(f64, Option<(B::Buf, B::Buf)>)> {
+    out: Mut<B::Buf>,
+) -> Result<Option<(B::Buf, B::Buf)>> {
     let proj = student
         .layout
         .fine
@@ -404,17 +486,21 @@ fn fine_term<B: Backend>(
     let (n, d) = (batch.rows, student.config.d);
     let (lq, lk) = (batch.pre.len, batch.in_service.len);
     let (nq, nk) = (n * lq, n * lk);
-    let empty: Vec<usize> = (0..n).filter(|&b| batch.pre.lens_host[b] == 0).collect();
     let mut tok = zeros(be, nq * d)?;
     be.copy(
         nq * d,
         Ref::whole(&s.encoder.out.tokens),
         Mut::whole(&mut tok),
     );
-    for &b in &empty {
-        let (src, dst) = (Ref::at(&s.profile.p, b * d), Mut::at(&mut tok, b * lq * d));
-        be.copy_2d(1, d, src, d, dst, d, false);
-    }
+    let pre_lens = &batch.pre.lens;
+    be.put_empty_rows(
+        n,
+        lq,
+        d,
+        pre_lens,
+        Ref::whole(&s.profile.p),
+        Mut::whole(&mut tok),
+    );
     let params = &student.params.values;
     let t_in = Ref::whole(&t.encoder.out.tokens);
     let (mut q, mut k, mut v) = (zeros(be, nq * d)?, zeros(be, nk * d)?, zeros(be, nq * d)?);
@@ -436,7 +522,7 @@ fn fine_term<B: Backend>(
         dk: Mut::whole(&mut dk),
         dv: Mut::whole(&mut dv),
     });
-    let value = be.fine_loss(
+    be.fine_loss_into(
         shape,
         Ref::whole(&q),
         Ref::whole(&k),
@@ -447,9 +533,10 @@ fn fine_term<B: Backend>(
         Ref::whole(w),
         <B::F as Float>::from_f64(gamma),
         grads,
+        out,
     )?;
     if !backward {
-        return Ok((value.to_f64(), None));
+        return Ok(None);
     }
     let g = &mut student.params.grads;
     let mut dtok = zeros(be, nq * d)?;
@@ -477,10 +564,13 @@ fn fine_term<B: Backend>(
     proj.k
         .backward(be, params, g, nk, t_in, Ref::whole(&dk), None, false);
     let mut dp = zeros(be, n * d)?;
-    for &b in &empty {
-        let (src, dst) = (Ref::at(&dtok, b * lq * d), Mut::at(&mut dp, b * d));
-        be.copy_2d(1, d, src, d, dst, d, false);
-        be.fill(d, zero::<B::F>(), Mut::at(&mut dtok, b * lq * d));
-    }
-    Ok((value.to_f64(), Some((dtok, dp))))
+    be.put_empty_rows_backward(
+        n,
+        lq,
+        d,
+        pre_lens,
+        Mut::whole(&mut dtok),
+        Mut::whole(&mut dp),
+    );
+    Ok(Some((dtok, dp)))
 }

@@ -1,7 +1,7 @@
 //! A [`Batch`] uploaded to a backend, checked against the model's schema first so that no
 //! id or length read from a file can index out of bounds on the device.
 
-use crate::backend::{Backend, Float};
+use crate::backend::{Backend, Float, Mut, Ref};
 use crate::data::{Batch, EventBatch, Schema};
 use crate::{Error, Result};
 
@@ -178,5 +178,47 @@ impl<B: Backend> DeviceBatch<B> {
             labels_host: batch.labels.clone(),
             schema: schema.clone(),
         })
+    }
+
+    /// Copies `src` (a batch of the same rows and padded lengths) into this batch's buffers,
+    /// on the device and queued: a recorded graph that reads this batch then runs on `src`.
+    pub fn copy_from(&mut self, be: &B, src: &DeviceBatch<B>) -> Result<()> {
+        let same = self.rows == src.rows
+            && self.pre.len == src.pre.len
+            && self.in_service.len == src.in_service.len
+            && self.schema == src.schema
+            && self.labels.is_some() == src.labels.is_some();
+        if !same {
+            return Err(Error::invalid(
+                "copy_from: the batches differ in rows, padded lengths, schema or labels",
+            ));
+        }
+        let (rows, s) = (self.rows, &self.schema);
+        be.copy(
+            rows * s.f_num(),
+            Ref::whole(&src.profile_num),
+            Mut::whole(&mut self.profile_num),
+        );
+        be.copy_ids(rows * s.f_cat(), &src.profile_cat, &mut self.profile_cat);
+        for (dst, from) in [
+            (&mut self.pre, &src.pre),
+            (&mut self.in_service, &src.in_service),
+        ] {
+            let slots = rows * dst.len;
+            be.copy_ids(rows, &from.lens, &mut dst.lens);
+            be.copy_ids(rows, &from.lens_or_one, &mut dst.lens_or_one);
+            be.copy_ids(slots * s.e_cat(), &from.cat, &mut dst.cat);
+            be.copy(
+                slots * s.e_num(),
+                Ref::whole(&from.num),
+                Mut::whole(&mut dst.num),
+            );
+            dst.lens_host.clone_from(&from.lens_host);
+        }
+        if let (Some(d), Some(f)) = (self.labels.as_mut(), src.labels.as_ref()) {
+            be.copy(rows, Ref::whole(f), Mut::whole(d));
+        }
+        self.labels_host.clone_from(&src.labels_host);
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The sequence encoder (event embedding, N pre-LN blocks, final LayerNorm, masked mean with
 //! the learned empty vector `s_∅`) and the profile encoder (SPEC §4).
 
-use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref};
+use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref, ValidTokens};
 use crate::model::device_batch::DeviceSeq;
 use crate::model::layers::{one, zeros, Block, BlockCache, LayerNorm, Linear, SeqShape};
 use crate::model::params::ParamTable;
@@ -255,6 +255,10 @@ impl SeqEncoder {
                 dr,
                 self.d,
                 grads,
+                Some(ValidTokens {
+                    lens: &seq.lens,
+                    max_len: sh.len,
+                }),
             );
         }
         let (num, dr) = (Ref::whole(&seq.num), Ref::whole(&dh));
@@ -385,6 +389,7 @@ impl ProfileEncoder {
                 dout,
                 w,
                 grads,
+                None,
             );
         }
         Ok(())

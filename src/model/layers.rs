@@ -62,28 +62,11 @@ impl Linear {
         params: &B::Buf,
         rows: usize,
         x: Ref<B::Buf>,
-        mut y: Mut<B::Buf>,
+        y: Mut<B::Buf>,
         accumulate: bool,
     ) {
-        let beta = if accumulate {
-            one::<B::F>()
-        } else {
-            zero::<B::F>()
-        };
-        if self.inp > 0 {
-            let g = Gemm::new(rows, self.out, self.inp, false, true);
-            be.gemm(
-                &g,
-                one::<B::F>(),
-                x,
-                Ref::at(params, self.w),
-                beta,
-                y.reborrow(),
-            );
-        } else if !accumulate {
-            be.fill(rows * self.out, zero::<B::F>(), y.reborrow());
-        }
-        be.add_bias(rows, self.out, Ref::at(params, self.b), y);
+        let (w, b) = (Ref::at(params, self.w), Ref::at(params, self.b));
+        be.linear_forward(rows, self.inp, self.out, x, w, b, y, accumulate);
     }
 
     /// Backward: `dW += dyᵀ·x`, `db += Σ_rows dy`, and when `dx` is given

@@ -12,9 +12,13 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Mut;
 use crate::backend::{Backend, Float};
 use crate::data::Dataset;
-use crate::loss::{class_weights, student_objective, teacher_objective, LossConfig, Term};
+use crate::loss::{
+    class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
+    Term,
+};
 use crate::metrics;
 use crate::model::{checkpoint, DeviceBatch, Model, Role};
 use crate::optim::{AdamWConfig, Optimizer};
@@ -25,6 +29,10 @@ use crate::{Error, Result};
 /// Checkpoint metadata key holding the [`BestEpoch`] JSON (validation metrics of the kept
 /// parameters).
 pub const KEY_BEST: &str = "mgkd.best";
+
+/// Training steps whose loss terms are read back from the device at once (the progress bar
+/// and the divergence check follow at that interval; a step itself never waits).
+pub const LOG_INTERVAL: usize = 25;
 
 /// Rows per forward batch when scoring (validation, `eval`, `predict`).
 pub const SCORE_BATCH: usize = 512;
@@ -424,6 +432,13 @@ pub fn train<B: Backend>(
         Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
         None => None,
     };
+    let student_slots = match stage {
+        Stage::Teacher => None,
+        Stage::Student(_) => Some(StudentSlots::new(loss, model)),
+    };
+    let width = student_slots.as_ref().map_or(1, StudentSlots::len);
+    let mut pending = be.zeros(LOG_INTERVAL * width)?;
+    let mut sum_sq = be.zeros(1)?;
     let mut history: Vec<EpochLog> = Vec::new();
     let mut best: Option<(BestEpoch, Vec<B::F>)> = None;
     let mut since_best = 0usize;
@@ -447,40 +462,59 @@ pub fn train<B: Backend>(
         let mut terms = TermSums::default();
         let (mut slots, mut filled) = (0u64, 0u64);
         let mut lr = 0.0;
-        for ids in &batches {
+        // Each step's loss terms stay on the device (one row of `pending` per step) and are
+        // read once per LOG_INTERVAL steps, so a step never waits for the device.
+        let mut pending_rows: Vec<usize> = Vec::with_capacity(LOG_INTERVAL);
+        for (bi, ids) in batches.iter().enumerate() {
             let batch = ds.gather(ids)?;
             let dev = DeviceBatch::upload(be, &batch, ds.schema())?;
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
             slots += u64::from(max_in) * ids.len() as u64;
             filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
             model.params.zero_grads(be);
-            let value = match stage {
-                Stage::Teacher => teacher_objective(be, cw, model, &dev, true)?,
+            let row = Mut::at(&mut pending, pending_rows.len() * width);
+            match stage {
+                Stage::Teacher => teacher_objective_queued(be, cw, model, &dev, true, row)?,
                 Stage::Student(teacher) => {
-                    let l = student_objective(be, loss, cw, teacher, model, &dev, true)?;
-                    terms.add(
-                        [l.hard, l.soft, l.coarse, l.fine, l.self_distill],
-                        ids.len() as f64,
-                    );
-                    l.total
+                    student_objective_queued(be, loss, cw, teacher, model, &dev, true, row)?
                 }
-            };
-            if !value.is_finite() {
-                return Err(Error::invalid(format!(
-                    "{role} training diverged at epoch {epoch}: loss {value}"
-                )));
             }
+            pending_rows.push(ids.len());
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
-            opt.step(be, &mut model.params, lr)?;
-            loss_sum += value * ids.len() as f64;
-            rows_done += ids.len();
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "loss {:.4} · {:.0} samples/s",
-                loss_sum / rows_done as f64,
-                rows_done as f64 / secs
-            ));
+            opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut sum_sq))?;
             bar.inc(1);
+            if pending_rows.len() == LOG_INTERVAL || bi + 1 == batches.len() {
+                let v: Vec<f64> = be.download(&pending)?.iter().map(|x| x.to_f64()).collect();
+                for (k, &rows) in pending_rows.iter().enumerate() {
+                    let step_terms = &v[k * width..(k + 1) * width];
+                    let value = match &student_slots {
+                        None => step_terms[0],
+                        Some(ss) => {
+                            let l = ss.read(step_terms);
+                            terms.add(
+                                [l.hard, l.soft, l.coarse, l.fine, l.self_distill],
+                                rows as f64,
+                            );
+                            l.total
+                        }
+                    };
+                    if !value.is_finite() {
+                        let step = opt.step - (pending_rows.len() - 1 - k) as u64;
+                        return Err(Error::invalid(format!(
+                            "{role} training diverged at epoch {epoch}, step {step}: loss {value}"
+                        )));
+                    }
+                    loss_sum += value * rows as f64;
+                    rows_done += rows;
+                }
+                pending_rows.clear();
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "loss {:.4} · {:.0} samples/s",
+                    loss_sum / rows_done as f64,
+                    rows_done as f64 / secs
+                ));
+            }
         }
         bar.finish_and_clear();
         let train_seconds = t0.elapsed().as_secs_f64();

@@ -21,21 +21,30 @@
 //!   download one scalar.
 //! - `fine_loss` is one block per batch row (a warp per student token, the score-gradient
 //!   tile in shared memory), which bounds `8·(lk + d) + lk + 1` floats by 48 KiB of shared
-//!   memory (12288 floats: lk ≤ 1251 at d = 128); larger shapes are refused with an error.
+//!   memory (12272 floats, 64 bytes being kept for its static shared memory: lk ≤ 1249 at
+//!   d = 128); larger shapes are refused with an error.
 
+pub mod embedding;
+pub mod lt;
 pub mod nvrtc;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::sys as drv_sys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
+use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use super::device::{probe_cuda, CudaDeviceInfo};
-use super::{AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref};
+use super::{
+    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref,
+    ValidTokens,
+};
 use crate::{Error, Result};
 
 /// The CUDA backend's float buffer.
@@ -58,9 +67,12 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("layernorm.cu", "layernorm_f32"),
     ("layernorm.cu", "layernorm_backward_dx_f32"),
     ("layernorm.cu", "layernorm_param_partial_f32"),
-    ("embedding.cu", "embedding_gather_f32"),
-    ("embedding.cu", "embedding_scatter_f32"),
-    ("embedding.cu", "embedding_check_ids"),
+    ("embedding.cu", "emb_gather_f32"),
+    ("embedding.cu", "emb_hist"),
+    ("embedding.cu", "emb_col_scan"),
+    ("embedding.cu", "emb_key_scan"),
+    ("embedding.cu", "emb_place"),
+    ("embedding.cu", "emb_rows_f32"),
     ("embedding.cu", "add_positions_f32"),
     ("embedding.cu", "add_positions_backward_f32"),
     ("softmax.cu", "masked_softmax_f32"),
@@ -68,27 +80,32 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("pooling.cu", "masked_mean_f32"),
     ("pooling.cu", "masked_mean_backward_f32"),
     ("pooling.cu", "masked_mean_dempty_f32"),
-    ("losses.cu", "reduce_f64"),
+    ("pooling.cu", "put_empty_rows_f32"),
+    ("pooling.cu", "put_empty_rows_backward_f32"),
+    ("losses.cu", "reduce_terms"),
     ("losses.cu", "bce_f32"),
     ("losses.cu", "bernoulli_kl_f32"),
     ("losses.cu", "coarse_f32"),
     ("losses.cu", "fine_f32"),
     ("adamw.cu", "sum_squares_partial"),
     ("adamw.cu", "adamw_f32"),
+    ("adamw.cu", "adamw_clipped_f32"),
 ];
 
+/// Bytes of cuBLAS's workspace (32 MiB).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Threads per block of element-wise kernels.
 const THREADS: u32 = 256;
 /// Rows per block of the warp-per-row kernels (4 warps).
 const ROW_WARPS: u32 = 4;
 /// Minimum rows per chunk of the column reductions.
 const COL_CHUNK_ROWS: usize = 128;
-/// Table rows per block of the embedding scatter (`EMB_ROWS` in embedding.cu).
-const EMB_ROWS: usize = 16;
 /// Warps per block of the fine-alignment kernel.
 const FINE_WARPS: usize = 8;
-/// Shared memory the fine-alignment kernel may use, in floats (48 KiB).
-const FINE_SMEM_FLOATS: usize = 48 * 1024 / 4;
+/// Dynamic shared memory the fine-alignment kernel may use, in floats: 48 KiB (a block's
+/// limit without opting in) less 64 bytes kept for its static shared memory (16 bytes today,
+/// as `tests/kernels_compile.rs` prints).
+const FINE_SMEM_FLOATS: usize = (48 * 1024 - 64) / 4;
 /// Blocks of the first pass of `sum_squares` (at most).
 const SUMSQ_BLOCKS: usize = 1024;
 /// Largest grid x-extent used by grid-stride kernels.
@@ -100,6 +117,8 @@ struct State {
     fscratch: CudaSlice<f32>,
     /// f64 loss terms: slot 0 the reduced value, slots 1.. the terms.
     dscratch: CudaSlice<f64>,
+    /// u32 scratch of the embedding backward's counting sort.
+    uscratch: CudaSlice<u32>,
     /// Fault bits raised by kernels (`MGKD_ERR_*` in common.cuh).
     err_flag: CudaSlice<u32>,
 }
@@ -109,9 +128,16 @@ pub struct CudaBackend {
     info: CudaDeviceInfo,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// Linear maps with the bias in the product's epilogue (shares the workspace below).
+    lt: lt::LtLinear,
+    /// cuBLAS's workspace, set once so that no cuBLAS call allocates (a graph being
+    /// recorded cannot).
+    _blas_workspace: CudaSlice<u8>,
     kernels: HashMap<&'static str, CudaFunction>,
     state: Mutex<State>,
     error: Mutex<Option<String>>,
+    /// Set while a graph is being recorded: the scratch buffers must not grow then.
+    recording: std::sync::atomic::AtomicBool,
     // Dropped last: everything above lives in this context.
     ctx: Arc<CudaContext>,
 }
@@ -209,6 +235,21 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+        let workspace: CudaSlice<u8> = stream
+            .alloc_zeros(BLAS_WORKSPACE_BYTES)
+            .map_err(|e| format!("cuBLAS workspace: {e}"))?;
+        // SAFETY: a live handle and a device buffer of that many bytes, kept as long as the
+        // handle (field order: the workspace is dropped after the handle).
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.device_ptr(&stream).0 as *mut std::ffi::c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cuBLAS workspace: {e:?}"))?;
+        let lt = lt::LtLinear::new(workspace.device_ptr(&stream).0, BLAS_WORKSPACE_BYTES)?;
         let images = nvrtc::images(&info.arch())?;
         let mut kernels = HashMap::new();
         for (file, cubin) in images.iter() {
@@ -226,15 +267,19 @@ impl CudaBackend {
         let state = State {
             fscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             dscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
+            uscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             err_flag: stream.alloc_zeros(1).map_err(|e| alloc("flag", e))?,
         };
         Ok(CudaBackend {
             info,
             stream,
             blas,
+            lt,
+            _blas_workspace: workspace,
             kernels,
             state: Mutex::new(state),
             error: Mutex::new(None),
+            recording: std::sync::atomic::AtomicBool::new(false),
             ctx,
         })
     }
@@ -306,6 +351,11 @@ impl CudaBackend {
             if bits & 2 != 0 {
                 what.push("a sequence length exceeds its padded length");
             }
+            if bits & 4 != 0 {
+                what.push(
+                    "the gradient norm is not finite: training diverged (the step was skipped)",
+                );
+            }
             return Err(Error::device(format!(
                 "cuda:{}: a kernel rejected its input: {}",
                 self.info.index,
@@ -354,24 +404,42 @@ impl CudaBackend {
 
     /// Grows the f32 scratch to at least `len` elements; returns its address.
     fn fscratch(&self, st: &mut State, len: usize) -> Result<u64> {
-        if st.fscratch.len() < len {
-            st.fscratch = self
-                .stream
-                .alloc_zeros(len)
-                .map_err(|e| Error::device(format!("cuda:{}: scratch: {e}", self.info.index)))?;
-        }
-        Ok(self.base(&st.fscratch))
+        self.grow(&mut st.fscratch, len, "f32 scratch")
+    }
+
+    /// Grows the u32 scratch to at least `len` elements; returns its address.
+    fn uscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+        self.grow(&mut st.uscratch, len, "u32 scratch")
     }
 
     /// Grows the f64 scratch to at least `1 + terms` elements; returns its address.
     fn dscratch(&self, st: &mut State, terms: usize) -> Result<u64> {
-        if st.dscratch.len() < terms + 1 {
-            st.dscratch = self
+        self.grow(&mut st.dscratch, terms + 1, "f64 scratch")
+    }
+
+    /// Replaces `buf` by a zeroed buffer of `len` elements when it is shorter (an error while
+    /// a graph is being recorded: a recorded graph cannot own a buffer the backend keeps, so
+    /// the same work must run once unrecorded first); returns its address.
+    fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        buf: &mut CudaSlice<T>,
+        len: usize,
+        what: &str,
+    ) -> Result<u64> {
+        if buf.len() < len {
+            if self.recording.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::device(format!(
+                    "cuda:{}: the {what} would grow while recording a graph; run the same work \
+                     once before recording it",
+                    self.info.index
+                )));
+            }
+            *buf = self
                 .stream
-                .alloc_zeros(terms + 1)
-                .map_err(|e| Error::device(format!("cuda:{}: scratch: {e}", self.info.index)))?;
+                .alloc_zeros(len)
+                .map_err(|e| Error::device(format!("cuda:{}: {what}: {e}", self.info.index)))?;
         }
-        Ok(self.base(&st.dscratch))
+        Ok(self.base(buf))
     }
 
     /// Column sums through the f32 scratch: `out[j] += Σ_r x[r·n + j]`, `rows×n`.
@@ -401,30 +469,85 @@ impl CudaBackend {
         launch!(self, "col_finish_f32", cfg; int(n, "n"), int(chunks, "chunks"), part, out);
     }
 
-    /// Sums `count` f64 terms at scratch slot 1.. times `scale` on the device, synchronises
-    /// and returns the value (or the error kept since the last check).
-    fn finish_loss(&self, st: &mut State, count: usize, scale: f64) -> Result<f32> {
+    /// Sums `count` f64 terms at scratch slot 1.. times `scale` on the device and stores
+    /// the value, as f32, at `out`; with `count_lens = (lens, n)` the scale is instead
+    /// `1/|{b < n : lens[b] > 0}|` (0 when none). Nothing is read back.
+    fn reduce_terms_into(
+        &self,
+        st: &mut State,
+        count: usize,
+        scale: f64,
+        count_lens: Option<(u64, usize)>,
+        out: u64,
+    ) -> Result<()> {
         let base = self.dscratch(st, count)?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "reduce_f64", cfg; int(count, "terms"), base + 8, scale, base);
-        self.sync_check(st)?;
-        let v = self
-            .stream
-            .clone_dtoh(&st.dscratch.slice(0..1))
-            .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
-        Ok(v.first().copied().unwrap_or(f64::NAN) as f32)
+        let (lp, ln) = count_lens.unwrap_or((0, 0));
+        let f64_bytes = std::mem::size_of::<f64>() as u64;
+        launch!(self, "reduce_terms", cfg;
+            int(count, "terms"), base + f64_bytes, scale, lp, int(ln, "rows"), out);
+        Ok(())
+    }
+
+    /// The device's default memory pool (where the stream-ordered allocations of every buffer
+    /// come from), or `None` when the driver cannot give it.
+    fn mem_pool(&self) -> Option<drv_sys::CUmemoryPool> {
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let dev = cudarc::driver::result::device::get(i32::try_from(self.info.index).ok()?).ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: `dev` is a valid device handle; the driver writes one pool handle.
+        let r = unsafe { drv_sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result() };
+        r.ok().map(|_| pool)
+    }
+
+    /// The device's graph-memory high-water mark (`read`), or resets it (`!read`).
+    fn graph_mem_attribute(&self, read: bool) -> Option<u64> {
+        let dev = cudarc::driver::result::device::get(i32::try_from(self.info.index).ok()?).ok()?;
+        let attr = drv_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        let mut v = 0u64;
+        let p = (&mut v as *mut u64).cast();
+        // SAFETY: a valid device; the attribute is a u64 (setting it to 0 resets the mark).
+        let r = unsafe {
+            if read {
+                drv_sys::cuDeviceGetGraphMemAttribute(dev, attr, p)
+            } else {
+                drv_sys::cuDeviceSetGraphMemAttribute(dev, attr, p)
+            }
+        };
+        r.result().ok().map(|_| v)
+    }
+
+    /// A u64 attribute of the default memory pool.
+    fn pool_attribute(&self, attr: drv_sys::CUmemPool_attribute) -> Option<u64> {
+        let pool = self.mem_pool()?;
+        let mut v = 0u64;
+        // SAFETY: a valid pool; the byte-count attributes are u64.
+        let r = unsafe { drv_sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) };
+        r.result().ok().map(|_| v)
+    }
+
+    /// Stores 0.0 at the f32 slot `out` (a loss over nothing).
+    fn store_zero(&self, out: u64) -> Result<()> {
+        launch!(self, "fill_f32", grid1(1); out, 1i64, 0.0f32);
+        Ok(())
     }
 
     fn dev_err(&self, e: impl std::fmt::Display) -> Error {
         Error::device(format!("cuda:{}: {e}", self.info.index))
     }
+}
+
+/// Bytes of one f64 (the loss-term scratch is f64; slot 0 is kept free).
+const F64_BYTES: u64 = std::mem::size_of::<f64>() as u64;
+
+/// AdamW's bias corrections `1 − β1^t`, `1 − β2^t` for step `t = hp.step`, as f32.
+fn bias_corrections(hp: &AdamW) -> (f32, f32) {
+    let [_, bc1, bc2] = sched_values::<f32>(hp);
+    (bc1, bc2)
 }
 
 /// cuBLAS operation for a transpose flag.
@@ -440,6 +563,7 @@ impl Backend for CudaBackend {
     type F = f32;
     type Buf = CudaSlice<f32>;
     type Ids = CudaSlice<u32>;
+    type Graph = CudaGraph;
 
     fn name(&self) -> String {
         format!(
@@ -485,6 +609,100 @@ impl Backend for CudaBackend {
 
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
+    }
+
+    fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraph>> {
+        // Whatever was queued before runs first; a kept error stops here.
+        CudaBackend::synchronize(self)?;
+        let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream
+            .begin_capture(mode)
+            .map_err(|e| self.dev_err(format!("starting a graph capture: {e}")))?;
+        self.recording
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let queued = queue();
+        self.recording
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // End the capture whatever happened, so the stream is usable again.
+        let flags =
+            drv_sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        let graph = self.stream.end_capture(flags);
+        queued?;
+        if let Some(e) = self
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(Error::device(format!("cuda:{e} (while recording a graph)")));
+        }
+        let graph = graph.map_err(|e| self.dev_err(format!("recording a graph: {e}")))?;
+        if let Some(g) = &graph {
+            g.upload()
+                .map_err(|e| self.dev_err(format!("uploading a graph: {e}")))?;
+        }
+        Ok(graph)
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        graph
+            .launch()
+            .map_err(|e| self.dev_err(format!("replaying a graph: {e}")))
+    }
+
+    fn write(&self, host: &[f32], dst: Mut<CudaSlice<f32>>) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        let d = self.mp(dst, host.len(), "write dst");
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the window was checked against its buffer; the host slice lives through the
+        // call (a pageable copy is staged before the call returns).
+        let r =
+            unsafe { cudarc::driver::result::memcpy_htod_async(d, host, self.stream.cu_stream()) };
+        r.map_err(|e| self.dev_err(format!("write: {e}")))
+    }
+
+    fn copy_ids(&self, len: usize, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>) {
+        if len == 0 {
+            return;
+        }
+        let s = self.ip(src, len, "copy_ids src");
+        let d = self.ip(dst, len, "copy_ids dst");
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let bytes = std::mem::size_of::<u32>() * len;
+        // SAFETY: both ranges were checked against their buffers, which are distinct (one is
+        // borrowed mutably).
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream())
+        };
+        self.note(r, "copy_ids");
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaBackend::synchronize(self)
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        // Buffers come from the default pool; recorded graphs' temporaries from the device's
+        // graph memory.
+        let pool =
+            self.pool_attribute(drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        let graph = self.graph_mem_attribute(true).unwrap_or(0);
+        Some(pool + graph)
+    }
+
+    fn reset_peak_memory(&self) {
+        let attr = drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let Some(pool) = self.mem_pool() else { return };
+        let mut zero = 0u64;
+        // SAFETY: a valid pool of this device; the attribute takes a u64 (resetting the high
+        // mark to 0 restarts it at the bytes in use).
+        let r = unsafe {
+            drv_sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast()).result()
+        };
+        self.note(r, "resetting the memory high-water mark");
+        self.graph_mem_attribute(false);
     }
 
     fn fill(&self, len: usize, value: f32, x: Mut<CudaSlice<f32>>) {
@@ -645,6 +863,35 @@ impl Backend for CudaBackend {
         self.note(r, "cuBLAS sgemm");
     }
 
+    fn linear_forward(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<CudaSlice<f32>>,
+        w: Ref<CudaSlice<f32>>,
+        b: Ref<CudaSlice<f32>>,
+        y: Mut<CudaSlice<f32>>,
+        accumulate: bool,
+    ) {
+        if rows == 0 || inp == 0 || out == 0 {
+            return super::linear_composed(self, rows, inp, out, x, w, b, y, accumulate);
+        }
+        let xp = self.rp(x, rows * inp, "linear x");
+        let wp = self.rp(w, out * inp, "linear w");
+        let bp = self.rp(b, out, "linear b");
+        let yp = self.mp(y, rows * out, "linear y");
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the four windows were checked against their buffers above; the context is
+        // current on this thread.
+        let r = unsafe {
+            let stream = self.stream.cu_stream() as _;
+            self.lt
+                .forward(stream, rows, inp, out, xp, wp, bp, yp, accumulate)
+        };
+        self.note(r, "linear");
+    }
+
     fn add_bias(&self, rows: usize, n: usize, bias: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
         if rows == 0 || n == 0 {
             return;
@@ -782,22 +1029,22 @@ impl Backend for CudaBackend {
                 1i32, int(n, "n"), int(width, "width"), 0.0f32, op_, long(out_ld), 0i64);
             return;
         }
+        check_tables("embedding", tables, width, params.len());
         let err = self.base(&self.lock_state().err_flag);
         let pbase = self.base(params);
-        for (k, t) in tables.iter().enumerate() {
-            assert!(
-                t.offset + t.vocab * width <= params.len(),
-                "embedding: table at {} exceeds the parameter buffer",
-                t.offset
-            );
-            let (col0, acc) = match mode {
-                EmbMode::Sum => (0, (k > 0) as i32),
-                EmbMode::Concat => (k * width, 0),
+        let sum = mode == EmbMode::Sum;
+        for (gi, group) in EmbFields::groups(tables, width, mode, false)
+            .iter()
+            .enumerate()
+        {
+            let per_token = if sum {
+                width
+            } else {
+                group.count as usize * width
             };
-            let vocab = u32::try_from(t.vocab).expect("vocabulary within u32");
-            launch!(self, "embedding_gather_f32", grid1(n * width);
-                int(n, "n"), int(width, "width"), int(fields, "fields"), int(k, "field"), idp,
-                pbase + 4 * t.offset as u64, vocab, op_, long(out_ld), int(col0, "col0"), acc, err);
+            launch!(self, "emb_gather_f32", grid1(n * per_token);
+                int(n, "n"), int(width, "width"), int(fields, "fields"), *group, idp, pbase, op_,
+                long(out_ld), sum as i32, (sum && gi > 0) as i32, err);
         }
     }
 
@@ -811,6 +1058,7 @@ impl Backend for CudaBackend {
         dout: Ref<CudaSlice<f32>>,
         dout_ld: usize,
         grads: &mut CudaSlice<f32>,
+        valid: Option<ValidTokens<'_, CudaSlice<u32>>>,
     ) {
         let fields = tables.len();
         let out_w = mode.row_width(fields, width);
@@ -821,42 +1069,69 @@ impl Backend for CudaBackend {
             dout_ld >= out_w,
             "embedding_backward: dout_ld {dout_ld} < {out_w}"
         );
+        check_tables("embedding_backward", tables, width, grads.len());
+        let (vlp, vl) = match valid {
+            Some(v) => {
+                assert!(
+                    v.max_len > 0 && n % v.max_len == 0,
+                    "embedding_backward: {n} tokens are not rows of {} slots",
+                    v.max_len
+                );
+                let what = "embedding_backward lengths";
+                (
+                    self.ip(v.lens, n / v.max_len, what),
+                    int(v.max_len, "max_len"),
+                )
+            }
+            None => (0, 1),
+        };
         let idp = self.ip(ids, n * fields, "embedding_backward ids");
         let gp = self.rp(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
-        let err = self.base(&self.lock_state().err_flag);
         let gbase = self.base(grads);
-        for (k, t) in tables.iter().enumerate() {
-            assert!(
-                t.offset + t.vocab * width <= grads.len(),
-                "embedding_backward: table {k} exceeds the gradient buffer"
-            );
-            let vocab = u32::try_from(t.vocab).expect("vocabulary within u32");
-            let (ni, wi, fi, ki) = (
-                int(n, "n"),
-                int(width, "width"),
-                int(fields, "fields"),
-                int(k, "field"),
-            );
-            launch!(self, "embedding_check_ids", grid1(n); ni, fi, ki, idp, vocab, err);
-            if t.vocab == 0 {
-                continue;
-            }
-            let col0 = match mode {
-                EmbMode::Sum => 0,
-                EmbMode::Concat => k * width,
+        // Tables that share elements go one field at a time, in field order (the CPU's order).
+        for group in EmbFields::groups(tables, width, mode, true) {
+            let keys = group.key0[group.count as usize] as usize;
+            let items = n * group.count as usize;
+            let chunk = EMB_CHUNK.max((items * keys).div_ceil(EMB_HIST_MAX));
+            let chunks = items.div_ceil(chunk);
+            let mut st = self.lock_state();
+            let err = self.base(&st.err_flag);
+            let hist = match self.uscratch(&mut st, chunks * keys + keys + 1 + items) {
+                Ok(p) => p,
+                Err(e) => return self.note(Err(e), "embedding_backward scratch"),
             };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    width.div_ceil(32) as u32,
-                    t.vocab.div_ceil(EMB_ROWS).min(65_535) as u32,
-                    1,
-                ),
-                block_dim: (32, 1, 1),
+            let u32_bytes = std::mem::size_of::<u32>() as u64;
+            let starts = hist + u32_bytes * (chunks * keys) as u64;
+            let sorted = starts + u32_bytes * (keys + 1) as u64;
+            let (ni, fi, ci) = (int(n, "n"), int(fields, "fields"), int(chunk, "chunk"));
+            let per_chunk = |threads: u32| LaunchConfig {
+                grid_dim: (u32::try_from(chunks).expect("chunks within the grid"), 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch!(self, "embedding_scatter_f32", cfg;
-                ni, wi, fi, ki, idp, gp, long(dout_ld), int(col0, "col0"),
-                gbase + 4 * t.offset as u64, vocab);
+            launch!(self, "emb_hist", per_chunk(THREADS); ni, fi, group, idp, vlp, vl, ci, hist, err);
+            if keys == 0 {
+                continue;
+            }
+            let ku = u32::try_from(keys).expect("keys within u32");
+            launch!(self, "emb_col_scan", grid1(keys);
+                int(chunks, "chunks"), ku, hist, starts + u32_bytes);
+            let one_block = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (EMB_SCAN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "emb_key_scan", one_block; ku, starts);
+            launch!(self, "emb_place", per_chunk(32);
+                ni, fi, group, idp, vlp, vl, ci, hist, starts, sorted);
+            let tx = width.next_multiple_of(32).min(128);
+            let cfg = LaunchConfig {
+                grid_dim: (ku, width.div_ceil(tx) as u32, 1),
+                block_dim: (tx as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "emb_rows_f32", cfg;
+                int(width, "width"), group, starts, sorted, gp, long(dout_ld), gbase);
         }
     }
 
@@ -1014,9 +1289,52 @@ impl Backend for CudaBackend {
         launch!(self, "masked_mean_dempty_f32", cfg; bi, di, lp, gp, ep);
     }
 
+    fn put_empty_rows(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        vec: Ref<CudaSlice<f32>>,
+        seq: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || d == 0 {
+            return;
+        }
+        assert!(max_len >= 1, "put_empty_rows: max_len must be at least 1");
+        let lp = self.ip(lens, batch, "put_empty_rows lens");
+        let vp = self.rp(vec, batch * d, "put_empty_rows vec");
+        let sp = self.mp(seq, batch * max_len * d, "put_empty_rows seq");
+        launch!(self, "put_empty_rows_f32", grid1(batch * d);
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, vp, sp);
+    }
+
+    fn put_empty_rows_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &CudaSlice<u32>,
+        dseq: Mut<CudaSlice<f32>>,
+        dvec: Mut<CudaSlice<f32>>,
+    ) {
+        if batch == 0 || d == 0 {
+            return;
+        }
+        assert!(
+            max_len >= 1,
+            "put_empty_rows_backward: max_len must be at least 1"
+        );
+        let lp = self.ip(lens, batch, "put_empty_rows_backward lens");
+        let sp = self.mp(dseq, batch * max_len * d, "put_empty_rows_backward dseq");
+        let vp = self.mp(dvec, batch * d, "put_empty_rows_backward dvec");
+        launch!(self, "put_empty_rows_backward_f32", grid1(batch * d);
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, sp, vp);
+    }
+
     // ---- losses ------------------------------------------------------------------------
 
-    fn bce_loss(
+    fn bce_loss_into(
         &self,
         n: usize,
         logits: Ref<CudaSlice<f32>>,
@@ -1024,22 +1342,24 @@ impl Backend for CudaBackend {
         weights: Ref<CudaSlice<f32>>,
         coef: f32,
         dlogits: Option<Mut<CudaSlice<f32>>>,
-    ) -> Result<f32> {
+        out: Mut<CudaSlice<f32>>,
+    ) -> Result<()> {
+        let op_ = self.mp(out, 1, "bce_loss out");
         if n == 0 {
-            return Ok(0.0);
+            return self.store_zero(op_);
         }
         let zp = self.rp(logits, n, "bce_loss logits");
         let yp = self.rp(labels, n, "bce_loss labels");
         let wp = self.rp(weights, n, "bce_loss weights");
         let gp = dlogits.map_or(0, |g| self.mp(g, n, "bce_loss dlogits"));
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + 8;
+        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
         let f = coef / n as f32;
         launch!(self, "bce_f32", grid1(n); int(n, "n"), zp, yp, wp, f, gp, terms);
-        self.finish_loss(&mut st, n, 1.0 / n as f64)
+        self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
 
-    fn bernoulli_kl_loss(
+    fn bernoulli_kl_loss_into(
         &self,
         n: usize,
         student: Ref<CudaSlice<f32>>,
@@ -1048,28 +1368,30 @@ impl Backend for CudaBackend {
         tau: f32,
         coef: f32,
         dstudent: Option<Mut<CudaSlice<f32>>>,
-    ) -> Result<f32> {
+        out: Mut<CudaSlice<f32>>,
+    ) -> Result<()> {
         if tau.is_nan() || tau <= 0.0 {
             return Err(Error::invalid(format!(
                 "bernoulli_kl_loss: temperature τ = {tau} must be positive"
             )));
         }
+        let op_ = self.mp(out, 1, "bernoulli_kl_loss out");
         if n == 0 {
-            return Ok(0.0);
+            return self.store_zero(op_);
         }
         let sp = self.rp(student, n, "bernoulli_kl_loss student");
         let tp = self.rp(target, n, "bernoulli_kl_loss target");
         let wp = weights.map_or(0, |w| self.rp(w, n, "bernoulli_kl_loss weights"));
         let gp = dstudent.map_or(0, |g| self.mp(g, n, "bernoulli_kl_loss dstudent"));
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + 8;
+        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
         let f = coef * tau / n as f32;
         launch!(self, "bernoulli_kl_f32", grid1(n); int(n, "n"), sp, tp, wp, 1.0f32 / tau, f, gp, terms);
         let tau2 = tau as f64 * tau as f64;
-        self.finish_loss(&mut st, n, tau2 / n as f64)
+        self.reduce_terms_into(&mut st, n, tau2 / n as f64, None, op_)
     }
 
-    fn coarse_loss(
+    fn coarse_loss_into(
         &self,
         n: usize,
         d: usize,
@@ -1079,23 +1401,25 @@ impl Backend for CudaBackend {
         cosine: bool,
         coef: f32,
         dpred: Option<Mut<CudaSlice<f32>>>,
-    ) -> Result<f32> {
+        out: Mut<CudaSlice<f32>>,
+    ) -> Result<()> {
+        let op_ = self.mp(out, 1, "coarse_loss out");
         if n == 0 || d == 0 {
-            return Ok(0.0);
+            return self.store_zero(op_);
         }
         let pp = self.rp(pred, n * d, "coarse_loss pred");
         let tp = self.rp(target, n * d, "coarse_loss target");
         let wp = self.rp(weights, n, "coarse_loss weights");
         let gp = dpred.map_or(0, |g| self.mp(g, n * d, "coarse_loss dpred"));
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + 8;
+        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
         let coef_over_n = coef * (1.0 / n as f32);
         launch!(self, "coarse_f32", rows_cfg(n);
             int(n, "n"), int(d, "d"), pp, tp, wp, cosine as i32, coef_over_n, gp, terms);
-        self.finish_loss(&mut st, n, 1.0 / n as f64)
+        self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
 
-    fn fine_loss(
+    fn fine_loss_into(
         &self,
         shape: FineShape,
         q: Ref<CudaSlice<f32>>,
@@ -1107,10 +1431,12 @@ impl Backend for CudaBackend {
         weights: Ref<CudaSlice<f32>>,
         coef: f32,
         grads: Option<FineGrads<'_, CudaSlice<f32>>>,
-    ) -> Result<f32> {
+        out: Mut<CudaSlice<f32>>,
+    ) -> Result<()> {
         let FineShape { batch, lq, lk, d } = shape;
-        if batch == 0 {
-            return Ok(0.0);
+        let op_ = self.mp(out, 1, "fine_loss out");
+        if batch == 0 || d == 0 {
+            return self.store_zero(op_);
         }
         if q_lens.len() < batch || k_lens.len() < batch {
             return Err(Error::invalid(format!(
@@ -1119,30 +1445,8 @@ impl Backend for CudaBackend {
                 k_lens.len()
             )));
         }
-        // The lengths decide |R| and are validated on the host, as on the CPU.
-        self.synchronize()?;
-        let down = |ids: &CudaSlice<u32>| -> Result<Vec<u32>> {
-            let v = self
-                .stream
-                .clone_dtoh(&ids.slice(0..batch))
-                .map_err(|e| self.dev_err(e))?;
-            self.stream.synchronize().map_err(|e| self.dev_err(e))?;
-            Ok(v)
-        };
-        let (ql, kl) = (down(q_lens)?, down(k_lens)?);
-        for b in 0..batch {
-            for (what, l, max) in [("q_lens", ql[b], lq), ("k_lens", kl[b], lk)] {
-                if usize::try_from(l).map_or(true, |l| l > max) {
-                    return Err(Error::invalid(format!(
-                        "fine_loss {what}[{b}] = {l} exceeds the padded length {max}"
-                    )));
-                }
-            }
-        }
-        let n_r = kl.iter().filter(|&&l| l > 0).count();
-        if n_r == 0 || d == 0 {
-            return Ok(0.0);
-        }
+        // |R| and the length checks happen on the device (a length beyond its padded extent
+        // raises the fault flag), so nothing waits here.
         let fixed = FINE_WARPS * (lk + d);
         if fixed + lk + 1 > FINE_SMEM_FLOATS {
             return Err(Error::invalid(format!(
@@ -1169,7 +1473,7 @@ impl Backend for CudaBackend {
         let qlp = self.base(q_lens);
         let klp = self.base(k_lens);
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, batch)? + 8;
+        let terms = self.dscratch(&mut st, batch)? + F64_BYTES;
         let err = self.base(&st.err_flag);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -1178,32 +1482,75 @@ impl Backend for CudaBackend {
                 1,
             ),
             block_dim: (32 * FINE_WARPS as u32, 1, 1),
-            shared_mem_bytes: (4 * (fixed + tile * lk + tile)) as u32,
+            shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
         };
-        let f = coef / n_r as f32;
         launch!(self, "fine_f32", cfg;
-            int(lq, "lq"), int(lk, "lk"), int(d, "d"), int(tile, "tile"), qp, kp, vp, tp, qlp, klp,
-            wp, f, dq, dk, dv, terms, err);
-        self.finish_loss(&mut st, batch, 1.0 / n_r as f64)
+            int(batch, "batch"), int(lq, "lq"), int(lk, "lk"), int(d, "d"), int(tile, "tile"),
+            qp, kp, vp, tp, qlp, klp, wp, coef, dq, dk, dv, terms, err);
+        self.reduce_terms_into(&mut st, batch, 1.0, Some((klp, batch)), op_)
     }
 
     // ---- optimizer ---------------------------------------------------------------------
 
-    fn sum_squares(&self, len: usize, x: Ref<CudaSlice<f32>>) -> Result<f32> {
+    fn sum_squares_into(
+        &self,
+        len: usize,
+        x: Ref<CudaSlice<f32>>,
+        out: Mut<CudaSlice<f32>>,
+    ) -> Result<()> {
+        let op_ = self.mp(out, 1, "sum_squares out");
         if len == 0 {
-            return Ok(0.0);
+            return self.store_zero(op_);
         }
         let xp = self.rp(x, len, "sum_squares x");
         let blocks = len.div_ceil(THREADS as usize).min(SUMSQ_BLOCKS);
         let mut st = self.lock_state();
-        let part = self.dscratch(&mut st, blocks)? + 8;
+        let part = self.dscratch(&mut st, blocks)? + F64_BYTES;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(self, "sum_squares_partial", cfg; long(len), xp, part);
-        self.finish_loss(&mut st, blocks, 1.0)
+        self.reduce_terms_into(&mut st, blocks, 1.0, None, op_)
+    }
+
+    fn adamw_clipped(
+        &self,
+        hp: &AdamW,
+        clip: f64,
+        sum_sq: Ref<CudaSlice<f32>>,
+        sched: Option<Ref<CudaSlice<f32>>>,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        decay_mask: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let len = params.len();
+        assert!(
+            grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
+            "adamw: parameter, gradient, moment and mask buffers differ in length"
+        );
+        assert!(hp.step >= 1, "adamw: the step number is 1-based");
+        let sp = self.rp(sum_sq, 1, "adamw_clipped sum_sq");
+        let schp = sched.map_or(0, |r| self.rp(r, 3, "adamw_clipped sched"));
+        if len == 0 {
+            return Ok(());
+        }
+        let (bc1, bc2) = bias_corrections(hp);
+        let err = self.base(&self.lock_state().err_flag);
+        let (pp, gp, mp, vp, dp) = (
+            self.base(params),
+            self.base(grads),
+            self.base(m),
+            self.base(v),
+            self.base(decay_mask),
+        );
+        launch!(self, "adamw_clipped_f32", grid1(len);
+            long(len), pp, gp, mp, vp, dp, sp, schp, clip, hp.beta1 as f32, hp.beta2 as f32,
+            bc1, bc2, hp.lr as f32, hp.eps as f32, hp.weight_decay as f32, err);
+        Ok(())
     }
 
     fn adamw(
@@ -1224,9 +1571,7 @@ impl Backend for CudaBackend {
         if len == 0 {
             return;
         }
-        let step = i32::try_from(hp.step).unwrap_or(i32::MAX);
-        let bc1 = (1.0 - hp.beta1.powi(step)) as f32;
-        let bc2 = (1.0 - hp.beta2.powi(step)) as f32;
+        let (bc1, bc2) = bias_corrections(hp);
         let (pp, gp, mp, vp, dp) = (
             self.base(params),
             self.base(grads),
