@@ -35,6 +35,8 @@ enum Command {
     Predict(mgkd::cli::predict::PredictArgs),
     /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots (SPEC §6).
     Ablation(mgkd::cli::ablation::AblationArgs),
+    /// Time the training step (student, teacher) on padded and bucketed batches (SPEC §8 by default).
+    Bench(mgkd::cli::bench::BenchArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),
 }
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => mgkd::cli::eval::run(&args),
         Command::Predict(args) => mgkd::cli::predict::run(&args),
         Command::Ablation(args) => mgkd::cli::ablation::run(&args),
+        Command::Bench(args) => mgkd::cli::bench::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),
     };
     match result {

@@ -1,6 +1,7 @@
 //! The `mgkd-train` command line: one module per subcommand.
 
 pub mod ablation;
+pub mod bench;
 pub mod devices;
 pub mod eval;
 pub mod import;

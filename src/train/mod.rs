@@ -5,6 +5,7 @@
 
 pub mod ablation;
 pub mod batching;
+pub mod bench;
 pub mod record;
 pub mod schedule;
 pub mod trainer;

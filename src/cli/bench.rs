@@ -1,0 +1,252 @@
+//! `mgkd-train bench`: times the whole training step (student and teacher) on the chosen
+//! device at the SPEC §8 configuration (or the flags'), on padded and length-bucketed
+//! batches; prints a table, or with `--json` one JSON object with the fields that
+//! `tools/torch_twin.py` writes, so `tools/bench_table.py` can set them side by side.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::cli::train::{in_pool, Device};
+use crate::data::writer::write_atomic;
+use crate::train::bench::{
+    param_counts, run as run_bench, Batching, BenchConfig, BenchMode, BenchRow, BenchStage,
+};
+use crate::{with_backend, Error, Result};
+
+/// Arguments of `mgkd-train bench` (defaults: SPEC §8).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// Steps to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "student,teacher")]
+    pub stages: Vec<BenchStage>,
+    /// How steps are issued, comma-separated: eager, graphs (CUDA graphs: each batch shape's
+    /// step recorded once, then replayed). Default: eager,graphs on CUDA, eager on the CPU.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Option<Vec<BenchMode>>,
+    /// Batch shapes, comma-separated: padded to the length limits, or length-bucketed.
+    #[arg(long, value_delimiter = ',', default_value = "padded,bucketed")]
+    pub batching: Vec<Batching>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 1024)]
+    pub batch: usize,
+    /// Model width d.
+    #[arg(long, default_value_t = 128)]
+    pub d: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Transformer blocks per encoder.
+    #[arg(long, default_value_t = 2)]
+    pub blocks: usize,
+    /// Width of each profile embedding.
+    #[arg(long, default_value_t = 16)]
+    pub d_cat: usize,
+    /// In-service length limit L.
+    #[arg(long, default_value_t = 128)]
+    pub in_len: usize,
+    /// Pre-service length limit Lp.
+    #[arg(long, default_value_t = 32)]
+    pub pre_len: usize,
+    /// Timed steps per row of the table.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Batches drawn and uploaded before timing (the steps cycle through them).
+    #[arg(long, default_value_t = 8)]
+    pub pool: usize,
+    /// Seed of the batches and the initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads of the CPU backend (default: RAYON_NUM_THREADS or all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON object to this file (written whole, under a temporary name first).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// The whole report (`--json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// `mgkd`.
+    pub engine: String,
+    /// The engine's version.
+    pub version: String,
+    /// The backend's name.
+    pub device: String,
+    /// The configuration measured.
+    pub config: BenchConfig,
+    /// Parameter counts.
+    pub params: ParamCounts,
+    /// One entry per (stage, batching).
+    pub results: Vec<BenchRow>,
+}
+
+/// Parameter counts of the two networks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParamCounts {
+    /// Teacher.
+    pub teacher: usize,
+    /// Student.
+    pub student: usize,
+}
+
+impl BenchArgs {
+    fn config(&self) -> BenchConfig {
+        BenchConfig {
+            batch: self.batch,
+            d: self.d,
+            heads: self.heads,
+            blocks: self.blocks,
+            d_cat: self.d_cat,
+            in_len: self.in_len,
+            pre_len: self.pre_len,
+            steps: self.steps,
+            warmup: self.warmup,
+            seed: self.seed,
+            pool: self.pool,
+        }
+    }
+}
+
+fn measure<B: Backend>(be: &B, args: &BenchArgs, cfg: &BenchConfig) -> Result<BenchReport> {
+    let (teacher, student) = param_counts(cfg)?;
+    let show = !args.json && std::io::stderr().is_terminal();
+    // Whether this backend records graphs: record nothing.
+    let graphs_work = be.capture(&mut || Ok(()))?.is_some();
+    let modes = match &args.modes {
+        Some(m) => m.clone(),
+        None if graphs_work => vec![BenchMode::Eager, BenchMode::Graphs],
+        None => vec![BenchMode::Eager],
+    };
+    if modes.contains(&BenchMode::Graphs) && !graphs_work {
+        return Err(Error::invalid(format!(
+            "bench: {} cannot record graphs; use --modes eager",
+            be.name()
+        )));
+    }
+    let mut results = Vec::new();
+    for &stage in &args.stages {
+        for &batching in &args.batching {
+            for &mode in &modes {
+                let bar = if show {
+                    ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+                } else {
+                    ProgressBar::hidden()
+                };
+                if let Ok(style) = ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len}") {
+                    bar.set_style(style);
+                }
+                bar.set_prefix(format!("{stage:?} {batching:?} {mode:?}").to_lowercase());
+                let mut tick = |done: usize, total: usize| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                };
+                let graphs = mode == BenchMode::Graphs;
+                results.push(run_bench(be, cfg, stage, batching, graphs, &mut tick)?);
+                bar.finish_and_clear();
+            }
+        }
+    }
+    Ok(BenchReport {
+        engine: "mgkd".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        device: be.name(),
+        config: cfg.clone(),
+        params: ParamCounts { teacher, student },
+        results,
+    })
+}
+
+/// Prints the report as a table.
+fn print_table(r: &BenchReport) {
+    let c = &r.config;
+    println!(
+        "device {} · batch {} · d {} · {} heads · {} blocks · L {} · Lp {} · median of {} steps after {}",
+        r.device, c.batch, c.d, c.heads, c.blocks, c.in_len, c.pre_len, c.steps, c.warmup
+    );
+    println!(
+        "params: teacher {}, student {}",
+        r.params.teacher, r.params.student
+    );
+    println!(
+        "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8}",
+        "step",
+        "batches",
+        "mode",
+        "samples/s",
+        "ms/step",
+        "p10",
+        "p90",
+        "TFLOP/s",
+        "peak MiB",
+        "padding"
+    );
+    for x in &r.results {
+        let mib = x.peak_mem_bytes.map_or("—".to_string(), |b| {
+            format!("{:.0}", b as f64 / 1048576.0)
+        });
+        println!(
+            "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>7.0}%",
+            format!("{:?}", x.stage).to_lowercase(),
+            format!("{:?}", x.batching).to_lowercase(),
+            x.mode,
+            x.samples_per_s,
+            x.ms_per_step,
+            x.ms_p10,
+            x.ms_p90,
+            x.tflops,
+            mib,
+            100.0 * x.padding
+        );
+    }
+}
+
+/// `mgkd-train bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let cfg = args.config();
+    if args.stages.is_empty() || args.batching.is_empty() {
+        return Err(Error::invalid("bench: no stage or no batching chosen"));
+    }
+    if let Some(p) = &args.out {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = parent.filter(|d| !d.is_dir()) {
+            return Err(Error::invalid(format!(
+                "{}: the directory {} does not exist",
+                p.display(),
+                dir.display()
+            )));
+        }
+        if p.is_dir() {
+            return Err(Error::invalid(format!("{}: is a directory", p.display())));
+        }
+    }
+    let report = in_pool(
+        args.threads,
+        || with_backend!(args.device, be => measure(be, args, &cfg)),
+    )?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| Error::invalid(format!("bench report to JSON: {e}")))?;
+    if let Some(p) = &args.out {
+        write_atomic(p, json.as_bytes())?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
