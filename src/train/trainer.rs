@@ -190,6 +190,10 @@ pub struct EpochLog {
     pub samples_per_s: f64,
     /// Seconds spent training this epoch.
     pub train_seconds: f64,
+    /// Of `train_seconds`, the seconds the steps waited for their data: gathering each batch
+    /// from the shards and uploading it (on the calling thread, between steps).
+    #[serde(default)]
+    pub data_seconds: f64,
     /// Seconds spent on validation.
     pub valid_seconds: f64,
     /// Share of padded slots among the sequence slots the batches carried (the sequence the
@@ -465,9 +469,12 @@ pub fn train<B: Backend>(
         // Each step's loss terms stay on the device (one row of `pending` per step) and are
         // read once per LOG_INTERVAL steps, so a step never waits for the device.
         let mut pending_rows: Vec<usize> = Vec::with_capacity(LOG_INTERVAL);
+        let mut data_seconds = 0.0;
         for (bi, ids) in batches.iter().enumerate() {
+            let d0 = Instant::now();
             let batch = ds.gather(ids)?;
             let dev = DeviceBatch::upload(be, &batch, ds.schema())?;
+            data_seconds += d0.elapsed().as_secs_f64();
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
             slots += u64::from(max_in) * ids.len() as u64;
             filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
@@ -536,6 +543,7 @@ pub fn train<B: Backend>(
             valid_log_loss: ll,
             samples_per_s: rows_done as f64 / train_seconds.max(1e-9),
             train_seconds,
+            data_seconds,
             valid_seconds,
             padding: if slots == 0 {
                 0.0
