@@ -1539,6 +1539,20 @@ fn fine_refuses_shapes_beyond_shared_memory() {
 
 // ---- optimizer ---------------------------------------------------------------------------
 
+/// AdamW at lr 1e-2 with SPEC §6's betas, ε and weight decay, at `step` with clipping factor
+/// `grad_scale`.
+fn adamw_hp(step: u64, grad_scale: f64) -> AdamW {
+    AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step,
+        grad_scale,
+    }
+}
+
 struct OptCase {
     p: Vec<f64>,
     g: Vec<f64>,
@@ -1556,15 +1570,7 @@ impl Case for OptCase {
         let mut v = be.zeros(n).expect("v");
         let mask = up(be, &self.mask);
         for step in 1..=3 {
-            let hp = AdamW {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-                step,
-                grad_scale: 0.5,
-            };
+            let hp = adamw_hp(step, 0.5);
             be.adamw(&hp, &mut p, &gw, &mut m, &mut v, &mask);
         }
         // The clipping factor read from the device: ‖g‖ from sum_squares_into, clipped at
@@ -1578,15 +1584,7 @@ impl Case for OptCase {
             let mut m2 = be.zeros(n).expect("m");
             let mut v2 = be.zeros(n).expect("v");
             for step in 1..=3 {
-                let hp = AdamW {
-                    lr: 1e-2,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.01,
-                    step,
-                    grad_scale: 1.0,
-                };
+                let hp = adamw_hp(step, 1.0);
                 be.adamw_clipped(
                     &hp,
                     clip,
@@ -1647,15 +1645,7 @@ fn adamw_with_a_non_finite_norm_changes_nothing_and_is_an_error() {
     let g0 = randv(&mut r, n);
     // The CPU reports it at once.
     let cpu = CpuBackend::<f32>::new();
-    let hp = AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        step: 1,
-        grad_scale: 1.0,
-    };
+    let hp = adamw_hp(1, 1.0);
     {
         let be = &cpu;
         let (mut p, g, mask) = (up(be, &p0), up(be, &g0), up(be, &vec![1.0; n]));

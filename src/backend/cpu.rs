@@ -20,7 +20,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref, ValidTokens,
+    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
+    ValidTokens,
 };
 use crate::{Error, Result};
 
@@ -348,259 +349,10 @@ impl<F: Float> CpuBackend<F> {
     }
 }
 
-/// The CPU losses and Σx², computing their values (the trait's `*_into` methods store them).
-impl<F: Float> CpuBackend<F> {
-    #[allow(clippy::too_many_arguments)]
-    fn bce_loss_value(
-        &self,
-        n: usize,
-        logits: Ref<Vec<F>>,
-        labels: Ref<Vec<F>>,
-        weights: Ref<Vec<F>>,
-        coef: F,
-        dlogits: Option<Mut<Vec<F>>>,
-    ) -> Result<F> {
-        if n == 0 {
-            return Ok(F::zero());
-        }
-        let z = rd(logits, n);
-        let y = rd(labels, n);
-        let w = rd(weights, n);
-        let parts: Vec<f64> = z
-            .par_chunks(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
-            .map(|(zc, (yc, wc))| {
-                zc.iter()
-                    .zip(yc)
-                    .zip(wc)
-                    .map(|((&z, &y), &w)| wide(w * (softplus(z) - y * z)))
-                    .fold(0.0, |a, b| a + b)
-            })
-            .collect();
-        let loss = ordered_sum(parts) / n as f64;
-        if let Some(dz) = dlogits {
-            let f = coef / cst::<F>(n as f64);
-            wr(dz, n)
-                .par_chunks_mut(CHUNK)
-                .zip(
-                    z.par_chunks(CHUNK)
-                        .zip(y.par_chunks(CHUNK).zip(w.par_chunks(CHUNK))),
-                )
-                .for_each(|(dc, (zc, (yc, wc)))| {
-                    for (((d, &z), &y), &w) in dc.iter_mut().zip(zc).zip(yc).zip(wc) {
-                        *d += f * w * (sigmoid(z) - y);
-                    }
-                });
-        }
-        Ok(cst(loss))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn bernoulli_kl_loss_value(
-        &self,
-        n: usize,
-        student: Ref<Vec<F>>,
-        target: Ref<Vec<F>>,
-        weights: Option<Ref<Vec<F>>>,
-        tau: F,
-        coef: F,
-        dstudent: Option<Mut<Vec<F>>>,
-    ) -> Result<F> {
-        if tau.is_nan() || tau <= F::zero() {
-            return Err(Error::invalid(format!(
-                "bernoulli_kl_loss: temperature τ = {tau} must be positive"
-            )));
-        }
-        if n == 0 {
-            return Ok(F::zero());
-        }
-        let s = rd(student, n);
-        let t = rd(target, n);
-        let w = weights.map(|w| rd(w, n));
-        let wt = |i: usize| w.map_or(F::one(), |w| w[i]);
-        let inv_tau = F::one() / tau;
-        // KL(Bern(σ(a)) ‖ Bern(σ(b))) = softplus(b) − softplus(a) + σ(a)·(a − b).
-        let nchunks = n.div_ceil(CHUNK);
-        let parts: Vec<f64> = (0..nchunks)
-            .into_par_iter()
-            .map(|c| {
-                (c * CHUNK..n.min((c + 1) * CHUNK))
-                    .map(|i| {
-                        let a = t[i] * inv_tau;
-                        let b = s[i] * inv_tau;
-                        wide(wt(i) * (softplus(b) - softplus(a) + sigmoid(a) * (a - b)))
-                    })
-                    .fold(0.0, |x, y| x + y)
-            })
-            .collect();
-        let tau2 = wide(tau) * wide(tau);
-        let loss = tau2 * ordered_sum(parts) / n as f64;
-        if let Some(ds) = dstudent {
-            let f = coef * tau / cst::<F>(n as f64);
-            wr(ds, n)
-                .par_chunks_mut(CHUNK)
-                .enumerate()
-                .for_each(|(c, dc)| {
-                    for (j, d) in dc.iter_mut().enumerate() {
-                        let i = c * CHUNK + j;
-                        *d += f * wt(i) * (sigmoid(s[i] * inv_tau) - sigmoid(t[i] * inv_tau));
-                    }
-                });
-        }
-        Ok(cst(loss))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn coarse_loss_value(
-        &self,
-        n: usize,
-        d: usize,
-        pred: Ref<Vec<F>>,
-        target: Ref<Vec<F>>,
-        weights: Ref<Vec<F>>,
-        cosine: bool,
-        coef: F,
-        dpred: Option<Mut<Vec<F>>>,
-    ) -> Result<F> {
-        if n == 0 || d == 0 {
-            return Ok(F::zero());
-        }
-        let p = rd(pred, n * d);
-        let t = rd(target, n * d);
-        let w = rd(weights, n);
-        let inv_d = F::one() / cst::<F>(d as f64);
-        let inv_n = F::one() / cst::<F>(n as f64);
-        let rpt = rows_per_task(d);
-        // Per row: loss term and, with a gradient, ∂term/∂pred written in place.
-        let row_term = |i: usize, g: Option<&mut [F]>| -> f64 {
-            let pr = &p[i * d..(i + 1) * d];
-            let tr = &t[i * d..(i + 1) * d];
-            if cosine {
-                let pp: F = pr.iter().map(|&x| x * x).sum();
-                let tt: F = tr.iter().map(|&x| x * x).sum();
-                let pt: F = pr.iter().zip(tr).map(|(&a, &b)| a * b).sum();
-                if pp == F::zero() || tt == F::zero() {
-                    return wide(w[i]);
-                }
-                let (np, nt) = (pp.sqrt(), tt.sqrt());
-                let cos = pt / (np * nt);
-                if let Some(g) = g {
-                    // ∂(1 − cos)/∂p = −(t/(‖p‖‖t‖) − cos·p/‖p‖²).
-                    let f = coef * w[i] * inv_n;
-                    for ((gx, &a), &b) in g.iter_mut().zip(pr).zip(tr) {
-                        *gx += f * (cos * a / pp - b / (np * nt));
-                    }
-                }
-                wide(w[i] * (F::one() - cos))
-            } else {
-                let se: F = pr.iter().zip(tr).map(|(&a, &b)| (a - b) * (a - b)).sum();
-                if let Some(g) = g {
-                    let f = cst::<F>(2.0) * coef * w[i] * inv_n * inv_d;
-                    for ((gx, &a), &b) in g.iter_mut().zip(pr).zip(tr) {
-                        *gx += f * (a - b);
-                    }
-                }
-                wide(w[i] * se * inv_d)
-            }
-        };
-        let parts: Vec<f64> = match dpred {
-            Some(dp) => wr(dp, n * d)
-                .par_chunks_mut(rpt * d)
-                .enumerate()
-                .map(|(ci, gc)| {
-                    gc.chunks_mut(d)
-                        .enumerate()
-                        .map(|(ri, g)| row_term(ci * rpt + ri, Some(g)))
-                        .fold(0.0, |a, b| a + b)
-                })
-                .collect(),
-            None => (0..n.div_ceil(rpt))
-                .into_par_iter()
-                .map(|ci| {
-                    (ci * rpt..n.min((ci + 1) * rpt))
-                        .map(|i| row_term(i, None))
-                        .fold(0.0, |a, b| a + b)
-                })
-                .collect(),
-        };
-        Ok(cst(ordered_sum(parts) / n as f64))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn fine_loss_value(
-        &self,
-        shape: FineShape,
-        q: Ref<Vec<F>>,
-        k: Ref<Vec<F>>,
-        v: Ref<Vec<F>>,
-        t_in: Ref<Vec<F>>,
-        q_lens: &[u32],
-        k_lens: &[u32],
-        weights: Ref<Vec<F>>,
-        coef: F,
-        grads: Option<FineGrads<'_, Vec<F>>>,
-    ) -> Result<F> {
-        let FineShape { batch, lq, lk, d } = shape;
-        if batch == 0 {
-            return Ok(F::zero());
-        }
-        if q_lens.len() < batch || k_lens.len() < batch {
-            return Err(Error::invalid(format!(
-                "fine_loss: {} query / {} key lengths for a batch of {batch}",
-                q_lens.len(),
-                k_lens.len()
-            )));
-        }
-        let mut lens = Vec::with_capacity(batch);
-        for b in 0..batch {
-            lens.push((
-                checked_len(q_lens, b, lq, "fine_loss q_lens")?,
-                checked_len(k_lens, b, lk, "fine_loss k_lens")?,
-            ));
-        }
-        let n_r = lens.iter().filter(|&&(_, lkb)| lkb > 0).count();
-        if n_r == 0 || d == 0 {
-            return Ok(F::zero());
-        }
-        let (sq, sk) = (lq * d, lk * d);
-        let q = rd(q, batch * sq);
-        let k = rd(k, batch * sk);
-        let v = rd(v, batch * sq);
-        let t = rd(t_in, batch * sk);
-        let w = rd(weights, batch);
-        let inv_r = F::one() / cst::<F>(n_r as f64);
-        let row = |b: usize, g: Option<(&mut [F], &mut [F], &mut [F])>| -> f64 {
-            let (lqb, lkb) = lens[b];
-            let rl = Self::fine_row(
-                d,
-                lqb,
-                lkb,
-                &q[b * sq..(b + 1) * sq],
-                &k[b * sk..(b + 1) * sk],
-                &v[b * sq..(b + 1) * sq],
-                &t[b * sk..(b + 1) * sk],
-                coef * w[b] * inv_r,
-                g,
-            );
-            wide(w[b]) * rl
-        };
-        let parts: Vec<f64> = match grads {
-            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => wr(dq, batch * sq)
-                .par_chunks_mut(sq)
-                .zip(wr(dk, batch * sk).par_chunks_mut(sk))
-                .zip(wr(dv, batch * sq).par_chunks_mut(sq))
-                .enumerate()
-                .map(|(b, ((gq, gk), gv))| row(b, Some((gq, gk, gv))))
-                .collect(),
-            _ => (0..batch).into_par_iter().map(|b| row(b, None)).collect(),
-        };
-        Ok(cst(ordered_sum(parts) / n_r as f64))
-    }
-    fn sum_squares_value(&self, len: usize, x: Ref<Vec<F>>) -> Result<F> {
-        let x = rd(x, len);
-        let parts: Vec<f64> = x
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&v| wide(v) * wide(v)).fold(0.0, |a, b| a + b))
-            .collect();
-        Ok(cst(ordered_sum(parts)))
-    }
+/// Writes a loss value into its one-element window (the `*_into` methods' output).
+fn store<F: Float>(out: Mut<Vec<F>>, value: F) -> Result<()> {
+    wr(out, 1)[0] = value;
+    Ok(())
 }
 
 impl<F: Float> Backend for CpuBackend<F> {
@@ -1365,8 +1117,6 @@ impl<F: Float> Backend for CpuBackend<F> {
         }
     }
 
-    // ---- losses ------------------------------------------------------------------------
-
     fn put_empty_rows(
         &self,
         batch: usize,
@@ -1417,7 +1167,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         }
     }
 
-    // ---- optimizer ---------------------------------------------------------------------
+    // ---- losses ------------------------------------------------------------------------
 
     fn bce_loss_into(
         &self,
@@ -1429,11 +1179,42 @@ impl<F: Float> Backend for CpuBackend<F> {
         dlogits: Option<Mut<Vec<F>>>,
         out: Mut<Vec<F>>,
     ) -> Result<()> {
-        let value = self.bce_loss_value(n, logits, labels, weights, coef, dlogits)?;
-        wr(out, 1)[0] = value;
-        Ok(())
+        if n == 0 {
+            return store(out, F::zero());
+        }
+        let z = rd(logits, n);
+        let y = rd(labels, n);
+        let w = rd(weights, n);
+        let parts: Vec<f64> = z
+            .par_chunks(CHUNK)
+            .zip(y.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
+            .map(|(zc, (yc, wc))| {
+                zc.iter()
+                    .zip(yc)
+                    .zip(wc)
+                    .map(|((&z, &y), &w)| wide(w * (softplus(z) - y * z)))
+                    .fold(0.0, |a, b| a + b)
+            })
+            .collect();
+        let loss = ordered_sum(parts) / n as f64;
+        if let Some(dz) = dlogits {
+            let f = coef / cst::<F>(n as f64);
+            wr(dz, n)
+                .par_chunks_mut(CHUNK)
+                .zip(
+                    z.par_chunks(CHUNK)
+                        .zip(y.par_chunks(CHUNK).zip(w.par_chunks(CHUNK))),
+                )
+                .for_each(|(dc, (zc, (yc, wc)))| {
+                    for (((d, &z), &y), &w) in dc.iter_mut().zip(zc).zip(yc).zip(wc) {
+                        *d += f * w * (sigmoid(z) - y);
+                    }
+                });
+        }
+        store(out, cst(loss))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn bernoulli_kl_loss_into(
         &self,
         n: usize,
@@ -1445,12 +1226,51 @@ impl<F: Float> Backend for CpuBackend<F> {
         dstudent: Option<Mut<Vec<F>>>,
         out: Mut<Vec<F>>,
     ) -> Result<()> {
-        let value =
-            self.bernoulli_kl_loss_value(n, student, target, weights, tau, coef, dstudent)?;
-        wr(out, 1)[0] = value;
-        Ok(())
+        if tau.is_nan() || tau <= F::zero() {
+            return Err(Error::invalid(format!(
+                "bernoulli_kl_loss: temperature τ = {tau} must be positive"
+            )));
+        }
+        if n == 0 {
+            return store(out, F::zero());
+        }
+        let s = rd(student, n);
+        let t = rd(target, n);
+        let w = weights.map(|w| rd(w, n));
+        let wt = |i: usize| w.map_or(F::one(), |w| w[i]);
+        let inv_tau = F::one() / tau;
+        // KL(Bern(σ(a)) ‖ Bern(σ(b))) = softplus(b) − softplus(a) + σ(a)·(a − b).
+        let nchunks = n.div_ceil(CHUNK);
+        let parts: Vec<f64> = (0..nchunks)
+            .into_par_iter()
+            .map(|c| {
+                (c * CHUNK..n.min((c + 1) * CHUNK))
+                    .map(|i| {
+                        let a = t[i] * inv_tau;
+                        let b = s[i] * inv_tau;
+                        wide(wt(i) * (softplus(b) - softplus(a) + sigmoid(a) * (a - b)))
+                    })
+                    .fold(0.0, |x, y| x + y)
+            })
+            .collect();
+        let tau2 = wide(tau) * wide(tau);
+        let loss = tau2 * ordered_sum(parts) / n as f64;
+        if let Some(ds) = dstudent {
+            let f = coef * tau / cst::<F>(n as f64);
+            wr(ds, n)
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, dc)| {
+                    for (j, d) in dc.iter_mut().enumerate() {
+                        let i = c * CHUNK + j;
+                        *d += f * wt(i) * (sigmoid(s[i] * inv_tau) - sigmoid(t[i] * inv_tau));
+                    }
+                });
+        }
+        store(out, cst(loss))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn coarse_loss_into(
         &self,
         n: usize,
@@ -1463,11 +1283,71 @@ impl<F: Float> Backend for CpuBackend<F> {
         dpred: Option<Mut<Vec<F>>>,
         out: Mut<Vec<F>>,
     ) -> Result<()> {
-        let value = self.coarse_loss_value(n, d, pred, target, weights, cosine, coef, dpred)?;
-        wr(out, 1)[0] = value;
-        Ok(())
+        if n == 0 || d == 0 {
+            return store(out, F::zero());
+        }
+        let p = rd(pred, n * d);
+        let t = rd(target, n * d);
+        let w = rd(weights, n);
+        let inv_d = F::one() / cst::<F>(d as f64);
+        let inv_n = F::one() / cst::<F>(n as f64);
+        let rpt = rows_per_task(d);
+        // Per row: loss term and, with a gradient, ∂term/∂pred written in place.
+        let row_term = |i: usize, g: Option<&mut [F]>| -> f64 {
+            let pr = &p[i * d..(i + 1) * d];
+            let tr = &t[i * d..(i + 1) * d];
+            if cosine {
+                let pp: F = pr.iter().map(|&x| x * x).sum();
+                let tt: F = tr.iter().map(|&x| x * x).sum();
+                let pt: F = pr.iter().zip(tr).map(|(&a, &b)| a * b).sum();
+                if pp == F::zero() || tt == F::zero() {
+                    return wide(w[i]);
+                }
+                let (np, nt) = (pp.sqrt(), tt.sqrt());
+                let cos = pt / (np * nt);
+                if let Some(g) = g {
+                    // ∂(1 − cos)/∂p = −(t/(‖p‖‖t‖) − cos·p/‖p‖²).
+                    let f = coef * w[i] * inv_n;
+                    for ((gx, &a), &b) in g.iter_mut().zip(pr).zip(tr) {
+                        *gx += f * (cos * a / pp - b / (np * nt));
+                    }
+                }
+                wide(w[i] * (F::one() - cos))
+            } else {
+                let se: F = pr.iter().zip(tr).map(|(&a, &b)| (a - b) * (a - b)).sum();
+                if let Some(g) = g {
+                    let f = cst::<F>(2.0) * coef * w[i] * inv_n * inv_d;
+                    for ((gx, &a), &b) in g.iter_mut().zip(pr).zip(tr) {
+                        *gx += f * (a - b);
+                    }
+                }
+                wide(w[i] * se * inv_d)
+            }
+        };
+        let parts: Vec<f64> = match dpred {
+            Some(dp) => wr(dp, n * d)
+                .par_chunks_mut(rpt * d)
+                .enumerate()
+                .map(|(ci, gc)| {
+                    gc.chunks_mut(d)
+                        .enumerate()
+                        .map(|(ri, g)| row_term(ci * rpt + ri, Some(g)))
+                        .fold(0.0, |a, b| a + b)
+                })
+                .collect(),
+            None => (0..n.div_ceil(rpt))
+                .into_par_iter()
+                .map(|ci| {
+                    (ci * rpt..n.min((ci + 1) * rpt))
+                        .map(|i| row_term(i, None))
+                        .fold(0.0, |a, b| a + b)
+                })
+                .collect(),
+        };
+        store(out, cst(ordered_sum(parts) / n as f64))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn fine_loss_into(
         &self,
         shape: FineShape,
@@ -1482,16 +1362,72 @@ impl<F: Float> Backend for CpuBackend<F> {
         grads: Option<FineGrads<'_, Vec<F>>>,
         out: Mut<Vec<F>>,
     ) -> Result<()> {
-        let value =
-            self.fine_loss_value(shape, q, k, v, t_in, q_lens, k_lens, weights, coef, grads)?;
-        wr(out, 1)[0] = value;
-        Ok(())
+        let FineShape { batch, lq, lk, d } = shape;
+        if batch == 0 {
+            return store(out, F::zero());
+        }
+        if q_lens.len() < batch || k_lens.len() < batch {
+            return Err(Error::invalid(format!(
+                "fine_loss: {} query / {} key lengths for a batch of {batch}",
+                q_lens.len(),
+                k_lens.len()
+            )));
+        }
+        let mut lens = Vec::with_capacity(batch);
+        for b in 0..batch {
+            lens.push((
+                checked_len(q_lens, b, lq, "fine_loss q_lens")?,
+                checked_len(k_lens, b, lk, "fine_loss k_lens")?,
+            ));
+        }
+        let n_r = lens.iter().filter(|&&(_, lkb)| lkb > 0).count();
+        if n_r == 0 || d == 0 {
+            return store(out, F::zero());
+        }
+        let (sq, sk) = (lq * d, lk * d);
+        let q = rd(q, batch * sq);
+        let k = rd(k, batch * sk);
+        let v = rd(v, batch * sq);
+        let t = rd(t_in, batch * sk);
+        let w = rd(weights, batch);
+        let inv_r = F::one() / cst::<F>(n_r as f64);
+        let row = |b: usize, g: Option<(&mut [F], &mut [F], &mut [F])>| -> f64 {
+            let (lqb, lkb) = lens[b];
+            let rl = Self::fine_row(
+                d,
+                lqb,
+                lkb,
+                &q[b * sq..(b + 1) * sq],
+                &k[b * sk..(b + 1) * sk],
+                &v[b * sq..(b + 1) * sq],
+                &t[b * sk..(b + 1) * sk],
+                coef * w[b] * inv_r,
+                g,
+            );
+            wide(w[b]) * rl
+        };
+        let parts: Vec<f64> = match grads {
+            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => wr(dq, batch * sq)
+                .par_chunks_mut(sq)
+                .zip(wr(dk, batch * sk).par_chunks_mut(sk))
+                .zip(wr(dv, batch * sq).par_chunks_mut(sq))
+                .enumerate()
+                .map(|(b, ((gq, gk), gv))| row(b, Some((gq, gk, gv))))
+                .collect(),
+            _ => (0..batch).into_par_iter().map(|b| row(b, None)).collect(),
+        };
+        store(out, cst(ordered_sum(parts) / n_r as f64))
     }
 
+    // ---- optimizer ---------------------------------------------------------------------
+
     fn sum_squares_into(&self, len: usize, x: Ref<Vec<F>>, out: Mut<Vec<F>>) -> Result<()> {
-        let value = self.sum_squares_value(len, x)?;
-        wr(out, 1)[0] = value;
-        Ok(())
+        let x = rd(x, len);
+        let parts: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&v| wide(v) * wide(v)).fold(0.0, |a, b| a + b))
+            .collect();
+        store(out, cst(ordered_sum(parts)))
     }
 
     fn adamw(
@@ -1509,12 +1445,9 @@ impl<F: Float> Backend for CpuBackend<F> {
             "adamw: parameter, gradient, moment and mask buffers differ in length"
         );
         assert!(hp.step >= 1, "adamw: the step number is 1-based");
-        let step = i32::try_from(hp.step).unwrap_or(i32::MAX);
-        let bc1 = cst::<F>(1.0 - hp.beta1.powi(step));
-        let bc2 = cst::<F>(1.0 - hp.beta2.powi(step));
+        let [lr, bc1, bc2] = sched_values::<F>(hp);
         let (b1, b2) = (cst::<F>(hp.beta1), cst::<F>(hp.beta2));
-        let (lr, eps, wd, gs) = (
-            cst::<F>(hp.lr),
+        let (eps, wd, gs) = (
             cst::<F>(hp.eps),
             cst::<F>(hp.weight_decay),
             cst::<F>(hp.grad_scale),

@@ -7,7 +7,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -16,6 +15,7 @@ use crate::data::writer::write_atomic;
 use crate::train::bench::{
     param_counts, run as run_bench, Batching, BenchConfig, BenchMode, BenchRow, BenchStage,
 };
+use crate::train::progress_bar;
 use crate::{with_backend, Error, Result};
 
 /// Arguments of `mgkd-train bench` (defaults: SPEC §8).
@@ -142,21 +142,11 @@ fn measure<B: Backend>(be: &B, args: &BenchArgs, cfg: &BenchConfig) -> Result<Be
     for &stage in &args.stages {
         for &batching in &args.batching {
             for &mode in &modes {
-                let bar = if show {
-                    ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-                } else {
-                    ProgressBar::hidden()
-                };
-                if let Ok(style) = ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len}") {
-                    bar.set_style(style);
-                }
-                bar.set_prefix(format!("{stage:?} {batching:?} {mode:?}").to_lowercase());
-                let mut tick = |done: usize, total: usize| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                };
-                let graphs = mode == BenchMode::Graphs;
-                results.push(run_bench(be, cfg, stage, batching, graphs, &mut tick)?);
+                let steps = (cfg.warmup + cfg.steps) as u64;
+                let prefix = format!("{stage:?} {batching:?} {mode:?}").to_lowercase();
+                let bar = progress_bar(show, steps, prefix);
+                let mut tick = |done: usize, _total: usize| bar.set_position(done as u64);
+                results.push(run_bench(be, cfg, stage, batching, mode, &mut tick)?);
                 bar.finish_and_clear();
             }
         }
@@ -203,7 +193,7 @@ fn print_table(r: &BenchReport) {
             "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>7.0}%",
             format!("{:?}", x.stage).to_lowercase(),
             format!("{:?}", x.batching).to_lowercase(),
-            x.mode,
+            format!("{:?}", x.mode).to_lowercase(),
             x.samples_per_s,
             x.ms_per_step,
             x.ms_p10,

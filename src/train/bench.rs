@@ -27,12 +27,10 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::backend::{Float, Mut, Ref};
 use crate::data::{Batch, CatField, EventBatch, NumField, Schema};
-use crate::loss::{
-    class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
-};
+use crate::loss::{class_weights, LossConfig, StudentSlots};
 use crate::model::{DeviceBatch, Model, ModelConfig, Role};
 use crate::optim::{AdamWConfig, Optimizer};
-use crate::train::cost_key;
+use crate::train::{cost_key, queue_objective, Stage};
 use crate::{Error, Result};
 
 /// Vocabularies of the §8 event categorical fields.
@@ -136,10 +134,8 @@ pub struct BenchRow {
     pub stage: BenchStage,
     /// `padded` or `bucketed`.
     pub batching: Batching,
-    /// `eager` (each step's work queued as it runs) or `graphs` (each batch shape's step
-    /// recorded once as a CUDA graph and replayed); the twin writes `eager`, `compile`,
-    /// `graphs`.
-    pub mode: String,
+    /// How the steps were issued (the twin writes `eager`, `compile`, `graphs`).
+    pub mode: BenchMode,
     /// Element type of activations: `f32`.
     pub precision: String,
     /// Median wall time of one step, ms.
@@ -198,11 +194,16 @@ struct RowDraw {
     in_service: (usize, Vec<u32>, Vec<f32>),
 }
 
+/// An id uniform in `1..vocab` (id 0 is reserved; every §8 vocabulary is at least 16).
+fn draw_id(rng: &mut ChaCha8Rng, vocab: u32) -> u32 {
+    rng.gen_range(1..vocab)
+}
+
 fn draw_events(rng: &mut ChaCha8Rng, s: &Schema, len: usize) -> (usize, Vec<u32>, Vec<f32>) {
-    let cat = (0..len)
-        .flat_map(|_| s.event_cat.iter().map(|f| f.vocab).collect::<Vec<_>>())
-        .map(|v| rng.gen_range(1..v.max(2)).min(v - 1))
-        .collect();
+    let mut cat = Vec::with_capacity(len * s.e_cat());
+    for _ in 0..len {
+        cat.extend(s.event_cat.iter().map(|f| draw_id(rng, f.vocab)));
+    }
     let num = (0..len * s.e_num())
         .map(|_| rng.sample::<f32, _>(StandardNormal))
         .collect();
@@ -217,7 +218,7 @@ fn draw_row(rng: &mut ChaCha8Rng, s: &Schema) -> RowDraw {
     let profile_cat = s
         .profile_cat
         .iter()
-        .map(|f| rng.gen_range(1..f.vocab.max(2)).min(f.vocab - 1))
+        .map(|f| draw_id(rng, f.vocab))
         .collect();
     let pre_len = if rng.gen_bool(EMPTY_PRE_SHARE) {
         0
@@ -382,19 +383,11 @@ impl<B: Backend> StepState<B> {
     /// host half is [`Optimizer::advance_recorded`] before each replay).
     fn queue(&mut self, be: &B, db: &DeviceBatch<B>, recorded: bool) -> Result<()> {
         let out = Mut::whole(&mut self.terms);
-        let model = match self.student.as_mut() {
-            Some(st) => {
-                st.params.zero_grads(be);
-                let t = &self.teacher;
-                student_objective_queued(be, &self.loss, self.cw, t, st, db, true, out)?;
-                st
-            }
-            None => {
-                self.teacher.params.zero_grads(be);
-                teacher_objective_queued(be, self.cw, &mut self.teacher, db, true, out)?;
-                &mut self.teacher
-            }
+        let (stage, model) = match self.student.as_mut() {
+            Some(st) => (Stage::Student(&self.teacher), st),
+            None => (Stage::Teacher, &mut self.teacher),
         };
+        queue_objective(be, &stage, model, &self.loss, self.cw, db, out)?;
         let ss = Mut::whole(&mut self.sum_sq);
         if recorded {
             let sched = Ref::whole(&self.sched);
@@ -407,7 +400,7 @@ impl<B: Backend> StepState<B> {
 }
 
 /// Times `cfg.steps` steps of `stage` on `batching` batches after `cfg.warmup` untimed ones;
-/// with `graphs`, each batch shape's step is recorded once as a graph (before the warm-up)
+/// with [`BenchMode::Graphs`], each batch shape's step is recorded once as a graph (before the warm-up)
 /// and replayed on a staging batch that each step's batch is copied into (an error where the
 /// backend cannot record). `progress` is called after every step with (steps done, steps in
 /// all).
@@ -416,7 +409,7 @@ pub fn run<B: Backend>(
     cfg: &BenchConfig,
     stage: BenchStage,
     batching: Batching,
-    graphs: bool,
+    mode: BenchMode,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<BenchRow> {
     if cfg.batch == 0 || cfg.steps == 0 || cfg.pool == 0 {
@@ -424,6 +417,7 @@ pub fn run<B: Backend>(
             "bench: batch, steps and pool must be at least 1",
         ));
     }
+    let graphs = mode == BenchMode::Graphs;
     let s = reference_schema(cfg.in_len, cfg.pre_len);
     let host = draw_batches(cfg, stage, batching)?;
     let batches = host
@@ -542,7 +536,7 @@ pub fn run<B: Backend>(
     Ok(BenchRow {
         stage,
         batching,
-        mode: if graphs { "graphs" } else { "eager" }.into(),
+        mode,
         precision: "f32".into(),
         ms_per_step: 1e3 * median,
         ms_p10: 1e3 * quantile(&sorted, 0.1),
@@ -652,7 +646,8 @@ mod tests {
         for stage in [BenchStage::Student, BenchStage::Teacher] {
             for batching in [Batching::Padded, Batching::Bucketed] {
                 let mut calls = 0;
-                let r = run(&be, &cfg, stage, batching, false, &mut |_, _| calls += 1).unwrap();
+                let mode = BenchMode::Eager;
+                let r = run(&be, &cfg, stage, batching, mode, &mut |_, _| calls += 1).unwrap();
                 assert_eq!(calls, 3);
                 assert!(r.ms_per_step > 0.0 && r.samples_per_s > 0.0 && r.tflops > 0.0);
                 assert!(r.loss.is_finite());

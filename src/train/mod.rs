@@ -14,6 +14,7 @@ pub use batching::{cost_key, epoch_batches, kept_lengths, BUCKET_WINDOW_BATCHES}
 pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};
 pub use schedule::{lr_at, warmup_steps};
 pub use trainer::{
-    labels_of, score_rows, sigmoid, train, BestEpoch, EpochLog, RunOptions, Stage, TermMeans,
-    TrainConfig, TrainReport, KEY_BEST, SCORE_BATCH, TEST, TRAIN, VALID,
+    labels_of, progress_bar, queue_objective, score_rows, sigmoid, train, BestEpoch, EpochLog,
+    RunOptions, Stage, TermMeans, TrainConfig, TrainReport, KEY_BEST, SCORE_BATCH, TEST, TRAIN,
+    VALID,
 };

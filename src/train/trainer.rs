@@ -311,7 +311,8 @@ fn validate<B: Backend>(
     ))
 }
 
-fn progress_bar(show: bool, len: u64, prefix: String) -> ProgressBar {
+/// A progress bar of `len` steps on stderr labelled `prefix`, hidden unless `show`.
+pub fn progress_bar(show: bool, len: u64, prefix: String) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
@@ -349,6 +350,27 @@ impl TermSums {
             coarse: m(2),
             fine: m(3),
             self_distill: m(4),
+        }
+    }
+}
+
+/// The objective part of one training step, queued without waiting: zeroes `model`'s
+/// gradients, then runs `stage`'s objective forward and backward on `batch`, its terms stored
+/// from `out` on (one slot for the teacher, the [`StudentSlots`] layout for a student).
+pub fn queue_objective<B: Backend>(
+    be: &B,
+    stage: &Stage<'_, B>,
+    model: &mut Model<B>,
+    loss: &LossConfig,
+    class_w: [f64; 2],
+    batch: &DeviceBatch<B>,
+    out: Mut<B::Buf>,
+) -> Result<()> {
+    model.params.zero_grads(be);
+    match stage {
+        Stage::Teacher => teacher_objective_queued(be, class_w, model, batch, true, out),
+        Stage::Student(teacher) => {
+            student_objective_queued(be, loss, class_w, teacher, model, batch, true, out)
         }
     }
 }
@@ -478,14 +500,8 @@ pub fn train<B: Backend>(
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
             slots += u64::from(max_in) * ids.len() as u64;
             filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
-            model.params.zero_grads(be);
             let row = Mut::at(&mut pending, pending_rows.len() * width);
-            match stage {
-                Stage::Teacher => teacher_objective_queued(be, cw, model, &dev, true, row)?,
-                Stage::Student(teacher) => {
-                    student_objective_queued(be, loss, cw, teacher, model, &dev, true, row)?
-                }
-            }
+            queue_objective(be, stage, model, loss, cw, &dev, row)?;
             pending_rows.push(ids.len());
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
             opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut sum_sq))?;

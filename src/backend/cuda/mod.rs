@@ -493,11 +493,50 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Queues a copy of `bytes` bytes from device address `src` to `dst` (both checked
+    /// against their buffers by the caller, in distinct buffers).
+    fn dtod(&self, dst: u64, src: u64, bytes: usize, what: &str) {
+        // Raw driver call: make the context current on this thread first.
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the caller checked both ranges; distinct buffers (one is borrowed mutably).
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        };
+        self.note(r, what);
+    }
+
+    /// The length and device addresses of AdamW's buffers (parameters, gradients, both
+    /// moments, decay mask), which must be of one length; the step must be 1-based.
+    fn adamw_buffers(
+        &self,
+        hp: &AdamW,
+        params: &CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        decay_mask: &CudaSlice<f32>,
+    ) -> (usize, [u64; 5]) {
+        let len = params.len();
+        assert!(
+            grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
+            "adamw: parameter, gradient, moment and mask buffers differ in length"
+        );
+        assert!(hp.step >= 1, "adamw: the step number is 1-based");
+        let bufs = [params, grads, m, v, decay_mask].map(|b| self.base(b));
+        (len, bufs)
+    }
+
+    /// The driver's handle of this backend's device.
+    fn cu_device(&self) -> Option<drv_sys::CUdevice> {
+        let index = i32::try_from(self.info.index).ok()?;
+        cudarc::driver::result::device::get(index).ok()
+    }
+
     /// The device's default memory pool (where the stream-ordered allocations of every buffer
     /// come from), or `None` when the driver cannot give it.
     fn mem_pool(&self) -> Option<drv_sys::CUmemoryPool> {
         self.note(self.ctx.bind_to_thread(), "bind context");
-        let dev = cudarc::driver::result::device::get(i32::try_from(self.info.index).ok()?).ok()?;
+        let dev = self.cu_device()?;
         let mut pool = std::ptr::null_mut();
         // SAFETY: `dev` is a valid device handle; the driver writes one pool handle.
         let r = unsafe { drv_sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result() };
@@ -506,7 +545,7 @@ impl CudaBackend {
 
     /// The device's graph-memory high-water mark (`read`), or resets it (`!read`).
     fn graph_mem_attribute(&self, read: bool) -> Option<u64> {
-        let dev = cudarc::driver::result::device::get(i32::try_from(self.info.index).ok()?).ok()?;
+        let dev = self.cu_device()?;
         let attr = drv_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
         let mut v = 0u64;
         let p = (&mut v as *mut u64).cast();
@@ -543,12 +582,6 @@ impl CudaBackend {
 
 /// Bytes of one f64 (the loss-term scratch is f64; slot 0 is kept free).
 const F64_BYTES: u64 = std::mem::size_of::<f64>() as u64;
-
-/// AdamW's bias corrections `1 − β1^t`, `1 − β2^t` for step `t = hp.step`, as f32.
-fn bias_corrections(hp: &AdamW) -> (f32, f32) {
-    let [_, bc1, bc2] = sched_values::<f32>(hp);
-    (bc1, bc2)
-}
 
 /// cuBLAS operation for a transpose flag.
 fn op(t: bool) -> blas_sys::cublasOperation_t {
@@ -669,14 +702,7 @@ impl Backend for CudaBackend {
         }
         let s = self.ip(src, len, "copy_ids src");
         let d = self.ip(dst, len, "copy_ids dst");
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        let bytes = std::mem::size_of::<u32>() * len;
-        // SAFETY: both ranges were checked against their buffers, which are distinct (one is
-        // borrowed mutably).
-        let r = unsafe {
-            cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream())
-        };
-        self.note(r, "copy_ids");
+        self.dtod(d, s, std::mem::size_of::<u32>() * len, "copy_ids");
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -719,14 +745,7 @@ impl Backend for CudaBackend {
         }
         let s = self.rp(src, len, "copy src");
         let d = self.mp(dst, len, "copy dst");
-        // Raw driver call: make the context current on this thread first.
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: both ranges were checked against their buffers; distinct buffers (a `Ref`
-        // and a `Mut` cannot borrow the same one).
-        let r = unsafe {
-            cudarc::driver::result::memcpy_dtod_async(d, s, 4 * len, self.stream.cu_stream())
-        };
-        self.note(r, "copy");
+        self.dtod(d, s, std::mem::size_of::<f32>() * len, "copy");
     }
 
     fn copy_2d(
@@ -1527,29 +1546,17 @@ impl Backend for CudaBackend {
         v: &mut CudaSlice<f32>,
         decay_mask: &CudaSlice<f32>,
     ) -> Result<()> {
-        let len = params.len();
-        assert!(
-            grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
-            "adamw: parameter, gradient, moment and mask buffers differ in length"
-        );
-        assert!(hp.step >= 1, "adamw: the step number is 1-based");
+        let (len, [pp, gp, mp, vp, dp]) = self.adamw_buffers(hp, params, grads, m, v, decay_mask);
         let sp = self.rp(sum_sq, 1, "adamw_clipped sum_sq");
         let schp = sched.map_or(0, |r| self.rp(r, 3, "adamw_clipped sched"));
         if len == 0 {
             return Ok(());
         }
-        let (bc1, bc2) = bias_corrections(hp);
+        let [lr, bc1, bc2] = sched_values::<f32>(hp);
         let err = self.base(&self.lock_state().err_flag);
-        let (pp, gp, mp, vp, dp) = (
-            self.base(params),
-            self.base(grads),
-            self.base(m),
-            self.base(v),
-            self.base(decay_mask),
-        );
         launch!(self, "adamw_clipped_f32", grid1(len);
             long(len), pp, gp, mp, vp, dp, sp, schp, clip, hp.beta1 as f32, hp.beta2 as f32,
-            bc1, bc2, hp.lr as f32, hp.eps as f32, hp.weight_decay as f32, err);
+            bc1, bc2, lr, hp.eps as f32, hp.weight_decay as f32, err);
         Ok(())
     }
 
@@ -1562,25 +1569,13 @@ impl Backend for CudaBackend {
         v: &mut CudaSlice<f32>,
         decay_mask: &CudaSlice<f32>,
     ) {
-        let len = params.len();
-        assert!(
-            grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
-            "adamw: parameter, gradient, moment and mask buffers differ in length"
-        );
-        assert!(hp.step >= 1, "adamw: the step number is 1-based");
+        let (len, [pp, gp, mp, vp, dp]) = self.adamw_buffers(hp, params, grads, m, v, decay_mask);
         if len == 0 {
             return;
         }
-        let (bc1, bc2) = bias_corrections(hp);
-        let (pp, gp, mp, vp, dp) = (
-            self.base(params),
-            self.base(grads),
-            self.base(m),
-            self.base(v),
-            self.base(decay_mask),
-        );
+        let [lr, bc1, bc2] = sched_values::<f32>(hp);
         launch!(self, "adamw_f32", grid1(len);
             long(len), pp, gp, mp, vp, dp, hp.grad_scale as f32, hp.beta1 as f32, hp.beta2 as f32,
-            bc1, bc2, hp.lr as f32, hp.eps as f32, hp.weight_decay as f32);
+            bc1, bc2, lr, hp.eps as f32, hp.weight_decay as f32);
     }
 }
