@@ -237,7 +237,7 @@ fn bad_batches_are_refused_with_the_place() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("in-service") && err.contains("row 0, field 1 has id 3"),
+        err.contains("in-service") && err.contains("row 0, event 0, field 1 has id 3"),
         "{err}"
     );
     let mut b = batch5(5);
@@ -252,7 +252,14 @@ fn bad_batches_are_refused_with_the_place() {
     );
     let mut b = batch5(5);
     b.profile_num[4] = f32::NAN;
-    assert!(mgkd::model::DeviceBatch::upload(&be, &b, &s).is_err());
+    let err = mgkd::model::DeviceBatch::upload(&be, &b, &s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("profile numbers") && err.contains("element 4 is NaN"),
+        "{err}"
+    );
 }
 
 #[test]

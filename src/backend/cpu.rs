@@ -20,8 +20,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::{
-    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
-    ValidTokens,
+    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm,
+    HostStaging, Mut, Ref, ValidTokens,
 };
 use crate::{Error, Result};
 
@@ -355,11 +355,36 @@ fn store<F: Float>(out: Mut<Vec<F>>, value: F) -> Result<()> {
     Ok(())
 }
 
+/// The CPU's batch staging: two plain vectors (an "upload" is a copy out of them).
+pub struct CpuStaging<F> {
+    floats: Vec<F>,
+    ids: Vec<u32>,
+}
+
+impl<F: Float> HostStaging<F> for CpuStaging<F> {
+    fn regions(&mut self) -> Result<(&mut [F], &mut [u32])> {
+        Ok((&mut self.floats, &mut self.ids))
+    }
+}
+
+/// `v[off..off + len]`, or an error naming `what` when the range does not lie in `v`.
+fn staged_range<'a, T>(v: &'a [T], off: usize, len: usize, what: &str) -> Result<&'a [T]> {
+    off.checked_add(len)
+        .and_then(|end| v.get(off..end))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "staged upload of {what} [{off}, +{len}) beyond the staging's {} elements",
+                v.len()
+            ))
+        })
+}
+
 impl<F: Float> Backend for CpuBackend<F> {
     type F = F;
     type Buf = Vec<F>;
     type Ids = Vec<u32>;
     type Graph = std::convert::Infallible;
+    type Staging = CpuStaging<F>;
 
     fn name(&self) -> String {
         format!("cpu-{}", std::any::type_name::<F>())
@@ -381,6 +406,26 @@ impl<F: Float> Backend for CpuBackend<F> {
 
     fn download(&self, buf: &Vec<F>) -> Result<Vec<F>> {
         Ok(buf.clone())
+    }
+
+    fn alloc_staging(&self, floats: usize, ids: usize) -> Result<CpuStaging<F>> {
+        Ok(CpuStaging {
+            floats: vec![F::zero(); floats],
+            ids: vec![0; ids],
+        })
+    }
+
+    fn upload_staged(&self, staging: &CpuStaging<F>, off: usize, len: usize) -> Result<Vec<F>> {
+        Ok(staged_range(&staging.floats, off, len, "floats")?.to_vec())
+    }
+
+    fn upload_staged_ids(
+        &self,
+        staging: &CpuStaging<F>,
+        off: usize,
+        len: usize,
+    ) -> Result<Vec<u32>> {
+        Ok(staged_range(&staging.ids, off, len, "ids")?.to_vec())
     }
 
     fn len(&self, buf: &Vec<F>) -> usize {

@@ -218,6 +218,15 @@ pub struct FineShape {
     pub d: usize,
 }
 
+/// Host memory a batch is assembled in on the way to the device ([`Backend::Staging`]). It
+/// can move to another thread, so that the next batch is laid out while the device runs the
+/// current one.
+pub trait HostStaging<F>: Send {
+    /// The float and id regions, for writing. Waits until every upload queued from them
+    /// ([`Backend::upload_staged`]) has read them.
+    fn regions(&mut self) -> Result<(&mut [F], &mut [u32])>;
+}
+
 /// The backend: buffers and every primitive of the engine. See the module documentation for
 /// the conventions (row-major, windows, parameter gradients accumulate).
 pub trait Backend: Send + Sync {
@@ -229,6 +238,10 @@ pub trait Backend: Send + Sync {
     type Ids: Send + Sync;
     /// Recorded work that can be replayed ([`Backend::capture`]).
     type Graph;
+    /// Host memory a batch is laid out in before it is uploaded: page-locked on CUDA, so
+    /// that the upload is an asynchronous DMA that neither waits for the device nor makes it
+    /// wait; plain vectors on the CPU.
+    type Staging: HostStaging<Self::F>;
 
     /// A short human-readable name ("cpu-f64", "cuda:0 NVIDIA H100 …").
     fn name(&self) -> String;
@@ -243,6 +256,21 @@ pub trait Backend: Send + Sync {
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
     /// The buffer's contents on the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<Self::F>>;
+    /// Host staging memory for `floats` floats and `ids` ids (allocated once and reused: it
+    /// is slow to allocate on CUDA).
+    fn alloc_staging(&self, floats: usize, ids: usize) -> Result<Self::Staging>;
+    /// A new buffer holding `staging`'s floats `[off, off + len)`; queued after the work
+    /// before it. The staging region must not be rewritten until the copy is made, which
+    /// [`HostStaging::regions`] waits for.
+    fn upload_staged(&self, staging: &Self::Staging, off: usize, len: usize) -> Result<Self::Buf>;
+    /// A new id buffer holding `staging`'s ids `[off, off + len)`, as
+    /// [`Backend::upload_staged`].
+    fn upload_staged_ids(
+        &self,
+        staging: &Self::Staging,
+        off: usize,
+        len: usize,
+    ) -> Result<Self::Ids>;
     /// Number of elements of `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Waits until every queued operation has finished and reports an error a device kept

@@ -1,10 +1,11 @@
-//! A [`Batch`] uploaded to a backend, checked against the model's schema first so that no
-//! id or length read from a file can index out of bounds on the device.
+//! A [`Batch`] on its way to a backend: checked against the model's schema (so that no id
+//! or length read from a file can index out of bounds on the device) while it is laid out in
+//! the backend's host staging memory ([`StagedBatch`]), then uploaded ([`DeviceBatch`]).
+//! The first half can run on a background thread ([`crate::train::pipeline`]).
 
-use crate::backend::{Backend, Float, Mut, Ref};
+use crate::backend::{Backend, Float, HostStaging, Mut, Ref};
 use crate::data::{Batch, EventBatch, Schema};
 use crate::{Error, Result};
-
 /// One padded sequence kind on the device. The padded length is at least 1 (an all-empty
 /// batch gets one padding slot) so that no buffer is zero-sized.
 pub struct DeviceSeq<B: Backend> {
@@ -43,29 +44,112 @@ pub struct DeviceBatch<B: Backend> {
     pub schema: Schema,
 }
 
-fn check_ids(what: &str, ids: &[u32], vocabs: &[u32]) -> Result<()> {
-    let k = vocabs.len();
-    for (i, &id) in ids.iter().enumerate() {
-        let v = vocabs[i % k];
-        if id >= v {
+/// Where one sequence kind of a staged batch lies in its staging (element offsets).
+#[derive(Debug, Clone)]
+struct StagedSeq {
+    /// Padded length `max(max_len, 1)`.
+    len: usize,
+    /// Per-row lengths (host copy, also staged at `lens`).
+    lens_host: Vec<u32>,
+    lens: usize,
+    lens_or_one: usize,
+    cat: usize,
+    num: usize,
+}
+
+/// A batch checked and laid out in a backend's [`HostStaging`]: floats
+/// `[profile_num | pre num | in-service num | labels]` and ids
+/// `[profile_cat | pre lens, lens_or_one, cat | in-service lens, lens_or_one, cat]`.
+#[derive(Debug, Clone)]
+pub struct StagedBatch {
+    rows: usize,
+    profile_num: usize,
+    profile_cat: usize,
+    pre: StagedSeq,
+    in_service: StagedSeq,
+    labels: Option<usize>,
+    labels_host: Option<Vec<u8>>,
+    schema: Schema,
+}
+
+/// Floats and ids that a batch of `rows` rows, padded to lengths `pre` and `in_service`,
+/// takes in a staging.
+fn staged_size(schema: &Schema, rows: usize, pre: usize, in_service: usize) -> (usize, usize) {
+    let (ec, ed) = (schema.e_cat(), schema.e_num());
+    let floats = rows * (schema.f_num() + (pre + in_service) * ed + 1);
+    let ids = rows * (schema.f_cat() + 4 + (pre + in_service) * ec);
+    (floats, ids)
+}
+
+/// A cursor handing out consecutive regions of a staging slice.
+struct Cursor<'a, T> {
+    buf: &'a mut [T],
+    at: usize,
+}
+
+impl<'a, T> Cursor<'a, T> {
+    /// The next `len` elements and their offset; an error when the staging is too small.
+    fn take(&mut self, len: usize) -> Result<(usize, &mut [T])> {
+        let off = self.at;
+        let end = off + len;
+        if end > self.buf.len() {
             return Err(Error::invalid(format!(
-                "batch {what}: row {}, field {} has id {id}, vocabulary is {v}",
-                i / k,
-                i % k
+                "a batch needs {end} staging elements, the staging holds {}",
+                self.buf.len()
             )));
+        }
+        self.at = end;
+        Ok((off, &mut self.buf[off..end]))
+    }
+}
+
+/// Copies ids `src` into `dst`, checking each against its field's vocabulary; `src` is laid
+/// out `[items, fields]` and `place(i)` names item `i` in an error.
+fn stage_ids(
+    what: &str,
+    src: &[u32],
+    vocabs: &[u32],
+    dst: &mut [u32],
+    place: impl Fn(usize) -> String,
+) -> Result<()> {
+    let k = vocabs.len();
+    for (i, (d, s)) in dst.chunks_mut(k).zip(src.chunks(k)).enumerate() {
+        for (f, ((d, &id), &v)) in d.iter_mut().zip(s).zip(vocabs).enumerate() {
+            if id >= v {
+                return Err(Error::invalid(format!(
+                    "batch {what}: {}, field {f} has id {id}, vocabulary is {v}",
+                    place(i)
+                )));
+            }
+            *d = id;
         }
     }
     Ok(())
 }
 
-fn upload_seq<B: Backend>(
-    be: &B,
+/// Converts `src` into `dst` in the backend's element type, refusing a non-finite number.
+fn stage_floats<F: Float>(what: &str, src: &[f32], dst: &mut [F]) -> Result<()> {
+    for (i, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+        if !x.is_finite() {
+            return Err(Error::invalid(format!(
+                "batch {what}: element {i} is {x}, not a finite number"
+            )));
+        }
+        *d = <F as Float>::from_f64(f64::from(x));
+    }
+    Ok(())
+}
+
+/// Checks one sequence kind of a batch and stages it.
+fn stage_seq<F: Float>(
     what: &str,
     rows: usize,
     e: &EventBatch,
     schema: &Schema,
     limit: usize,
-) -> Result<DeviceSeq<B>> {
+    floats: &mut Cursor<'_, F>,
+    ids: &mut Cursor<'_, u32>,
+) -> Result<StagedSeq> {
     let (ec, ed) = (schema.e_cat(), schema.e_num());
     let bad = |m: String| Err(Error::invalid(format!("batch {what}: {m}")));
     if e.lens.len() != rows {
@@ -86,35 +170,52 @@ fn upload_seq<B: Backend>(
     if e.cat.len() != rows * e.max_len * ec || e.num.len() != rows * e.max_len * ed {
         return bad("event buffers do not match rows × max_len × fields".into());
     }
-    let vocabs: Vec<u32> = schema.event_cat.iter().map(|f| f.vocab).collect();
-    if ec > 0 {
-        check_ids(&format!("{what} events"), &e.cat, &vocabs)?;
-    }
     let len = e.max_len.max(1);
-    let (mut cat, mut num) = (e.cat.clone(), e.num.clone());
-    if e.max_len == 0 {
-        cat = vec![0; rows * ec];
-        num = vec![0.0; rows * ed];
+    let (lens, d) = ids.take(rows)?;
+    d.copy_from_slice(&e.lens);
+    let (lens_or_one, d) = ids.take(rows)?;
+    for (d, &l) in d.iter_mut().zip(&e.lens) {
+        *d = l.max(1);
     }
-    let num: Vec<B::F> = num
-        .iter()
-        .map(|&x| <B::F as Float>::from_f64(x as f64))
-        .collect();
-    let or_one: Vec<u32> = e.lens.iter().map(|&l| l.max(1)).collect();
-    Ok(DeviceSeq {
+    let (cat, d) = ids.take(rows * len * ec)?;
+    if e.max_len == 0 {
+        d.fill(0);
+    } else {
+        let vocabs: Vec<u32> = schema.event_cat.iter().map(|f| f.vocab).collect();
+        let place = |i: usize| format!("row {}, event {}", i / len, i % len);
+        stage_ids(&format!("{what} events"), &e.cat, &vocabs, d, place)?;
+    }
+    let (num, d) = floats.take(rows * len * ed)?;
+    if e.max_len == 0 {
+        d.fill(F::zero());
+    } else {
+        stage_floats(&format!("{what} event numbers"), &e.num, d)?;
+    }
+    Ok(StagedSeq {
         len,
-        lens: be.upload_ids(&e.lens)?,
         lens_host: e.lens.clone(),
-        lens_or_one: be.upload_ids(&or_one)?,
-        cat: be.upload_ids(&cat)?,
-        num: be.upload(&num)?,
+        lens,
+        lens_or_one,
+        cat,
+        num,
     })
 }
 
-impl<B: Backend> DeviceBatch<B> {
+impl StagedBatch {
+    /// Floats and ids a staging needs for any batch of at most `rows` rows of `schema`
+    /// (sequences at the schema's length limits).
+    pub fn capacity(schema: &Schema, rows: usize) -> (usize, usize) {
+        staged_size(schema, rows, schema.pre_len.max(1), schema.in_len.max(1))
+    }
+
     /// Checks `batch` against `schema` (buffer sizes, lengths within the schema's limits,
-    /// ids below their vocabularies, finite numbers, labels 0/1) and uploads it.
-    pub fn upload(be: &B, batch: &Batch, schema: &Schema) -> Result<Self> {
+    /// ids below their vocabularies, finite numbers, labels 0/1) and lays it out in
+    /// `staging` (waiting first for any upload still reading it).
+    pub fn stage<F: Float>(
+        batch: &Batch,
+        schema: &Schema,
+        staging: &mut impl HostStaging<F>,
+    ) -> Result<StagedBatch> {
         let rows = batch.rows;
         if rows == 0 {
             return Err(Error::invalid("batch has no rows"));
@@ -125,15 +226,6 @@ impl<B: Backend> DeviceBatch<B> {
             return Err(Error::invalid(
                 "batch profile buffers do not match rows × profile fields",
             ));
-        }
-        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-        if !finite(&batch.profile_num) || !finite(&batch.pre.num) || !finite(&batch.in_service.num)
-        {
-            return Err(Error::invalid("batch holds a non-finite number"));
-        }
-        let vocabs: Vec<u32> = schema.profile_cat.iter().map(|f| f.vocab).collect();
-        if !vocabs.is_empty() {
-            check_ids("profile", &batch.profile_cat, &vocabs)?;
         }
         if let Some(l) = &batch.labels {
             if l.len() != rows {
@@ -146,38 +238,115 @@ impl<B: Backend> DeviceBatch<B> {
                 return Err(Error::invalid(format!("batch: row {r} has label {}", l[r])));
             }
         }
-        let pnum: Vec<B::F> = batch
-            .profile_num
-            .iter()
-            .map(|&x| <B::F as Float>::from_f64(x as f64))
-            .collect();
+        let (floats, ids) = staging.regions()?;
+        let mut floats = Cursor { buf: floats, at: 0 };
+        let mut ids = Cursor { buf: ids, at: 0 };
+        let (profile_num, d) = floats.take(rows * schema.f_num())?;
+        stage_floats("profile numbers", &batch.profile_num, d)?;
+        let (profile_cat, d) = ids.take(rows * schema.f_cat())?;
+        let vocabs: Vec<u32> = schema.profile_cat.iter().map(|f| f.vocab).collect();
+        if !vocabs.is_empty() {
+            let place = |i: usize| format!("row {i}");
+            stage_ids("profile", &batch.profile_cat, &vocabs, d, place)?;
+        }
+        let pre = stage_seq(
+            "pre-service",
+            rows,
+            &batch.pre,
+            schema,
+            schema.pre_len,
+            &mut floats,
+            &mut ids,
+        )?;
+        let in_service = stage_seq(
+            "in-service",
+            rows,
+            &batch.in_service,
+            schema,
+            schema.in_len,
+            &mut floats,
+            &mut ids,
+        )?;
         let labels = match &batch.labels {
             Some(l) => {
-                let f: Vec<B::F> = l
-                    .iter()
-                    .map(|&y| <B::F as Float>::from_f64(y as f64))
-                    .collect();
-                Some(be.upload(&f)?)
+                let (off, d) = floats.take(rows)?;
+                for (d, &y) in d.iter_mut().zip(l) {
+                    *d = <F as Float>::from_f64(f64::from(y));
+                }
+                Some(off)
             }
             None => None,
         };
-        Ok(DeviceBatch {
+        Ok(StagedBatch {
             rows,
-            profile_num: be.upload(&pnum)?,
-            profile_cat: be.upload_ids(&batch.profile_cat)?,
-            pre: upload_seq(be, "pre-service", rows, &batch.pre, schema, schema.pre_len)?,
-            in_service: upload_seq(
-                be,
-                "in-service",
-                rows,
-                &batch.in_service,
-                schema,
-                schema.in_len,
-            )?,
+            profile_num,
+            profile_cat,
+            pre,
+            in_service,
             labels,
             labels_host: batch.labels.clone(),
             schema: schema.clone(),
         })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+fn upload_seq<B: Backend>(
+    be: &B,
+    staging: &B::Staging,
+    s: &StagedSeq,
+    rows: usize,
+    schema: &Schema,
+) -> Result<DeviceSeq<B>> {
+    let slots = rows * s.len;
+    Ok(DeviceSeq {
+        len: s.len,
+        lens: be.upload_staged_ids(staging, s.lens, rows)?,
+        lens_host: s.lens_host.clone(),
+        lens_or_one: be.upload_staged_ids(staging, s.lens_or_one, rows)?,
+        cat: be.upload_staged_ids(staging, s.cat, slots * schema.e_cat())?,
+        num: be.upload_staged(staging, s.num, slots * schema.e_num())?,
+    })
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    /// Queues the upload of `staged`, laid out in `staging` by [`StagedBatch::stage`]. The
+    /// copies are asynchronous where the backend can make them so: `staging` may be handed
+    /// back to the thread that fills it at once ([`HostStaging::regions`] waits for them).
+    pub fn from_staged(be: &B, staging: &B::Staging, staged: &StagedBatch) -> Result<Self> {
+        let (rows, s) = (staged.rows, &staged.schema);
+        Ok(DeviceBatch {
+            rows,
+            profile_num: be.upload_staged(staging, staged.profile_num, rows * s.f_num())?,
+            profile_cat: be.upload_staged_ids(staging, staged.profile_cat, rows * s.f_cat())?,
+            pre: upload_seq(be, staging, &staged.pre, rows, s)?,
+            in_service: upload_seq(be, staging, &staged.in_service, rows, s)?,
+            labels: match staged.labels {
+                Some(off) => Some(be.upload_staged(staging, off, rows)?),
+                None => None,
+            },
+            labels_host: staged.labels_host.clone(),
+            schema: s.clone(),
+        })
+    }
+
+    /// Checks `batch` against `schema` (as [`StagedBatch::stage`]) and uploads it through a
+    /// staging allocated for it alone. For a stream of batches, reuse stagings instead
+    /// ([`crate::train::pipeline`]): allocating one is slow on CUDA.
+    pub fn upload(be: &B, batch: &Batch, schema: &Schema) -> Result<Self> {
+        let (floats, ids) = staged_size(
+            schema,
+            batch.rows,
+            batch.pre.max_len.max(1),
+            batch.in_service.max_len.max(1),
+        );
+        let mut staging = be.alloc_staging(floats, ids)?;
+        let staged = StagedBatch::stage(batch, schema, &mut staging)?;
+        Self::from_staged(be, &staging, &staged)
     }
 
     /// Copies `src` (a batch of the same rows and padded lengths) into this batch's buffers,

@@ -17,6 +17,6 @@ pub mod net;
 pub mod params;
 
 pub use config::{ModelConfig, Role};
-pub use device_batch::{DeviceBatch, DeviceSeq};
+pub use device_batch::{DeviceBatch, DeviceSeq, StagedBatch};
 pub use net::{Forward, Model, OutputGrads};
 pub use params::{ParamEntry, ParamStore, ParamTable};

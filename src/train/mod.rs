@@ -6,6 +6,7 @@
 pub mod ablation;
 pub mod batching;
 pub mod bench;
+pub mod pipeline;
 pub mod record;
 pub mod schedule;
 pub mod trainer;

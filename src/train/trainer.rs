@@ -12,8 +12,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Mut;
 use crate::backend::{Backend, Float};
+use crate::backend::{Mut, Ref};
 use crate::data::Dataset;
 use crate::loss::{
     class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
@@ -23,6 +23,7 @@ use crate::metrics;
 use crate::model::{checkpoint, DeviceBatch, Model, Role};
 use crate::optim::{AdamWConfig, Optimizer};
 use crate::train::batching::{cost_key, epoch_batches, kept_lengths};
+use crate::train::pipeline::Pipeline;
 use crate::train::schedule::lr_at;
 use crate::{Error, Result};
 
@@ -190,10 +191,15 @@ pub struct EpochLog {
     pub samples_per_s: f64,
     /// Seconds spent training this epoch.
     pub train_seconds: f64,
-    /// Of `train_seconds`, the seconds the steps waited for their data: gathering each batch
-    /// from the shards and uploading it (on the calling thread, between steps).
+    /// Of `train_seconds`, the seconds the steps waited for their data (the batches are
+    /// gathered on a background thread: see [`crate::train::pipeline`]); ≈ 0 when the
+    /// gathering keeps up.
     #[serde(default)]
     pub data_seconds: f64,
+    /// Seconds the background thread spent gathering and staging this epoch's batches
+    /// (overlapped with the steps).
+    #[serde(default)]
+    pub gather_seconds: f64,
     /// Seconds spent on validation.
     pub valid_seconds: f64,
     /// Share of padded slots among the sequence slots the batches carried (the sequence the
@@ -263,17 +269,25 @@ pub fn score_rows<B: Backend>(
         Role::Teacher => lens[i].1,
         Role::Student => lens[i].0,
     });
+    let batches: Vec<Vec<u64>> = idx
+        .chunks(SCORE_BATCH)
+        .map(|chunk| chunk.iter().map(|&i| rows[i]).collect())
+        .collect();
+    // Logits in the sorted order stay on the device until the end: no wait per batch.
+    let mut sorted = be.zeros(rows.len())?;
+    let mut pipeline = Pipeline::new(be, ds.schema(), SCORE_BATCH.min(rows.len()).max(1))?;
+    pipeline.run(be, ds, &batches, |k, batch| {
+        let fwd = model.forward(be, &batch)?;
+        be.copy(
+            batch.rows,
+            Ref::whole(&fwd.logits),
+            Mut::at(&mut sorted, k * SCORE_BATCH),
+        );
+        Ok(())
+    })?;
     let mut out = vec![0.0f64; rows.len()];
-    let schema = ds.schema();
-    for chunk in idx.chunks(SCORE_BATCH) {
-        let ids: Vec<u64> = chunk.iter().map(|&i| rows[i]).collect();
-        let batch = ds.gather(&ids)?;
-        let dev = DeviceBatch::upload(be, &batch, schema)?;
-        let fwd = model.forward(be, &dev)?;
-        let z = be.download(&fwd.logits)?;
-        for (&i, zi) in chunk.iter().zip(z) {
-            out[i] = Float::to_f64(zi);
-        }
+    for (&i, z) in idx.iter().zip(be.download(&sorted)?) {
+        out[i] = Float::to_f64(z);
     }
     if let Some(i) = out.iter().position(|z| !z.is_finite()) {
         return Err(Error::invalid(format!(
@@ -465,6 +479,7 @@ pub fn train<B: Backend>(
     let width = student_slots.as_ref().map_or(1, StudentSlots::len);
     let mut pending = be.zeros(LOG_INTERVAL * width)?;
     let mut sum_sq = be.zeros(1)?;
+    let mut pipeline = Pipeline::new(be, ds.schema(), cfg.batch)?;
     let mut history: Vec<EpochLog> = Vec::new();
     let mut best: Option<(BestEpoch, Vec<B::F>)> = None;
     let mut since_best = 0usize;
@@ -491,12 +506,9 @@ pub fn train<B: Backend>(
         // Each step's loss terms stay on the device (one row of `pending` per step) and are
         // read once per LOG_INTERVAL steps, so a step never waits for the device.
         let mut pending_rows: Vec<usize> = Vec::with_capacity(LOG_INTERVAL);
-        let mut data_seconds = 0.0;
-        for (bi, ids) in batches.iter().enumerate() {
-            let d0 = Instant::now();
-            let batch = ds.gather(ids)?;
-            let dev = DeviceBatch::upload(be, &batch, ds.schema())?;
-            data_seconds += d0.elapsed().as_secs_f64();
+        let n_batches = batches.len();
+        let fed = pipeline.run(be, ds, &batches, |bi, dev| {
+            let ids = &batches[bi];
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
             slots += u64::from(max_in) * ids.len() as u64;
             filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
@@ -506,7 +518,7 @@ pub fn train<B: Backend>(
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
             opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut sum_sq))?;
             bar.inc(1);
-            if pending_rows.len() == LOG_INTERVAL || bi + 1 == batches.len() {
+            if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches {
                 let v: Vec<f64> = be.download(&pending)?.iter().map(|x| x.to_f64()).collect();
                 for (k, &rows) in pending_rows.iter().enumerate() {
                     let step_terms = &v[k * width..(k + 1) * width];
@@ -538,7 +550,8 @@ pub fn train<B: Backend>(
                     rows_done as f64 / secs
                 ));
             }
-        }
+            Ok(())
+        })?;
         bar.finish_and_clear();
         let train_seconds = t0.elapsed().as_secs_f64();
         train_secs_all += train_seconds;
@@ -559,7 +572,8 @@ pub fn train<B: Backend>(
             valid_log_loss: ll,
             samples_per_s: rows_done as f64 / train_seconds.max(1e-9),
             train_seconds,
-            data_seconds,
+            data_seconds: fed.wait_seconds,
+            gather_seconds: fed.gather_seconds,
             valid_seconds,
             padding: if slots == 0 {
                 0.0

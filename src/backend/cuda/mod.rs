@@ -27,6 +27,7 @@
 pub mod embedding;
 pub mod lt;
 pub mod nvrtc;
+pub mod staging;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -578,6 +579,48 @@ impl CudaBackend {
     fn dev_err(&self, e: impl std::fmt::Display) -> Error {
         Error::device(format!("cuda:{}: {e}", self.info.index))
     }
+
+    /// A new buffer holding `staged[off..off + len]` (page-locked memory of `from`), copied
+    /// by a DMA queued on the stream; `from`'s event is recorded after it.
+    fn upload_pinned<T: cudarc::driver::DeviceRepr>(
+        &self,
+        from: &staging::CudaStaging,
+        staged: &[T],
+        off: usize,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        let host = off
+            .checked_add(len)
+            .and_then(|end| staged.get(off..end))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "staged upload [{off}, +{len}) beyond the staging's {} elements",
+                    staged.len()
+                ))
+            })?;
+        if host.is_empty() {
+            return self.stream.null().map_err(|e| self.dev_err(e));
+        }
+        // SAFETY: the buffer is written in full by the copy below before any kernel reads it
+        // (both are queued on the one stream).
+        let buf = unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.dev_err(e))?;
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: `host` is page-locked and is not rewritten before the event recorded
+        // below has completed (`HostStaging::regions` waits for it); `buf` holds `len`
+        // elements.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.base(&buf),
+                host,
+                self.stream.cu_stream(),
+            )
+        };
+        r.map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
+        from.copied()
+            .record(&self.stream)
+            .map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
+        Ok(buf)
+    }
 }
 
 /// Bytes of one f64 (the loss-term scratch is f64; slot 0 is kept free).
@@ -597,6 +640,7 @@ impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Ids = CudaSlice<u32>;
     type Graph = CudaGraph;
+    type Staging = staging::CudaStaging;
 
     fn name(&self) -> String {
         format!(
@@ -642,6 +686,28 @@ impl Backend for CudaBackend {
 
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
+    }
+
+    fn alloc_staging(&self, floats: usize, ids: usize) -> Result<staging::CudaStaging> {
+        staging::CudaStaging::new(&self.ctx, floats, ids)
+    }
+
+    fn upload_staged(
+        &self,
+        staging: &staging::CudaStaging,
+        off: usize,
+        len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        self.upload_pinned(staging, staging.floats(), off, len)
+    }
+
+    fn upload_staged_ids(
+        &self,
+        staging: &staging::CudaStaging,
+        off: usize,
+        len: usize,
+    ) -> Result<CudaSlice<u32>> {
+        self.upload_pinned(staging, staging.ids(), off, len)
     }
 
     fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraph>> {
