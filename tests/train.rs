@@ -47,6 +47,7 @@ fn run(
         metadata: BTreeMap::from([("test.key".to_string(), "v".to_string())]),
         log: None,
         progress: false,
+        eager: false,
     };
     train(&Cpu::new(), ds, model, stage, loss, tc, &opts).expect("train")
 }

@@ -154,6 +154,10 @@ pub struct CommonArgs {
     /// No progress bar and no per-epoch table.
     #[arg(long)]
     pub quiet: bool,
+    /// Queue every training step kernel by kernel instead of replaying each batch shape's
+    /// recorded CUDA graph (the results are the same; graphs save the launch overhead).
+    #[arg(long)]
+    pub no_graphs: bool,
     /// Seed (initialisation, shuffles).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -464,6 +468,7 @@ fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOption
                 .unwrap_or_else(|| default_log(&common.out)),
         ),
         progress: !common.quiet && std::io::stderr().is_terminal(),
+        eager: common.no_graphs,
     })
 }
 

@@ -299,6 +299,7 @@ pub fn run_ablation<B: Backend>(
                 metadata,
                 log: None,
                 progress: cfg.progress,
+                eager: false,
             };
             let report = match (&teacher, variant) {
                 (_, None) => train(be, ds, &mut model, &Stage::Teacher, &loss, &tc, &opts)?,

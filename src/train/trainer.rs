@@ -148,6 +148,10 @@ pub struct RunOptions {
     pub log: Option<PathBuf>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Queue every step op by op. Otherwise, where the backend records graphs (CUDA), each
+    /// batch shape's step is recorded once and replayed ([`StepGraphs`]): the same kernels
+    /// on the same shapes, so the same results, without the per-launch host overhead.
+    pub eager: bool,
 }
 
 /// Per-epoch mean of each student-stage term (terms off or absent are `None`).
@@ -235,6 +239,9 @@ pub struct TrainReport {
     pub samples_per_s: f64,
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
+    /// Batch shapes whose step was recorded as a graph and replayed (0 where the backend
+    /// runs work as it is queued, or with [`RunOptions::eager`]).
+    pub graphs: usize,
 }
 
 /// Labels of `rows`; an error naming `what` when the dataset has none.
@@ -389,6 +396,92 @@ pub fn queue_objective<B: Backend>(
     }
 }
 
+/// A batch shape: rows and the padded pre- and in-service lengths.
+type Shape = (usize, usize, usize);
+
+/// The training steps of one run, recorded as graphs where the backend can (CUDA), one per
+/// batch shape: a shape's first step runs op by op (which also sizes the backend's scratch
+/// buffers, which a recording must not grow), its second is recorded with its own batch as
+/// the graph's input and replayed, and every later one is copied into that input and
+/// replayed. A replay runs the kernels an eager step would queue, on the same shapes, so the
+/// results are the same; only the host's launch work is saved. The optimizer's per-step
+/// constants reach a recorded step through a device buffer
+/// ([`Optimizer::advance_recorded`]).
+struct StepGraphs<B: Backend> {
+    /// Whether to record (off with [`RunOptions::eager`], or once the backend declines).
+    enabled: bool,
+    /// Shapes whose first step has run.
+    seen: std::collections::HashSet<Shape>,
+    /// Each recorded shape's input batch and graph.
+    recorded: std::collections::HashMap<Shape, (DeviceBatch<B>, B::Graph)>,
+    /// Where a recorded step writes its loss terms (copied out after each replay).
+    terms: B::Buf,
+    /// `[lr, 1 − β1^t, 1 − β2^t]` of the current step, read by a recorded step.
+    sched: B::Buf,
+    /// `Σ g²` of the current step.
+    sum_sq: B::Buf,
+}
+
+impl<B: Backend> StepGraphs<B> {
+    fn new(be: &B, enabled: bool, width: usize) -> Result<Self> {
+        Ok(StepGraphs {
+            enabled,
+            seen: Default::default(),
+            recorded: Default::default(),
+            terms: be.zeros(width)?,
+            sched: be.zeros(3)?,
+            sum_sq: be.zeros(1)?,
+        })
+    }
+
+    /// Queues one training step on `batch` (objective, backward, clipped AdamW at `lr`),
+    /// its `width` loss terms written to `out`; nothing waits for the device.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        be: &B,
+        stage: &Stage<'_, B>,
+        model: &mut Model<B>,
+        loss: &LossConfig,
+        class_w: [f64; 2],
+        opt: &mut Optimizer,
+        lr: f64,
+        batch: DeviceBatch<B>,
+        out: Mut<B::Buf>,
+    ) -> Result<()> {
+        let shape = (batch.rows, batch.pre.len, batch.in_service.len);
+        let width = be.len(&self.terms);
+        if let Some((input, graph)) = self.recorded.get_mut(&shape) {
+            input.copy_from(be, &batch)?;
+            opt.advance_recorded(be, lr, Mut::whole(&mut self.sched))?;
+            be.replay(graph)?;
+            be.copy(width, Ref::whole(&self.terms), out);
+            return Ok(());
+        }
+        if self.enabled && !self.seen.insert(shape) {
+            let (terms, sched, sum_sq) = (&mut self.terms, &self.sched, &mut self.sum_sq);
+            let recorded = be.capture(&mut || {
+                queue_objective(be, stage, model, loss, class_w, &batch, Mut::whole(terms))?;
+                let sched = Ref::whole(sched);
+                opt.apply_recorded(be, &mut model.params, lr, Mut::whole(sum_sq), sched)
+            })?;
+            match recorded {
+                Some(graph) => {
+                    opt.advance_recorded(be, lr, Mut::whole(&mut self.sched))?;
+                    be.replay(&graph)?;
+                    be.copy(width, Ref::whole(&self.terms), out);
+                    self.recorded.insert(shape, (batch, graph));
+                    return Ok(());
+                }
+                // The backend runs work as it is queued: every step runs op by op.
+                None => self.enabled = false,
+            }
+        }
+        queue_objective(be, stage, model, loss, class_w, &batch, out)?;
+        opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut self.sum_sq))
+    }
+}
+
 /// Trains `model` on `ds`'s train split for `stage`, validating on the valid split after
 /// every epoch. On return the model holds the parameters of the best validation AUC; with
 /// `opts.checkpoint` they were written there (atomically) every time they improved.
@@ -478,7 +571,7 @@ pub fn train<B: Backend>(
     };
     let width = student_slots.as_ref().map_or(1, StudentSlots::len);
     let mut pending = be.zeros(LOG_INTERVAL * width)?;
-    let mut sum_sq = be.zeros(1)?;
+    let mut steps = StepGraphs::new(be, !opts.eager, width)?;
     let mut pipeline = Pipeline::new(be, ds.schema(), cfg.batch)?;
     let mut history: Vec<EpochLog> = Vec::new();
     let mut best: Option<(BestEpoch, Vec<B::F>)> = None;
@@ -513,10 +606,9 @@ pub fn train<B: Backend>(
             slots += u64::from(max_in) * ids.len() as u64;
             filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
             let row = Mut::at(&mut pending, pending_rows.len() * width);
-            queue_objective(be, stage, model, loss, cw, &dev, row)?;
-            pending_rows.push(ids.len());
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
-            opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut sum_sq))?;
+            steps.step(be, stage, model, loss, cw, &mut opt, lr, dev, row)?;
+            pending_rows.push(ids.len());
             bar.inc(1);
             if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches {
                 let v: Vec<f64> = be.download(&pending)?.iter().map(|x| x.to_f64()).collect();
@@ -623,5 +715,6 @@ pub fn train<B: Backend>(
         stopped_early,
         samples_per_s: rows_all as f64 / train_secs_all.max(1e-9),
         seconds: start.elapsed().as_secs_f64(),
+        graphs: steps.recorded.len(),
     })
 }

@@ -122,6 +122,9 @@ struct State {
     uscratch: CudaSlice<u32>,
     /// Fault bits raised by kernels (`MGKD_ERR_*` in common.cuh).
     err_flag: CudaSlice<u32>,
+    /// Scratch buffers outgrown after a graph was recorded: a recorded graph keeps the
+    /// addresses it was recorded with, so they live as long as the backend.
+    retired: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 /// The CUDA backend on one device (see the module documentation).
@@ -139,6 +142,9 @@ pub struct CudaBackend {
     error: Mutex<Option<String>>,
     /// Set while a graph is being recorded: the scratch buffers must not grow then.
     recording: std::sync::atomic::AtomicBool,
+    /// Set once a graph has been recorded: from then on an outgrown scratch buffer is kept
+    /// (in `State::retired`), not freed.
+    recorded: std::sync::atomic::AtomicBool,
     // Dropped last: everything above lives in this context.
     ctx: Arc<CudaContext>,
 }
@@ -270,6 +276,7 @@ impl CudaBackend {
             dscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             uscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             err_flag: stream.alloc_zeros(1).map_err(|e| alloc("flag", e))?,
+            retired: Vec::new(),
         };
         Ok(CudaBackend {
             info,
@@ -281,6 +288,7 @@ impl CudaBackend {
             state: Mutex::new(state),
             error: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
+            recorded: std::sync::atomic::AtomicBool::new(false),
             ctx,
         })
     }
@@ -405,25 +413,28 @@ impl CudaBackend {
 
     /// Grows the f32 scratch to at least `len` elements; returns its address.
     fn fscratch(&self, st: &mut State, len: usize) -> Result<u64> {
-        self.grow(&mut st.fscratch, len, "f32 scratch")
+        self.grow(&mut st.fscratch, &mut st.retired, len, "f32 scratch")
     }
 
     /// Grows the u32 scratch to at least `len` elements; returns its address.
     fn uscratch(&self, st: &mut State, len: usize) -> Result<u64> {
-        self.grow(&mut st.uscratch, len, "u32 scratch")
+        self.grow(&mut st.uscratch, &mut st.retired, len, "u32 scratch")
     }
 
     /// Grows the f64 scratch to at least `1 + terms` elements; returns its address.
     fn dscratch(&self, st: &mut State, terms: usize) -> Result<u64> {
-        self.grow(&mut st.dscratch, terms + 1, "f64 scratch")
+        self.grow(&mut st.dscratch, &mut st.retired, terms + 1, "f64 scratch")
     }
 
     /// Replaces `buf` by a zeroed buffer of `len` elements when it is shorter (an error while
     /// a graph is being recorded: a recorded graph cannot own a buffer the backend keeps, so
-    /// the same work must run once unrecorded first); returns its address.
-    fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    /// the same work must run once unrecorded first); returns its address. Once a graph has
+    /// been recorded, the outgrown buffer goes to `retired` instead of being freed: the graph
+    /// may still read it.
+    fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static>(
         &self,
         buf: &mut CudaSlice<T>,
+        retired: &mut Vec<Box<dyn std::any::Any + Send>>,
         len: usize,
         what: &str,
     ) -> Result<u64> {
@@ -435,10 +446,14 @@ impl CudaBackend {
                     self.info.index
                 )));
             }
-            *buf = self
+            let grown = self
                 .stream
                 .alloc_zeros(len)
                 .map_err(|e| Error::device(format!("cuda:{}: {what}: {e}", self.info.index)))?;
+            let old = std::mem::replace(buf, grown);
+            if self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
+                retired.push(Box::new(old));
+            }
         }
         Ok(self.base(buf))
     }
@@ -736,6 +751,8 @@ impl Backend for CudaBackend {
             return Err(Error::device(format!("cuda:{e} (while recording a graph)")));
         }
         let graph = graph.map_err(|e| self.dev_err(format!("recording a graph: {e}")))?;
+        self.recorded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(g) = &graph {
             g.upload()
                 .map_err(|e| self.dev_err(format!("uploading a graph: {e}")))?;
