@@ -1,8 +1,8 @@
-//! Batch assembly throughput: writes a ~50,000-row dataset with the SPEC §8 schema
-//! (4 categorical event fields of vocab 64, 1024, 16, 168 + 2 numeric; 16 categorical
-//! profile fields of vocab 100 + 32 numeric; in-service limit 128, pre-service 32; heavy-tailed
-//! log-normal sequence lengths), then times `Dataset::gather` on shuffled batches of 1024
-//! train rows and prints rows/s and GB/s (bytes of the produced `Batch` per second).
+//! Batch assembly throughput: writes a ~50,000-row dataset with the reference schema of
+//! docs/model.md §8 (4 categorical event fields of vocab 64, 1024, 16, 168 + 2 numeric; 16
+//! categorical profile fields of vocab 100 + 32 numeric; in-service limit 128, pre-service 32;
+//! heavy-tailed log-normal sequence lengths), then times `Dataset::gather` on shuffled batches of
+//! 1024 train rows and prints rows/s and GB/s (bytes of the produced `Batch` per second).
 //!
 //! Run: `cargo bench --bench batch_assembly` (`MGKD_BENCH_ROWS` overrides the row count,
 //! `MGKD_BENCH_EPOCHS` the number of timed passes over the train split).

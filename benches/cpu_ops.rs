@@ -1,4 +1,4 @@
-//! Timings of the CPU backend's hot ops at the SPEC §8 reference shapes (f32):
+//! Timings of the CPU backend's hot ops at the reference shapes of docs/model.md §8 (f32):
 //! matrix products (GFLOP/s), LayerNorm, GELU and the masked softmax (GB/s of memory
 //! traffic: bytes read + written once). Run with `cargo bench --bench cpu_ops`; the best of a
 //! few repetitions is reported. `RAYON_NUM_THREADS` sets the thread count.

@@ -1,6 +1,6 @@
-//! One student training step on the CPU backend (f32) at the SPEC §8 configuration:
-//! teacher forward + student forward/backward with all five losses + AdamW, batch 256 of
-//! random rows with heavy-tailed (log-normal) sequence lengths. Prints the median of 5 timed
+//! One student training step on the CPU backend (f32) in the reference configuration of
+//! docs/model.md §8: teacher forward + student forward/backward with all five losses + AdamW, batch
+//! 256 of random rows with heavy-tailed (log-normal) sequence lengths. Prints the median of 5 timed
 //! steps after 2 warm-up steps, in samples/s.
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench --bench cpu_step`.

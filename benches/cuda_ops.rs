@@ -1,10 +1,9 @@
-//! CUDA microbenchmarks, one per kernel family, at the SPEC §8 reference sizes (batch 1024,
-//! L = 128, Lp = 32, d = 128, 4 heads): time per call (median of several batches of calls,
-//! between stream synchronisations), achieved GB/s (the bytes the op must move — each input
-//! read once, each output written once — over its time) against the measured
-//! device-to-device copy bandwidth, and TFLOP/s for the dense products and one encoder-block
-//! forward. Prints `skipped: no CUDA device` without a GPU. Run with
-//! `cargo bench --bench cuda_ops`.
+//! CUDA microbenchmarks, one per kernel family, at the reference sizes of docs/model.md §8 (batch
+//! 1024, L = 128, Lp = 32, d = 128, 4 heads): time per call (median of several batches of calls,
+//! between stream synchronisations), achieved GB/s (the bytes the op must move — each input read
+//! once, each output written once — over its time) against the measured device-to-device copy
+//! bandwidth, and TFLOP/s for the dense products and one encoder-block forward. Prints `skipped: no
+//! CUDA device` without a GPU. Run with `cargo bench --bench cuda_ops`.
 
 use std::time::Instant;
 

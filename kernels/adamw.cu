@@ -15,8 +15,8 @@ extern "C" __global__ void sum_squares_partial(i64 n, const float* __restrict__ 
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// One AdamW step (SPEC §6) on element i: g ← gs·g, m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g²,
-// p ← p − lr·(m̂/(√v̂ + ε) + λ·mask·p), m̂ = m/bc1, v̂ = v/bc2.
+// One AdamW step (docs/model.md §6.1) on element i: g ← gs·g, m ← β1·m + (1−β1)·g, v ← β2·v +
+// (1−β2)·g², p ← p − lr·(m̂/(√v̂ + ε) + λ·mask·p), m̂ = m/bc1, v̂ = v/bc2.
 __device__ __forceinline__ void adamw_element(i64 i, float* __restrict__ p, const float* __restrict__ g,
                                               float* __restrict__ m, float* __restrict__ v,
                                               const float* __restrict__ mask, float gs, float b1,

@@ -1,7 +1,7 @@
 // Shared prelude of every kernel file: the backend (and tests/kernels_compile.rs) prepend it
 // to each kernels/*.cu before handing the source to NVRTC, so no include path is needed.
 // Reductions here use fixed shuffle/tree patterns: for a given launch shape the result is
-// bit-identical from run to run (SPEC §6 determinism; no floating-point atomics anywhere).
+// bit-identical from run to run (docs/model.md §6.5; no floating-point atomics anywhere).
 
 typedef unsigned int u32;
 typedef long long i64;

@@ -1,8 +1,8 @@
-// The SPEC §5 losses, each one fused launch computing the per-row loss terms (in double, one
-// slot per row) and, when a gradient pointer is given, accumulating coef·∂L/∂input; then
-// reduce_terms adds the row terms in a fixed order (strided per thread, then a fixed tree),
-// applies the final scale and stores the value as a float in the caller's slot on the
-// device (nothing is read back here).
+// The losses of docs/model.md §5, each one fused launch computing the per-row loss terms (in
+// double, one slot per row) and, when a gradient pointer is given, accumulating coef·∂L/∂input;
+// then reduce_terms adds the row terms in a fixed order (strided per thread, then a fixed tree),
+// applies the final scale and stores the value as a float in the caller's slot on the device
+// (nothing is read back here).
 
 // Number of rows b < n with lens[b] > 0, for every thread of the block (integer sums are
 // exact, so any order gives the same count). `sh` holds at least one u32.
@@ -111,8 +111,8 @@ extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p,
   }
 }
 
-// Behaviour-level alignment (SPEC §5 L_fine), one block per batch row b, one warp per student
-// token j (per tile of J tokens). For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
+// Behaviour-level alignment (L_fine, docs/model.md §5.6), one block per batch row b, one warp per
+// student token j (per tile of J tokens). For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
 //   A_j = softmax_k(q_j·k_k/√d), r_j = v_j − Σ_k A_jk·t_k, e_j = ‖r_j‖²/d,
 //   term_b = w_b·mean_j e_j (0 for a row with no query or no key).
 // Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R| (|R| counted here from k_lens): dv_j += G·r_j; dA_jk = −G·r_j·t_k;

@@ -3,14 +3,15 @@
 //! Trains credit-default risk models: a **teacher** reads a user's in-service behaviour
 //! sequence, a **student** reads only application-time (pre-service) data and is trained
 //! under the frozen teacher's guidance (soft labels, sequence- and behaviour-level
-//! alignment, self-distillation, class re-weighting). See `SPEC.md` of the project for the
-//! contract; the README for how to run it.
+//! alignment, self-distillation, class re-weighting). `docs/model.md` specifies what it
+//! computes (data, model, losses with their gradients, training, metrics); the README says
+//! how to run it.
 //!
 //! Architecture, in the order data flows:
 //! - [`data`]: the on-disk dataset format (safetensors shards + `dataset.json`), the
 //!   synthetic generator, CSV import and batch assembly.
 //! - [`model`]: parameter table and storage, checkpoints, layers, teacher and student.
-//! - [`loss`]: class weights and the teacher/student objectives of SPEC §5.
+//! - [`loss`]: class weights and the teacher/student objectives of docs/model.md §5.
 //! - [`optim`]: global-norm clipping and AdamW over the flat buffers.
 //! - [`train`]: the training loop (schedule, bucketed batches, early stopping, best
 //!   checkpoint) over any backend.

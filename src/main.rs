@@ -27,15 +27,17 @@ enum Command {
     Inspect(mgkd::cli::inspect::InspectArgs),
     /// Train a teacher on in-service behaviour (keeps the best validation-AUC checkpoint).
     Teacher(mgkd::cli::train::TeacherArgs),
-    /// Train a student on pre-service data under a frozen teacher (MGKD, SPEC §5).
+    /// Train a student on pre-service data under a frozen teacher (MGKD, docs/model.md §5).
     Student(mgkd::cli::train::StudentArgs),
     /// Evaluate a checkpoint on a split: AUC, KS, log-loss, PR-AUC, approval and lift tables.
     Eval(mgkd::cli::eval::EvalArgs),
     /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
     Predict(mgkd::cli::predict::PredictArgs),
-    /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots (SPEC §6).
+    /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots
+    /// (docs/model.md §6.8).
     Ablation(mgkd::cli::ablation::AblationArgs),
-    /// Time the training step (student, teacher) on padded and bucketed batches (SPEC §8 by default).
+    /// Time the training step (student, teacher) on padded and bucketed batches (docs/model.md §8
+    /// by default).
     Bench(mgkd::cli::bench::BenchArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),

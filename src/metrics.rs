@@ -1,4 +1,4 @@
-//! Evaluation metrics of risk scores against 0/1 default labels (SPEC §6).
+//! Evaluation metrics of risk scores against 0/1 default labels (docs/model.md §6.6).
 //!
 //! Everything here is exact where the mathematics allows and deterministic always: the
 //! ranking metrics (AUC, KS, PR-AUC, the ROC/KS curves, the approval and decile tables) come
@@ -557,8 +557,8 @@ pub fn log_loss_from_logits(logits: &[f64], labels: &[u8]) -> Result<f64> {
     Ok(sum.value() / logits.len() as f64)
 }
 
-/// Every metric of SPEC §6 for predicted default probabilities `scores_prob` (in `[0, 1]`):
-/// AUC, KS (with its threshold), log-loss, PR-AUC, the approval table at
+/// Every metric of docs/model.md §6.6 for predicted default probabilities `scores_prob`
+/// (in `[0, 1]`): AUC, KS (with its threshold), log-loss, PR-AUC, the approval table at
 /// [`APPROVAL_RATES_PCT`] and the decile lift table, from a single sort. Errors as [`auc`] and
 /// [`log_loss`].
 pub fn evaluate(scores_prob: &[f64], labels: &[u8]) -> Result<Report> {

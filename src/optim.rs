@@ -1,11 +1,11 @@
-//! The optimizer of SPEC §6 over a model's flat buffers: global gradient norm, clipping
+//! The optimizer of docs/model.md §6.1 over a model's flat buffers: global gradient norm, clipping
 //! factor, and one AdamW pass (the learning-rate schedule belongs to the trainer).
 
 use crate::backend::{sched_values, AdamW, Backend, Float, Mut, Ref};
 use crate::model::ParamStore;
 use crate::Result;
 
-/// AdamW hyper-parameters without the learning rate (SPEC §6 defaults).
+/// AdamW hyper-parameters without the learning rate (defaults of docs/model.md §6.1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
     /// β1 (0.9).

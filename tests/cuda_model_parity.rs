@@ -16,7 +16,7 @@
 //!    held only to what AdamW can move them (see [`NULL_MOVE`]): their updates follow the sign
 //!    of each backend's rounding noise. The norm over all elements and the per-element
 //!    maxima are printed. The GPU run is repeated and must give bit-identical parameters (no
-//!    atomics, SPEC §6).
+//!    atomics, docs/model.md §6.5).
 //! 2. **Objective gradient.** The gradient of the whole student objective (all five terms)
 //!    and of the teacher objective, on the GPU in f32 against `CpuBackend<f64>` holding the
 //!    same f32-exact parameters: per parameter tensor

@@ -1539,8 +1539,8 @@ fn fine_refuses_shapes_beyond_shared_memory() {
 
 // ---- optimizer ---------------------------------------------------------------------------
 
-/// AdamW at lr 1e-2 with SPEC §6's betas, ε and weight decay, at `step` with clipping factor
-/// `grad_scale`.
+/// AdamW at lr 1e-2 with the betas, ε and weight decay of docs/model.md §6.1, at `step` with
+/// clipping factor `grad_scale`.
 fn adamw_hp(step: u64, grad_scale: f64) -> AdamW {
     AdamW {
         lr: 1e-2,

@@ -1,4 +1,4 @@
-//! The dataset reader (SPEC §3): round trips through `DatasetWriter` → `Dataset::open` →
+//! The dataset reader (docs/model.md §3): round trips through `DatasetWriter` → `Dataset::open` →
 //! `gather`, determinism across thread counts, epoch ordering, and one test per kind of
 //! malformed dataset, each checking that the error names the file, tensor/field and row.
 

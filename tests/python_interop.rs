@@ -1,5 +1,5 @@
 //! Shards are plain safetensors files: Python opens them with `safetensors.numpy.load_file`
-//! and sees exactly the values the writer stored (SPEC §3).
+//! and sees exactly the values the writer stored (docs/model.md §3).
 //!
 //! Uses the interpreter in `MGKD_PYTHON` (CI sets it to a venv with numpy and safetensors),
 //! else `python3`. Without numpy/safetensors the test says it skipped, except under CI (env

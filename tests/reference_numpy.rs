@@ -1,5 +1,5 @@
 //! The engine (f64 on `CpuBackend<f64>`) against the independent NumPy reference
-//! `tools/reference/mgkd_ref.py` (SPEC §4 forward, §5 losses).
+//! `tools/reference/mgkd_ref.py` (docs/model.md §4 forward, §5 losses).
 //!
 //! Both sides read the same checkpoints (saved as F32 and reloaded, so both use identical
 //! f32-rounded parameters) and the same batch dump. Compared: every teacher, student and

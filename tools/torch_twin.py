@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """PyTorch twin of one MGKD training step, for benchmarking the engine against PyTorch.
 
-Builds the same teacher and student as the engine (SPEC §4 with the engine's conventions, the
-parameter names and shapes of src/model/params.rs), the same losses (SPEC §5 with the library
-default coefficients of src/loss/mod.rs) and the same optimiser (global-norm clipping at 1.0,
-then AdamW with weight decay on linear weight matrices only), and times
+Builds the same teacher and student as the engine (docs/model.md §4 with the engine's conventions,
+the parameter names and shapes of src/model/params.rs), the same losses (docs/model.md §5 with the
+library default coefficients of src/loss/mod.rs) and the same optimiser (global-norm clipping at
+1.0, then AdamW with weight decay on linear weight matrices only), and times
 
   student step = frozen teacher forward (no grad) + student forward/backward with all five
                  losses + clipping + AdamW,
   teacher step = teacher forward/backward with weighted BCE + clipping + AdamW,
 
 in eager mode, under torch.compile, and under torch.compile(mode="reduce-overhead") (CUDA
-graphs), in f32 and in bf16 autocast (f32 master weights), on batches drawn like the SPEC §8
-reference configuration. Writes the same JSON fields as `mgkd-train bench --json`; compare
+graphs), in f32 and in bf16 autocast (f32 master weights), on batches drawn like the reference
+configuration of docs/model.md §8. Writes the same JSON fields as `mgkd-train bench --json`; compare
 the two with tools/bench_table.py.
 
     python3 tools/torch_twin.py --json twin.json              # the §8 configuration
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- configuration
 
-# The SPEC §8 data schema (fixed; the CLI changes the widths, lengths and batch size only).
+# The data schema of docs/model.md §8 (fixed; the CLI changes widths, lengths and batch size).
 EVENT_VOCABS = (64, 1024, 16, 168)  # E_c = 4 categorical event fields
 EVENT_NUM = 2                       # E_d numeric event fields
 PROFILE_VOCABS = (100,) * 16        # F_c = 16 categorical profile fields
@@ -80,7 +80,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig:
-    """SPEC §6 / src/optim.rs defaults; the learning rate is constant in the benchmark."""
+    """docs/model.md §6.1 / src/optim.rs defaults; the benchmark's learning rate is constant."""
 
     lr: float = 1e-4
     betas: tuple = (0.9, 0.999)
@@ -314,8 +314,8 @@ class Net(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """SPEC §4: normal(0, 0.02) for matrices, embeddings, positions and s_∅; zero biases;
-        LayerNorm scale 1, shift 0."""
+        """docs/model.md §4.7: normal(0, 0.02) for matrices, embeddings, positions and s_∅;
+        zero biases; LayerNorm scale 1, shift 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -397,7 +397,7 @@ def fine_loss(student, s, t, b, w, d):
 
 
 def student_loss(student, s, t, b, cfg, d):
-    """L = L_hard + α·L_soft + β·L_coarse + γ·L_fine + δ·L_self (SPEC §5)."""
+    """L = L_hard + α·L_soft + β·L_coarse + γ·L_fine + δ·L_self (docs/model.md §5)."""
     y, w, tau = b["labels"], b["weights"], cfg.tau
     zs, zt = s["z"].float(), t["z"].float()
     hard = weighted_bce(zs, y, w)

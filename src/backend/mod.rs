@@ -186,7 +186,7 @@ impl EmbMode {
     }
 }
 
-/// Hyper-parameters of one AdamW step (SPEC §6).
+/// Hyper-parameters of one AdamW step (docs/model.md §6.1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
     /// Learning rate of this step (after the schedule).
@@ -205,7 +205,7 @@ pub struct AdamW {
     pub grad_scale: f64,
 }
 
-/// Shape of the fine-grained (behaviour-level) alignment loss, SPEC §5 `L_fine`.
+/// Shape of the fine-grained (behaviour-level) alignment loss `L_fine`, docs/model.md §5.6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FineShape {
     /// Rows.
@@ -419,9 +419,9 @@ pub trait Backend: Send + Sync {
         grads: &mut Self::Buf,
         valid: Option<ValidTokens<'_, Self::Ids>>,
     );
-    /// Learned positions counted back from the most recent event (SPEC §4): for row `b` of
-    /// length `ℓ = lens[b]` and slot `t < ℓ`, `x[b,t,:] += pos[ℓ−1−t, :]`; padded slots are
-    /// left untouched. `x` is `batch×max_len×d`.
+    /// Learned positions counted back from the most recent event (docs/model.md §4.2): for row `b`
+    /// of length `ℓ = lens[b]` and slot `t < ℓ`, `x[b,t,:] += pos[ℓ−1−t, :]`; padded slots are left
+    /// untouched. `x` is `batch×max_len×d`.
     #[allow(clippy::too_many_arguments)]
     fn add_positions(
         &self,
@@ -504,7 +504,7 @@ pub trait Backend: Send + Sync {
 
     /// Puts a per-row vector into slot 0 of the rows whose sequence is empty: for every `b`
     /// with `lens[b] = 0`, `seq[b,0,:] = vec[b,:]`; other rows are left untouched. `vec` is
-    /// `batch×d`, `seq` is `batch×max_len×d` with `max_len ≥ 1`. (SPEC §5 `L_fine`: the
+    /// `batch×d`, `seq` is `batch×max_len×d` with `max_len ≥ 1`. (`L_fine`, docs/model.md §5.6: the
     /// student token of an empty pre-service sequence is the profile vector.)
     #[allow(clippy::too_many_arguments)]
     fn put_empty_rows(
@@ -633,7 +633,7 @@ pub trait Backend: Send + Sync {
             self.coarse_loss_into(n, d, pred, target, weights, cosine, coef, dpred, out)
         })
     }
-    /// Behaviour-level alignment (SPEC §5 `L_fine`), all `batch×l×d`: `q = W_q·T_pre`,
+    /// Behaviour-level alignment (`L_fine`, docs/model.md §5.6), all `batch×l×d`: `q = W_q·T_pre`,
     /// `k = W_k·T_in`, `v = W_v·T_pre` (projections done by the caller), `t_in` the teacher's
     /// tokens. For row `b` with `ℓq = q_lens[b] > 0` student tokens and `ℓk = k_lens[b]`
     /// teacher tokens: `A_j = softmax_k(q_j·k_k/√d)` over `k < ℓk`,
@@ -719,7 +719,7 @@ pub trait Backend: Send + Sync {
         self.adamw(&hp, params, grads, m, v, decay_mask);
         Ok(())
     }
-    /// One AdamW pass over the flat buffers (SPEC §6), `g ← grad_scale·g`,
+    /// One AdamW pass over the flat buffers (docs/model.md §6.1), `g ← grad_scale·g`,
     /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
     /// `p ← p − lr·(m̂/(√v̂ + ε) + λ·mask·p)` with `m̂ = m/(1−β1^t)`, `v̂ = v/(1−β2^t)`.
     /// `decay_mask` holds 1 for weight-matrix elements and 0 elsewhere.

@@ -1,5 +1,5 @@
 //! `mgkd-train ablation --data DIR --out REPORT_DIR [--seeds 5]`: the paired ablation of
-//! SPEC §6 ([`crate::train::ablation`]) and its report: `results.json` (every run),
+//! docs/model.md §6.8 ([`crate::train::ablation`]) and its report: `results.json` (every run),
 //! `report.md` (per variant mean ± std of test AUC and KS, and of the paired difference to
 //! the plain student with the count of seeds improved; the teacher's row; the command),
 //! SVG plots (`roc.svg`, `ks.svg`, `training.svg`) and the checkpoints of every run under

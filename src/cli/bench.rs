@@ -1,6 +1,6 @@
 //! `mgkd-train bench`: times the whole training step (student and teacher) on the chosen
-//! device at the SPEC §8 configuration (or the flags'), on padded and length-bucketed
-//! batches; prints a table, or with `--json` one JSON object with the fields that
+//! device in the reference configuration of docs/model.md §8 (or the flags'), on padded and
+//! length-bucketed batches; prints a table, or with `--json` one JSON object with the fields that
 //! `tools/torch_twin.py` writes, so `tools/bench_table.py` can set them side by side.
 
 use std::io::IsTerminal;
@@ -18,7 +18,7 @@ use crate::train::bench::{
 use crate::train::progress_bar;
 use crate::{with_backend, Error, Result};
 
-/// Arguments of `mgkd-train bench` (defaults: SPEC §8).
+/// Arguments of `mgkd-train bench` (defaults: docs/model.md §8).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.

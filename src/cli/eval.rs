@@ -1,5 +1,5 @@
 //! `mgkd-train eval --data DIR --model M.safetensors [--split test] [--json]`: the metrics of
-//! SPEC §6 of a teacher or student checkpoint on one split of a labelled dataset.
+//! docs/model.md §6.6 of a teacher or student checkpoint on one split of a labelled dataset.
 
 use std::path::PathBuf;
 

@@ -1,5 +1,5 @@
 //! `mgkd-train teacher` and `mgkd-train student`: train a model on a dataset directory and
-//! keep the checkpoint of the best validation AUC (SPEC §6).
+//! keep the checkpoint of the best validation AUC (docs/model.md §6.4).
 //!
 //! Settings come from the defaults, then the `--config` TOML file (sections `[model]`,
 //! `[train]`, `[loss]`; an unknown key is an error naming it), then the flags. The whole

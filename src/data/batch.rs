@@ -5,7 +5,7 @@
 //! most recent ones when a sequence is longer) occupy slots `0..len` in time order, oldest
 //! first; slots `len..max_len` are padding (ids 0, numbers 0.0) and must be masked. The
 //! learned position of slot `t` counts back from the most recent event:
-//! `pos(t) = len − 1 − t` (SPEC §4), so `pos = 0` is always the last event.
+//! `pos(t) = len − 1 − t` (docs/model.md §2.3), so `pos = 0` is always the last event.
 
 /// Padded events of one sequence kind (pre- or in-service) for a batch.
 #[derive(Debug, Clone, Default, PartialEq)]

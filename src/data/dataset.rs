@@ -1,4 +1,4 @@
-//! An open dataset directory (SPEC §3): the manifest plus every shard memory-mapped and
+//! An open dataset directory (docs/model.md §3): the manifest plus every shard memory-mapped and
 //! validated, global row lookup, batch assembly ([`Dataset::gather`]) and the per-epoch
 //! shuffled order of a split ([`EpochOrder`]).
 

@@ -1,4 +1,4 @@
-//! `dataset.json`: the manifest of a dataset directory (SPEC §3).
+//! `dataset.json`: the manifest of a dataset directory (docs/model.md §3.1).
 
 use std::path::Path;
 

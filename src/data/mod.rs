@@ -1,4 +1,4 @@
-//! The data layer (SPEC §2–§3): dataset directories of safetensors shards described by a
+//! The data layer (docs/model.md §2–§3): dataset directories of safetensors shards described by a
 //! `dataset.json` manifest, written by [`writer::DatasetWriter`] and read back zero-copy by
 //! [`dataset::Dataset`] (each shard validated by [`shard::validate_shard_bytes`]).
 

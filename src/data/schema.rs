@@ -1,4 +1,4 @@
-//! The dataset schema (SPEC §2): which profile and event fields a dataset has, their
+//! The dataset schema (docs/model.md §2.2): which profile and event fields a dataset has, their
 //! vocabulary sizes and normalisation statistics, and the sequence-length limits.
 //!
 //! The same event schema serves the pre-service and the in-service sequences (an event is an

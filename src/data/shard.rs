@@ -1,5 +1,5 @@
-//! Reading one shard file (SPEC §3): a safetensors file, memory-mapped and exposed as
-//! zero-copy typed slices after a full validation against the manifest.
+//! Reading one shard file (docs/model.md §3.2–§3.3): a safetensors file, memory-mapped and exposed
+//! as zero-copy typed slices after a full validation against the manifest.
 //!
 //! Validation happens in two steps, both in [`validate_shard_bytes`] (a pure function of the
 //! bytes, so it can be fuzzed):

@@ -1,4 +1,5 @@
-//! Synthetic credit-default cohort generator (`mgkd-train synth`), in the §8 reference schema.
+//! Synthetic credit-default cohort generator (`mgkd-train synth`), in the reference schema of
+//! docs/model.md §8.
 //!
 //! The data are built so that the distillation question is real: the label is driven by a
 //! latent risk that the application-time data (profile, pre-service events) reveal only

@@ -1,4 +1,4 @@
-//! The objectives of SPEC §5: class weights, the teacher stage (weighted BCE) and the
+//! The objectives of docs/model.md §5: class weights, the teacher stage (weighted BCE) and the
 //! student stage `L = L_hard + α·L_soft + β·L_coarse + γ·L_fine + δ·L_self` with every term
 //! switchable. Each objective runs the forward passes, the backend's fused loss ops and the
 //! student's (or teacher's) backward; the frozen teacher of the student stage only runs
@@ -15,7 +15,7 @@ fn yes() -> bool {
     true
 }
 
-/// Coefficients and switches of the student-stage objective (SPEC §5).
+/// Coefficients and switches of the student-stage objective (docs/model.md §5.8).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LossConfig {
@@ -50,7 +50,7 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     /// The coefficients chosen on synthetic data (docs/results.md): α = 2, β = 0.1, γ = 0.1,
-    /// δ = 0.1, τ = 1, ρ = 0.5 (the SPEC's starting point was α = β = γ = 1, δ = 0.5,
+    /// δ = 0.1, τ = 1, ρ = 0.5 (the starting point before tuning was α = β = γ = 1, δ = 0.5,
     /// τ = 2); every term and re-weighting on, MSE form of L_coarse.
     fn default() -> Self {
         LossConfig {
@@ -72,8 +72,8 @@ impl Default for LossConfig {
 }
 
 impl LossConfig {
-    /// The SPEC §5 starting coefficients, α = β = γ = 1, δ = 0.5, τ = 2, with every term and
-    /// re-weighting on: every term at a sizeable weight, as the gradient and parity checks
+    /// The starting coefficients of docs/model.md §5.8, α = β = γ = 1, δ = 0.5, τ = 2, with every
+    /// term and re-weighting on: every term at a sizeable weight, as the gradient and parity checks
     /// want (the tuned [`Default`] weighs the representation terms at 0.1).
     pub fn spec_starting() -> Self {
         LossConfig {
@@ -117,7 +117,7 @@ impl LossConfig {
     }
 }
 
-/// Class weights `[w_0, w_1]` from the train split's counts (SPEC §5):
+/// Class weights `[w_0, w_1]` from the train split's counts (docs/model.md §5.1):
 /// `w_c = (N/(2·N_c))^ρ`, then divided by `(N_0·w_0 + N_1·w_1)/N` so that they average 1
 /// over the train split; `[1, 1]` when `reweight` is off. A class absent from the train
 /// split (`N_c = 0`) keeps the raw weight 1; it does not enter the normalisation.
@@ -315,7 +315,7 @@ impl StudentSlots {
     }
 }
 
-/// Student stage (SPEC §5): runs the frozen teacher forward (only when L_soft, L_coarse or
+/// Student stage (docs/model.md §5): runs the frozen teacher forward (only when L_soft, L_coarse or
 /// L_fine is on) and the student forward, every switched-on term, and with `backward`
 /// accumulates ∂L/∂θ_student into the student's gradient buffer. Returns the per-term values
 /// and the total (waits for the device; see [`student_objective_queued`]).
@@ -463,10 +463,10 @@ pub fn student_objective_queued<B: Backend>(
     Ok(())
 }
 
-/// `L_fine` (SPEC §5) with coefficient `gamma`: student tokens are `T_pre` (or `p` in slot 0
-/// for rows with an empty pre-service sequence), teacher tokens `T_in` (detached). Stores
-/// the value at `out[0]` and returns, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the
-/// W_q/W_k/W_v gradients are accumulated here).
+/// `L_fine` (docs/model.md §5.6) with coefficient `gamma`: student tokens are `T_pre` (or `p` in
+/// slot 0 for rows with an empty pre-service sequence), teacher tokens `T_in` (detached). Stores
+/// the value at `out[0]` and returns, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the W_q/W_k/W_v
+/// gradients are accumulated here).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn fine_term<B: Backend>(
     be: &B,

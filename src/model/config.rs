@@ -1,12 +1,12 @@
 //! The model configuration: which network (teacher or student), its widths, and the data
-//! shapes it reads, derived from the dataset [`Schema`] (SPEC §4).
+//! shapes it reads, derived from the dataset [`Schema`] (docs/model.md §4).
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::Schema;
 use crate::{Error, Result};
 
-/// Which of the two networks a configuration describes (SPEC §1, §4).
+/// Which of the two networks a configuration describes (docs/model.md §1, §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

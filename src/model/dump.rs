@@ -1,7 +1,7 @@
 //! Batch dumps for the independent NumPy reference (`tools/reference/mgkd_ref.py`): one
 //! safetensors file holding a [`Batch`] in its padded layout (see [`crate::data::batch`])
 //! and the student-stage loss configuration, so that the reference computes the same
-//! forward passes and SPEC §5 losses as the engine from the same inputs.
+//! forward passes and losses (docs/model.md §4–§5) as the engine from the same inputs.
 //!
 //! Tensors (B rows, `Lp`/`L` the batch's padded lengths, which may be 0):
 //! `profile_num f32[B,F_d]`, `profile_cat u32[B,F_c]`, `pre_cat u32[B,Lp,E_c]`,

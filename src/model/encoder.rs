@@ -1,5 +1,5 @@
 //! The sequence encoder (event embedding, N pre-LN blocks, final LayerNorm, masked mean with
-//! the learned empty vector `s_∅`) and the profile encoder (SPEC §4).
+//! the learned empty vector `s_∅`) and the profile encoder (docs/model.md §4.2–§4.4).
 
 use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref, ValidTokens};
 use crate::model::device_batch::DeviceSeq;

@@ -1,4 +1,4 @@
-//! The networks of SPEC §4: parameter table and flat storage, initialisation, checkpoints,
+//! The networks of docs/model.md §4: parameter table and flat storage, initialisation, checkpoints,
 //! the layers with hand-written backward passes, and the teacher/student forward and
 //! backward.
 //!

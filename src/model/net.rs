@@ -1,4 +1,4 @@
-//! The two networks (SPEC §4), one type with a [`Role`]: encoders, fusion
+//! The two networks (docs/model.md §4), one type with a [`Role`]: encoders, fusion
 //! `H = GELU(W_f·[s ; p] + b_f)`, head `z = w·H + c`, and for the student the auxiliary heads
 //! `z_l = u_l·[s_l ; p] + c_l` and the coarse/fine projections used by the losses.
 
@@ -145,7 +145,7 @@ fn concat<B: Backend>(be: &B, rows: usize, d: usize, a: &B::Buf, b: &B::Buf) -> 
 }
 
 impl<B: Backend> Model<B> {
-    /// A freshly initialised model (seeded, SPEC §4).
+    /// A freshly initialised model (seeded, docs/model.md §4.7).
     pub fn new(be: &B, config: ModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let table = ParamTable::new(&config);

@@ -1,6 +1,6 @@
 //! The parameter table (every named tensor of a network, in the fixed order and naming of
 //! the engine design) and the flat parameter storage on a backend: values, gradients, both
-//! Adam moments and the weight-decay mask, one buffer each (SPEC §6).
+//! Adam moments and the weight-decay mask, one buffer each (docs/model.md §6.1).
 
 use std::collections::HashMap;
 
@@ -13,7 +13,7 @@ use crate::model::config::{ModelConfig, Role};
 use crate::model::layers::zero;
 use crate::{Error, Result};
 
-/// Standard deviation of the normal initialisation of matrices and embeddings (SPEC §4).
+/// Standard deviation of the normal initialisation of matrices and embeddings (docs/model.md §4.7).
 pub const INIT_STD: f64 = 0.02;
 
 /// How a tensor is initialised.
@@ -172,9 +172,9 @@ impl ParamTable {
         m
     }
 
-    /// Seeded initial values (SPEC §4): a ChaCha8 stream from `seed`, tensors drawn in table
-    /// order, normal(0, 0.02) for [`Init::Normal`] tensors, 0 or 1 for the others (which
-    /// draw nothing).
+    /// Seeded initial values (docs/model.md §4.7): a ChaCha8 stream from `seed`, tensors drawn in
+    /// table order, normal(0, 0.02) for [`Init::Normal`] tensors, 0 or 1 for the others (which draw
+    /// nothing).
     pub fn init_values<F: Float>(&self, seed: u64) -> Vec<F> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0, INIT_STD).expect("INIT_STD is a valid standard deviation");

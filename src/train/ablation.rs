@@ -1,8 +1,8 @@
-//! The paired ablation of SPEC §6: per seed, one teacher, then seven students (plain, each
-//! distillation term alone on top of plain, full MGKD, full without re-weighting), each
-//! evaluated on the test split; and the paired summary (per variant the mean ± std of its
-//! test AUC and KS over seeds, and of its per-seed difference to the plain student, with the
-//! number of seeds on which it improved).
+//! The paired ablation of docs/model.md §6.8: per seed, one teacher, then seven students (plain,
+//! each distillation term alone on top of plain, full MGKD, full without re-weighting), each
+//! evaluated on the test split; and the paired summary (per variant the mean ± std of its test AUC
+//! and KS over seeds, and of its per-seed difference to the plain student, with the number of seeds
+//! on which it improved).
 //!
 //! Paired means: for a given seed every variant trains on the same split (the dataset's),
 //! under the same teacher (trained once per seed), from the same initialisation seed and on

@@ -1,6 +1,7 @@
 //! The training-step benchmark behind `mgkd-train bench`: the whole student step (teacher
 //! forward + student forward/backward with all five losses + clipping + AdamW) and the
-//! teacher step, on random batches drawn like the SPEC §8 reference, on any backend.
+//! teacher step, on random batches drawn like the reference configuration (docs/model.md §8), on
+//! any backend.
 //!
 //! Batches: in-service lengths uniform in `1..=L`, pre-service lengths uniform in `1..=Lp`
 //! with 10 % of rows empty, 10 % positives, ids uniform in `1..vocab`, numbers standard
@@ -78,8 +79,8 @@ pub struct BenchConfig {
 }
 
 impl Default for BenchConfig {
-    /// SPEC §8: batch 1024, d 128, 4 heads, 2 blocks, d_cat 16, L 128, Lp 32; 30 timed steps
-    /// after 5 warm-up steps, seed 0, a pool of 8 batches.
+    /// The reference configuration of docs/model.md §8: batch 1024, d 128, 4 heads, 2 blocks, d_cat
+    /// 16, L 128, Lp 32; 30 timed steps after 5 warm-up steps, seed 0, a pool of 8 batches.
     fn default() -> Self {
         BenchConfig {
             batch: 1024,
@@ -306,8 +307,8 @@ pub fn draw_batches(
 }
 
 /// Analytic GEMM FLOPs (`2·m·n·k` per product) of one forward of an encoder network over
-/// `rows` rows of padded length `len` (SPEC §4): the numeric event projection, per block the
-/// Q/K/V, output and FFN projections (`24·T·d²`, `T = rows·len`) and the attention products
+/// `rows` rows of padded length `len` (docs/model.md §4): the numeric event projection, per block
+/// the Q/K/V, output and FFN projections (`24·T·d²`, `T = rows·len`) and the attention products
 /// (`4·rows·len²·d`), the profile projection, the fusion and the head.
 pub fn network_forward_flops(cfg: &BenchConfig, rows: usize, len: usize) -> f64 {
     let (b, d, l) = (rows as f64, cfg.d as f64, len as f64);

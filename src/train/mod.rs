@@ -1,4 +1,4 @@
-//! Training (SPEC §6): the learning-rate schedule, the epoch's batches (optionally
+//! Training (docs/model.md §6): the learning-rate schedule, the epoch's batches (optionally
 //! length-bucketed) and the training loop shared by the teacher and student stages. Generic
 //! over the [`crate::backend::Backend`], so every backend runs the same loop; the CLI and an
 //! ablation driver call [`train`] as a library function.

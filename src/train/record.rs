@@ -24,7 +24,7 @@ pub struct TrainingRecord {
     pub train: TrainConfig,
     /// Loss settings (the teacher stage uses only `rho` and `reweight`).
     pub loss: LossConfig,
-    /// Class weights `[w_0, w_1]` used (SPEC §5).
+    /// Class weights `[w_0, w_1]` used (docs/model.md §5.1).
     pub class_weights: [f64; 2],
     /// The dataset directory trained on, as given.
     pub dataset: String,

@@ -1,8 +1,8 @@
-//! The learning-rate schedule of SPEC §6: linear warm-up over the first 5 % of the steps,
-//! then cosine decay to 0.
+//! The learning-rate schedule of docs/model.md §6.2: linear warm-up over the first 5 % of the
+//! steps, then cosine decay to 0.
 
 /// Learning rate at 1-based optimizer step `step` of `total` planned steps, for peak rate
-/// `lr` and warm-up share `warmup_frac` (SPEC §6: 0.05).
+/// `lr` and warm-up share `warmup_frac` (docs/model.md §6.2: 0.05).
 ///
 /// With `W = max(1, round(warmup_frac·total))` warm-up steps:
 /// - `step ≤ W`: `lr·step/W` (linear warm-up; the first step already moves the weights),

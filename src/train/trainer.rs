@@ -1,4 +1,4 @@
-//! The training loop of SPEC §6, generic over the backend: epochs of (optionally
+//! The training loop of docs/model.md §6, generic over the backend: epochs of (optionally
 //! length-bucketed) batches over the train split, AdamW with global-norm clipping under the
 //! warm-up + cosine schedule, validation AUC/KS after every epoch, early stopping on
 //! validation AUC, the best parameters kept (and written atomically as a checkpoint), a
@@ -45,7 +45,7 @@ pub const VALID: u8 = 1;
 /// Test split id.
 pub const TEST: u8 = 2;
 
-/// Hyper-parameters of the optimisation (SPEC §6 defaults where it fixes them).
+/// Hyper-parameters of the optimisation (the defaults of docs/model.md §6.1 and §6.4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {

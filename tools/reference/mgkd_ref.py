@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Independent NumPy reference of the MGKD forward pass and losses (SPEC §4-§5).
+"""Independent NumPy reference of the MGKD forward pass and losses (docs/model.md §4-§5).
 
-Written from the SPEC and the checkpoint / batch-dump layout only, in float64 throughout, to
-check the engine against. Every sequence is processed row by row on its valid slots only, so
-padded slots are never read: the key-padding mask is implicit and cannot leak.
+Written from the specification (docs/model.md) and the checkpoint / batch-dump layout only, in
+float64 throughout, to check the engine against. Every sequence is processed row by row on its valid
+slots only, so padded slots are never read: the key-padding mask is implicit and cannot leak.
 
     python3 tools/reference/mgkd_ref.py --teacher T.safetensors --student S.safetensors \
         --batch B.safetensors [--heads 4]
@@ -307,7 +307,7 @@ def class_weights(cfg):
 
 
 def losses(S, t, s, y, cfg):
-    """SPEC §5 student-stage terms (None where switched off / absent) and the total."""
+    """Student-stage terms of docs/model.md §5 (None where switched off / absent) and the total."""
     w0, w1 = class_weights(cfg)
     w = np.where(y == 1, w1, w0)
     tau, d = float(cfg["tau"]), S.d

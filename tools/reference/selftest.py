@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Self-test of mgkd_ref.py: builds tiny random checkpoints and batches with a built-in
 safetensors writer, runs the reference and checks invariants that hold for any correct
-implementation of SPEC §4-§5. Exit status 0 when every check passes.
+implementation of docs/model.md §4-§5. Exit status 0 when every check passes.
 
     python3 tools/reference/selftest.py
 """

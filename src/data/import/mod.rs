@@ -1,6 +1,6 @@
 //! CSV import (`mgkd-train import`): turns a users file (+ an events file, *long* layout) or
 //! a one-row-per-user file whose column groups are time steps (*wide* layout) into a dataset
-//! directory (SPEC §3). The configuration format is in [`config`] and `docs/import.md`.
+//! directory (docs/model.md §3). The configuration format is in [`config`] and `docs/import.md`.
 //!
 //! The import runs in two phases. First everything is read, parsed and checked in memory
 //! ([`long`] / [`wide`] produce the same intermediate table): any bad cell is an [`Error`]
