@@ -25,6 +25,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod model;

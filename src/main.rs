@@ -33,6 +33,9 @@ enum Command {
     Eval(mgkd::cli::eval::EvalArgs),
     /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
     Predict(mgkd::cli::predict::PredictArgs),
+    /// Export a student as an ONNX model (opset 17) for scoring outside the engine
+    /// (docs/deploy.md).
+    Export(mgkd::cli::export::ExportArgs),
     /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots
     /// (docs/model.md §6.8).
     Ablation(mgkd::cli::ablation::AblationArgs),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Student(args) => mgkd::cli::train::run_student(&args),
         Command::Eval(args) => mgkd::cli::eval::run(&args),
         Command::Predict(args) => mgkd::cli::predict::run(&args),
+        Command::Export(args) => mgkd::cli::export::run(&args),
         Command::Ablation(args) => mgkd::cli::ablation::run(&args),
         Command::Bench(args) => mgkd::cli::bench::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),

@@ -4,6 +4,7 @@ pub mod ablation;
 pub mod bench;
 pub mod devices;
 pub mod eval;
+pub mod export;
 pub mod import;
 pub mod inspect;
 pub mod predict;
