@@ -19,12 +19,15 @@
 //!   and lift tables).
 //! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
 //!   trait.
+//! - [`export`]: the student as an ONNX model for scoring outside the engine.
+//! - [`explain`]: reason codes (occlusion of input groups against a baseline).
 //! - [`cli`]: the `mgkd-train` subcommands.
 
 pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod explain;
 pub mod export;
 pub mod loss;
 pub mod metrics;
