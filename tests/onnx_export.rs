@@ -113,7 +113,9 @@ fn export_writes_the_student_scoring_graph_and_refuses_bad_input() {
     let vocab = tmp.path().join("vocab.json");
     std::fs::write(
         &vocab,
-        r#"{"profile_cat":[{"name":"region","vocab":5,"ids":{"north":1}}],"event_cat":[]}"#,
+        r#"{"profile_cat":[{"name":"region","vocab":5,"ids":{"north":1}}],
+            "event_cat":[{"name":"event_type","vocab":6,"ids":{}},
+                         {"name":"channel","vocab":4,"ids":{"web":1}}]}"#,
     )
     .expect("write vocab");
     let out = ok(&[
@@ -234,7 +236,23 @@ fn export_writes_the_student_scoring_graph_and_refuses_bad_input() {
             "--vocab",
             p(&vocab),
         ],
-        &["vocab.json", "not valid JSON"],
+        &["vocab.json", "not a valid vocabulary file"],
+    );
+    std::fs::write(&vocab, r#"{"profile_cat":[],"event_cat":[]}"#).expect("write vocab");
+    refused(
+        &[
+            "export",
+            "--model",
+            p(&student),
+            "--out",
+            p(&tmp.path().join("v.onnx")),
+            "--vocab",
+            p(&vocab),
+        ],
+        &[
+            "vocab.json",
+            "not the vocabulary of the student's training data",
+        ],
     );
     assert!(!tmp.path().join("v.onnx").exists());
 }

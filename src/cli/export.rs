@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::data::import::Vocabularies;
 use crate::data::writer::write_atomic;
+use crate::data::Schema;
 use crate::export::onnx::{export_student, OPSET};
 use crate::model::checkpoint;
 use crate::{Error, Result};
@@ -28,15 +30,24 @@ pub struct ExportArgs {
     pub vocab: Option<PathBuf>,
 }
 
-/// Checks that `text` (read from `path`) is a JSON object, as `import` writes `vocab.json`.
-fn check_vocab(path: &std::path::Path, text: &str) -> Result<()> {
-    let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-    for key in ["profile_cat", "event_cat"] {
-        if !v.get(key).is_some_and(serde_json::Value::is_array) {
+/// Checks that `text` (read from `path`) is a `vocab.json` of `import` whose fields are
+/// those of `schema` (names and vocabulary sizes, in order).
+fn check_vocab(path: &std::path::Path, text: &str, schema: &Schema) -> Result<()> {
+    let v: Vocabularies = serde_json::from_str(text)
+        .map_err(|e| Error::format(path, format!("not a valid vocabulary file: {e}")))?;
+    for (what, found, wanted) in [
+        ("profile_cat", &v.profile_cat, &schema.profile_cat),
+        ("event_cat", &v.event_cat, &schema.event_cat),
+    ] {
+        let f: Vec<(&str, u32)> = found.iter().map(|f| (f.name.as_str(), f.vocab)).collect();
+        let w: Vec<(&str, u32)> = wanted.iter().map(|f| (f.name.as_str(), f.vocab)).collect();
+        if f != w {
             return Err(Error::format(
                 path,
-                format!("not a vocab.json of `import`: no `{key}` list"),
+                format!(
+                    "`{what}` holds fields (name, vocabulary) {f:?}, the student's schema has \
+                     {w:?}: not the vocabulary of the student's training data"
+                ),
             ));
         }
     }
@@ -50,7 +61,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let vocab = match &args.vocab {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            check_vocab(p, &text)?;
+            check_vocab(p, &text, &ck.config.schema)?;
             Some(text)
         }
         None => None,
