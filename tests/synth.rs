@@ -387,6 +387,8 @@ fn invalid_arguments_fail_cleanly() {
         vec!["--users", "10", "--split", "80,10,20"],
         vec!["--users", "10", "--split", "0,50,50"],
         vec!["--users", "10", "--split", "80,10,x"],
+        vec!["--users", "10", "--risk-shift", "6"],
+        vec!["--users", "10", "--activity-shift", "NaN"],
     ]
     .into_iter()
     .enumerate()
@@ -405,4 +407,55 @@ fn invalid_arguments_fail_cleanly() {
     let out = run_bin(&dir, "2", &["--users", "100"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a dataset"));
+}
+
+#[test]
+fn a_shifted_cohort_keeps_the_schema_and_moves_risk_and_activity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let zero = tmp.path().join("zero");
+    let shifted = tmp.path().join("shifted");
+    let cfg = |risk_shift, activity_shift| SynthConfig {
+        users: 20_000,
+        seed: 4,
+        risk_shift,
+        activity_shift,
+        ..SynthConfig::default()
+    };
+    let mb = synthesize(&base, &cfg(0.0, 0.0)).unwrap();
+    // A shift of 0 is the standard cohort, bit for bit (same draws).
+    let mz = synthesize(&zero, &cfg(0.0, 0.0)).unwrap();
+    assert_eq!(mb.shards[0].sha256, mz.shards[0].sha256);
+    let ms = synthesize(&shifted, &cfg(1.0, 1.0)).unwrap();
+    // Same schema and normalisation: a model of the standard cohort scores this one.
+    assert_eq!(ms.schema, mb.schema);
+    assert!(
+        ms.source.contains("--risk-shift 1 --activity-shift 1"),
+        "{}",
+        ms.source
+    );
+    let (_, rb) = load(&base);
+    let (_, rs) = load(&shifted);
+    let rate = |r: &Rows| r.label.iter().map(|&y| f64::from(y)).sum::<f64>() / r.label.len() as f64;
+    assert!(
+        rate(&rs) > 2.5 * rate(&rb),
+        "{} vs {}",
+        rate(&rs),
+        rate(&rb)
+    );
+    let mean_len = |r: &Rows| r.pre_lens.iter().sum::<u64>() as f64 / r.pre_lens.len() as f64;
+    assert!(
+        mean_len(&rs) > 1.3 * mean_len(&rb),
+        "{} vs {}",
+        mean_len(&rs),
+        mean_len(&rb)
+    );
+    // txn_count_90d (profile field 18) loads 0.6 on activity: its stored mean moves by 0.6.
+    let mean_field = |r: &Rows, f: usize| {
+        let v: Vec<f64> = r.profile_num.chunks(32).map(|p| f64::from(p[f])).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let moved = mean_field(&rs, 18) - mean_field(&rb, 18);
+    assert!((moved - 0.6).abs() < 0.05, "txn_count_90d moved by {moved}");
+    assert_eq!(mb.schema.profile_num[18].name, "txn_count_90d");
 }

@@ -41,6 +41,15 @@ pub struct SynthArgs {
     /// e.g. 20,5,75 for a small training cohort measured on a large test split.
     #[arg(long, value_delimiter = ',', num_args = 1, default_value = "80,10,10")]
     pub split: Vec<u32>,
+    /// Draw a drifted cohort: the latent risk's mean, in standard deviations (riskier
+    /// applicants for > 0). Schema, normalisation and label model stay the standard
+    /// cohort's, so a model trained on that cohort scores this one (see `monitor`).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub risk_shift: f64,
+    /// Draw a drifted cohort: the activity latent's mean (longer pre-service histories
+    /// and more volume for > 0), as `--risk-shift`.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub activity_shift: f64,
 }
 
 impl SynthArgs {
@@ -64,6 +73,8 @@ impl SynthArgs {
             shard_rows: self.shard_rows,
             shard_bytes,
             split,
+            risk_shift: self.risk_shift,
+            activity_shift: self.activity_shift,
         })
     }
 }

@@ -12,7 +12,9 @@
 //! is the same whatever the thread count, the chunking or the number of users):
 //!
 //! - latents: risk `r ~ N(0,1)`; behaviour style `s = ρ·r + √(1−ρ²)·ε_s`, `ρ = 0.5`; activity
-//!   `a ~ N(0,1)`, independent of `r`;
+//!   `a ~ N(0,1)`, independent of `r` (a *shifted* cohort draws `r ~ N(risk_shift, 1)` and
+//!   `a ~ N(activity_shift, 1)` and keeps everything else, the label bias and the stored
+//!   normalisation included: drifted applicants encoded like the training cohort);
 //! - label `y ~ Bernoulli(σ(A·r + b))`, `A = 2.5`, and `b` solved by bisection so that
 //!   `E_r[σ(A·r + b)]` (trapezoid rule on `[−12, 12]`, step 1/256) equals the requested
 //!   default rate;
@@ -301,7 +303,17 @@ pub struct SynthConfig {
     pub shard_bytes: u64,
     /// Train, valid and test shares in whole percent, summing to 100.
     pub split: [u32; 3],
+    /// Shift of the latent risk's mean: `r ~ N(risk_shift, 1)` (0 for the standard cohort).
+    /// The schema, normalisation and label bias stay those of the standard cohort, so a
+    /// shifted cohort is a drifted population of new applicants encoded as the training
+    /// data was (for `monitor`).
+    pub risk_shift: f64,
+    /// Shift of the activity latent's mean: `a ~ N(activity_shift, 1)` (lengths, volumes).
+    pub activity_shift: f64,
 }
+
+/// Largest accepted latent shift, in standard deviations.
+pub const MAX_SHIFT: f64 = 5.0;
 
 impl Default for SynthConfig {
     /// 100,000 users, seed 0, 4 % defaults, the §8 length limits, 256 MiB shards.
@@ -315,6 +327,8 @@ impl Default for SynthConfig {
             shard_rows: None,
             shard_bytes: DEFAULT_SHARD_BYTES,
             split: DEFAULT_SPLIT,
+            risk_shift: 0.0,
+            activity_shift: 0.0,
         }
     }
 }
@@ -349,6 +363,16 @@ impl SynthConfig {
         }
         if self.shard_bytes == 0 {
             return Err(Error::invalid("--shard-mib must be at least 1"));
+        }
+        for (name, v) in [
+            ("--risk-shift", self.risk_shift),
+            ("--activity-shift", self.activity_shift),
+        ] {
+            if !(v.is_finite() && v.abs() <= MAX_SHIFT) {
+                return Err(Error::invalid(format!(
+                    "{name} is {v}, must be a number in [-{MAX_SHIFT}, {MAX_SHIFT}]"
+                )));
+            }
         }
         if self.split.iter().sum::<u32>() != 100 || self.split[0] == 0 {
             return Err(Error::invalid(format!(
@@ -586,6 +610,8 @@ pub struct Generator {
     bias: f32,
     in_len: usize,
     pre_len: usize,
+    risk_shift: f32,
+    activity_shift: f32,
 }
 
 impl Generator {
@@ -597,6 +623,8 @@ impl Generator {
             bias: solve_bias(LABEL_SLOPE, cfg.default_rate)? as f32,
             in_len: cfg.in_len,
             pre_len: cfg.pre_len,
+            risk_shift: cfg.risk_shift as f32,
+            activity_shift: cfg.activity_shift as f32,
         })
     }
 
@@ -639,9 +667,11 @@ impl Generator {
     /// Draws one user and appends it to `c`.
     fn user(&self, rng: &mut ChaCha8Rng, c: &mut UserChunk) {
         let rho = STYLE_RISK_CORR;
-        let r = normal(rng);
+        // A shift of 0 leaves the draws untouched (bit for bit).
+        let shifted = |x: f32, by: f32| if by == 0.0 { x } else { x + by };
+        let r = shifted(normal(rng), self.risk_shift);
         let s = rho * r + (1.0 - rho * rho).sqrt() * normal(rng);
-        let a = normal(rng);
+        let a = shifted(normal(rng), self.activity_shift);
         let y = u8::from(unif(rng) < sigmoid32(LABEL_SLOPE as f32 * r + self.bias));
         let d = r + DISTRESS_LABEL_WEIGHT * y as f32;
         c.labels.push(y);
@@ -840,6 +870,18 @@ pub fn synthesize(dir: &Path, cfg: &SynthConfig) -> Result<Manifest> {
     synthesize_with_progress(dir, cfg, &|_| {})
 }
 
+/// The `--risk-shift` / `--activity-shift` flags of a shifted cohort (empty when unshifted).
+fn shift_flags(cfg: &SynthConfig) -> String {
+    let mut out = String::new();
+    if cfg.risk_shift != 0.0 {
+        out += &format!(" --risk-shift {}", cfg.risk_shift);
+    }
+    if cfg.activity_shift != 0.0 {
+        out += &format!(" --activity-shift {}", cfg.activity_shift);
+    }
+    out
+}
+
 /// As [`synthesize`], calling `progress(users_written_so_far)` after each written chunk.
 pub fn synthesize_with_progress(
     dir: &Path,
@@ -853,7 +895,7 @@ pub fn synthesize_with_progress(
         has_label: true,
         has_user_id: false,
         source: format!(
-            "mgkd-train synth --users {} --seed {} --default-rate {} --in-len {} --pre-len {}{} \
+            "mgkd-train synth --users {} --seed {} --default-rate {} --in-len {} --pre-len {}{}{} \
              (generator model: docs/synth.md; label bias b = {:.6})",
             cfg.users,
             cfg.seed,
@@ -865,6 +907,7 @@ pub fn synthesize_with_progress(
             } else {
                 format!(" --split {}", cfg.split.map(|p| p.to_string()).join(","))
             },
+            shift_flags(cfg),
             gen.bias()
         ),
     };
