@@ -20,6 +20,8 @@
 //! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
 //!   trait.
 //! - [`export`]: the student as an ONNX model for scoring outside the engine.
+//! - [`monitor`]: population and characteristic stability indices (drift of new
+//!   applicants against the training cohort).
 //! - [`explain`]: reason codes (occlusion of input groups against a baseline).
 //! - [`cli`]: the `mgkd-train` subcommands.
 
@@ -32,6 +34,7 @@ pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod optim;
 pub mod train;
 

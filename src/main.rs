@@ -36,6 +36,9 @@ enum Command {
     /// Export a student as an ONNX model (opset 17) for scoring outside the engine
     /// (docs/deploy.md).
     Export(mgkd::cli::export::ExportArgs),
+    /// Population stability of new applicants against the training cohort: CSI of every
+    /// profile field and of pre-service lengths, PSI and score bands with a model.
+    Monitor(mgkd::cli::monitor::MonitorArgs),
     /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots
     /// (docs/model.md §6.8).
     Ablation(mgkd::cli::ablation::AblationArgs),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => mgkd::cli::eval::run(&args),
         Command::Predict(args) => mgkd::cli::predict::run(&args),
         Command::Export(args) => mgkd::cli::export::run(&args),
+        Command::Monitor(args) => mgkd::cli::monitor::run(&args),
         Command::Ablation(args) => mgkd::cli::ablation::run(&args),
         Command::Bench(args) => mgkd::cli::bench::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),

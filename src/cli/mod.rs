@@ -7,6 +7,7 @@ pub mod eval;
 pub mod export;
 pub mod import;
 pub mod inspect;
+pub mod monitor;
 pub mod predict;
 pub mod quickstart;
 pub mod synth;
