@@ -291,24 +291,29 @@ fn plot_err(file: &Path, e: impl std::fmt::Display) -> Error {
 const CHART_BINS: usize = 40;
 
 /// An SVG chart of the two score distributions: the share of each population per score
-/// bin (40 equal bins from 0 to the 99.5th percentile of both), with the reference's decile
-/// cuts (the PSI bands) as vertical lines.
+/// bin (40 equal bins between the 0.5th and the 99.5th percentile of both populations'
+/// scores, the tails counted in the end bins), with the reference's decile cuts (the PSI
+/// bands) as vertical lines.
 fn chart(path: &Path, reference: &[f64], new: &[f64], s: &ScoreReport) -> Result<()> {
     let mut all: Vec<f64> = reference.iter().chain(new).copied().collect();
     all.sort_by(f64::total_cmp);
-    let top = all[((all.len() - 1) as f64 * 0.995) as usize].max(1e-6);
-    let width = top / CHART_BINS as f64;
+    let at = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
+    let bottom = at(0.005);
+    let top = at(0.995).max(bottom + 1e-6);
+    let width = (top - bottom) / CHART_BINS as f64;
     let hist = |v: &[f64]| -> Vec<(f64, f64)> {
         let mut c = vec![0u64; CHART_BINS];
         for &x in v {
-            c[((x / width) as usize).min(CHART_BINS - 1)] += 1;
+            // Scores beyond the 0.5th and 99.5th percentiles fall into the end bins.
+            let b = ((x - bottom) / width).max(0.0) as usize;
+            c[b.min(CHART_BINS - 1)] += 1;
         }
         let n = v.len().max(1) as f64;
         let mut pts = Vec::with_capacity(2 * CHART_BINS);
         for (b, &k) in c.iter().enumerate() {
             let y = k as f64 / n;
-            pts.push((b as f64 * width, y));
-            pts.push(((b + 1) as f64 * width, y));
+            pts.push((bottom + b as f64 * width, y));
+            pts.push((bottom + (b + 1) as f64 * width, y));
         }
         pts
     };
@@ -324,7 +329,7 @@ fn chart(path: &Path, reference: &[f64], new: &[f64], s: &ScoreReport) -> Result
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(56)
-            .build_cartesian_2d(0.0..top, 0.0..ymax)
+            .build_cartesian_2d(bottom..top, 0.0..ymax)
             .map_err(|e| plot_err(path, e))?;
         chart
             .configure_mesh()
@@ -334,7 +339,7 @@ fn chart(path: &Path, reference: &[f64], new: &[f64], s: &ScoreReport) -> Result
             .map_err(|e| plot_err(path, e))?;
         let grey = RGBColor(190, 190, 190);
         for b in &s.bands {
-            if let Some(h) = b.hi.filter(|&h| h <= top) {
+            if let Some(h) = b.hi.filter(|&h| (bottom..=top).contains(&h)) {
                 chart
                     .draw_series(LineSeries::new([(h, 0.0), (h, ymax)], grey.stroke_width(1)))
                     .map_err(|e| plot_err(path, e))?;
