@@ -19,11 +19,14 @@
 //! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
 //!   trait.
 //! - [`cli`]: the `mgkd-train` subcommands.
+//! - [`io`]: safe outputs (checks and locks of `--out`), the temporary files removed on
+//!   SIGINT/SIGTERM, printing that reports a closed pipe instead of panicking.
 
 pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -1,5 +1,6 @@
 //! `mgkd-train`: the command-line front end of the MGKD engine.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -58,8 +59,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `mgkd-train … | head`: the reader went away; stop quietly, as a program killed by
+        // SIGPIPE would (mgkd::io::stdout).
+        Err(e) if e.is_broken_pipe() => ExitCode::from(mgkd::io::stdout::BROKEN_PIPE_STATUS),
         Err(e) => {
-            eprintln!("error: {e}");
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -394,16 +394,18 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     }
     let outcome = in_pool(args.hyper.threads, || {
         crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
-            eprintln!(
-                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s",
+            crate::noteln!(
+                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s, {:.0} samples/s",
                 r.seed,
                 r.variant,
                 r.test_auc,
                 r.test_ks,
                 r.best_epoch,
                 r.epochs_run,
-                r.seconds
+                r.seconds,
+                r.samples_per_s
             );
+            Ok(())
         }))
     })?;
     let file = ResultsFile {
@@ -431,14 +433,14 @@ pub fn run(args: &AblationArgs) -> Result<()> {
     if args.json {
         let json = serde_json::to_string_pretty(&file.summary)
             .map_err(|e| Error::invalid(format!("summary to JSON: {e}")))?;
-        println!("{json}");
+        crate::outln!("{json}")?;
     } else {
-        print!("{}", summary_markdown(&file.summary));
-        println!(
+        crate::out!("{}", summary_markdown(&file.summary))?;
+        crate::outln!(
             "{:.0} s; report in {}",
             file.seconds,
             args.out.join("report.md").display()
-        );
+        )?;
     }
     Ok(())
 }

@@ -162,17 +162,18 @@ fn measure<B: Backend>(be: &B, args: &BenchArgs, cfg: &BenchConfig) -> Result<Be
 }
 
 /// Prints the report as a table.
-fn print_table(r: &BenchReport) {
+fn print_table(r: &BenchReport) -> Result<()> {
     let c = &r.config;
-    println!(
+    crate::outln!(
         "device {} · batch {} · d {} · {} heads · {} blocks · L {} · Lp {} · median of {} steps after {}",
         r.device, c.batch, c.d, c.heads, c.blocks, c.in_len, c.pre_len, c.steps, c.warmup
-    );
-    println!(
+    )?;
+    crate::outln!(
         "params: teacher {}, student {}",
-        r.params.teacher, r.params.student
-    );
-    println!(
+        r.params.teacher,
+        r.params.student
+    )?;
+    crate::outln!(
         "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8}",
         "step",
         "batches",
@@ -184,12 +185,12 @@ fn print_table(r: &BenchReport) {
         "TFLOP/s",
         "peak MiB",
         "padding"
-    );
+    )?;
     for x in &r.results {
         let mib = x.peak_mem_bytes.map_or("—".to_string(), |b| {
             format!("{:.0}", b as f64 / 1048576.0)
         });
-        println!(
+        crate::outln!(
             "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>7.0}%",
             format!("{:?}", x.stage).to_lowercase(),
             format!("{:?}", x.batching).to_lowercase(),
@@ -201,8 +202,9 @@ fn print_table(r: &BenchReport) {
             x.tflops,
             mib,
             100.0 * x.padding
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `mgkd-train bench`.
@@ -234,9 +236,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         write_atomic(p, json.as_bytes())?;
     }
     if args.json {
-        println!("{json}");
+        crate::outln!("{json}")?;
     } else {
-        print_table(&report);
+        print_table(&report)?;
     }
     Ok(())
 }

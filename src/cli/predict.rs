@@ -79,6 +79,6 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         || crate::with_backend!(args.device, be => predict_on(be, args)),
     )?;
     write_atomic(&args.out, &bytes)?;
-    println!("scored {n} rows into {}", args.out.display());
+    crate::outln!("scored {n} rows into {}", args.out.display())?;
     Ok(())
 }

@@ -101,12 +101,12 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     };
     let t = Instant::now();
     synthesize(&data, &synth)?;
-    println!(
+    crate::outln!(
         "synthesised {} users into {} in {:.1} s",
         args.users,
         data.display(),
         t.elapsed().as_secs_f64()
-    );
+    )?;
     let ds = Dataset::open(&data)?;
     let checkpoints = dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
@@ -127,14 +127,15 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     };
     let be = CpuBackend::<f32>::new();
     let outcome = run_ablation(&be, &ds, &cfg, |r| {
-        println!(
-            "{}: best epoch {}/{} (valid AUC {:.4}), {:.1} s",
+        crate::outln!(
+            "{}: best epoch {}/{} (valid AUC {:.4}), {:.1} s, {:.0} samples/s",
             label_of(&r.variant),
             r.best_epoch,
             r.epochs_run,
             r.valid_auc[r.best_epoch - 1],
-            r.seconds
-        );
+            r.seconds,
+            r.samples_per_s
+        )
     })?;
     Ok(outcome.runs)
 }
@@ -196,12 +197,17 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         }
     };
     let runs = in_pool(args.threads, || quickstart_in(&dir, args))?;
-    println!(
+    crate::outln!(
         "\n{:<26} {:>8} {:>7} {:>9} {:>5} {:>8}",
-        "model (test split)", "AUC", "KS", "log-loss", "best", "s"
-    );
+        "model (test split)",
+        "AUC",
+        "KS",
+        "log-loss",
+        "best",
+        "s"
+    )?;
     for r in &runs {
-        println!(
+        crate::outln!(
             "{:<26} {:>8.4} {:>7.4} {:>9.5} {:>5} {:>8.1}",
             label_of(&r.variant),
             r.test_auc,
@@ -209,15 +215,15 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             r.test_log_loss,
             r.best_epoch,
             r.seconds
-        );
+        )?;
     }
-    println!(
+    crate::outln!(
         "\nThe teacher reads in-service behaviour (not available when scoring applicants); the students read only \
          pre-service data. Total {:.0} s.",
         start.elapsed().as_secs_f64()
-    );
+    )?;
     if args.workdir.is_some() {
-        println!("dataset and checkpoints kept in {}", dir.display());
+        crate::outln!("dataset and checkpoints kept in {}", dir.display())?;
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .iter()
         .map(|s| format!("{} {:.4} ({} rows)", s.name, s.default_rate, s.rows))
         .collect();
-    println!(
+    crate::outln!(
         "synth: {} users in {:.2} s ({:.0} users/s), {} shards in {}; default rate {}",
         manifest.rows,
         secs,
@@ -101,6 +101,6 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         manifest.shards.len(),
         args.out.display(),
         rates.join(", ")
-    );
+    )?;
     Ok(())
 }

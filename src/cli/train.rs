@@ -36,7 +36,7 @@ macro_rules! with_backend {
             Err(e) => Err(e),
             Ok($crate::backend::device::Resolved::Cpu { reason }) => {
                 if let Some(why) = reason {
-                    eprintln!("device: cpu (no CUDA device: {why})");
+                    $crate::noteln!("device: cpu (no CUDA device: {why})");
                 }
                 let $be = &$crate::backend::cpu::CpuBackend::<f32>::new();
                 $body
@@ -45,7 +45,7 @@ macro_rules! with_backend {
                 match $crate::backend::cuda::CudaBackend::new(info.index) {
                     Err(e) => Err(e),
                     Ok(backend) => {
-                        eprintln!("device: {}", $crate::backend::Backend::name(&backend));
+                        $crate::noteln!("device: {}", $crate::backend::Backend::name(&backend));
                         let $be = &backend;
                         $body
                     }
@@ -418,13 +418,19 @@ pub fn default_log(out: &Path) -> PathBuf {
 }
 
 /// Prints the per-epoch table and the best epoch.
-pub fn print_summary(report: &TrainReport, out: &Path) {
-    println!(
+pub fn print_summary(report: &TrainReport, out: &Path) -> Result<()> {
+    crate::outln!(
         "{:>5} {:>11} {:>9} {:>8} {:>10} {:>11} {:>8}",
-        "epoch", "train_loss", "valid_auc", "valid_ks", "valid_ll", "samples/s", "padding"
-    );
+        "epoch",
+        "train_loss",
+        "valid_auc",
+        "valid_ks",
+        "valid_ll",
+        "samples/s",
+        "padding"
+    )?;
     for e in &report.history {
-        println!(
+        crate::outln!(
             "{:>5} {:>11.5} {:>9.4} {:>8.4} {:>10.5} {:>11.0} {:>7.1}%{}",
             e.epoch,
             e.train_loss,
@@ -434,9 +440,9 @@ pub fn print_summary(report: &TrainReport, out: &Path) {
             e.samples_per_s,
             100.0 * e.padding,
             if e.best { " *" } else { "" }
-        );
+        )?;
     }
-    println!(
+    crate::outln!(
         "best epoch {}: valid AUC {:.4}, KS {:.4}; {} epochs{} in {:.1} s ({:.0} samples/s); checkpoint {}",
         report.best.epoch,
         report.best.valid_auc,
@@ -450,7 +456,8 @@ pub fn print_summary(report: &TrainReport, out: &Path) {
         report.seconds,
         report.samples_per_s,
         out.display()
-    );
+    )?;
+    Ok(())
 }
 
 fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOptions> {
@@ -577,8 +584,7 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
         c.hyper.threads,
         || with_backend!(c.hyper.device, be => teacher_on(be, args, &r)),
     )?;
-    finish(&args.common, &report);
-    Ok(())
+    finish(&args.common, &report)
 }
 
 /// `mgkd-train student`.
@@ -598,20 +604,20 @@ pub fn run_student(args: &StudentArgs) -> Result<()> {
         c.hyper.threads,
         || with_backend!(c.hyper.device, be => student_on(be, args, &r)),
     )?;
-    finish(&args.common, &report);
-    Ok(())
+    finish(&args.common, &report)
 }
 
-fn finish(c: &CommonArgs, report: &TrainReport) {
+fn finish(c: &CommonArgs, report: &TrainReport) -> Result<()> {
     if c.quiet {
-        println!(
+        crate::outln!(
             "best epoch {}: valid AUC {:.4}, KS {:.4}; checkpoint {}",
             report.best.epoch,
             report.best.valid_auc,
             report.best.valid_ks,
             c.out.display()
-        );
+        )?;
     } else {
-        print_summary(report, &c.out);
+        print_summary(report, &c.out)?;
     }
+    Ok(())
 }
