@@ -383,7 +383,7 @@ fn mismatched_schemas_and_bad_options_are_refused() {
             "--out",
             p(&t),
         ],
-        &["teacher checkpoint"],
+        &["is the input --teacher"],
     );
     let missing = tmp.path().join("no-such-dir").join("t.safetensors");
     refused(

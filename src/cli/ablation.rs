@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::train::{in_pool, resolve, CoefArgs, FileConfig, HyperArgs, SwitchArgs, Widths};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::metrics;
 use crate::train::ablation::{
     run_ablation, summarize, AblationConfig, AblationOutcome, RunResult, Variant, VariantSummary,
@@ -429,6 +430,12 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
 
 /// `mgkd-train ablation`.
 pub fn run(args: &AblationArgs) -> Result<()> {
+    let _out = OutputPath::prepare(
+        "--out",
+        &args.out,
+        OutputKind::Dir,
+        &[Input::dataset("--data", &args.data)],
+    )?;
     let file = ablation_in(args)?;
     if args.json {
         let json = serde_json::to_string_pretty(&file.summary)

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::cli::train::{in_pool, Device};
 use crate::data::writer::write_atomic;
+use crate::io::output::{OutputKind, OutputPath};
 use crate::train::bench::{
     param_counts, run as run_bench, Batching, BenchConfig, BenchMode, BenchRow, BenchStage,
 };
@@ -213,19 +214,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.stages.is_empty() || args.batching.is_empty() {
         return Err(Error::invalid("bench: no stage or no batching chosen"));
     }
-    if let Some(p) = &args.out {
-        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(dir) = parent.filter(|d| !d.is_dir()) {
-            return Err(Error::invalid(format!(
-                "{}: the directory {} does not exist",
-                p.display(),
-                dir.display()
-            )));
-        }
-        if p.is_dir() {
-            return Err(Error::invalid(format!("{}: is a directory", p.display())));
-        }
-    }
+    let _out = args
+        .out
+        .as_ref()
+        .map(|p| OutputPath::prepare("--out", p, OutputKind::File, &[]))
+        .transpose()?;
     let report = in_pool(
         args.threads,
         || with_backend!(args.device, be => measure(be, args, &cfg)),

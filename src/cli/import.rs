@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::data::import;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::Result;
 
 /// Arguments of `mgkd-train import`.
@@ -26,7 +27,14 @@ pub struct ImportArgs {
 /// Runs the import and prints a summary.
 pub fn run(args: &ImportArgs) -> Result<()> {
     let start = Instant::now();
-    let summary = import::import(&args.config, &args.out, args.shard_rows)?;
+    let config = import::ImportConfig::load(&args.config)?;
+    let inputs: Vec<Input<'_>> = config
+        .encoding_from
+        .iter()
+        .map(|d| Input::dataset("encoding_from", d))
+        .collect();
+    let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &inputs)?;
+    let summary = import::import_config(&config, &args.out, args.shard_rows)?;
     let m = &summary.manifest;
     let events = |f: fn(&crate::data::ShardInfo) -> u64| m.shards.iter().map(f).sum::<u64>();
     crate::outln!(

@@ -11,6 +11,7 @@ use crate::cli::eval::Split;
 use crate::cli::train::{check_schema, in_pool, require_in_service, Device};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::model::{checkpoint, Role};
 use crate::train::{score_rows, sigmoid};
 use crate::{Error, Result};
@@ -25,7 +26,8 @@ pub struct PredictArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Output CSV, written atomically: `user_id,probability,logit` (`row,…` when the
-    /// dataset has no user ids; `row` is the dataset row index).
+    /// dataset has no user ids; `row` is the dataset row index). A regular file outside the
+    /// dataset; links, devices and FIFOs are refused.
     #[arg(long)]
     pub out: PathBuf,
     /// Score only this split (default: every row).
@@ -74,6 +76,15 @@ pub fn predict_on<B: Backend>(be: &B, args: &PredictArgs) -> Result<(Vec<u8>, us
 
 /// `mgkd-train predict`.
 pub fn run(args: &PredictArgs) -> Result<()> {
+    let _out = OutputPath::prepare(
+        "--out",
+        &args.out,
+        OutputKind::File,
+        &[
+            Input::dataset("--data", &args.data),
+            Input::file("--model", &args.model),
+        ],
+    )?;
     let (bytes, n) = in_pool(
         args.threads,
         || crate::with_backend!(args.device, be => predict_on(be, args)),

@@ -18,6 +18,8 @@ use crate::cli::train::{
 };
 use crate::data::synth::{synthesize, SynthConfig};
 use crate::data::Dataset;
+use crate::io::cleanup::{self, Registration, Removal};
+use crate::io::output::{OutputKind, OutputPath};
 use crate::train::ablation::{run_ablation, AblationConfig, RunResult, Variant};
 use crate::{Error, Result};
 
@@ -75,13 +77,15 @@ pub struct QuickstartArgs {
     pub quiet: bool,
 }
 
-/// Removes the temporary directory on every exit path.
-struct TempDir(PathBuf);
+/// Removes the temporary directory on every exit path; registered with
+/// [`crate::io::cleanup`], so SIGINT/SIGTERM remove it too.
+struct TempDir(PathBuf, Option<Registration>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         // Best effort: a leftover temporary directory is not an error of the quickstart.
         let _ = std::fs::remove_dir_all(&self.0);
+        self.1.take();
     }
 }
 
@@ -181,10 +185,11 @@ fn hyper_of(args: &QuickstartArgs) -> HyperArgs {
 /// `mgkd-train quickstart`.
 pub fn run(args: &QuickstartArgs) -> Result<()> {
     let start = Instant::now();
-    let (dir, _guard) = match &args.workdir {
+    let (dir, _guard, _lock) = match &args.workdir {
         Some(d) => {
+            let lock = OutputPath::prepare("--workdir", d, OutputKind::Dir, &[])?;
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-            (d.clone(), None)
+            (d.clone(), None, Some(lock))
         }
         None => {
             let d = std::env::temp_dir().join(format!(
@@ -192,8 +197,10 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 std::process::id(),
                 args.seed
             ));
-            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-            (d.clone(), Some(TempDir(d)))
+            let ((), registration) =
+                cleanup::create(&d, Removal::Tree, |p| std::fs::create_dir_all(p))
+                    .map_err(|e| Error::io(&d, e))?;
+            (d.clone(), Some(TempDir(d, Some(registration))), None)
         }
     };
     let runs = in_pool(args.threads, || quickstart_in(&dir, args))?;

@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::synth::{synthesize_with_progress, SynthConfig};
+use crate::io::output::{OutputKind, OutputPath};
 use crate::{Error, Result};
 
 /// Arguments of `mgkd-train synth`.
@@ -73,6 +74,7 @@ impl SynthArgs {
 pub fn run(args: &SynthArgs) -> Result<()> {
     let cfg = args.config()?;
     cfg.validate()?;
+    let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &[])?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(Some(cfg.users), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(

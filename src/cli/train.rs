@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::backend::Backend;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::loss::{class_weights, LossConfig};
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role};
@@ -146,6 +147,8 @@ pub struct CommonArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Output checkpoint (safetensors), written atomically whenever validation AUC improves.
+    /// A regular file outside the dataset; links, devices and FIFOs are refused, and a second
+    /// run writing the same checkpoint is refused while this one holds its lock.
     #[arg(long)]
     pub out: PathBuf,
     /// JSONL log, one line per epoch (default `<out>.log.jsonl`).
@@ -568,9 +571,35 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
     )
 }
 
+/// Checks and locks the outputs of a training run: the checkpoint `--out` and the log
+/// (`--log`, default `<out>.log.jsonl`), neither inside the dataset `--data` nor equal to the
+/// `--teacher` checkpoint (see [`crate::io::output`]). The locks hold while the result lives.
+pub fn prepare_outputs(c: &CommonArgs, teacher: Option<&Path>) -> Result<Vec<OutputPath>> {
+    let mut inputs = vec![Input::dataset("--data", &c.data)];
+    if let Some(t) = teacher {
+        inputs.push(Input::file("--teacher", t));
+    }
+    let log = c.log.clone().unwrap_or_else(|| default_log(&c.out));
+    if crate::io::output::resolve(&log)? == crate::io::output::resolve(&c.out)? {
+        return Err(Error::invalid(format!(
+            "--log {} is the checkpoint --out: choose another log file",
+            log.display()
+        )));
+    }
+    let checkpoint = OutputPath::prepare("--out", &c.out, OutputKind::File, &inputs)?;
+    let log_flag = if c.log.is_some() {
+        "--log"
+    } else {
+        "--log (default <out>.log.jsonl)"
+    };
+    let log = OutputPath::prepare(log_flag, &log, OutputKind::File, &inputs)?;
+    Ok(vec![checkpoint, log])
+}
+
 /// `mgkd-train teacher`.
 pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
     let c = &args.common;
+    let _outputs = prepare_outputs(c, None)?;
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
@@ -589,8 +618,9 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
 
 /// `mgkd-train student`.
 pub fn run_student(args: &StudentArgs) -> Result<()> {
-    let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let c = &args.common;
+    let _outputs = prepare_outputs(c, Some(&args.teacher))?;
+    let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,

@@ -157,6 +157,7 @@ pub fn import_config(
     let existed = out.exists();
     let mut writer = DatasetWriter::create(out, schema, options)?;
     let vocab_path = out.join(VOCAB_FILE);
+    writer.adopt(&vocab_path);
     let result = (|| {
         write_rows(&mut writer, &table, &splits, &encoded)?;
         let text = serde_json::to_string_pretty(&encoded.vocab)
