@@ -43,6 +43,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SIGINT/SIGTERM remove the run's temporary files and exit 130/143 (mgkd::io::cleanup).
+    if let Err(e) = mgkd::io::cleanup::install_signal_handler() {
+        mgkd::noteln!("warning: {e}");
+    }
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
         Command::Quickstart(args) => mgkd::cli::quickstart::run(&args),
