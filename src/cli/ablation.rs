@@ -357,9 +357,7 @@ fn write_plots(dir: &Path, outcome: &AblationOutcome) -> Result<()> {
 pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let start = Instant::now();
     let (w, train, loss) = settings(args)?;
-    if args.seeds == 0 {
-        return Err(Error::invalid("--seeds must be at least 1"));
-    }
+    crate::cli::bounds::check("--seeds", args.seeds, 1..=crate::cli::bounds::MAX_SEEDS, "")?;
     let seeds: Vec<u64> = (0..args.seeds)
         .map(|k| {
             args.first_seed

@@ -106,6 +106,26 @@ pub struct ParamCounts {
 }
 
 impl BenchArgs {
+    /// Refuses sizes that could exhaust the machine, naming the flag.
+    fn check_bounds(&self) -> Result<()> {
+        use crate::cli::bounds::{check, MAX_BENCH_POOL, MAX_BENCH_STEPS};
+        use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
+        check("--batch", self.batch, 1..=crate::train::MAX_BATCH, "")?;
+        check("--d", self.d, 1..=MAX_D, "")?;
+        check("--heads", self.heads, 1..=MAX_HEADS, "")?;
+        check("--blocks", self.blocks, 1..=MAX_BLOCKS, "")?;
+        check("--d-cat", self.d_cat, 1..=MAX_D_CAT, "")?;
+        check("--in-len", self.in_len, 1..=4096, "")?;
+        check("--pre-len", self.pre_len, 1..=4096, "")?;
+        check("--steps", self.steps, 1..=MAX_BENCH_STEPS, "")?;
+        check("--warmup", self.warmup, 0..=MAX_BENCH_STEPS, "")?;
+        check("--pool", self.pool, 1..=MAX_BENCH_POOL, "")?;
+        if let Some(n) = self.threads {
+            crate::cli::bounds::check_threads(n)?;
+        }
+        Ok(())
+    }
+
     fn config(&self) -> BenchConfig {
         BenchConfig {
             batch: self.batch,
@@ -214,6 +234,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.stages.is_empty() || args.batching.is_empty() {
         return Err(Error::invalid("bench: no stage or no batching chosen"));
     }
+    args.check_bounds()?;
     let _out = args
         .out
         .as_ref()

@@ -103,6 +103,13 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         split: defaults::SPLIT,
         ..SynthConfig::default()
     };
+    // Settings first: a bad flag is refused before anything is synthesised.
+    let Resolved {
+        widths: w,
+        train,
+        loss,
+    } = settings(args)?;
+    synth.validate()?;
     let t = Instant::now();
     synthesize(&data, &synth)?;
     crate::outln!(
@@ -114,11 +121,6 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     let ds = Dataset::open(&data)?;
     let checkpoints = dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
-    let Resolved {
-        widths: w,
-        train,
-        loss,
-    } = settings(args)?;
     let cfg = AblationConfig {
         seeds: vec![args.seed],
         variants: vec![Variant::Plain, Variant::Full],

@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::backend::Backend;
+use crate::cli::bounds;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
@@ -319,6 +320,47 @@ pub fn resolve(
 ) -> Result<Resolved> {
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
     let (m, t, l) = (&file.model, &file.train, &file.loss);
+    // Sizes that could exhaust the machine, named by where they came from.
+    use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
+    use crate::train::{MAX_BATCH, MAX_EPOCHS};
+    for (flag, key, from_flag, from_file, max) in [
+        (
+            "--epochs",
+            "[train] epochs",
+            hyper.epochs,
+            t.epochs,
+            MAX_EPOCHS,
+        ),
+        ("--batch", "[train] batch", hyper.batch, t.batch, MAX_BATCH),
+        (
+            "--patience",
+            "[train] patience",
+            hyper.patience,
+            t.patience,
+            MAX_EPOCHS,
+        ),
+        ("--d", "[model] d", hyper.d, m.d, MAX_D),
+        ("--heads", "[model] heads", hyper.heads, m.heads, MAX_HEADS),
+        (
+            "--blocks",
+            "[model] blocks",
+            hyper.blocks,
+            m.blocks,
+            MAX_BLOCKS,
+        ),
+        ("--d-cat", "[model] d_cat", hyper.d_cat, m.d_cat, MAX_D_CAT),
+    ] {
+        match (from_flag, from_file) {
+            (Some(v), _) => bounds::check(flag, v, 1..=max, "")?,
+            (None, Some(v)) => {
+                bounds::check(&format!("`{key}` ="), v, 1..=max, "in the --config file")?
+            }
+            (None, None) => {}
+        }
+    }
+    if let Some(n) = hyper.threads {
+        bounds::check_threads(n)?;
+    }
     let widths = Widths {
         d: pick(hyper.d, m.d, base.d),
         heads: pick(hyper.heads, m.heads, base.heads),
@@ -364,16 +406,19 @@ pub fn resolve(
     })
 }
 
-/// Runs `f` in a rayon pool of `threads` threads (the global pool when `None`).
+/// Runs `f` in a rayon pool of `threads` threads (the global pool when `None`); `threads`
+/// must be 1 to [`bounds::max_threads`].
 pub fn in_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     match threads {
         None => f(),
-        Some(0) => Err(Error::invalid("--threads must be at least 1")),
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::invalid(format!("thread pool of {n}: {e}")))?
-            .install(f),
+        Some(n) => {
+            bounds::check_threads(n)?;
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| Error::invalid(format!("thread pool of {n}: {e}")))?
+                .install(f)
+        }
     }
 }
 
