@@ -85,6 +85,9 @@ pub struct EvalOutput {
 pub fn evaluate_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalOutput> {
     let ds = Dataset::open(&args.data)?;
     let ck = checkpoint::read(&args.model)?;
+    if let Some(w) = ck.unverified_warning(&args.model) {
+        crate::noteln!("{w}");
+    }
     check_schema(&args.model, &ck.config, &ds)?;
     let role = ck.config.role;
     if role == Role::Teacher {

@@ -45,6 +45,9 @@ pub struct PredictArgs {
 pub fn predict_on<B: Backend>(be: &B, args: &PredictArgs) -> Result<(Vec<u8>, usize)> {
     let ds = Dataset::open(&args.data)?;
     let ck = checkpoint::read(&args.model)?;
+    if let Some(w) = ck.unverified_warning(&args.model) {
+        crate::noteln!("{w}");
+    }
     check_schema(&args.model, &ck.config, &ds)?;
     if ck.config.role == Role::Teacher {
         require_in_service(&ds, "scoring with a teacher")?;

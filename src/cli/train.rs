@@ -586,6 +586,9 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
     let sha = sha256_hex(&bytes);
     drop(bytes);
     let ck = checkpoint::read(&args.teacher)?;
+    if let Some(w) = ck.unverified_warning(&args.teacher) {
+        crate::noteln!("{w}");
+    }
     if ck.config.role != Role::Teacher {
         return Err(Error::format(
             &args.teacher,
