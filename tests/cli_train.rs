@@ -269,6 +269,47 @@ fn teacher_student_eval_predict_end_to_end() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// `teacher --help` and `student --help` show the defaults of the settings a config file
+/// may also set (the library's own defaults, not a copy of them).
+#[test]
+fn help_shows_the_training_defaults() {
+    let t = mgkd::train::TrainConfig::default();
+    let w = mgkd::model::config::Widths::defaults();
+    let l = mgkd::loss::LossConfig::default();
+    for cmd in ["teacher", "student", "ablation"] {
+        let help = ok(&[cmd, "--help"]);
+        let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (flag, value) in [
+            ("--epochs", t.epochs.to_string()),
+            ("--batch", t.batch.to_string()),
+            ("--lr", t.lr.to_string()),
+            ("--patience", t.patience.to_string()),
+            ("--d", w.d.to_string()),
+            ("--heads", w.heads.to_string()),
+            ("--blocks", w.blocks.to_string()),
+            ("--d-cat", w.d_cat.to_string()),
+            ("--rho", l.rho.to_string()),
+        ] {
+            let line = flat
+                .split(&format!("{flag} <"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{cmd} --help has no {flag}:\n{help}"));
+            let until_next = line.split(" --").next().unwrap_or(line);
+            assert!(
+                until_next.contains(&format!("[default: {value}")),
+                "{cmd} {flag}: {until_next:?}"
+            );
+        }
+    }
+    let help = ok(&["student", "--help"]);
+    for value in [l.alpha, l.beta, l.gamma, l.delta, l.tau] {
+        assert!(
+            help.contains(&format!("[default: {value}")),
+            "{value}: {help}"
+        );
+    }
+}
+
 /// Sizes that could exhaust the machine are refused before any work, naming the flag (or
 /// the config key) and the range; nothing is written.
 #[test]

@@ -38,7 +38,8 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
     /// Student variants to train, comma-separated, from plain, soft, coarse, fine, self,
-    /// full, full-no-reweight (default: all seven); plain, the baseline, is always needed.
+    /// full, full-no-reweight (default: all seven); plain, the baseline of every paired
+    /// difference, is always trained (added when not listed).
     #[arg(long, value_delimiter = ',', value_parser = parse_variant)]
     pub variants: Vec<Variant>,
     /// First seed.
@@ -365,11 +366,14 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
                 .ok_or_else(|| Error::invalid("--first-seed + --seeds overflows"))
         })
         .collect::<Result<_>>()?;
-    let variants = if args.variants.is_empty() {
+    let mut variants = if args.variants.is_empty() {
         Variant::ALL.to_vec()
     } else {
         args.variants.clone()
     };
+    if !variants.contains(&Variant::Plain) {
+        variants.insert(0, Variant::Plain);
+    }
     let ck = (!args.no_checkpoints).then(|| args.out.join("checkpoints"));
     let cfg = AblationConfig {
         seeds: seeds.clone(),

@@ -64,34 +64,34 @@ pub struct HyperArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Maximum epochs.
-    #[arg(long)]
+    #[arg(long, help = help::train("Maximum epochs", TrainConfig::default().epochs))]
     pub epochs: Option<usize>,
     /// Rows per batch.
-    #[arg(long)]
+    #[arg(long, help = help::train("Rows per batch", TrainConfig::default().batch))]
     pub batch: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, help = help::train("Peak learning rate", TrainConfig::default().lr))]
     pub lr: Option<f64>,
     /// Early-stopping patience in validations.
-    #[arg(long)]
+    #[arg(long, help = help::train("Early-stopping patience in validations", TrainConfig::default().patience))]
     pub patience: Option<usize>,
     /// Plain shuffled batches instead of length-bucketed ones.
     #[arg(long)]
     pub no_bucket: bool,
     /// Model width d (a student defaults to its teacher's).
-    #[arg(long)]
+    #[arg(long, help = help::width("Model width d", Widths::defaults().d))]
     pub d: Option<usize>,
     /// Attention heads.
-    #[arg(long)]
+    #[arg(long, help = help::width("Attention heads", Widths::defaults().heads))]
     pub heads: Option<usize>,
     /// Transformer blocks.
-    #[arg(long)]
+    #[arg(long, help = help::width("Transformer blocks", Widths::defaults().blocks))]
     pub blocks: Option<usize>,
     /// Width of each profile categorical embedding.
-    #[arg(long)]
+    #[arg(long, help = help::width("Width of each profile categorical embedding", Widths::defaults().d_cat))]
     pub d_cat: Option<usize>,
     /// Class re-weighting exponent ρ.
-    #[arg(long)]
+    #[arg(long, help = help::train("Class re-weighting exponent ρ", LossConfig::default().rho))]
     pub rho: Option<f64>,
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
@@ -101,6 +101,20 @@ pub struct HyperArgs {
     pub device: Device,
 }
 
+/// `--help` texts that show the defaults of flags whose unset value comes from the
+/// `--config` file first (so clap's own `default_value` cannot be used).
+mod help {
+    /// A training setting: its library default, unless the config file sets it.
+    pub fn train(what: &str, default: impl std::fmt::Display) -> String {
+        format!("{what} [default: {default}, unless the --config file sets it]")
+    }
+
+    /// A width: its library default; a student's default is its teacher's.
+    pub fn width(what: &str, default: usize) -> String {
+        format!("{what} [default: {default}, or the --config file's; a student's: its teacher's]")
+    }
+}
+
 /// Loss coefficients shared by `student` and `ablation` (unset: config file, then defaults).
 #[derive(Debug, Clone, Default, Args)]
 pub struct CoefArgs {
@@ -108,19 +122,19 @@ pub struct CoefArgs {
     #[arg(long)]
     pub coarse_cosine: bool,
     /// α, weight of L_soft.
-    #[arg(long)]
+    #[arg(long, help = help::train("α, weight of L_soft", LossConfig::default().alpha))]
     pub alpha: Option<f64>,
     /// β, weight of L_coarse.
-    #[arg(long)]
+    #[arg(long, help = help::train("β, weight of L_coarse", LossConfig::default().beta))]
     pub beta: Option<f64>,
     /// γ, weight of L_fine.
-    #[arg(long)]
+    #[arg(long, help = help::train("γ, weight of L_fine", LossConfig::default().gamma))]
     pub gamma: Option<f64>,
     /// δ, weight of L_self.
-    #[arg(long)]
+    #[arg(long, help = help::train("δ, weight of L_self", LossConfig::default().delta))]
     pub delta: Option<f64>,
     /// Temperature τ.
-    #[arg(long)]
+    #[arg(long, help = help::train("Temperature τ", LossConfig::default().tau))]
     pub tau: Option<f64>,
 }
 
@@ -159,7 +173,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Seed (initialisation, shuffles).
-    #[arg(long)]
+    #[arg(long, help = help::train("Seed (initialisation, shuffles)", TrainConfig::default().seed))]
     pub seed: Option<u64>,
     /// No class re-weighting.
     #[arg(long)]
