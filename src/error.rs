@@ -33,6 +33,10 @@ pub enum Error {
     /// its padded extent).
     #[error("{0}")]
     Device(String),
+    /// Standard output could not be written (a closed pipe, a full disk); see
+    /// [`crate::io::stdout`].
+    #[error("writing to standard output: {0}")]
+    Stdout(std::io::Error),
 }
 
 /// Result alias used throughout the crate.
@@ -63,5 +67,11 @@ impl Error {
     /// An invalid-input error.
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
+    }
+
+    /// Whether this is a write to standard output that failed because the reader went away
+    /// (`mgkd-train … | head`): the command stops quietly.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }

@@ -24,6 +24,8 @@
 //!   applicants against the training cohort).
 //! - [`explain`]: reason codes (occlusion of input groups against a baseline).
 //! - [`cli`]: the `mgkd-train` subcommands.
+//! - [`io`]: safe outputs (checks and locks of `--out`), the temporary files removed on
+//!   SIGINT/SIGTERM, printing that reports a closed pipe instead of panicking.
 
 pub mod backend;
 pub mod cli;
@@ -31,6 +33,7 @@ pub mod data;
 pub mod error;
 pub mod explain;
 pub mod export;
+pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -1,5 +1,6 @@
 //! `mgkd-train`: the command-line front end of the MGKD engine.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SIGINT/SIGTERM remove the run's temporary files and exit 130/143 (mgkd::io::cleanup).
+    if let Err(e) = mgkd::io::cleanup::install_signal_handler() {
+        mgkd::noteln!("warning: {e}");
+    }
     let cli = Cli::parse();
     let result: mgkd::Result<()> = match cli.command {
         Command::Quickstart(args) => mgkd::cli::quickstart::run(&args),
@@ -68,8 +73,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `mgkd-train … | head`: the reader went away; stop quietly, as a program killed by
+        // SIGPIPE would (mgkd::io::stdout).
+        Err(e) if e.is_broken_pipe() => ExitCode::from(mgkd::io::stdout::BROKEN_PIPE_STATUS),
         Err(e) => {
-            eprintln!("error: {e}");
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             ExitCode::FAILURE
         }
     }

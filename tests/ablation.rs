@@ -239,6 +239,7 @@ fn ablation_report_is_paired_complete_and_deterministic() {
         let strip = |v: &Value| {
             let mut v = v.clone();
             v.as_object_mut().unwrap().remove("seconds");
+            v.as_object_mut().unwrap().remove("samples_per_s");
             v
         };
         assert_eq!(strip(first), strip(r), "{}", r["variant"]);
@@ -276,7 +277,7 @@ fn ablation_refuses_zero_seeds_and_missing_data() {
         "cpu",
     ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--seeds must be at least 1"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seeds 0 is out of range"));
     let out = bin(&[
         "ablation",
         "--data",
@@ -291,8 +292,10 @@ fn ablation_refuses_zero_seeds_and_missing_data() {
     assert!(err.contains("none") && !err.contains("panicked"), "{err}");
 }
 
+/// `--variants full` trains plain too (the baseline, as --help says), the per-run progress
+/// lines give samples/s, and an unknown variant is refused.
 #[test]
-fn ablation_refuses_variants_without_plain_or_unknown() {
+fn ablation_adds_plain_and_refuses_unknown_variants() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     ok(&[
@@ -308,10 +311,26 @@ fn ablation_refuses_variants_without_plain_or_unknown() {
         "--pre-len",
         "4",
     ]);
-    for (variants, want) in [
-        ("full,soft", "must include plain"),
-        ("plain,fulll", "unknown variant 'fulll'"),
-    ] {
+    let rep = tmp.path().join("rep-full");
+    let out = ablation(
+        &data,
+        &rep,
+        "1",
+        &["--no-checkpoints", "--variants", "full"],
+    );
+    let names: Vec<String> = runs(&rep)
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["teacher", "plain", "full"]);
+    assert!(runs(&rep)
+        .iter()
+        .all(|r| r["samples_per_s"].as_f64().unwrap() > 0.0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ablation:")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines.iter().all(|l| l.ends_with("samples/s")), "{err}");
+    for (variants, want) in [("plain,fulll", "unknown variant 'fulll'")] {
         let out = bin(&[
             "ablation",
             "--data",

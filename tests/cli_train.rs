@@ -269,6 +269,143 @@ fn teacher_student_eval_predict_end_to_end() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// `teacher --help` and `student --help` show the defaults of the settings a config file
+/// may also set (the library's own defaults, not a copy of them).
+#[test]
+fn help_shows_the_training_defaults() {
+    let t = mgkd::train::TrainConfig::default();
+    let w = mgkd::model::config::Widths::defaults();
+    let l = mgkd::loss::LossConfig::default();
+    for cmd in ["teacher", "student", "ablation"] {
+        let help = ok(&[cmd, "--help"]);
+        let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (flag, value) in [
+            ("--epochs", t.epochs.to_string()),
+            ("--batch", t.batch.to_string()),
+            ("--lr", t.lr.to_string()),
+            ("--patience", t.patience.to_string()),
+            ("--d", w.d.to_string()),
+            ("--heads", w.heads.to_string()),
+            ("--blocks", w.blocks.to_string()),
+            ("--d-cat", w.d_cat.to_string()),
+            ("--rho", l.rho.to_string()),
+        ] {
+            let line = flat
+                .split(&format!("{flag} <"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{cmd} --help has no {flag}:\n{help}"));
+            let until_next = line.split(" --").next().unwrap_or(line);
+            assert!(
+                until_next.contains(&format!("[default: {value}")),
+                "{cmd} {flag}: {until_next:?}"
+            );
+        }
+    }
+    let help = ok(&["student", "--help"]);
+    for value in [l.alpha, l.beta, l.gamma, l.delta, l.tau] {
+        assert!(
+            help.contains(&format!("[default: {value}")),
+            "{value}: {help}"
+        );
+    }
+}
+
+/// Sizes that could exhaust the machine are refused before any work, naming the flag (or
+/// the config key) and the range; nothing is written.
+#[test]
+fn sizes_beyond_their_bounds_are_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(200, 33));
+    let out = tmp.path().join("t.safetensors");
+    let (d, o) = (p(&data), p(&out));
+    let max_threads = std::thread::available_parallelism().map_or(1, |n| n.get()) * 4;
+    let too_many = (max_threads + 1).to_string();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["teacher", "--data", d, "--out", o, "--threads", "100000"],
+            vec!["--threads 100000", "out of range", "CPUs available"],
+        ),
+        (
+            vec!["teacher", "--data", d, "--out", o, "--threads", &too_many],
+            vec!["--threads", "out of range"],
+        ),
+        (
+            vec!["teacher", "--data", d, "--out", o, "--blocks", "100000"],
+            vec!["--blocks 100000", "1 to 64"],
+        ),
+        (
+            vec![
+                "teacher",
+                "--data",
+                d,
+                "--out",
+                o,
+                "--epochs",
+                "18446744073709551615",
+            ],
+            vec!["--epochs 18446744073709551615", "1 to 10000"],
+        ),
+        (
+            vec!["teacher", "--data", d, "--out", o, "--batch", "10000000"],
+            vec!["--batch 10000000", "1 to 65536"],
+        ),
+        (
+            vec!["teacher", "--data", d, "--out", o, "--d", "100000"],
+            vec!["--d 100000", "1 to 4096"],
+        ),
+        (
+            vec!["eval", "--data", d, "--model", o, "--threads", "100000"],
+            vec!["--threads 100000"],
+        ),
+        (
+            vec!["synth", "--out", o, "--users", "18446744073709551615"],
+            vec!["--users 18446744073709551615", "1 to 1000000000"],
+        ),
+        (
+            vec!["quickstart", "--users", "18446744073709551615"],
+            vec!["--users 18446744073709551615"],
+        ),
+        (
+            vec!["quickstart", "--epochs", "100000"],
+            vec!["--epochs 100000", "1 to 10000"],
+        ),
+        (
+            vec!["ablation", "--data", d, "--out", o, "--seeds", "100000"],
+            vec!["--seeds 100000", "1 to 1000"],
+        ),
+        (
+            vec!["bench", "--device", "cpu", "--blocks", "100000"],
+            vec!["--blocks 100000"],
+        ),
+        (
+            vec![
+                "bench",
+                "--device",
+                "cpu",
+                "--steps",
+                "18446744073709551615",
+            ],
+            vec!["--steps 18446744073709551615"],
+        ),
+    ];
+    for (args, needles) in cases {
+        refused(&args, &needles);
+    }
+    // A config file's value is named by its key.
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(&cfg, "[model]\nblocks = 100000\n").expect("config");
+    refused(
+        &["teacher", "--data", d, "--out", o, "--config", p(&cfg)],
+        &["`[model] blocks` = 100000", "1 to 64", "--config file"],
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}"); // data and c.toml
+}
+
 #[test]
 fn mismatched_schemas_and_bad_options_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -383,7 +520,7 @@ fn mismatched_schemas_and_bad_options_are_refused() {
             "--out",
             p(&t),
         ],
-        &["teacher checkpoint"],
+        &["is the input --teacher"],
     );
     let missing = tmp.path().join("no-such-dir").join("t.safetensors");
     refused(

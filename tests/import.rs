@@ -692,6 +692,111 @@ fn bad_cells_name_file_line_and_column() {
     assert_names(&fails(&p), &["users.csv", "line 6", "column `age`"]);
 }
 
+/// Moves the users file's `region` column (a categorical text column) to the end, where a
+/// runaway quote makes a record of full length: the case that imported with exit 0.
+fn region_last(l: &mut Vec<String>) {
+    for line in l.iter_mut() {
+        let mut f: Vec<&str> = line.split(',').collect();
+        let region = f.remove(5);
+        f.push(region);
+        *line = f.join(",");
+    }
+}
+
+#[test]
+fn stray_quotes_name_the_opening_quote() {
+    let cfg = fixture_config();
+    // The control: the reordered file imports.
+    let (d, p) = case(&cfg, region_last, |_| {});
+    let summary = import::import(&p, &d.path().join("ok"), None).unwrap();
+    assert_eq!(summary.manifest.rows, 20);
+    // A quote opened on the last line (u20) and never closed: was imported silently.
+    let (_d, p) = case(
+        &cfg,
+        |l| {
+            region_last(l);
+            l[20] = l[20].replacen(",north", ",\"north", 1);
+        },
+        |_| {},
+    );
+    assert_names(
+        &fails(&p),
+        &[
+            "users.csv",
+            "line 21",
+            "column `region`",
+            "character 25",
+            "never closed",
+        ],
+    );
+    // One line earlier (u19): u20 was swallowed into u19's cell, and the error blamed the
+    // events file (u20's events had no user).
+    let (_d, p) = case(
+        &cfg,
+        |l| {
+            region_last(l);
+            l[19] = l[19].replacen(",west", ",\"west", 1);
+        },
+        |_| {},
+    );
+    let msg = fails(&p);
+    assert_names(
+        &msg,
+        &[
+            "users.csv",
+            "line 20",
+            "column `region`",
+            "character 22",
+            "lines 20–21",
+        ],
+    );
+    assert!(!msg.contains("events.csv"), "{msg}");
+    // In the original order the runaway cell makes a short record; the quote is still named
+    // rather than the field count.
+    let (_d, p) = case(&cfg, replace_line(2, ",east,", ",\"east,"), |_| {});
+    assert_names(
+        &fails(&p),
+        &["users.csv", "line 3", "column `region`", "never closed"],
+    );
+    // A stray quote that a later quoted cell "closes": text after the closing quote.
+    let (_d, p) = case(
+        &cfg,
+        |l| {
+            region_last(l);
+            l[3] = l[3].replacen(",west", ",\"west", 1);
+            l[6] = l[6].replacen(",east", ",\"east\"", 1);
+            l[8] = l[8].replacen(",south", ",\"so\"uth", 1);
+        },
+        |_| {},
+    );
+    assert_names(
+        &fails(&p),
+        &["users.csv", "line 4", "column `region`", "followed by"],
+    );
+    // A quote in the events file names the events file.
+    let (_d, p) = case(&cfg, |_| {}, replace_line(40, ",", ",\""));
+    assert_names(&fails(&p), &["events.csv", "line 41", "never closed"]);
+    // A quote in the header line.
+    let (_d, p) = case(&cfg, replace_line(0, "fold", "\"fold"), |_| {});
+    assert_names(&fails(&p), &["users.csv", "line 1", "never closed"]);
+    // Well-formed quoting still imports: quoted cells, "" inside them, a multi-line cell.
+    let (d, p) = case(
+        &cfg,
+        |l| {
+            region_last(l);
+            l[2] = l[2].replacen(",east", ",\"east\"", 1);
+            l[3] = l[3].replacen(",west", ",\"we\nst\"", 1);
+            l[4] = l[4].replacen(",south", ",\"so\"\"uth\"", 1);
+        },
+        |_| {},
+    );
+    let summary = import::import(&p, &d.path().join("ok"), None).unwrap();
+    assert_eq!(summary.manifest.rows, 20);
+    let vocab = Vocabularies::load(&d.path().join("ok")).unwrap();
+    let region = vocab_map(&vocab, false, "region");
+    assert!(region.contains_key("we\nst") && region.contains_key("so\"uth"));
+}
+
 #[test]
 fn unreadable_and_empty_files() {
     let cfg = fixture_config().replace("events.csv", "missing-events.csv");

@@ -157,6 +157,83 @@ fn damaged_checkpoints_are_refused_without_panic() {
     );
 }
 
+/// The header length and the header text of a checkpoint file.
+fn header_of(bytes: &[u8]) -> (usize, String) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (n, String::from_utf8(bytes[8..8 + n].to_vec()).unwrap())
+}
+
+#[test]
+fn corrupted_tensor_data_is_refused_by_the_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    let (be, s) = model::<f32>(Role::Student, 2, 4);
+    checkpoint::save(&be, &s, &BTreeMap::new(), &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let (n, header) = header_of(&good);
+    let data = 8 + n;
+    let ck = checkpoint::read(&path).unwrap();
+    assert!(ck.verified);
+    assert!(ck.unverified_warning(&path).is_none());
+    let sum = &ck.metadata[checkpoint::KEY_DATA_SHA256];
+    assert_eq!(sum, &mgkd::data::writer::sha256_hex(&good[data..]));
+    assert!(header.contains(sum.as_str()));
+
+    // Finite corruptions that every other check lets through.
+    let mid = data + (good.len() - data) / 2 / 4 * 4;
+    let mut flipped = good.clone();
+    flipped[mid] ^= 1; // the lowest mantissa bit of one weight
+    refused(&flipped, "do not match their checksum");
+    let mut scaled = good.clone();
+    let w = f32::from_le_bytes(good[mid..mid + 4].try_into().unwrap());
+    scaled[mid..mid + 4].copy_from_slice(&(w * 1e30).to_le_bytes());
+    refused(&scaled, "corrupted");
+    let mut last = good.clone();
+    let end = last.len() - 1;
+    last[end] ^= 0x80;
+    refused(&last, "checksum");
+    // A damaged checksum value is a mismatch too.
+    let mut bad_sum = good.clone();
+    let at = 8 + header.find(sum.as_str()).unwrap();
+    bad_sum[at] = if bad_sum[at] == b'0' { b'1' } else { b'0' };
+    refused(&bad_sum, "checksum");
+}
+
+#[test]
+fn a_checkpoint_without_checksum_loads_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.safetensors");
+    let (be, s) = model::<f32>(Role::Teacher, 1, 5);
+    checkpoint::save(&be, &s, &BTreeMap::new(), &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let (n, header) = header_of(&good);
+    // The header as an older build wrote it: without the checksum key, padded to 8 bytes.
+    let sum = &checkpoint::read(&path).unwrap().metadata[checkpoint::KEY_DATA_SHA256];
+    let entry = format!("\"{}\":\"{sum}\",", checkpoint::KEY_DATA_SHA256);
+    assert!(header.contains(&entry), "{header}");
+    let mut old = header.replacen(&entry, "", 1).trim_end().to_string();
+    while old.len() % 8 != 0 {
+        old.push(' ');
+    }
+    let mut bytes = (old.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(old.as_bytes());
+    bytes.extend_from_slice(&good[8 + n..]);
+    std::fs::write(&path, &bytes).unwrap();
+    let ck = checkpoint::read(&path).unwrap();
+    assert!(!ck.verified);
+    let warning = ck.unverified_warning(&path).unwrap();
+    assert!(
+        warning.contains("old.safetensors") && warning.contains("cannot be verified"),
+        "{warning}"
+    );
+    assert_eq!(ck.values, be.download(&s.params.values).unwrap());
+    // The key is the checkpoint's own: callers cannot set it.
+    let mut extra = BTreeMap::new();
+    extra.insert(checkpoint::KEY_DATA_SHA256.to_string(), "0".to_string());
+    let err = checkpoint::save(&be, &s, &extra, &path).unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+}
+
 #[test]
 fn invalid_configurations_are_refused() {
     let s = schema();

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::train::{in_pool, resolve, CoefArgs, FileConfig, HyperArgs, SwitchArgs, Widths};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::metrics;
 use crate::train::ablation::{
     run_ablation, summarize, AblationConfig, AblationOutcome, RunResult, Variant, VariantSummary,
@@ -37,7 +38,8 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
     /// Student variants to train, comma-separated, from plain, soft, coarse, fine, self,
-    /// full, full-no-reweight (default: all seven); plain, the baseline, is always needed.
+    /// full, full-no-reweight (default: all seven); plain, the baseline of every paired
+    /// difference, is always trained (added when not listed).
     #[arg(long, value_delimiter = ',', value_parser = parse_variant)]
     pub variants: Vec<Variant>,
     /// First seed.
@@ -356,9 +358,7 @@ fn write_plots(dir: &Path, outcome: &AblationOutcome) -> Result<()> {
 pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let start = Instant::now();
     let (w, train, loss) = settings(args)?;
-    if args.seeds == 0 {
-        return Err(Error::invalid("--seeds must be at least 1"));
-    }
+    crate::cli::bounds::check("--seeds", args.seeds, 1..=crate::cli::bounds::MAX_SEEDS, "")?;
     let seeds: Vec<u64> = (0..args.seeds)
         .map(|k| {
             args.first_seed
@@ -366,11 +366,14 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
                 .ok_or_else(|| Error::invalid("--first-seed + --seeds overflows"))
         })
         .collect::<Result<_>>()?;
-    let variants = if args.variants.is_empty() {
+    let mut variants = if args.variants.is_empty() {
         Variant::ALL.to_vec()
     } else {
         args.variants.clone()
     };
+    if !variants.contains(&Variant::Plain) {
+        variants.insert(0, Variant::Plain);
+    }
     let ck = (!args.no_checkpoints).then(|| args.out.join("checkpoints"));
     let cfg = AblationConfig {
         seeds: seeds.clone(),
@@ -394,16 +397,18 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     }
     let outcome = in_pool(args.hyper.threads, || {
         crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
-            eprintln!(
-                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s",
+            crate::noteln!(
+                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s, {:.0} samples/s",
                 r.seed,
                 r.variant,
                 r.test_auc,
                 r.test_ks,
                 r.best_epoch,
                 r.epochs_run,
-                r.seconds
+                r.seconds,
+                r.samples_per_s
             );
+            Ok(())
         }))
     })?;
     let file = ResultsFile {
@@ -427,18 +432,24 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
 
 /// `mgkd-train ablation`.
 pub fn run(args: &AblationArgs) -> Result<()> {
+    let _out = OutputPath::prepare(
+        "--out",
+        &args.out,
+        OutputKind::Dir,
+        &[Input::dataset("--data", &args.data)],
+    )?;
     let file = ablation_in(args)?;
     if args.json {
         let json = serde_json::to_string_pretty(&file.summary)
             .map_err(|e| Error::invalid(format!("summary to JSON: {e}")))?;
-        println!("{json}");
+        crate::outln!("{json}")?;
     } else {
-        print!("{}", summary_markdown(&file.summary));
-        println!(
+        crate::out!("{}", summary_markdown(&file.summary))?;
+        crate::outln!(
             "{:.0} s; report in {}",
             file.seconds,
             args.out.join("report.md").display()
-        );
+        )?;
     }
     Ok(())
 }

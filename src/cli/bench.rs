@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::cli::train::{in_pool, Device};
 use crate::data::writer::write_atomic;
+use crate::io::output::{OutputKind, OutputPath};
 use crate::train::bench::{
     param_counts, run as run_bench, Batching, BenchConfig, BenchMode, BenchRow, BenchStage,
 };
@@ -105,6 +106,26 @@ pub struct ParamCounts {
 }
 
 impl BenchArgs {
+    /// Refuses sizes that could exhaust the machine, naming the flag.
+    fn check_bounds(&self) -> Result<()> {
+        use crate::cli::bounds::{check, MAX_BENCH_POOL, MAX_BENCH_STEPS};
+        use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
+        check("--batch", self.batch, 1..=crate::train::MAX_BATCH, "")?;
+        check("--d", self.d, 1..=MAX_D, "")?;
+        check("--heads", self.heads, 1..=MAX_HEADS, "")?;
+        check("--blocks", self.blocks, 1..=MAX_BLOCKS, "")?;
+        check("--d-cat", self.d_cat, 1..=MAX_D_CAT, "")?;
+        check("--in-len", self.in_len, 1..=4096, "")?;
+        check("--pre-len", self.pre_len, 1..=4096, "")?;
+        check("--steps", self.steps, 1..=MAX_BENCH_STEPS, "")?;
+        check("--warmup", self.warmup, 0..=MAX_BENCH_STEPS, "")?;
+        check("--pool", self.pool, 1..=MAX_BENCH_POOL, "")?;
+        if let Some(n) = self.threads {
+            crate::cli::bounds::check_threads(n)?;
+        }
+        Ok(())
+    }
+
     fn config(&self) -> BenchConfig {
         BenchConfig {
             batch: self.batch,
@@ -162,17 +183,18 @@ fn measure<B: Backend>(be: &B, args: &BenchArgs, cfg: &BenchConfig) -> Result<Be
 }
 
 /// Prints the report as a table.
-fn print_table(r: &BenchReport) {
+fn print_table(r: &BenchReport) -> Result<()> {
     let c = &r.config;
-    println!(
+    crate::outln!(
         "device {} · batch {} · d {} · {} heads · {} blocks · L {} · Lp {} · median of {} steps after {}",
         r.device, c.batch, c.d, c.heads, c.blocks, c.in_len, c.pre_len, c.steps, c.warmup
-    );
-    println!(
+    )?;
+    crate::outln!(
         "params: teacher {}, student {}",
-        r.params.teacher, r.params.student
-    );
-    println!(
+        r.params.teacher,
+        r.params.student
+    )?;
+    crate::outln!(
         "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8}",
         "step",
         "batches",
@@ -184,12 +206,12 @@ fn print_table(r: &BenchReport) {
         "TFLOP/s",
         "peak MiB",
         "padding"
-    );
+    )?;
     for x in &r.results {
         let mib = x.peak_mem_bytes.map_or("—".to_string(), |b| {
             format!("{:.0}", b as f64 / 1048576.0)
         });
-        println!(
+        crate::outln!(
             "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>7.0}%",
             format!("{:?}", x.stage).to_lowercase(),
             format!("{:?}", x.batching).to_lowercase(),
@@ -201,8 +223,9 @@ fn print_table(r: &BenchReport) {
             x.tflops,
             mib,
             100.0 * x.padding
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `mgkd-train bench`.
@@ -211,19 +234,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.stages.is_empty() || args.batching.is_empty() {
         return Err(Error::invalid("bench: no stage or no batching chosen"));
     }
-    if let Some(p) = &args.out {
-        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(dir) = parent.filter(|d| !d.is_dir()) {
-            return Err(Error::invalid(format!(
-                "{}: the directory {} does not exist",
-                p.display(),
-                dir.display()
-            )));
-        }
-        if p.is_dir() {
-            return Err(Error::invalid(format!("{}: is a directory", p.display())));
-        }
-    }
+    args.check_bounds()?;
+    let _out = args
+        .out
+        .as_ref()
+        .map(|p| OutputPath::prepare("--out", p, OutputKind::File, &[]))
+        .transpose()?;
     let report = in_pool(
         args.threads,
         || with_backend!(args.device, be => measure(be, args, &cfg)),
@@ -234,9 +250,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         write_atomic(p, json.as_bytes())?;
     }
     if args.json {
-        println!("{json}");
+        crate::outln!("{json}")?;
     } else {
-        print_table(&report);
+        print_table(&report)?;
     }
     Ok(())
 }

@@ -18,26 +18,26 @@ pub struct DevicesArgs {
 /// kernels are compiled and loaded as a check), NVRTC's version and what `--device auto`
 /// would pick; then fails if `--require` names a device that cannot be used.
 pub fn run(args: &DevicesArgs) -> Result<()> {
-    println!("cpu: available ({} threads)", rayon::current_num_threads());
+    crate::outln!("cpu: available ({} threads)", rayon::current_num_threads())?;
     match nvrtc_version() {
-        Ok((major, minor)) => println!("nvrtc: {major}.{minor}"),
-        Err(why) => println!("nvrtc: unavailable: {why}"),
+        Ok((major, minor)) => crate::outln!("nvrtc: {major}.{minor}")?,
+        Err(why) => crate::outln!("nvrtc: unavailable: {why}")?,
     }
     match cuda_device_count() {
-        Err(why) => println!("cuda: unavailable: {why}"),
-        Ok(0) => println!("cuda: unavailable: the CUDA driver reports no device"),
+        Err(why) => crate::outln!("cuda: unavailable: {why}")?,
+        Ok(0) => crate::outln!("cuda: unavailable: the CUDA driver reports no device")?,
         Ok(n) => {
             for i in 0..n {
                 match probe_cuda(i) {
-                    Err(why) => println!("cuda:{i}: unusable: {why}"),
+                    Err(why) => crate::outln!("cuda:{i}: unusable: {why}")?,
                     Ok(info) => {
                         let t0 = std::time::Instant::now();
                         match CudaBackend::new(i) {
-                            Ok(_) => println!(
+                            Ok(_) => crate::outln!(
                                 "{info}: usable (kernels compiled and loaded in {:.2} s)",
                                 t0.elapsed().as_secs_f64()
-                            ),
-                            Err(e) => println!("cuda:{i}: unusable: {e}"),
+                            )?,
+                            Err(e) => crate::outln!("cuda:{i}: unusable: {e}")?,
                         }
                     }
                 }
@@ -45,15 +45,15 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
         }
     }
     match resolve(DeviceChoice::Auto)? {
-        Resolved::Cuda(info) => println!("--device auto: {info}"),
-        Resolved::Cpu { reason } => println!(
+        Resolved::Cuda(info) => crate::outln!("--device auto: {info}")?,
+        Resolved::Cpu { reason } => crate::outln!(
             "--device auto: cpu ({})",
             reason.as_deref().unwrap_or("requested")
-        ),
+        )?,
     }
     if let Some(required) = args.require {
         resolve(required)?;
-        println!("--require {required}: ok");
+        crate::outln!("--require {required}: ok")?;
     }
     Ok(())
 }

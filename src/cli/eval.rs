@@ -85,6 +85,9 @@ pub struct EvalOutput {
 pub fn evaluate_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalOutput> {
     let ds = Dataset::open(&args.data)?;
     let ck = checkpoint::read(&args.model)?;
+    if let Some(w) = ck.unverified_warning(&args.model) {
+        crate::noteln!("{w}");
+    }
     check_schema(&args.model, &ck.config, &ds)?;
     let role = ck.config.role;
     if role == Role::Teacher {
@@ -117,9 +120,9 @@ fn opt(x: Option<f64>, prec: usize) -> String {
 }
 
 /// Prints the report as tables.
-pub fn print_report(o: &EvalOutput) {
+pub fn print_report(o: &EvalOutput) -> Result<()> {
     let r = &o.report;
-    println!(
+    crate::outln!(
         "{} {} on split {}: {} rows, {} defaults ({:.2}%)",
         o.role,
         o.model,
@@ -127,25 +130,28 @@ pub fn print_report(o: &EvalOutput) {
         r.n,
         r.positives,
         100.0 * r.bad_rate
-    );
-    println!(
+    )?;
+    crate::outln!(
         "AUC {:.4}  KS {:.4}  log-loss {:.5}  PR-AUC {:.4}",
-        r.auc, r.ks, r.log_loss, r.pr_auc
-    );
-    println!("\napproval rate  approved  bad  bad rate  cut score");
+        r.auc,
+        r.ks,
+        r.log_loss,
+        r.pr_auc
+    )?;
+    crate::outln!("\napproval rate  approved  bad  bad rate  cut score")?;
     for a in &r.approval {
-        println!(
+        crate::outln!(
             "{:>12.0}% {:>9} {:>4} {:>9} {:>10}",
             100.0 * a.rate,
             a.approved,
             a.bad,
             opt(a.bad_rate.map(|b| 100.0 * b), 2) + "%",
             opt(a.cut_score, 4)
-        );
+        )?;
     }
-    println!("\ndecile  rows  defaults  bad rate  cum capture   lift  score range");
+    crate::outln!("\ndecile  rows  defaults  bad rate  cum capture   lift  score range")?;
     for d in &r.deciles {
-        println!(
+        crate::outln!(
             "{:>6} {:>5} {:>9} {:>9} {:>12.1}% {:>6} {}..{}",
             d.decile,
             d.count,
@@ -155,8 +161,9 @@ pub fn print_report(o: &EvalOutput) {
             opt(d.lift, 2),
             opt(d.min_score, 4),
             opt(d.max_score, 4)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `mgkd-train eval`.
@@ -168,9 +175,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if args.json {
         let j = serde_json::to_string_pretty(&out)
             .map_err(|e| Error::invalid(format!("report to JSON: {e}")))?;
-        println!("{j}");
+        crate::outln!("{j}")?;
     } else {
-        print_report(&out);
+        print_report(&out)?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::data::import;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::Result;
 
 /// Arguments of `mgkd-train import`.
@@ -26,36 +27,43 @@ pub struct ImportArgs {
 /// Runs the import and prints a summary.
 pub fn run(args: &ImportArgs) -> Result<()> {
     let start = Instant::now();
-    let summary = import::import(&args.config, &args.out, args.shard_rows)?;
+    let config = import::ImportConfig::load(&args.config)?;
+    let inputs: Vec<Input<'_>> = config
+        .encoding_from
+        .iter()
+        .map(|d| Input::dataset("encoding_from", d))
+        .collect();
+    let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &inputs)?;
+    let summary = import::import_config(&config, &args.out, args.shard_rows)?;
     let m = &summary.manifest;
     let events = |f: fn(&crate::data::ShardInfo) -> u64| m.shards.iter().map(f).sum::<u64>();
-    println!(
+    crate::outln!(
         "imported {} rows into {} ({} shard(s)): {} pre-service and {} in-service events",
         m.rows,
         args.out.display(),
         m.shards.len(),
         events(|s| s.pre_events),
         events(|s| s.in_events),
-    );
+    )?;
     for s in &m.splits {
         if m.has_label {
-            println!(
+            crate::outln!(
                 "  {:<5} {:>9} rows, {:>8} defaults ({:.2}%)",
                 s.name,
                 s.rows,
                 s.positives,
                 100.0 * s.default_rate
-            );
+            )?;
         } else {
-            println!("  {:<5} {:>9} rows", s.name, s.rows);
+            crate::outln!("  {:<5} {:>9} rows", s.name, s.rows)?;
         }
     }
     if summary.dropped_events > 0 {
-        println!(
+        crate::outln!(
             "  {} events after the in-service window were dropped",
             summary.dropped_events
-        );
+        )?;
     }
-    println!("done in {:.2} s", start.elapsed().as_secs_f64());
+    crate::outln!("done in {:.2} s", start.elapsed().as_secs_f64())?;
     Ok(())
 }

@@ -368,9 +368,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     if args.json {
         let text = serde_json::to_string_pretty(&r)
             .map_err(|e| Error::invalid(format!("internal: report to JSON: {e}")))?;
-        println!("{text}");
+        crate::outln!("{text}")?;
     } else {
-        print!("{}", render(&r));
+        crate::out!("{}", render(&r))?;
     }
     match r.verify.and_then(|v| v.error) {
         Some(e) => Err(Error::invalid(format!("verification failed: {e}"))),

@@ -2,6 +2,7 @@
 
 pub mod ablation;
 pub mod bench;
+pub mod bounds;
 pub mod devices;
 pub mod eval;
 pub mod export;

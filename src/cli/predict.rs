@@ -16,6 +16,7 @@ use crate::data::import::{Vocabularies, VOCAB_FILE};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
 use crate::explain::{self, Labeller};
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::model::{checkpoint, Role};
 use crate::train::{score_rows, sigmoid};
 use crate::{Error, Result};
@@ -30,7 +31,8 @@ pub struct PredictArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Output CSV, written atomically: `user_id,probability,logit` (`row,…` when the
-    /// dataset has no user ids; `row` is the dataset row index).
+    /// dataset has no user ids; `row` is the dataset row index). A regular file outside the
+    /// dataset; links, devices and FIFOs are refused.
     #[arg(long)]
     pub out: PathBuf,
     /// Score only this split (default: every row).
@@ -61,6 +63,9 @@ const REASON_ROWS: usize = 256;
 pub fn predict_on<B: Backend>(be: &B, args: &PredictArgs) -> Result<(Vec<u8>, usize)> {
     let ds = Dataset::open(&args.data)?;
     let ck = checkpoint::read(&args.model)?;
+    if let Some(w) = ck.unverified_warning(&args.model) {
+        crate::noteln!("{w}");
+    }
     check_schema(&args.model, &ck.config, &ds)?;
     if ck.config.role == Role::Teacher {
         require_in_service(&ds, "scoring with a teacher")?;
@@ -139,11 +144,20 @@ pub fn predict_on<B: Backend>(be: &B, args: &PredictArgs) -> Result<(Vec<u8>, us
 
 /// `mgkd-train predict`.
 pub fn run(args: &PredictArgs) -> Result<()> {
+    let _out = OutputPath::prepare(
+        "--out",
+        &args.out,
+        OutputKind::File,
+        &[
+            Input::dataset("--data", &args.data),
+            Input::file("--model", &args.model),
+        ],
+    )?;
     let (bytes, n) = in_pool(
         args.threads,
         || crate::with_backend!(args.device, be => predict_on(be, args)),
     )?;
     write_atomic(&args.out, &bytes)?;
-    println!("scored {n} rows into {}", args.out.display());
+    crate::outln!("scored {n} rows into {}", args.out.display())?;
     Ok(())
 }

@@ -18,6 +18,8 @@ use crate::cli::train::{
 };
 use crate::data::synth::{synthesize, SynthConfig};
 use crate::data::Dataset;
+use crate::io::cleanup::{self, Registration, Removal};
+use crate::io::output::{OutputKind, OutputPath};
 use crate::train::ablation::{run_ablation, AblationConfig, RunResult, Variant};
 use crate::{Error, Result};
 
@@ -75,13 +77,15 @@ pub struct QuickstartArgs {
     pub quiet: bool,
 }
 
-/// Removes the temporary directory on every exit path.
-struct TempDir(PathBuf);
+/// Removes the temporary directory on every exit path; registered with
+/// [`crate::io::cleanup`], so SIGINT/SIGTERM remove it too.
+struct TempDir(PathBuf, Option<Registration>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         // Best effort: a leftover temporary directory is not an error of the quickstart.
         let _ = std::fs::remove_dir_all(&self.0);
+        self.1.take();
     }
 }
 
@@ -99,22 +103,24 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         split: defaults::SPLIT,
         ..SynthConfig::default()
     };
-    let t = Instant::now();
-    synthesize(&data, &synth)?;
-    println!(
-        "synthesised {} users into {} in {:.1} s",
-        args.users,
-        data.display(),
-        t.elapsed().as_secs_f64()
-    );
-    let ds = Dataset::open(&data)?;
-    let checkpoints = dir.join("checkpoints");
-    std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+    // Settings first: a bad flag is refused before anything is synthesised.
     let Resolved {
         widths: w,
         train,
         loss,
     } = settings(args)?;
+    synth.validate()?;
+    let t = Instant::now();
+    synthesize(&data, &synth)?;
+    crate::outln!(
+        "synthesised {} users into {} in {:.1} s",
+        args.users,
+        data.display(),
+        t.elapsed().as_secs_f64()
+    )?;
+    let ds = Dataset::open(&data)?;
+    let checkpoints = dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
     let cfg = AblationConfig {
         seeds: vec![args.seed],
         variants: vec![Variant::Plain, Variant::Full],
@@ -127,14 +133,15 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
     };
     let be = CpuBackend::<f32>::new();
     let outcome = run_ablation(&be, &ds, &cfg, |r| {
-        println!(
-            "{}: best epoch {}/{} (valid AUC {:.4}), {:.1} s",
+        crate::outln!(
+            "{}: best epoch {}/{} (valid AUC {:.4}), {:.1} s, {:.0} samples/s",
             label_of(&r.variant),
             r.best_epoch,
             r.epochs_run,
             r.valid_auc[r.best_epoch - 1],
-            r.seconds
-        );
+            r.seconds,
+            r.samples_per_s
+        )
     })?;
     Ok(outcome.runs)
 }
@@ -180,10 +187,11 @@ fn hyper_of(args: &QuickstartArgs) -> HyperArgs {
 /// `mgkd-train quickstart`.
 pub fn run(args: &QuickstartArgs) -> Result<()> {
     let start = Instant::now();
-    let (dir, _guard) = match &args.workdir {
+    let (dir, _guard, _lock) = match &args.workdir {
         Some(d) => {
+            let lock = OutputPath::prepare("--workdir", d, OutputKind::Dir, &[])?;
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-            (d.clone(), None)
+            (d.clone(), None, Some(lock))
         }
         None => {
             let d = std::env::temp_dir().join(format!(
@@ -191,17 +199,24 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 std::process::id(),
                 args.seed
             ));
-            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-            (d.clone(), Some(TempDir(d)))
+            let ((), registration) =
+                cleanup::create(&d, Removal::Tree, |p| std::fs::create_dir_all(p))
+                    .map_err(|e| Error::io(&d, e))?;
+            (d.clone(), Some(TempDir(d, Some(registration))), None)
         }
     };
     let runs = in_pool(args.threads, || quickstart_in(&dir, args))?;
-    println!(
+    crate::outln!(
         "\n{:<26} {:>8} {:>7} {:>9} {:>5} {:>8}",
-        "model (test split)", "AUC", "KS", "log-loss", "best", "s"
-    );
+        "model (test split)",
+        "AUC",
+        "KS",
+        "log-loss",
+        "best",
+        "s"
+    )?;
     for r in &runs {
-        println!(
+        crate::outln!(
             "{:<26} {:>8.4} {:>7.4} {:>9.5} {:>5} {:>8.1}",
             label_of(&r.variant),
             r.test_auc,
@@ -209,15 +224,15 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             r.test_log_loss,
             r.best_epoch,
             r.seconds
-        );
+        )?;
     }
-    println!(
+    crate::outln!(
         "\nThe teacher reads in-service behaviour (not available when scoring applicants); the students read only \
          pre-service data. Total {:.0} s.",
         start.elapsed().as_secs_f64()
-    );
+    )?;
     if args.workdir.is_some() {
-        println!("dataset and checkpoints kept in {}", dir.display());
+        crate::outln!("dataset and checkpoints kept in {}", dir.display())?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::synth::{synthesize_with_progress, SynthConfig};
+use crate::io::output::{OutputKind, OutputPath};
 use crate::{Error, Result};
 
 /// Arguments of `mgkd-train synth`.
@@ -84,6 +85,7 @@ impl SynthArgs {
 pub fn run(args: &SynthArgs) -> Result<()> {
     let cfg = args.config()?;
     cfg.validate()?;
+    let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &[])?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(Some(cfg.users), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
@@ -104,7 +106,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .iter()
         .map(|s| format!("{} {:.4} ({} rows)", s.name, s.default_rate, s.rows))
         .collect();
-    println!(
+    crate::outln!(
         "synth: {} users in {:.2} s ({:.0} users/s), {} shards in {}; default rate {}",
         manifest.rows,
         secs,
@@ -112,6 +114,6 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         manifest.shards.len(),
         args.out.display(),
         rates.join(", ")
-    );
+    )?;
     Ok(())
 }

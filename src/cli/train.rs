@@ -12,8 +12,10 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::backend::Backend;
+use crate::cli::bounds;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
+use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::loss::{class_weights, LossConfig};
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role};
@@ -36,7 +38,7 @@ macro_rules! with_backend {
             Err(e) => Err(e),
             Ok($crate::backend::device::Resolved::Cpu { reason }) => {
                 if let Some(why) = reason {
-                    eprintln!("device: cpu (no CUDA device: {why})");
+                    $crate::noteln!("device: cpu (no CUDA device: {why})");
                 }
                 let $be = &$crate::backend::cpu::CpuBackend::<f32>::new();
                 $body
@@ -45,7 +47,7 @@ macro_rules! with_backend {
                 match $crate::backend::cuda::CudaBackend::new(info.index) {
                     Err(e) => Err(e),
                     Ok(backend) => {
-                        eprintln!("device: {}", $crate::backend::Backend::name(&backend));
+                        $crate::noteln!("device: {}", $crate::backend::Backend::name(&backend));
                         let $be = &backend;
                         $body
                     }
@@ -62,34 +64,34 @@ pub struct HyperArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Maximum epochs.
-    #[arg(long)]
+    #[arg(long, help = help::train("Maximum epochs", TrainConfig::default().epochs))]
     pub epochs: Option<usize>,
     /// Rows per batch.
-    #[arg(long)]
+    #[arg(long, help = help::train("Rows per batch", TrainConfig::default().batch))]
     pub batch: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, help = help::train("Peak learning rate", TrainConfig::default().lr))]
     pub lr: Option<f64>,
     /// Early-stopping patience in validations.
-    #[arg(long)]
+    #[arg(long, help = help::train("Early-stopping patience in validations", TrainConfig::default().patience))]
     pub patience: Option<usize>,
     /// Plain shuffled batches instead of length-bucketed ones.
     #[arg(long)]
     pub no_bucket: bool,
     /// Model width d (a student defaults to its teacher's).
-    #[arg(long)]
+    #[arg(long, help = help::width("Model width d", Widths::defaults().d))]
     pub d: Option<usize>,
     /// Attention heads.
-    #[arg(long)]
+    #[arg(long, help = help::width("Attention heads", Widths::defaults().heads))]
     pub heads: Option<usize>,
     /// Transformer blocks.
-    #[arg(long)]
+    #[arg(long, help = help::width("Transformer blocks", Widths::defaults().blocks))]
     pub blocks: Option<usize>,
     /// Width of each profile categorical embedding.
-    #[arg(long)]
+    #[arg(long, help = help::width("Width of each profile categorical embedding", Widths::defaults().d_cat))]
     pub d_cat: Option<usize>,
     /// Class re-weighting exponent ρ.
-    #[arg(long)]
+    #[arg(long, help = help::train("Class re-weighting exponent ρ", LossConfig::default().rho))]
     pub rho: Option<f64>,
     /// Worker threads (default: RAYON_NUM_THREADS or all cores).
     #[arg(long)]
@@ -99,6 +101,20 @@ pub struct HyperArgs {
     pub device: Device,
 }
 
+/// `--help` texts that show the defaults of flags whose unset value comes from the
+/// `--config` file first (so clap's own `default_value` cannot be used).
+mod help {
+    /// A training setting: its library default, unless the config file sets it.
+    pub fn train(what: &str, default: impl std::fmt::Display) -> String {
+        format!("{what} [default: {default}, unless the --config file sets it]")
+    }
+
+    /// A width: its library default; a student's default is its teacher's.
+    pub fn width(what: &str, default: usize) -> String {
+        format!("{what} [default: {default}, or the --config file's; a student's: its teacher's]")
+    }
+}
+
 /// Loss coefficients shared by `student` and `ablation` (unset: config file, then defaults).
 #[derive(Debug, Clone, Default, Args)]
 pub struct CoefArgs {
@@ -106,19 +122,19 @@ pub struct CoefArgs {
     #[arg(long)]
     pub coarse_cosine: bool,
     /// α, weight of L_soft.
-    #[arg(long)]
+    #[arg(long, help = help::train("α, weight of L_soft", LossConfig::default().alpha))]
     pub alpha: Option<f64>,
     /// β, weight of L_coarse.
-    #[arg(long)]
+    #[arg(long, help = help::train("β, weight of L_coarse", LossConfig::default().beta))]
     pub beta: Option<f64>,
     /// γ, weight of L_fine.
-    #[arg(long)]
+    #[arg(long, help = help::train("γ, weight of L_fine", LossConfig::default().gamma))]
     pub gamma: Option<f64>,
     /// δ, weight of L_self.
-    #[arg(long)]
+    #[arg(long, help = help::train("δ, weight of L_self", LossConfig::default().delta))]
     pub delta: Option<f64>,
     /// Temperature τ.
-    #[arg(long)]
+    #[arg(long, help = help::train("Temperature τ", LossConfig::default().tau))]
     pub tau: Option<f64>,
 }
 
@@ -146,6 +162,8 @@ pub struct CommonArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Output checkpoint (safetensors), written atomically whenever validation AUC improves.
+    /// A regular file outside the dataset; links, devices and FIFOs are refused, and a second
+    /// run writing the same checkpoint is refused while this one holds its lock.
     #[arg(long)]
     pub out: PathBuf,
     /// JSONL log, one line per epoch (default `<out>.log.jsonl`).
@@ -159,7 +177,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub no_graphs: bool,
     /// Seed (initialisation, shuffles).
-    #[arg(long)]
+    #[arg(long, help = help::train("Seed (initialisation, shuffles)", TrainConfig::default().seed))]
     pub seed: Option<u64>,
     /// No class re-weighting.
     #[arg(long)]
@@ -320,6 +338,47 @@ pub fn resolve(
 ) -> Result<Resolved> {
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
     let (m, t, l) = (&file.model, &file.train, &file.loss);
+    // Sizes that could exhaust the machine, named by where they came from.
+    use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
+    use crate::train::{MAX_BATCH, MAX_EPOCHS};
+    for (flag, key, from_flag, from_file, max) in [
+        (
+            "--epochs",
+            "[train] epochs",
+            hyper.epochs,
+            t.epochs,
+            MAX_EPOCHS,
+        ),
+        ("--batch", "[train] batch", hyper.batch, t.batch, MAX_BATCH),
+        (
+            "--patience",
+            "[train] patience",
+            hyper.patience,
+            t.patience,
+            MAX_EPOCHS,
+        ),
+        ("--d", "[model] d", hyper.d, m.d, MAX_D),
+        ("--heads", "[model] heads", hyper.heads, m.heads, MAX_HEADS),
+        (
+            "--blocks",
+            "[model] blocks",
+            hyper.blocks,
+            m.blocks,
+            MAX_BLOCKS,
+        ),
+        ("--d-cat", "[model] d_cat", hyper.d_cat, m.d_cat, MAX_D_CAT),
+    ] {
+        match (from_flag, from_file) {
+            (Some(v), _) => bounds::check(flag, v, 1..=max, "")?,
+            (None, Some(v)) => {
+                bounds::check(&format!("`{key}` ="), v, 1..=max, "in the --config file")?
+            }
+            (None, None) => {}
+        }
+    }
+    if let Some(n) = hyper.threads {
+        bounds::check_threads(n)?;
+    }
     let widths = Widths {
         d: pick(hyper.d, m.d, base.d),
         heads: pick(hyper.heads, m.heads, base.heads),
@@ -365,16 +424,19 @@ pub fn resolve(
     })
 }
 
-/// Runs `f` in a rayon pool of `threads` threads (the global pool when `None`).
+/// Runs `f` in a rayon pool of `threads` threads (the global pool when `None`); `threads`
+/// must be 1 to [`bounds::max_threads`].
 pub fn in_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     match threads {
         None => f(),
-        Some(0) => Err(Error::invalid("--threads must be at least 1")),
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::invalid(format!("thread pool of {n}: {e}")))?
-            .install(f),
+        Some(n) => {
+            bounds::check_threads(n)?;
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| Error::invalid(format!("thread pool of {n}: {e}")))?
+                .install(f)
+        }
     }
 }
 
@@ -422,13 +484,19 @@ pub fn default_log(out: &Path) -> PathBuf {
 }
 
 /// Prints the per-epoch table and the best epoch.
-pub fn print_summary(report: &TrainReport, out: &Path) {
-    println!(
+pub fn print_summary(report: &TrainReport, out: &Path) -> Result<()> {
+    crate::outln!(
         "{:>5} {:>11} {:>9} {:>8} {:>10} {:>11} {:>8}",
-        "epoch", "train_loss", "valid_auc", "valid_ks", "valid_ll", "samples/s", "padding"
-    );
+        "epoch",
+        "train_loss",
+        "valid_auc",
+        "valid_ks",
+        "valid_ll",
+        "samples/s",
+        "padding"
+    )?;
     for e in &report.history {
-        println!(
+        crate::outln!(
             "{:>5} {:>11.5} {:>9.4} {:>8.4} {:>10.5} {:>11.0} {:>7.1}%{}",
             e.epoch,
             e.train_loss,
@@ -438,9 +506,9 @@ pub fn print_summary(report: &TrainReport, out: &Path) {
             e.samples_per_s,
             100.0 * e.padding,
             if e.best { " *" } else { "" }
-        );
+        )?;
     }
-    println!(
+    crate::outln!(
         "best epoch {}: valid AUC {:.4}, KS {:.4}; {} epochs{} in {:.1} s ({:.0} samples/s); checkpoint {}",
         report.best.epoch,
         report.best.valid_auc,
@@ -454,7 +522,8 @@ pub fn print_summary(report: &TrainReport, out: &Path) {
         report.seconds,
         report.samples_per_s,
         out.display()
-    );
+    )?;
+    Ok(())
 }
 
 fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOptions> {
@@ -536,6 +605,9 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
     let sha = sha256_hex(&bytes);
     drop(bytes);
     let ck = checkpoint::read(&args.teacher)?;
+    if let Some(w) = ck.unverified_warning(&args.teacher) {
+        crate::noteln!("{w}");
+    }
     if ck.config.role != Role::Teacher {
         return Err(Error::format(
             &args.teacher,
@@ -566,9 +638,35 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
     )
 }
 
+/// Checks and locks the outputs of a training run: the checkpoint `--out` and the log
+/// (`--log`, default `<out>.log.jsonl`), neither inside the dataset `--data` nor equal to the
+/// `--teacher` checkpoint (see [`crate::io::output`]). The locks hold while the result lives.
+pub fn prepare_outputs(c: &CommonArgs, teacher: Option<&Path>) -> Result<Vec<OutputPath>> {
+    let mut inputs = vec![Input::dataset("--data", &c.data)];
+    if let Some(t) = teacher {
+        inputs.push(Input::file("--teacher", t));
+    }
+    let log = c.log.clone().unwrap_or_else(|| default_log(&c.out));
+    if crate::io::output::resolve(&log)? == crate::io::output::resolve(&c.out)? {
+        return Err(Error::invalid(format!(
+            "--log {} is the checkpoint --out: choose another log file",
+            log.display()
+        )));
+    }
+    let checkpoint = OutputPath::prepare("--out", &c.out, OutputKind::File, &inputs)?;
+    let log_flag = if c.log.is_some() {
+        "--log"
+    } else {
+        "--log (default <out>.log.jsonl)"
+    };
+    let log = OutputPath::prepare(log_flag, &log, OutputKind::File, &inputs)?;
+    Ok(vec![checkpoint, log])
+}
+
 /// `mgkd-train teacher`.
 pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
     let c = &args.common;
+    let _outputs = prepare_outputs(c, None)?;
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
@@ -582,14 +680,14 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
         c.hyper.threads,
         || with_backend!(c.hyper.device, be => teacher_on(be, args, &r)),
     )?;
-    finish(&args.common, &report);
-    Ok(())
+    finish(&args.common, &report)
 }
 
 /// `mgkd-train student`.
 pub fn run_student(args: &StudentArgs) -> Result<()> {
-    let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let c = &args.common;
+    let _outputs = prepare_outputs(c, Some(&args.teacher))?;
+    let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
@@ -603,20 +701,20 @@ pub fn run_student(args: &StudentArgs) -> Result<()> {
         c.hyper.threads,
         || with_backend!(c.hyper.device, be => student_on(be, args, &r)),
     )?;
-    finish(&args.common, &report);
-    Ok(())
+    finish(&args.common, &report)
 }
 
-fn finish(c: &CommonArgs, report: &TrainReport) {
+fn finish(c: &CommonArgs, report: &TrainReport) -> Result<()> {
     if c.quiet {
-        println!(
+        crate::outln!(
             "best epoch {}: valid AUC {:.4}, KS {:.4}; checkpoint {}",
             report.best.epoch,
             report.best.valid_auc,
             report.best.valid_ks,
             c.out.display()
-        );
+        )?;
     } else {
-        print_summary(report, &c.out);
+        print_summary(report, &c.out)?;
     }
+    Ok(())
 }

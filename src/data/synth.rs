@@ -336,14 +336,29 @@ impl Default for SynthConfig {
 /// The default train/valid/test percentages.
 pub const DEFAULT_SPLIT: [u32; 3] = [80, 10, 10];
 
+/// Most users one synthetic dataset holds (about 1 TB of shards at the §8 lengths).
+pub const MAX_USERS: u64 = 1_000_000_000;
+/// Largest shard size (64 GiB).
+pub const MAX_SHARD_BYTES: u64 = 64 << 30;
+
 /// Largest accepted sequence-length limit.
 const MAX_LEN_LIMIT: usize = 1 << 16;
 
 impl SynthConfig {
     /// Checks the settings; the error names the offending option.
     pub fn validate(&self) -> Result<()> {
-        if self.users == 0 {
-            return Err(Error::invalid("--users must be at least 1"));
+        if self.users == 0 || self.users > MAX_USERS {
+            return Err(Error::invalid(format!(
+                "--users {} is out of range: it must be 1 to {MAX_USERS}",
+                self.users
+            )));
+        }
+        if self.shard_bytes > MAX_SHARD_BYTES {
+            return Err(Error::invalid(format!(
+                "--shard-mib {} is out of range: it must be 1 to {}",
+                self.shard_bytes >> 20,
+                MAX_SHARD_BYTES >> 20
+            )));
         }
         if !(self.default_rate > 0.0 && self.default_rate < 1.0) {
             return Err(Error::invalid(format!(

@@ -4,7 +4,8 @@
 //! then renamed; `dataset.json` is written the same way, last of all. A directory without
 //! `dataset.json` is never taken for a dataset, so a crash never leaves something that looks
 //! complete. A writer dropped without [`DatasetWriter::finish`] (an error part-way) removes
-//! every file it created, and the directory too when it created it.
+//! every file it created, and the directory too when it created it; until `finish` they are
+//! also registered with [`crate::io::cleanup`], so SIGINT/SIGTERM remove them as well.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -20,6 +21,7 @@ use super::manifest::{
     Manifest, ShardInfo, SplitStats, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SPLIT_NAMES,
 };
 use super::schema::Schema;
+use crate::io::cleanup::{self, Registration, Removal};
 use crate::{Error, Result};
 
 /// Default target size of one shard file.
@@ -153,6 +155,9 @@ pub struct DatasetWriter {
     shards: Vec<ShardInfo>,
     /// Files written so far (final names), removed if the writer is dropped unfinished.
     written: Vec<PathBuf>,
+    /// The directory (when created) and every file, registered for removal on a signal
+    /// until the dataset is finished.
+    registrations: Vec<Registration>,
     split_rows: [u64; 3],
     split_positives: [u64; 3],
     rows: u64,
@@ -169,17 +174,29 @@ impl DatasetWriter {
             ));
         }
         let created_dir = !dir.exists();
+        let mut registrations = Vec::new();
         if created_dir {
-            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let ((), reg) = cleanup::create(dir, Removal::EmptyDir, |d| fs::create_dir_all(d))
+                .map_err(|e| Error::io(dir, e))?;
+            registrations.push(reg);
         } else {
             let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| Error::io(dir, e))?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name == MANIFEST_FILE || name.starts_with("shard-") {
+                if name == MANIFEST_FILE {
                     return Err(Error::invalid(format!(
                         "{}: already holds a dataset ({name}); choose an empty or new directory",
+                        dir.display()
+                    )));
+                }
+                if name.starts_with("shard-") {
+                    return Err(Error::invalid(format!(
+                        "{}: holds {name} but no {MANIFEST_FILE}: the remains of a run that was \
+                         killed before it finished (an interrupted run removes its files; \
+                         SIGKILL cannot be caught); remove the shard-* files, or choose an \
+                         empty or new directory",
                         dir.display()
                     )));
                 }
@@ -193,11 +210,23 @@ impl DatasetWriter {
             buffers: ShardBuffers::new(),
             shards: Vec::new(),
             written: Vec::new(),
+            registrations,
             split_rows: [0; 3],
             split_positives: [0; 3],
             rows: 0,
             finished: false,
         })
+    }
+
+    /// Makes `path` (a file the caller writes into the dataset directory, e.g. a sidecar)
+    /// part of the dataset: registered for removal on a signal until [`finish`] and removed
+    /// when the writer is dropped unfinished.
+    ///
+    /// [`finish`]: DatasetWriter::finish
+    pub fn adopt(&mut self, path: &Path) {
+        self.registrations
+            .push(cleanup::register(path, Removal::File));
+        self.written.push(path.to_path_buf());
     }
 
     /// The schema rows are checked against.
@@ -519,6 +548,8 @@ impl DatasetWriter {
         let bytes_len: usize = pieces.iter().map(|p| p.len()).sum();
         let file = format!("shard-{:05}.safetensors", self.shards.len());
         let path = self.dir.join(&file);
+        self.registrations
+            .push(cleanup::register(&path, Removal::File));
         let sha256 = write_atomic_hashed(&path, &pieces)?;
         self.written.push(path);
         self.shards.push(ShardInfo {
@@ -561,8 +592,12 @@ impl DatasetWriter {
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::invalid(format!("internal: manifest: {e}")))?;
-        write_atomic(&self.dir.join(MANIFEST_FILE), text.as_bytes())?;
+        let manifest_path = self.dir.join(MANIFEST_FILE);
+        self.registrations
+            .push(cleanup::register(&manifest_path, Removal::File));
+        write_atomic(&manifest_path, text.as_bytes())?;
         self.finished = true;
+        cleanup::release_all(std::mem::take(&mut self.registrations));
         Ok(manifest)
     }
 }
@@ -593,7 +628,10 @@ fn hex(digest: &[u8]) -> String {
 }
 
 /// Writes `bytes` to `path` atomically: a `.tmp` sibling is written, synced and renamed over
-/// `path`. On failure the temporary file is removed and `path` is untouched.
+/// `path`. On failure the temporary file is removed and `path` is untouched. `path` must be
+/// absent or a regular file (a link, a directory, a device or a FIFO is never replaced); the
+/// temporary file is created anew (a stale one from a killed run is replaced, never written
+/// through) and registered with [`crate::io::cleanup`] while it exists.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, &[bytes], |_| {})
 }
@@ -639,11 +677,24 @@ const WRITE_PIECE: usize = 1 << 20;
 /// The body of [`write_atomic`]: the concatenation of `pieces` goes to the `.tmp` sibling
 /// in writes of at most [`WRITE_PIECE`] bytes; `on_piece` sees each before it is written.
 fn write_atomic_with(path: &Path, pieces: &[&[u8]], mut on_piece: impl FnMut(&[u8])) -> Result<()> {
+    if let Ok(m) = fs::symlink_metadata(path) {
+        if let Some(what) = crate::io::output::special_kind(&m.file_type()) {
+            return Err(Error::invalid(format!(
+                "{}: is {what}; it is replaced only when it is a regular file",
+                path.display()
+            )));
+        }
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
+    if fs::symlink_metadata(&tmp).is_ok_and(|m| !m.is_dir()) {
+        let _ = fs::remove_file(&tmp);
+    }
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let (mut f, _registration) = cleanup::create(&tmp, Removal::File, |p| {
+            fs::OpenOptions::new().write(true).create_new(true).open(p)
+        })?;
         for piece in pieces.iter().flat_map(|p| p.chunks(WRITE_PIECE)) {
             on_piece(piece);
             f.write_all(piece)?;

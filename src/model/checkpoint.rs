@@ -1,7 +1,11 @@
 //! Model checkpoints as safetensors files: one F32 tensor per named parameter (table
 //! order), metadata `mgkd.format = "mgkd-checkpoint"`, `mgkd.version = "1"`,
-//! `mgkd.config` = the [`ModelConfig`] as JSON, plus free keys that callers add (training
-//! configuration, …). Written atomically (temp file, then rename).
+//! `mgkd.config` = the [`ModelConfig`] as JSON, `mgkd.data_sha256` = the SHA-256 of the
+//! tensor data (every byte after the header), plus free keys that callers add (training
+//! configuration, …). Written atomically (temp file, then rename). [`read`] verifies the
+//! checksum, so a corrupted weight (a flipped bit, a value scaled by 1e30) is refused naming
+//! the file; a checkpoint written before the checksum existed is read with
+//! [`Checkpoint::verified`] false, and the commands print a warning for it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -9,7 +13,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::backend::{Backend, Float};
-use crate::data::writer::write_atomic;
+use crate::data::writer::{sha256_hex, write_atomic};
 use crate::model::config::ModelConfig;
 use crate::model::net::Model;
 use crate::model::params::{ParamStore, ParamTable};
@@ -25,9 +29,12 @@ pub const KEY_FORMAT: &str = "mgkd.format";
 pub const KEY_VERSION: &str = "mgkd.version";
 /// Metadata key of the model configuration JSON.
 pub const KEY_CONFIG: &str = "mgkd.config";
+/// Metadata key of the SHA-256 (lower-case hex) of the tensor data: every byte after the
+/// header.
+pub const KEY_DATA_SHA256: &str = "mgkd.data_sha256";
 
 /// Writes `model`'s parameters (converted to f32) and `extra` metadata keys to `path`.
-/// Keys of `extra` must not start with `mgkd.format`/`mgkd.version`/`mgkd.config`.
+/// Keys of `extra` must not be `mgkd.format`/`mgkd.version`/`mgkd.config`/`mgkd.data_sha256`.
 pub fn save<B: Backend>(
     be: &B,
     model: &Model<B>,
@@ -55,7 +62,7 @@ pub fn save<B: Backend>(
     }
     let mut meta: HashMap<String, String> = HashMap::new();
     for (k, v) in extra {
-        if [KEY_FORMAT, KEY_VERSION, KEY_CONFIG].contains(&k.as_str()) {
+        if [KEY_FORMAT, KEY_VERSION, KEY_CONFIG, KEY_DATA_SHA256].contains(&k.as_str()) {
             return Err(Error::invalid(format!(
                 "checkpoint metadata key {k} is reserved"
             )));
@@ -69,7 +76,7 @@ pub fn save<B: Backend>(
     meta.insert(KEY_CONFIG.into(), config);
     let out = safetensors::tensor::serialize(tensors, &Some(meta))
         .map_err(|e| Error::format(path, format!("serialising the checkpoint: {e}")))?;
-    let out = canonical_header(&out)
+    let out = canonical_header(&out, true)
         .ok_or_else(|| Error::format(path, "serialising the checkpoint: unreadable header"))?;
     write_atomic(path, &out)
 }
@@ -77,15 +84,22 @@ pub fn save<B: Backend>(
 /// Rewrites a serialised safetensors file with its JSON header in a canonical form (keys,
 /// metadata keys included, in sorted order; padded with spaces to 8 bytes). `safetensors`
 /// writes the metadata from a `HashMap`, whose order changes from process to process, so
-/// without this the same model would not always give the same bytes. `None` when the
-/// header cannot be read back.
-fn canonical_header(bytes: &[u8]) -> Option<Vec<u8>> {
+/// without this the same model would not always give the same bytes. With `checksum`, the
+/// metadata gains [`KEY_DATA_SHA256`] of the tensor data. `None` when the header cannot be
+/// read back.
+fn canonical_header(bytes: &[u8], checksum: bool) -> Option<Vec<u8>> {
     let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
     let end = n.checked_add(8)?;
     let mut header: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(bytes.get(8..end)?).ok()?;
-    if let Some(meta) = header.remove("__metadata__") {
-        let sorted: BTreeMap<String, String> = serde_json::from_value(meta).ok()?;
+    let mut sorted: BTreeMap<String, String> = match header.remove("__metadata__") {
+        Some(meta) => serde_json::from_value(meta).ok()?,
+        None => BTreeMap::new(),
+    };
+    if checksum {
+        sorted.insert(KEY_DATA_SHA256.into(), sha256_hex(bytes.get(end..)?));
+    }
+    if !sorted.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(sorted).ok()?);
     }
     let mut json = serde_json::to_vec(&header).ok()?;
@@ -107,6 +121,9 @@ pub struct Checkpoint {
     pub values: Vec<f32>,
     /// All metadata keys, the `mgkd.*` ones included.
     pub metadata: BTreeMap<String, String>,
+    /// Whether the tensor data were checked against [`KEY_DATA_SHA256`]; false only for a
+    /// checkpoint written before the checksum existed (a mismatch is an error).
+    pub verified: bool,
 }
 
 fn parse_meta(
@@ -166,18 +183,40 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     parse_config(path, &meta)
 }
 
-/// Reads and checks the checkpoint at `path`: format and version metadata, a valid
-/// configuration, and exactly the tensors of its parameter table, each F32 with the right
-/// shape (errors name the file and the tensor).
+/// Reads and checks the checkpoint at `path`: format and version metadata, the tensor data
+/// against [`KEY_DATA_SHA256`] (when present), a valid configuration, and exactly the
+/// tensors of its parameter table, each F32 with the right shape (errors name the file and
+/// the tensor).
 pub fn read(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+    let (header_len, m) = SafeTensors::read_metadata(&bytes).map_err(|e| {
         Error::format(
             path,
             format!("not a readable safetensors file (truncated or damaged): {e}"),
         )
     })?;
     let metadata = parse_meta(path, m.metadata())?;
+    let verified = match metadata.get(KEY_DATA_SHA256) {
+        None => false,
+        Some(want) => {
+            let data = header_len
+                .checked_add(8)
+                .and_then(|start| bytes.get(start..))
+                .unwrap_or_default();
+            let found = sha256_hex(data);
+            if &found != want {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "the tensor data do not match their checksum ({KEY_DATA_SHA256} \
+                         {want}, the data hash to {found}): the file is corrupted; restore \
+                         it or train it again"
+                    ),
+                ));
+            }
+            true
+        }
+    };
     let config = parse_config(path, &metadata)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, format!("truncated or damaged safetensors file: {e}")))?;
@@ -236,6 +275,7 @@ pub fn read(path: &Path) -> Result<Checkpoint> {
         config,
         values,
         metadata,
+        verified,
     })
 }
 
@@ -255,6 +295,18 @@ pub fn check_config(path: &Path, wanted: &ModelConfig) -> Result<()> {
 }
 
 impl Checkpoint {
+    /// The warning the commands print for a checkpoint without a checksum, or `None`.
+    pub fn unverified_warning(&self, path: &Path) -> Option<String> {
+        (!self.verified).then(|| {
+            format!(
+                "warning: {}: no {KEY_DATA_SHA256} (written before checkpoints carried a \
+                 checksum): its tensor data cannot be verified (checkpoints written by this \
+                 version carry one)",
+                path.display()
+            )
+        })
+    }
+
     /// The model on backend `be` (values converted to its element type).
     pub fn into_model<B: Backend>(self, be: &B) -> Result<Model<B>> {
         let table = ParamTable::new(&self.config);

@@ -71,6 +71,15 @@ impl Widths {
     }
 }
 
+/// Largest model width `d`.
+pub const MAX_D: usize = 4096;
+/// Most attention heads.
+pub const MAX_HEADS: usize = 256;
+/// Most transformer blocks per encoder.
+pub const MAX_BLOCKS: usize = 64;
+/// Largest profile embedding width `d_cat`.
+pub const MAX_D_CAT: usize = 1024;
+
 /// Upper bound on a network's parameter count (2³³ scalars, 32 GiB in f32): a guard
 /// against configurations read from damaged files.
 pub const MAX_PARAMS: u128 = 1 << 33;
@@ -166,6 +175,16 @@ impl ModelConfig {
                 self.role
             )))
         };
+        for (name, v, max) in [
+            ("d", self.d, MAX_D),
+            ("heads", self.heads, MAX_HEADS),
+            ("blocks", self.blocks, MAX_BLOCKS),
+            ("d_cat", self.d_cat, MAX_D_CAT),
+        ] {
+            if v > max {
+                return bad(format!("{name} = {v} is more than the supported {max}"));
+            }
+        }
         if self.d == 0 {
             return bad("d must be at least 1".into());
         }

@@ -190,6 +190,10 @@ pub struct RunResult {
     pub valid_auc: Vec<f64>,
     /// Wall-clock seconds of training plus test scoring.
     pub seconds: f64,
+    /// Training throughput over the epochs run (rows per second of training time; 0 in
+    /// results written before it was recorded).
+    #[serde(default)]
+    pub samples_per_s: f64,
     /// Settings of the run.
     pub config: RunConfig,
 }
@@ -219,12 +223,12 @@ pub struct AblationOutcome {
 type TeacherFile = (PathBuf, String);
 
 /// Runs the ablation on `ds` with backend `be`; `on_run` is called after each run (progress
-/// lines).
+/// lines); an error it returns stops the ablation.
 pub fn run_ablation<B: Backend>(
     be: &B,
     ds: &Dataset,
     cfg: &AblationConfig,
-    mut on_run: impl FnMut(&RunResult),
+    mut on_run: impl FnMut(&RunResult) -> Result<()>,
 ) -> Result<AblationOutcome> {
     cfg.validate()?;
     let test_rows = ds.rows_of_split(TEST);
@@ -321,13 +325,14 @@ pub fn run_ablation<B: Backend>(
                 epochs_run: report.history.len(),
                 valid_auc: report.history.iter().map(|e| e.valid_auc).collect(),
                 seconds: t0.elapsed().as_secs_f64(),
+                samples_per_s: report.samples_per_s,
                 config: RunConfig {
                     model: w,
                     train: tc.clone(),
                     loss,
                 },
             };
-            on_run(&result);
+            on_run(&result)?;
             runs.push(result);
             if k == 0 && matches!(variant, None | Some(Variant::Plain) | Some(Variant::Full)) {
                 curves.models.push((name.to_string(), p));

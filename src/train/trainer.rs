@@ -31,6 +31,11 @@ use crate::{Error, Result};
 /// parameters).
 pub const KEY_BEST: &str = "mgkd.best";
 
+/// Most epochs (and the largest patience) a run accepts.
+pub const MAX_EPOCHS: usize = 10_000;
+/// Largest batch (rows per step).
+pub const MAX_BATCH: usize = 65_536;
+
 /// Training steps whose loss terms are read back from the device at once (the progress bar
 /// and the divergence check follow at that interval; a step itself never waits).
 pub const LOG_INTERVAL: usize = 25;
@@ -88,18 +93,25 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks the values: epochs, batch and patience ≥ 1, lr finite and > 0, warm-up share
+    /// Checks the values: epochs and patience in 1..=[`MAX_EPOCHS`], batch in
+    /// 1..=[`MAX_BATCH`], lr finite and > 0, warm-up share
     /// in [0, 1], weight decay finite and ≥ 0, clip finite and > 0.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(format!("training config: {m}")));
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            return bad(format!(
+                "epochs = {} must be 1 to {MAX_EPOCHS}",
+                self.epochs
+            ));
         }
-        if self.batch == 0 {
-            return bad("batch must be at least 1".into());
+        if self.batch == 0 || self.batch > MAX_BATCH {
+            return bad(format!("batch = {} must be 1 to {MAX_BATCH}", self.batch));
         }
-        if self.patience == 0 {
-            return bad("patience must be at least 1".into());
+        if self.patience == 0 || self.patience > MAX_EPOCHS {
+            return bad(format!(
+                "patience = {} must be 1 to {MAX_EPOCHS}",
+                self.patience
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("lr = {} must be > 0", self.lr));

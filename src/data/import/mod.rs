@@ -20,6 +20,7 @@
 
 pub mod config;
 mod long;
+mod quotes;
 mod wide;
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +39,7 @@ use super::manifest::{Manifest, MANIFEST_FILE};
 use super::schema::{CatField, NumField, Schema};
 use super::writer::{write_atomic, DatasetWriter, RowData, WriterOptions};
 use crate::{Error, Result};
+use quotes::QuoteTracker;
 
 /// File name of the vocabulary sidecar written next to `dataset.json`.
 pub const VOCAB_FILE: &str = "vocab.json";
@@ -155,6 +157,7 @@ pub fn import_config(
     let existed = out.exists();
     let mut writer = DatasetWriter::create(out, schema, options)?;
     let vocab_path = out.join(VOCAB_FILE);
+    writer.adopt(&vocab_path);
     let result = (|| {
         write_rows(&mut writer, &table, &splits, &encoded)?;
         let text = serde_json::to_string_pretty(&encoded.vocab)
@@ -295,10 +298,11 @@ impl Table {
     }
 }
 
-/// A CSV file being read: trimmed cells, a header line, every record as long as the header.
+/// A CSV file being read: trimmed cells, a header line, every record as long as the header,
+/// quotes balanced (see [`quotes`]).
 pub(crate) struct Csv {
     path: PathBuf,
-    reader: csv::Reader<File>,
+    reader: csv::Reader<QuoteTracker<File>>,
     headers: Vec<String>,
 }
 
@@ -309,9 +313,14 @@ impl Csv {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .trim(csv::Trim::All)
-            .from_reader(file);
-        let headers: Vec<String> = reader
-            .headers()
+            .from_reader(QuoteTracker::new(file));
+        let read = reader.headers().map(|h| h.clone());
+        if let Some(p) = reader.get_ref().problem() {
+            if p.open_line() < reader.position().line().max(2) {
+                return Err(p.to_error(path, &[]));
+            }
+        }
+        let headers: Vec<String> = read
             .map_err(|e| csv_error(path, e))?
             .iter()
             .map(str::to_string)
@@ -351,9 +360,18 @@ impl Csv {
         }
     }
 
-    /// Reads the next record into `rec`; returns its 1-based line, or `None` at the end.
+    /// Reads the next record into `rec`; returns its 1-based line, or `None` at the end. A
+    /// quote problem ([`quotes`]) whose opening quote lies in the record (or before the end)
+    /// is reported in place of the record, before anything else about it.
     fn next(&mut self, rec: &mut csv::StringRecord) -> Result<Option<u64>> {
-        match self.reader.read_record(rec) {
+        let read = self.reader.read_record(rec);
+        if let Some(p) = self.reader.get_ref().problem() {
+            let end = matches!(read, Ok(false));
+            if end || p.open_line() < self.reader.position().line() {
+                return Err(p.to_error(&self.path, &self.headers));
+            }
+        }
+        match read {
             Ok(true) => Ok(Some(rec.position().map(|p| p.line()).unwrap_or(0))),
             Ok(false) => Ok(None),
             Err(e) => Err(csv_error(&self.path, e)),
