@@ -694,6 +694,7 @@ fn bad_cells_name_file_line_and_column() {
 
 /// Moves the users file's `region` column (a categorical text column) to the end, where a
 /// runaway quote makes a record of full length: the case that imported with exit 0.
+#[allow(clippy::ptr_arg)] // the shape of `case`'s line editors
 fn region_last(l: &mut Vec<String>) {
     for line in l.iter_mut() {
         let mut f: Vec<&str> = line.split(',').collect();

@@ -314,7 +314,7 @@ impl Csv {
             .has_headers(true)
             .trim(csv::Trim::All)
             .from_reader(QuoteTracker::new(file));
-        let read = reader.headers().map(|h| h.clone());
+        let read = reader.headers().cloned();
         if let Some(p) = reader.get_ref().problem() {
             if p.open_line() < reader.position().line().max(2) {
                 return Err(p.to_error(path, &[]));
