@@ -57,3 +57,19 @@ extern "C" __global__ void col_finish_f32(int n, int chunks, const float* __rest
   for (int c = 0; c < chunks; ++c) acc += partial[(i64)c * n + j];
   out[j] += acc;
 }
+
+// Device addresses of the products of a two-level batched GEMM (cuBLAS's pointer-array
+// batch): entry e = o·inner + i of each array is base + (o·outer_stride + i·inner_stride)
+// floats; the A, B and C arrays follow one another in `out` (3·outer·inner entries).
+extern "C" __global__ void gemm_pointers(int outer, int inner, unsigned long long a, i64 oa, i64 ia,
+                                         unsigned long long b, i64 ob, i64 ib, unsigned long long c,
+                                         i64 oc, i64 ic, unsigned long long* __restrict__ out) {
+  const i64 total = (i64)outer * inner;
+  const i64 bytes = (i64)sizeof(float);
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+    const i64 o = e / inner, i = e % inner;
+    out[e] = a + (unsigned long long)((o * oa + i * ia) * bytes);
+    out[total + e] = b + (unsigned long long)((o * ob + i * ib) * bytes);
+    out[2 * total + e] = c + (unsigned long long)((o * oc + i * ic) * bytes);
+  }
+}

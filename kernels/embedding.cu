@@ -216,17 +216,21 @@ extern "C" __global__ void add_positions_f32(int batch, int max_len, int d, cons
   }
 }
 
-// dpos[p, :] += Σ_b dx[b, ℓ_b−1−p, :] over rows b with p < ℓ_b, in row order. One thread
-// per (p, c): grid (⌈d/blockDim⌉, max_len).
-extern "C" __global__ void add_positions_backward_f32(int batch, int max_len, int d,
-                                                      const u32* __restrict__ lens,
-                                                      const float* __restrict__ dx,
-                                                      float* __restrict__ dpos, u32* err) {
+// Pass 1 of the position gradient: partial[k, p, :] = Σ_b dx[b, ℓ_b−1−p, :] over the rows b
+// of chunk k (rows k·chunk_rows .. +chunk_rows, in order) with p < ℓ_b. One thread per
+// (c, p, k): grid (⌈d/blockDim⌉, max_len, chunks). Pass 2 is col_finish_f32 over
+// max_len·d columns, adding the chunks in order into dpos (a fixed order: deterministic).
+extern "C" __global__ void add_positions_partial_f32(int batch, int max_len, int d, int chunk_rows,
+                                                     const u32* __restrict__ lens,
+                                                     const float* __restrict__ dx,
+                                                     float* __restrict__ partial, u32* err) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int p = blockIdx.y;
   if (c >= d) return;
-  float acc = dpos[(i64)p * d + c];
-  for (int b = 0; b < batch; ++b) {
+  const int b0 = blockIdx.z * chunk_rows;
+  const int b1 = min(batch, b0 + chunk_rows);
+  float acc = 0.0f;
+  for (int b = b0; b < b1; ++b) {
     u32 l = lens[b];
     if (l > (u32)max_len) {
       atomicOr(err, MGKD_ERR_LEN);
@@ -234,5 +238,5 @@ extern "C" __global__ void add_positions_backward_f32(int batch, int max_len, in
     }
     if ((u32)p < l) acc += dx[((i64)b * max_len + (l - 1 - p)) * d + c];
   }
-  dpos[(i64)p * d + c] = acc;
+  partial[((i64)blockIdx.z * max_len + p) * d + c] = acc;
 }

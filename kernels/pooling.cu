@@ -42,15 +42,21 @@ extern "C" __global__ void masked_mean_backward_f32(int batch, int max_len, int 
   }
 }
 
-// dempty[c] += Σ_{b: ℓ_b = 0} dout[b,c], rows in order.
-extern "C" __global__ void masked_mean_dempty_f32(int batch, int d, const u32* __restrict__ lens,
-                                                  const float* __restrict__ dout, float* __restrict__ dempty) {
+// Pass 1 of dempty[c] += Σ_{b: ℓ_b = 0} dout[b,c]: partial[k, c] sums the empty rows of chunk k
+// (rows k·chunk_rows .. +chunk_rows, in order); grid (⌈d/blockDim⌉, chunks). Pass 2 is
+// col_finish_f32, adding the chunks in order (a fixed order: deterministic).
+extern "C" __global__ void masked_mean_dempty_partial_f32(int batch, int d, int chunk_rows,
+                                                          const u32* __restrict__ lens,
+                                                          const float* __restrict__ dout,
+                                                          float* __restrict__ partial) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d) return;
-  float acc = dempty[c];
-  for (int b = 0; b < batch; ++b)
+  const int b0 = blockIdx.y * chunk_rows;
+  const int b1 = min(batch, b0 + chunk_rows);
+  float acc = 0.0f;
+  for (int b = b0; b < b1; ++b)
     if (lens[b] == 0) acc += dout[(i64)b * d + c];
-  dempty[c] = acc;
+  partial[(i64)blockIdx.y * d + c] = acc;
 }
 
 // seq[b,0,c] = vec[b,c] for the rows with lens[b] = 0 (one thread per (b, c)).

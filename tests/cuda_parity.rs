@@ -26,7 +26,8 @@ use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref, ValidTokens,
+    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Outer, Ref,
+    ValidTokens,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -466,9 +467,163 @@ fn gemm_heads_side_by_side() {
     parity("gemm heads", &case);
 }
 
-/// The linear map: each backend's `linear_forward` (fused on CUDA) against the CPU's
-/// composition, overwriting (output poisoned) and accumulating (output random, sentinels
-/// around it).
+/// A two-level batched product ([`Backend::gemm_outer`]): one pointer-array batched call on
+/// CUDA where the C matrices are disjoint, the per-repetition loop otherwise.
+struct GemmOuterCase {
+    s: Gemm,
+    outer: Outer,
+    beta: f64,
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c: Vec<f64>,
+}
+
+impl Case for GemmOuterCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let a = up(be, &junk_padded(&self.a));
+        let b = up(be, &junk_padded(&self.b));
+        // β = 0 must not read C: poison it (C elements no product writes stay NaN on every
+        // backend); otherwise start from C.
+        let mut c = if self.beta == 0.0 {
+            poisoned(be, self.c.len())
+        } else {
+            up(be, &padded(&self.c))
+        };
+        be.gemm_outer(
+            &self.s,
+            &self.outer,
+            cst::<B>(0.75),
+            Ref::at(&a, PAD),
+            Ref::at(&b, PAD),
+            cst::<B>(self.beta),
+            Mut::at(&mut c, PAD),
+        );
+        vec![named("C", down(be, &c))]
+    }
+}
+
+/// The attention products as heads × batch rows (Q·Kᵀ into per-head score blocks, P·V
+/// into head columns of the context, dV = Pᵀ·dC into the V columns of a Q|K|V buffer),
+/// and an outer batch whose repetitions share C (run in order: C accumulates).
+#[test]
+fn gemm_outer_heads_by_rows() {
+    let mut r = rng(13);
+    let (batch, l, heads, dh) = (5, 11, 3, 8);
+    let d = heads * dh;
+    let qkv = randv(&mut r, batch * l * 3 * d);
+    let probs = randv(&mut r, batch * heads * l * l);
+    let ctx = randv(&mut r, batch * l * d);
+    let scores = Gemm {
+        m: l,
+        n: l,
+        k: dh,
+        trans_a: false,
+        trans_b: true,
+        lda: 3 * d,
+        ldb: 3 * d,
+        ldc: l,
+        batch,
+        stride_a: l * 3 * d,
+        stride_b: l * 3 * d,
+        stride_c: heads * l * l,
+    };
+    let pv = Gemm {
+        m: l,
+        n: dh,
+        k: l,
+        trans_a: false,
+        trans_b: false,
+        lda: l,
+        ldb: 3 * d,
+        ldc: d,
+        batch,
+        stride_a: heads * l * l,
+        stride_b: l * 3 * d,
+        stride_c: l * d,
+    };
+    let dv = Gemm {
+        m: l,
+        n: dh,
+        k: l,
+        trans_a: true,
+        trans_b: false,
+        lda: l,
+        ldb: d,
+        ldc: 3 * d,
+        batch,
+        stride_a: heads * l * l,
+        stride_b: l * d,
+        stride_c: l * 3 * d,
+    };
+    let outer = |sa, sb, sc| Outer {
+        count: heads,
+        stride_a: sa,
+        stride_b: sb,
+        stride_c: sc,
+    };
+    let shared = Outer {
+        count: 3,
+        stride_a: 7,
+        stride_b: 5,
+        stride_c: 1,
+    };
+    let cases = [
+        (
+            "Q·Kᵀ",
+            scores,
+            outer(dh, dh, l * l),
+            &qkv,
+            &qkv[d..],
+            batch * heads * l * l,
+        ),
+        (
+            "P·V",
+            pv,
+            outer(l * l, dh, dh),
+            &probs,
+            &qkv[2 * d..],
+            batch * l * d,
+        ),
+        (
+            "Pᵀ·dC",
+            dv,
+            outer(l * l, dh, dh),
+            &probs,
+            &ctx,
+            batch * l * 3 * d,
+        ),
+        (
+            "shared C",
+            scores,
+            shared,
+            &qkv,
+            &qkv[d..],
+            batch * heads * l * l + 2,
+        ),
+    ];
+    for (name, s, outer, a, b, c_len) in cases {
+        assert_eq!(
+            outer.disjoint(&s),
+            name != "shared C",
+            "{name}: disjointness"
+        );
+        for beta in [0.0, 0.5] {
+            let case = GemmOuterCase {
+                s,
+                outer,
+                beta,
+                a: a.to_vec(),
+                b: b.to_vec(),
+                c: randv(&mut r, c_len),
+            };
+            parity(&format!("gemm_outer {name} β={beta}"), &case);
+        }
+    }
+}
+
+/// The linear map: each backend's `linear_forward` and `linear_residual` (fused on CUDA)
+/// against the CPU's composition, overwriting (output poisoned), accumulating (output
+/// random, sentinels around it) and with a residual input (output poisoned).
 struct LinearCase {
     rows: usize,
     inp: usize,
@@ -490,15 +645,20 @@ impl Case for LinearCase {
         be.linear_forward(r, i, o, xr, wr, br, Mut::at(&mut y0, PAD), false);
         let mut y1 = up(be, &padded(&self.y));
         be.linear_forward(r, i, o, xr, wr, br, Mut::at(&mut y1, PAD), true);
+        let resid = up(be, &junk_padded(&self.y));
+        let mut y2 = poisoned(be, r * o);
+        let rr = Ref::at(&resid, PAD);
+        be.linear_residual(r, i, o, xr, wr, br, rr, Mut::at(&mut y2, PAD));
         vec![
             named("y = x·Wᵀ + b", down(be, &y0)),
             named("y += x·Wᵀ + b", down(be, &y1)),
+            named("y = r + x·Wᵀ + b", down(be, &y2)),
         ]
     }
 }
 
 #[test]
-fn linear_forward_overwriting_and_accumulating() {
+fn linear_forward_overwriting_accumulating_and_residual() {
     let mut r = rng(35);
     for (rows, inp, out) in [
         (1, 1, 1),
@@ -936,6 +1096,7 @@ fn positions_forward_and_backward() {
         (64, 128, 128),
         (3, 32, 8),
         (4, 5, 300),
+        (70, 9, 33),
     ] {
         let case = PosCase {
             batch,
@@ -1099,6 +1260,7 @@ fn masked_mean_forward_and_backward() {
         (64, 128, 128),
         (4, 0, 5),
         (5, 3, 300),
+        (70, 9, 33),
     ] {
         let case = MeanCase {
             batch,

@@ -396,6 +396,10 @@ impl<F: Float> Backend for CpuBackend<F> {
         Ok(vec![F::zero(); len])
     }
 
+    fn uninit(&self, len: usize) -> Result<Vec<F>> {
+        Ok(vec![<F as Float>::from_f64(f64::NAN); len])
+    }
+
     fn upload(&self, host: &[F]) -> Result<Vec<F>> {
         Ok(host.to_vec())
     }

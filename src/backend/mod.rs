@@ -132,6 +132,73 @@ impl Gemm {
     }
 }
 
+/// An outer batch around a [`Gemm`]: `count` repetitions of its whole strided batch, the
+/// `o`-th shifted by `o·stride_*` elements, so that product `(o, b)` reads A at
+/// `o·stride_a + b·gemm.stride_a` past the window's offset (B and C alike). Attention runs
+/// batch × heads as one call this way: heads outer, batch rows inner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    /// Number of repetitions.
+    pub count: usize,
+    /// Element distance between the A matrices of consecutive repetitions.
+    pub stride_a: usize,
+    /// Element distance between the B matrices of consecutive repetitions.
+    pub stride_b: usize,
+    /// Element distance between the C matrices of consecutive repetitions.
+    pub stride_c: usize,
+}
+
+impl Outer {
+    /// Whether the `count × s.batch` C matrices of `s` under this outer batch are pairwise
+    /// disjoint, so that they may be computed concurrently. A sufficient test: the level of
+    /// smaller stride places its matrices apart (stacked: stride ≥ a matrix's extent; or side
+    /// by side within one row stride: stride ≥ n and the last ends within `ldc`), and the
+    /// other level's stride is at least the extent of one such group.
+    pub fn disjoint(&self, s: &Gemm) -> bool {
+        let span = |rows: usize, cols: usize, ld: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (rows - 1) * ld + cols
+            }
+        };
+        let e = span(s.m, s.n, s.ldc);
+        let (mut lo, mut hi) = ((s.batch, s.stride_c), (self.count, self.stride_c));
+        if lo.0 > 1 && (hi.0 <= 1 || hi.1 < lo.1) {
+            std::mem::swap(&mut lo, &mut hi);
+        }
+        let ((c1, s1), (c2, s2)) = (lo, hi);
+        let first = c1 <= 1 || s1 >= e || (s1 >= s.n && (c1 - 1) * s1 + s.n <= s.ldc);
+        let group = if c1 == 0 { 0 } else { (c1 - 1) * s1 + e };
+        first && (c2 <= 1 || s2 >= group)
+    }
+}
+
+/// [`Backend::gemm_outer`] as one [`Backend::gemm`] per repetition, in order: the definition
+/// (and the reference of a backend that fuses the repetitions).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_outer_composed<B: Backend + ?Sized>(
+    be: &B,
+    s: &Gemm,
+    outer: &Outer,
+    alpha: B::F,
+    a: Ref<B::Buf>,
+    b: Ref<B::Buf>,
+    beta: B::F,
+    c: Mut<B::Buf>,
+) {
+    for o in 0..outer.count {
+        be.gemm(
+            s,
+            alpha,
+            Ref::at(a.buf, a.off + o * outer.stride_a),
+            Ref::at(b.buf, b.off + o * outer.stride_b),
+            beta,
+            Mut::at(&mut *c.buf, c.off + o * outer.stride_c),
+        );
+    }
+}
+
 /// One embedding table inside a parameter buffer: `vocab` rows of the op's `width`,
 /// starting at element `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +317,11 @@ pub trait Backend: Send + Sync {
 
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` elements whose contents are unspecified, for an output every
+    /// element of which is written before any is read (a β = 0 product, a kernel that writes
+    /// all of its output): it skips the zero fill. The CPU backend fills it with NaN, so that
+    /// a read before the first write shows in every test run on the CPU.
+    fn uninit(&self, len: usize) -> Result<Self::Buf>;
     /// A buffer holding a copy of `host`.
     fn upload(&self, host: &[Self::F]) -> Result<Self::Buf>;
     /// An id buffer holding a copy of `host`.
@@ -326,6 +398,22 @@ pub trait Backend: Send + Sync {
         beta: Self::F,
         c: Mut<Self::Buf>,
     );
+    /// The `outer.count × s.batch` products of `s` under an [`Outer`] batch: as if by one
+    /// [`Backend::gemm`] per repetition in order ([`gemm_outer_composed`], the default). A
+    /// backend may run them all as one batched call where [`Outer::disjoint`] holds.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_outer(
+        &self,
+        s: &Gemm,
+        outer: &Outer,
+        alpha: Self::F,
+        a: Ref<Self::Buf>,
+        b: Ref<Self::Buf>,
+        beta: Self::F,
+        c: Mut<Self::Buf>,
+    ) {
+        gemm_outer_composed(self, s, outer, alpha, a, b, beta, c)
+    }
     /// The linear map `y = x·Wᵀ + b` on `rows` rows (`y += x·Wᵀ + b` with `accumulate`, a
     /// residual connection): `x` packed `rows×inp`, `w` stored `out×inp`, `b` of `out`,
     /// `y` packed `rows×out`. The default is [`linear_composed`] ([`Backend::gemm`], then
@@ -343,6 +431,25 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
     ) {
         linear_composed(self, rows, inp, out, x, w, b, y, accumulate)
+    }
+    /// The linear map with a residual input, `y = resid + x·Wᵀ + b` (shapes as
+    /// [`Backend::linear_forward`], `resid` packed `rows×out`), so that a residual connection
+    /// needs no copy of its input first. The default copies `resid` into `y`, then
+    /// accumulates [`Backend::linear_forward`]; a backend may read `resid` in the product.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_residual(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<Self::Buf>,
+        w: Ref<Self::Buf>,
+        b: Ref<Self::Buf>,
+        resid: Ref<Self::Buf>,
+        mut y: Mut<Self::Buf>,
+    ) {
+        self.copy(rows * out, resid, y.reborrow());
+        self.linear_forward(rows, inp, out, x, w, b, y, true)
     }
     /// `y[r, :] += bias` for `r < rows`, `y` is `rows×n`.
     fn add_bias(&self, rows: usize, n: usize, bias: Ref<Self::Buf>, y: Mut<Self::Buf>);

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FineGrads, FineShape, Float, Mut, Ref};
-use crate::model::layers::{one, zeros};
+use crate::model::layers::{one, uninit, zeros};
 use crate::model::{DeviceBatch, Model, OutputGrads, Role};
 use crate::{Error, Result};
 
@@ -399,7 +399,7 @@ pub fn student_objective_queued<B: Backend>(
             .coarse
             .ok_or_else(|| Error::invalid("no coarse head"))?;
         let params = &student.params.values;
-        let mut pred = zeros(be, n * d)?;
+        let mut pred = uninit(be, n * d)?;
         lin.forward(
             be,
             params,
@@ -486,7 +486,7 @@ fn fine_term<B: Backend>(
     let (n, d) = (batch.rows, student.config.d);
     let (lq, lk) = (batch.pre.len, batch.in_service.len);
     let (nq, nk) = (n * lq, n * lk);
-    let mut tok = zeros(be, nq * d)?;
+    let mut tok = uninit(be, nq * d)?;
     be.copy(
         nq * d,
         Ref::whole(&s.encoder.out.tokens),
@@ -503,7 +503,11 @@ fn fine_term<B: Backend>(
     );
     let params = &student.params.values;
     let t_in = Ref::whole(&t.encoder.out.tokens);
-    let (mut q, mut k, mut v) = (zeros(be, nq * d)?, zeros(be, nk * d)?, zeros(be, nq * d)?);
+    let (mut q, mut k, mut v) = (
+        uninit(be, nq * d)?,
+        uninit(be, nk * d)?,
+        uninit(be, nq * d)?,
+    );
     proj.q
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut q), false);
     proj.k
@@ -539,7 +543,7 @@ fn fine_term<B: Backend>(
         return Ok(None);
     }
     let g = &mut student.params.grads;
-    let mut dtok = zeros(be, nq * d)?;
+    let mut dtok = uninit(be, nq * d)?;
     let tr = Ref::whole(&tok);
     proj.q.backward(
         be,

@@ -1,8 +1,10 @@
-//! Multi-head self-attention with a key-padding mask, forward and hand-written backward,
-//! the per-head products as strided-batched GEMMs over the rows of the batch.
+//! Multi-head self-attention with a key-padding mask, forward and hand-written backward.
+//! Q, K and V stay where the fused input projection writes them (`tokens×3d`, head `h` in
+//! columns `h·dh ..`); each attention product is one [`Backend::gemm_outer`] call over
+//! heads × batch rows (heads outer, rows inner), which CUDA runs as one batched GEMM.
 
-use crate::backend::{Backend, Float, Gemm, Mut, Ref};
-use crate::model::layers::{one, zero, zeros, Linear, SeqShape};
+use crate::backend::{Backend, Float, Gemm, Mut, Outer, Ref};
+use crate::model::layers::{one, uninit, zero, Linear, SeqShape};
 use crate::Result;
 
 /// Multi-head self-attention with a key-padding mask:
@@ -25,6 +27,17 @@ pub struct AttentionCache<B: Backend> {
     ctx: B::Buf,
 }
 
+/// The heads as the outer batch of an attention product: head `h`'s A, B and C matrices
+/// start `h·stride_*` elements after head 0's.
+fn heads_outer(heads: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Outer {
+    Outer {
+        count: heads,
+        stride_a,
+        stride_b,
+        stride_c,
+    }
+}
+
 impl Attention {
     fn dh(&self, d: usize) -> usize {
         d / self.heads
@@ -35,8 +48,10 @@ impl Attention {
         <F as Float>::from_f64(1.0 / (self.dh(d) as f64).sqrt())
     }
 
-    /// Forward: `x` is the LayerNorm output (`tokens×d`); adds `out_proj(MHSA(x))` to
-    /// `resid` (the residual stream). `lens` masks the keys.
+    /// Forward: `x` is the LayerNorm output (`tokens×d`); writes
+    /// `out = resid + out_proj(MHSA(x))` (`resid` is the residual stream). `lens` masks the
+    /// keys.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -44,73 +59,70 @@ impl Attention {
         sh: SeqShape,
         lens: &B::Ids,
         x: Ref<B::Buf>,
-        resid: Mut<B::Buf>,
+        resid: Ref<B::Buf>,
+        out: Mut<B::Buf>,
     ) -> Result<AttentionCache<B>> {
         let (n, d, l, h) = (sh.tokens(), sh.d, sh.len, self.heads);
         let dh = self.dh(d);
-        let mut qkv = zeros(be, n * 3 * d)?;
+        let mut qkv = uninit(be, n * 3 * d)?;
         self.in_proj
             .forward(be, params, n, x, Mut::whole(&mut qkv), false);
-        let mut probs = zeros(be, sh.batch * h * l * l)?;
-        for head in 0..h {
-            // S[b,h,i,j] = Σ_p Q[b,i,h·dh+p]·K[b,j,h·dh+p]
-            let g = Gemm {
-                m: l,
-                n: l,
-                k: dh,
-                trans_a: false,
-                trans_b: true,
-                lda: 3 * d,
-                ldb: 3 * d,
-                ldc: l,
-                batch: sh.batch,
-                stride_a: l * 3 * d,
-                stride_b: l * 3 * d,
-                stride_c: h * l * l,
-            };
-            let q = Ref::at(&qkv, head * dh);
-            let k = Ref::at(&qkv, d + head * dh);
-            be.gemm(
-                &g,
-                one::<B::F>(),
-                q,
-                k,
-                zero::<B::F>(),
-                Mut::at(&mut probs, head * l * l),
-            );
-        }
+        let mut probs = uninit(be, sh.batch * h * l * l)?;
+        // S[b,h,i,j] = Σ_p Q[b,i,h·dh+p]·K[b,j,h·dh+p], one product per (head, row).
+        let g = Gemm {
+            m: l,
+            n: l,
+            k: dh,
+            trans_a: false,
+            trans_b: true,
+            lda: 3 * d,
+            ldb: 3 * d,
+            ldc: l,
+            batch: sh.batch,
+            stride_a: l * 3 * d,
+            stride_b: l * 3 * d,
+            stride_c: h * l * l,
+        };
+        let heads = heads_outer(h, dh, dh, l * l);
+        be.gemm_outer(
+            &g,
+            &heads,
+            one::<B::F>(),
+            Ref::whole(&qkv),
+            Ref::at(&qkv, d),
+            zero::<B::F>(),
+            Mut::whole(&mut probs),
+        );
         let scale = self.scale::<B::F>(d);
         be.masked_softmax(sh.batch, h, l, l, lens, scale, Mut::whole(&mut probs));
-        let mut ctx = zeros(be, n * d)?;
-        for head in 0..h {
-            // C[b,i,h·dh+p] = Σ_j P[b,h,i,j]·V[b,j,h·dh+p]
-            let g = Gemm {
-                m: l,
-                n: dh,
-                k: l,
-                trans_a: false,
-                trans_b: false,
-                lda: l,
-                ldb: 3 * d,
-                ldc: d,
-                batch: sh.batch,
-                stride_a: h * l * l,
-                stride_b: l * 3 * d,
-                stride_c: l * d,
-            };
-            let p = Ref::at(&probs, head * l * l);
-            let v = Ref::at(&qkv, 2 * d + head * dh);
-            be.gemm(
-                &g,
-                one::<B::F>(),
-                p,
-                v,
-                zero::<B::F>(),
-                Mut::at(&mut ctx, head * dh),
-            );
-        }
+        let mut ctx = uninit(be, n * d)?;
+        // C[b,i,h·dh+p] = Σ_j P[b,h,i,j]·V[b,j,h·dh+p]
+        let g = Gemm {
+            m: l,
+            n: dh,
+            k: l,
+            trans_a: false,
+            trans_b: false,
+            lda: l,
+            ldb: 3 * d,
+            ldc: d,
+            batch: sh.batch,
+            stride_a: h * l * l,
+            stride_b: l * 3 * d,
+            stride_c: l * d,
+        };
+        let heads = heads_outer(h, l * l, dh, dh);
+        be.gemm_outer(
+            &g,
+            &heads,
+            one::<B::F>(),
+            Ref::whole(&probs),
+            Ref::at(&qkv, 2 * d),
+            zero::<B::F>(),
+            Mut::whole(&mut ctx),
+        );
         self.out_proj
-            .forward(be, params, n, Ref::whole(&ctx), resid, true);
+            .forward_residual(be, params, n, Ref::whole(&ctx), resid, out);
         Ok(AttentionCache { qkv, probs, ctx })
     }
 
@@ -132,7 +144,7 @@ impl Attention {
         let (n, d, l, h) = (sh.tokens(), sh.d, sh.len, self.heads);
         let dh = self.dh(d);
         let (one, zero) = (one::<B::F>(), zero::<B::F>());
-        let mut dctx = zeros(be, n * d)?;
+        let mut dctx = uninit(be, n * d)?;
         let ctx = Ref::whole(&cache.ctx);
         self.out_proj.backward(
             be,
@@ -144,46 +156,46 @@ impl Attention {
             Some(Mut::whole(&mut dctx)),
             false,
         );
-        let mut dprobs = zeros(be, sh.batch * h * l * l)?;
-        let mut dqkv = zeros(be, n * 3 * d)?;
-        for head in 0..h {
-            // dP[b,h,i,j] = Σ_p dC[b,i,h·dh+p]·V[b,j,h·dh+p]
-            let g = Gemm {
-                m: l,
-                n: l,
-                k: dh,
-                trans_a: false,
-                trans_b: true,
-                lda: d,
-                ldb: 3 * d,
-                ldc: l,
-                batch: sh.batch,
-                stride_a: l * d,
-                stride_b: l * 3 * d,
-                stride_c: h * l * l,
-            };
-            let dc = Ref::at(&dctx, head * dh);
-            let v = Ref::at(&cache.qkv, 2 * d + head * dh);
-            be.gemm(&g, one, dc, v, zero, Mut::at(&mut dprobs, head * l * l));
-            // dV[b,j,h·dh+p] = Σ_i P[b,h,i,j]·dC[b,i,h·dh+p]
-            let g = Gemm {
-                m: l,
-                n: dh,
-                k: l,
-                trans_a: true,
-                trans_b: false,
-                lda: l,
-                ldb: d,
-                ldc: 3 * d,
-                batch: sh.batch,
-                stride_a: h * l * l,
-                stride_b: l * d,
-                stride_c: l * 3 * d,
-            };
-            let p = Ref::at(&cache.probs, head * l * l);
-            be.gemm(&g, one, p, dc, zero, Mut::at(&mut dqkv, 2 * d + head * dh));
-        }
-        let mut dscores = zeros(be, sh.batch * h * l * l)?;
+        let mut dprobs = uninit(be, sh.batch * h * l * l)?;
+        let mut dqkv = uninit(be, n * 3 * d)?;
+        // dP[b,h,i,j] = Σ_p dC[b,i,h·dh+p]·V[b,j,h·dh+p]
+        let g = Gemm {
+            m: l,
+            n: l,
+            k: dh,
+            trans_a: false,
+            trans_b: true,
+            lda: d,
+            ldb: 3 * d,
+            ldc: l,
+            batch: sh.batch,
+            stride_a: l * d,
+            stride_b: l * 3 * d,
+            stride_c: h * l * l,
+        };
+        let dc = Ref::whole(&dctx);
+        let v = Ref::at(&cache.qkv, 2 * d);
+        let heads = heads_outer(h, dh, dh, l * l);
+        be.gemm_outer(&g, &heads, one, dc, v, zero, Mut::whole(&mut dprobs));
+        // dV[b,j,h·dh+p] = Σ_i P[b,h,i,j]·dC[b,i,h·dh+p]
+        let g = Gemm {
+            m: l,
+            n: dh,
+            k: l,
+            trans_a: true,
+            trans_b: false,
+            lda: l,
+            ldb: d,
+            ldc: 3 * d,
+            batch: sh.batch,
+            stride_a: h * l * l,
+            stride_b: l * d,
+            stride_c: l * 3 * d,
+        };
+        let p = Ref::whole(&cache.probs);
+        let heads = heads_outer(h, l * l, dh, dh);
+        be.gemm_outer(&g, &heads, one, p, dc, zero, Mut::at(&mut dqkv, 2 * d));
+        let mut dscores = uninit(be, sh.batch * h * l * l)?;
         let scale = self.scale::<B::F>(d);
         be.masked_softmax_backward(
             sh.batch,
@@ -196,29 +208,28 @@ impl Attention {
             Ref::whole(&dprobs),
             Mut::whole(&mut dscores),
         );
-        for head in 0..h {
-            let ds = Ref::at(&dscores, head * l * l);
-            // dQ[b,i,:] = Σ_j dS[b,h,i,j]·K[b,j,:];  dK[b,j,:] = Σ_i dS[b,h,i,j]·Q[b,i,:]
-            for (trans_a, src, dst) in [(false, d, 0), (true, 0, d)] {
-                let g = Gemm {
-                    m: l,
-                    n: dh,
-                    k: l,
-                    trans_a,
-                    trans_b: false,
-                    lda: l,
-                    ldb: 3 * d,
-                    ldc: 3 * d,
-                    batch: sh.batch,
-                    stride_a: h * l * l,
-                    stride_b: l * 3 * d,
-                    stride_c: l * 3 * d,
-                };
-                let b = Ref::at(&cache.qkv, src + head * dh);
-                be.gemm(&g, one, ds, b, zero, Mut::at(&mut dqkv, dst + head * dh));
-            }
+        // dQ[b,i,:] = Σ_j dS[b,h,i,j]·K[b,j,:];  dK[b,j,:] = Σ_i dS[b,h,i,j]·Q[b,i,:]
+        let ds = Ref::whole(&dscores);
+        for (trans_a, src, dst) in [(false, d, 0), (true, 0, d)] {
+            let g = Gemm {
+                m: l,
+                n: dh,
+                k: l,
+                trans_a,
+                trans_b: false,
+                lda: l,
+                ldb: 3 * d,
+                ldc: 3 * d,
+                batch: sh.batch,
+                stride_a: h * l * l,
+                stride_b: l * 3 * d,
+                stride_c: l * 3 * d,
+            };
+            let b = Ref::at(&cache.qkv, src);
+            let heads = heads_outer(h, l * l, dh, dh);
+            be.gemm_outer(&g, &heads, one, ds, b, zero, Mut::at(&mut dqkv, dst));
         }
-        let mut dx = zeros(be, n * d)?;
+        let mut dx = uninit(be, n * d)?;
         let dq = Ref::whole(&dqkv);
         self.in_proj.backward(
             be,

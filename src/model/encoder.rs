@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref, ValidTokens};
 use crate::model::device_batch::DeviceSeq;
-use crate::model::layers::{one, zeros, Block, BlockCache, LayerNorm, Linear, SeqShape};
+use crate::model::layers::{one, uninit, zeros, Block, BlockCache, LayerNorm, Linear, SeqShape};
 use crate::model::params::ParamTable;
 use crate::Result;
 
@@ -86,11 +86,11 @@ impl SeqEncoder {
         h: &B::Buf,
     ) -> Result<Pooled<B>> {
         let n = sh.tokens();
-        let mut tokens = zeros(be, n * self.d)?;
-        let mut stats = zeros(be, n * 2)?;
+        let mut tokens = uninit(be, n * self.d)?;
+        let mut stats = uninit(be, n * 2)?;
         let (t, st) = (Mut::whole(&mut tokens), Mut::whole(&mut stats));
         self.ln_f.forward(be, params, n, Ref::whole(h), t, st);
-        let mut s = zeros(be, sh.batch * self.d)?;
+        let mut s = uninit(be, sh.batch * self.d)?;
         let empty = Ref::at(params, self.empty);
         let tr = Ref::whole(&tokens);
         be.masked_mean(
@@ -120,7 +120,13 @@ impl SeqEncoder {
             d: self.d,
         };
         let n = sh.tokens();
-        let mut h = zeros(be, n * self.d)?;
+        // The embedding writes every token (the numeric map then adds to it); without
+        // categorical fields the sum starts from zero.
+        let mut h = if self.cat.is_empty() {
+            zeros(be, n * self.d)?
+        } else {
+            uninit(be, n * self.d)?
+        };
         if !self.cat.is_empty() {
             let out = Mut::whole(&mut h);
             be.embedding(
@@ -339,7 +345,7 @@ impl ProfileEncoder {
                 w,
             );
         }
-        let mut pre = zeros(be, rows * d)?;
+        let mut pre = uninit(be, rows * d)?;
         self.proj.forward(
             be,
             params,
@@ -348,7 +354,7 @@ impl ProfileEncoder {
             Mut::whole(&mut pre),
             false,
         );
-        let mut p = zeros(be, rows * d)?;
+        let mut p = uninit(be, rows * d)?;
         be.gelu(rows * d, Ref::whole(&pre), Mut::whole(&mut p));
         Ok(ProfileCache { x, pre, p })
     }
@@ -366,14 +372,14 @@ impl ProfileEncoder {
         dp: &B::Buf,
     ) -> Result<()> {
         let (w, d) = (self.proj.inp, self.proj.out);
-        let mut dpre = zeros(be, rows * d)?;
+        let mut dpre = uninit(be, rows * d)?;
         be.gelu_backward(
             rows * d,
             Ref::whole(&c.pre),
             Ref::whole(dp),
             Mut::whole(&mut dpre),
         );
-        let mut dx = zeros(be, rows * w)?;
+        let mut dx = uninit(be, rows * w)?;
         let want_dx = (!self.cat.is_empty()).then(|| Mut::whole(&mut dx));
         let (x, dpr) = (Ref::whole(&c.x), Ref::whole(&dpre));
         self.proj

@@ -25,6 +25,12 @@ pub(crate) fn zeros<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
     be.zeros(n)
 }
 
+/// A fresh buffer whose every element the caller writes before reading any (shorthand for
+/// [`Backend::uninit`]: no zero fill; NaN on the CPU, so that a missed element shows).
+pub(crate) fn uninit<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
+    be.uninit(n)
+}
+
 /// A linear map `y = x·Wᵀ + b` with `W` stored `[out, in]` at `w` and `b` (`[out]`) at `b`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Linear {
@@ -67,6 +73,22 @@ impl Linear {
     ) {
         let (w, b) = (Ref::at(params, self.w), Ref::at(params, self.b));
         be.linear_forward(rows, self.inp, self.out, x, w, b, y, accumulate);
+    }
+
+    /// `y = resid + x·Wᵀ + b` on `rows` rows (a residual connection written to a fresh
+    /// buffer; `resid` packed `rows×out`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_residual<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        resid: Ref<B::Buf>,
+        y: Mut<B::Buf>,
+    ) {
+        let (w, b) = (Ref::at(params, self.w), Ref::at(params, self.b));
+        be.linear_residual(rows, self.inp, self.out, x, w, b, resid, y);
     }
 
     /// Backward: `dW += dyᵀ·x`, `db += Σ_rows dy`, and when `dx` is given
@@ -235,8 +257,8 @@ impl Block {
         h: &B::Buf,
     ) -> Result<(B::Buf, BlockCache<B>)> {
         let (n, d) = (sh.tokens(), sh.d);
-        let mut xn1 = zeros(be, n * d)?;
-        let mut stats1 = zeros(be, n * 2)?;
+        let mut xn1 = uninit(be, n * d)?;
+        let mut stats1 = uninit(be, n * 2)?;
         let hr = Ref::whole(h);
         self.ln1.forward(
             be,
@@ -246,18 +268,18 @@ impl Block {
             Mut::whole(&mut xn1),
             Mut::whole(&mut stats1),
         );
-        let mut h_mid = zeros(be, n * d)?;
-        be.copy(n * d, hr, Mut::whole(&mut h_mid));
+        let mut h_mid = uninit(be, n * d)?;
         let attn = self.attn.forward(
             be,
             params,
             sh,
             lens,
             Ref::whole(&xn1),
+            hr,
             Mut::whole(&mut h_mid),
         )?;
-        let mut xn2 = zeros(be, n * d)?;
-        let mut stats2 = zeros(be, n * 2)?;
+        let mut xn2 = uninit(be, n * d)?;
+        let mut stats2 = uninit(be, n * 2)?;
         let hm = Ref::whole(&h_mid);
         self.ln2.forward(
             be,
@@ -267,15 +289,14 @@ impl Block {
             Mut::whole(&mut xn2),
             Mut::whole(&mut stats2),
         );
-        let mut f1 = zeros(be, n * 4 * d)?;
+        let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
-        let mut g = zeros(be, n * 4 * d)?;
+        let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
-        let mut out = zeros(be, n * d)?;
-        be.copy(n * d, hm, Mut::whole(&mut out));
+        let mut out = uninit(be, n * d)?;
         self.fc2
-            .forward(be, params, n, Ref::whole(&g), Mut::whole(&mut out), true);
+            .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
         let cache = BlockCache {
             stats1,
             xn1,
@@ -304,7 +325,7 @@ impl Block {
         dh: &mut B::Buf,
     ) -> Result<()> {
         let (n, d) = (sh.tokens(), sh.d);
-        let mut dg = zeros(be, n * 4 * d)?;
+        let mut dg = uninit(be, n * 4 * d)?;
         let (g, dhr) = (Ref::whole(&c.g), Ref::whole(dh));
         self.fc2.backward(
             be,
@@ -316,14 +337,14 @@ impl Block {
             Some(Mut::whole(&mut dg)),
             false,
         );
-        let mut df1 = zeros(be, n * 4 * d)?;
+        let mut df1 = uninit(be, n * 4 * d)?;
         be.gelu_backward(
             n * 4 * d,
             Ref::whole(&c.f1),
             Ref::whole(&dg),
             Mut::whole(&mut df1),
         );
-        let mut dxn2 = zeros(be, n * d)?;
+        let mut dxn2 = uninit(be, n * d)?;
         let (xn2, df1) = (Ref::whole(&c.xn2), Ref::whole(&df1));
         self.fc1.backward(
             be,

@@ -6,7 +6,7 @@ use crate::backend::{Backend, Mut, Ref};
 use crate::model::config::{ModelConfig, Role};
 use crate::model::device_batch::{DeviceBatch, DeviceSeq};
 use crate::model::encoder::{EncoderCache, ProfileCache, ProfileEncoder, SeqEncoder};
-use crate::model::layers::{one, zeros, Linear};
+use crate::model::layers::{one, uninit, zeros, Linear};
 use crate::model::params::{ParamStore, ParamTable};
 use crate::{Error, Result};
 
@@ -122,7 +122,7 @@ pub struct OutputGrads<B: Backend> {
 
 /// `cat = [a ; b]` row-wise, `rows×2d`.
 fn concat<B: Backend>(be: &B, rows: usize, d: usize, a: &B::Buf, b: &B::Buf) -> Result<B::Buf> {
-    let mut cat = zeros(be, rows * 2 * d)?;
+    let mut cat = uninit(be, rows * 2 * d)?;
     be.copy_2d(
         rows,
         d,
@@ -204,7 +204,7 @@ impl<B: Backend> Model<B> {
             lay.profile
                 .forward(be, params, rows, &batch.profile_num, &batch.profile_cat)?;
         let cat = concat(be, rows, d, &encoder.out.s, &profile.p)?;
-        let mut hpre = zeros(be, rows * d)?;
+        let mut hpre = uninit(be, rows * d)?;
         lay.fuse.forward(
             be,
             params,
@@ -213,9 +213,9 @@ impl<B: Backend> Model<B> {
             Mut::whole(&mut hpre),
             false,
         );
-        let mut hidden = zeros(be, rows * d)?;
+        let mut hidden = uninit(be, rows * d)?;
         be.gelu(rows * d, Ref::whole(&hpre), Mut::whole(&mut hidden));
-        let mut logits = zeros(be, rows)?;
+        let mut logits = uninit(be, rows)?;
         lay.head.forward(
             be,
             params,
@@ -228,7 +228,7 @@ impl<B: Backend> Model<B> {
         let mut aux_logits = Vec::new();
         for (head, pooled) in lay.aux.iter().zip(&encoder.aux) {
             let c = concat(be, rows, d, &pooled.s, &profile.p)?;
-            let mut z = zeros(be, rows)?;
+            let mut z = uninit(be, rows)?;
             head.forward(be, params, rows, Ref::whole(&c), Mut::whole(&mut z), false);
             aux_cat.push(c);
             aux_logits.push(z);
@@ -248,7 +248,7 @@ impl<B: Backend> Model<B> {
 
     /// Splits `dcat = ∂L/∂[s ; p]` into a fresh `ds` and adds its second half into `dp`.
     fn split_cat(be: &B, rows: usize, d: usize, dcat: &B::Buf, dp: &mut B::Buf) -> Result<B::Buf> {
-        let mut ds = zeros(be, rows * d)?;
+        let mut ds = uninit(be, rows * d)?;
         be.copy_2d(
             rows,
             d,
@@ -283,7 +283,7 @@ impl<B: Backend> Model<B> {
             Role::Student => &batch.pre,
         };
         let (params, grads) = (&self.params.values, &mut self.params.grads);
-        let mut dhidden = zeros(be, rows * d)?;
+        let mut dhidden = uninit(be, rows * d)?;
         let (hid, dz) = (Ref::whole(&fwd.hidden), Ref::whole(&g.logits));
         lay.head.backward(
             be,
@@ -303,10 +303,10 @@ impl<B: Backend> Model<B> {
                 Mut::whole(&mut dhidden),
             );
         }
-        let mut dhpre = zeros(be, rows * d)?;
+        let mut dhpre = uninit(be, rows * d)?;
         let (hp, dh) = (Ref::whole(&fwd.hpre), Ref::whole(&dhidden));
         be.gelu_backward(rows * d, hp, dh, Mut::whole(&mut dhpre));
-        let mut dcat = zeros(be, rows * 2 * d)?;
+        let mut dcat = uninit(be, rows * 2 * d)?;
         let (cat, dhp) = (Ref::whole(&fwd.cat), Ref::whole(&dhpre));
         lay.fuse.backward(
             be,
@@ -325,7 +325,7 @@ impl<B: Backend> Model<B> {
         let ds = Self::split_cat(be, rows, d, &dcat, &mut dp)?;
         let mut daux = Vec::with_capacity(g.aux_logits.len());
         for ((head, c), dz) in lay.aux.iter().zip(&fwd.aux_cat).zip(&g.aux_logits) {
-            let mut dc = zeros(be, rows * 2 * d)?;
+            let mut dc = uninit(be, rows * 2 * d)?;
             let (cr, dzr) = (Ref::whole(c), Ref::whole(dz));
             let grads = &mut self.params.grads;
             head.backward(

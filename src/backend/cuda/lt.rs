@@ -133,9 +133,9 @@ impl LtLinear {
         })
     }
 
-    /// Queues `y = x·Wᵀ + b` (`y += …` with `accumulate`) on `stream`: `x` is `rows×inp`,
-    /// `w` is `out×inp`, `b` is `out`, `y` is `rows×out`, all packed row-major device
-    /// addresses checked by the caller.
+    /// Queues `y = x·Wᵀ + b`, or with a residual `y = r + x·Wᵀ + b` (`r` may be `y` itself),
+    /// on `stream`: `x` is `rows×inp`, `w` is `out×inp`, `b` is `out`, `r` and `y` are
+    /// `rows×out`, all packed row-major device addresses checked by the caller.
     ///
     /// # Safety
     /// The addresses must hold those extents in the context current on this thread.
@@ -149,9 +149,10 @@ impl LtLinear {
         x: u64,
         w: u64,
         b: u64,
+        residual: Option<u64>,
         y: u64,
-        accumulate: bool,
     ) -> Result<(), String> {
+        let accumulate = residual.is_some();
         let key = (rows, inp, out, accumulate);
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let p = match plans.entry(key) {
@@ -171,7 +172,7 @@ impl LtLinear {
             p.a,
             x as *const c_void,
             p.b,
-            y as *const c_void,
+            residual.unwrap_or(y) as *const c_void,
             p.c,
             y as *mut c_void,
             p.c,

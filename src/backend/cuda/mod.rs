@@ -43,7 +43,7 @@ use cudarc::nvrtc::Ptx;
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
-    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref,
+    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref,
     ValidTokens,
 };
 use crate::{Error, Result};
@@ -62,6 +62,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("copy.cu", "scale_2d_f32"),
     ("copy.cu", "col_partial_f32"),
     ("copy.cu", "col_finish_f32"),
+    ("copy.cu", "gemm_pointers"),
     ("gelu.cu", "add_bias_f32"),
     ("gelu.cu", "gelu_f32"),
     ("gelu.cu", "gelu_backward_f32"),
@@ -75,12 +76,12 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("embedding.cu", "emb_place"),
     ("embedding.cu", "emb_rows_f32"),
     ("embedding.cu", "add_positions_f32"),
-    ("embedding.cu", "add_positions_backward_f32"),
+    ("embedding.cu", "add_positions_partial_f32"),
     ("softmax.cu", "masked_softmax_f32"),
     ("softmax.cu", "masked_softmax_backward_f32"),
     ("pooling.cu", "masked_mean_f32"),
     ("pooling.cu", "masked_mean_backward_f32"),
-    ("pooling.cu", "masked_mean_dempty_f32"),
+    ("pooling.cu", "masked_mean_dempty_partial_f32"),
     ("pooling.cu", "put_empty_rows_f32"),
     ("pooling.cu", "put_empty_rows_backward_f32"),
     ("losses.cu", "reduce_terms"),
@@ -101,6 +102,9 @@ const THREADS: u32 = 256;
 const ROW_WARPS: u32 = 4;
 /// Minimum rows per chunk of the column reductions.
 const COL_CHUNK_ROWS: usize = 128;
+/// Batch rows per chunk (at least) of the two-pass sums over batch rows (the position
+/// gradient, the empty-sequence vector's gradient).
+const ROW_CHUNK_ROWS: usize = 32;
 /// Warps per block of the fine-alignment kernel.
 const FINE_WARPS: usize = 8;
 /// Dynamic shared memory the fine-alignment kernel may use, in floats: 48 KiB (a block's
@@ -120,6 +124,8 @@ struct State {
     dscratch: CudaSlice<f64>,
     /// u32 scratch of the embedding backward's counting sort.
     uscratch: CudaSlice<u32>,
+    /// Device addresses of the products of a pointer-array batched GEMM.
+    pscratch: CudaSlice<u64>,
     /// Fault bits raised by kernels (`MGKD_ERR_*` in common.cuh).
     err_flag: CudaSlice<u32>,
     /// Scratch buffers outgrown after a graph was recorded: a recorded graph keeps the
@@ -204,7 +210,14 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
 /// Rows per chunk and chunk count of a column reduction over `rows` rows (shape-only, so
 /// the summation order is fixed; at most 65535 chunks, the grid's y limit).
 fn col_chunks(rows: usize) -> (usize, usize) {
-    let per = COL_CHUNK_ROWS.max(rows.div_ceil(65_535));
+    row_chunks(rows, COL_CHUNK_ROWS)
+}
+
+/// Rows per chunk and chunk count of a two-pass sum over `rows` rows in chunks of at least
+/// `min_per` rows (shape-only, so the summation order is fixed; at most 65535 chunks, the
+/// grid's y and z limit).
+fn row_chunks(rows: usize, min_per: usize) -> (usize, usize) {
+    let per = min_per.max(rows.div_ceil(65_535));
     (per, rows.div_ceil(per))
 }
 
@@ -275,6 +288,7 @@ impl CudaBackend {
             fscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             dscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             uscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
+            pscratch: stream.alloc_zeros(1).map_err(|e| alloc("scratch", e))?,
             err_flag: stream.alloc_zeros(1).map_err(|e| alloc("flag", e))?,
             retired: Vec::new(),
         };
@@ -419,6 +433,11 @@ impl CudaBackend {
     /// Grows the u32 scratch to at least `len` elements; returns its address.
     fn uscratch(&self, st: &mut State, len: usize) -> Result<u64> {
         self.grow(&mut st.uscratch, &mut st.retired, len, "u32 scratch")
+    }
+
+    /// Grows the pointer scratch to at least `len` entries; returns its address.
+    fn pscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+        self.grow(&mut st.pscratch, &mut st.retired, len, "pointer scratch")
     }
 
     /// Grows the f64 scratch to at least `1 + terms` elements; returns its address.
@@ -673,6 +692,15 @@ impl Backend for CudaBackend {
             return self.stream.null().map_err(|e| self.dev_err(e));
         }
         self.stream.alloc_zeros(len).map_err(|e| self.dev_err(e))
+    }
+
+    fn uninit(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.stream.null().map_err(|e| self.dev_err(e));
+        }
+        // SAFETY: f32 has no invalid bit patterns; the caller writes every element before
+        // reading any (the trait's contract, checked by the CPU backend's NaN fill).
+        unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| self.dev_err(e))
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
@@ -965,6 +993,82 @@ impl Backend for CudaBackend {
         self.note(r, "cuBLAS sgemm");
     }
 
+    fn gemm_outer(
+        &self,
+        s: &Gemm,
+        outer: &Outer,
+        alpha: f32,
+        a: Ref<CudaSlice<f32>>,
+        b: Ref<CudaSlice<f32>>,
+        beta: f32,
+        c: Mut<CudaSlice<f32>>,
+    ) {
+        let (m, n, k) = (s.m, s.n, s.k);
+        let products = outer.count * s.batch;
+        if outer.count <= 1 || s.batch == 0 || k == 0 || !outer.disjoint(s) {
+            return super::gemm_outer_composed(self, s, outer, alpha, a, b, beta, c);
+        }
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
+        let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
+        let (br, bc) = if s.trans_b { (n, k) } else { (k, n) };
+        assert!(
+            s.lda >= ac && s.ldb >= bc,
+            "gemm: lda/ldb below the row width"
+        );
+        let (lo, li) = (outer.count - 1, s.batch - 1);
+        let span = |so: usize, si: usize, rows: usize, cols: usize, ld: usize| {
+            lo * so + li * si + extent(rows, cols, ld)
+        };
+        let ap = self.rp(a, span(outer.stride_a, s.stride_a, ar, ac, s.lda), "gemm A");
+        let bp = self.rp(b, span(outer.stride_b, s.stride_b, br, bc, s.ldb), "gemm B");
+        let cp = self.mp(c, span(outer.stride_c, s.stride_c, m, n, s.ldc), "gemm C");
+        let ptrs = {
+            let mut st = self.lock_state();
+            match self.pscratch(&mut st, 3 * products) {
+                Ok(p) => p,
+                Err(e) => return self.note(Err(e), "gemm pointer scratch"),
+            }
+        };
+        // cuBLAS's A operand is our B (see `gemm`): its array comes first.
+        launch!(self, "gemm_pointers", grid1(products);
+            int(outer.count, "outer"), int(s.batch, "batch"),
+            bp, long(outer.stride_b), long(s.stride_b),
+            ap, long(outer.stride_a), long(s.stride_a),
+            cp, long(outer.stride_c), long(s.stride_c), ptrs);
+        let entry = std::mem::size_of::<u64>() as u64;
+        let arrays = [0, 1, 2].map(|i| ptrs + i * products as u64 * entry);
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let h = *self.blas.handle();
+        // SAFETY: every product's window was checked above (the spans cover the last one of
+        // both levels); the pointer arrays hold `products` device addresses each, written by
+        // the kernel queued before on the same stream; their C matrices are disjoint
+        // (`Outer::disjoint`); alpha/beta are host values.
+        let r = unsafe {
+            blas_sys::cublasSgemmBatched(
+                h,
+                op(s.trans_b),
+                op(s.trans_a),
+                int(n, "n"),
+                int(m, "m"),
+                int(k, "k"),
+                &alpha,
+                arrays[0] as *const *const f32,
+                int(s.ldb, "ldb"),
+                arrays[1] as *const *const f32,
+                int(s.lda, "lda"),
+                &beta,
+                arrays[2] as *const *mut f32,
+                int(s.ldc, "ldc"),
+                int(products, "products"),
+            )
+        }
+        .result();
+        self.note(r, "cuBLAS sgemm batched");
+    }
+
     fn linear_forward(
         &self,
         rows: usize,
@@ -988,8 +1092,41 @@ impl Backend for CudaBackend {
         // current on this thread.
         let r = unsafe {
             let stream = self.stream.cu_stream() as _;
+            let residual = accumulate.then_some(yp);
             self.lt
-                .forward(stream, rows, inp, out, xp, wp, bp, yp, accumulate)
+                .forward(stream, rows, inp, out, xp, wp, bp, residual, yp)
+        };
+        self.note(r, "linear");
+    }
+
+    fn linear_residual(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<CudaSlice<f32>>,
+        w: Ref<CudaSlice<f32>>,
+        b: Ref<CudaSlice<f32>>,
+        resid: Ref<CudaSlice<f32>>,
+        mut y: Mut<CudaSlice<f32>>,
+    ) {
+        if rows == 0 || inp == 0 || out == 0 {
+            self.copy(rows * out, resid, y.reborrow());
+            return super::linear_composed(self, rows, inp, out, x, w, b, y, true);
+        }
+        let xp = self.rp(x, rows * inp, "linear x");
+        let wp = self.rp(w, out * inp, "linear w");
+        let bp = self.rp(b, out, "linear b");
+        let rp = self.rp(resid, rows * out, "linear residual");
+        let yp = self.mp(y, rows * out, "linear y");
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the five windows were checked against their buffers above (`resid` and `y`
+        // are distinct buffers: one is borrowed shared, the other mutably); the context is
+        // current on this thread.
+        let r = unsafe {
+            let stream = self.stream.cu_stream() as _;
+            self.lt
+                .forward(stream, rows, inp, out, xp, wp, bp, Some(rp), yp)
         };
         self.note(r, "linear");
     }
@@ -1276,14 +1413,23 @@ impl Backend for CudaBackend {
         let lp = self.ip(lens, batch, "add_positions_backward lens");
         let gp = self.rp(dx, batch * max_len * d, "add_positions_backward dx");
         let pp = self.mp(dpos, max_len * d, "add_positions_backward dpos");
-        let err = self.base(&self.lock_state().err_flag);
+        // Chunks of batch rows summed in parallel, then the chunks added in order.
+        let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
+        let mut st = self.lock_state();
+        let err = self.base(&st.err_flag);
+        let part = match self.fscratch(&mut st, chunks * max_len * d) {
+            Ok(p) => p,
+            Err(e) => return self.note(Err(e), "add_positions_backward scratch"),
+        };
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(128) as u32, max_len as u32, 1),
+            grid_dim: (d.div_ceil(128) as u32, max_len as u32, chunks as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "add_positions_backward_f32", cfg;
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, gp, pp, err);
+        launch!(self, "add_positions_partial_f32", cfg;
+            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"),
+            int(per, "chunk"), lp, gp, part, err);
+        self.col_finish(max_len * d, chunks, part, pp);
     }
 
     // ---- attention and pooling ---------------------------------------------------------
@@ -1383,12 +1529,21 @@ impl Backend for CudaBackend {
             launch!(self, "masked_mean_backward_f32", grid1(batch * max_len * d);
                 bi, li, di, lp, gp, xp, err);
         }
+        // Chunks of rows summed in parallel, then the chunks added in order.
+        let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
+        let mut st = self.lock_state();
+        let part = match self.fscratch(&mut st, chunks * d) {
+            Ok(p) => p,
+            Err(e) => return self.note(Err(e), "masked_mean_backward scratch"),
+        };
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(128) as u32, 1, 1),
+            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "masked_mean_dempty_f32", cfg; bi, di, lp, gp, ep);
+        launch!(self, "masked_mean_dempty_partial_f32", cfg;
+            bi, di, int(per, "chunk"), lp, gp, part);
+        self.col_finish(d, chunks, part, ep);
     }
 
     fn put_empty_rows(
