@@ -25,3 +25,30 @@ extern "C" __global__ void gelu_backward_f32(i64 n, const float* __restrict__ x,
     dx[i] = dy[i] * (cdf + v * pdf);
   }
 }
+
+// dx = dy·GELU'(x) on a rows×n block, with pass 1 of the bias gradient in the same pass:
+// partial[k, j] = Σ dx[r, j] over the rows r of chunk k (rows k·chunk_rows .. +chunk_rows, in
+// order); grid (⌈n/blockDim⌉, chunks). Pass 2 is col_finish_f32. The same chunks, order and
+// roundings as gelu_backward_f32 followed by col_partial_f32 (the sum is __fadd_rn: never
+// contracted with the product into an fma), so the two paths agree bit for bit.
+extern "C" __global__ void gelu_backward_bias_partial_f32(int rows, int n, int chunk_rows,
+                                                          const float* __restrict__ x,
+                                                          const float* __restrict__ dy,
+                                                          float* __restrict__ dx,
+                                                          float* __restrict__ partial) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const int r0 = blockIdx.y * chunk_rows;
+  const int r1 = min(rows, r0 + chunk_rows);
+  float acc = 0.0f;
+  for (int r = r0; r < r1; ++r) {
+    const i64 i = (i64)r * n + j;
+    const float v = x[i];
+    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    const float g = dy[i] * (cdf + v * pdf);
+    dx[i] = g;
+    acc = __fadd_rn(acc, g);
+  }
+  partial[(i64)blockIdx.y * n + j] = acc;
+}

@@ -777,6 +777,92 @@ fn gelu_forward_and_backward() {
     }
 }
 
+/// GELU's backward with the bias gradient of the map before it, fused on CUDA: `dx` and
+/// `db` (accumulated onto random values, sentinels around) against the CPU's composition.
+struct GeluBiasCase {
+    rows: usize,
+    n: usize,
+    x: Vec<f64>,
+    dy: Vec<f64>,
+    db: Vec<f64>,
+}
+
+impl Case for GeluBiasCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let (rows, n) = (self.rows, self.n);
+        let x = up(be, &junk_padded(&self.x));
+        let dy = up(be, &junk_padded(&self.dy));
+        let mut dx = poisoned(be, rows * n);
+        let mut db = up(be, &padded(&self.db));
+        be.gelu_bias_backward(
+            rows,
+            n,
+            Ref::at(&x, PAD),
+            Ref::at(&dy, PAD),
+            Mut::at(&mut dx, PAD),
+            Mut::at(&mut db, PAD),
+        );
+        vec![named("dx", down(be, &dx)), named("db", down(be, &db))]
+    }
+}
+
+fn gelu_bias_case(r: &mut ChaCha8Rng, rows: usize, n: usize) -> GeluBiasCase {
+    GeluBiasCase {
+        rows,
+        n,
+        x: scaled(r, rows * n, 4.0),
+        dy: randv(r, rows * n),
+        db: randv(r, n),
+    }
+}
+
+#[test]
+fn gelu_bias_backward_fused() {
+    let mut r = rng(31);
+    for (rows, n) in [(1, 1), (7, 33), (300, 129), (4096, 512)] {
+        let case = gelu_bias_case(&mut r, rows, n);
+        parity(&format!("gelu_bias_backward {rows}x{n}"), &case);
+    }
+}
+
+/// On the GPU the fused pass gives bit for bit what `gelu_backward` then `bias_backward`
+/// give (same chunks, same order, no contraction).
+#[test]
+fn gelu_bias_backward_fused_equals_composition_on_the_gpu() {
+    let Some(g) = gpu() else {
+        return;
+    };
+    let mut r = rng(32);
+    for (rows, n) in [(300, 129), (4096, 512)] {
+        let c = gelu_bias_case(&mut r, rows, n);
+        let fused = c.run(g);
+        let x = up(g, &c.x);
+        let dy = up(g, &c.dy);
+        let mut dx = poisoned(g, rows * n);
+        let mut db = up(g, &padded(&c.db));
+        g.gelu_backward(
+            rows * n,
+            Ref::whole(&x),
+            Ref::whole(&dy),
+            Mut::at(&mut dx, PAD),
+        );
+        g.bias_backward(rows, n, Ref::at(&dx, PAD), Mut::at(&mut db, PAD));
+        for (out, want) in fused.iter().zip([down(g, &dx), down(g, &db)]) {
+            let same = out.data.len() == want.len()
+                && out
+                    .data
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "gelu_bias_backward {rows}x{n}: {} differs from the composition",
+                out.name
+            );
+        }
+    }
+}
+
 struct LnCase {
     rows: usize,
     d: usize,

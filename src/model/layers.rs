@@ -105,6 +105,24 @@ impl Linear {
         dx: Option<Mut<B::Buf>>,
         accumulate_dx: bool,
     ) {
+        be.bias_backward(rows, self.out, dy, Mut::at(grads, self.b));
+        self.backward_weight_and_input(be, params, grads, rows, x, dy, dx, accumulate_dx);
+    }
+
+    /// Backward when `db` has already been accumulated (by the op that produced `dy`, e.g.
+    /// [`Backend::gelu_bias_backward`]): `dW += dyᵀ·x` and `dx` as [`Linear::backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_weight_and_input<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        dy: Ref<B::Buf>,
+        dx: Option<Mut<B::Buf>>,
+        accumulate_dx: bool,
+    ) {
         if self.inp > 0 {
             let g = Gemm::new(self.out, self.inp, rows, true, false);
             be.gemm(
@@ -116,7 +134,6 @@ impl Linear {
                 Mut::at(grads, self.w),
             );
         }
-        be.bias_backward(rows, self.out, dy, Mut::at(grads, self.b));
         if let (Some(dx), true) = (dx, self.inp > 0) {
             let beta = if accumulate_dx {
                 one::<B::F>()
@@ -338,15 +355,17 @@ impl Block {
             false,
         );
         let mut df1 = uninit(be, n * 4 * d)?;
-        be.gelu_backward(
-            n * 4 * d,
+        be.gelu_bias_backward(
+            n,
+            4 * d,
             Ref::whole(&c.f1),
             Ref::whole(&dg),
             Mut::whole(&mut df1),
+            Mut::at(grads, self.fc1.b),
         );
         let mut dxn2 = uninit(be, n * d)?;
         let (xn2, df1) = (Ref::whole(&c.xn2), Ref::whole(&df1));
-        self.fc1.backward(
+        self.fc1.backward_weight_and_input(
             be,
             params,
             grads,

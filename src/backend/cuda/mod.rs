@@ -66,6 +66,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gelu.cu", "add_bias_f32"),
     ("gelu.cu", "gelu_f32"),
     ("gelu.cu", "gelu_backward_f32"),
+    ("gelu.cu", "gelu_backward_bias_partial_f32"),
     ("layernorm.cu", "layernorm_f32"),
     ("layernorm.cu", "layernorm_backward_dx_f32"),
     ("layernorm.cu", "layernorm_param_partial_f32"),
@@ -1180,6 +1181,40 @@ impl Backend for CudaBackend {
         let gp = self.rp(dy, len, "gelu_backward dy");
         let dp = self.mp(dx, len, "gelu_backward dx");
         launch!(self, "gelu_backward_f32", grid1(len); long(len), xp, gp, dp);
+    }
+
+    fn gelu_bias_backward(
+        &self,
+        rows: usize,
+        n: usize,
+        x: Ref<CudaSlice<f32>>,
+        dy: Ref<CudaSlice<f32>>,
+        dx: Mut<CudaSlice<f32>>,
+        db: Mut<CudaSlice<f32>>,
+    ) {
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let xp = self.rp(x, rows * n, "gelu_bias_backward x");
+        let gp = self.rp(dy, rows * n, "gelu_bias_backward dy");
+        let dp = self.mp(dx, rows * n, "gelu_bias_backward dx");
+        let bp = self.mp(db, n, "gelu_bias_backward db");
+        // The column chunks of `column_sum`, so that the bias gradient is the one the
+        // unfused path gives.
+        let (per, chunks) = col_chunks(rows);
+        let mut st = self.lock_state();
+        let part = match self.fscratch(&mut st, chunks * n) {
+            Ok(p) => p,
+            Err(e) => return self.note(Err(e), "gelu_bias_backward scratch"),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "gelu_backward_bias_partial_f32", cfg;
+            int(rows, "rows"), int(n, "n"), int(per, "chunk"), xp, gp, dp, part);
+        self.col_finish(n, chunks, part, bp);
     }
 
     fn layernorm(
