@@ -293,7 +293,7 @@ impl CudaBackend {
             err_flag: stream.alloc_zeros(1).map_err(|e| alloc("flag", e))?,
             retired: Vec::new(),
         };
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             info,
             stream,
             blas,
@@ -305,7 +305,25 @@ impl CudaBackend {
             recording: std::sync::atomic::AtomicBool::new(false),
             recorded: std::sync::atomic::AtomicBool::new(false),
             ctx,
-        })
+        };
+        backend.keep_pool_memory()?;
+        Ok(backend)
+    }
+
+    /// Keeps freed memory in the default pool instead of returning it to the driver at each
+    /// synchronisation (its release threshold is 0 by default): a step's buffers are then
+    /// taken from memory the first step of the largest shape reserved, with no driver
+    /// allocation in later steps.
+    fn keep_pool_memory(&self) -> std::result::Result<(), String> {
+        let pool = self
+            .mem_pool()
+            .ok_or("the device's default memory pool is unavailable")?;
+        let keep = u64::MAX;
+        let attr = drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        // SAFETY: a valid pool; the release threshold is a u64.
+        unsafe { drv_sys::cuMemPoolSetAttribute(pool, attr, (&keep as *const u64).cast_mut().cast()) }
+            .result()
+            .map_err(|e| format!("memory pool release threshold: {e:?}"))
     }
 
     /// The device this backend runs on.
@@ -757,6 +775,14 @@ impl Backend for CudaBackend {
     fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraph>> {
         // Whatever was queued before runs first; a kept error stops here.
         CudaBackend::synchronize(self)?;
+        // The graph's temporaries come from the device's graph memory, not the default
+        // pool: give back what the pool keeps unused (`keep_pool_memory`) so that the two
+        // do not each hold a step's worth.
+        if let Some(pool) = self.mem_pool() {
+            // SAFETY: a valid pool; nothing is queued (synchronised above).
+            let r = unsafe { drv_sys::cuMemPoolTrimTo(pool, 0) }.result();
+            self.note(r, "trimming the memory pool");
+        }
         let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         self.stream
             .begin_capture(mode)
