@@ -321,9 +321,11 @@ impl CudaBackend {
         let keep = u64::MAX;
         let attr = drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
         // SAFETY: a valid pool; the release threshold is a u64.
-        unsafe { drv_sys::cuMemPoolSetAttribute(pool, attr, (&keep as *const u64).cast_mut().cast()) }
-            .result()
-            .map_err(|e| format!("memory pool release threshold: {e:?}"))
+        unsafe {
+            drv_sys::cuMemPoolSetAttribute(pool, attr, (&keep as *const u64).cast_mut().cast())
+        }
+        .result()
+        .map_err(|e| format!("memory pool release threshold: {e:?}"))
     }
 
     /// The device this backend runs on.
@@ -420,7 +422,7 @@ impl CudaBackend {
             r.off,
             r.buf.len()
         );
-        self.base(r.buf) + 4 * r.off as u64
+        self.base(r.buf) + F32_BYTES * r.off as u64
     }
 
     /// Device address of a write window of `len` elements (checked against the buffer).
@@ -431,7 +433,7 @@ impl CudaBackend {
             m.off,
             m.buf.len()
         );
-        self.base(m.buf) + 4 * m.off as u64
+        self.base(m.buf) + F32_BYTES * m.off as u64
     }
 
     /// Device address of an id buffer holding at least `len` ids.
@@ -541,9 +543,8 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (lp, ln) = count_lens.unwrap_or((0, 0));
-        let f64_bytes = std::mem::size_of::<f64>() as u64;
         launch!(self, "reduce_terms", cfg;
-            int(count, "terms"), base + f64_bytes, scale, lp, int(ln, "rows"), out);
+            int(count, "terms"), base + F64_BYTES, scale, lp, int(ln, "rows"), out);
         Ok(())
     }
 
@@ -676,6 +677,8 @@ impl CudaBackend {
     }
 }
 
+/// Bytes of one f32 (device addresses of element offsets).
+const F32_BYTES: u64 = std::mem::size_of::<f32>() as u64;
 /// Bytes of one f64 (the loss-term scratch is f64; slot 0 is kept free).
 const F64_BYTES: u64 = std::mem::size_of::<f64>() as u64;
 
@@ -950,7 +953,7 @@ impl Backend for CudaBackend {
             } else {
                 for bi in 0..s.batch {
                     launch!(self, "scale_2d_f32", grid1(m * n);
-                        1i32, int(m, "m"), int(n, "n"), beta, cp + 4 * (bi * s.stride_c) as u64,
+                        1i32, int(m, "m"), int(n, "n"), beta, cp + F32_BYTES * (bi * s.stride_c) as u64,
                         long(s.ldc), 0i64);
                 }
             }
@@ -985,12 +988,12 @@ impl Backend for CudaBackend {
                         cn,
                         ck,
                         &alpha,
-                        (bp + 4 * bi * s.stride_b as u64) as *const f32,
+                        (bp + F32_BYTES * bi * s.stride_b as u64) as *const f32,
                         lda,
-                        (ap + 4 * bi * s.stride_a as u64) as *const f32,
+                        (ap + F32_BYTES * bi * s.stride_a as u64) as *const f32,
                         ldb,
                         &beta,
-                        (cp + 4 * bi * s.stride_c as u64) as *mut f32,
+                        (cp + F32_BYTES * bi * s.stride_c as u64) as *mut f32,
                         ldc,
                     )
                 })
