@@ -1,5 +1,6 @@
 //! Shared pieces of the fuzz targets: the fixed small manifest that fuzzed shards are
-//! validated against.
+//! validated against, the fixed import config of the CSV target, and per-process scratch
+//! directories (in /dev/shm where it exists: the file targets write every input).
 
 use mgkd::data::manifest::{FORMAT_NAME, FORMAT_VERSION, SPLIT_NAMES};
 use mgkd::data::{CatField, Manifest, NumField, Schema, ShardInfo, SplitStats};
@@ -62,4 +63,70 @@ pub fn shard_input(data: &[u8]) -> Option<(ShardInfo, &[u8])> {
         sha256: "0".repeat(64),
     };
     Some((info, bytes))
+}
+
+/// A scratch directory of this process for `target` (created once; the target rewrites its
+/// files at every input).
+pub fn scratch_dir(target: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("mgkd-fuzz-{target}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// The import config of the CSV target: the long layout of `tests/fixtures/import` (users
+/// with a label, activation time and split column; events with two categorical and two
+/// numeric fields, a 30-unit window).
+pub fn import_config_text() -> &'static str {
+    r#"layout = "long"
+min_count = 1
+
+[users]
+file = "users.csv"
+id = "user_id"
+label = "defaulted"
+time = "activated_at"
+
+[events]
+file = "events.csv"
+id = "uid"
+time = "ts"
+window = 30
+
+[split]
+method = "column"
+column = "fold"
+
+[[profile_num]]
+column = "income"
+log1p = true
+fill = 0
+
+[[profile_num]]
+column = "age"
+
+[[profile_cat]]
+column = "region"
+
+[[event_cat]]
+column = "kind"
+
+[[event_cat]]
+column = "channel"
+min_count = 2
+
+[[event_num]]
+column = "amount"
+log1p = true
+
+[[event_num]]
+name = "bal"
+column = "balance"
+fill = 0
+"#
 }
