@@ -600,10 +600,15 @@ fn fails(path: &Path) -> String {
     err.to_string()
 }
 
-fn replace_line(i: usize, from: &'static str, to: &'static str) -> impl FnOnce(&mut Vec<String>) {
+fn replace_line(
+    i: usize,
+    from: &'static str,
+    to: impl Into<String>,
+) -> impl FnOnce(&mut Vec<String>) {
+    let to = to.into();
     move |l: &mut Vec<String>| {
         assert!(l[i].contains(from), "{} lacks {from}", l[i]);
-        l[i] = l[i].replacen(from, to, 1);
+        l[i] = l[i].replacen(from, &to, 1);
     }
 }
 
@@ -1034,4 +1039,311 @@ fn scoring_data_reuses_the_training_encoding() {
     )
     .unwrap();
     assert_names(&fails(&path), &["import.toml", "profile_num[0].log1p"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Times in every form.
+
+/// Asserts that two dataset directories hold the same files with the same bytes, except
+/// `dataset.json`'s `source` (free text naming the input files), which may differ.
+fn assert_same_dataset(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b));
+    for name in names(a) {
+        let (x, y) = (
+            std::fs::read(a.join(&name)).unwrap(),
+            std::fs::read(b.join(&name)).unwrap(),
+        );
+        if name == "dataset.json" {
+            let strip = |bytes: &[u8]| {
+                let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                v.as_object_mut().unwrap().remove("source");
+                v
+            };
+            assert_eq!(strip(&x), strip(&y), "{name}");
+        } else {
+            assert!(x == y, "{name} differs between {} and {}", a.display(), b.display());
+        }
+    }
+}
+
+/// A line editor rewriting the time column (the second) of every record with `f`.
+fn map_times(f: impl Fn(i64) -> String + Copy) -> impl FnOnce(&mut Vec<String>) {
+    move |l: &mut Vec<String>| {
+        for line in l.iter_mut().skip(1) {
+            let mut cells: Vec<String> = line.split(',').map(str::to_string).collect();
+            cells[1] = f(cells[1].parse().unwrap());
+            *line = cells.join(",");
+        }
+    }
+}
+
+/// The civil date `days` after 1970-01-01.
+fn civil(days: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days-to-civil, independent of the importer's jiff.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn iso_date(days: i64) -> String {
+    let (y, m, d) = civil(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[test]
+fn times_in_every_form_give_the_same_dataset() {
+    // The fixture's times are whole days since 1970-01-01; written in each form (and the
+    // window in a matching way), they must give the bytes of the plain-number import.
+    let base = fixture_config();
+    let (d0, p0) = case(&base, |_| {}, |_| {});
+    let reference = d0.path().join("out");
+    import::import(&p0, &reference, Some(7)).unwrap();
+    let forms: Vec<(&str, fn(i64) -> String, fn(i64) -> String)> = vec![
+        ("time_form = \"days\"", |d| d.to_string(), |d| d.to_string()),
+        (
+            "time_form = \"unix_s\"",
+            |d| (d * 86_400).to_string(),
+            |d| (d * 86_400).to_string(),
+        ),
+        (
+            "time_form = \"unix_ms\"",
+            |d| (d * 86_400_000).to_string(),
+            |d| (d * 86_400_000).to_string(),
+        ),
+        ("time_form = \"date\"", iso_date, iso_date),
+        (
+            "time_form = \"datetime\"",
+            |d| format!("{} 00:00:00", iso_date(d)),
+            // The same instants with an offset: 02:00 at +02:00.
+            |d| format!("{}T02:00:00+02:00", iso_date(d)),
+        ),
+        (
+            "time_format = \"%d/%m/%Y\"",
+            |d| {
+                let (y, m, dd) = civil(d);
+                format!("{dd:02}/{m:02}/{y}")
+            },
+            |d| {
+                let (y, m, dd) = civil(d);
+                format!("{dd:02}/{m:02}/{y}")
+            },
+        ),
+    ];
+    for (form, users_f, events_f) in forms {
+        let window = match form {
+            "time_form = \"unix_s\"" => "window = 2592000",
+            "time_form = \"days\"" => "window = 30",
+            _ => "window = \"30d\"",
+        };
+        let cfg = base
+            .replace("time = \"activated_at\"", &format!("time = \"activated_at\"\n{form}"))
+            .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
+            .replace("window = 30", window);
+        let (d, p) = case(&cfg, map_times(users_f), map_times(events_f));
+        let out = d.path().join("out");
+        import::import(&p, &out, Some(7)).unwrap_or_else(|e| panic!("{form}: {e}"));
+        assert_same_dataset(&reference, &out);
+    }
+    // Time-split cut-offs as numbers (days) and as dates give the same split.
+    let timed = |cfg: &str, valid: &str, test: &str| {
+        cfg.replace(
+            "method = \"column\"\ncolumn = \"fold\"",
+            &format!("method = \"time\"\nvalid_from = {valid}\ntest_from = {test}"),
+        )
+    };
+    let (d1, p1) = case(&timed(&base, "150", "180"), |_| {}, |_| {});
+    import::import(&p1, &d1.path().join("out"), None).unwrap();
+    let dated = timed(
+        &base
+            .replace("time = \"activated_at\"", "time = \"activated_at\"\ntime_form = \"date\"")
+            .replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"date\"")
+            .replace("window = 30", "window = \"30d\""),
+        "\"1970-05-31\"",
+        "\"1970-06-30T00:00:00Z\"",
+    );
+    let (d2, p2) = case(&dated, map_times(iso_date), map_times(iso_date));
+    import::import(&p2, &d2.path().join("out"), None).unwrap();
+    assert_same_dataset(&d1.path().join("out"), &d2.path().join("out"));
+    let (_, data) = read_dataset(&d2.path().join("out"));
+    assert!(data.split.contains(&1) && data.split.contains(&2));
+}
+
+#[test]
+fn naive_times_are_read_in_the_configured_zone() {
+    // One user activated at 01:00 local time on 1 July; the test split starts at
+    // 2023-07-01T00:00Z. In UTC the user is in test; in Paris (UTC+2) 01:00 is 23:00Z on
+    // 30 June, before the cut-off: valid.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("u.csv"),
+        "id,at,y\na,2023-06-01T10:00:00,0\nb,2023-07-01T01:00:00,1\nc,2023-07-02T10:00:00+02:00,0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("e.csv"), "id,t\na,2023-05-01T00:00:00Z\n").unwrap();
+    let cfg = |tz: &str| {
+        format!(
+            r#"layout = "long"
+{tz}
+[users]
+file = "u.csv"
+id = "id"
+label = "y"
+time = "at"
+time_form = "datetime"
+[events]
+file = "e.csv"
+id = "id"
+time = "t"
+time_form = "datetime"
+window = "90d"
+[split]
+method = "time"
+valid_from = "2023-06-15"
+test_from = "2023-07-01T00:00:00Z"
+"#
+        )
+    };
+    let splits = |tz: &str| {
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, cfg(tz)).unwrap();
+        let out = dir.path().join(format!("out{}", tz.len()));
+        import::import(&path, &out, None).unwrap();
+        read_dataset(&out).1.split
+    };
+    assert_eq!(splits(""), [0, 2, 2]);
+    assert_eq!(splits("timezone = \"Europe/Paris\""), [0, 1, 2]);
+}
+
+#[test]
+fn bad_times_name_file_line_column_and_form() {
+    let base = fixture_config();
+    let with_form = |form: &str| {
+        base.replace("time = \"activated_at\"", &format!("time = \"activated_at\"\n{form}"))
+            .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
+            .replace("window = 30", "window = \"30d\"")
+    };
+    // (form, bad events cell, what the message must say)
+    let cases: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("time_form = \"days\"", "soon", vec!["days since 1970-01-01"]),
+        ("time_form = \"unix_s\"", "1.7e9x", vec!["unix_s", "seconds"]),
+        ("time_form = \"unix_ms\"", "12:00", vec!["unix_ms", "milliseconds"]),
+        ("time_form = \"date\"", "1970-13-01", vec!["YYYY-MM-DD", "time_form = \"date\""]),
+        ("time_form = \"date\"", "12/04/1970", vec!["YYYY-MM-DD"]),
+        ("time_form = \"datetime\"", "yesterday", vec!["ISO 8601", "datetime"]),
+        ("time_format = \"%d/%m/%Y\"", "1970-04-12", vec!["%d/%m/%Y", "time_format"]),
+        ("time_form = \"date\"", "", vec!["empty cell", "YYYY-MM-DD"]),
+    ];
+    for (form, cell, parts) in cases {
+        // events.csv line 3: `u03,102,refund,…`; the users' times are left as they are, so
+        // only the plain-number forms get past the users file: put the error first there.
+        // Both files valid in this form (every time the same instant), but for one cell.
+        let ok = match form {
+            f if f.contains("days") => "100",
+            f if f.contains("unix") => "0",
+            f if f.contains("datetime") => "1970-04-16T00:00:00",
+            f if f.contains("%d") => "16/04/1970",
+            _ => "1970-04-16",
+        };
+        let (_d, p) = case(
+            &with_form(form),
+            map_times(move |_| ok.to_string()),
+            |l| {
+                map_times(move |_| ok.to_string())(l);
+                let mut cells: Vec<&str> = l[2].split(',').collect();
+                cells[1] = cell;
+                l[2] = cells.join(",");
+            },
+        );
+        let msg = fails(&p);
+        let mut want = vec!["events.csv", "line 3", "column `ts`"];
+        want.extend(parts.iter().copied());
+        if !cell.is_empty() {
+            want.push(cell);
+        }
+        assert_names(&msg, &want);
+    }
+    // A bad activation time names the users file.
+    let (_d, p) = case(
+        &with_form("time_form = \"date\""),
+        |l| {
+            map_times(iso_date)(l);
+            l[4] = l[4].replacen(",1970-05-01,", ",1970-04-31,", 1);
+            assert!(l[4].contains("1970-04-31"));
+        },
+        map_times(iso_date),
+    );
+    assert_names(
+        &fails(&p),
+        &["users.csv", "line 5", "column `activated_at`", "1970-04-31", "YYYY-MM-DD"],
+    );
+    // Config errors name the key.
+    let cfg_cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("timezone = \"Mars/Olympus\"\n{base}"),
+            vec!["import.toml", "timezone", "Mars/Olympus"],
+        ),
+        (
+            with_form("time_form = \"date\"").replace("window = \"30d\"", "window = 30"),
+            vec!["import.toml", "events.window", "180d"],
+        ),
+        (
+            base.replace("window = 30", "window = \"6mo\""),
+            vec!["import.toml", "events.window", "6mo"],
+        ),
+        (
+            base.replace("window = 30", "window = \"soon\""),
+            vec!["import.toml", "events.window", "soon"],
+        ),
+        (
+            base.replace("window = 30", "window = -3"),
+            vec!["import.toml", "events.window", "positive"],
+        ),
+        (
+            base.replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"date\"\ntime_format = \"%Y\""),
+            vec!["import.toml", "events.time_format", "not both"],
+        ),
+        (
+            base.replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"weeks\""),
+            vec!["import.toml", "weeks"],
+        ),
+        (
+            base.replace(
+                "method = \"column\"\ncolumn = \"fold\"",
+                "method = \"time\"\nvalid_from = \"July\"\ntest_from = 180",
+            ),
+            vec!["import.toml", "split.valid_from", "July"],
+        ),
+        (
+            with_form("time_form = \"date\"").replace(
+                "method = \"column\"\ncolumn = \"fold\"",
+                "method = \"time\"\nvalid_from = 150\ntest_from = 180",
+            ),
+            vec!["import.toml", "split.valid_from", "2023-07-01"],
+        ),
+        (
+            base.replace(
+                "method = \"column\"\ncolumn = \"fold\"",
+                "method = \"time\"\nvalid_from = \"1970-07-01\"\ntest_from = 150",
+            ),
+            vec!["import.toml", "split.test_from", "valid_from <= test_from"],
+        ),
+    ];
+    for (text, parts) in cfg_cases {
+        let (_d, p) = case(&text, |_| {}, |_| {});
+        assert_names(&fails(&p), &parts);
+    }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use super::config::ImportConfig;
+use super::times::{TimeReader, Unit};
 use super::{At, Col, Csv, Table, UserColumns};
 use crate::{Error, Result};
 
@@ -19,8 +20,11 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
         .as_ref()
         .ok_or_else(|| config.error("events", "missing: the long layout needs an events file"))?;
     let mut users = Csv::open(&config.users.file)?;
-    let cols = UserColumns::resolve(config, &users)?;
-    let mut table = Table::new(config, &config.users.file, &cols);
+    let mut events = Csv::open(&events_cfg.file)?;
+    let events_form = events_cfg.time_form();
+    let unit = Unit::common(&[config.users.time_form().unit(), events_form.unit()]);
+    let cols = UserColumns::resolve(config, &users, unit)?;
+    let mut table = Table::new(config, &config.users.file, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut rec = csv::StringRecord::new();
     while let Some(line) = users.next(&mut rec)? {
@@ -35,7 +39,6 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
         .clone()
         .ok_or_else(|| config.error("users.time", "missing: the long layout needs it"))?;
 
-    let mut events = Csv::open(&events_cfg.file)?;
     let id_col = events.column(config, "events.id", &events_cfg.id)?;
     let time_col = events.column(config, "events.time", &events_cfg.time)?;
     let cat_cols: Vec<Col> = config
@@ -63,6 +66,7 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
         })
         .collect::<Result<_>>()?;
     let (ec, ed) = (cat_cols.len(), num_cols.len());
+    let time_reader = TimeReader::new(events_form, config.time_zone()?, unit);
 
     // All events, in file order.
     let mut ev_user: Vec<usize> = Vec::new();
@@ -85,7 +89,7 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
             )
         })?;
         ev_user.push(user);
-        ev_time.push(at.finite(&rec, &time_col)?);
+        ev_time.push(at.time(&rec, &time_col, &time_reader)?.value);
         for ((col, cfg), interner) in cat_cols
             .iter()
             .zip(&config.event_cat)
@@ -107,7 +111,13 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
     });
-    let window = events_cfg.window;
+    let window = match &events_cfg.window {
+        Some(w) => {
+            let (x, from) = config.window(w)?;
+            Some(unit.convert(x, from))
+        }
+        None => None,
+    };
     let mut next = 0;
     for (user, &act) in activation.iter().enumerate() {
         let (mut n_pre, mut n_in) = (0, 0);

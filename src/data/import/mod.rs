@@ -21,6 +21,7 @@
 pub mod config;
 mod long;
 mod quotes;
+mod times;
 mod wide;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +41,7 @@ use super::schema::{CatField, NumField, Schema};
 use super::writer::{write_atomic, DatasetWriter, RowData, WriterOptions};
 use crate::{Error, Result};
 use quotes::QuoteTracker;
+use times::{Raw, Time, TimeReader, Unit};
 
 /// File name of the vocabulary sidecar written next to `dataset.json`.
 pub const VOCAB_FILE: &str = "vocab.json";
@@ -272,8 +274,10 @@ pub(crate) struct Table {
     user_lines: Vec<u64>,
     /// Labels, when the import is labelled.
     labels: Option<Vec<u8>>,
-    /// Activation times (long layout, or wide with `users.time`).
+    /// Activation times (long layout, or wide with `users.time`), in `unit`.
     times: Option<Vec<f64>>,
+    /// The unit of the times.
+    unit: Unit,
     /// Splits read from the split column, when that is the method.
     split_column: Option<Vec<u8>>,
     /// Profile numbers `[n, F_d]`, transformed.
@@ -435,19 +439,19 @@ impl At<'_> {
             .ok_or_else(|| self.err(col, "missing cell (record shorter than the header)"))
     }
 
-    /// A finite number, never filled (times).
-    fn finite(&self, rec: &csv::StringRecord, col: &Col) -> Result<f64> {
+    /// A time in the column's form, never filled.
+    fn time(&self, rec: &csv::StringRecord, col: &Col, reader: &TimeReader) -> Result<Time> {
         let s = self.cell(rec, col)?;
         if s.is_empty() {
-            return Err(self.err(col, "empty cell, a number is required"));
+            return Err(self.err(
+                col,
+                format!(
+                    "empty cell, a time is required ({})",
+                    reader.form().expected()
+                ),
+            ));
         }
-        let v: f64 = s
-            .parse()
-            .map_err(|_| self.err(col, format!("cannot parse {s:?} as a number")))?;
-        if !v.is_finite() {
-            return Err(self.err(col, format!("{s:?} is not a finite number")));
-        }
-        Ok(v)
+        reader.read(Raw::Text(s)).map_err(|e| self.err(col, e))
     }
 
     /// A numeric field: parsed, filled where configured, transformed by log1p if set.
@@ -515,15 +519,17 @@ pub fn signed_log1p(x: f64) -> f64 {
 pub(crate) struct UserColumns {
     id: Col,
     label: Option<Col>,
-    time: Option<Col>,
+    time: Option<(Col, TimeReader)>,
     split: Option<Col>,
     profile_num: Vec<Col>,
     profile_cat: Vec<Col>,
 }
 
 impl UserColumns {
-    fn resolve(config: &ImportConfig, csv: &Csv) -> Result<UserColumns> {
+    /// The columns of `config` in `csv`'s header; activation times are read into `unit`.
+    fn resolve(config: &ImportConfig, csv: &Csv, unit: Unit) -> Result<UserColumns> {
         let u = &config.users;
+        let tz = config.time_zone()?;
         let opt = |key: &str, name: &Option<String>| -> Result<Option<Col>> {
             name.as_ref()
                 .map(|n| csv.column(config, key, n))
@@ -532,7 +538,8 @@ impl UserColumns {
         Ok(UserColumns {
             id: csv.column(config, "users.id", &u.id)?,
             label: opt("users.label", &u.label)?,
-            time: opt("users.time", &u.time)?,
+            time: opt("users.time", &u.time)?
+                .map(|col| (col, TimeReader::new(u.time_form(), tz, unit))),
             split: match config.split.method {
                 SplitMethod::Column => opt("split.column", &config.split.column)?,
                 _ => None,
@@ -567,13 +574,14 @@ impl UserColumns {
 
 impl Table {
     /// An empty table for `config`'s fields.
-    fn new(config: &ImportConfig, users_file: &Path, cols: &UserColumns) -> Table {
+    fn new(config: &ImportConfig, users_file: &Path, cols: &UserColumns, unit: Unit) -> Table {
         Table {
             users_file: users_file.to_path_buf(),
             user_ids: Vec::new(),
             user_lines: Vec::new(),
             labels: cols.label.as_ref().map(|_| Vec::new()),
             times: cols.time.as_ref().map(|_| Vec::new()),
+            unit,
             split_column: cols.split.as_ref().map(|_| Vec::new()),
             profile_num: Vec::new(),
             profile_cat: Vec::new(),
@@ -626,8 +634,8 @@ impl Table {
             };
             labels.push(label);
         }
-        if let (Some(col), Some(times)) = (&cols.time, &mut self.times) {
-            times.push(at.finite(rec, col)?);
+        if let (Some((col, reader)), Some(times)) = (&cols.time, &mut self.times) {
+            times.push(at.time(rec, col, reader)?.value);
         }
         if let (Some(col), Some(splits)) = (&cols.split, &mut self.split_column) {
             let s = at.cell(rec, col)?;
@@ -671,10 +679,17 @@ fn assign_splits(config: &ImportConfig, table: &Table) -> Result<Vec<u8>> {
                 .times
                 .as_ref()
                 .ok_or_else(|| Error::invalid("internal: activation times not read"))?;
-            let (v, t) = (
-                config.split.valid_from.unwrap_or(f64::INFINITY),
-                config.split.test_from.unwrap_or(f64::INFINITY),
-            );
+            let cutoff = |key: &str, v: &Option<config::TimeValue>| -> Result<f64> {
+                match v {
+                    Some(v) => {
+                        let (x, from) = config.cutoff(key, v)?;
+                        Ok(table.unit.convert(x, from))
+                    }
+                    None => Ok(f64::INFINITY),
+                }
+            };
+            let v = cutoff("split.valid_from", &config.split.valid_from)?;
+            let t = cutoff("split.test_from", &config.split.test_from)?;
             Ok(times
                 .iter()
                 .map(|&x| {

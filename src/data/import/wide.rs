@@ -18,7 +18,8 @@ struct StepColumns {
 /// Reads and checks the users file into a [`Table`].
 pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
     let mut users = Csv::open(&config.users.file)?;
-    let cols = UserColumns::resolve(config, &users)?;
+    let unit = config.users.time_form().unit();
+    let cols = UserColumns::resolve(config, &users, unit)?;
     let mut steps = Vec::with_capacity(config.steps.len());
     for (k, step) in config.steps.iter().enumerate() {
         let resolve = |field: String| -> Result<Col> {
@@ -43,7 +44,7 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
                 .collect::<Result<_>>()?,
         });
     }
-    let mut table = Table::new(config, &config.users.file, &cols);
+    let mut table = Table::new(config, &config.users.file, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut rec = csv::StringRecord::new();
     while let Some(line) = users.next(&mut rec)? {
