@@ -1069,7 +1069,12 @@ fn assert_same_dataset(a: &Path, b: &Path) {
             };
             assert_eq!(strip(&x), strip(&y), "{name}");
         } else {
-            assert!(x == y, "{name} differs between {} and {}", a.display(), b.display());
+            assert!(
+                x == y,
+                "{name} differs between {} and {}",
+                a.display(),
+                b.display()
+            );
         }
     }
 }
@@ -1150,7 +1155,10 @@ fn times_in_every_form_give_the_same_dataset() {
             _ => "window = \"30d\"",
         };
         let cfg = base
-            .replace("time = \"activated_at\"", &format!("time = \"activated_at\"\n{form}"))
+            .replace(
+                "time = \"activated_at\"",
+                &format!("time = \"activated_at\"\n{form}"),
+            )
             .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
             .replace("window = 30", window);
         let (d, p) = case(&cfg, map_times(users_f), map_times(events_f));
@@ -1169,7 +1177,10 @@ fn times_in_every_form_give_the_same_dataset() {
     import::import(&p1, &d1.path().join("out"), None).unwrap();
     let dated = timed(
         &base
-            .replace("time = \"activated_at\"", "time = \"activated_at\"\ntime_form = \"date\"")
+            .replace(
+                "time = \"activated_at\"",
+                "time = \"activated_at\"\ntime_form = \"date\"",
+            )
             .replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"date\"")
             .replace("window = 30", "window = \"30d\""),
         "\"1970-05-31\"",
@@ -1232,19 +1243,46 @@ test_from = "2023-07-01T00:00:00Z"
 fn bad_times_name_file_line_column_and_form() {
     let base = fixture_config();
     let with_form = |form: &str| {
-        base.replace("time = \"activated_at\"", &format!("time = \"activated_at\"\n{form}"))
-            .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
-            .replace("window = 30", "window = \"30d\"")
+        base.replace(
+            "time = \"activated_at\"",
+            &format!("time = \"activated_at\"\n{form}"),
+        )
+        .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
+        .replace("window = 30", "window = \"30d\"")
     };
     // (form, bad events cell, what the message must say)
     let cases: Vec<(&str, &str, Vec<&str>)> = vec![
-        ("time_form = \"days\"", "soon", vec!["days since 1970-01-01"]),
-        ("time_form = \"unix_s\"", "1.7e9x", vec!["unix_s", "seconds"]),
-        ("time_form = \"unix_ms\"", "12:00", vec!["unix_ms", "milliseconds"]),
-        ("time_form = \"date\"", "1970-13-01", vec!["YYYY-MM-DD", "time_form = \"date\""]),
+        (
+            "time_form = \"days\"",
+            "soon",
+            vec!["days since 1970-01-01"],
+        ),
+        (
+            "time_form = \"unix_s\"",
+            "1.7e9x",
+            vec!["unix_s", "seconds"],
+        ),
+        (
+            "time_form = \"unix_ms\"",
+            "12:00",
+            vec!["unix_ms", "milliseconds"],
+        ),
+        (
+            "time_form = \"date\"",
+            "1970-13-01",
+            vec!["YYYY-MM-DD", "time_form = \"date\""],
+        ),
         ("time_form = \"date\"", "12/04/1970", vec!["YYYY-MM-DD"]),
-        ("time_form = \"datetime\"", "yesterday", vec!["ISO 8601", "datetime"]),
-        ("time_format = \"%d/%m/%Y\"", "1970-04-12", vec!["%d/%m/%Y", "time_format"]),
+        (
+            "time_form = \"datetime\"",
+            "yesterday",
+            vec!["ISO 8601", "datetime"],
+        ),
+        (
+            "time_format = \"%d/%m/%Y\"",
+            "1970-04-12",
+            vec!["%d/%m/%Y", "time_format"],
+        ),
         ("time_form = \"date\"", "", vec!["empty cell", "YYYY-MM-DD"]),
     ];
     for (form, cell, parts) in cases {
@@ -1258,16 +1296,12 @@ fn bad_times_name_file_line_column_and_form() {
             f if f.contains("%d") => "16/04/1970",
             _ => "1970-04-16",
         };
-        let (_d, p) = case(
-            &with_form(form),
-            map_times(move |_| ok.to_string()),
-            |l| {
-                map_times(move |_| ok.to_string())(l);
-                let mut cells: Vec<&str> = l[2].split(',').collect();
-                cells[1] = cell;
-                l[2] = cells.join(",");
-            },
-        );
+        let (_d, p) = case(&with_form(form), map_times(move |_| ok.to_string()), |l| {
+            map_times(move |_| ok.to_string())(l);
+            let mut cells: Vec<&str> = l[2].split(',').collect();
+            cells[1] = cell;
+            l[2] = cells.join(",");
+        });
         let msg = fails(&p);
         let mut want = vec!["events.csv", "line 3", "column `ts`"];
         want.extend(parts.iter().copied());
@@ -1288,7 +1322,13 @@ fn bad_times_name_file_line_column_and_form() {
     );
     assert_names(
         &fails(&p),
-        &["users.csv", "line 5", "column `activated_at`", "1970-04-31", "YYYY-MM-DD"],
+        &[
+            "users.csv",
+            "line 5",
+            "column `activated_at`",
+            "1970-04-31",
+            "YYYY-MM-DD",
+        ],
     );
     // Config errors name the key.
     let cfg_cases: Vec<(String, Vec<&str>)> = vec![
@@ -1313,7 +1353,10 @@ fn bad_times_name_file_line_column_and_form() {
             vec!["import.toml", "events.window", "positive"],
         ),
         (
-            base.replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"date\"\ntime_format = \"%Y\""),
+            base.replace(
+                "time = \"ts\"",
+                "time = \"ts\"\ntime_form = \"date\"\ntime_format = \"%Y\"",
+            ),
             vec!["import.toml", "events.time_format", "not both"],
         ),
         (
@@ -1346,4 +1389,411 @@ fn bad_times_name_file_line_column_and_form() {
         let (_d, p) = case(&text, |_| {}, |_| {});
         assert_names(&fails(&p), &parts);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parquet input.
+
+/// The Arrow type a CSV column is written as.
+#[derive(Clone, Copy)]
+enum PqType {
+    Text,
+    Int,
+    Float,
+    /// A whole number of days, written as a date.
+    Date,
+    /// A whole number of days, written as milliseconds since the epoch in this time zone
+    /// (`None`: a timestamp without zone).
+    Millis(Option<&'static str>),
+}
+
+/// Writes the CSV file `csv_path` as Parquet at `out`: each column as `types` says (text
+/// when unnamed), empty cells as nulls, `group` rows per row group, compressed with `codec`.
+fn csv_to_parquet(
+    csv_path: &Path,
+    out: &Path,
+    types: &[(&str, PqType)],
+    group: usize,
+    codec: parquet::basic::Compression,
+) {
+    use arrow_array::{
+        ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+        TimestampMillisecondArray,
+    };
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+    let mut r = csv::Reader::from_path(csv_path).unwrap();
+    let headers: Vec<String> = r.headers().unwrap().iter().map(str::to_string).collect();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let mut fields = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for (j, name) in headers.iter().enumerate() {
+        let ty = types
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(PqType::Text, |t| t.1);
+        let cells: Vec<Option<&str>> = rows
+            .iter()
+            .map(|rec| Some(&rec[j]).filter(|s| !s.is_empty()))
+            .collect();
+        let day = |s: &str| s.parse::<i64>().unwrap();
+        let (dt, array): (DataType, ArrayRef) = match ty {
+            PqType::Text => (DataType::Utf8, Arc::new(StringArray::from(cells))),
+            PqType::Int => (
+                DataType::Int64,
+                Arc::new(Int64Array::from(
+                    cells
+                        .iter()
+                        .map(|c| c.map(|s| s.parse().unwrap()))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            PqType::Float => (
+                DataType::Float64,
+                Arc::new(Float64Array::from(
+                    cells
+                        .iter()
+                        .map(|c| c.map(|s| s.parse().unwrap()))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            PqType::Date => (
+                DataType::Date32,
+                Arc::new(Date32Array::from(
+                    cells
+                        .iter()
+                        .map(|c| c.map(|s| day(s) as i32))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            PqType::Millis(tz) => {
+                let v: Vec<Option<i64>> = cells
+                    .iter()
+                    .map(|c| c.map(|s| day(s) * 86_400_000))
+                    .collect();
+                let a = TimestampMillisecondArray::from(v);
+                match tz {
+                    Some(tz) => (
+                        DataType::Timestamp(TimeUnit::Millisecond, Some(tz.into())),
+                        Arc::new(a.with_timezone(tz)),
+                    ),
+                    None => (
+                        DataType::Timestamp(TimeUnit::Millisecond, None),
+                        Arc::new(a),
+                    ),
+                }
+            }
+        };
+        fields.push(Field::new(name, dt, true));
+        arrays.push(array);
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(codec)
+        .set_max_row_group_row_count(Some(group))
+        .build();
+    let file = std::fs::File::create(out).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+const USERS_TYPES: [(&str, PqType); 4] = [
+    ("activated_at", PqType::Int),
+    ("defaulted", PqType::Int),
+    ("income", PqType::Float),
+    ("age", PqType::Int),
+];
+const EVENTS_TYPES: [(&str, PqType); 3] = [
+    ("ts", PqType::Float),
+    ("amount", PqType::Float),
+    ("balance", PqType::Float),
+];
+
+/// The fixture case with `users.parquet` / `events.parquet` written beside the CSV files,
+/// and the config pointed at them.
+fn parquet_case(
+    cfg: &str,
+    users_types: &[(&str, PqType)],
+    events_types: &[(&str, PqType)],
+    codec: parquet::basic::Compression,
+) -> (tempfile::TempDir, PathBuf) {
+    let (d, p) = case(cfg, |_| {}, |_| {});
+    csv_to_parquet(
+        &d.path().join("users.csv"),
+        &d.path().join("users.parquet"),
+        users_types,
+        7,
+        codec,
+    );
+    csv_to_parquet(
+        &d.path().join("events.csv"),
+        &d.path().join("events.parquet"),
+        events_types,
+        10,
+        codec,
+    );
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"users.csv\"", "\"users.parquet\"")
+        .replace("\"events.csv\"", "\"events.parquet\"");
+    std::fs::write(&p, text).unwrap();
+    (d, p)
+}
+
+#[test]
+fn parquet_and_csv_give_the_same_dataset() {
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+    let base = fixture_config();
+    let (d0, p0) = case(&base, |_| {}, |_| {});
+    let reference = d0.path().join("out");
+    import::import(&p0, &reference, Some(7)).unwrap();
+    // The fixture's empty cells (income, balance) become nulls: filled like empty cells.
+    for codec in [
+        Compression::SNAPPY,
+        Compression::ZSTD(ZstdLevel::default()),
+        Compression::GZIP(GzipLevel::default()),
+        Compression::UNCOMPRESSED,
+    ] {
+        let (d, p) = parquet_case(&base, &USERS_TYPES, &EVENTS_TYPES, codec);
+        let out = d.path().join("out");
+        import::import(&p, &out, Some(7)).unwrap_or_else(|e| panic!("{codec:?}: {e}"));
+        assert_same_dataset(&reference, &out);
+    }
+    // Parquet dates and timestamps against the same instants written as text.
+    let dated = base
+        .replace(
+            "time = \"activated_at\"",
+            "time = \"activated_at\"\ntime_form = \"date\"",
+        )
+        .replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"datetime\"")
+        .replace("window = 30", "window = \"30d\"");
+    for (tz, events_ts, text_ts) in [
+        (
+            "",
+            PqType::Millis(Some("+02:00")),
+            (|d| format!("{}T02:00:00+02:00", iso_date(d))) as fn(i64) -> String,
+        ),
+        ("", PqType::Millis(Some("UTC")), |d| {
+            format!("{}T00:00:00Z", iso_date(d))
+        }),
+        // A timestamp without zone is a wall-clock time, like a naive ISO time.
+        ("timezone = \"Europe/Paris\"\n", PqType::Millis(None), |d| {
+            format!("{}T00:00:00", iso_date(d))
+        }),
+    ] {
+        let cfg = format!("{tz}{dated}");
+        let (dc, pc) = case(&cfg, map_times(iso_date), map_times(text_ts));
+        let from_text = dc.path().join("out");
+        import::import(&pc, &from_text, Some(7)).unwrap();
+        let users_types = [
+            ("activated_at", PqType::Date),
+            ("defaulted", PqType::Int),
+            ("income", PqType::Float),
+            ("age", PqType::Int),
+        ];
+        let events_types = [
+            ("ts", events_ts),
+            ("amount", PqType::Float),
+            ("balance", PqType::Float),
+        ];
+        let (d, p) = parquet_case(&cfg, &users_types, &events_types, Compression::SNAPPY);
+        let out = d.path().join("out");
+        import::import(&p, &out, Some(7)).unwrap();
+        assert_same_dataset(&from_text, &out);
+    }
+}
+
+#[test]
+fn parquet_wide_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("w.csv"),
+        "ID,y,P1,P2,A1,A2\n1,0,0,1,5,6\n2,1,1,1,7,\n3,0,2,,8,9\n",
+    )
+    .unwrap();
+    let cfg = r#"
+layout = "wide"
+skip_empty_steps = true
+[users]
+file = "w.csv"
+id = "ID"
+label = "y"
+[split]
+fractions = [0.34, 0.33, 0.33]
+[[event_cat]]
+name = "P"
+fill = "none"
+[[event_num]]
+name = "A"
+fill = -1
+[[steps]]
+phase = "pre"
+columns = { P = "P1", A = "A1" }
+[[steps]]
+phase = "in"
+columns = { P = "P2", A = "A2" }
+"#;
+    std::fs::write(dir.path().join("w.toml"), cfg).unwrap();
+    import::import(&dir.path().join("w.toml"), &dir.path().join("csv"), None).unwrap();
+    csv_to_parquet(
+        &dir.path().join("w.csv"),
+        &dir.path().join("w.parquet"),
+        &[
+            ("ID", PqType::Int),
+            ("y", PqType::Int),
+            ("P1", PqType::Int),
+            ("P2", PqType::Int),
+            ("A1", PqType::Float),
+            ("A2", PqType::Int),
+        ],
+        2,
+        parquet::basic::Compression::SNAPPY,
+    );
+    std::fs::write(dir.path().join("p.toml"), cfg.replace("w.csv", "w.parquet")).unwrap();
+    import::import(&dir.path().join("p.toml"), &dir.path().join("pq"), None).unwrap();
+    assert_same_dataset(&dir.path().join("csv"), &dir.path().join("pq"));
+    let (_, d) = read_dataset(&dir.path().join("pq"));
+    assert_eq!(d.user_ids, ["1", "2", "3"]);
+    assert_eq!(d.in_offsets, [0, 1, 2, 3]);
+}
+
+#[test]
+fn parquet_type_mismatches_and_nulls_are_errors() {
+    let base = fixture_config();
+    let snappy = parquet::basic::Compression::SNAPPY;
+    // A string column where a number is expected: the column and its Parquet type.
+    let (d, p) = parquet_case(
+        &base,
+        &[
+            ("activated_at", PqType::Int),
+            ("defaulted", PqType::Int),
+            ("age", PqType::Int),
+        ],
+        &EVENTS_TYPES,
+        snappy,
+    );
+    assert_names(
+        &fails(&p),
+        &[
+            "users.parquet",
+            "column `income`",
+            "BYTE_ARRAY",
+            "Utf8",
+            "profile_num[0]",
+            "numbers",
+        ],
+    );
+    drop(d);
+    // A float where a category is expected.
+    let (_d, p) = case(&base, |_| {}, |_| {});
+    let dir = p.parent().unwrap();
+    csv_to_parquet(
+        &dir.join("users.csv"),
+        &dir.join("users.parquet"),
+        &USERS_TYPES,
+        7,
+        snappy,
+    );
+    std::fs::write(
+        dir.join("events.csv"),
+        "uid,ts,kind,channel,amount,balance\nu01,100,1.5,web,3,4\n",
+    )
+    .unwrap();
+    csv_to_parquet(
+        &dir.join("events.csv"),
+        &dir.join("events.parquet"),
+        &[
+            ("ts", PqType::Float),
+            ("kind", PqType::Float),
+            ("amount", PqType::Float),
+        ],
+        7,
+        snappy,
+    );
+    std::fs::write(
+        &p,
+        base.replace("\"users.csv\"", "\"users.parquet\"")
+            .replace("\"events.csv\"", "\"events.parquet\""),
+    )
+    .unwrap();
+    assert_names(
+        &fails(&p),
+        &[
+            "events.parquet",
+            "column `kind`",
+            "DOUBLE",
+            "Float64",
+            "event_cat[0]",
+        ],
+    );
+    // A number where a date is expected.
+    let dated = base
+        .replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"date\"")
+        .replace("window = 30", "window = \"30d\"");
+    let (_d, p) = parquet_case(&dated, &USERS_TYPES, &EVENTS_TYPES, snappy);
+    assert_names(
+        &fails(&p),
+        &["events.parquet", "column `ts`", "DOUBLE", "YYYY-MM-DD"],
+    );
+    // Nulls are empty cells: an error without `fill`, naming the row (data rows, 1-based).
+    // users.csv line 5 is data row 4 (u04); `age` has no fill.
+    let (_d, p) = case(&base, replace_line(4, ",44", ","), |_| {});
+    let dir = p.parent().unwrap();
+    csv_to_parquet(
+        &dir.join("users.csv"),
+        &dir.join("users.parquet"),
+        &USERS_TYPES,
+        3,
+        snappy,
+    );
+    std::fs::write(&p, base.replace("\"users.csv\"", "\"users.parquet\"")).unwrap();
+    assert_names(
+        &fails(&p),
+        &["users.parquet", "row 4", "column `age`", "empty cell"],
+    );
+    // A null time, and a null categorical value.
+    let (_d, p) = case(&base, |_| {}, replace_line(2, ",102,", ",,"));
+    let dir = p.parent().unwrap();
+    csv_to_parquet(
+        &dir.join("events.csv"),
+        &dir.join("events.parquet"),
+        &EVENTS_TYPES,
+        3,
+        snappy,
+    );
+    std::fs::write(&p, base.replace("\"events.csv\"", "\"events.parquet\"")).unwrap();
+    assert_names(
+        &fails(&p),
+        &["events.parquet", "row 2", "column `ts`", "empty cell"],
+    );
+    let (_d, p) = case(&base, |_| {}, replace_line(2, ",web,", ",,"));
+    let dir = p.parent().unwrap();
+    csv_to_parquet(
+        &dir.join("events.csv"),
+        &dir.join("events.parquet"),
+        &EVENTS_TYPES,
+        3,
+        snappy,
+    );
+    std::fs::write(&p, base.replace("\"events.csv\"", "\"events.parquet\"")).unwrap();
+    assert_names(
+        &fails(&p),
+        &[
+            "events.parquet",
+            "row 2",
+            "column `channel`",
+            "empty categorical",
+        ],
+    );
+    // Not a Parquet file at all.
+    let (_d, p) = case(&base, |_| {}, |_| {});
+    let dir = p.parent().unwrap();
+    std::fs::copy(dir.join("users.csv"), dir.join("users.parquet")).unwrap();
+    std::fs::write(&p, base.replace("\"users.csv\"", "\"users.parquet\"")).unwrap();
+    assert_names(
+        &fails(&p),
+        &["users.parquet", "not a readable Parquet file"],
+    );
 }

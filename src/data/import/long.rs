@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 
 use super::config::ImportConfig;
+use super::source::{Role, Source};
 use super::times::{TimeReader, Unit};
-use super::{At, Col, Csv, Table, UserColumns};
+use super::{At, Col, Table, UserColumns};
 use crate::{Error, Result};
 
 /// Reads and checks both files into a [`Table`].
@@ -19,67 +20,60 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
         .events
         .as_ref()
         .ok_or_else(|| config.error("events", "missing: the long layout needs an events file"))?;
-    let mut users = Csv::open(&config.users.file)?;
-    let mut events = Csv::open(&events_cfg.file)?;
+    let mut users = Source::open(&config.users.file)?;
+    let mut events = Source::open(&events_cfg.file)?;
     let events_form = events_cfg.time_form();
-    let unit = Unit::common(&[config.users.time_form().unit(), events_form.unit()]);
-    let cols = UserColumns::resolve(config, &users, unit)?;
-    let mut table = Table::new(config, &config.users.file, &cols, unit);
+    let users_form = config.users.time_form();
+    let unit = Unit::common(&[
+        users.time_unit(
+            config.users.time.as_deref().unwrap_or_default(),
+            &users_form,
+        ),
+        events.time_unit(&events_cfg.time, &events_form),
+    ]);
+    let cols = UserColumns::resolve(config, &mut users, unit)?;
+    let id_col = events.column(config, "events.id", &events_cfg.id, Role::Text)?;
+    let time_col = events.column(
+        config,
+        "events.time",
+        &events_cfg.time,
+        Role::Time(events_form.clone()),
+    )?;
+    let mut cat_cols: Vec<Col> = Vec::new();
+    for (i, f) in config.event_cat.iter().enumerate() {
+        let key = format!("event_cat[{i}].column");
+        let name = f.column.as_deref().unwrap_or_default();
+        cat_cols.push(events.column(config, &key, name, Role::Text)?);
+    }
+    let mut num_cols: Vec<Col> = Vec::new();
+    for (i, f) in config.event_num.iter().enumerate() {
+        let key = format!("event_num[{i}].column");
+        let name = f.column.as_deref().unwrap_or_default();
+        num_cols.push(events.column(config, &key, name, Role::Number)?);
+    }
+    let (ec, ed) = (cat_cols.len(), num_cols.len());
+    let time_reader = TimeReader::new(events_form, config.time_zone()?, unit);
+
+    let mut table = Table::new(config, &users, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
-    let mut rec = csv::StringRecord::new();
-    while let Some(line) = users.next(&mut rec)? {
-        let at = At {
-            file: &config.users.file,
-            line,
-        };
-        table.push_user(config, &cols, at, &rec, &mut ids)?;
+    while let Some(line) = users.next()? {
+        let at = At::of(&users, line);
+        table.push_user(config, &cols, at, &users, &mut ids)?;
     }
     let activation = table
         .times
         .clone()
         .ok_or_else(|| config.error("users.time", "missing: the long layout needs it"))?;
 
-    let id_col = events.column(config, "events.id", &events_cfg.id)?;
-    let time_col = events.column(config, "events.time", &events_cfg.time)?;
-    let cat_cols: Vec<Col> = config
-        .event_cat
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            events.column(
-                config,
-                &format!("event_cat[{i}].column"),
-                f.column.as_deref().unwrap_or_default(),
-            )
-        })
-        .collect::<Result<_>>()?;
-    let num_cols: Vec<Col> = config
-        .event_num
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            events.column(
-                config,
-                &format!("event_num[{i}].column"),
-                f.column.as_deref().unwrap_or_default(),
-            )
-        })
-        .collect::<Result<_>>()?;
-    let (ec, ed) = (cat_cols.len(), num_cols.len());
-    let time_reader = TimeReader::new(events_form, config.time_zone()?, unit);
-
     // All events, in file order.
     let mut ev_user: Vec<usize> = Vec::new();
     let mut ev_time: Vec<f64> = Vec::new();
     let mut ev_cat: Vec<u32> = Vec::new();
     let mut ev_num: Vec<f64> = Vec::new();
-    while let Some(line) = events.next(&mut rec)? {
-        let at = At {
-            file: &events_cfg.file,
-            line,
-        };
-        let id = at.cell(&rec, &id_col)?;
-        let user = *ids.get(id).ok_or_else(|| {
+    while let Some(line) = events.next()? {
+        let at = At::of(&events, line);
+        let id = at.text(&events, &id_col)?;
+        let user = *ids.get(id.as_ref()).ok_or_else(|| {
             at.err(
                 &id_col,
                 format!(
@@ -89,16 +83,16 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
             )
         })?;
         ev_user.push(user);
-        ev_time.push(at.time(&rec, &time_col, &time_reader)?.value);
+        ev_time.push(at.time(&events, &time_col, &time_reader)?.value);
         for ((col, cfg), interner) in cat_cols
             .iter()
             .zip(&config.event_cat)
             .zip(&mut table.event_interners)
         {
-            ev_cat.push(at.category(&rec, col, cfg, interner)?);
+            ev_cat.push(at.category(&events, col, cfg, interner)?);
         }
         for (col, cfg) in num_cols.iter().zip(&config.event_num) {
-            ev_num.push(at.number(&rec, col, cfg)?);
+            ev_num.push(at.number(&events, col, cfg)?);
         }
     }
 

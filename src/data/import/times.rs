@@ -143,7 +143,9 @@ impl TimeForm {
             TimeForm::Days => {
                 "a number of days since 1970-01-01 (time_form = \"days\", the default)".into()
             }
-            TimeForm::UnixS => "a number of seconds since 1970-01-01T00:00:00Z (time_form = \"unix_s\")".into(),
+            TimeForm::UnixS => {
+                "a number of seconds since 1970-01-01T00:00:00Z (time_form = \"unix_s\")".into()
+            }
             TimeForm::UnixMs => {
                 "a number of milliseconds since 1970-01-01T00:00:00Z (time_form = \"unix_ms\")"
                     .into()
@@ -209,7 +211,10 @@ impl TimeReader {
     /// to the later time, a fold to the earlier one).
     fn civil(&self, dt: DateTime) -> Result<Time, String> {
         let ts = self.tz.to_timestamp(dt).map_err(|e| {
-            format!("{dt} does not exist in the time zone {}: {e}", tz_name(&self.tz))
+            format!(
+                "{dt} does not exist in the time zone {}: {e}",
+                tz_name(&self.tz)
+            )
         })?;
         Ok(Time {
             value: self.unit.of_timestamp(ts),
@@ -351,7 +356,10 @@ mod tests {
         assert_eq!(utc(TimeForm::UnixS, "1688214600").value, s);
         assert_eq!(utc(TimeForm::UnixMs, "1688214600000").value, s);
         assert_eq!(utc(TimeForm::DateTime, "2023-07-01T12:30:00Z").value, s);
-        assert_eq!(utc(TimeForm::DateTime, "2023-07-01T14:30:00+02:00").value, s);
+        assert_eq!(
+            utc(TimeForm::DateTime, "2023-07-01T14:30:00+02:00").value,
+            s
+        );
         assert_eq!(utc(TimeForm::DateTime, "2023-07-01 12:30:00").value, s);
         let f = TimeForm::Format("%d/%m/%Y %H:%M".into());
         assert_eq!(utc(f, "01/07/2023 12:30").value, s);
@@ -374,14 +382,22 @@ mod tests {
     #[test]
     fn errors_say_what_was_expected() {
         let r = reader(TimeForm::Date, "UTC", Unit::Seconds);
-        for bad in ["2023-7-1", "01/07/2023", "2023-07-01T00:00:00", "2023-02-30"] {
+        for bad in [
+            "2023-7-1",
+            "01/07/2023",
+            "2023-07-01T00:00:00",
+            "2023-02-30",
+        ] {
             let e = r.read(Raw::Text(bad)).unwrap_err();
             assert!(e.contains("YYYY-MM-DD") && e.contains(bad), "{e}");
         }
         let r = reader(TimeForm::Days, "UTC", Unit::Days);
         assert!(r.read(Raw::Text("soon")).unwrap_err().contains("days"));
         let r = reader(TimeForm::Format("%d/%m/%Y".into()), "UTC", Unit::Seconds);
-        assert!(r.read(Raw::Text("2023-07-01")).unwrap_err().contains("%d/%m/%Y"));
+        assert!(r
+            .read(Raw::Text("2023-07-01"))
+            .unwrap_err()
+            .contains("%d/%m/%Y"));
         let r = reader(TimeForm::DateTime, "UTC", Unit::Seconds);
         assert!(r.read(Raw::Number(5.0)).unwrap_err().contains("datetime"));
     }
