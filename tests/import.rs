@@ -203,6 +203,31 @@ fn read_fixture(window: f64) -> Fixture {
     f
 }
 
+/// The weekday of `days` after 1970-01-01 (a Thursday).
+fn weekday_name(days: f64) -> String {
+    ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days as i64).rem_euclid(7) as usize].into()
+}
+
+/// The month of `days` after 1970-01-01.
+fn month_name(days: f64) -> String {
+    let m = civil(days.floor() as i64).1 as usize;
+    [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][m - 1]
+        .into()
+}
+
+/// `log1p` of the seconds between event `k` of a user's whole history (pre then in) and
+/// the one before (0 for the first); times in days.
+fn derived_since_previous(seqs: &(Vec<Ev>, Vec<Ev>), k: usize) -> f64 {
+    let all: Vec<f64> = seqs.0.iter().chain(&seqs.1).map(|e| e.t).collect();
+    if k == 0 {
+        0.0
+    } else {
+        slog1p((all[k] - all[k - 1]) * 86_400.0)
+    }
+}
+
 #[test]
 fn long_fixture_round_trip() {
     let out = tempfile::tempdir().unwrap();
@@ -256,15 +281,22 @@ fn long_fixture_round_trip() {
     let mut kind_counts = HashMap::new();
     let mut channel_counts = HashMap::new();
     let mut region_counts = HashMap::new();
+    let mut weekday_counts = HashMap::new();
+    let mut month_counts = HashMap::new();
     let (mut amounts, mut balances, mut incomes) = (vec![], vec![], vec![]);
+    let (mut since_prev, mut since_act) = (vec![], vec![]);
     for u in (0..n).filter(|&u| fx.split[u] == 0) {
         *region_counts.entry(fx.region[u].clone()).or_insert(0) += 1;
+        *month_counts.entry(month_name(fx.act[u])).or_insert(0) += 1;
         incomes.push(slog1p(fx.income[u]));
-        for e in fx.seqs[u].0.iter().chain(&fx.seqs[u].1) {
+        for (k, e) in fx.seqs[u].0.iter().chain(&fx.seqs[u].1).enumerate() {
             *kind_counts.entry(e.kind.clone()).or_insert(0) += 1;
             *channel_counts.entry(e.channel.clone()).or_insert(0) += 1;
+            *weekday_counts.entry(weekday_name(e.t)).or_insert(0) += 1;
             amounts.push(slog1p(e.amount));
             balances.push(e.balance);
+            since_prev.push(derived_since_previous(&fx.seqs[u], k));
+            since_act.push(slog1p((e.t - fx.act[u]).abs() * 86_400.0));
         }
     }
     let kind_ids = expected_vocab(&kind_counts, 1);
@@ -306,30 +338,83 @@ fn long_fixture_round_trip() {
         pn[0]
     );
 
+    // The derived fields (docs/import.md, "Derived time fields"): the fixture's times are
+    // days (no time of day: no hour_of_day), so day of week, the two log durations and the
+    // activation month.
+    let event_cat: Vec<&str> = m.schema.event_cat.iter().map(|f| f.name.as_str()).collect();
+    let event_num: Vec<&str> = m.schema.event_num.iter().map(|f| f.name.as_str()).collect();
+    let profile_cat: Vec<&str> = m
+        .schema
+        .profile_cat
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(event_cat, ["kind", "channel", "day_of_week"]);
+    assert_eq!(
+        event_num,
+        [
+            "amount",
+            "bal",
+            "log_seconds_since_previous",
+            "log_seconds_since_activation"
+        ]
+    );
+    assert_eq!(profile_cat, ["region", "activation_month"]);
+    let weekday_ids = expected_vocab(&weekday_counts, 1);
+    let month_ids = expected_vocab(&month_counts, 1);
+    assert_eq!(vocab_map(&vocab, true, "day_of_week"), weekday_ids);
+    assert_eq!(vocab_map(&vocab, false, "activation_month"), month_ids);
+    let (pm, psd) = mean_std(&since_prev);
+    let (sm, ssd) = mean_std(&since_act);
+    assert!(ev[2].log1p && ev[3].log1p);
+    assert!(
+        close(ev[2].mean, pm) && close(ev[2].std, psd),
+        "{:?}",
+        ev[2]
+    );
+    assert!(
+        close(ev[3].mean, sm) && close(ev[3].std, ssd),
+        "{:?}",
+        ev[3]
+    );
+
     // Every stored event, in order: ids and standardised numbers.
     let f32_eq = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs());
     for u in 0..n {
-        for (evs, off, cat, num) in [
-            (&fx.seqs[u].0, &d.pre_offsets, &d.pre_cat, &d.pre_num),
-            (&fx.seqs[u].1, &d.in_offsets, &d.in_cat, &d.in_num),
+        let n_pre = fx.seqs[u].0.len();
+        for (evs, off, cat, num, first) in [
+            (&fx.seqs[u].0, &d.pre_offsets, &d.pre_cat, &d.pre_num, 0),
+            (&fx.seqs[u].1, &d.in_offsets, &d.in_cat, &d.in_num, n_pre),
         ] {
             for (k, e) in evs.iter().enumerate() {
                 let j = off[u] as usize + k;
-                assert_eq!(cat[2 * j], kind_ids.get(&e.kind).copied().unwrap_or(0));
+                assert_eq!(cat[3 * j], kind_ids.get(&e.kind).copied().unwrap_or(0));
                 assert_eq!(
-                    cat[2 * j + 1],
+                    cat[3 * j + 1],
                     channel_ids.get(&e.channel).copied().unwrap_or(0)
                 );
+                assert_eq!(cat[3 * j + 2], weekday_ids[&weekday_name(e.t)]);
                 assert!(
-                    f32_eq(num[2 * j], (slog1p(e.amount) - am) / asd),
+                    f32_eq(num[4 * j], (slog1p(e.amount) - am) / asd),
                     "user {u} event {k}"
                 );
-                assert!(f32_eq(num[2 * j + 1], (e.balance - bm) / bsd));
+                assert!(f32_eq(num[4 * j + 1], (e.balance - bm) / bsd));
+                let prev = derived_since_previous(&fx.seqs[u], first + k);
+                assert!(
+                    f32_eq(num[4 * j + 2], (prev - pm) / psd),
+                    "user {u} event {k}"
+                );
+                let act = slog1p((e.t - fx.act[u]).abs() * 86_400.0);
+                assert!(f32_eq(num[4 * j + 3], (act - sm) / ssd));
             }
         }
         assert_eq!(
-            d.profile_cat[u],
+            d.profile_cat[2 * u],
             region_ids.get(&fx.region[u]).copied().unwrap_or(0)
+        );
+        assert_eq!(
+            d.profile_cat[2 * u + 1],
+            month_ids.get(&month_name(fx.act[u])).copied().unwrap_or(0)
         );
         assert!(f32_eq(
             d.profile_num[2 * u],
@@ -474,20 +559,21 @@ column = "amount"
     assert_eq!(d.pre_offsets, [0, 2, 2, 4, 4]);
     assert_eq!(d.in_offsets, [0, 0, 0, 0, 0]);
     assert_eq!((m.schema.pre_len, m.schema.in_len), (8, 1));
-    // a1's events sorted by time: amounts 40 (t=20) then 20 (t=50).
+    // a1's events sorted by time: amounts 40 (t=20) then 20 (t=50). Each event holds the
+    // amount then the two derived durations.
     let f = &m.schema.event_num[0];
+    let stride = m.schema.e_num();
+    assert_eq!(stride, 3);
     let raw: Vec<f64> = d
         .pre_num
         .iter()
+        .step_by(stride)
         .map(|&v| v as f64 * f.std + f.mean)
         .collect();
-    let train: Vec<usize> = (0..4).filter(|&u| d.split[u] == 0).collect();
-    if train.contains(&0) {
-        assert!(
-            (raw[0] - 40.0).abs() < 1e-3 && (raw[1] - 20.0).abs() < 1e-3,
-            "{raw:?}"
-        );
-    }
+    assert!(
+        (raw[0] - 40.0).abs() < 1e-3 && (raw[1] - 20.0).abs() < 1e-3,
+        "{raw:?}"
+    );
     assert_eq!(d.split.iter().filter(|&&s| s == 0).count(), 3); // round(4 · 0.8)
 }
 
@@ -1022,8 +1108,9 @@ fn scoring_data_reuses_the_training_encoding() {
     assert_eq!(Vocabularies::load(&out).unwrap(), tv);
     let region = vocab_map(&tv, false, "region");
     let kind = vocab_map(&tv, true, "kind");
+    // Rows hold region then activation month (a derived field).
     assert_eq!(
-        d.profile_cat,
+        [d.profile_cat[0], d.profile_cat[2]],
         [region["east"], 0],
         "unseen `mars` is unknown"
     );
@@ -1160,7 +1247,10 @@ fn times_in_every_form_give_the_same_dataset() {
                 &format!("time = \"activated_at\"\n{form}"),
             )
             .replace("time = \"ts\"", &format!("time = \"ts\"\n{form}"))
-            .replace("window = 30", window);
+            .replace("window = 30", window)
+            // Hour of day exists only for the forms with a time of day: off, so that
+            // every form gives the same fields (the other derived fields must agree).
+            + "\n[features]\nhour_of_day = false\n";
         let (d, p) = case(&cfg, map_times(users_f), map_times(events_f));
         let out = d.path().join("out");
         import::import(&p, &out, Some(7)).unwrap_or_else(|e| panic!("{form}: {e}"));
@@ -1795,5 +1885,251 @@ fn parquet_type_mismatches_and_nulls_are_errors() {
     assert_names(
         &fails(&p),
         &["users.parquet", "not a readable Parquet file"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Fields derived from the times.
+
+#[test]
+fn derived_time_fields_in_the_configured_zone() {
+    // Two users; times with a time of day, read in Paris (UTC+2 in summer).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("u.csv"),
+        "id,at,y,fold\na,2023-07-01T10:00:00Z,0,train\nb,2023-03-31T23:30:00Z,1,train\n",
+    )
+    .unwrap();
+    // a: one pre-service event on Saturday 1 July 00:30 Paris (= 30 June 22:30Z), one
+    // in-service 90 s after activation (12:01:30 Paris); b: one event at activation.
+    std::fs::write(
+        dir.path().join("e.csv"),
+        "id,t,k\na,2023-07-01T10:01:30Z,x\na,2023-06-30T22:30:00Z,x\nb,2023-03-31T23:30:00Z,y\n",
+    )
+    .unwrap();
+    let cfg = r#"layout = "long"
+timezone = "Europe/Paris"
+[users]
+file = "u.csv"
+id = "id"
+label = "y"
+time = "at"
+time_form = "datetime"
+[events]
+file = "e.csv"
+id = "id"
+time = "t"
+time_form = "datetime"
+[split]
+method = "column"
+column = "fold"
+[[event_cat]]
+column = "k"
+"#;
+    let path = dir.path().join("d.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = dir.path().join("good");
+    import::import(&path, &out, None).unwrap();
+    let (m, d) = read_dataset(&out);
+    let names = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+    assert_eq!(
+        m.schema
+            .event_cat
+            .iter()
+            .map(|f| f.name.clone())
+            .collect::<Vec<_>>(),
+        names(vec!["k", "hour_of_day", "day_of_week"])
+    );
+    let vocab = Vocabularies::load(&out).unwrap();
+    let hour = vocab_map(&vocab, true, "hour_of_day");
+    let day = vocab_map(&vocab, true, "day_of_week");
+    let month = vocab_map(&vocab, false, "activation_month");
+    // a's pre event: 00:30 Saturday in Paris; in event: 12:01 Saturday; b: 01:30 Saturday
+    // 1 April in Paris (23:30Z on Friday 31 March): activation month April, not March.
+    assert_eq!((d.pre_cat[1], d.pre_cat[2]), (hour["00"], day["Sat"]));
+    assert_eq!((d.in_cat[1], d.in_cat[2]), (hour["12"], day["Sat"]));
+    assert_eq!((d.in_cat[4], d.in_cat[5]), (hour["01"], day["Sat"]));
+    assert_eq!(
+        [d.profile_cat[0], d.profile_cat[1]],
+        [month["Jul"], month["Apr"]]
+    );
+    assert!(!month.contains_key("Mar"));
+    // The durations, unstandardised: a's in-service event is 90 s after activation and
+    // 11.5 h + 90 s after the pre-service one (its previous event); b's first event is 0 s
+    // from both.
+    let raw = |k: usize, v: f32| {
+        let f = &m.schema.event_num[k];
+        assert!(f.log1p);
+        (v as f64 * f.std + f.mean).exp_m1()
+    };
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-3 * (1.0 + b);
+    // in_num rows: [since previous, since activation] for a's event then b's.
+    assert!(
+        close(raw(0, d.in_num[0]), 11.5 * 3600.0 + 90.0),
+        "{}",
+        raw(0, d.in_num[0])
+    );
+    assert!(close(raw(1, d.in_num[1]), 90.0));
+    assert!(close(raw(0, d.in_num[2]), 0.0));
+    assert!(close(raw(1, d.in_num[3]), 0.0));
+    // a's pre-service event: the first (0 since previous), 11.5 h before activation.
+    assert!(close(raw(0, d.pre_num[0]), 0.0));
+    assert!(close(raw(1, d.pre_num[1]), 11.5 * 3600.0));
+
+    // Every derived field switched off: the dataset of the configured fields alone.
+    let off = format!(
+        "{cfg}[features]\ntime_since_previous = false\ntime_since_activation = false\n\
+         hour_of_day = false\nday_of_week = false\nactivation_month = false\n"
+    );
+    std::fs::write(&path, &off).unwrap();
+    let out2 = dir.path().join("out2");
+    import::import(&path, &out2, None).unwrap();
+    let (m2, _) = read_dataset(&out2);
+    assert_eq!(
+        (m2.schema.e_cat(), m2.schema.e_num(), m2.schema.f_cat()),
+        (1, 0, 0)
+    );
+
+    // Switching one on where it cannot apply, or a name clash, is a config error.
+    let errors: Vec<(String, Vec<&str>)> = vec![
+        (
+            cfg.replace(
+                "time_form = \"datetime\"\n[split]",
+                "time_form = \"date\"\n[split]",
+            ) + "[features]\nhour_of_day = true\n",
+            vec!["d.toml", "features.hour_of_day", "time of day"],
+        ),
+        (
+            cfg.replace("column = \"k\"", "column = \"k\"\nname = \"day_of_week\""),
+            vec!["d.toml", "features.day_of_week", "event_cat[0]"],
+        ),
+        (
+            format!("{cfg}[features]\nweekday = true\n"),
+            vec!["d.toml", "weekday"],
+        ),
+    ];
+    for (text, parts) in errors {
+        std::fs::write(&path, text).unwrap();
+        assert_names(&fails(&path), &parts);
+    }
+    // Wide layout: no event times.
+    std::fs::write(dir.path().join("w.csv"), "ID,y,A1\n1,0,5\n2,1,7\n").unwrap();
+    let wide = r#"layout = "wide"
+[users]
+file = "w.csv"
+id = "ID"
+label = "y"
+[[event_num]]
+name = "A"
+[[steps]]
+phase = "in"
+columns = { A = "A1" }
+"#;
+    let wpath = dir.path().join("w.toml");
+    std::fs::write(
+        &wpath,
+        format!("{wide}[features]\ntime_since_previous = true\n"),
+    )
+    .unwrap();
+    assert_names(
+        &fails(&wpath),
+        &["w.toml", "features.time_since_previous", "event times"],
+    );
+    std::fs::write(
+        &wpath,
+        format!("{wide}[features]\nactivation_month = true\n"),
+    )
+    .unwrap();
+    assert_names(
+        &fails(&wpath),
+        &["w.toml", "features.activation_month", "users.time"],
+    );
+    std::fs::write(&wpath, wide).unwrap();
+    import::import(&wpath, &dir.path().join("w"), None).unwrap();
+}
+
+#[test]
+fn derived_fields_reach_training_inspect_and_predict() {
+    // No special case: the derived fields are schema fields like any other.
+    let bin = env!("CARGO_BIN_EXE_mgkd-train");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ds");
+    import::import(&fixtures().join("long.toml"), &data, None).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let p = |x: &Path| x.display().to_string();
+    let dp = p(&data);
+    let inspect = run(&["inspect", &dp]);
+    for field in [
+        "day_of_week",
+        "log_seconds_since_previous",
+        "activation_month",
+    ] {
+        assert!(inspect.contains(field), "inspect lacks {field}:\n{inspect}");
+    }
+    let tp = p(&dir.path().join("t.safetensors"));
+    let sp = p(&dir.path().join("s.safetensors"));
+    let small = ["--epochs", "1", "--batch", "8", "--device", "cpu"];
+    let mut a = vec!["teacher", "--data", &dp, "--out", &tp, "--d", "8"];
+    a.extend(small);
+    run(&a);
+    let mut a = vec!["student", "--data", &dp, "--teacher", &tp, "--out", &sp];
+    a.extend(small);
+    run(&a);
+    let scores = dir.path().join("scores.csv");
+    run(&[
+        "predict",
+        "--data",
+        &p(&data),
+        "--model",
+        &sp,
+        "--out",
+        &p(&scores),
+    ]);
+    let text = std::fs::read_to_string(&scores).unwrap();
+    assert_eq!(text.lines().count(), 21, "{text}");
+}
+
+#[test]
+fn features_off_give_the_bytes_of_earlier_versions() {
+    // The fixture imported by the importer before time forms and derived fields existed
+    // (commit 97a8e27, `import --config long.toml --shard-rows 7`): its shards' and
+    // vocab.json's SHA-256. The same config with every derived field off gives those bytes.
+    let cfg = fixture_config()
+        + "\n[features]\ntime_since_previous = false\ntime_since_activation = false\n\
+           hour_of_day = false\nday_of_week = false\nactivation_month = false\n";
+    let (d, p) = case(&cfg, |_| {}, |_| {});
+    let out = d.path().join("ds");
+    let summary = import::import(&p, &out, Some(7)).unwrap();
+    let shas: Vec<&str> = summary
+        .manifest
+        .shards
+        .iter()
+        .map(|s| s.sha256.as_str())
+        .collect();
+    assert_eq!(
+        shas,
+        [
+            "163e18a2a8004c4693a0ce826114f486ea60f53dca73c0870d109d45f518d3d1",
+            "f2f4c001ed2e4b827c4a6ea545987efde83dadaa7bc77f88529a2a59b7bd05f7",
+            "d25d7cf31abec3a96c49d8647b7357425711297db062fed50841cf90c4b63dd3",
+        ]
+    );
+    use sha2::Digest;
+    let vocab = std::fs::read(out.join("vocab.json")).unwrap();
+    let hex: String = sha2::Sha256::digest(&vocab)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        hex,
+        "4687bbea8b784aba5b8e2dd133f6823f9d544489cc338cd618ef9f5b8de6c528"
     );
 }

@@ -64,6 +64,9 @@ pub struct ImportConfig {
     /// Numeric event fields.
     #[serde(default)]
     pub event_num: Vec<NumConfig>,
+    /// Fields derived from the times (`[features]`), each switchable off.
+    #[serde(default)]
+    pub features: FeaturesConfig,
     /// How rows are split into train/valid/test (default: stratified random 80/10/10, seed 0).
     #[serde(default)]
     pub split: SplitConfig,
@@ -77,6 +80,66 @@ pub struct ImportConfig {
     /// The config file itself (named in configuration errors).
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// The fields derived from the times (`[features]`). Unset means on wherever it applies:
+/// event fields need event times (the long layout), `hour_of_day` needs event times with a
+/// time of day, `activation_month` needs `users.time`. Setting one to `true` where it does
+/// not apply is an error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Numeric event field `log_seconds_since_previous`: `log1p` of the seconds since the
+    /// user's previous event (0 for the first).
+    pub time_since_previous: Option<bool>,
+    /// Numeric event field `log_seconds_since_activation`: `log1p` of the seconds between
+    /// the event and the activation (before it, for pre-service events).
+    pub time_since_activation: Option<bool>,
+    /// Categorical event field `hour_of_day` (`00` … `23`, in the import's time zone).
+    pub hour_of_day: Option<bool>,
+    /// Categorical event field `day_of_week` (`Mon` … `Sun`).
+    pub day_of_week: Option<bool>,
+    /// Categorical profile field `activation_month` (`Jan` … `Dec`).
+    pub activation_month: Option<bool>,
+}
+
+/// A field computed from the times rather than read from a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Derived {
+    /// Seconds since the user's previous event (numeric event field, log1p).
+    SincePrevious,
+    /// Seconds between the event and the activation (numeric event field, log1p).
+    SinceActivation,
+    /// Hour of day of the event (categorical event field).
+    HourOfDay,
+    /// Day of week of the event (categorical event field).
+    DayOfWeek,
+    /// Month of the activation (categorical profile field).
+    ActivationMonth,
+}
+
+impl Derived {
+    /// The field's name in the schema.
+    pub fn field_name(self) -> &'static str {
+        match self {
+            Derived::SincePrevious => "log_seconds_since_previous",
+            Derived::SinceActivation => "log_seconds_since_activation",
+            Derived::HourOfDay => "hour_of_day",
+            Derived::DayOfWeek => "day_of_week",
+            Derived::ActivationMonth => "activation_month",
+        }
+    }
+
+    /// The `[features]` key that switches it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Derived::SincePrevious => "features.time_since_previous",
+            Derived::SinceActivation => "features.time_since_activation",
+            Derived::HourOfDay => "features.hour_of_day",
+            Derived::DayOfWeek => "features.day_of_week",
+            Derived::ActivationMonth => "features.activation_month",
+        }
+    }
 }
 
 /// The users file.
@@ -207,6 +270,9 @@ pub struct NumConfig {
     pub log1p: bool,
     /// Raw value used for empty, NaN or infinite cells (default: such cells are an error).
     pub fill: Option<f64>,
+    /// Set when the field is computed from the times (`[features]`), not read.
+    #[serde(skip)]
+    pub derived: Option<Derived>,
 }
 
 /// A categorical column or event field.
@@ -224,6 +290,9 @@ pub struct CatConfig {
     /// Map empty cells to id 0 (unknown) instead of failing; excludes `fill`.
     #[serde(default)]
     pub empty_is_unknown: bool,
+    /// Set when the field is computed from the times (`[features]`), not read.
+    #[serde(skip)]
+    pub derived: Option<Derived>,
 }
 
 /// How rows are assigned to splits.
@@ -416,6 +485,98 @@ impl ImportConfig {
                 &format!("{table}.time_format"),
                 "a pattern needs conversions such as %Y-%m-%d %H:%M",
             ));
+        }
+        Ok(())
+    }
+
+    /// Appends the derived fields that are on (see [`FeaturesConfig`]) to the field lists,
+    /// after the configured ones. `event_time_of_day`: whether the event times have a time
+    /// of day (`None`: there are no event times, the wide layout).
+    pub(crate) fn add_derived(&mut self, event_time_of_day: Option<bool>) -> Result<()> {
+        let f = self.features.clone();
+        let applies = |d: Derived| -> std::result::Result<(), &'static str> {
+            match d {
+                Derived::ActivationMonth if self.users.time.is_none() => {
+                    Err("needs users.time (the activation times)")
+                }
+                Derived::ActivationMonth => Ok(()),
+                _ if event_time_of_day.is_none() => {
+                    Err("needs event times (the long layout; wide-layout steps have none)")
+                }
+                Derived::HourOfDay if event_time_of_day == Some(false) => Err(
+                    "needs event times with a time of day (the events' form is days, a date, \
+                     or a pattern without hours)",
+                ),
+                _ => Ok(()),
+            }
+        };
+        let mut on = Vec::new();
+        for (d, set) in [
+            (Derived::HourOfDay, f.hour_of_day),
+            (Derived::DayOfWeek, f.day_of_week),
+            (Derived::SincePrevious, f.time_since_previous),
+            (Derived::SinceActivation, f.time_since_activation),
+            (Derived::ActivationMonth, f.activation_month),
+        ] {
+            match (set, applies(d)) {
+                (Some(false), _) => {}
+                (Some(true), Err(why)) => return Err(self.error(d.key(), why)),
+                (None, Err(_)) => {}
+                (_, Ok(())) => on.push(d),
+            }
+        }
+        for d in on {
+            let name = d.field_name().to_string();
+            let (list, taken) = match d {
+                Derived::SincePrevious | Derived::SinceActivation => (
+                    "event_num",
+                    self.event_num.iter().position(|c| c.field_name() == name),
+                ),
+                Derived::HourOfDay | Derived::DayOfWeek => (
+                    "event_cat",
+                    self.event_cat.iter().position(|c| c.field_name() == name),
+                ),
+                Derived::ActivationMonth => (
+                    "profile_cat",
+                    self.profile_cat.iter().position(|c| c.field_name() == name),
+                ),
+            };
+            if let Some(i) = taken {
+                return Err(self.error(
+                    d.key(),
+                    format!(
+                        "the derived field `{name}` has the name of {list}[{i}]: rename that \
+                         field or set {} = false",
+                        d.key()
+                    ),
+                ));
+            }
+            match d {
+                Derived::SincePrevious | Derived::SinceActivation => {
+                    self.event_num.push(NumConfig {
+                        column: None,
+                        name: Some(name),
+                        log1p: true,
+                        fill: None,
+                        derived: Some(d),
+                    })
+                }
+                _ => {
+                    let cat = CatConfig {
+                        column: None,
+                        name: Some(name),
+                        min_count: None,
+                        fill: None,
+                        empty_is_unknown: true,
+                        derived: Some(d),
+                    };
+                    if d == Derived::ActivationMonth {
+                        self.profile_cat.push(cat);
+                    } else {
+                        self.event_cat.push(cat);
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -8,17 +8,17 @@
 
 use std::collections::HashMap;
 
-use super::config::ImportConfig;
+use super::config::{Derived, ImportConfig};
 use super::source::{Role, Source};
 use super::times::{TimeReader, Unit};
-use super::{At, Col, Table, UserColumns};
+use super::{calendar_cell, signed_log1p, At, Col, Table, UserColumns};
 use crate::{Error, Result};
 
 /// Reads and checks both files into a [`Table`].
-pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
+pub(crate) fn parse(config: &mut ImportConfig) -> Result<Table> {
     let events_cfg = config
         .events
-        .as_ref()
+        .clone()
         .ok_or_else(|| config.error("events", "missing: the long layout needs an events file"))?;
     let mut users = Source::open(&config.users.file)?;
     let mut events = Source::open(&events_cfg.file)?;
@@ -52,7 +52,21 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
         num_cols.push(events.column(config, &key, name, Role::Number)?);
     }
     let (ec, ed) = (cat_cols.len(), num_cols.len());
+    let time_of_day = events.time_of_day(&events_cfg.time, &events_form);
     let time_reader = TimeReader::new(events_form, config.time_zone()?, unit);
+    // The derived fields follow the configured ones: events carry `ec` categorical cells
+    // read from columns, then the derived ones, and likewise `ed` numbers.
+    config.add_derived(Some(time_of_day))?;
+    let config = &*config;
+    let derived_cat: Vec<Derived> = config.event_cat[ec..]
+        .iter()
+        .filter_map(|c| c.derived)
+        .collect();
+    let derived_num: Vec<Derived> = config.event_num[ed..]
+        .iter()
+        .filter_map(|c| c.derived)
+        .collect();
+    let ec_all = config.event_cat.len();
 
     let mut table = Table::new(config, &users, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
@@ -83,13 +97,17 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
             )
         })?;
         ev_user.push(user);
-        ev_time.push(at.time(&events, &time_col, &time_reader)?.value);
+        let time = at.time(&events, &time_col, &time_reader)?;
+        ev_time.push(time.value);
         for ((col, cfg), interner) in cat_cols
             .iter()
             .zip(&config.event_cat)
             .zip(&mut table.event_interners)
         {
             ev_cat.push(at.category(&events, col, cfg, interner)?);
+        }
+        for (d, interner) in derived_cat.iter().zip(&mut table.event_interners[ec..]) {
+            ev_cat.push(calendar_cell(*d, time.civil, interner));
         }
         for (col, cfg) in num_cols.iter().zip(&config.event_num) {
             ev_num.push(at.number(&events, col, cfg)?);
@@ -120,18 +138,28 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
             next += 1;
         }
         // Pre-service events come first in time order, so one pass fills both sequences.
+        let mut previous: Option<f64> = None;
         for &e in &order[start..next] {
             let t = ev_time[e];
             let (seq, n) = if t < act {
                 (&mut table.pre, &mut n_pre)
-            } else if window.map_or(true, |w| t < act + w) {
+            } else if window.is_none_or(|w| t < act + w) {
                 (&mut table.inn, &mut n_in)
             } else {
                 table.dropped_events += 1;
                 continue;
             };
-            seq.cat.extend_from_slice(&ev_cat[e * ec..(e + 1) * ec]);
+            seq.cat
+                .extend_from_slice(&ev_cat[e * ec_all..(e + 1) * ec_all]);
             seq.num.extend_from_slice(&ev_num[e * ed..(e + 1) * ed]);
+            for d in &derived_num {
+                let seconds = match d {
+                    Derived::SincePrevious => previous.map_or(0.0, |p| t - p),
+                    _ => (t - act).abs(),
+                } * unit.seconds();
+                seq.num.push(signed_log1p(seconds));
+            }
+            previous = Some(t);
             *n += 1;
         }
         table.pre.close_row(n_pre);

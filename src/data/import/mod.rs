@@ -35,7 +35,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use config::ImportConfig;
-use config::{CatConfig, Layout, NumConfig, SplitMethod};
+use config::{CatConfig, Derived, Layout, NumConfig, SplitMethod};
+use jiff::civil::DateTime;
 
 use super::manifest::{Manifest, MANIFEST_FILE};
 use super::schema::{CatField, NumField, Schema};
@@ -105,10 +106,13 @@ pub fn import_config(
     out: &Path,
     shard_rows: Option<usize>,
 ) -> Result<ImportSummary> {
+    // The config with the derived fields (`[features]`) appended to its field lists.
+    let mut config = config.clone();
     let table = match config.layout {
-        Layout::Long => long::parse(config)?,
-        Layout::Wide => wide::parse(config)?,
+        Layout::Long => long::parse(&mut config)?,
+        Layout::Wide => wide::parse(&mut config)?,
     };
+    let config = &config;
     let splits = assign_splits(config, &table)?;
     let (encoded, reference_lens) = match &config.encoding_from {
         Some(dir) => {
@@ -438,6 +442,30 @@ impl<'a> At<'a> {
     }
 }
 
+/// The raw id of a derived calendar field's value at `civil` (hour `00`…`23`, day `Mon`…
+/// `Sun`, month `Jan`…`Dec`); unknown when the time is outside the calendar's range.
+pub(crate) fn calendar_cell(d: Derived, civil: Option<DateTime>, interner: &mut Interner) -> u32 {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const HOURS: [&str; 24] = [
+        "00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "14",
+        "15", "16", "17", "18", "19", "20", "21", "22", "23",
+    ];
+    let Some(dt) = civil else {
+        return UNKNOWN_RAW;
+    };
+    let value = match d {
+        Derived::HourOfDay => HOURS[dt.hour() as usize],
+        Derived::DayOfWeek => DAYS[dt.weekday().to_monday_zero_offset() as usize],
+        Derived::ActivationMonth => MONTHS[dt.month() as usize - 1],
+        Derived::SincePrevious | Derived::SinceActivation => return UNKNOWN_RAW,
+    };
+    // At most 24 values: the interner cannot overflow.
+    interner.intern(value).unwrap_or(UNKNOWN_RAW)
+}
+
 /// `sign(x)·ln(1+|x|)`.
 pub fn signed_log1p(x: f64) -> f64 {
     x.signum() * x.abs().ln_1p()
@@ -557,8 +585,11 @@ impl Table {
             };
             labels.push(label);
         }
+        let mut civil = None;
         if let (Some((col, reader)), Some(times)) = (&cols.time, &mut self.times) {
-            times.push(at.time(src, col, reader)?.value);
+            let time = at.time(src, col, reader)?;
+            times.push(time.value);
+            civil = time.civil;
         }
         if let (Some(col), Some(splits)) = (&cols.split, &mut self.split_column) {
             let s = at.text(src, col)?;
@@ -582,6 +613,15 @@ impl Table {
             .zip(&mut self.profile_interners)
         {
             self.profile_cat.push(at.category(src, col, cfg, interner)?);
+        }
+        let n = cols.profile_cat.len();
+        for (cfg, interner) in config.profile_cat[n..]
+            .iter()
+            .zip(&mut self.profile_interners[n..])
+        {
+            if let Some(d) = cfg.derived {
+                self.profile_cat.push(calendar_cell(d, civil, interner));
+            }
         }
         self.user_ids.push(id.to_string());
         self.user_lines.push(at.line);

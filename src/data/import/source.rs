@@ -71,7 +71,7 @@ pub(crate) enum Role {
 /// An input file being read.
 pub(crate) enum Source {
     /// A CSV file.
-    Csv(Csv),
+    Csv(Box<Csv>),
     /// A Parquet file.
     Parquet(Box<ParquetFile>),
 }
@@ -86,7 +86,7 @@ impl Source {
         Ok(if parquet {
             Source::Parquet(Box::new(ParquetFile::open(path)?))
         } else {
-            Source::Csv(Csv::open(path)?)
+            Source::Csv(Box::new(Csv::open(path)?))
         })
     }
 
@@ -121,6 +121,21 @@ impl Source {
             }
         }
         form.unit()
+    }
+
+    /// Whether the time column `name` of `form` has a time of day: a Parquet timestamp
+    /// does, a Parquet date does not, otherwise the form decides.
+    pub(crate) fn time_of_day(&self, name: &str, form: &TimeForm) -> bool {
+        if let Source::Parquet(p) = self {
+            if let Some(i) = p.headers.iter().position(|h| h == name) {
+                match &p.types[i] {
+                    DataType::Timestamp(..) => return true,
+                    DataType::Date32 | DataType::Date64 => return false,
+                    _ => {}
+                }
+            }
+        }
+        form.has_time_of_day()
     }
 
     /// Index of column `name` used as `role`; a missing column is a config error naming

@@ -288,7 +288,7 @@ impl TimeReader {
 /// The instant `secs` seconds after the Unix epoch, if within jiff's range.
 fn seconds_to_timestamp(secs: f64) -> Option<Timestamp> {
     let ns = secs * 1e9;
-    if !(ns.abs() < 1e30) {
+    if ns.is_nan() || ns.abs() >= 1e30 {
         return None;
     }
     Timestamp::from_nanosecond(ns.round() as i128).ok()

@@ -17,7 +17,7 @@ struct StepColumns {
 }
 
 /// Reads and checks the users file into a [`Table`].
-pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
+pub(crate) fn parse(config: &mut ImportConfig) -> Result<Table> {
     let mut users = Source::open(&config.users.file)?;
     let form = config.users.time_form();
     let unit = users.time_unit(config.users.time.as_deref().unwrap_or_default(), &form);
@@ -46,6 +46,9 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
             num,
         });
     }
+    // No event times: only the activation month can be derived.
+    config.add_derived(None)?;
+    let config = &*config;
     let mut table = Table::new(config, &users, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
     while let Some(line) = users.next()? {
