@@ -1204,7 +1204,8 @@ fn times_in_every_form_give_the_same_dataset() {
     let (d0, p0) = case(&base, |_| {}, |_| {});
     let reference = d0.path().join("out");
     import::import(&p0, &reference, Some(7)).unwrap();
-    let forms: Vec<(&str, fn(i64) -> String, fn(i64) -> String)> = vec![
+    type Writer = fn(i64) -> String;
+    let forms: Vec<(&str, Writer, Writer)> = vec![
         ("time_form = \"days\"", |d| d.to_string(), |d| d.to_string()),
         (
             "time_form = \"unix_s\"",
