@@ -2134,3 +2134,136 @@ fn features_off_give_the_bytes_of_earlier_versions() {
         "4687bbea8b784aba5b8e2dd133f6823f9d544489cc338cd618ef9f5b8de6c528"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Checks on the times.
+
+#[test]
+fn misread_times_are_warned_about() {
+    let base = fixture_config();
+    let unix = |cfg: &str| {
+        cfg.replace(
+            "time = \"activated_at\"",
+            "time = \"activated_at\"\ntime_form = \"unix_s\"",
+        )
+        .replace("time = \"ts\"", "time = \"ts\"\ntime_form = \"unix_s\"")
+        .replace("window = 30", "window = \"30d\"")
+    };
+    let secs = |d: i64| (d * 86_400).to_string();
+    let millis = |d: i64| (d * 86_400_000).to_string();
+    // The control: both columns in seconds, no warning.
+    let (d, p) = case(&unix(&base), map_times(secs), map_times(secs));
+    let summary = import::import(&p, &d.path().join("ok"), None).unwrap();
+    assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
+    // The events exported in milliseconds but declared as seconds: every event lands
+    // decades after its activation (and past the window).
+    let (d, p) = case(&unix(&base), map_times(secs), map_times(millis));
+    let summary = import::import(&p, &d.path().join("ms"), None).unwrap();
+    assert_eq!(summary.warnings.len(), 1, "{:?}", summary.warnings);
+    // The median |event − activation| over the independent reading, in days.
+    let fx = read_fixture(f64::INFINITY);
+    let mut dist: Vec<f64> = Vec::new();
+    let mut r = csv::Reader::from_path(fixtures().join("events.csv")).unwrap();
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        let u = fx.ids.iter().position(|i| i == &rec[0]).unwrap();
+        let t: f64 = rec[1].parse().unwrap();
+        dist.push((t * 1000.0 - fx.act[u]).abs());
+    }
+    dist.sort_by(f64::total_cmp);
+    let median = dist[dist.len() / 2];
+    assert_names(
+        &summary.warnings[0],
+        &[
+            "events.csv",
+            "column `ts`",
+            "column `activated_at`",
+            "median distance",
+            &format!("{median:.0} days"),
+            "years",
+        ],
+    );
+    // Plain seconds read as the default days form: also decades away.
+    let (d, p) = case(
+        &base.replace("window = 30", "window = 2592000"),
+        map_times(secs),
+        map_times(secs),
+    );
+    let summary = import::import(&p, &d.path().join("s"), None).unwrap();
+    assert_eq!(summary.warnings.len(), 1, "{:?}", summary.warnings);
+    // The command prints it on stderr and still imports.
+    let (d, p) = case(&unix(&base), map_times(secs), map_times(millis));
+    let o = Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+        .args(["import", "--config"])
+        .arg(&p)
+        .arg("--out")
+        .arg(d.path().join("bin"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_names(&stderr, &["warning: ", "column `ts`", "median distance"]);
+}
+
+#[test]
+fn time_spans_are_recorded_and_inspected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    import::import(&fixtures().join("long.toml"), &out, None).unwrap();
+    let m = Manifest::load(&out).unwrap();
+    let t = m.times.as_ref().expect("times in the manifest");
+    let fx = read_fixture(30.0);
+    // Independent: days before / after activation of the stored events.
+    let (mut before, mut after) = (vec![], vec![]);
+    for (u, (pre, inn)) in fx.seqs.iter().enumerate() {
+        before.extend(pre.iter().map(|e| fx.act[u] - e.t));
+        after.extend(inn.iter().map(|e| e.t - fx.act[u]));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let pre = t.pre.as_ref().unwrap();
+    let inn = t.in_service.as_ref().unwrap();
+    assert_eq!(pre.events as usize, before.len());
+    assert_eq!(inn.events as usize, after.len());
+    assert_eq!(pre.median_days, Some(median(&mut before)));
+    assert_eq!(inn.median_days, Some(median(&mut after)));
+    assert_eq!(
+        (pre.min_days, pre.max_days),
+        (Some(before[0]), before.last().copied())
+    );
+    assert_eq!(
+        (inn.min_days, inn.max_days),
+        (Some(after[0]), after.last().copied())
+    );
+    assert_eq!(t.window_days, Some(30.0));
+    let first = fx.act.iter().copied().fold(f64::INFINITY, f64::min) as i64;
+    assert_eq!(t.activation_first, format!("{}T00:00:00Z", iso_date(first)));
+    // `inspect` prints them, text and JSON.
+    let bin = env!("CARGO_BIN_EXE_mgkd-train");
+    let o = Command::new(bin).arg("inspect").arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_names(
+        &text,
+        &[
+            &format!("times: activations from {}", t.activation_first),
+            "pre-service",
+            "in-service",
+            "30.00",
+            &format!("{:.2}", inn.median_days.unwrap()),
+        ],
+    );
+    let o = Command::new(bin)
+        .args(["inspect", "--json"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["times"]["in"]["events"], serde_json::json!(after.len()));
+}

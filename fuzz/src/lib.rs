@@ -46,6 +46,7 @@ pub fn manifest(info: ShardInfo) -> Manifest {
             .collect(),
         shards: vec![info],
         source: "fuzz".into(),
+        times: None,
     }
 }
 

@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use super::config::{Derived, ImportConfig};
 use super::source::{Role, Source};
 use super::times::{TimeReader, Unit};
-use super::{calendar_cell, signed_log1p, At, Col, Table, UserColumns};
+use super::{
+    calendar_cell, median_abs, signed_log1p, window_span, At, Col, EventSpans, Table, UserColumns,
+    TOO_FAR_DAYS,
+};
 use crate::{Error, Result};
 
 /// Reads and checks both files into a [`Table`].
@@ -169,6 +172,41 @@ pub(crate) fn parse(config: &mut ImportConfig) -> Result<Table> {
         return Err(Error::invalid(
             "internal: events left after grouping by user",
         ));
+    }
+    drop(order);
+
+    // The events' distances from their user's activation, in days, in place of their times
+    // (no longer needed): each window's span, and the check for a unit mistake.
+    let day = unit.seconds() / 86_400.0;
+    for (t, &u) in ev_time.iter_mut().zip(&ev_user) {
+        *t = (*t - activation[u]) * day;
+    }
+    let window_days = window.map(|w| w * day);
+    ev_time.sort_unstable_by(f64::total_cmp);
+    let pre_end = ev_time.partition_point(|&d| d < 0.0);
+    let in_end = window_days.map_or(ev_time.len(), |w| ev_time.partition_point(|&d| d < w));
+    let mut before: Vec<f64> = Vec::new();
+    before.extend(ev_time[..pre_end].iter().rev().map(|d| -d));
+    table.event_spans = Some(EventSpans {
+        window_days,
+        pre: window_span(&before),
+        inn: window_span(&ev_time[pre_end..in_end]),
+    });
+    drop(before);
+    if let Some(median) = median_abs(&mut ev_time) {
+        if median > TOO_FAR_DAYS {
+            table.warnings.push(format!(
+                "{}: column `{}`: the median distance between an event and its user's \
+                 activation (column `{}` of {}) is {median:.0} days ({:.0} years): are the \
+                 time forms right? (e.g. milliseconds read as seconds, or plain numbers that \
+                 are not days: set time_form; docs/import.md, \"Times\")",
+                events_cfg.file.display(),
+                events_cfg.time,
+                config.users.time.as_deref().unwrap_or_default(),
+                config.users.file.display(),
+                median / 365.25,
+            ));
+        }
     }
     Ok(table)
 }

@@ -37,8 +37,9 @@ use serde::{Deserialize, Serialize};
 pub use config::ImportConfig;
 use config::{CatConfig, Derived, Layout, NumConfig, SplitMethod};
 use jiff::civil::DateTime;
+use jiff::Timestamp;
 
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::manifest::{Manifest, TimeSpans, WindowSpan, MANIFEST_FILE};
 use super::schema::{CatField, NumField, Schema};
 use super::writer::{write_atomic, DatasetWriter, RowData, WriterOptions};
 use crate::{Error, Result};
@@ -91,6 +92,8 @@ pub struct ImportSummary {
     pub manifest: Manifest,
     /// Long layout: events dropped for falling at or after `activation + window`.
     pub dropped_events: u64,
+    /// Warnings about the input, e.g. times that look misread (the command prints them).
+    pub warnings: Vec<String>,
 }
 
 /// Imports the dataset described by the config file at `config_path` into `out`
@@ -163,6 +166,9 @@ pub fn import_config(
     };
     let existed = out.exists();
     let mut writer = DatasetWriter::create(out, schema, options)?;
+    if let Some(times) = time_spans(&table) {
+        writer.set_times(times);
+    }
     let vocab_path = out.join(VOCAB_FILE);
     writer.adopt(&vocab_path);
     let result = (|| {
@@ -179,6 +185,7 @@ pub fn import_config(
         Ok(manifest) => Ok(ImportSummary {
             manifest,
             dropped_events: table.dropped_events,
+            warnings: table.warnings,
         }),
         Err(e) => {
             // The writer removed its shards; remove the sidecar and the directory we made.
@@ -301,6 +308,76 @@ pub(crate) struct Table {
     inn: Seq,
     /// Events dropped by the in-service window.
     dropped_events: u64,
+    /// The windows' spans (long layout).
+    event_spans: Option<EventSpans>,
+    /// Warnings about the input (printed by the command, not fatal).
+    warnings: Vec<String>,
+}
+
+/// The spans of the windows' events, in days from their user's activation.
+#[derive(Debug)]
+pub(crate) struct EventSpans {
+    /// The in-service window, in days.
+    window_days: Option<f64>,
+    /// Pre-service events, days before activation.
+    pre: WindowSpan,
+    /// In-service events, days after activation.
+    inn: WindowSpan,
+}
+
+/// A median distance from the activation beyond which the times are probably misread
+/// (ten years, in days).
+pub(crate) const TOO_FAR_DAYS: f64 = 3652.5;
+
+/// The span of `days`, sorted ascending.
+pub(crate) fn window_span(days: &[f64]) -> WindowSpan {
+    let n = days.len();
+    WindowSpan {
+        events: n as u64,
+        min_days: days.first().copied(),
+        median_days: (n > 0).then(|| {
+            if n % 2 == 1 {
+                days[n / 2]
+            } else {
+                (days[n / 2 - 1] + days[n / 2]) / 2.0
+            }
+        }),
+        max_days: days.last().copied(),
+    }
+}
+
+/// The (upper) median of `|x|` over `xs`, which it reorders; `None` when empty.
+pub(crate) fn median_abs(xs: &mut [f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    for x in xs.iter_mut() {
+        *x = x.abs();
+    }
+    let mid = xs.len() / 2;
+    Some(*xs.select_nth_unstable_by(mid, f64::total_cmp).1)
+}
+
+/// The manifest's `times`: the activations' span and, in the long layout, the windows'.
+fn time_spans(table: &Table) -> Option<TimeSpans> {
+    let times = table.times.as_ref()?;
+    let first = times.iter().copied().min_by(f64::total_cmp)?;
+    let last = times.iter().copied().max_by(f64::total_cmp)?;
+    let iso = |v: f64| {
+        let ns = v * table.unit.seconds() * 1e9;
+        match Timestamp::from_nanosecond(ns.round() as i128) {
+            Ok(ts) if ns.abs() < 1e30 => ts.to_string(),
+            _ => format!("{v} (out of the calendar's range)"),
+        }
+    };
+    let spans = table.event_spans.as_ref();
+    Some(TimeSpans {
+        activation_first: iso(first),
+        activation_last: iso(last),
+        window_days: spans.and_then(|s| s.window_days),
+        pre: spans.map(|s| s.pre.clone()),
+        in_service: spans.map(|s| s.inn.clone()),
+    })
 }
 
 impl Table {
@@ -549,6 +626,8 @@ impl Table {
             pre: Seq::new(),
             inn: Seq::new(),
             dropped_events: 0,
+            event_spans: None,
+            warnings: Vec::new(),
         }
     }
 
