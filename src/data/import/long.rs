@@ -173,7 +173,7 @@ pub(crate) fn parse(config: &mut ImportConfig) -> Result<Table> {
             "internal: events left after grouping by user",
         ));
     }
-    drop(order);
+    drop((order, ev_cat, ev_num));
 
     // The events' distances from their user's activation, in days, in place of their times
     // (no longer needed): each window's span, and the check for a unit mistake.
