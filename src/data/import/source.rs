@@ -188,8 +188,8 @@ impl Source {
         }
     }
 
-    /// Whether the cell is missing from the current row (a CSV record shorter than its
-    /// header; the reader refuses those, so this is a safeguard).
+    /// The cell of column `col` in the current row; an error for a CSV record shorter than
+    /// its header (the reader refuses those, so this is a safeguard).
     pub(crate) fn cell(&self, col: &Col) -> std::result::Result<Cell<'_>, String> {
         match self {
             Source::Csv(c) => match c.record.get(col.index) {
