@@ -164,10 +164,14 @@ impl Source {
                 ))
             }
             (Some(_), Some(_)) => {
+                let place = match self {
+                    Source::Csv(_) => "line 1, ",
+                    Source::Parquet(_) => "",
+                };
                 return Err(Error::format(
                     self.path(),
-                    format!("line 1, column `{name}`: the header has this column more than once"),
-                ))
+                    format!("{place}column `{name}`: the header has this column more than once"),
+                ));
             }
         };
         if let Source::Parquet(p) = self {
