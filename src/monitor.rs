@@ -148,7 +148,7 @@ pub fn decile_cuts(reference: &[f64]) -> Vec<f64> {
     }
     for k in 1..BANDS {
         let c = v[(k * n / BANDS).min(n - 1)];
-        if cuts.last().map_or(true, |&l| c > l) {
+        if cuts.last().is_none_or(|&l| c > l) {
             cuts.push(c);
         }
     }

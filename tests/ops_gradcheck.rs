@@ -491,7 +491,7 @@ fn gemm_large_and_degenerate() {
         let mut x = c.inputs();
         let y = c.fwd::<f64>(&{
             x.truncate(la + lb);
-            x.extend(std::iter::repeat(f64::NAN).take(lc));
+            x.extend(std::iter::repeat_n(f64::NAN, lc));
             x.clone()
         });
         let reference = c.reference(&x[..la], &x[la..la + lb], &vec![0.0; lc]);
@@ -802,7 +802,7 @@ impl EmbCase {
     fn is_valid(&self, i: usize) -> bool {
         self.valid
             .as_ref()
-            .map_or(true, |(lens, l)| i % l < lens[i / l] as usize)
+            .is_none_or(|(lens, l)| i % l < lens[i / l] as usize)
     }
     fn out_w(&self) -> usize {
         match self.mode {

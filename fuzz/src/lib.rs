@@ -47,6 +47,7 @@ pub fn manifest(info: ShardInfo) -> Manifest {
             .collect(),
         shards: vec![info],
         source: "fuzz".into(),
+        times: None,
     }
 }
 

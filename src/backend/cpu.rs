@@ -877,7 +877,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         let dout = rd(dout, extent(n, out_w, dout_ld));
         if let Some(v) = valid {
             assert!(
-                v.max_len > 0 && n % v.max_len == 0 && v.lens.len() >= n / v.max_len,
+                v.max_len > 0 && n.is_multiple_of(v.max_len) && v.lens.len() >= n / v.max_len,
                 "embedding_backward: {n} tokens are not rows of {} slots with a length each",
                 v.max_len
             );
@@ -917,7 +917,7 @@ impl<F: Float> Backend for CpuBackend<F> {
                     EmbMode::Sum => 0,
                     EmbMode::Concat => k * width,
                 };
-                for i in (0..n).filter(|&i| valid.map_or(true, |v| v.is_valid(i))) {
+                for i in (0..n).filter(|&i| valid.is_none_or(|v| v.is_valid(i))) {
                     let id = ids[i * fields + k] as usize;
                     let src = &dout[i * dout_ld + src0 + c0..i * dout_ld + src0 + c0 + w];
                     // SAFETY: bounds checked above (`id < vocab`, table inside the buffer);

@@ -35,6 +35,9 @@ pub fn run(args: &ImportArgs) -> Result<()> {
         .collect();
     let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &inputs)?;
     let summary = import::import_config(&config, &args.out, args.shard_rows)?;
+    for w in &summary.warnings {
+        eprintln!("warning: {w}");
+    }
     let m = &summary.manifest;
     let events = |f: fn(&crate::data::ShardInfo) -> u64| m.shards.iter().map(f).sum::<u64>();
     crate::outln!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::data::{Dataset, ShardView};
+use crate::data::{Dataset, ShardView, TimeSpans};
 use crate::{Error, Result};
 
 /// Arguments of `inspect`.
@@ -116,6 +116,9 @@ pub struct InspectReport {
     pub shard_bytes: u64,
     /// Outcome of `--verify` (absent without it).
     pub verify: Option<VerifyOutcome>,
+    /// The time span of the activations and of each window's events (imported datasets
+    /// with times).
+    pub times: Option<TimeSpans>,
 }
 
 /// Length distribution of one sequence kind over `lens`.
@@ -219,6 +222,7 @@ pub fn report(ds: &Dataset, verify: bool) -> InspectReport {
         shards: m.shards.len(),
         shard_bytes: m.shards.iter().map(|sh| sh.bytes).sum(),
         verify,
+        times: m.times.clone(),
     }
 }
 
@@ -345,6 +349,9 @@ pub fn render(r: &InspectReport) -> String {
             true, false, false, false, false, false, false, false, false, false,
         ],
     ));
+    if let Some(t) = &r.times {
+        out.push_str(&render_times(t));
+    }
     out.push_str(&format!(
         "\nshards: {} files, {} bytes ({:.1} MiB)\n",
         r.shards,
@@ -356,6 +363,51 @@ pub fn render(r: &InspectReport) -> String {
             None => out.push_str("verify: OK (every shard matches its sha256 and validates)\n"),
             Some(e) => out.push_str(&format!("verify: FAILED: {e}\n")),
         }
+    }
+    out
+}
+
+/// The "times" section: activations, then each window's events in days from activation.
+fn render_times(t: &TimeSpans) -> String {
+    let mut out = format!(
+        "\ntimes: activations from {} to {}\n",
+        t.activation_first, t.activation_last
+    );
+    let days = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |d| format!("{d:.2}"));
+    let mut rows = Vec::new();
+    for (name, side, span) in [
+        ("pre-service", "before", &t.pre),
+        ("in-service", "after", &t.in_service),
+    ] {
+        if let Some(s) = span {
+            rows.push(vec![
+                name.to_string(),
+                match (name, t.window_days) {
+                    ("in-service", Some(w)) => format!("{w:.2}"),
+                    _ => "-".to_string(),
+                },
+                s.events.to_string(),
+                side.to_string(),
+                days(s.min_days),
+                days(s.median_days),
+                days(s.max_days),
+            ]);
+        }
+    }
+    if !rows.is_empty() {
+        out.push_str(&table(
+            &[
+                "window",
+                "length (days)",
+                "events",
+                "activation",
+                "nearest (days)",
+                "median",
+                "farthest",
+            ],
+            &rows,
+            &[true, false, false, true, false, false, false],
+        ));
     }
     out
 }

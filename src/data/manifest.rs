@@ -70,6 +70,44 @@ pub struct Manifest {
     /// How the dataset was made (free text, e.g. the synth command line).
     #[serde(default)]
     pub source: String,
+    /// What `import` saw of the times (absent for datasets without times, and in manifests
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<TimeSpans>,
+}
+
+/// The time span of an imported dataset: its activations, and each window's events
+/// measured from their user's activation (docs/import.md, "Checks on the times").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeSpans {
+    /// The earliest activation (ISO 8601, UTC).
+    pub activation_first: String,
+    /// The latest activation (ISO 8601, UTC).
+    pub activation_last: String,
+    /// The in-service window in days, when the import set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_days: Option<f64>,
+    /// Stored pre-service events: days before their user's activation (none without
+    /// event times).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<WindowSpan>,
+    /// Stored in-service events: days after their user's activation.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "in")]
+    pub in_service: Option<WindowSpan>,
+}
+
+/// The events of one window, in days from their user's activation (before it for the
+/// pre-service window, after it for the in-service one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowSpan {
+    /// Events in the window.
+    pub events: u64,
+    /// The nearest event to the activation, in days (absent without events).
+    pub min_days: Option<f64>,
+    /// The median distance, in days.
+    pub median_days: Option<f64>,
+    /// The farthest event from the activation, in days.
+    pub max_days: Option<f64>,
 }
 
 impl Manifest {

@@ -13,7 +13,7 @@ pub mod writer;
 
 pub use batch::{Batch, EventBatch};
 pub use dataset::{check_manifest, Dataset, EpochOrder, VerifyReport, GATHER_CHUNK_ROWS};
-pub use manifest::{Manifest, ShardInfo, SplitStats};
+pub use manifest::{Manifest, ShardInfo, SplitStats, TimeSpans, WindowSpan};
 pub use schema::{CatField, NumField, Schema};
 pub use shard::{validate_shard_bytes, EventsView, Shard, ShardView, UserIdsView};
 pub use synth::{synthesize, SynthConfig};

@@ -842,7 +842,7 @@ impl SplitAssigner {
         let g = split.iter().fold(100, |a, &b| gcd(a, b));
         let slots: Vec<u8> = (0u8..)
             .zip(split)
-            .flat_map(|(k, p)| std::iter::repeat(k).take((p / g) as usize))
+            .flat_map(|(k, p)| std::iter::repeat_n(k, (p / g) as usize))
             .collect();
         SplitAssigner {
             rng: ChaCha8Rng::from_seed(key(seed, 2)),

@@ -18,7 +18,8 @@ use safetensors::tensor::{Dtype, TensorView, View};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{
-    Manifest, ShardInfo, SplitStats, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SPLIT_NAMES,
+    Manifest, ShardInfo, SplitStats, TimeSpans, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    SPLIT_NAMES,
 };
 use super::schema::Schema;
 use crate::io::cleanup::{self, Registration, Removal};
@@ -162,6 +163,8 @@ pub struct DatasetWriter {
     split_positives: [u64; 3],
     rows: u64,
     finished: bool,
+    /// The manifest's `times` (set by `import`).
+    times: Option<TimeSpans>,
 }
 
 impl DatasetWriter {
@@ -215,6 +218,7 @@ impl DatasetWriter {
             split_positives: [0; 3],
             rows: 0,
             finished: false,
+            times: None,
         })
     }
 
@@ -563,6 +567,11 @@ impl DatasetWriter {
         Ok(())
     }
 
+    /// Records the time spans the manifest will hold (`import`).
+    pub fn set_times(&mut self, times: TimeSpans) {
+        self.times = Some(times);
+    }
+
     /// Writes the last shard and then the manifest, and returns the manifest.
     pub fn finish(mut self) -> Result<Manifest> {
         self.flush_shard()?;
@@ -589,6 +598,7 @@ impl DatasetWriter {
             splits,
             shards: self.shards.clone(),
             source: self.options.source.clone(),
+            times: self.times.clone(),
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::invalid(format!("internal: manifest: {e}")))?;

@@ -188,7 +188,7 @@ impl ModelConfig {
         if self.d == 0 {
             return bad("d must be at least 1".into());
         }
-        if self.heads == 0 || self.d % self.heads != 0 {
+        if self.heads == 0 || !self.d.is_multiple_of(self.heads) {
             return bad(format!(
                 "d = {} must be a positive multiple of heads = {}",
                 self.d, self.heads

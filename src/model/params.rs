@@ -185,8 +185,8 @@ impl ParamTable {
                 Init::Normal => {
                     v.extend((0..n).map(|_| <F as Float>::from_f64(normal.sample(&mut rng))))
                 }
-                Init::Zeros => v.extend(std::iter::repeat(<F as num_traits::Zero>::zero()).take(n)),
-                Init::Ones => v.extend(std::iter::repeat(<F as num_traits::One>::one()).take(n)),
+                Init::Zeros => v.extend(std::iter::repeat_n(<F as num_traits::Zero>::zero(), n)),
+                Init::Ones => v.extend(std::iter::repeat_n(<F as num_traits::One>::one(), n)),
             }
         }
         v

@@ -663,7 +663,7 @@ pub fn train<B: Backend>(
         let t1 = Instant::now();
         let (auc, ks, ll) = validate(be, ds, model, &valid_rows, &valid_labels)?;
         let valid_seconds = t1.elapsed().as_secs_f64();
-        let improved = best.as_ref().map_or(true, |(b, _)| auc > b.valid_auc);
+        let improved = best.as_ref().is_none_or(|(b, _)| auc > b.valid_auc);
         let entry = EpochLog {
             stage: role.to_string(),
             epoch,

@@ -1376,7 +1376,7 @@ impl Backend for CudaBackend {
         let (vlp, vl) = match valid {
             Some(v) => {
                 assert!(
-                    v.max_len > 0 && n % v.max_len == 0,
+                    v.max_len > 0 && n.is_multiple_of(v.max_len),
                     "embedding_backward: {n} tokens are not rows of {} slots",
                     v.max_len
                 );

@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 
+use super::times::{self, Unit};
 use crate::{Error, Result};
 
 /// The layout of the input files.
@@ -48,6 +50,8 @@ pub struct ImportConfig {
     /// Wide layout: a step whose cells are all empty is no event (instead of an error).
     #[serde(default)]
     pub skip_empty_steps: bool,
+    /// IANA time zone (`"Europe/Paris"`) of times written without offset; default UTC.
+    pub timezone: Option<String>,
     /// Numeric profile columns.
     #[serde(default)]
     pub profile_num: Vec<NumConfig>,
@@ -60,6 +64,9 @@ pub struct ImportConfig {
     /// Numeric event fields.
     #[serde(default)]
     pub event_num: Vec<NumConfig>,
+    /// Fields derived from the times (`[features]`), each switchable off.
+    #[serde(default)]
+    pub features: FeaturesConfig,
     /// How rows are split into train/valid/test (default: stratified random 80/10/10, seed 0).
     #[serde(default)]
     pub split: SplitConfig,
@@ -75,6 +82,66 @@ pub struct ImportConfig {
     pub path: PathBuf,
 }
 
+/// The fields derived from the times (`[features]`). Unset means on wherever it applies:
+/// event fields need event times (the long layout), `hour_of_day` needs event times with a
+/// time of day, `activation_month` needs `users.time`. Setting one to `true` where it does
+/// not apply is an error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Numeric event field `log_seconds_since_previous`: `log1p` of the seconds since the
+    /// user's previous event (0 for the first).
+    pub time_since_previous: Option<bool>,
+    /// Numeric event field `log_seconds_since_activation`: `log1p` of the seconds between
+    /// the event and the activation (before it, for pre-service events).
+    pub time_since_activation: Option<bool>,
+    /// Categorical event field `hour_of_day` (`00` … `23`, in the import's time zone).
+    pub hour_of_day: Option<bool>,
+    /// Categorical event field `day_of_week` (`Mon` … `Sun`).
+    pub day_of_week: Option<bool>,
+    /// Categorical profile field `activation_month` (`Jan` … `Dec`).
+    pub activation_month: Option<bool>,
+}
+
+/// A field computed from the times rather than read from a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Derived {
+    /// Seconds since the user's previous event (numeric event field, log1p).
+    SincePrevious,
+    /// Seconds between the event and the activation (numeric event field, log1p).
+    SinceActivation,
+    /// Hour of day of the event (categorical event field).
+    HourOfDay,
+    /// Day of week of the event (categorical event field).
+    DayOfWeek,
+    /// Month of the activation (categorical profile field).
+    ActivationMonth,
+}
+
+impl Derived {
+    /// The field's name in the schema.
+    pub fn field_name(self) -> &'static str {
+        match self {
+            Derived::SincePrevious => "log_seconds_since_previous",
+            Derived::SinceActivation => "log_seconds_since_activation",
+            Derived::HourOfDay => "hour_of_day",
+            Derived::DayOfWeek => "day_of_week",
+            Derived::ActivationMonth => "activation_month",
+        }
+    }
+
+    /// The `[features]` key that switches it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Derived::SincePrevious => "features.time_since_previous",
+            Derived::SinceActivation => "features.time_since_activation",
+            Derived::HourOfDay => "features.hour_of_day",
+            Derived::DayOfWeek => "features.day_of_week",
+            Derived::ActivationMonth => "features.activation_month",
+        }
+    }
+}
+
 /// The users file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +154,10 @@ pub struct UsersConfig {
     pub label: Option<String>,
     /// Activation time column: required in the long layout; used by time-based splits.
     pub time: Option<String>,
+    /// The form of the activation times (default `days`).
+    pub time_form: Option<TimeFormName>,
+    /// A strftime-like pattern of the activation times (instead of `time_form`).
+    pub time_format: Option<String>,
 }
 
 /// The events file (long layout).
@@ -97,10 +168,72 @@ pub struct EventsConfig {
     pub file: PathBuf,
     /// User id column (ids as in the users file).
     pub id: String,
-    /// Event time column (same unit as the users' activation time).
+    /// Event time column.
     pub time: String,
-    /// In-service window: events at or after `activation + window` are dropped.
-    pub window: Option<f64>,
+    /// The form of the event times (default `days`).
+    pub time_form: Option<TimeFormName>,
+    /// A strftime-like pattern of the event times (instead of `time_form`).
+    pub time_format: Option<String>,
+    /// In-service window: events at or after `activation + window` are dropped. A number
+    /// counts the unit of the column's numeric form; text is a duration (`"180d"`).
+    pub window: Option<TimeValue>,
+}
+
+/// The named forms of a time column (`time_form`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeFormName {
+    /// Numbers of days since 1970-01-01 (the default; any number, passed through).
+    Days,
+    /// Numbers of seconds since the Unix epoch.
+    UnixS,
+    /// Numbers of milliseconds since the Unix epoch.
+    UnixMs,
+    /// `YYYY-MM-DD` dates.
+    Date,
+    /// ISO 8601 date-times, with or without offset.
+    Datetime,
+}
+
+/// The form of a time column: a named form or a strftime-like pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimeForm {
+    /// Numbers of days since 1970-01-01.
+    Days,
+    /// Numbers of seconds since the Unix epoch.
+    UnixS,
+    /// Numbers of milliseconds since the Unix epoch.
+    UnixMs,
+    /// `YYYY-MM-DD` dates (midnight in the import's time zone).
+    Date,
+    /// ISO 8601 date-times; without offset they are in the import's time zone.
+    DateTime,
+    /// A strftime-like pattern (`%d/%m/%Y %H:%M`), parsed by `jiff::fmt::strtime`.
+    Format(String),
+}
+
+impl TimeForm {
+    fn from_config(name: Option<TimeFormName>, format: &Option<String>) -> TimeForm {
+        match (name, format) {
+            (_, Some(p)) => TimeForm::Format(p.clone()),
+            (None | Some(TimeFormName::Days), None) => TimeForm::Days,
+            (Some(TimeFormName::UnixS), None) => TimeForm::UnixS,
+            (Some(TimeFormName::UnixMs), None) => TimeForm::UnixMs,
+            (Some(TimeFormName::Date), None) => TimeForm::Date,
+            (Some(TimeFormName::Datetime), None) => TimeForm::DateTime,
+        }
+    }
+}
+
+/// A time setting written as a number or as text (a duration such as `"180d"`, a date such as
+/// `"2023-07-01"`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TimeValue {
+    /// A plain number, in the unit of the column's numeric form.
+    Number(f64),
+    /// Text: a duration (window) or a date / date-time (cut-offs).
+    Text(String),
 }
 
 /// Which service phase a wide-layout step belongs to.
@@ -137,6 +270,9 @@ pub struct NumConfig {
     pub log1p: bool,
     /// Raw value used for empty, NaN or infinite cells (default: such cells are an error).
     pub fill: Option<f64>,
+    /// Set when the field is computed from the times (`[features]`), not read.
+    #[serde(skip)]
+    pub derived: Option<Derived>,
 }
 
 /// A categorical column or event field.
@@ -154,6 +290,9 @@ pub struct CatConfig {
     /// Map empty cells to id 0 (unknown) instead of failing; excludes `fill`.
     #[serde(default)]
     pub empty_is_unknown: bool,
+    /// Set when the field is computed from the times (`[features]`), not read.
+    #[serde(skip)]
+    pub derived: Option<Derived>,
 }
 
 /// How rows are assigned to splits.
@@ -169,10 +308,11 @@ pub struct SplitConfig {
     pub fractions: Option<[f64; 3]>,
     /// Column: the users-file column holding 0/1/2 or train/valid/test.
     pub column: Option<String>,
-    /// Time: activation times at or after this are valid (or test).
-    pub valid_from: Option<f64>,
-    /// Time: activation times at or after this are test.
-    pub test_from: Option<f64>,
+    /// Time: activation times at or after this are valid (or test): a number read like a
+    /// cell of the activation-time column, or a date / ISO 8601 date-time.
+    pub valid_from: Option<TimeValue>,
+    /// Time: activation times at or after this are test (written like `valid_from`).
+    pub test_from: Option<TimeValue>,
 }
 
 impl Default for SplitConfig {
@@ -304,9 +444,10 @@ impl ImportConfig {
                 if self.skip_empty_steps {
                     return Err(self.error("skip_empty_steps", "only for the wide layout"));
                 }
-                if let Some(w) = self.events.as_ref().and_then(|e| e.window) {
-                    if !(w.is_finite() && w > 0.0) {
-                        return Err(self.error("events.window", "must be a positive finite number"));
+                if let Some(events) = &self.events {
+                    self.check_form("events", events.time_form, &events.time_format)?;
+                    if let Some(w) = &events.window {
+                        self.window(w)?;
                     }
                 }
             }
@@ -317,7 +458,203 @@ impl ImportConfig {
                 self.check_steps()?;
             }
         }
+        self.time_zone()?;
+        self.check_form("users", self.users.time_form, &self.users.time_format)?;
+        if self.users.time.is_none()
+            && (self.users.time_form.is_some() || self.users.time_format.is_some())
+        {
+            return Err(self.error("users.time_form", "given, but users.time is not"));
+        }
         self.check_split()
+    }
+
+    fn check_form(
+        &self,
+        table: &str,
+        name: Option<TimeFormName>,
+        format: &Option<String>,
+    ) -> Result<()> {
+        if name.is_some() && format.is_some() {
+            return Err(self.error(
+                &format!("{table}.time_format"),
+                "give either time_form or time_format (a pattern), not both",
+            ));
+        }
+        if format.as_deref().is_some_and(|p| !p.contains('%')) {
+            return Err(self.error(
+                &format!("{table}.time_format"),
+                "a pattern needs conversions such as %Y-%m-%d %H:%M",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends the derived fields that are on (see [`FeaturesConfig`]) to the field lists,
+    /// after the configured ones. `event_time_of_day`: whether the event times have a time
+    /// of day (`None`: there are no event times, the wide layout).
+    pub(crate) fn add_derived(&mut self, event_time_of_day: Option<bool>) -> Result<()> {
+        let f = self.features.clone();
+        let applies = |d: Derived| -> std::result::Result<(), &'static str> {
+            match d {
+                Derived::ActivationMonth if self.users.time.is_none() => {
+                    Err("needs users.time (the activation times)")
+                }
+                Derived::ActivationMonth => Ok(()),
+                _ if event_time_of_day.is_none() => {
+                    Err("needs event times (the long layout; wide-layout steps have none)")
+                }
+                Derived::HourOfDay if event_time_of_day == Some(false) => Err(
+                    "needs event times with a time of day (the events' form is days, a date, \
+                     or a pattern without hours)",
+                ),
+                _ => Ok(()),
+            }
+        };
+        let mut on = Vec::new();
+        for (d, set) in [
+            (Derived::HourOfDay, f.hour_of_day),
+            (Derived::DayOfWeek, f.day_of_week),
+            (Derived::SincePrevious, f.time_since_previous),
+            (Derived::SinceActivation, f.time_since_activation),
+            (Derived::ActivationMonth, f.activation_month),
+        ] {
+            match (set, applies(d)) {
+                (Some(false), _) => {}
+                (Some(true), Err(why)) => return Err(self.error(d.key(), why)),
+                (None, Err(_)) => {}
+                (_, Ok(())) => on.push(d),
+            }
+        }
+        for d in on {
+            let name = d.field_name().to_string();
+            let (list, taken) = match d {
+                Derived::SincePrevious | Derived::SinceActivation => (
+                    "event_num",
+                    self.event_num.iter().position(|c| c.field_name() == name),
+                ),
+                Derived::HourOfDay | Derived::DayOfWeek => (
+                    "event_cat",
+                    self.event_cat.iter().position(|c| c.field_name() == name),
+                ),
+                Derived::ActivationMonth => (
+                    "profile_cat",
+                    self.profile_cat.iter().position(|c| c.field_name() == name),
+                ),
+            };
+            if let Some(i) = taken {
+                return Err(self.error(
+                    d.key(),
+                    format!(
+                        "the derived field `{name}` has the name of {list}[{i}]: rename that \
+                         field or set {} = false",
+                        d.key()
+                    ),
+                ));
+            }
+            match d {
+                Derived::SincePrevious | Derived::SinceActivation => {
+                    self.event_num.push(NumConfig {
+                        column: None,
+                        name: Some(name),
+                        log1p: true,
+                        fill: None,
+                        derived: Some(d),
+                    })
+                }
+                _ => {
+                    let cat = CatConfig {
+                        column: None,
+                        name: Some(name),
+                        min_count: None,
+                        fill: None,
+                        empty_is_unknown: true,
+                        derived: Some(d),
+                    };
+                    if d == Derived::ActivationMonth {
+                        self.profile_cat.push(cat);
+                    } else {
+                        self.event_cat.push(cat);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The time zone of times written without offset (`timezone`, default UTC), from the
+    /// tz database bundled into the binary.
+    pub fn time_zone(&self) -> Result<TimeZone> {
+        match &self.timezone {
+            None => Ok(TimeZone::UTC),
+            Some(name) => TimeZone::get(name).map_err(|e| {
+                self.error(
+                    "timezone",
+                    format!("{name:?} is not an IANA time zone such as \"Europe/Paris\": {e}"),
+                )
+            }),
+        }
+    }
+
+    /// `events.window` as a value and the unit it counts: a number counts the unit of the
+    /// events' numeric time form, text is a duration in seconds.
+    pub(crate) fn window(&self, w: &TimeValue) -> Result<(f64, Unit)> {
+        let form = self
+            .events
+            .as_ref()
+            .map(EventsConfig::time_form)
+            .unwrap_or(TimeForm::Days);
+        let (x, unit) = match w {
+            TimeValue::Number(x) => {
+                let unit = form.number_unit().ok_or_else(|| {
+                    self.error(
+                        "events.window",
+                        format!(
+                            "a plain number needs a numeric time form (days, unix_s, unix_ms); \
+                             the events' times are {}: write a duration such as \"180d\"",
+                            form.expected()
+                        ),
+                    )
+                })?;
+                (*x, unit)
+            }
+            TimeValue::Text(t) => (
+                times::duration_seconds(t).map_err(|e| self.error("events.window", e))?,
+                Unit::Seconds,
+            ),
+        };
+        if !(x.is_finite() && x > 0.0) {
+            return Err(self.error("events.window", "must be a positive finite number"));
+        }
+        Ok((x, unit))
+    }
+
+    /// A split cut-off as a value and the unit it counts: a number is read like a cell of
+    /// the activation-time column's numeric form, text is a date or date-time.
+    pub(crate) fn cutoff(&self, key: &str, v: &TimeValue) -> Result<(f64, Unit)> {
+        let form = self.users.time_form();
+        match v {
+            TimeValue::Number(x) => {
+                let unit = form.number_unit().ok_or_else(|| {
+                    self.error(
+                        key,
+                        format!(
+                            "a plain number needs a numeric time form (days, unix_s, unix_ms); \
+                             users.time holds {}: write a date such as \"2023-07-01\"",
+                            form.expected()
+                        ),
+                    )
+                })?;
+                if !x.is_finite() {
+                    return Err(self.error(key, "must be finite"));
+                }
+                Ok((*x, unit))
+            }
+            TimeValue::Text(t) => {
+                let ts = times::cutoff_timestamp(t, &self.time_zone()?)
+                    .map_err(|e| self.error(key, e))?;
+                Ok((Unit::Seconds.of_timestamp(ts), Unit::Seconds))
+            }
+        }
     }
 
     fn check_column(&self, key: &str, column: &Option<String>, required: bool) -> Result<()> {
@@ -469,24 +806,40 @@ impl ImportConfig {
                 unused("seed", s.seed.is_some())?;
                 unused("fractions", s.fractions.is_some())?;
                 unused("column", s.column.is_some())?;
-                let (Some(v), Some(t)) = (s.valid_from, s.test_from) else {
+                let (Some(v), Some(t)) = (&s.valid_from, &s.test_from) else {
                     return Err(self.error(
                         "split.valid_from",
                         "the time split needs both valid_from and test_from",
                     ));
                 };
-                if !(v.is_finite() && t.is_finite() && v <= t) {
+                if self.users.time.is_none() {
+                    return Err(self.error("users.time", "missing: the time split needs it"));
+                }
+                let (v, vu) = self.cutoff("split.valid_from", v)?;
+                let (t, tu) = self.cutoff("split.test_from", t)?;
+                if v * vu.seconds() > t * tu.seconds() {
                     return Err(self.error(
                         "split.test_from",
                         "valid_from and test_from must be finite with valid_from <= test_from",
                     ));
                 }
-                if self.users.time.is_none() {
-                    return Err(self.error("users.time", "missing: the time split needs it"));
-                }
             }
         }
         Ok(())
+    }
+}
+
+impl UsersConfig {
+    /// The form of the activation times.
+    pub fn time_form(&self) -> TimeForm {
+        TimeForm::from_config(self.time_form, &self.time_format)
+    }
+}
+
+impl EventsConfig {
+    /// The form of the event times.
+    pub fn time_form(&self) -> TimeForm {
+        TimeForm::from_config(self.time_form, &self.time_format)
     }
 }
 

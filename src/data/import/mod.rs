@@ -21,10 +21,12 @@
 pub mod config;
 mod long;
 mod quotes;
+mod source;
+mod times;
 mod wide;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
@@ -33,13 +35,16 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use config::ImportConfig;
-use config::{CatConfig, Layout, NumConfig, SplitMethod};
+use config::{CatConfig, Derived, Layout, NumConfig, SplitMethod};
+use jiff::civil::DateTime;
+use jiff::Timestamp;
 
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::manifest::{Manifest, TimeSpans, WindowSpan, MANIFEST_FILE};
 use super::schema::{CatField, NumField, Schema};
 use super::writer::{write_atomic, DatasetWriter, RowData, WriterOptions};
 use crate::{Error, Result};
-use quotes::QuoteTracker;
+use source::{Cell, Role, Source};
+use times::{Raw, Time, TimeReader, Unit};
 
 /// File name of the vocabulary sidecar written next to `dataset.json`.
 pub const VOCAB_FILE: &str = "vocab.json";
@@ -87,6 +92,8 @@ pub struct ImportSummary {
     pub manifest: Manifest,
     /// Long layout: events dropped for falling at or after `activation + window`.
     pub dropped_events: u64,
+    /// Warnings about the input, e.g. times that look misread (the command prints them).
+    pub warnings: Vec<String>,
 }
 
 /// Imports the dataset described by the config file at `config_path` into `out`
@@ -102,10 +109,13 @@ pub fn import_config(
     out: &Path,
     shard_rows: Option<usize>,
 ) -> Result<ImportSummary> {
+    // The config with the derived fields (`[features]`) appended to its field lists.
+    let mut config = config.clone();
     let table = match config.layout {
-        Layout::Long => long::parse(config)?,
-        Layout::Wide => wide::parse(config)?,
+        Layout::Long => long::parse(&mut config)?,
+        Layout::Wide => wide::parse(&mut config)?,
     };
+    let config = &config;
     let splits = assign_splits(config, &table)?;
     let (encoded, reference_lens) = match &config.encoding_from {
         Some(dir) => {
@@ -156,6 +166,9 @@ pub fn import_config(
     };
     let existed = out.exists();
     let mut writer = DatasetWriter::create(out, schema, options)?;
+    if let Some(times) = time_spans(&table) {
+        writer.set_times(times);
+    }
     let vocab_path = out.join(VOCAB_FILE);
     writer.adopt(&vocab_path);
     let result = (|| {
@@ -172,6 +185,7 @@ pub fn import_config(
         Ok(manifest) => Ok(ImportSummary {
             manifest,
             dropped_events: table.dropped_events,
+            warnings: table.warnings,
         }),
         Err(e) => {
             // The writer removed its shards; remove the sidecar and the directory we made.
@@ -268,12 +282,16 @@ pub(crate) struct Table {
     users_file: PathBuf,
     /// User ids in file order.
     user_ids: Vec<String>,
-    /// Line of each user in the users file.
+    /// Line (CSV) or row (Parquet) of each user in the users file.
     user_lines: Vec<u64>,
+    /// `line` or `row`.
+    users_word: &'static str,
     /// Labels, when the import is labelled.
     labels: Option<Vec<u8>>,
-    /// Activation times (long layout, or wide with `users.time`).
+    /// Activation times (long layout, or wide with `users.time`), in `unit`.
     times: Option<Vec<f64>>,
+    /// The unit of the times.
+    unit: Unit,
     /// Splits read from the split column, when that is the method.
     split_column: Option<Vec<u8>>,
     /// Profile numbers `[n, F_d]`, transformed.
@@ -290,119 +308,81 @@ pub(crate) struct Table {
     inn: Seq,
     /// Events dropped by the in-service window.
     dropped_events: u64,
+    /// The windows' spans (long layout).
+    event_spans: Option<EventSpans>,
+    /// Warnings about the input (printed by the command, not fatal).
+    warnings: Vec<String>,
+}
+
+/// The spans of the windows' events, in days from their user's activation.
+#[derive(Debug)]
+pub(crate) struct EventSpans {
+    /// The in-service window, in days.
+    window_days: Option<f64>,
+    /// Pre-service events, days before activation.
+    pre: WindowSpan,
+    /// In-service events, days after activation.
+    inn: WindowSpan,
+}
+
+/// A median distance from the activation beyond which the times are probably misread
+/// (ten years, in days).
+pub(crate) const TOO_FAR_DAYS: f64 = 3652.5;
+
+/// The span of `days`, sorted ascending.
+pub(crate) fn window_span(days: &[f64]) -> WindowSpan {
+    let n = days.len();
+    WindowSpan {
+        events: n as u64,
+        min_days: days.first().copied(),
+        median_days: (n > 0).then(|| {
+            if n % 2 == 1 {
+                days[n / 2]
+            } else {
+                (days[n / 2 - 1] + days[n / 2]) / 2.0
+            }
+        }),
+        max_days: days.last().copied(),
+    }
+}
+
+/// The (upper) median of `|x|` over `xs`, which it reorders; `None` when empty.
+pub(crate) fn median_abs(xs: &mut [f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    for x in xs.iter_mut() {
+        *x = x.abs();
+    }
+    let mid = xs.len() / 2;
+    Some(*xs.select_nth_unstable_by(mid, f64::total_cmp).1)
+}
+
+/// The manifest's `times`: the activations' span and, in the long layout, the windows'.
+fn time_spans(table: &Table) -> Option<TimeSpans> {
+    let times = table.times.as_ref()?;
+    let first = times.iter().copied().min_by(f64::total_cmp)?;
+    let last = times.iter().copied().max_by(f64::total_cmp)?;
+    let iso = |v: f64| {
+        let ns = v * table.unit.seconds() * 1e9;
+        match Timestamp::from_nanosecond(ns.round() as i128) {
+            Ok(ts) if ns.abs() < 1e30 => ts.to_string(),
+            _ => format!("{v} (out of the calendar's range)"),
+        }
+    };
+    let spans = table.event_spans.as_ref();
+    Some(TimeSpans {
+        activation_first: iso(first),
+        activation_last: iso(last),
+        window_days: spans.and_then(|s| s.window_days),
+        pre: spans.map(|s| s.pre.clone()),
+        in_service: spans.map(|s| s.inn.clone()),
+    })
 }
 
 impl Table {
     fn rows(&self) -> usize {
         self.user_ids.len()
-    }
-}
-
-/// A CSV file being read: trimmed cells, a header line, every record as long as the header,
-/// quotes balanced (see [`quotes`]).
-pub(crate) struct Csv {
-    path: PathBuf,
-    reader: csv::Reader<QuoteTracker<File>>,
-    headers: Vec<String>,
-}
-
-impl Csv {
-    /// Opens `path` and reads its header (line 1).
-    fn open(path: &Path) -> Result<Csv> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .trim(csv::Trim::All)
-            .from_reader(QuoteTracker::new(file));
-        let read = reader.headers().cloned();
-        if let Some(p) = reader.get_ref().problem() {
-            if p.open_line() < reader.position().line().max(2) {
-                return Err(p.to_error(path, &[]));
-            }
-        }
-        let headers: Vec<String> = read
-            .map_err(|e| csv_error(path, e))?
-            .iter()
-            .map(str::to_string)
-            .collect();
-        if headers.is_empty() || headers.iter().all(String::is_empty) {
-            return Err(Error::format(
-                path,
-                "line 1: empty file, expected a header line",
-            ));
-        }
-        Ok(Csv {
-            path: path.to_path_buf(),
-            reader,
-            headers,
-        })
-    }
-
-    /// Index of column `name`, or a config error naming `key`.
-    fn column(&self, config: &ImportConfig, key: &str, name: &str) -> Result<Col> {
-        let mut found = self.headers.iter().enumerate().filter(|(_, h)| *h == name);
-        match (found.next(), found.next()) {
-            (Some((i, _)), None) => Ok(Col {
-                index: i,
-                name: name.to_string(),
-            }),
-            (None, _) => Err(config.error(
-                key,
-                format!(
-                    "column `{name}` is not in the header of {}",
-                    self.path.display()
-                ),
-            )),
-            (Some(_), Some(_)) => Err(Error::format(
-                &self.path,
-                format!("line 1, column `{name}`: the header has this column more than once"),
-            )),
-        }
-    }
-
-    /// Reads the next record into `rec`; returns its 1-based line, or `None` at the end. A
-    /// quote problem ([`quotes`]) whose opening quote lies in the record (or before the end)
-    /// is reported in place of the record, before anything else about it.
-    fn next(&mut self, rec: &mut csv::StringRecord) -> Result<Option<u64>> {
-        let read = self.reader.read_record(rec);
-        if let Some(p) = self.reader.get_ref().problem() {
-            let end = matches!(read, Ok(false));
-            if end || p.open_line() < self.reader.position().line() {
-                return Err(p.to_error(&self.path, &self.headers));
-            }
-        }
-        match read {
-            Ok(true) => Ok(Some(rec.position().map(|p| p.line()).unwrap_or(0))),
-            Ok(false) => Ok(None),
-            Err(e) => Err(csv_error(&self.path, e)),
-        }
-    }
-}
-
-fn csv_error(path: &Path, e: csv::Error) -> Error {
-    let line = e.position().map(|p| p.line());
-    match e.into_kind() {
-        csv::ErrorKind::Io(io) => Error::io(path, io),
-        csv::ErrorKind::UnequalLengths {
-            pos,
-            expected_len,
-            len,
-        } => Error::format(
-            path,
-            format!(
-                "line {}: {len} fields, but the header has {expected_len}",
-                pos.map(|p| p.line()).or(line).unwrap_or(0)
-            ),
-        ),
-        csv::ErrorKind::Utf8 { pos, err } => Error::format(
-            path,
-            format!(
-                "line {}, column {}: not valid UTF-8",
-                pos.map(|p| p.line()).or(line).unwrap_or(0),
-                err.field() + 1
-            ),
-        ),
-        other => Error::format(path, format!("line {}: {:?}", line.unwrap_or(0), other)),
     }
 }
 
@@ -413,97 +393,154 @@ pub(crate) struct Col {
     name: String,
 }
 
-/// The location of a cell: file and line; errors add the column.
+/// The location of a cell: file and line (or row); errors add the column.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct At<'a> {
     file: &'a Path,
     line: u64,
+    /// `line` (CSV) or `row` (Parquet).
+    word: &'static str,
 }
 
-impl At<'_> {
+impl<'a> At<'a> {
+    /// The current position of `src`, at `line`.
+    fn of(src: &'a Source, line: u64) -> At<'a> {
+        At {
+            file: src.path(),
+            line,
+            word: src.position_word(),
+        }
+    }
+
     /// An error about the cell in column `col` on this line.
     fn err(&self, col: &Col, msg: impl std::fmt::Display) -> Error {
         Error::format(
             self.file,
-            format!("line {}, column `{}`: {msg}", self.line, col.name),
+            format!("{} {}, column `{}`: {msg}", self.word, self.line, col.name),
         )
     }
 
-    /// The (trimmed) text of the cell.
-    fn cell<'r>(&self, rec: &'r csv::StringRecord, col: &Col) -> Result<&'r str> {
-        rec.get(col.index)
-            .ok_or_else(|| self.err(col, "missing cell (record shorter than the header)"))
+    /// The cell.
+    fn cell<'s>(&self, src: &'s Source, col: &Col) -> Result<Cell<'s>> {
+        src.cell(col).map_err(|e| self.err(col, e))
     }
 
-    /// A finite number, never filled (times).
-    fn finite(&self, rec: &csv::StringRecord, col: &Col) -> Result<f64> {
-        let s = self.cell(rec, col)?;
-        if s.is_empty() {
-            return Err(self.err(col, "empty cell, a number is required"));
-        }
-        let v: f64 = s
-            .parse()
-            .map_err(|_| self.err(col, format!("cannot parse {s:?} as a number")))?;
-        if !v.is_finite() {
-            return Err(self.err(col, format!("{s:?} is not a finite number")));
-        }
-        Ok(v)
+    /// The cell as text (id, label, split, category; a Parquet integer in decimal).
+    fn text<'s>(&self, src: &'s Source, col: &Col) -> Result<Cow<'s, str>> {
+        Ok(match self.cell(src, col)? {
+            Cell::Empty => Cow::Borrowed(""),
+            Cell::Text(s) => Cow::Borrowed(s),
+            Cell::Int(i) => Cow::Owned(i.to_string()),
+            other => return Err(self.err(col, format!("internal: {other:?} is not text"))),
+        })
+    }
+
+    /// A time in the column's form, never filled.
+    fn time(&self, src: &Source, col: &Col, reader: &TimeReader) -> Result<Time> {
+        let raw = match self.cell(src, col)? {
+            Cell::Empty => {
+                return Err(self.err(
+                    col,
+                    format!(
+                        "empty cell, a time is required ({})",
+                        reader.form().expected()
+                    ),
+                ))
+            }
+            Cell::Text(s) => Raw::Text(s),
+            Cell::Int(i) => Raw::Number(i as f64),
+            Cell::Float(x) => Raw::Number(x),
+            Cell::Instant(t) => Raw::Instant(t),
+            Cell::Civil(dt) => Raw::Civil(dt),
+            Cell::Date(d) => Raw::Date(d),
+        };
+        reader.read(raw).map_err(|e| self.err(col, e))
     }
 
     /// A numeric field: parsed, filled where configured, transformed by log1p if set.
-    fn number(&self, rec: &csv::StringRecord, col: &Col, cfg: &NumConfig) -> Result<f64> {
-        let s = self.cell(rec, col)?;
-        let v = if s.is_empty() {
-            cfg.fill.ok_or_else(|| {
+    fn number(&self, src: &Source, col: &Col, cfg: &NumConfig) -> Result<f64> {
+        let v = match self.cell(src, col)? {
+            Cell::Empty => cfg.fill.ok_or_else(|| {
                 self.err(
                     col,
                     "empty cell and the column's config names no `fill` value",
                 )
-            })?
-        } else {
-            let v: f64 = s
-                .parse()
-                .map_err(|_| self.err(col, format!("cannot parse {s:?} as a number")))?;
-            if v.is_finite() {
-                v
-            } else {
-                cfg.fill.ok_or_else(|| {
-                    self.err(
-                        col,
-                        format!(
-                            "{s:?} is not finite and the column's config names no `fill` value"
-                        ),
-                    )
-                })?
+            })?,
+            Cell::Text(s) => {
+                let v: f64 = s
+                    .parse()
+                    .map_err(|_| self.err(col, format!("cannot parse {s:?} as a number")))?;
+                self.finite_or_fill(col, cfg, v, s)?
             }
+            Cell::Int(i) => i as f64,
+            Cell::Float(x) => self.finite_or_fill(col, cfg, x, &x.to_string())?,
+            other => return Err(self.err(col, format!("internal: {other:?} is not a number"))),
         };
         Ok(if cfg.log1p { signed_log1p(v) } else { v })
+    }
+
+    fn finite_or_fill(&self, col: &Col, cfg: &NumConfig, v: f64, s: &str) -> Result<f64> {
+        if v.is_finite() {
+            return Ok(v);
+        }
+        cfg.fill.ok_or_else(|| {
+            self.err(
+                col,
+                format!("{s:?} is not finite and the column's config names no `fill` value"),
+            )
+        })
     }
 
     /// A categorical field: the raw id of the value (or of `fill` for an empty cell).
     fn category(
         &self,
-        rec: &csv::StringRecord,
+        src: &Source,
         col: &Col,
         cfg: &CatConfig,
         interner: &mut Interner,
     ) -> Result<u32> {
-        let mut s = self.cell(rec, col)?;
-        if s.is_empty() {
+        let s = self.text(src, col)?;
+        let s: &str = if s.is_empty() {
             if cfg.empty_is_unknown {
                 return Ok(UNKNOWN_RAW);
             }
-            s = cfg.fill.as_deref().ok_or_else(|| {
+            cfg.fill.as_deref().ok_or_else(|| {
                 self.err(
                     col,
                     "empty categorical cell and the column's config has neither `fill` nor `empty_is_unknown`",
                 )
-            })?;
-        }
+            })?
+        } else {
+            &s
+        };
         interner
             .intern(s)
             .ok_or_else(|| self.err(col, "more distinct values than a u32 vocabulary holds"))
     }
+}
+
+/// The raw id of a derived calendar field's value at `civil` (hour `00`…`23`, day `Mon`…
+/// `Sun`, month `Jan`…`Dec`); unknown when the time is outside the calendar's range.
+pub(crate) fn calendar_cell(d: Derived, civil: Option<DateTime>, interner: &mut Interner) -> u32 {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const HOURS: [&str; 24] = [
+        "00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "14",
+        "15", "16", "17", "18", "19", "20", "21", "22", "23",
+    ];
+    let Some(dt) = civil else {
+        return UNKNOWN_RAW;
+    };
+    let value = match d {
+        Derived::HourOfDay => HOURS[dt.hour() as usize],
+        Derived::DayOfWeek => DAYS[dt.weekday().to_monday_zero_offset() as usize],
+        Derived::ActivationMonth => MONTHS[dt.month() as usize - 1],
+        Derived::SincePrevious | Derived::SinceActivation => return UNKNOWN_RAW,
+    };
+    // At most 24 values: the interner cannot overflow.
+    interner.intern(value).unwrap_or(UNKNOWN_RAW)
 }
 
 /// `sign(x)·ln(1+|x|)`.
@@ -515,65 +552,64 @@ pub fn signed_log1p(x: f64) -> f64 {
 pub(crate) struct UserColumns {
     id: Col,
     label: Option<Col>,
-    time: Option<Col>,
+    time: Option<(Col, TimeReader)>,
     split: Option<Col>,
     profile_num: Vec<Col>,
     profile_cat: Vec<Col>,
 }
 
 impl UserColumns {
-    fn resolve(config: &ImportConfig, csv: &Csv) -> Result<UserColumns> {
+    /// The columns of `config` in `csv`'s header; activation times are read into `unit`.
+    fn resolve(config: &ImportConfig, src: &mut Source, unit: Unit) -> Result<UserColumns> {
         let u = &config.users;
-        let opt = |key: &str, name: &Option<String>| -> Result<Option<Col>> {
+        let tz = config.time_zone()?;
+        let opt = |src: &mut Source, key: &str, name: &Option<String>, role: Role| {
             name.as_ref()
-                .map(|n| csv.column(config, key, n))
+                .map(|n| src.column(config, key, n, role))
                 .transpose()
         };
+        let id = src.column(config, "users.id", &u.id, Role::Text)?;
+        let label = opt(src, "users.label", &u.label, Role::Text)?;
+        let time = opt(src, "users.time", &u.time, Role::Time(u.time_form()))?
+            .map(|col| (col, TimeReader::new(u.time_form(), tz, unit)));
+        let split = match config.split.method {
+            SplitMethod::Column => opt(src, "split.column", &config.split.column, Role::Text)?,
+            _ => None,
+        };
+        let mut profile_num = Vec::new();
+        for (i, f) in config.profile_num.iter().enumerate() {
+            let key = format!("profile_num[{i}].column");
+            let name = f.column.as_deref().unwrap_or_default();
+            profile_num.push(src.column(config, &key, name, Role::Number)?);
+        }
+        let mut profile_cat = Vec::new();
+        for (i, f) in config.profile_cat.iter().enumerate() {
+            let key = format!("profile_cat[{i}].column");
+            let name = f.column.as_deref().unwrap_or_default();
+            profile_cat.push(src.column(config, &key, name, Role::Text)?);
+        }
         Ok(UserColumns {
-            id: csv.column(config, "users.id", &u.id)?,
-            label: opt("users.label", &u.label)?,
-            time: opt("users.time", &u.time)?,
-            split: match config.split.method {
-                SplitMethod::Column => opt("split.column", &config.split.column)?,
-                _ => None,
-            },
-            profile_num: config
-                .profile_num
-                .iter()
-                .enumerate()
-                .map(|(i, f)| {
-                    csv.column(
-                        config,
-                        &format!("profile_num[{i}].column"),
-                        f.column.as_deref().unwrap_or_default(),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            profile_cat: config
-                .profile_cat
-                .iter()
-                .enumerate()
-                .map(|(i, f)| {
-                    csv.column(
-                        config,
-                        &format!("profile_cat[{i}].column"),
-                        f.column.as_deref().unwrap_or_default(),
-                    )
-                })
-                .collect::<Result<_>>()?,
+            id,
+            label,
+            time,
+            split,
+            profile_num,
+            profile_cat,
         })
     }
 }
 
 impl Table {
     /// An empty table for `config`'s fields.
-    fn new(config: &ImportConfig, users_file: &Path, cols: &UserColumns) -> Table {
+    fn new(config: &ImportConfig, users: &Source, cols: &UserColumns, unit: Unit) -> Table {
         Table {
-            users_file: users_file.to_path_buf(),
+            users_file: users.path().to_path_buf(),
             user_ids: Vec::new(),
             user_lines: Vec::new(),
+            users_word: users.position_word(),
             labels: cols.label.as_ref().map(|_| Vec::new()),
             times: cols.time.as_ref().map(|_| Vec::new()),
+            unit,
             split_column: cols.split.as_ref().map(|_| Vec::new()),
             profile_num: Vec::new(),
             profile_cat: Vec::new(),
@@ -590,6 +626,8 @@ impl Table {
             pre: Seq::new(),
             inn: Seq::new(),
             dropped_events: 0,
+            event_spans: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -600,37 +638,40 @@ impl Table {
         config: &ImportConfig,
         cols: &UserColumns,
         at: At<'_>,
-        rec: &csv::StringRecord,
+        src: &Source,
         ids: &mut HashMap<String, usize>,
     ) -> Result<()> {
-        let id = at.cell(rec, &cols.id)?;
+        let id = at.text(src, &cols.id)?;
         if id.is_empty() {
             return Err(at.err(&cols.id, "empty user id"));
         }
         let row = self.user_ids.len();
-        if let Some(&first) = ids.get(id) {
+        if let Some(&first) = ids.get(id.as_ref()) {
             return Err(at.err(
                 &cols.id,
                 format!(
-                    "duplicate user id {id:?} (first on line {})",
-                    self.user_lines[first]
+                    "duplicate user id {id:?} (first on {} {})",
+                    at.word, self.user_lines[first]
                 ),
             ));
         }
         ids.insert(id.to_string(), row);
         if let (Some(col), Some(labels)) = (&cols.label, &mut self.labels) {
-            let label = match at.cell(rec, col)? {
+            let label = match at.text(src, col)?.as_ref() {
                 "0" => 0,
                 "1" => 1,
                 s => return Err(at.err(col, format!("label {s:?} is not 0 or 1"))),
             };
             labels.push(label);
         }
-        if let (Some(col), Some(times)) = (&cols.time, &mut self.times) {
-            times.push(at.finite(rec, col)?);
+        let mut civil = None;
+        if let (Some((col, reader)), Some(times)) = (&cols.time, &mut self.times) {
+            let time = at.time(src, col, reader)?;
+            times.push(time.value);
+            civil = time.civil;
         }
         if let (Some(col), Some(splits)) = (&cols.split, &mut self.split_column) {
-            let s = at.cell(rec, col)?;
+            let s = at.text(src, col)?;
             let split = match s.to_ascii_lowercase().as_str() {
                 "0" | "train" => 0,
                 "1" | "valid" => 1,
@@ -642,7 +683,7 @@ impl Table {
             splits.push(split);
         }
         for (col, cfg) in cols.profile_num.iter().zip(&config.profile_num) {
-            self.profile_num.push(at.number(rec, col, cfg)?);
+            self.profile_num.push(at.number(src, col, cfg)?);
         }
         for ((col, cfg), interner) in cols
             .profile_cat
@@ -650,7 +691,16 @@ impl Table {
             .zip(&config.profile_cat)
             .zip(&mut self.profile_interners)
         {
-            self.profile_cat.push(at.category(rec, col, cfg, interner)?);
+            self.profile_cat.push(at.category(src, col, cfg, interner)?);
+        }
+        let n = cols.profile_cat.len();
+        for (cfg, interner) in config.profile_cat[n..]
+            .iter()
+            .zip(&mut self.profile_interners[n..])
+        {
+            if let Some(d) = cfg.derived {
+                self.profile_cat.push(calendar_cell(d, civil, interner));
+            }
         }
         self.user_ids.push(id.to_string());
         self.user_lines.push(at.line);
@@ -671,10 +721,17 @@ fn assign_splits(config: &ImportConfig, table: &Table) -> Result<Vec<u8>> {
                 .times
                 .as_ref()
                 .ok_or_else(|| Error::invalid("internal: activation times not read"))?;
-            let (v, t) = (
-                config.split.valid_from.unwrap_or(f64::INFINITY),
-                config.split.test_from.unwrap_or(f64::INFINITY),
-            );
+            let cutoff = |key: &str, v: &Option<config::TimeValue>| -> Result<f64> {
+                match v {
+                    Some(v) => {
+                        let (x, from) = config.cutoff(key, v)?;
+                        Ok(table.unit.convert(x, from))
+                    }
+                    None => Ok(f64::INFINITY),
+                }
+            };
+            let v = cutoff("split.valid_from", &config.split.valid_from)?;
+            let t = cutoff("split.test_from", &config.split.test_from)?;
             Ok(times
                 .iter()
                 .map(|&x| {
@@ -1014,8 +1071,8 @@ fn write_rows(
     for (i, &split) in splits.iter().enumerate() {
         let what = |field: &str| {
             format!(
-                "line {}: user {:?}, field `{field}`",
-                table.user_lines[i], table.user_ids[i]
+                "{} {}: user {:?}, field `{field}`",
+                table.users_word, table.user_lines[i], table.user_ids[i]
             )
         };
         buf.clear();

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use super::config::{ImportConfig, Phase};
-use super::{At, Col, Csv, Table, UserColumns};
+use super::source::{Cell, Role, Source};
+use super::{At, Col, Table, UserColumns};
 use crate::Result;
 
 /// The resolved columns of one step, event fields in schema order (categorical, numeric).
@@ -16,42 +17,43 @@ struct StepColumns {
 }
 
 /// Reads and checks the users file into a [`Table`].
-pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
-    let mut users = Csv::open(&config.users.file)?;
-    let cols = UserColumns::resolve(config, &users)?;
+pub(crate) fn parse(config: &mut ImportConfig) -> Result<Table> {
+    let mut users = Source::open(&config.users.file)?;
+    let form = config.users.time_form();
+    let unit = users.time_unit(config.users.time.as_deref().unwrap_or_default(), &form);
+    let cols = UserColumns::resolve(config, &mut users, unit)?;
     let mut steps = Vec::with_capacity(config.steps.len());
     for (k, step) in config.steps.iter().enumerate() {
-        let resolve = |field: String| -> Result<Col> {
+        let mut resolve = |field: String, role: Role| -> Result<Col> {
             let key = format!("steps[{k}].columns.{field}");
             let name = step
                 .columns
                 .get(&field)
                 .ok_or_else(|| config.error(&key, "missing"))?;
-            users.column(config, &key, name)
+            users.column(config, &key, name, role)
         };
+        let mut cat = Vec::new();
+        for f in &config.event_cat {
+            cat.push(resolve(f.field_name(), Role::Text)?);
+        }
+        let mut num = Vec::new();
+        for f in &config.event_num {
+            num.push(resolve(f.field_name(), Role::Number)?);
+        }
         steps.push(StepColumns {
             phase: step.phase,
-            cat: config
-                .event_cat
-                .iter()
-                .map(|f| resolve(f.field_name()))
-                .collect::<Result<_>>()?,
-            num: config
-                .event_num
-                .iter()
-                .map(|f| resolve(f.field_name()))
-                .collect::<Result<_>>()?,
+            cat,
+            num,
         });
     }
-    let mut table = Table::new(config, &config.users.file, &cols);
+    // No event times: only the activation month can be derived.
+    config.add_derived(None)?;
+    let config = &*config;
+    let mut table = Table::new(config, &users, &cols, unit);
     let mut ids: HashMap<String, usize> = HashMap::new();
-    let mut rec = csv::StringRecord::new();
-    while let Some(line) = users.next(&mut rec)? {
-        let at = At {
-            file: &config.users.file,
-            line,
-        };
-        table.push_user(config, &cols, at, &rec, &mut ids)?;
+    while let Some(line) = users.next()? {
+        let at = At::of(&users, line);
+        table.push_user(config, &cols, at, &users, &mut ids)?;
         let (mut n_pre, mut n_in) = (0, 0);
         for step in &steps {
             if config.skip_empty_steps
@@ -59,7 +61,7 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
                     .cat
                     .iter()
                     .chain(&step.num)
-                    .all(|c| rec.get(c.index).is_some_and(str::is_empty))
+                    .all(|c| matches!(users.cell(c), Ok(Cell::Empty)))
             {
                 continue;
             }
@@ -73,10 +75,10 @@ pub(crate) fn parse(config: &ImportConfig) -> Result<Table> {
                 .zip(&config.event_cat)
                 .zip(&mut table.event_interners)
             {
-                seq.cat.push(at.category(&rec, col, cfg, interner)?);
+                seq.cat.push(at.category(&users, col, cfg, interner)?);
             }
             for (col, cfg) in step.num.iter().zip(&config.event_num) {
-                seq.num.push(at.number(&rec, col, cfg)?);
+                seq.num.push(at.number(&users, col, cfg)?);
             }
             *n += 1;
         }
