@@ -304,6 +304,7 @@ pub fn run_ablation<B: Backend>(
                 log: None,
                 progress: cfg.progress,
                 eager: false,
+                resume: None,
             };
             let report = match (&teacher, variant) {
                 (_, None) => train(be, ds, &mut model, &Stage::Teacher, &loss, &tc, &opts)?,

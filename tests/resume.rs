@@ -1,0 +1,345 @@
+//! `--resume` through the binary: a teacher and a student run killed with SIGKILL at several
+//! moments (after a mid-epoch resume checkpoint and some steps past it, right after an
+//! epoch's end, and again after a resume) and resumed end with a checkpoint byte-identical to
+//! an uninterrupted run's, and with the same log lines (timings aside); the resume
+//! checkpoint is removed at the end. The refusals: `--resume` without a resume checkpoint, a
+//! fresh run over an interrupted one, a resume with other settings, a corrupted resume
+//! checkpoint.
+
+mod train_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mgkd::train::resume::{read_progress, resume_path, Progress};
+use train_common::Spec;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Tiny model, one thread, a resume checkpoint every 7 steps (132 steps per epoch on the
+/// 2 100 train rows at batch 16).
+const SETTINGS: [&str; 16] = [
+    "--d",
+    "8",
+    "--heads",
+    "2",
+    "--blocks",
+    "2",
+    "--d-cat",
+    "4",
+    "--batch",
+    "16",
+    "--lr",
+    "5e-3",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "7",
+];
+
+/// The arguments of a run writing `out` in its directory: `teacher` or `student` (under
+/// `t.safetensors`), 4 epochs unless `extra` sets `--epochs`.
+fn args(stage: &str, data: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![stage.into(), "--data".into(), p(data).into()];
+    if stage == "student" {
+        a.extend(["--teacher".into(), "t.safetensors".into()]);
+    }
+    a.extend([
+        "--out".into(),
+        out.into(),
+        "--quiet".into(),
+        "--device".into(),
+        "cpu".into(),
+    ]);
+    a.extend(SETTINGS.iter().map(|s| s.to_string()));
+    if !extra.contains(&"--epochs") {
+        a.extend(["--epochs".into(), "4".into()]);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn run_in(dir: &Path, a: &[String]) -> Output {
+    bin()
+        .args(a)
+        .current_dir(dir)
+        .output()
+        .expect("run mgkd-train")
+}
+
+fn ok_in(dir: &Path, a: &[String]) {
+    let o = run_in(dir, a);
+    assert!(o.status.success(), "{a:?} failed:\n{}", text(&o));
+}
+
+/// Where a kill lands.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// Once the resume checkpoint reports at least this many steps, after `delay_ms` more.
+    Step(u64, u64),
+    /// As soon as the resume checkpoint is the one written at the end of this epoch.
+    EpochEnd(usize),
+}
+
+impl KillAt {
+    fn reached(self, pr: &Progress) -> bool {
+        match self {
+            KillAt::Step(s, _) => pr.step >= s,
+            KillAt::EpochEnd(e) => pr.epoch > e,
+        }
+    }
+}
+
+/// Starts `a` in `dir` and kills it (SIGKILL) at `at`; returns the step of the resume
+/// checkpoint it left. Panics when the run ends before.
+fn kill_at(dir: &Path, a: &[String], state: &Path, at: KillAt) -> u64 {
+    let mut child: Child = bin()
+        .args(a)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if let Ok(pr) = read_progress(state) {
+            if at.reached(&pr) {
+                break;
+            }
+        }
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "the run ended ({st}) before the kill at {at:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no {at:?}");
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    if let KillAt::Step(_, ms) = at {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the run ended before the kill at {at:?}"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    read_progress(state)
+        .expect("a resume checkpoint after the kill")
+        .step
+}
+
+/// The log's lines without their timings (which differ from run to run).
+fn log_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("log")
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("log line");
+            let o = v.as_object_mut().expect("object");
+            for k in [
+                "samples_per_s",
+                "train_seconds",
+                "data_seconds",
+                "gather_seconds",
+                "valid_seconds",
+            ] {
+                assert!(o.remove(k).is_some(), "log line without {k}");
+            }
+            v
+        })
+        .collect()
+}
+
+/// Runs `stage` uninterrupted in `reference` and killed at each of `kills` then resumed in
+/// `interrupted`; the final checkpoints must be byte-identical and the logs the same.
+fn compare(stage: &str, data: &Path, reference: &Path, interrupted: &Path, kills: &[KillAt]) {
+    let out = format!("{}.safetensors", &stage[..1]);
+    ok_in(reference, &args(stage, data, &out, &[]));
+    let state = resume_path(&interrupted.join(&out));
+    let mut last = 0;
+    for (k, &at) in kills.iter().enumerate() {
+        let extra: &[&str] = if k == 0 { &[] } else { &["--resume"] };
+        let step = kill_at(interrupted, &args(stage, data, &out, extra), &state, at);
+        assert!(
+            step >= last,
+            "the resume checkpoint went back from step {last} to {step}"
+        );
+        last = step;
+    }
+    ok_in(interrupted, &args(stage, data, &out, &["--resume"]));
+    assert!(
+        !state.exists(),
+        "the resume checkpoint stays after the run completed"
+    );
+    let a = std::fs::read(reference.join(&out)).expect("reference checkpoint");
+    let b = std::fs::read(interrupted.join(&out)).expect("resumed checkpoint");
+    assert!(
+        a == b,
+        "{stage}: the resumed run's checkpoint differs from the uninterrupted run's"
+    );
+    let log = format!("{out}.log.jsonl");
+    let (la, lb) = (
+        log_lines(&reference.join(&log)),
+        log_lines(&interrupted.join(&log)),
+    );
+    assert_eq!(la.len(), 4, "{stage}: four epochs in the reference log");
+    assert_eq!(la, lb, "{stage}: the logs differ");
+}
+
+fn dirs(root: &Path) -> (PathBuf, PathBuf) {
+    let (r, i) = (root.join("reference"), root.join("interrupted"));
+    std::fs::create_dir(&r).expect("mkdir");
+    std::fs::create_dir(&i).expect("mkdir");
+    (r, i)
+}
+
+#[test]
+fn killed_runs_resume_to_the_uninterrupted_parameters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(3000, 8));
+    let (reference, interrupted) = dirs(tmp.path());
+    // Teacher: killed mid-epoch 1 a few steps past a checkpoint, again in epoch 2 after a
+    // resume, right after the end of epoch 3, and once more in epoch 4.
+    compare(
+        "teacher",
+        &data,
+        &reference,
+        &interrupted,
+        &[
+            KillAt::Step(20, 2),
+            KillAt::Step(200, 5),
+            KillAt::EpochEnd(3),
+            KillAt::Step(430, 1),
+        ],
+    );
+    // Student, under the teacher just trained (the same file in both directories).
+    compare(
+        "student",
+        &data,
+        &reference,
+        &interrupted,
+        &[
+            KillAt::Step(60, 3),
+            KillAt::EpochEnd(2),
+            KillAt::Step(300, 0),
+        ],
+    );
+}
+
+#[test]
+fn resume_refusals_name_the_problem() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(600, 9));
+    let dir = tmp.path();
+    let refused = |a: &[String], needles: &[&str]| {
+        let o = run_in(dir, a);
+        let t = text(&o);
+        assert!(!o.status.success(), "{a:?} should fail:\n{t}");
+        assert!(!t.contains("panicked"), "{a:?} panicked:\n{t}");
+        for n in needles {
+            assert!(t.contains(n), "{a:?}: message lacks {n:?}:\n{t}");
+        }
+    };
+    // Nothing to resume.
+    refused(
+        &args("teacher", &data, "t.safetensors", &["--resume"]),
+        &[
+            "--resume",
+            "no resume checkpoint",
+            "t.safetensors.resume.safetensors",
+        ],
+    );
+    // An interrupted run: its resume checkpoint after epoch 1 (kept, as a kill would).
+    let state = resume_path(&dir.join("t.safetensors"));
+    kill_at(
+        dir,
+        &args("teacher", &data, "t.safetensors", &["--epochs", "40"]),
+        &state,
+        KillAt::EpochEnd(1),
+    );
+    let log = dir.join("t.safetensors.log.jsonl");
+    let log_before = std::fs::read(&log).expect("log");
+    refused(
+        &args("teacher", &data, "t.safetensors", &["--epochs", "40"]),
+        &[
+            "interrupted run",
+            "--resume",
+            "t.safetensors.resume.safetensors",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&log).expect("log"),
+        log_before,
+        "a refused run changed the log"
+    );
+    // Other settings: each difference named.
+    refused(
+        &args(
+            "teacher",
+            &data,
+            "t.safetensors",
+            &["--epochs", "40", "--rho", "0.25", "--resume"],
+        ),
+        &["other settings", "loss.rho: 0.5 → 0.25"],
+    );
+    refused(
+        &args("teacher", &data, "t.safetensors", &["--resume"]),
+        &["train.epochs: 40 → 4"],
+    );
+    // A flipped bit in the tensor data.
+    let mut bytes = std::fs::read(&state).expect("state");
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&state, &bytes).expect("write");
+    refused(
+        &args(
+            "teacher",
+            &data,
+            "t.safetensors",
+            &["--epochs", "40", "--resume"],
+        ),
+        &["t.safetensors.resume.safetensors", "checksum"],
+    );
+    // A bad --checkpoint-every, with the reason.
+    for (bad, why) in [
+        ("0", "at least 1"),
+        ("5x", "not a step count"),
+        ("-3", "not a step count"),
+        ("999h", "at most a week"),
+        ("2000000000", "at most 1000000000 steps"),
+    ] {
+        let flag = format!("--checkpoint-every={bad}");
+        let a: Vec<String> = [
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            "u.safetensors",
+            &flag,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        refused(&a, &["--checkpoint-every", why]);
+    }
+}
