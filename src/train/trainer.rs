@@ -933,7 +933,7 @@ fn diverged(opts: &RunOptions, best: Option<&BestEpoch>, what: String) -> Error 
     }
     let kept = match (&opts.checkpoint, best) {
         (Some(p), Some(b)) => format!(
-            "; {} keeps epoch {} (valid AUC {:.4}), the last parameters that validated well",
+            "; {} keeps epoch {} (valid AUC {:.4}), the best before the divergence",
             p.display(),
             b.epoch,
             b.valid_auc
