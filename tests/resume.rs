@@ -343,3 +343,108 @@ fn resume_refusals_name_the_problem() {
         refused(&a, &["--checkpoint-every", why]);
     }
 }
+
+/// The arguments of a small ablation (teacher, plain and full students of seed 0) writing
+/// `rep` in its directory.
+fn ablation_args(data: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "ablation",
+        "--data",
+        p(data),
+        "--out",
+        "rep",
+        "--seeds",
+        "1",
+        "--variants",
+        "plain,full",
+        "--epochs",
+        "3",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(SETTINGS.iter().map(|s| s.to_string()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `results.json`'s runs without their timings.
+fn ablation_runs(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("rep/results.json")).expect("results.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("results.json parses");
+    v["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            let o = r.as_object_mut().expect("object");
+            assert!(o.remove("seconds").is_some() && o.remove("samples_per_s").is_some());
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_ablation_resumes_keeping_its_finished_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(1500, 12));
+    let (reference, interrupted) = dirs(tmp.path());
+    ok_in(&reference, &ablation_args(&data, &[]));
+    let ck = |name: &str| interrupted.join(format!("rep/checkpoints/seed0-{name}.safetensors"));
+    // Killed while the teacher trains, then while the plain student trains (the teacher
+    // finished and is kept), then resumed to the end.
+    kill_at(
+        &interrupted,
+        &ablation_args(&data, &[]),
+        &resume_path(&ck("teacher")),
+        KillAt::Step(30, 2),
+    );
+    kill_at(
+        &interrupted,
+        &ablation_args(&data, &["--resume"]),
+        &resume_path(&ck("plain")),
+        KillAt::Step(20, 1),
+    );
+    let runs_file = interrupted.join("rep/runs.jsonl");
+    assert_eq!(
+        std::fs::read_to_string(&runs_file)
+            .expect("runs.jsonl")
+            .lines()
+            .count(),
+        1,
+        "the teacher's run is recorded as finished"
+    );
+    // A fresh ablation over the interrupted one is refused.
+    let o = run_in(&interrupted, &ablation_args(&data, &[]));
+    assert!(
+        !o.status.success() && text(&o).contains("--resume"),
+        "{}",
+        text(&o)
+    );
+    let o = run_in(&interrupted, &ablation_args(&data, &["--resume"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 run(s) finished earlier are kept"),
+        "{}",
+        text(&o)
+    );
+    assert!(!runs_file.exists(), "runs.jsonl stays after the report");
+    assert_eq!(ablation_runs(&reference), ablation_runs(&interrupted));
+    for name in ["teacher", "plain", "full"] {
+        let a = std::fs::read(reference.join(format!("rep/checkpoints/seed0-{name}.safetensors")))
+            .expect("reference checkpoint");
+        assert!(
+            a == std::fs::read(ck(name)).expect("resumed checkpoint"),
+            "{name}: the resumed ablation's checkpoint differs"
+        );
+        assert!(
+            !resume_path(&ck(name)).exists(),
+            "{name}: resume checkpoint left"
+        );
+    }
+}
