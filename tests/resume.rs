@@ -448,3 +448,17 @@ fn a_killed_ablation_resumes_keeping_its_finished_runs() {
         );
     }
 }
+
+/// The library path the CUDA test (`tests/cuda_train.rs`) runs on the GPU, here on the
+/// CPU: resumed from a mid-epoch and an epoch-end resume checkpoint, a teacher and a student
+/// end bit-identical to the uninterrupted runs.
+#[test]
+fn library_runs_resume_bit_identically_on_the_cpu() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(3000, 8));
+    let ds = mgkd::data::Dataset::open(&data).expect("open");
+    let be = mgkd::backend::cpu::CpuBackend::<f32>::new();
+    let checked = train_common::resumed_runs_match(&be, &ds, tmp.path());
+    assert_eq!(checked.len(), 2, "{checked:?}");
+}
