@@ -3,8 +3,11 @@
 //! epoch's end, and again after a resume) and resumed end with a checkpoint byte-identical to
 //! an uninterrupted run's, and with the same log lines (timings aside); the resume
 //! checkpoint is removed at the end. The refusals: `--resume` without a resume checkpoint, a
-//! fresh run over an interrupted one, a resume with other settings, a corrupted resume
-//! checkpoint.
+//! fresh run over an interrupted one, a resume with other settings, a missing log, a
+//! corrupted resume checkpoint, a bad `--checkpoint-every`. An ablation killed twice resumes
+//! to the uninterrupted ablation's results and checkpoints; and through the library, runs
+//! resumed from copies of mid-epoch and epoch-end resume checkpoints end bit-identical (the
+//! path `tests/cuda_train.rs` runs on a GPU).
 
 mod train_common;
 
@@ -306,6 +309,21 @@ fn resume_refusals_name_the_problem() {
         &args("teacher", &data, "t.safetensors", &["--resume"]),
         &["train.epochs: 40 → 4"],
     );
+    // The log of the interrupted run is gone.
+    std::fs::rename(&log, dir.join("log.away")).expect("move the log");
+    refused(
+        &args(
+            "teacher",
+            &data,
+            "t.safetensors",
+            &["--epochs", "40", "--resume"],
+        ),
+        &[
+            "t.safetensors.log.jsonl",
+            "log of the interrupted run is missing",
+        ],
+    );
+    std::fs::rename(dir.join("log.away"), &log).expect("restore the log");
     // A flipped bit in the tensor data.
     let mut bytes = std::fs::read(&state).expect("state");
     let last = bytes.len() - 3;

@@ -909,7 +909,14 @@ fn open_log(path: Option<&Path>, resumed: bool, bytes: u64) -> Result<Option<std
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(p)
-        .map_err(|e| Error::io(p, e))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::invalid(format!(
+                "{}: the log of the interrupted run is missing; a resumed run appends to it \
+                 (restore it, or give its path with --log)",
+                p.display()
+            )),
+            _ => Error::io(p, e),
+        })?;
     let len = f.metadata().map_err(|e| Error::io(p, e))?.len();
     if len < bytes {
         return Err(Error::format(
