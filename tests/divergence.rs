@@ -1,5 +1,6 @@
 //! The divergence guard through the binary (issue 17): a teacher at learning rates 2 to 200
-//! used to end with exit status 0 and a constant model (AUC 0.5000, KS 0). Now such a run
+//! used to end with exit status 0 and a constant model (AUC 0.5000, KS 0); at 1e20 the
+//! gradient becomes infinite. Now such a run
 //! stops with a non-zero status and a message saying that it diverged and what was kept;
 //! no diverged model is written as a result, and a checkpoint kept from the epochs before
 //! the divergence is a working model (its scores are not constant), whole, and recorded as
@@ -79,14 +80,16 @@ fn a_teacher_at_learning_rates_2_to_200_stops_as_diverged() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     train_common::write(&data, Spec::labelled(1200, 31));
-    for lr in ["2", "20", "200"] {
+    for lr in ["2", "20", "200", "1e20"] {
         let out = tmp.path().join(format!("t{lr}.safetensors"));
         let o = teacher(&data, &out, lr, &[]);
         let t = assert_diverged(&o, &out);
-        // Both guards: lr 2 collapses to a constant score, lr 200 explodes the loss.
+        // Each guard: lr 2 collapses to a constant score, lr 200 explodes the loss, lr 1e20
+        // makes the gradient infinite.
         let why = match lr {
             "2" => "every validation row gets the same score",
             "200" => "the first stops the run",
+            "1e20" => "the gradient is not finite",
             _ => "",
         };
         assert!(t.contains(why), "lr {lr}: {t}");

@@ -498,7 +498,8 @@ impl<B: Backend> StepGraphs<B> {
 /// A run that diverges stops with [`Error::Diverged`], leaving the checkpoint of its best
 /// epoch as it was (and removing its resume checkpoint, from which it would diverge again):
 /// a training loss that is not finite or exceeds [`EXPLODE`] times the first one read back,
-/// or a validation in which every row gets the same score (a model collapsed to a constant:
+/// a gradient that is not finite (reported by the backend as [`Error::Diverged`]; a device
+/// reports it as a device error at its next synchronisation), or a validation in which every row gets the same score (a model collapsed to a constant:
 /// AUC 0.5, KS 0).
 pub fn train<B: Backend>(
     be: &B,
@@ -663,7 +664,20 @@ pub fn train<B: Backend>(
             run.sums.filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
             let row = Mut::at(&mut pending, pending_rows.len() * width);
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
-            steps.step(be, stage, model, loss, cw, &mut opt, lr, dev, row)?;
+            steps
+                .step(be, stage, model, loss, cw, &mut opt, lr, dev, row)
+                .map_err(|e| match e {
+                    Error::Diverged(_) => diverged(
+                        opts,
+                        run.best.as_ref(),
+                        format!(
+                            "{role} training diverged at epoch {epoch}, step {}: the gradient \
+                             is not finite (the step was skipped)",
+                            opt.step
+                        ),
+                    ),
+                    e => e,
+                })?;
             pending_rows.push(ids.len());
             bar.inc(1);
             let save_due = bi + 1 < n_batches
