@@ -277,13 +277,26 @@ pub fn labels_of(ds: &Dataset, rows: &[u64], what: &str) -> Result<Vec<u8>> {
 
 /// Logits of `model` on `rows` (returned in the order of `rows`). Rows are scored in
 /// batches of [`SCORE_BATCH`] sorted by the model's sequence length (less padding); each
-/// row's logit does not depend on its batch-mates.
+/// row's logit does not depend on its batch-mates. A logit that is not finite is an error
+/// naming the row.
 pub fn score_rows<B: Backend>(
     be: &B,
     ds: &Dataset,
     model: &Model<B>,
     rows: &[u64],
 ) -> Result<Vec<f64>> {
+    let out = logits_of(be, ds, model, rows)?;
+    if let Some(i) = out.iter().position(|z| !z.is_finite()) {
+        return Err(Error::invalid(format!(
+            "the {} produced a non-finite logit for row {}",
+            model.config.role, rows[i]
+        )));
+    }
+    Ok(out)
+}
+
+/// [`score_rows`] without the check of the logits.
+fn logits_of<B: Backend>(be: &B, ds: &Dataset, model: &Model<B>, rows: &[u64]) -> Result<Vec<f64>> {
     let lens = kept_lengths(ds, rows)?;
     let mut idx: Vec<usize> = (0..rows.len()).collect();
     let role = model.config.role;
@@ -311,12 +324,6 @@ pub fn score_rows<B: Backend>(
     for (&i, z) in idx.iter().zip(be.download(&sorted)?) {
         out[i] = Float::to_f64(z);
     }
-    if let Some(i) = out.iter().position(|z| !z.is_finite()) {
-        return Err(Error::invalid(format!(
-            "the {role} produced a non-finite logit for row {}",
-            rows[i]
-        )));
-    }
     Ok(out)
 }
 
@@ -340,7 +347,7 @@ struct Validation {
 }
 
 /// AUC, KS and log-loss of `model` on `rows` with `labels`, and whether every score is the
-/// same.
+/// same; a logit that is not finite is an [`Error::Diverged`] naming the row.
 fn validate<B: Backend>(
     be: &B,
     ds: &Dataset,
@@ -348,7 +355,13 @@ fn validate<B: Backend>(
     rows: &[u64],
     labels: &[u8],
 ) -> Result<Validation> {
-    let z = score_rows(be, ds, model, rows)?;
+    let z = logits_of(be, ds, model, rows)?;
+    if let Some(i) = z.iter().position(|z| !z.is_finite()) {
+        return Err(Error::Diverged(format!(
+            "the logit of validation row {} is {}",
+            rows[i], z[i]
+        )));
+    }
     let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
     Ok(Validation {
         auc: metrics::auc(&p, labels)?,
@@ -738,7 +751,14 @@ pub fn train<B: Backend>(
         bar.finish_and_clear();
         let train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let val = validate(be, ds, model, &valid_rows, &valid_labels)?;
+        let val = validate(be, ds, model, &valid_rows, &valid_labels).map_err(|e| match e {
+            Error::Diverged(m) => diverged(
+                opts,
+                run.best.as_ref(),
+                format!("{role} training diverged at epoch {epoch}: {m}"),
+            ),
+            e => e,
+        })?;
         let valid_seconds = t1.elapsed().as_secs_f64();
         if let Some(p) = val.constant {
             return Err(diverged(
