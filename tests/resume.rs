@@ -7,7 +7,8 @@
 //! corrupted resume checkpoint, a bad `--checkpoint-every`. An ablation killed twice resumes
 //! to the uninterrupted ablation's results and checkpoints; and through the library, runs
 //! resumed from copies of mid-epoch and epoch-end resume checkpoints end bit-identical (the
-//! path `tests/cuda_train.rs` runs on a GPU).
+//! path `tests/cuda_train.rs` runs on a GPU). `--checkpoint-every` values parse and print;
+//! a fresh run over a finished one says that it replaces the log.
 
 mod train_common;
 
@@ -479,4 +480,54 @@ fn library_runs_resume_bit_identically_on_the_cpu() {
     let be = mgkd::backend::cpu::CpuBackend::<f32>::new();
     let checked = train_common::resumed_runs_match(&be, &ds, tmp.path());
     assert_eq!(checked.len(), 2, "{checked:?}");
+}
+
+#[test]
+fn checkpoint_intervals_parse_and_print() {
+    use mgkd::train::resume::{Every, DEFAULT_EVERY};
+    for (text, every, shown) in [
+        ("500", Every::Steps(500), "500"),
+        ("90s", Every::Seconds(90), "90s"),
+        ("120s", Every::Seconds(120), "2m"),
+        ("5m", Every::Seconds(300), "5m"),
+        (" 2h ", Every::Seconds(7200), "2h"),
+        ("168h", Every::Seconds(604_800), "168h"),
+    ] {
+        assert_eq!(text.parse::<Every>(), Ok(every), "{text}");
+        assert_eq!(every.to_string(), shown);
+        assert_eq!(shown.parse::<Every>(), Ok(every), "{shown}");
+    }
+    assert_eq!(DEFAULT_EVERY, Every::Seconds(300));
+    for bad in ["", "m", "0s", "1.5m", "5 m", "169h", "1000000001"] {
+        assert!(bad.parse::<Every>().is_err(), "{bad:?} parsed");
+    }
+}
+
+#[test]
+fn a_fresh_run_over_a_finished_one_says_it_replaces_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(300, 4));
+    let a = args("teacher", &data, "t.safetensors", &["--epochs", "1"]);
+    let first = run_in(tmp.path(), &a);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        !text(&first).contains("replacing the log"),
+        "{}",
+        text(&first)
+    );
+    let again = run_in(tmp.path(), &a);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains("note: replacing the log t.safetensors.log.jsonl of an earlier run"),
+        "{}",
+        text(&again)
+    );
+    let log = std::fs::read_to_string(tmp.path().join("t.safetensors.log.jsonl")).expect("log");
+    assert_eq!(
+        log.lines().count(),
+        1,
+        "the replaced log holds the new run only"
+    );
 }
