@@ -33,6 +33,10 @@ pub enum Error {
     /// its padded extent).
     #[error("{0}")]
     Device(String),
+    /// A training run diverged (a loss that is not finite or exploded, a model collapsed to
+    /// a constant score): what happened, and what was kept.
+    #[error("{0}")]
+    Diverged(String),
     /// Standard output could not be written (a closed pipe, a full disk); see
     /// [`crate::io::stdout`].
     #[error("writing to standard output: {0}")]

@@ -117,7 +117,7 @@ fn sigint_during_quickstart_removes_its_temporary_directory() {
 }
 
 #[test]
-fn sigterm_during_training_keeps_the_finished_checkpoint_and_nothing_else() {
+fn sigterm_during_training_keeps_the_finished_checkpoints_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let o = bin()
@@ -152,7 +152,10 @@ fn sigterm_during_training_keeps_the_finished_checkpoint_and_nothing_else() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(&mut child, "the first checkpoint", || ck.exists());
+    let state = mgkd::train::resume::resume_path(&ck);
+    wait_for(&mut child, "the first checkpoint", || {
+        ck.exists() && state.exists()
+    });
     signal(&child, "-TERM");
     let o = child.wait_with_output().unwrap();
     assert_eq!(
@@ -161,11 +164,17 @@ fn sigterm_during_training_keeps_the_finished_checkpoint_and_nothing_else() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // The best checkpoint so far (complete, renamed into place) and the log stay; no
-    // temporary or lock file does.
+    // The best checkpoint so far (complete, renamed into place), the log and the resume
+    // checkpoint (for `--resume`) stay; no temporary or lock file does.
     assert_eq!(
         names(tmp.path()),
-        ["data", "t.safetensors", "t.safetensors.log.jsonl"]
+        [
+            "data",
+            "t.safetensors",
+            "t.safetensors.log.jsonl",
+            "t.safetensors.resume.safetensors"
+        ]
     );
     mgkd::model::checkpoint::read(&ck).expect("the kept checkpoint is whole");
+    mgkd::train::resume::read_progress(&state).expect("the resume checkpoint is whole");
 }

@@ -31,6 +31,7 @@
 
 mod cuda_common;
 mod model_common;
+mod skip;
 
 use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;

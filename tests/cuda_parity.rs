@@ -21,6 +21,7 @@
 //! the harness that needs no device.
 
 mod cuda_common;
+mod skip;
 
 use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;

@@ -1,11 +1,13 @@
 //! The trainer on the GPU: with each batch shape's step recorded as a CUDA graph and replayed
 //! (the default), a teacher and a student train to parameters bit-identical to op-by-op steps
-//! (`RunOptions::eager`), and a second graph run is bit-identical to the first.
+//! (`RunOptions::eager`), and a second graph run is bit-identical to the first; runs resumed
+//! from a mid-epoch and an epoch-end resume checkpoint end bit-identical to uninterrupted ones.
 //!
 //! Without a usable GPU the test prints that it skipped and passes; with
 //! `MGKD_REQUIRE_GPU=1` a missing GPU is a failure.
 
 mod cuda_common;
+mod skip;
 mod train_common;
 
 use mgkd::backend::cuda::CudaBackend;
@@ -77,4 +79,17 @@ fn graph_replays_train_bit_identically_to_eager_steps() {
         t_again == t_graph && s_again == s_graph,
         "two graph runs differ"
     );
+}
+
+#[test]
+fn runs_resumed_from_a_resume_checkpoint_end_bit_identically() {
+    let Some(be) = cuda_common::gpu() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(3000, 8));
+    let ds = Dataset::open(&data).expect("open");
+    let checked = train_common::resumed_runs_match(be, &ds, tmp.path());
+    println!("resumed from steps: {checked:?}");
 }

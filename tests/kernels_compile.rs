@@ -9,6 +9,8 @@
 //! `.ci-tools/cuda`, is loaded first so that the by-name lookup finds it. Without NVRTC the
 //! test says it skipped — unless `CI` is set, where a missing NVRTC is a failure.
 
+mod skip;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -129,12 +131,9 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     let version = match nvrtc::nvrtc_version() {
         Ok(v) => v,
         Err(why) => {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "CI is set but NVRTC is unavailable: {why} (run .ci/run, which installs it)"
-                );
-            }
-            println!("skipped: {why}");
+            skip::skip_unless_ci(&format!(
+                "NVRTC is unavailable ({why}); .ci/run installs it, or set MGKD_NVRTC_LIB"
+            ));
             return;
         }
     };

@@ -6,6 +6,7 @@
 //! `CI` set), where a missing package is a failure.
 
 mod common;
+mod skip;
 
 use std::process::Command;
 
@@ -26,12 +27,10 @@ fn python_has(modules: &str) -> bool {
 #[test]
 fn python_reads_shards_with_safetensors_numpy() {
     if !python_has("numpy, safetensors.numpy") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide numpy and safetensors (MGKD_PYTHON={})",
+        skip::skip_unless_ci(&format!(
+            "{} has no numpy/safetensors; set MGKD_PYTHON to an interpreter with them",
             python()
-        );
-        eprintln!("skipped: {} has no numpy/safetensors", python());
+        ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -48,6 +48,7 @@ fn run(
         log: None,
         progress: false,
         eager: false,
+        resume: None,
     };
     train(&Cpu::new(), ds, model, stage, loss, tc, &opts).expect("train")
 }

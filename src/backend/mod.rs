@@ -893,11 +893,12 @@ pub fn sched_values<F: Float>(hp: &AdamW) -> [F; 3] {
     ]
 }
 
-/// The global-norm clipping factor `min(1, clip/‖g‖)` (1 for a zero gradient); an error for
-/// a non-finite norm (the step would destroy the parameters).
+/// The global-norm clipping factor `min(1, clip/‖g‖)` (1 for a zero gradient); an
+/// [`Error::Diverged`](crate::Error::Diverged) for a non-finite norm (the step would destroy
+/// the parameters).
 pub fn clip_factor(norm: f64, clip: f64) -> Result<f64> {
     if !norm.is_finite() {
-        return Err(crate::Error::invalid(format!(
+        return Err(crate::Error::Diverged(format!(
             "gradient norm is {norm}: training diverged"
         )));
     }

@@ -20,8 +20,8 @@ use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::metrics;
 use crate::train::ablation::{
-    run_ablation, summarize, AblationConfig, AblationOutcome, RunResult, Variant, VariantSummary,
-    TEACHER,
+    run_ablation, summarize, AblationConfig, AblationOutcome, AblationResume, RunResult, Variant,
+    VariantSummary, TEACHER,
 };
 use crate::{Error, Result};
 
@@ -45,9 +45,19 @@ pub struct AblationArgs {
     /// First seed.
     #[arg(long, default_value_t = 0)]
     pub first_seed: u64,
-    /// Do not keep the checkpoints.
+    /// Do not keep the checkpoints (such an ablation writes no resume checkpoints and cannot
+    /// be resumed).
     #[arg(long)]
     pub no_checkpoints: bool,
+    /// Continue the interrupted ablation in `--out`: the runs it finished (listed in
+    /// `runs.jsonl`) are kept, an unfinished one continues from its resume checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// How often, within an epoch, each run writes its resume checkpoint
+    /// (`checkpoints/seed{S}-{variant}.safetensors.resume.safetensors`): N optimiser steps,
+    /// or a time of training (90s, 5m, 1h); also at every epoch end.
+    #[arg(long, value_name = "N|TIME", default_value_t = crate::train::resume::DEFAULT_EVERY)]
+    pub checkpoint_every: crate::train::resume::Every,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -384,6 +394,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         checkpoints: ck,
         data: args.data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        resume: None,
     };
     cfg.validate()?;
     let ds = Dataset::open(&args.data)?;
@@ -391,12 +402,48 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         &ds,
         "the ablation (its teachers read in-service events)",
     )?;
+    let runs_file = args.out.join(RUNS_FILE);
+    let finished = finished_runs(&runs_file, args.resume, args.no_checkpoints)?;
+    if !finished.is_empty() {
+        crate::noteln!(
+            "ablation: resuming; {} run(s) finished earlier are kept",
+            finished.len()
+        );
+    }
+    let cfg = AblationConfig {
+        resume: (!args.no_checkpoints).then_some(AblationResume {
+            every: args.checkpoint_every,
+            resume: args.resume,
+            finished,
+        }),
+        ..cfg
+    };
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     if let Some(d) = &cfg.checkpoints {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
+    // The finished runs, one JSON line each, appended as they finish (kept for `--resume`
+    // until the report is written).
+    let mut runs_log = match cfg.resume {
+        None => None,
+        Some(_) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&runs_file)
+                .map_err(|e| Error::io(&runs_file, e))?,
+        ),
+    };
     let outcome = in_pool(args.hyper.threads, || {
         crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
+            if let Some(f) = runs_log.as_mut() {
+                use std::io::Write as _;
+                let line = serde_json::to_string(r)
+                    .map_err(|e| Error::invalid(format!("run result to JSON: {e}")))?;
+                writeln!(f, "{line}")
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| Error::io(&runs_file, e))?;
+            }
             crate::noteln!(
                 "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s, {:.0} samples/s",
                 r.seed,
@@ -427,7 +474,61 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         report_markdown(&file, &ds).as_bytes(),
     )?;
     write_plots(&args.out, &outcome)?;
-    Ok(file)
+    match std::fs::remove_file(&runs_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&runs_file, e)),
+        _ => Ok(file),
+    }
+}
+
+/// The file of an unfinished ablation's finished runs, in its report directory.
+pub const RUNS_FILE: &str = "runs.jsonl";
+
+/// The runs an interrupted ablation finished, from its `runs.jsonl` at `path`: needed with
+/// `resume` (which needs the checkpoints), refused without it (a fresh ablation would
+/// throw them away). A last line cut short by a kill is dropped (and cut from the file);
+/// any other line that does not parse is an error naming the file and line.
+fn finished_runs(path: &Path, resume: bool, no_checkpoints: bool) -> Result<Vec<RunResult>> {
+    let exists = path.exists();
+    if resume && no_checkpoints {
+        return Err(Error::invalid(
+            "--resume: an ablation with --no-checkpoints keeps no resume checkpoints and \
+             cannot be resumed",
+        ));
+    }
+    if !resume {
+        if exists {
+            return Err(Error::invalid(format!(
+                "{} lists the finished runs of an interrupted ablation in this directory: \
+                 continue it with --resume, or remove the file (or choose another --out) to \
+                 start afresh",
+                path.display()
+            )));
+        }
+        return Ok(Vec::new());
+    }
+    if !exists {
+        return Err(Error::invalid(format!(
+            "--resume: there is no interrupted ablation to continue ({} is missing: it is \
+             removed when the report is written)",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let whole = text.rfind('\n').map_or(0, |i| i + 1);
+    if whole < text.len() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.set_len(whole as u64).map_err(|e| Error::io(path, e))?;
+    }
+    text[..whole]
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
 }
 
 /// `mgkd-train ablation`.

@@ -130,6 +130,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         checkpoints: Some(checkpoints),
         data: data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        resume: None,
     };
     let be = CpuBackend::<f32>::new();
     let outcome = run_ablation(&be, &ds, &cfg, |r| {

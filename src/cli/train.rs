@@ -19,6 +19,7 @@ use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::loss::{class_weights, LossConfig};
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::train::resume::{self, Every, ResumeOptions};
 use crate::train::{
     labels_of, train, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord, TRAIN,
 };
@@ -176,6 +177,15 @@ pub struct CommonArgs {
     /// recorded CUDA graph (the results are the same; graphs save the launch overhead).
     #[arg(long)]
     pub no_graphs: bool,
+    /// Continue the interrupted run of this `--out` from its resume checkpoint
+    /// (`<out>.resume.safetensors`), with the same settings; the log is appended to.
+    #[arg(long)]
+    pub resume: bool,
+    /// How often, within an epoch, the resume checkpoint `<out>.resume.safetensors` is
+    /// written: N optimiser steps, or a time of training (90s, 5m, 1h); it is also written at
+    /// every epoch end, and removed when the run completes.
+    #[arg(long, value_name = "N|TIME", default_value_t = resume::DEFAULT_EVERY)]
+    pub checkpoint_every: Every,
     /// Seed (initialisation, shuffles).
     #[arg(long, help = help::train("Seed (initialisation, shuffles)", TrainConfig::default().seed))]
     pub seed: Option<u64>,
@@ -538,6 +548,11 @@ fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOption
         ),
         progress: !common.quiet && std::io::stderr().is_terminal(),
         eager: common.no_graphs,
+        resume: Some(ResumeOptions {
+            path: resume::resume_path(&common.out),
+            every: common.checkpoint_every,
+            resume: common.resume,
+        }),
     })
 }
 
@@ -659,8 +674,47 @@ pub fn prepare_outputs(c: &CommonArgs, teacher: Option<&Path>) -> Result<Vec<Out
     } else {
         "--log (default <out>.log.jsonl)"
     };
-    let log = OutputPath::prepare(log_flag, &log, OutputKind::File, &inputs)?;
-    Ok(vec![checkpoint, log])
+    let log_out = OutputPath::prepare(log_flag, &log, OutputKind::File, &inputs)?;
+    let state = resume::resume_path(&c.out);
+    crate::io::output::check(
+        "--out's resume checkpoint",
+        &state,
+        OutputKind::File,
+        &inputs,
+    )?;
+    check_resume(&state, c.resume, &log)?;
+    Ok(vec![checkpoint, log_out])
+}
+
+/// What `--resume` (or its absence) needs of the resume checkpoint `state` and the `log`:
+/// `--resume` needs the checkpoint; a fresh run is refused while one exists (it would throw
+/// an interrupted run away) and says so when it replaces an earlier run's log.
+pub fn check_resume(state: &Path, resume: bool, log: &Path) -> Result<()> {
+    let exists = std::fs::symlink_metadata(state).is_ok();
+    match (resume, exists) {
+        (true, false) => Err(Error::invalid(format!(
+            "--resume: there is no resume checkpoint {} to continue from (a run writes it at \
+             its first checkpoint interval or epoch end and removes it when it completes): \
+             run without --resume to start afresh",
+            state.display()
+        ))),
+        (false, true) => Err(Error::invalid(format!(
+            "{} holds the state of an interrupted run of this output: continue it with \
+             --resume, or remove the file to start afresh",
+            state.display()
+        ))),
+        (true, true) => Ok(()),
+        (false, false) => {
+            if std::fs::metadata(log).is_ok_and(|m| m.len() > 0) {
+                crate::noteln!(
+                    "note: replacing the log {} of an earlier run (a run without --resume \
+                     starts a new log)",
+                    log.display()
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `mgkd-train teacher`.

@@ -638,12 +638,29 @@ fn hex(digest: &[u8]) -> String {
 }
 
 /// Writes `bytes` to `path` atomically: a `.tmp` sibling is written, synced and renamed over
-/// `path`. On failure the temporary file is removed and `path` is untouched. `path` must be
+/// `path`, and the directory is synced. On failure the temporary file is removed and `path`
+/// is untouched (unless only the directory's sync failed, after the rename). `path` must be
 /// absent or a regular file (a link, a directory, a device or a FIFO is never replaced); the
 /// temporary file is created anew (a stale one from a killed run is replaced, never written
 /// through) and registered with [`crate::io::cleanup`] while it exists.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, &[bytes], |_| {})
+}
+
+/// Syncs the directory holding `path`, so that a rename into it survives a crash of the
+/// machine (on Unix; elsewhere a no-op).
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// A tensor handed to `safetensors::tensor::serialize` that reports its dtype, shape and
@@ -710,7 +727,8 @@ fn write_atomic_with(path: &Path, pieces: &[&[u8]], mut on_piece: impl FnMut(&[u
             f.write_all(piece)?;
         }
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_parent(path)
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&tmp);

@@ -87,7 +87,7 @@ pub fn save<B: Backend>(
 /// without this the same model would not always give the same bytes. With `checksum`, the
 /// metadata gains [`KEY_DATA_SHA256`] of the tensor data. `None` when the header cannot be
 /// read back.
-fn canonical_header(bytes: &[u8], checksum: bool) -> Option<Vec<u8>> {
+pub(crate) fn canonical_header(bytes: &[u8], checksum: bool) -> Option<Vec<u8>> {
     let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
     let end = n.checked_add(8)?;
     let mut header: BTreeMap<String, serde_json::Value> =
@@ -109,6 +109,39 @@ fn canonical_header(bytes: &[u8], checksum: bool) -> Option<Vec<u8>> {
     out.extend_from_slice(&json);
     out.extend_from_slice(&bytes[end..]);
     Some(out)
+}
+
+/// Checks the tensor data of the safetensors file `bytes` (read from `path`, header of
+/// `header_len` bytes) against the [`KEY_DATA_SHA256`] of its `metadata`: `Ok(true)` when
+/// they match, `Ok(false)` when there is no checksum, an error naming the file when they
+/// differ.
+pub(crate) fn verify_data(
+    path: &Path,
+    bytes: &[u8],
+    header_len: usize,
+    metadata: &BTreeMap<String, String>,
+) -> Result<bool> {
+    match metadata.get(KEY_DATA_SHA256) {
+        None => Ok(false),
+        Some(want) => {
+            let data = header_len
+                .checked_add(8)
+                .and_then(|start| bytes.get(start..))
+                .unwrap_or_default();
+            let found = sha256_hex(data);
+            if &found != want {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "the tensor data do not match their checksum ({KEY_DATA_SHA256} \
+                         {want}, the data hash to {found}): the file is corrupted; restore \
+                         it or train it again"
+                    ),
+                ));
+            }
+            Ok(true)
+        }
+    }
 }
 
 /// A checkpoint read from disk: its configuration, parameter values (f32, table order) and
@@ -196,27 +229,7 @@ pub fn read(path: &Path) -> Result<Checkpoint> {
         )
     })?;
     let metadata = parse_meta(path, m.metadata())?;
-    let verified = match metadata.get(KEY_DATA_SHA256) {
-        None => false,
-        Some(want) => {
-            let data = header_len
-                .checked_add(8)
-                .and_then(|start| bytes.get(start..))
-                .unwrap_or_default();
-            let found = sha256_hex(data);
-            if &found != want {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "the tensor data do not match their checksum ({KEY_DATA_SHA256} \
-                         {want}, the data hash to {found}): the file is corrupted; restore \
-                         it or train it again"
-                    ),
-                ));
-            }
-            true
-        }
-    };
+    let verified = verify_data(path, &bytes, header_len, &metadata)?;
     let config = parse_config(path, &metadata)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, format!("truncated or damaged safetensors file: {e}")))?;

@@ -20,7 +20,8 @@ use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
 use crate::metrics;
 use crate::model::config::Widths;
-use crate::model::{Model, ModelConfig, Role};
+use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::train::resume::{self, resume_path, Every, ResumeOptions};
 use crate::train::{
     labels_of, score_rows, sigmoid, train, RunOptions, Stage, TrainConfig, TrainingRecord, TEST,
     TRAIN,
@@ -138,12 +139,35 @@ pub struct AblationConfig {
     pub data: PathBuf,
     /// Progress bars during training.
     pub progress: bool,
+    /// Resume checkpoints of every run (beside its checkpoint, so only with
+    /// `checkpoints`), and what an interrupted ablation left.
+    pub resume: Option<AblationResume>,
+}
+
+/// Resuming an ablation: the runs that finished are kept, an unfinished one continues from
+/// its resume checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AblationResume {
+    /// How often each run writes its resume checkpoint within an epoch.
+    pub every: Every,
+    /// Continue the runs that have a resume checkpoint (else they start afresh).
+    pub resume: bool,
+    /// Runs an earlier, interrupted ablation finished: each is kept (its model is read from
+    /// its checkpoint where needed: a teacher, the curves' models) and not trained again;
+    /// one whose settings differ from this ablation's is an error.
+    pub finished: Vec<RunResult>,
 }
 
 impl AblationConfig {
     /// Checks what [`run_ablation`] needs: at least one seed, and the plain student among
     /// the variants.
     pub fn validate(&self) -> Result<()> {
+        if self.resume.is_some() && self.checkpoints.is_none() {
+            return Err(Error::invalid(
+                "ablation: resuming needs the checkpoints (each run's resume checkpoint lies \
+                 beside it, and a finished run's model is read back from it)",
+            ));
+        }
         if self.seeds.is_empty() {
             return Err(Error::invalid("ablation: at least one seed is needed"));
         }
@@ -273,11 +297,53 @@ pub fn run_ablation<B: Backend>(
                 Some(v) => (Role::Student, v.loss(&cfg.loss), v.name()),
             };
             let mc = ModelConfig::new(role, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
-            let mut model = Model::new(be, mc, seed)?;
             let file = cfg
                 .checkpoints
                 .as_ref()
                 .map(|d| d.join(format!("seed{seed}-{name}.safetensors")));
+            let run_config = RunConfig {
+                model: w,
+                train: tc.clone(),
+                loss: loss.clone(),
+            };
+            let earlier = cfg
+                .resume
+                .iter()
+                .flat_map(|r| &r.finished)
+                .find(|r| r.variant == name && r.seed == seed);
+            if let (Some(done), Some(path)) = (earlier, &file) {
+                if done.config != run_config {
+                    let diff = resume::differences(
+                        &serde_json::to_value(&done.config).unwrap_or_default(),
+                        &serde_json::to_value(&run_config).unwrap_or_default(),
+                    );
+                    return Err(Error::invalid(format!(
+                        "ablation: seed {seed} {name} finished earlier with other settings \
+                         (earlier → now): {}; resume with the interrupted ablation's settings",
+                        diff.join("; ")
+                    )));
+                }
+                let curve =
+                    k == 0 && matches!(variant, None | Some(Variant::Plain | Variant::Full));
+                if variant.is_none() || curve {
+                    let model = checkpoint::load(be, path, Some(&mc))?;
+                    if curve {
+                        let z = score_rows(be, ds, &model, &test_rows)?;
+                        curves
+                            .models
+                            .push((name.to_string(), z.iter().map(|&z| sigmoid(z)).collect()));
+                    }
+                    if variant.is_none() {
+                        let sha = crate::data::writer::sha256_hex(
+                            &std::fs::read(path).map_err(|e| Error::io(path, e))?,
+                        );
+                        teacher = Some((model, Some((path.clone(), sha))));
+                    }
+                }
+                runs.push(done.clone());
+                continue;
+            }
+            let mut model = Model::new(be, mc, seed)?;
             let metadata = match &file {
                 None => Default::default(),
                 Some(_) => TrainingRecord {
@@ -304,6 +370,17 @@ pub fn run_ablation<B: Backend>(
                 log: None,
                 progress: cfg.progress,
                 eager: false,
+                resume: match (&cfg.resume, &file) {
+                    (Some(r), Some(f)) => {
+                        let path = resume_path(f);
+                        Some(ResumeOptions {
+                            resume: r.resume && path.exists(),
+                            path,
+                            every: r.every,
+                        })
+                    }
+                    _ => None,
+                },
             };
             let report = match (&teacher, variant) {
                 (_, None) => train(be, ds, &mut model, &Stage::Teacher, &loss, &tc, &opts)?,
@@ -326,11 +403,7 @@ pub fn run_ablation<B: Backend>(
                 valid_auc: report.history.iter().map(|e| e.valid_auc).collect(),
                 seconds: t0.elapsed().as_secs_f64(),
                 samples_per_s: report.samples_per_s,
-                config: RunConfig {
-                    model: w,
-                    train: tc.clone(),
-                    loss,
-                },
+                config: run_config,
             };
             on_run(&result)?;
             runs.push(result);

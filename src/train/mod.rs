@@ -8,6 +8,7 @@ pub mod batching;
 pub mod bench;
 pub mod pipeline;
 pub mod record;
+pub mod resume;
 pub mod schedule;
 pub mod trainer;
 
@@ -16,6 +17,6 @@ pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};
 pub use schedule::{lr_at, warmup_steps};
 pub use trainer::{
     labels_of, progress_bar, queue_objective, score_rows, sigmoid, train, BestEpoch, EpochLog,
-    RunOptions, Stage, TermMeans, TrainConfig, TrainReport, KEY_BEST, MAX_BATCH, MAX_EPOCHS,
-    SCORE_BATCH, TEST, TRAIN, VALID,
+    RunOptions, Stage, TermMeans, TrainConfig, TrainReport, EXPLODE, KEY_BEST, MAX_BATCH,
+    MAX_EPOCHS, SCORE_BATCH, TEST, TRAIN, VALID,
 };

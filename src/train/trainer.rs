@@ -5,8 +5,8 @@
 //! progress bar and one JSONL log line per epoch.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,13 +17,13 @@ use crate::backend::{Mut, Ref};
 use crate::data::Dataset;
 use crate::loss::{
     class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
-    Term,
 };
 use crate::metrics;
 use crate::model::{checkpoint, DeviceBatch, Model, Role};
 use crate::optim::{AdamWConfig, Optimizer};
 use crate::train::batching::{cost_key, epoch_batches, kept_lengths};
 use crate::train::pipeline::Pipeline;
+use crate::train::resume::{self, EpochSums, Every, Progress, ResumeOptions, Snapshot};
 use crate::train::schedule::lr_at;
 use crate::{Error, Result};
 
@@ -156,7 +156,8 @@ pub struct RunOptions {
     pub checkpoint: Option<PathBuf>,
     /// Extra checkpoint metadata (the [`KEY_BEST`] key is added by the trainer).
     pub metadata: BTreeMap<String, String>,
-    /// Append one JSON line per epoch here (the file is truncated first).
+    /// Write one JSON line per epoch here (truncated first by a fresh run; a resumed run
+    /// appends).
     pub log: Option<PathBuf>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
@@ -164,6 +165,8 @@ pub struct RunOptions {
     /// batch shape's step is recorded once and replayed ([`StepGraphs`]): the same kernels
     /// on the same shapes, so the same results, without the per-launch host overhead.
     pub eager: bool,
+    /// Resume checkpoints: where, how often, and whether to continue from one.
+    pub resume: Option<ResumeOptions>,
 }
 
 /// Per-epoch mean of each student-stage term (terms off or absent are `None`).
@@ -274,13 +277,26 @@ pub fn labels_of(ds: &Dataset, rows: &[u64], what: &str) -> Result<Vec<u8>> {
 
 /// Logits of `model` on `rows` (returned in the order of `rows`). Rows are scored in
 /// batches of [`SCORE_BATCH`] sorted by the model's sequence length (less padding); each
-/// row's logit does not depend on its batch-mates.
+/// row's logit does not depend on its batch-mates. A logit that is not finite is an error
+/// naming the row.
 pub fn score_rows<B: Backend>(
     be: &B,
     ds: &Dataset,
     model: &Model<B>,
     rows: &[u64],
 ) -> Result<Vec<f64>> {
+    let out = logits_of(be, ds, model, rows)?;
+    if let Some(i) = out.iter().position(|z| !z.is_finite()) {
+        return Err(Error::invalid(format!(
+            "the {} produced a non-finite logit for row {}",
+            model.config.role, rows[i]
+        )));
+    }
+    Ok(out)
+}
+
+/// [`score_rows`] without the check of the logits.
+fn logits_of<B: Backend>(be: &B, ds: &Dataset, model: &Model<B>, rows: &[u64]) -> Result<Vec<f64>> {
     let lens = kept_lengths(ds, rows)?;
     let mut idx: Vec<usize> = (0..rows.len()).collect();
     let role = model.config.role;
@@ -308,12 +324,6 @@ pub fn score_rows<B: Backend>(
     for (&i, z) in idx.iter().zip(be.download(&sorted)?) {
         out[i] = Float::to_f64(z);
     }
-    if let Some(i) = out.iter().position(|z| !z.is_finite()) {
-        return Err(Error::invalid(format!(
-            "the {role} produced a non-finite logit for row {}",
-            rows[i]
-        )));
-    }
     Ok(out)
 }
 
@@ -327,21 +337,38 @@ pub fn sigmoid(z: f64) -> f64 {
     }
 }
 
-/// AUC, KS and log-loss of `model` on `rows` with `labels`.
+/// Validation metrics of one epoch.
+struct Validation {
+    auc: f64,
+    ks: f64,
+    log_loss: f64,
+    /// The probability every row got, when they all got the same one (a collapsed model).
+    constant: Option<f64>,
+}
+
+/// AUC, KS and log-loss of `model` on `rows` with `labels`, and whether every score is the
+/// same; a logit that is not finite is an [`Error::Diverged`] naming the row.
 fn validate<B: Backend>(
     be: &B,
     ds: &Dataset,
     model: &Model<B>,
     rows: &[u64],
     labels: &[u8],
-) -> Result<(f64, f64, f64)> {
-    let z = score_rows(be, ds, model, rows)?;
+) -> Result<Validation> {
+    let z = logits_of(be, ds, model, rows)?;
+    if let Some(i) = z.iter().position(|z| !z.is_finite()) {
+        return Err(Error::Diverged(format!(
+            "the logit of validation row {} is {}",
+            rows[i], z[i]
+        )));
+    }
     let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
-    Ok((
-        metrics::auc(&p, labels)?,
-        metrics::ks(&p, labels)?,
-        metrics::log_loss_from_logits(&z, labels)?,
-    ))
+    Ok(Validation {
+        auc: metrics::auc(&p, labels)?,
+        ks: metrics::ks(&p, labels)?,
+        log_loss: metrics::log_loss_from_logits(&z, labels)?,
+        constant: p.first().copied().filter(|&p0| p.iter().all(|&x| x == p0)),
+    })
 }
 
 /// A progress bar of `len` steps on stderr labelled `prefix`, hidden unless `show`.
@@ -357,34 +384,6 @@ pub fn progress_bar(show: bool, len: u64, prefix: String) -> ProgressBar {
     }
     bar.set_prefix(prefix);
     bar
-}
-
-/// Running sums of the student-stage terms.
-#[derive(Default)]
-struct TermSums {
-    sums: [f64; 5],
-    on: [bool; 5],
-}
-
-impl TermSums {
-    fn add(&mut self, terms: [Term; 5], rows: f64) {
-        for (k, t) in terms.iter().enumerate() {
-            if let Term::On(v) = t {
-                self.sums[k] += v * rows;
-                self.on[k] = true;
-            }
-        }
-    }
-    fn means(&self, rows: f64) -> TermMeans {
-        let m = |k: usize| self.on[k].then(|| self.sums[k] / rows);
-        TermMeans {
-            hard: m(0),
-            soft: m(1),
-            coarse: m(2),
-            fine: m(3),
-            self_distill: m(4),
-        }
-    }
 }
 
 /// The objective part of one training step, queued without waiting: zeroes `model`'s
@@ -500,6 +499,21 @@ impl<B: Backend> StepGraphs<B> {
 ///
 /// Deterministic for a given `cfg.seed` (and backend): batch order from
 /// [`epoch_batches`], reductions in a fixed order.
+///
+/// With `opts.resume`, a resume checkpoint ([`crate::train::resume`]) is written every
+/// [`ResumeOptions::every`](crate::train::resume::ResumeOptions) and at the end of every
+/// epoch, and removed when the run completes; with its `resume` flag the run continues from
+/// it (settings that differ are refused, naming each difference) and ends with the
+/// parameters an uninterrupted run would have. The log is then appended to, after dropping
+/// any line written past the resume checkpoint (an epoch it does not include, which runs
+/// again).
+///
+/// A run that diverges stops with [`Error::Diverged`], leaving the checkpoint of its best
+/// epoch as it was (and removing its resume checkpoint, from which it would diverge again):
+/// a training loss that is not finite or exceeds [`EXPLODE`] times the first one read back,
+/// a gradient that is not finite (reported by the backend as [`Error::Diverged`]; a device
+/// reports it as a device error at its next synchronisation), or a validation in which every row gets the same score (a model collapsed to a constant:
+/// AUC 0.5, KS 0).
 pub fn train<B: Backend>(
     be: &B,
     ds: &Dataset,
@@ -573,10 +587,44 @@ pub fn train<B: Backend>(
         clip: cfg.clip,
         ..AdamWConfig::default()
     });
-    let mut log = match &opts.log {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
-        None => None,
-    };
+    let settings = run_settings(model, cfg, loss, &opts.metadata)?;
+    let mut run = Progress::fresh();
+    let mut best_values: Option<Vec<B::F>> = None;
+    let resumed = opts.resume.as_ref().filter(|r| r.resume);
+    if let Some(r) = resumed {
+        let snap = resume::read::<B::F>(&r.path)?;
+        let diff = resume::differences(&snap.run, &settings);
+        if !diff.is_empty() {
+            return Err(Error::format(
+                &r.path,
+                format!(
+                    "this resume checkpoint is of a run with other settings (checkpoint → \
+                     this run): {}; resume with the interrupted run's settings, or remove the \
+                     file to start afresh",
+                    diff.join("; ")
+                ),
+            ));
+        }
+        if snap.values.len() != model.params.table.total() || snap.progress.epoch > cfg.epochs + 1 {
+            return Err(Error::format(
+                &r.path,
+                format!(
+                    "{} parameters at epoch {}, for a model of {} parameters trained {} epochs",
+                    snap.values.len(),
+                    snap.progress.epoch,
+                    model.params.table.total(),
+                    cfg.epochs
+                ),
+            ));
+        }
+        model.params.set_values(be, &snap.values)?;
+        model.params.m = be.upload(&snap.m)?;
+        model.params.v = be.upload(&snap.v)?;
+        opt.step = snap.progress.step;
+        best_values = snap.best_values;
+        run = snap.progress;
+    }
+    let mut log = open_log(opts.log.as_deref(), resumed.is_some(), run.log_bytes)?;
     let student_slots = match stage {
         Stage::Teacher => None,
         Stage::Student(_) => Some(StudentSlots::new(loss, model)),
@@ -585,12 +633,10 @@ pub fn train<B: Backend>(
     let mut pending = be.zeros(LOG_INTERVAL * width)?;
     let mut steps = StepGraphs::new(be, !opts.eager, width)?;
     let mut pipeline = Pipeline::new(be, ds.schema(), cfg.batch)?;
-    let mut history: Vec<EpochLog> = Vec::new();
-    let mut best: Option<(BestEpoch, Vec<B::F>)> = None;
-    let mut since_best = 0usize;
-    let mut stopped_early = false;
-    let (mut train_secs_all, mut rows_all) = (0.0f64, 0usize);
-    for epoch in 1..=cfg.epochs {
+    let saving = opts.resume.as_ref().map(|r| (r.path.as_path(), r.every));
+    let mut last_save = Instant::now();
+    while run.epoch <= cfg.epochs && !run.stopped_early {
+        let epoch = run.epoch;
         let batches = epoch_batches(
             &train_rows,
             keys.as_deref(),
@@ -598,31 +644,62 @@ pub fn train<B: Backend>(
             cfg.seed,
             epoch as u64,
         )?;
+        let order_sha = saving.map(|_| batch_order_sha256(&batches));
+        let skip = run.batch;
+        if skip > 0 && (skip >= batches.len() || run.order_sha256 != order_sha) {
+            let path = saving.map_or(Path::new(""), |(p, _)| p);
+            return Err(Error::format(
+                path,
+                format!(
+                    "the batches of epoch {epoch} are not those of the interrupted run (the \
+                     dataset's train split changed): it cannot be resumed"
+                ),
+            ));
+        }
         let bar = progress_bar(
             opts.progress,
             batches.len() as u64,
             format!("{role} epoch {epoch}/{}", cfg.epochs),
         );
+        bar.set_position(skip as u64);
         let t0 = Instant::now();
-        let (mut loss_sum, mut rows_done) = (0.0f64, 0usize);
-        let mut terms = TermSums::default();
-        let (mut slots, mut filled) = (0u64, 0u64);
+        let earlier_seconds = run.sums.train_seconds;
         let mut lr = 0.0;
         // Each step's loss terms stay on the device (one row of `pending` per step) and are
         // read once per LOG_INTERVAL steps, so a step never waits for the device.
         let mut pending_rows: Vec<usize> = Vec::with_capacity(LOG_INTERVAL);
         let n_batches = batches.len();
-        let fed = pipeline.run(be, ds, &batches, |bi, dev| {
+        let fed = pipeline.run(be, ds, &batches[skip..], |k, dev| {
+            let bi = skip + k;
             let ids = &batches[bi];
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
-            slots += u64::from(max_in) * ids.len() as u64;
-            filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
+            run.sums.slots += u64::from(max_in) * ids.len() as u64;
+            run.sums.filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
             let row = Mut::at(&mut pending, pending_rows.len() * width);
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
-            steps.step(be, stage, model, loss, cw, &mut opt, lr, dev, row)?;
+            steps
+                .step(be, stage, model, loss, cw, &mut opt, lr, dev, row)
+                .map_err(|e| match e {
+                    Error::Diverged(_) => diverged(
+                        opts,
+                        run.best.as_ref(),
+                        format!(
+                            "{role} training diverged at epoch {epoch}, step {}: the gradient \
+                             is not finite (the step was skipped)",
+                            opt.step
+                        ),
+                    ),
+                    e => e,
+                })?;
             pending_rows.push(ids.len());
             bar.inc(1);
-            if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches {
+            let save_due = bi + 1 < n_batches
+                && match saving {
+                    None => false,
+                    Some((_, Every::Steps(n))) => opt.step % n == 0,
+                    Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+                };
+            if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches || save_due {
                 let v: Vec<f64> = be.download(&pending)?.iter().map(|x| x.to_f64()).collect();
                 for (k, &rows) in pending_rows.iter().enumerate() {
                     let step_terms = &v[k * width..(k + 1) * width];
@@ -630,69 +707,102 @@ pub fn train<B: Backend>(
                         None => step_terms[0],
                         Some(ss) => {
                             let l = ss.read(step_terms);
-                            terms.add(
+                            run.sums.add_terms(
                                 [l.hard, l.soft, l.coarse, l.fine, l.self_distill],
                                 rows as f64,
                             );
                             l.total
                         }
                     };
-                    if !value.is_finite() {
-                        let step = opt.step - (pending_rows.len() - 1 - k) as u64;
-                        return Err(Error::invalid(format!(
-                            "{role} training diverged at epoch {epoch}, step {step}: loss {value}"
-                        )));
+                    let step = opt.step - (pending_rows.len() - 1 - k) as u64;
+                    let first = *run.first_loss.get_or_insert(value);
+                    if !value.is_finite() || value > EXPLODE * first.abs() {
+                        return Err(diverged(
+                            opts,
+                            run.best.as_ref(),
+                            format!(
+                                "{role} training diverged at epoch {epoch}, step {step}: loss \
+                                 {value} (the first step's was {first}; a loss that is not \
+                                 finite or above {EXPLODE}× the first stops the run)"
+                            ),
+                        ));
                     }
-                    loss_sum += value * rows as f64;
-                    rows_done += rows;
+                    run.sums.loss += value * rows as f64;
+                    run.sums.rows += rows as u64;
                 }
                 pending_rows.clear();
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!(
                     "loss {:.4} · {:.0} samples/s",
-                    loss_sum / rows_done as f64,
-                    rows_done as f64 / secs
+                    run.sums.loss / run.sums.rows as f64,
+                    run.sums.rows as f64 / (earlier_seconds + secs)
                 ));
+            }
+            if let (true, Some((path, _))) = (save_due, saving) {
+                run.batch = bi + 1;
+                run.step = opt.step;
+                run.order_sha256 = order_sha.clone();
+                run.sums.train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
+                save_resume(be, path, &settings, &run, model, best_values.as_deref())?;
+                last_save = Instant::now();
             }
             Ok(())
         })?;
         bar.finish_and_clear();
-        let train_seconds = t0.elapsed().as_secs_f64();
-        train_secs_all += train_seconds;
-        rows_all += rows_done;
+        let train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let (auc, ks, ll) = validate(be, ds, model, &valid_rows, &valid_labels)?;
+        let val = validate(be, ds, model, &valid_rows, &valid_labels).map_err(|e| match e {
+            Error::Diverged(m) => diverged(
+                opts,
+                run.best.as_ref(),
+                format!("{role} training diverged at epoch {epoch}: {m}"),
+            ),
+            e => e,
+        })?;
         let valid_seconds = t1.elapsed().as_secs_f64();
-        let improved = best.as_ref().is_none_or(|(b, _)| auc > b.valid_auc);
+        if let Some(p) = val.constant {
+            return Err(diverged(
+                opts,
+                run.best.as_ref(),
+                format!(
+                    "{role} training diverged at epoch {epoch}: every validation row gets the \
+                     same score ({p}), so AUC is 0.5 and KS 0 (the model collapsed to a \
+                     constant)"
+                ),
+            ));
+        }
+        let improved = run.best.as_ref().is_none_or(|b| val.auc > b.valid_auc);
+        let sums = &run.sums;
+        let rows_done = sums.rows as f64;
         let entry = EpochLog {
             stage: role.to_string(),
             epoch,
             step: opt.step,
             lr,
-            train_loss: loss_sum / rows_done as f64,
-            terms: matches!(stage, Stage::Student(_)).then(|| terms.means(rows_done as f64)),
-            valid_auc: auc,
-            valid_ks: ks,
-            valid_log_loss: ll,
-            samples_per_s: rows_done as f64 / train_seconds.max(1e-9),
+            train_loss: sums.loss / rows_done,
+            terms: matches!(stage, Stage::Student(_)).then(|| sums.term_means()),
+            valid_auc: val.auc,
+            valid_ks: val.ks,
+            valid_log_loss: val.log_loss,
+            samples_per_s: rows_done / train_seconds.max(1e-9),
             train_seconds,
             data_seconds: fed.wait_seconds,
             gather_seconds: fed.gather_seconds,
             valid_seconds,
-            padding: if slots == 0 {
+            padding: if sums.slots == 0 {
                 0.0
             } else {
-                1.0 - filled as f64 / slots as f64
+                1.0 - sums.filled as f64 / sums.slots as f64
             },
             best: improved,
         };
         if improved {
-            since_best = 0;
+            run.since_best = 0;
             let b = BestEpoch {
                 epoch,
-                valid_auc: auc,
-                valid_ks: ks,
-                valid_log_loss: ll,
+                valid_auc: val.auc,
+                valid_ks: val.ks,
+                valid_log_loss: val.log_loss,
             };
             if let Some(path) = &opts.checkpoint {
                 let mut meta = opts.metadata.clone();
@@ -703,30 +813,177 @@ pub fn train<B: Backend>(
                 );
                 checkpoint::save(be, model, &meta, path)?;
             }
-            best = Some((b, be.download(&model.params.values)?));
+            best_values = Some(be.download(&model.params.values)?);
+            run.best = Some(b);
         } else {
-            since_best += 1;
+            run.since_best += 1;
         }
         if let (Some(f), Some(p)) = (log.as_mut(), &opts.log) {
             let line = serde_json::to_string(&entry)
                 .map_err(|e| Error::invalid(format!("log line to JSON: {e}")))?;
             writeln!(f, "{line}").map_err(|e| Error::io(p, e))?;
             f.flush().map_err(|e| Error::io(p, e))?;
+            run.log_bytes += line.len() as u64 + 1;
         }
-        history.push(entry);
-        if since_best >= cfg.patience && epoch < cfg.epochs {
-            stopped_early = true;
-            break;
+        run.train_seconds += train_seconds;
+        run.rows += run.sums.rows;
+        run.history.push(entry);
+        run.stopped_early = run.since_best >= cfg.patience && epoch < cfg.epochs;
+        run.epoch += 1;
+        run.batch = 0;
+        run.step = opt.step;
+        run.order_sha256 = None;
+        run.sums = EpochSums::default();
+        if let Some((path, _)) = saving {
+            save_resume(be, path, &settings, &run, model, best_values.as_deref())?;
+            last_save = Instant::now();
         }
     }
-    let (best, values) = best.ok_or_else(|| Error::invalid("no epoch was run"))?;
+    let (Some(best), Some(values)) = (run.best.clone(), best_values) else {
+        return Err(Error::invalid("no epoch was run"));
+    };
     model.params.set_values(be, &values)?;
+    if let Some((path, _)) = saving {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
+            _ => {}
+        }
+    }
     Ok(TrainReport {
-        history,
+        history: run.history,
         best,
-        stopped_early,
-        samples_per_s: rows_all as f64 / train_secs_all.max(1e-9),
+        stopped_early: run.stopped_early,
+        samples_per_s: run.rows as f64 / run.train_seconds.max(1e-9),
         seconds: start.elapsed().as_secs_f64(),
         graphs: steps.recorded.len(),
     })
+}
+
+/// A training loss above this multiple of the first one read back stops the run as
+/// diverged.
+pub const EXPLODE: f64 = 1e3;
+
+/// The settings a resume checkpoint must share with the run that continues it: the model
+/// configuration, the training and loss configuration and the checkpoint metadata (the
+/// training record: dataset, class weights, teacher and its SHA-256).
+fn run_settings<B: Backend>(
+    model: &Model<B>,
+    cfg: &TrainConfig,
+    loss: &LossConfig,
+    metadata: &BTreeMap<String, String>,
+) -> Result<serde_json::Value> {
+    let json = |what: &str, v: serde_json::Result<serde_json::Value>| {
+        v.map_err(|e| Error::invalid(format!("{what} to JSON: {e}")))
+    };
+    Ok(serde_json::Value::Object(serde_json::Map::from_iter([
+        (
+            "model".to_string(),
+            json("model config", serde_json::to_value(&model.config))?,
+        ),
+        (
+            "train".to_string(),
+            json("training config", serde_json::to_value(cfg))?,
+        ),
+        (
+            "loss".to_string(),
+            json("loss config", serde_json::to_value(loss))?,
+        ),
+        (
+            "metadata".to_string(),
+            json("metadata", serde_json::to_value(metadata))?,
+        ),
+    ])))
+}
+
+/// SHA-256 (hex) of an epoch's batch order: each batch's row ids (u64 LE) after its length.
+fn batch_order_sha256(batches: &[Vec<u64>]) -> String {
+    let mut bytes = Vec::new();
+    for b in batches {
+        bytes.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        for r in b {
+            bytes.extend_from_slice(&r.to_le_bytes());
+        }
+    }
+    crate::data::writer::sha256_hex(&bytes)
+}
+
+/// Writes the resume checkpoint of the run at `run` to `path`.
+fn save_resume<B: Backend>(
+    be: &B,
+    path: &Path,
+    settings: &serde_json::Value,
+    run: &Progress,
+    model: &Model<B>,
+    best_values: Option<&[B::F]>,
+) -> Result<()> {
+    resume::write(
+        path,
+        &Snapshot {
+            run: settings.clone(),
+            progress: run.clone(),
+            values: be.download(&model.params.values)?,
+            m: be.download(&model.params.m)?,
+            v: be.download(&model.params.v)?,
+            best_values: best_values.map(<[B::F]>::to_vec),
+        },
+    )
+}
+
+/// Opens the JSONL log: a fresh run truncates it; a resumed one keeps its first `bytes`
+/// bytes (the lines its resume checkpoint accounts for) and appends.
+fn open_log(path: Option<&Path>, resumed: bool, bytes: u64) -> Result<Option<std::fs::File>> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    if !resumed {
+        return std::fs::File::create(p)
+            .map(Some)
+            .map_err(|e| Error::io(p, e));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::invalid(format!(
+                "{}: the log of the interrupted run is missing; a resumed run appends to it \
+                 (restore it, or give its path with --log)",
+                p.display()
+            )),
+            _ => Error::io(p, e),
+        })?;
+    let len = f.metadata().map_err(|e| Error::io(p, e))?.len();
+    if len < bytes {
+        return Err(Error::format(
+            p,
+            format!(
+                "the log holds {len} bytes, fewer than the {bytes} its run's resume checkpoint \
+                 accounts for: it was changed after the run stopped"
+            ),
+        ));
+    }
+    f.set_len(bytes).map_err(|e| Error::io(p, e))?;
+    f.seek(SeekFrom::End(0)).map_err(|e| Error::io(p, e))?;
+    Ok(Some(f))
+}
+
+/// The error of a diverged run: `what`, then what was kept. Removes the run's resume
+/// checkpoint (resuming would diverge again).
+fn diverged(opts: &RunOptions, best: Option<&BestEpoch>, what: String) -> Error {
+    if let Some(r) = &opts.resume {
+        let _ = std::fs::remove_file(&r.path);
+    }
+    let kept = match (&opts.checkpoint, best) {
+        (Some(p), Some(b)) => format!(
+            "; {} keeps epoch {} (valid AUC {:.4}), the best before the divergence",
+            p.display(),
+            b.epoch,
+            b.valid_auc
+        ),
+        (Some(p), None) => format!(
+            "; no epoch validated before it, so nothing was written to {}",
+            p.display()
+        ),
+        (None, _) => String::new(),
+    };
+    Error::Diverged(format!("{what}{kept}; try a lower learning rate"))
 }

@@ -148,3 +148,114 @@ pub fn write(dir: &Path, spec: Spec) -> Manifest {
     }
     w.finish().expect("finish writer")
 }
+
+/// What [`resumed_runs_match`] checked: per stage, the steps of the resume checkpoints it
+/// resumed from (a mid-epoch one and one written at an epoch's end).
+pub type ResumedFrom = Vec<(&'static str, Vec<u64>)>;
+
+/// Trains a teacher, then a student under it, on `be` (tiny model, 4 epochs of 132 steps
+/// over `ds` = `write(…, Spec::labelled(3000, _))`), with a resume checkpoint every 50
+/// steps; meanwhile a second thread copies two of the resume checkpoints the run writes
+/// (what a run killed there would leave): one at step 40 or later within an epoch, and one
+/// written at the end of epoch 1, 2 or 3. Then, for each copy, a fresh model resumes from it and must end
+/// with parameters bit-identical to the uninterrupted run's. Files go to `dir`.
+pub fn resumed_runs_match<B: mgkd::backend::Backend>(
+    be: &B,
+    ds: &mgkd::data::Dataset,
+    dir: &Path,
+) -> ResumedFrom {
+    use mgkd::backend::Float;
+    use mgkd::loss::LossConfig;
+    use mgkd::model::{Model, ModelConfig, Role};
+    use mgkd::train::resume::{read_progress, Every, Progress, ResumeOptions};
+    use mgkd::train::{train, RunOptions, Stage, TrainConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tc = TrainConfig {
+        epochs: 4,
+        batch: 16,
+        lr: 5e-3,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let loss = LossConfig::default();
+    let widths = |role| ModelConfig::new(role, ds.schema(), 8, 2, 2, 4).expect("config");
+    let bits = |m: &Model<B>| -> Vec<u64> {
+        let v = be.download(&m.params.values).expect("download");
+        v.iter().map(|&x| Float::to_f64(x).to_bits()).collect()
+    };
+    type Point = (&'static str, fn(&Progress) -> bool);
+    let points: [Point; 2] = [
+        ("mid-epoch", |p| p.batch > 0 && p.step >= 40),
+        ("epoch end", |p| p.batch == 0 && (2..=4).contains(&p.epoch)),
+    ];
+    let mut teacher: Option<Model<B>> = None;
+    let mut checked = Vec::new();
+    for (role, name) in [(Role::Teacher, "teacher"), (Role::Student, "student")] {
+        let state = dir.join(format!("{name}.resume.safetensors"));
+        let opts = |resume: bool| RunOptions {
+            resume: Some(ResumeOptions {
+                path: state.clone(),
+                every: Every::Steps(50),
+                resume,
+            }),
+            ..RunOptions::default()
+        };
+        let run = |model: &mut Model<B>, resume: bool| {
+            let stage = match &teacher {
+                None => Stage::Teacher,
+                Some(t) => Stage::Student(t),
+            };
+            train(be, ds, model, &stage, &loss, &tc, &opts(resume)).expect("train");
+        };
+        let snaps: Vec<std::path::PathBuf> = (0..points.len())
+            .map(|k| dir.join(format!("{name}.snapshot{k}")))
+            .collect();
+        let mut model = Model::new(be, widths(role), 7).expect("model");
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let tmp = dir.join(format!("{name}.copying"));
+                let mut left: Vec<usize> = (0..points.len()).collect();
+                while !left.is_empty() && !done.load(Ordering::Relaxed) {
+                    if std::fs::copy(&state, &tmp).is_ok() {
+                        if let Ok(p) = read_progress(&tmp) {
+                            if let Some(i) = left.iter().position(|&k| points[k].1(&p)) {
+                                std::fs::rename(&tmp, &snaps[left[i]]).expect("rename");
+                                left.remove(i);
+                            }
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            });
+            run(&mut model, false);
+            done.store(true, Ordering::Relaxed);
+        });
+        assert!(
+            !state.exists(),
+            "{name}: the resume checkpoint stays after the run"
+        );
+        let want = bits(&model);
+        let mut steps = Vec::new();
+        for ((what, _), snap) in points.iter().zip(&snaps) {
+            assert!(
+                snap.exists(),
+                "{name}: no {what} resume checkpoint was caught"
+            );
+            steps.push(read_progress(snap).expect("snapshot").step);
+            std::fs::copy(snap, &state).expect("copy");
+            let mut resumed = Model::new(be, widths(role), 7).expect("model");
+            run(&mut resumed, true);
+            assert!(
+                bits(&resumed) == want,
+                "{name}: resumed from the {what} resume checkpoint, the parameters differ"
+            );
+        }
+        checked.push((name, steps));
+        if role == Role::Teacher {
+            teacher = Some(model);
+        }
+    }
+    checked
+}
