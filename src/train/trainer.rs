@@ -696,7 +696,7 @@ pub fn train<B: Backend>(
             let save_due = bi + 1 < n_batches
                 && match saving {
                     None => false,
-                    Some((_, Every::Steps(n))) => opt.step % n == 0,
+                    Some((_, Every::Steps(n))) => opt.step.is_multiple_of(n),
                     Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
                 };
             if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches || save_due {
