@@ -700,7 +700,24 @@ pub fn train<B: Backend>(
                     Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
                 };
             if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches || save_due {
-                let v: Vec<f64> = be.download(&pending)?.iter().map(|x| x.to_f64()).collect();
+                // A device that detects a non-finite gradient norm (CUDA: a fault bit of the
+                // step's AdamW) reports it at this first read after it.
+                let v: Vec<f64> = be
+                    .download(&pending)
+                    .map_err(|e| match e {
+                        Error::Diverged(m) => diverged(
+                            opts,
+                            run.best.as_ref(),
+                            format!(
+                                "{role} training diverged at epoch {epoch}, by step {}: {m}",
+                                opt.step
+                            ),
+                        ),
+                        e => e,
+                    })?
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .collect();
                 for (k, &rows) in pending_rows.iter().enumerate() {
                     let step_terms = &v[k * width..(k + 1) * width];
                     let value = match &student_slots {

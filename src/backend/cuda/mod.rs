@@ -388,6 +388,14 @@ impl CudaBackend {
             self.stream
                 .memset_zeros(&mut st.err_flag)
                 .map_err(|e| Error::device(format!("cuda:{}: {e}", self.info.index)))?;
+            if bits == 4 {
+                // Not a fault of the input or the device: the model diverged, which the
+                // trainer reports as such (keeping its best checkpoint).
+                return Err(Error::Diverged(
+                    "the gradient norm is not finite: training diverged (the step was skipped)"
+                        .into(),
+                ));
+            }
             let mut what = Vec::new();
             if bits & 1 != 0 {
                 what.push("an embedding id is not below its table's vocabulary");
