@@ -84,50 +84,5 @@ pub fn scratch_dir(target: &str) -> std::path::PathBuf {
 /// with a label, activation time and split column; events with two categorical and two
 /// numeric fields, a 30-unit window).
 pub fn import_config_text() -> &'static str {
-    r#"layout = "long"
-min_count = 1
-
-[users]
-file = "users.csv"
-id = "user_id"
-label = "defaulted"
-time = "activated_at"
-
-[events]
-file = "events.csv"
-id = "uid"
-time = "ts"
-window = 30
-
-[split]
-method = "column"
-column = "fold"
-
-[[profile_num]]
-column = "income"
-log1p = true
-fill = 0
-
-[[profile_num]]
-column = "age"
-
-[[profile_cat]]
-column = "region"
-
-[[event_cat]]
-column = "kind"
-
-[[event_cat]]
-column = "channel"
-min_count = 2
-
-[[event_num]]
-column = "amount"
-log1p = true
-
-[[event_num]]
-name = "bal"
-column = "balance"
-fill = 0
-"#
+    include_str!("../../tests/fixtures/import/long.toml")
 }

@@ -222,6 +222,16 @@ fn row_chunks(rows: usize, min_per: usize) -> (usize, usize) {
     (per, rows.div_ceil(per))
 }
 
+/// The launch of a chunked first pass: 128 threads per block over `cols` columns (x) and
+/// `chunks` chunks (y).
+fn chunk_grid(cols: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(128) as u32, chunks as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Launches kernel `$name` with the given arguments (each evaluated into a local first, so
 /// the builder's references stay valid) and records a launch failure.
 macro_rules! launch {
@@ -509,17 +519,24 @@ impl CudaBackend {
     /// Column sums through the f32 scratch: `out[j] += Σ_r x[r·n + j]`, `rows×n`.
     fn column_sum(&self, rows: usize, n: usize, x: u64, out: u64) {
         let (per, chunks) = col_chunks(rows);
-        let mut st = self.lock_state();
-        let part = match self.fscratch(&mut st, chunks * n) {
-            Ok(p) => p,
-            Err(e) => return self.note(Err(e), "column_sum scratch"),
+        self.chunked_sum("column_sum", n, chunks, out, |part| {
+            launch!(self, "col_partial_f32", chunk_grid(n, chunks);
+                int(rows, "rows"), int(n, "n"), int(per, "chunk"), x, part);
+        });
+    }
+
+    /// A fixed-order sum in two passes: `first` (given the address of `chunks × n` f32
+    /// partial sums in the scratch) queues the pass that writes them, then the chunks are
+    /// added in order into `out` (`out[j] += Σ_c partial[c·n + j]`, `col_finish`).
+    fn chunked_sum(&self, what: &str, n: usize, chunks: usize, out: u64, first: impl FnOnce(u64)) {
+        let part = {
+            let mut st = self.lock_state();
+            match self.fscratch(&mut st, chunks * n) {
+                Ok(p) => p,
+                Err(e) => return self.note(Err(e), &format!("{what} scratch")),
+            }
         };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "col_partial_f32", cfg; int(rows, "rows"), int(n, "n"), int(per, "chunk"), x, part);
+        first(part);
         self.col_finish(n, chunks, part, out);
     }
 
@@ -1239,19 +1256,10 @@ impl Backend for CudaBackend {
         // The column chunks of `column_sum`, so that the bias gradient is the one the
         // unfused path gives.
         let (per, chunks) = col_chunks(rows);
-        let mut st = self.lock_state();
-        let part = match self.fscratch(&mut st, chunks * n) {
-            Ok(p) => p,
-            Err(e) => return self.note(Err(e), "gelu_bias_backward scratch"),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "gelu_backward_bias_partial_f32", cfg;
-            int(rows, "rows"), int(n, "n"), int(per, "chunk"), xp, gp, dp, part);
-        self.col_finish(n, chunks, part, bp);
+        self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
+            launch!(self, "gelu_backward_bias_partial_f32", chunk_grid(n, chunks);
+                int(rows, "rows"), int(n, "n"), int(per, "chunk"), xp, gp, dp, part);
+        });
     }
 
     fn layernorm(
@@ -1487,21 +1495,15 @@ impl Backend for CudaBackend {
         let pp = self.mp(dpos, max_len * d, "add_positions_backward dpos");
         // Chunks of batch rows summed in parallel, then the chunks added in order.
         let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
-        let mut st = self.lock_state();
-        let err = self.base(&st.err_flag);
-        let part = match self.fscratch(&mut st, chunks * max_len * d) {
-            Ok(p) => p,
-            Err(e) => return self.note(Err(e), "add_positions_backward scratch"),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(128) as u32, max_len as u32, chunks as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "add_positions_partial_f32", cfg;
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"),
-            int(per, "chunk"), lp, gp, part, err);
-        self.col_finish(max_len * d, chunks, part, pp);
+        let err = self.base(&self.lock_state().err_flag);
+        self.chunked_sum("add_positions_backward", max_len * d, chunks, pp, |part| {
+            // Columns (x) × positions (y) × chunks (z).
+            let mut cfg = chunk_grid(d, max_len);
+            cfg.grid_dim.2 = chunks as u32;
+            launch!(self, "add_positions_partial_f32", cfg;
+                int(batch, "batch"), int(max_len, "max_len"), int(d, "d"),
+                int(per, "chunk"), lp, gp, part, err);
+        });
     }
 
     // ---- attention and pooling ---------------------------------------------------------
@@ -1603,19 +1605,10 @@ impl Backend for CudaBackend {
         }
         // Chunks of rows summed in parallel, then the chunks added in order.
         let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
-        let mut st = self.lock_state();
-        let part = match self.fscratch(&mut st, chunks * d) {
-            Ok(p) => p,
-            Err(e) => return self.note(Err(e), "masked_mean_backward scratch"),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "masked_mean_dempty_partial_f32", cfg;
-            bi, di, int(per, "chunk"), lp, gp, part);
-        self.col_finish(d, chunks, part, ep);
+        self.chunked_sum("masked_mean_backward", d, chunks, ep, |part| {
+            launch!(self, "masked_mean_dempty_partial_f32", chunk_grid(d, chunks);
+                bi, di, int(per, "chunk"), lp, gp, part);
+        });
     }
 
     fn put_empty_rows(
