@@ -20,7 +20,7 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::{
-    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm,
+    extent, sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm,
     HostStaging, Mut, Ref, ValidTokens,
 };
 use crate::{Error, Result};
@@ -73,16 +73,6 @@ fn rd<'a, F>(r: Ref<'a, Vec<F>>, len: usize) -> &'a [F] {
 #[inline]
 fn wr<'a, F>(m: Mut<'a, Vec<F>>, len: usize) -> &'a mut [F] {
     &mut m.buf[m.off..m.off + len]
-}
-
-/// Extent in elements of `rows` rows of `cols` elements with row stride `ld` (0 if empty).
-#[inline]
-fn extent(rows: usize, cols: usize, ld: usize) -> usize {
-    if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * ld + cols
-    }
 }
 
 /// Rows per parallel task for rows of `width` elements.
@@ -523,8 +513,7 @@ impl<F: Float> Backend for CpuBackend<F> {
             return;
         }
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
-        let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
-        let (br, bc) = if s.trans_b { (n, k) } else { (k, n) };
+        let ((ar, ac), (br, bc)) = s.stored_shapes();
         let last = s.batch - 1;
         let a_ext = if k == 0 {
             0
@@ -540,12 +529,6 @@ impl<F: Float> Backend for CpuBackend<F> {
         let a_s = rd(a, a_ext);
         let b_s = rd(b, b_ext);
         let c_s = wr(c, c_ext);
-        if k > 0 {
-            assert!(
-                s.lda >= ac && s.ldb >= bc,
-                "gemm: lda/ldb below the row width"
-            );
-        }
         // Output row blocks: a fixed size from the shape only.
         let work_per_row = n * k.max(1);
         let rows_per =
@@ -553,9 +536,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         let nblk = m.div_ceil(rows_per);
         // Batches may run in parallel only when their C matrices provably share no element:
         // stacked blocks, or side-by-side column blocks inside common rows.
-        let batch_disjoint = s.batch == 1
-            || s.stride_c >= extent(m, n, s.ldc)
-            || (s.stride_c >= n && last * s.stride_c + n <= s.ldc);
+        let batch_disjoint = s.c_disjoint();
         let total_work = s.batch * m * work_per_row;
         let (rsa, csa) = if s.trans_a { (1, s.lda) } else { (s.lda, 1) };
         let (rsb, csb) = if s.trans_b { (1, s.ldb) } else { (s.ldb, 1) };

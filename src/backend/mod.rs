@@ -113,6 +113,26 @@ pub struct Gemm {
 }
 
 impl Gemm {
+    /// Whether the batch's C matrices share no element, so that they may be computed
+    /// concurrently (otherwise one after the other, in batch order, as the trait specifies).
+    pub fn c_disjoint(&self) -> bool {
+        placed_apart(self.batch, self.stride_c, self.m, self.n, self.ldc)
+    }
+
+    /// The stored shapes `(rows, cols)` of A and B (`m×k` or, transposed, `k×m`; `k×n` or
+    /// `n×k`). Panics, as a caller bug, when `k > 0` and a row stride is below its row
+    /// width.
+    pub fn stored_shapes(&self) -> ((usize, usize), (usize, usize)) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let a = if self.trans_a { (k, m) } else { (m, k) };
+        let b = if self.trans_b { (n, k) } else { (k, n) };
+        assert!(
+            k == 0 || (self.lda >= a.1 && self.ldb >= b.1),
+            "gemm: lda/ldb below the row width"
+        );
+        (a, b)
+    }
+
     /// A single dense product with packed operands: `C[m,n] = op(A)·op(B)`.
     pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Gemm {
         Gemm {
@@ -151,27 +171,37 @@ pub struct Outer {
 impl Outer {
     /// Whether the `count × s.batch` C matrices of `s` under this outer batch are pairwise
     /// disjoint, so that they may be computed concurrently. A sufficient test: the level of
-    /// smaller stride places its matrices apart (stacked: stride ≥ a matrix's extent; or side
-    /// by side within one row stride: stride ≥ n and the last ends within `ldc`), and the
-    /// other level's stride is at least the extent of one such group.
+    /// smaller stride places its matrices apart (as [`Gemm::c_disjoint`] tests one level),
+    /// and the other level's stride is at least the extent of one such group.
     pub fn disjoint(&self, s: &Gemm) -> bool {
-        let span = |rows: usize, cols: usize, ld: usize| {
-            if rows == 0 || cols == 0 {
-                0
-            } else {
-                (rows - 1) * ld + cols
-            }
-        };
-        let e = span(s.m, s.n, s.ldc);
         let (mut lo, mut hi) = ((s.batch, s.stride_c), (self.count, self.stride_c));
         if lo.0 > 1 && (hi.0 <= 1 || hi.1 < lo.1) {
             std::mem::swap(&mut lo, &mut hi);
         }
         let ((c1, s1), (c2, s2)) = (lo, hi);
-        let first = c1 <= 1 || s1 >= e || (s1 >= s.n && (c1 - 1) * s1 + s.n <= s.ldc);
-        let group = if c1 == 0 { 0 } else { (c1 - 1) * s1 + e };
-        first && (c2 <= 1 || s2 >= group)
+        let group = if c1 == 0 {
+            0
+        } else {
+            (c1 - 1) * s1 + extent(s.m, s.n, s.ldc)
+        };
+        placed_apart(c1, s1, s.m, s.n, s.ldc) && (c2 <= 1 || s2 >= group)
     }
+}
+
+/// Extent in elements of `rows` rows of `cols` elements with row stride `ld` (0 if empty).
+pub(crate) fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    }
+}
+
+/// Whether `count` `m×n` matrices of row stride `ldc`, `stride` elements apart, share no
+/// element: stacked (stride ≥ a matrix's extent), or side by side inside common rows
+/// (stride ≥ n and the last ends within `ldc`).
+fn placed_apart(count: usize, stride: usize, m: usize, n: usize, ldc: usize) -> bool {
+    count <= 1 || stride >= extent(m, n, ldc) || (stride >= n && (count - 1) * stride + n <= ldc)
 }
 
 /// [`Backend::gemm_outer`] as one [`Backend::gemm`] per repetition, in order: the definition

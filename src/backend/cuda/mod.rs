@@ -43,8 +43,8 @@ use cudarc::nvrtc::Ptx;
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
-    sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref,
-    ValidTokens,
+    extent, sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut,
+    Outer, Ref, ValidTokens,
 };
 use crate::{Error, Result};
 
@@ -175,15 +175,6 @@ fn long(x: usize) -> i64 {
     i64::try_from(x).unwrap_or(i64::MAX)
 }
 
-/// Extent in elements of `rows` rows of `cols` with row stride `ld` (0 when empty).
-fn extent(rows: usize, cols: usize, ld: usize) -> usize {
-    if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * ld + cols
-    }
-}
-
 /// A 1-D grid-stride launch over `n` items.
 fn grid1(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_GRID);
@@ -222,8 +213,8 @@ fn row_chunks(rows: usize, min_per: usize) -> (usize, usize) {
     (per, rows.div_ceil(per))
 }
 
-/// The launch of a chunked first pass: 128 threads per block over `cols` columns (x) and
-/// `chunks` chunks (y).
+/// The launch of a column-wise pass: 128 threads per block over `cols` columns (x) and
+/// `chunks` chunks (y; 1 for the second pass).
 fn chunk_grid(cols: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (cols.div_ceil(128) as u32, chunks as u32, 1),
@@ -474,6 +465,38 @@ impl CudaBackend {
         self.grow(&mut st.uscratch, &mut st.retired, len, "u32 scratch")
     }
 
+    /// One cuBLASLt call `y = C + x·Wᵀ + b` (bias in the epilogue), C being `resid`, or `y`
+    /// itself with `accumulate`, or nothing; every window is checked first.
+    #[allow(clippy::too_many_arguments)]
+    fn lt_linear(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<CudaSlice<f32>>,
+        w: Ref<CudaSlice<f32>>,
+        b: Ref<CudaSlice<f32>>,
+        resid: Option<Ref<CudaSlice<f32>>>,
+        accumulate: bool,
+        y: Mut<CudaSlice<f32>>,
+    ) {
+        let xp = self.rp(x, rows * inp, "linear x");
+        let wp = self.rp(w, out * inp, "linear w");
+        let bp = self.rp(b, out, "linear b");
+        let rp = resid.map(|r| self.rp(r, rows * out, "linear residual"));
+        let yp = self.mp(y, rows * out, "linear y");
+        let c = rp.or(accumulate.then_some(yp));
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: every window was checked against its buffer above (`resid` and `y` are
+        // distinct buffers: one is borrowed shared, the other mutably); the context is
+        // current on this thread.
+        let r = unsafe {
+            let stream = self.stream.cu_stream() as _;
+            self.lt.forward(stream, rows, inp, out, xp, wp, bp, c, yp)
+        };
+        self.note(r, "linear");
+    }
+
     /// Grows the pointer scratch to at least `len` entries; returns its address.
     fn pscratch(&self, st: &mut State, len: usize) -> Result<u64> {
         self.grow(&mut st.pscratch, &mut st.retired, len, "pointer scratch")
@@ -542,12 +565,7 @@ impl CudaBackend {
 
     /// Pass 2 of a column sum: `out[j] += Σ_c partial[c·n + j]`.
     fn col_finish(&self, n: usize, chunks: usize, part: u64, out: u64) {
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "col_finish_f32", cfg; int(n, "n"), int(chunks, "chunks"), part, out);
+        launch!(self, "col_finish_f32", chunk_grid(n, 1); int(n, "n"), int(chunks, "chunks"), part, out);
     }
 
     /// Sums `count` f64 terms at scratch slot 1.. times `scale` on the device and stores
@@ -968,9 +986,7 @@ impl Backend for CudaBackend {
         // which is only the trait's `for b in 0..batch` when the C matrices share no element
         // (stacked, or side by side inside common rows: the CPU reference's test); otherwise
         // one matrix after the other, in batch order, on the stream.
-        let disjoint = s.batch == 1
-            || s.stride_c >= extent(m, n, s.ldc)
-            || (s.stride_c >= n && last * s.stride_c + n <= s.ldc);
+        let disjoint = s.c_disjoint();
         if k == 0 {
             if disjoint {
                 launch!(self, "scale_2d_f32", grid1(s.batch * m * n);
@@ -984,12 +1000,7 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
-        let (br, bc) = if s.trans_b { (n, k) } else { (k, n) };
-        assert!(
-            s.lda >= ac && s.ldb >= bc,
-            "gemm: lda/ldb below the row width"
-        );
+        let ((ar, ac), (br, bc)) = s.stored_shapes();
         let ap = self.rp(a, last * s.stride_a + extent(ar, ac, s.lda), "gemm A");
         let bp = self.rp(b, last * s.stride_b + extent(br, bc, s.ldb), "gemm B");
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's buffer is
@@ -1067,12 +1078,7 @@ impl Backend for CudaBackend {
             return;
         }
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
-        let (ar, ac) = if s.trans_a { (k, m) } else { (m, k) };
-        let (br, bc) = if s.trans_b { (n, k) } else { (k, n) };
-        assert!(
-            s.lda >= ac && s.ldb >= bc,
-            "gemm: lda/ldb below the row width"
-        );
+        let ((ar, ac), (br, bc)) = s.stored_shapes();
         let (lo, li) = (outer.count - 1, s.batch - 1);
         let span = |so: usize, si: usize, rows: usize, cols: usize, ld: usize| {
             lo * so + li * si + extent(rows, cols, ld)
@@ -1138,20 +1144,7 @@ impl Backend for CudaBackend {
         if rows == 0 || inp == 0 || out == 0 {
             return super::linear_composed(self, rows, inp, out, x, w, b, y, accumulate);
         }
-        let xp = self.rp(x, rows * inp, "linear x");
-        let wp = self.rp(w, out * inp, "linear w");
-        let bp = self.rp(b, out, "linear b");
-        let yp = self.mp(y, rows * out, "linear y");
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: the four windows were checked against their buffers above; the context is
-        // current on this thread.
-        let r = unsafe {
-            let stream = self.stream.cu_stream() as _;
-            let residual = accumulate.then_some(yp);
-            self.lt
-                .forward(stream, rows, inp, out, xp, wp, bp, residual, yp)
-        };
-        self.note(r, "linear");
+        self.lt_linear(rows, inp, out, x, w, b, None, accumulate, y);
     }
 
     fn linear_residual(
@@ -1169,21 +1162,7 @@ impl Backend for CudaBackend {
             self.copy(rows * out, resid, y.reborrow());
             return super::linear_composed(self, rows, inp, out, x, w, b, y, true);
         }
-        let xp = self.rp(x, rows * inp, "linear x");
-        let wp = self.rp(w, out * inp, "linear w");
-        let bp = self.rp(b, out, "linear b");
-        let rp = self.rp(resid, rows * out, "linear residual");
-        let yp = self.mp(y, rows * out, "linear y");
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: the five windows were checked against their buffers above (`resid` and `y`
-        // are distinct buffers: one is borrowed shared, the other mutably); the context is
-        // current on this thread.
-        let r = unsafe {
-            let stream = self.stream.cu_stream() as _;
-            self.lt
-                .forward(stream, rows, inp, out, xp, wp, bp, Some(rp), yp)
-        };
-        self.note(r, "linear");
+        self.lt_linear(rows, inp, out, x, w, b, Some(resid), true, y);
     }
 
     fn add_bias(&self, rows: usize, n: usize, bias: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
