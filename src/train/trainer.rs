@@ -511,8 +511,8 @@ impl<B: Backend> StepGraphs<B> {
 /// A run that diverges stops with [`Error::Diverged`], leaving the checkpoint of its best
 /// epoch as it was (and removing its resume checkpoint, from which it would diverge again):
 /// a training loss that is not finite or exceeds [`EXPLODE`] times the first one read back,
-/// a gradient that is not finite (reported by the backend as [`Error::Diverged`]; a device
-/// reports it as a device error at its next synchronisation), or a validation in which every row gets the same score (a model collapsed to a constant:
+/// a gradient that is not finite (reported by the backend as [`Error::Diverged`]: the CPU
+/// at the step, CUDA at the next read of the losses), or a validation in which every row gets the same score (a model collapsed to a constant:
 /// AUC 0.5, KS 0).
 pub fn train<B: Backend>(
     be: &B,
@@ -679,17 +679,14 @@ pub fn train<B: Backend>(
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
             steps
                 .step(be, stage, model, loss, cw, &mut opt, lr, dev, row)
-                .map_err(|e| match e {
-                    Error::Diverged(_) => diverged(
-                        opts,
-                        run.best.as_ref(),
+                .map_err(|e| {
+                    if_diverged(e, opts, run.best.as_ref(), |_| {
                         format!(
                             "{role} training diverged at epoch {epoch}, step {}: the gradient \
                              is not finite (the step was skipped)",
                             opt.step
-                        ),
-                    ),
-                    e => e,
+                        )
+                    })
                 })?;
             pending_rows.push(ids.len());
             bar.inc(1);
@@ -704,16 +701,13 @@ pub fn train<B: Backend>(
                 // step's AdamW) reports it at this first read after it.
                 let v: Vec<f64> = be
                     .download(&pending)
-                    .map_err(|e| match e {
-                        Error::Diverged(m) => diverged(
-                            opts,
-                            run.best.as_ref(),
+                    .map_err(|e| {
+                        if_diverged(e, opts, run.best.as_ref(), |m| {
                             format!(
                                 "{role} training diverged at epoch {epoch}, by step {}: {m}",
                                 opt.step
-                            ),
-                        ),
-                        e => e,
+                            )
+                        })
                     })?
                     .iter()
                     .map(|x| x.to_f64())
@@ -768,13 +762,10 @@ pub fn train<B: Backend>(
         bar.finish_and_clear();
         let train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let val = validate(be, ds, model, &valid_rows, &valid_labels).map_err(|e| match e {
-            Error::Diverged(m) => diverged(
-                opts,
-                run.best.as_ref(),
-                format!("{role} training diverged at epoch {epoch}: {m}"),
-            ),
-            e => e,
+        let val = validate(be, ds, model, &valid_rows, &valid_labels).map_err(|e| {
+            if_diverged(e, opts, run.best.as_ref(), |m| {
+                format!("{role} training diverged at epoch {epoch}: {m}")
+            })
         })?;
         let valid_seconds = t1.elapsed().as_secs_f64();
         if let Some(p) = val.constant {
@@ -981,6 +972,20 @@ fn open_log(path: Option<&Path>, resumed: bool, bytes: u64) -> Result<Option<std
     f.set_len(bytes).map_err(|e| Error::io(p, e))?;
     f.seek(SeekFrom::End(0)).map_err(|e| Error::io(p, e))?;
     Ok(Some(f))
+}
+
+/// `e` as [`diverged`] when it is an [`Error::Diverged`] (`what` turns its message into
+/// the run's), otherwise `e` itself.
+fn if_diverged(
+    e: Error,
+    opts: &RunOptions,
+    best: Option<&BestEpoch>,
+    what: impl FnOnce(&str) -> String,
+) -> Error {
+    match e {
+        Error::Diverged(m) => diverged(opts, best, what(&m)),
+        e => e,
+    }
 }
 
 /// The error of a diverged run: `what`, then what was kept. Removes the run's resume
