@@ -15,11 +15,13 @@
 //! - Reductions run in a fixed order, so results are bit-identical whatever the number of
 //!   threads.
 
+pub mod arena;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod float;
 
+pub use arena::ArenaStats;
 pub use float::Float;
 
 use crate::Result;
@@ -352,6 +354,24 @@ pub trait Backend: Send + Sync {
     /// all of its output): it skips the zero fill. The CPU backend fills it with NaN, so that
     /// a read before the first write shows in every test run on the CPU.
     fn uninit(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` elements for one step's activations, gradients or scratch, whose
+    /// contents are unspecified as with [`Backend::uninit`] (the default). A backend may
+    /// carve it out of an activation arena ([`arena`]) sized by the first step of the
+    /// largest shape, so that later steps allocate nothing. Drop it before the next step:
+    /// a buffer held longer keeps the arena from being reused (still correct, but every
+    /// later request then misses it).
+    fn scratch(&self, len: usize) -> Result<Self::Buf> {
+        self.uninit(len)
+    }
+    /// [`Backend::scratch`], zero-filled (the default is [`Backend::zeros`]).
+    fn scratch_zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// The activation arena's size and service so far, where the backend keeps one (`None`
+    /// on the CPU, whose allocator plays that part).
+    fn arena_stats(&self) -> Option<ArenaStats> {
+        None
+    }
     /// A buffer holding a copy of `host`.
     fn upload(&self, host: &[Self::F]) -> Result<Self::Buf>;
     /// An id buffer holding a copy of `host`.
@@ -387,6 +407,13 @@ pub trait Backend: Send + Sync {
     fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
     /// Queues one run of `graph`.
     fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    /// Whether `graph` may still be replayed as recorded: `false` once the activation arena
+    /// it was recorded against has been replaced by a larger one (it keeps the old one
+    /// alive, so a replay stays correct, but recording it again frees that memory).
+    fn graph_current(&self, graph: &Self::Graph) -> bool {
+        let _ = graph;
+        true
+    }
     /// `dst[0..host.len()] = host`, queued after the work before it.
     fn write(&self, host: &[Self::F], dst: Mut<Self::Buf>) -> Result<()>;
     /// `dst[0..len] = src[0..len]` for id buffers.

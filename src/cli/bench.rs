@@ -195,7 +195,7 @@ fn print_table(r: &BenchReport) -> Result<()> {
         r.params.student
     )?;
     crate::outln!(
-        "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8}",
+        "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>7} {:>8}",
         "step",
         "batches",
         "mode",
@@ -205,14 +205,18 @@ fn print_table(r: &BenchReport) -> Result<()> {
         "p90",
         "TFLOP/s",
         "peak MiB",
+        "arena MiB",
+        "allocs",
         "padding"
     )?;
-    for x in &r.results {
-        let mib = x.peak_mem_bytes.map_or("—".to_string(), |b| {
+    let mib = |b: Option<u64>| {
+        b.map_or("—".to_string(), |b| {
             format!("{:.0}", b as f64 / 1048576.0)
-        });
+        })
+    };
+    for x in &r.results {
         crate::outln!(
-            "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>7.0}%",
+            "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>10} {:>7} {:>7.0}%",
             format!("{:?}", x.stage).to_lowercase(),
             format!("{:?}", x.batching).to_lowercase(),
             format!("{:?}", x.mode).to_lowercase(),
@@ -221,10 +225,15 @@ fn print_table(r: &BenchReport) -> Result<()> {
             x.ms_p10,
             x.ms_p90,
             x.tflops,
-            mib,
+            mib(x.peak_mem_bytes),
+            mib(x.arena_bytes),
+            x.arena_misses.map_or("—".to_string(), |m| m.to_string()),
             100.0 * x.padding
         )?;
     }
+    crate::outln!(
+        "allocs: buffer requests of the timed steps that the activation arena could not serve"
+    )?;
     Ok(())
 }
 

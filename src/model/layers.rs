@@ -20,15 +20,17 @@ pub(crate) fn zero<F: Float>() -> F {
     <F as Float>::from_f64(0.0)
 }
 
-/// A fresh zero buffer (shorthand).
+/// A zero-filled activation, gradient or scratch buffer of one step (shorthand for
+/// [`Backend::scratch_zeros`]).
 pub(crate) fn zeros<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
-    be.zeros(n)
+    be.scratch_zeros(n)
 }
 
-/// A fresh buffer whose every element the caller writes before reading any (shorthand for
-/// [`Backend::uninit`]: no zero fill; NaN on the CPU, so that a missed element shows).
+/// An activation, gradient or scratch buffer of one step whose every element the caller
+/// writes before reading any (shorthand for [`Backend::scratch`]: no zero fill; NaN on the
+/// CPU, so that a missed element shows).
 pub(crate) fn uninit<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
-    be.uninit(n)
+    be.scratch(n)
 }
 
 /// A linear map `y = x·Wᵀ + b` with `W` stored `[out, in]` at `w` and `b` (`[out]`) at `b`.

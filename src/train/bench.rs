@@ -155,6 +155,13 @@ pub struct BenchRow {
     /// Peak device memory of the backend's buffers during the timed steps (bytes), where the
     /// backend can tell.
     pub peak_mem_bytes: Option<u64>,
+    /// Bytes of the activation arena after the timed steps, where the backend keeps one.
+    #[serde(default)]
+    pub arena_bytes: Option<u64>,
+    /// Buffer requests of the timed steps that the activation arena could not serve (each
+    /// an allocation inside a step; 0 in steady state), where the backend keeps one.
+    #[serde(default)]
+    pub arena_misses: Option<u64>,
     /// Share of padded in-service slots over the timed steps.
     pub padding: f64,
     /// Loss of the last step.
@@ -478,11 +485,13 @@ pub fn run<B: Backend>(
     }
     let total = cfg.warmup + cfg.steps;
     let (mut times, mut flops, mut slots_all, mut filled) = (Vec::new(), 0.0, 0u64, 0u64);
+    let mut misses_before = None;
     be.synchronize()?;
     for i in 0..total {
         if i == cfg.warmup {
             be.synchronize()?;
             be.reset_peak_memory();
+            misses_before = be.arena_stats().map(|a| a.misses);
         }
         let k = i % batches.len();
         let (db, hb) = (&batches[k], &host[k]);
@@ -515,6 +524,10 @@ pub fn run<B: Backend>(
         progress(i + 1, total);
     }
     let peak = be.peak_memory();
+    let arena = be.arena_stats();
+    let arena_misses = arena
+        .zip(misses_before)
+        .map(|(a, before)| a.misses - before);
     let v: Vec<f64> = be.download(&st.terms)?.iter().map(|x| x.to_f64()).collect();
     let last_loss = slots.as_ref().map_or(v[0], |s| s.read(&v).total);
     if !last_loss.is_finite() {
@@ -546,6 +559,8 @@ pub fn run<B: Backend>(
         flops_per_step: mean_flops,
         tflops: mean_flops / secs_per_step / 1e12,
         peak_mem_bytes: peak,
+        arena_bytes: arena.map(|a| a.capacity as u64),
+        arena_misses,
         padding: 1.0 - filled as f64 / slots_all.max(1) as f64,
         loss: last_loss,
     })
@@ -654,6 +669,7 @@ mod tests {
                 assert!(r.loss.is_finite());
                 assert!((0.0..1.0).contains(&r.padding));
                 assert_eq!(r.peak_mem_bytes, None);
+                assert_eq!((r.arena_bytes, r.arena_misses), (None, None));
             }
         }
     }

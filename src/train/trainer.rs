@@ -412,9 +412,10 @@ type Shape = (usize, usize, usize);
 
 /// The training steps of one run, recorded as graphs where the backend can (CUDA), one per
 /// batch shape: a shape's first step runs op by op (which also sizes the backend's scratch
-/// buffers, which a recording must not grow), its second is recorded with its own batch as
-/// the graph's input and replayed, and every later one is copied into that input and
-/// replayed. A replay runs the kernels an eager step would queue, on the same shapes, so the
+/// buffers and its activation arena, which a recording must not grow), its second is
+/// recorded with its own batch as the graph's input and replayed, and every later one is
+/// copied into that input and replayed (recorded again if the arena has grown since, for a
+/// larger shape). A replay runs the kernels an eager step would queue, on the same shapes, so the
 /// results are the same; only the host's launch work is saved. The optimizer's per-step
 /// constants reach a recorded step through a device buffer
 /// ([`Optimizer::advance_recorded`]).
@@ -462,6 +463,13 @@ impl<B: Backend> StepGraphs<B> {
     ) -> Result<()> {
         let shape = (batch.rows, batch.pre.len, batch.in_service.len);
         let width = be.len(&self.terms);
+        if let Some((_, graph)) = self.recorded.get(&shape) {
+            if !be.graph_current(graph) {
+                // Recorded before the activation arena grew: record it again on the new one,
+                // which frees the old.
+                self.recorded.remove(&shape);
+            }
+        }
         if let Some((input, graph)) = self.recorded.get_mut(&shape) {
             input.copy_from(be, &batch)?;
             opt.advance_recorded(be, lr, Mut::whole(&mut self.sched))?;

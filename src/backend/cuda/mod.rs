@@ -1,6 +1,10 @@
-//! The CUDA backend: [`CudaBackend`], `F = f32`, buffers `CudaSlice<f32>`, ids
+//! The CUDA backend: [`CudaBackend`], `F = f32`, buffers [`CudaBuf`], ids
 //! `CudaSlice<u32>`, everything on one stream of one device.
 //!
+//! - Memory: buffers that outlive a step come from the stream-ordered pool; a step's
+//!   activations, gradients and scratch ([`Backend::scratch`]) are windows of one activation
+//!   arena ([`arena`]), sized by the first step of the largest batch shape, so that later
+//!   steps make no allocation at all.
 //! - Kernels: the project's own (`kernels/*.cu`, see [`nvrtc`]), compiled by NVRTC at start
 //!   for the device's architecture and cached for the process; dense products through cuBLAS
 //!   (row-major through the usual swap: `C = op(A)·op(B)` row-major is
@@ -24,6 +28,7 @@
 //!   memory (12272 floats, 64 bytes being kept for its static shared memory: lk ≤ 1249 at
 //!   d = 128); larger shapes are refused with an error.
 
+pub mod arena;
 pub mod embedding;
 pub mod lt;
 pub mod nvrtc;
@@ -35,21 +40,20 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys as drv_sys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
+use self::arena::Arena;
+pub use self::arena::{CudaBuf, RecordedGraph};
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
-    extent, sched_values, AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut,
-    Outer, Ref, ValidTokens,
+    extent, sched_values, AdamW, ArenaStats, Backend, EmbMode, EmbTable, FineGrads, FineShape,
+    Gemm, Mut, Outer, Ref, ValidTokens,
 };
 use crate::{Error, Result};
 
-/// The CUDA backend's float buffer.
-pub type CudaBuf = CudaSlice<f32>;
 /// The CUDA backend's id buffer.
 pub type CudaIds = CudaSlice<u32>;
 
@@ -146,6 +150,8 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     kernels: HashMap<&'static str, CudaFunction>,
     state: Mutex<State>,
+    /// The activation arena of [`Backend::scratch`].
+    arena: Arena,
     error: Mutex<Option<String>>,
     /// Set while a graph is being recorded: the scratch buffers must not grow then.
     recording: std::sync::atomic::AtomicBool,
@@ -302,6 +308,7 @@ impl CudaBackend {
             _blas_workspace: workspace,
             kernels,
             state: Mutex::new(state),
+            arena: Arena::new(),
             error: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
             recorded: std::sync::atomic::AtomicBool::new(false),
@@ -424,25 +431,25 @@ impl CudaBackend {
     }
 
     /// Device address of a read window of `len` elements (checked against the buffer).
-    fn rp(&self, r: Ref<CudaSlice<f32>>, len: usize, what: &str) -> u64 {
+    fn rp(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> u64 {
         assert!(
             r.off + len <= r.buf.len(),
             "{what}: window of {len} at {} exceeds the buffer of {}",
             r.off,
             r.buf.len()
         );
-        self.base(r.buf) + F32_BYTES * r.off as u64
+        r.buf.ptr() + F32_BYTES * r.off as u64
     }
 
     /// Device address of a write window of `len` elements (checked against the buffer).
-    fn mp(&self, m: Mut<CudaSlice<f32>>, len: usize, what: &str) -> u64 {
+    fn mp(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> u64 {
         assert!(
             m.off + len <= m.buf.len(),
             "{what}: window of {len} at {} exceeds the buffer of {}",
             m.off,
             m.buf.len()
         );
-        self.base(m.buf) + F32_BYTES * m.off as u64
+        m.buf.ptr() + F32_BYTES * m.off as u64
     }
 
     /// Device address of an id buffer holding at least `len` ids.
@@ -473,12 +480,12 @@ impl CudaBackend {
         rows: usize,
         inp: usize,
         out: usize,
-        x: Ref<CudaSlice<f32>>,
-        w: Ref<CudaSlice<f32>>,
-        b: Ref<CudaSlice<f32>>,
-        resid: Option<Ref<CudaSlice<f32>>>,
+        x: Ref<CudaBuf>,
+        w: Ref<CudaBuf>,
+        b: Ref<CudaBuf>,
+        resid: Option<Ref<CudaBuf>>,
         accumulate: bool,
-        y: Mut<CudaSlice<f32>>,
+        y: Mut<CudaBuf>,
     ) {
         let xp = self.rp(x, rows * inp, "linear x");
         let wp = self.rp(w, out * inp, "linear w");
@@ -608,11 +615,11 @@ impl CudaBackend {
     fn adamw_buffers(
         &self,
         hp: &AdamW,
-        params: &CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        decay_mask: &CudaSlice<f32>,
+        params: &CudaBuf,
+        grads: &CudaBuf,
+        m: &CudaBuf,
+        v: &CudaBuf,
+        decay_mask: &CudaBuf,
     ) -> (usize, [u64; 5]) {
         let len = params.len();
         assert!(
@@ -620,7 +627,7 @@ impl CudaBackend {
             "adamw: parameter, gradient, moment and mask buffers differ in length"
         );
         assert!(hp.step >= 1, "adamw: the step number is 1-based");
-        let bufs = [params, grads, m, v, decay_mask].map(|b| self.base(b));
+        let bufs = [params, grads, m, v, decay_mask].map(CudaBuf::ptr);
         (len, bufs)
     }
 
@@ -736,9 +743,9 @@ fn op(t: bool) -> blas_sys::cublasOperation_t {
 
 impl Backend for CudaBackend {
     type F = f32;
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type Ids = CudaSlice<u32>;
-    type Graph = CudaGraph;
+    type Graph = RecordedGraph;
     type Staging = staging::CudaStaging;
 
     fn name(&self) -> String {
@@ -752,27 +759,70 @@ impl Backend for CudaBackend {
 
     // ---- memory ------------------------------------------------------------------------
 
-    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        if len == 0 {
-            return self.stream.null().map_err(|e| self.dev_err(e));
-        }
-        self.stream.alloc_zeros(len).map_err(|e| self.dev_err(e))
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        let buf = if len == 0 {
+            self.stream.null()
+        } else {
+            self.stream.alloc_zeros(len)
+        };
+        Ok(CudaBuf::own(
+            buf.map_err(|e| self.dev_err(e))?,
+            &self.stream,
+        ))
     }
 
-    fn uninit(&self, len: usize) -> Result<CudaSlice<f32>> {
-        if len == 0 {
-            return self.stream.null().map_err(|e| self.dev_err(e));
-        }
-        // SAFETY: f32 has no invalid bit patterns; the caller writes every element before
-        // reading any (the trait's contract, checked by the CPU backend's NaN fill).
-        unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| self.dev_err(e))
+    fn uninit(&self, len: usize) -> Result<CudaBuf> {
+        let buf = if len == 0 {
+            self.stream.null()
+        } else {
+            // SAFETY: f32 has no invalid bit patterns; the caller writes every element
+            // before reading any (the trait's contract, checked by the CPU backend's NaN
+            // fill).
+            unsafe { self.stream.alloc::<f32>(len) }
+        };
+        Ok(CudaBuf::own(
+            buf.map_err(|e| self.dev_err(e))?,
+            &self.stream,
+        ))
     }
 
-    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        if host.is_empty() {
-            return self.stream.null().map_err(|e| self.dev_err(e));
+    fn scratch(&self, len: usize) -> Result<CudaBuf> {
+        if len == 0 {
+            return self.uninit(0);
         }
-        self.stream.clone_htod(host).map_err(|e| self.dev_err(e))
+        let recording = self.recording.load(std::sync::atomic::Ordering::Relaxed);
+        self.arena
+            .take(&self.stream, len, recording)
+            .map_err(|e| self.dev_err(format!("activation arena: {e}")))
+    }
+
+    fn scratch_zeros(&self, len: usize) -> Result<CudaBuf> {
+        let buf = self.scratch(len)?;
+        if len > 0 {
+            self.note(self.ctx.bind_to_thread(), "bind context");
+            // SAFETY: the window holds `len` f32, all of which are set.
+            let r = unsafe {
+                drv_sys::cuMemsetD32Async(buf.ptr(), 0, len, self.stream.cu_stream()).result()
+            };
+            r.map_err(|e| self.dev_err(format!("zeroing scratch: {e}")))?;
+        }
+        Ok(buf)
+    }
+
+    fn arena_stats(&self) -> Option<ArenaStats> {
+        Some(self.arena.stats())
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        let buf = if host.is_empty() {
+            self.stream.null()
+        } else {
+            self.stream.clone_htod(host)
+        };
+        Ok(CudaBuf::own(
+            buf.map_err(|e| self.dev_err(e))?,
+            &self.stream,
+        ))
     }
 
     fn upload_ids(&self, host: &[u32]) -> Result<CudaSlice<u32>> {
@@ -782,17 +832,24 @@ impl Backend for CudaBackend {
         self.stream.clone_htod(host).map_err(|e| self.dev_err(e))
     }
 
-    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         self.synchronize()?;
-        if buf.is_empty() {
-            return Ok(Vec::new());
+        let mut v = vec![0.0f32; buf.len()];
+        if v.is_empty() {
+            return Ok(v);
         }
-        let v = self.stream.clone_dtoh(buf).map_err(|e| self.dev_err(e))?;
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the buffer holds `v.len()` f32 and `v` lives until the synchronisation
+        // below has waited for the copy.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, buf.ptr(), self.stream.cu_stream())
+        };
+        r.map_err(|e| self.dev_err(format!("download: {e}")))?;
         self.stream.synchronize().map_err(|e| self.dev_err(e))?;
         Ok(v)
     }
 
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+    fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
 
@@ -805,8 +862,9 @@ impl Backend for CudaBackend {
         staging: &staging::CudaStaging,
         off: usize,
         len: usize,
-    ) -> Result<CudaSlice<f32>> {
-        self.upload_pinned(staging, staging.floats(), off, len)
+    ) -> Result<CudaBuf> {
+        let buf = self.upload_pinned(staging, staging.floats(), off, len)?;
+        Ok(CudaBuf::own(buf, &self.stream))
     }
 
     fn upload_staged_ids(
@@ -818,7 +876,7 @@ impl Backend for CudaBackend {
         self.upload_pinned(staging, staging.ids(), off, len)
     }
 
-    fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraph>> {
+    fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<RecordedGraph>> {
         // Whatever was queued before runs first; a kept error stops here.
         CudaBackend::synchronize(self)?;
         // The graph's temporaries come from the device's graph memory, not the default
@@ -829,6 +887,11 @@ impl Backend for CudaBackend {
             let r = unsafe { drv_sys::cuMemPoolTrimTo(pool, 0) }.result();
             self.note(r, "trimming the memory pool");
         }
+        // The recording addresses the activation arena at the size the steps before it
+        // asked for.
+        self.arena
+            .settle(&self.stream)
+            .map_err(|e| self.dev_err(format!("activation arena: {e}")))?;
         let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         self.stream
             .begin_capture(mode)
@@ -858,16 +921,21 @@ impl Backend for CudaBackend {
             g.upload()
                 .map_err(|e| self.dev_err(format!("uploading a graph: {e}")))?;
         }
-        Ok(graph)
+        Ok(graph.map(|g| self.arena.keep(g)))
     }
 
-    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+    fn replay(&self, graph: &RecordedGraph) -> Result<()> {
         graph
+            .graph
             .launch()
             .map_err(|e| self.dev_err(format!("replaying a graph: {e}")))
     }
 
-    fn write(&self, host: &[f32], dst: Mut<CudaSlice<f32>>) -> Result<()> {
+    fn graph_current(&self, graph: &RecordedGraph) -> bool {
+        self.arena.current(graph)
+    }
+
+    fn write(&self, host: &[f32], dst: Mut<CudaBuf>) -> Result<()> {
         if host.is_empty() {
             return Ok(());
         }
@@ -915,7 +983,7 @@ impl Backend for CudaBackend {
         self.graph_mem_attribute(false);
     }
 
-    fn fill(&self, len: usize, value: f32, x: Mut<CudaSlice<f32>>) {
+    fn fill(&self, len: usize, value: f32, x: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
@@ -923,7 +991,7 @@ impl Backend for CudaBackend {
         launch!(self, "fill_f32", grid1(len); p, long(len), value);
     }
 
-    fn copy(&self, len: usize, src: Ref<CudaSlice<f32>>, dst: Mut<CudaSlice<f32>>) {
+    fn copy(&self, len: usize, src: Ref<CudaBuf>, dst: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
@@ -936,9 +1004,9 @@ impl Backend for CudaBackend {
         &self,
         rows: usize,
         cols: usize,
-        src: Ref<CudaSlice<f32>>,
+        src: Ref<CudaBuf>,
         src_ld: usize,
-        dst: Mut<CudaSlice<f32>>,
+        dst: Mut<CudaBuf>,
         dst_ld: usize,
         accumulate: bool,
     ) {
@@ -955,7 +1023,7 @@ impl Backend for CudaBackend {
             int(rows, "rows"), int(cols, "cols"), s, long(src_ld), d, long(dst_ld), accumulate as i32);
     }
 
-    fn axpy(&self, len: usize, alpha: f32, x: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+    fn axpy(&self, len: usize, alpha: f32, x: Ref<CudaBuf>, y: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
@@ -970,10 +1038,10 @@ impl Backend for CudaBackend {
         &self,
         s: &Gemm,
         alpha: f32,
-        a: Ref<CudaSlice<f32>>,
-        b: Ref<CudaSlice<f32>>,
+        a: Ref<CudaBuf>,
+        b: Ref<CudaBuf>,
         beta: f32,
-        c: Mut<CudaSlice<f32>>,
+        c: Mut<CudaBuf>,
     ) {
         let (m, n, k) = (s.m, s.n, s.k);
         if s.batch == 0 || m == 0 || n == 0 {
@@ -1064,10 +1132,10 @@ impl Backend for CudaBackend {
         s: &Gemm,
         outer: &Outer,
         alpha: f32,
-        a: Ref<CudaSlice<f32>>,
-        b: Ref<CudaSlice<f32>>,
+        a: Ref<CudaBuf>,
+        b: Ref<CudaBuf>,
         beta: f32,
-        c: Mut<CudaSlice<f32>>,
+        c: Mut<CudaBuf>,
     ) {
         let (m, n, k) = (s.m, s.n, s.k);
         let products = outer.count * s.batch;
@@ -1135,10 +1203,10 @@ impl Backend for CudaBackend {
         rows: usize,
         inp: usize,
         out: usize,
-        x: Ref<CudaSlice<f32>>,
-        w: Ref<CudaSlice<f32>>,
-        b: Ref<CudaSlice<f32>>,
-        y: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        w: Ref<CudaBuf>,
+        b: Ref<CudaBuf>,
+        y: Mut<CudaBuf>,
         accumulate: bool,
     ) {
         if rows == 0 || inp == 0 || out == 0 {
@@ -1152,11 +1220,11 @@ impl Backend for CudaBackend {
         rows: usize,
         inp: usize,
         out: usize,
-        x: Ref<CudaSlice<f32>>,
-        w: Ref<CudaSlice<f32>>,
-        b: Ref<CudaSlice<f32>>,
-        resid: Ref<CudaSlice<f32>>,
-        mut y: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        w: Ref<CudaBuf>,
+        b: Ref<CudaBuf>,
+        resid: Ref<CudaBuf>,
+        mut y: Mut<CudaBuf>,
     ) {
         if rows == 0 || inp == 0 || out == 0 {
             self.copy(rows * out, resid, y.reborrow());
@@ -1165,7 +1233,7 @@ impl Backend for CudaBackend {
         self.lt_linear(rows, inp, out, x, w, b, Some(resid), true, y);
     }
 
-    fn add_bias(&self, rows: usize, n: usize, bias: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+    fn add_bias(&self, rows: usize, n: usize, bias: Ref<CudaBuf>, y: Mut<CudaBuf>) {
         if rows == 0 || n == 0 {
             return;
         }
@@ -1174,13 +1242,7 @@ impl Backend for CudaBackend {
         launch!(self, "add_bias_f32", grid1(rows * n); int(rows, "rows"), int(n, "n"), bp, yp);
     }
 
-    fn bias_backward(
-        &self,
-        rows: usize,
-        n: usize,
-        dy: Ref<CudaSlice<f32>>,
-        db: Mut<CudaSlice<f32>>,
-    ) {
+    fn bias_backward(&self, rows: usize, n: usize, dy: Ref<CudaBuf>, db: Mut<CudaBuf>) {
         if n == 0 || rows == 0 {
             return;
         }
@@ -1191,7 +1253,7 @@ impl Backend for CudaBackend {
 
     // ---- element-wise and normalisation ----------------------------------------------
 
-    fn gelu(&self, len: usize, x: Ref<CudaSlice<f32>>, y: Mut<CudaSlice<f32>>) {
+    fn gelu(&self, len: usize, x: Ref<CudaBuf>, y: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
@@ -1200,13 +1262,7 @@ impl Backend for CudaBackend {
         launch!(self, "gelu_f32", grid1(len); long(len), xp, yp);
     }
 
-    fn gelu_backward(
-        &self,
-        len: usize,
-        x: Ref<CudaSlice<f32>>,
-        dy: Ref<CudaSlice<f32>>,
-        dx: Mut<CudaSlice<f32>>,
-    ) {
+    fn gelu_backward(&self, len: usize, x: Ref<CudaBuf>, dy: Ref<CudaBuf>, dx: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
@@ -1220,10 +1276,10 @@ impl Backend for CudaBackend {
         &self,
         rows: usize,
         n: usize,
-        x: Ref<CudaSlice<f32>>,
-        dy: Ref<CudaSlice<f32>>,
-        dx: Mut<CudaSlice<f32>>,
-        db: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        dy: Ref<CudaBuf>,
+        dx: Mut<CudaBuf>,
+        db: Mut<CudaBuf>,
     ) {
         if rows == 0 || n == 0 {
             return;
@@ -1245,10 +1301,10 @@ impl Backend for CudaBackend {
         &self,
         rows: usize,
         d: usize,
-        x: Ref<CudaSlice<f32>>,
-        gamma_beta: Ref<CudaSlice<f32>>,
-        y: Mut<CudaSlice<f32>>,
-        stats: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        gamma_beta: Ref<CudaBuf>,
+        y: Mut<CudaBuf>,
+        stats: Mut<CudaBuf>,
     ) {
         if rows == 0 || d == 0 {
             return;
@@ -1264,12 +1320,12 @@ impl Backend for CudaBackend {
         &self,
         rows: usize,
         d: usize,
-        x: Ref<CudaSlice<f32>>,
-        gamma_beta: Ref<CudaSlice<f32>>,
-        stats: Ref<CudaSlice<f32>>,
-        dy: Ref<CudaSlice<f32>>,
-        dx: Mut<CudaSlice<f32>>,
-        dgamma_beta: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        gamma_beta: Ref<CudaBuf>,
+        stats: Ref<CudaBuf>,
+        dy: Ref<CudaBuf>,
+        dx: Mut<CudaBuf>,
+        dgamma_beta: Mut<CudaBuf>,
     ) {
         if rows == 0 || d == 0 {
             return;
@@ -1305,9 +1361,9 @@ impl Backend for CudaBackend {
         width: usize,
         tables: &[EmbTable],
         ids: &CudaSlice<u32>,
-        params: &CudaSlice<f32>,
+        params: &CudaBuf,
         mode: EmbMode,
-        out: Mut<CudaSlice<f32>>,
+        out: Mut<CudaBuf>,
         out_ld: usize,
     ) {
         let fields = tables.len();
@@ -1329,7 +1385,7 @@ impl Backend for CudaBackend {
         }
         check_tables("embedding", tables, width, params.len());
         let err = self.base(&self.lock_state().err_flag);
-        let pbase = self.base(params);
+        let pbase = params.ptr();
         let sum = mode == EmbMode::Sum;
         for (gi, group) in EmbFields::groups(tables, width, mode, false)
             .iter()
@@ -1353,9 +1409,9 @@ impl Backend for CudaBackend {
         tables: &[EmbTable],
         ids: &CudaSlice<u32>,
         mode: EmbMode,
-        dout: Ref<CudaSlice<f32>>,
+        dout: Ref<CudaBuf>,
         dout_ld: usize,
-        grads: &mut CudaSlice<f32>,
+        grads: &mut CudaBuf,
         valid: Option<ValidTokens<'_, CudaSlice<u32>>>,
     ) {
         let fields = tables.len();
@@ -1385,7 +1441,7 @@ impl Backend for CudaBackend {
         };
         let idp = self.ip(ids, n * fields, "embedding_backward ids");
         let gp = self.rp(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
-        let gbase = self.base(grads);
+        let gbase = grads.ptr();
         // Tables that share elements go one field at a time, in field order (the CPU's order).
         for group in EmbFields::groups(tables, width, mode, true) {
             let keys = group.key0[group.count as usize] as usize;
@@ -1439,8 +1495,8 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        pos: Ref<CudaSlice<f32>>,
-        x: Mut<CudaSlice<f32>>,
+        pos: Ref<CudaBuf>,
+        x: Mut<CudaBuf>,
     ) {
         if batch == 0 || max_len == 0 || d == 0 {
             return;
@@ -1459,8 +1515,8 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        dx: Ref<CudaSlice<f32>>,
-        dpos: Mut<CudaSlice<f32>>,
+        dx: Ref<CudaBuf>,
+        dpos: Mut<CudaBuf>,
     ) {
         if batch == 0 || max_len == 0 || d == 0 {
             return;
@@ -1495,7 +1551,7 @@ impl Backend for CudaBackend {
         lk: usize,
         key_lens: &CudaSlice<u32>,
         scale: f32,
-        scores: Mut<CudaSlice<f32>>,
+        scores: Mut<CudaBuf>,
     ) {
         let rows = batch * heads * lq;
         if rows == 0 || lk == 0 {
@@ -1516,9 +1572,9 @@ impl Backend for CudaBackend {
         lk: usize,
         key_lens: &CudaSlice<u32>,
         scale: f32,
-        probs: Ref<CudaSlice<f32>>,
-        dprobs: Ref<CudaSlice<f32>>,
-        dscores: Mut<CudaSlice<f32>>,
+        probs: Ref<CudaBuf>,
+        dprobs: Ref<CudaBuf>,
+        dscores: Mut<CudaBuf>,
     ) {
         let rows = batch * heads * lq;
         if rows == 0 || lk == 0 {
@@ -1539,16 +1595,16 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        x: Ref<CudaSlice<f32>>,
-        empty: Ref<CudaSlice<f32>>,
-        out: Mut<CudaSlice<f32>>,
+        x: Ref<CudaBuf>,
+        empty: Ref<CudaBuf>,
+        out: Mut<CudaBuf>,
     ) {
         if batch == 0 || d == 0 {
             return;
         }
         let lp = self.ip(lens, batch, "masked_mean lens");
         let xp = if max_len == 0 {
-            self.base(x.buf)
+            x.buf.ptr()
         } else {
             self.rp(x, batch * max_len * d, "masked_mean x")
         };
@@ -1565,9 +1621,9 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        dout: Ref<CudaSlice<f32>>,
-        dx: Mut<CudaSlice<f32>>,
-        dempty: Mut<CudaSlice<f32>>,
+        dout: Ref<CudaBuf>,
+        dx: Mut<CudaBuf>,
+        dempty: Mut<CudaBuf>,
     ) {
         if batch == 0 || d == 0 {
             return;
@@ -1596,8 +1652,8 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        vec: Ref<CudaSlice<f32>>,
-        seq: Mut<CudaSlice<f32>>,
+        vec: Ref<CudaBuf>,
+        seq: Mut<CudaBuf>,
     ) {
         if batch == 0 || d == 0 {
             return;
@@ -1616,8 +1672,8 @@ impl Backend for CudaBackend {
         max_len: usize,
         d: usize,
         lens: &CudaSlice<u32>,
-        dseq: Mut<CudaSlice<f32>>,
-        dvec: Mut<CudaSlice<f32>>,
+        dseq: Mut<CudaBuf>,
+        dvec: Mut<CudaBuf>,
     ) {
         if batch == 0 || d == 0 {
             return;
@@ -1638,12 +1694,12 @@ impl Backend for CudaBackend {
     fn bce_loss_into(
         &self,
         n: usize,
-        logits: Ref<CudaSlice<f32>>,
-        labels: Ref<CudaSlice<f32>>,
-        weights: Ref<CudaSlice<f32>>,
+        logits: Ref<CudaBuf>,
+        labels: Ref<CudaBuf>,
+        weights: Ref<CudaBuf>,
         coef: f32,
-        dlogits: Option<Mut<CudaSlice<f32>>>,
-        out: Mut<CudaSlice<f32>>,
+        dlogits: Option<Mut<CudaBuf>>,
+        out: Mut<CudaBuf>,
     ) -> Result<()> {
         let op_ = self.mp(out, 1, "bce_loss out");
         if n == 0 {
@@ -1663,13 +1719,13 @@ impl Backend for CudaBackend {
     fn bernoulli_kl_loss_into(
         &self,
         n: usize,
-        student: Ref<CudaSlice<f32>>,
-        target: Ref<CudaSlice<f32>>,
-        weights: Option<Ref<CudaSlice<f32>>>,
+        student: Ref<CudaBuf>,
+        target: Ref<CudaBuf>,
+        weights: Option<Ref<CudaBuf>>,
         tau: f32,
         coef: f32,
-        dstudent: Option<Mut<CudaSlice<f32>>>,
-        out: Mut<CudaSlice<f32>>,
+        dstudent: Option<Mut<CudaBuf>>,
+        out: Mut<CudaBuf>,
     ) -> Result<()> {
         if tau.is_nan() || tau <= 0.0 {
             return Err(Error::invalid(format!(
@@ -1696,13 +1752,13 @@ impl Backend for CudaBackend {
         &self,
         n: usize,
         d: usize,
-        pred: Ref<CudaSlice<f32>>,
-        target: Ref<CudaSlice<f32>>,
-        weights: Ref<CudaSlice<f32>>,
+        pred: Ref<CudaBuf>,
+        target: Ref<CudaBuf>,
+        weights: Ref<CudaBuf>,
         cosine: bool,
         coef: f32,
-        dpred: Option<Mut<CudaSlice<f32>>>,
-        out: Mut<CudaSlice<f32>>,
+        dpred: Option<Mut<CudaBuf>>,
+        out: Mut<CudaBuf>,
     ) -> Result<()> {
         let op_ = self.mp(out, 1, "coarse_loss out");
         if n == 0 || d == 0 {
@@ -1723,16 +1779,16 @@ impl Backend for CudaBackend {
     fn fine_loss_into(
         &self,
         shape: FineShape,
-        q: Ref<CudaSlice<f32>>,
-        k: Ref<CudaSlice<f32>>,
-        v: Ref<CudaSlice<f32>>,
-        t_in: Ref<CudaSlice<f32>>,
+        q: Ref<CudaBuf>,
+        k: Ref<CudaBuf>,
+        v: Ref<CudaBuf>,
+        t_in: Ref<CudaBuf>,
         q_lens: &CudaSlice<u32>,
         k_lens: &CudaSlice<u32>,
-        weights: Ref<CudaSlice<f32>>,
+        weights: Ref<CudaBuf>,
         coef: f32,
-        grads: Option<FineGrads<'_, CudaSlice<f32>>>,
-        out: Mut<CudaSlice<f32>>,
+        grads: Option<FineGrads<'_, CudaBuf>>,
+        out: Mut<CudaBuf>,
     ) -> Result<()> {
         let FineShape { batch, lq, lk, d } = shape;
         let op_ = self.mp(out, 1, "fine_loss out");
@@ -1793,12 +1849,7 @@ impl Backend for CudaBackend {
 
     // ---- optimizer ---------------------------------------------------------------------
 
-    fn sum_squares_into(
-        &self,
-        len: usize,
-        x: Ref<CudaSlice<f32>>,
-        out: Mut<CudaSlice<f32>>,
-    ) -> Result<()> {
+    fn sum_squares_into(&self, len: usize, x: Ref<CudaBuf>, out: Mut<CudaBuf>) -> Result<()> {
         let op_ = self.mp(out, 1, "sum_squares out");
         if len == 0 {
             return self.store_zero(op_);
@@ -1820,13 +1871,13 @@ impl Backend for CudaBackend {
         &self,
         hp: &AdamW,
         clip: f64,
-        sum_sq: Ref<CudaSlice<f32>>,
-        sched: Option<Ref<CudaSlice<f32>>>,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        decay_mask: &CudaSlice<f32>,
+        sum_sq: Ref<CudaBuf>,
+        sched: Option<Ref<CudaBuf>>,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        decay_mask: &CudaBuf,
     ) -> Result<()> {
         let (len, [pp, gp, mp, vp, dp]) = self.adamw_buffers(hp, params, grads, m, v, decay_mask);
         let sp = self.rp(sum_sq, 1, "adamw_clipped sum_sq");
@@ -1845,11 +1896,11 @@ impl Backend for CudaBackend {
     fn adamw(
         &self,
         hp: &AdamW,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        decay_mask: &CudaSlice<f32>,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        decay_mask: &CudaBuf,
     ) {
         let (len, [pp, gp, mp, vp, dp]) = self.adamw_buffers(hp, params, grads, m, v, decay_mask);
         if len == 0 {
