@@ -2,8 +2,9 @@
 //! reference configuration of docs/model.md §8 (batch 1024, in-service L = 128, pre-service
 //! Lp = 32, d = 128, 4 heads, the §8 vocabularies): the teacher's shapes (`batch·L` tokens)
 //! and the student's (`batch·Lp`), called exactly as the model calls them — the linear maps
-//! through `linear_forward`/`linear_residual`, the attention products as one `gemm_outer`
-//! over heads × rows, the fused GELU + bias backward beside its unfused pair, one encoder
+//! through `linear_forward`/`linear_residual`, attention as one operation (fused on CUDA)
+//! beside its composition's parts (the products as one `gemm_outer` over heads × rows, the
+//! masked softmax), the fused GELU + bias backward beside its unfused pair, one encoder
 //! block through the model's own `Block` forward and backward.
 //!
 //! Reported per op: time per call (median of several batches of calls, between stream
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use mgkd::backend::cuda::{CudaBackend, CudaBuf};
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref, ValidTokens,
+    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref, ValidTokens,
 };
 use mgkd::model::layers::{Block, SeqShape};
 use mgkd::model::{ModelConfig, ParamTable, Role};
@@ -202,86 +203,84 @@ fn linear(b: &mut Bench) {
     }
 }
 
-/// The attention products as the model runs them (one `gemm_outer` over heads × rows, Q, K
-/// and V inside the fused projection's output) and the masked softmax, forward and backward,
-/// at the teacher's and the student's lengths.
+/// Attention as the model runs it: the whole operation (`Backend::attention` and its
+/// backward, which the model calls), then its parts — the products as one `gemm_outer` over
+/// heads × rows with Q, K and V inside the fused projection's output, and the masked
+/// softmax — at the teacher's and the student's lengths.
 fn attention(b: &mut Bench) {
     let dh = D / H;
     for (who, l, empty) in [("teacher", L, false), ("student", LP, true)] {
         let tok = B * l;
+        let s = AttnShape {
+            batch: B,
+            len: l,
+            heads: H,
+            d: D,
+        };
         let lens = b.lens(B, l, empty);
         let qkv = b.rand(tok * 3 * D);
-        let mut probs = b.rand(B * H * l * l);
+        let mut probs = b.rand(s.probs_len());
+        let mut saved = b.out(b.be.attention_saved_len(&s));
         let mut ctx = b.out(tok * D);
         let mut dqkv = b.out(tok * 3 * D);
-        let heads = |sa, sb, sc| Outer {
-            count: H,
-            stride_a: sa,
-            stride_b: sb,
-            stride_c: sc,
-        };
-        let scores = Gemm {
-            m: l,
-            n: l,
-            k: dh,
-            trans_a: false,
-            trans_b: true,
-            lda: 3 * D,
-            ldb: 3 * D,
-            ldc: l,
-            batch: B,
-            stride_a: l * 3 * D,
-            stride_b: l * 3 * D,
-            stride_c: H * l * l,
-        };
-        let pv = Gemm {
-            m: l,
-            n: dh,
-            k: l,
-            trans_a: false,
-            trans_b: false,
-            lda: l,
-            ldb: 3 * D,
-            ldc: D,
-            batch: B,
-            stride_a: H * l * l,
-            stride_b: l * 3 * D,
-            stride_c: l * D,
-        };
-        let dv = Gemm {
-            trans_a: true,
-            ldb: D,
-            ldc: 3 * D,
-            stride_b: l * D,
-            stride_c: l * 3 * D,
-            ..pv
-        };
+        let dctx = b.rand(tok * D);
+        let scale = 1.0 / (dh as f32).sqrt();
         let products = B * H;
         let qk_flops = 2.0 * (products * l * l * dh) as f64;
         let t = b.time(|| {
+            let q = Ref::whole(&qkv);
+            b.be.attention(
+                &s,
+                &lens,
+                scale,
+                q,
+                Mut::whole(&mut ctx),
+                Mut::whole(&mut saved),
+            )
+        });
+        // Q, K, V in, C out; the probabilities written once.
+        let floats = 4 * tok * D + b.be.attention_saved_len(&s);
+        let op = format!("{who} attention {B}x{H} of {l}x{l}x{dh}");
+        b.push("attention", op, t, floats as f64, 2.0 * qk_flops);
+        let t = b.time(|| {
+            b.be.attention_backward(
+                &s,
+                &lens,
+                scale,
+                Ref::whole(&qkv),
+                Ref::whole(&ctx),
+                Ref::whole(&saved),
+                Ref::whole(&dctx),
+                Mut::whole(&mut dqkv),
+            )
+            .expect("attention backward")
+        });
+        let floats = 8 * tok * D + b.be.attention_saved_len(&s);
+        let op = format!("{who} attention backward {B}x{H} of {l}x{l}x{dh}");
+        b.push("attention", op, t, floats as f64, 4.0 * qk_flops);
+        let (scores, heads_qk) = s.scores_product(3 * D, 3 * D);
+        let (pv, heads_pv) = s.probs_product(false, 3 * D, D);
+        let (dv, heads_dv) = s.probs_product(true, D, 3 * D);
+        let t = b.time(|| {
             let (q, k) = (Ref::whole(&qkv), Ref::at(&qkv, D));
-            let o = heads(dh, dh, l * l);
-            b.be.gemm_outer(&scores, &o, 1.0, q, k, 0.0, Mut::whole(&mut probs))
+            b.be.gemm_outer(&scores, &heads_qk, 1.0, q, k, 0.0, Mut::whole(&mut probs))
         });
         let floats = 2 * tok * D + products * l * l;
         let op = format!("{who} Q·Kᵀ {B}x{H} of {l}x{l}x{dh}");
         b.push("attention", op, t, floats as f64, qk_flops);
         let t = b.time(|| {
             let (p, v) = (Ref::whole(&probs), Ref::at(&qkv, 2 * D));
-            let o = heads(l * l, dh, dh);
-            b.be.gemm_outer(&pv, &o, 1.0, p, v, 0.0, Mut::whole(&mut ctx))
+            b.be.gemm_outer(&pv, &heads_pv, 1.0, p, v, 0.0, Mut::whole(&mut ctx))
         });
         let floats = products * l * l + 2 * tok * D;
         let op = format!("{who} P·V {B}x{H} of {l}x{dh}x{l}");
         b.push("attention", op, t, floats as f64, qk_flops);
         let t = b.time(|| {
             let (p, dc) = (Ref::whole(&probs), Ref::whole(&ctx));
-            let o = heads(l * l, dh, dh);
-            b.be.gemm_outer(&dv, &o, 1.0, p, dc, 0.0, Mut::at(&mut dqkv, 2 * D))
+            b.be.gemm_outer(&dv, &heads_dv, 1.0, p, dc, 0.0, Mut::at(&mut dqkv, 2 * D))
         });
         let op = format!("{who} dV = Pᵀ·dC {B}x{H} of {l}x{dh}x{l}");
         b.push("attention", op, t, floats as f64, qk_flops);
-        let scale = 1.0 / (dh as f32).sqrt();
         let t = b.time(|| {
             b.be.masked_softmax(B, H, l, l, &lens, scale, Mut::whole(&mut probs))
         });

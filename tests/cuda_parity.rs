@@ -27,8 +27,8 @@ use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Outer, Ref,
-    ValidTokens,
+    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Outer,
+    Ref, ValidTokens,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -514,54 +514,15 @@ fn gemm_outer_heads_by_rows() {
     let qkv = randv(&mut r, batch * l * 3 * d);
     let probs = randv(&mut r, batch * heads * l * l);
     let ctx = randv(&mut r, batch * l * d);
-    let scores = Gemm {
-        m: l,
-        n: l,
-        k: dh,
-        trans_a: false,
-        trans_b: true,
-        lda: 3 * d,
-        ldb: 3 * d,
-        ldc: l,
+    let s = AttnShape {
         batch,
-        stride_a: l * 3 * d,
-        stride_b: l * 3 * d,
-        stride_c: heads * l * l,
+        len: l,
+        heads,
+        d,
     };
-    let pv = Gemm {
-        m: l,
-        n: dh,
-        k: l,
-        trans_a: false,
-        trans_b: false,
-        lda: l,
-        ldb: 3 * d,
-        ldc: d,
-        batch,
-        stride_a: heads * l * l,
-        stride_b: l * 3 * d,
-        stride_c: l * d,
-    };
-    let dv = Gemm {
-        m: l,
-        n: dh,
-        k: l,
-        trans_a: true,
-        trans_b: false,
-        lda: l,
-        ldb: d,
-        ldc: 3 * d,
-        batch,
-        stride_a: heads * l * l,
-        stride_b: l * d,
-        stride_c: l * 3 * d,
-    };
-    let outer = |sa, sb, sc| Outer {
-        count: heads,
-        stride_a: sa,
-        stride_b: sb,
-        stride_c: sc,
-    };
+    let (scores, heads_qk) = s.scores_product(3 * d, 3 * d);
+    let (pv, heads_pv) = s.probs_product(false, 3 * d, d);
+    let (dv, heads_dv) = s.probs_product(true, d, 3 * d);
     let shared = Outer {
         count: 3,
         stride_a: 7,
@@ -572,27 +533,13 @@ fn gemm_outer_heads_by_rows() {
         (
             "Q·Kᵀ",
             scores,
-            outer(dh, dh, l * l),
+            heads_qk,
             &qkv,
             &qkv[d..],
             batch * heads * l * l,
         ),
-        (
-            "P·V",
-            pv,
-            outer(l * l, dh, dh),
-            &probs,
-            &qkv[2 * d..],
-            batch * l * d,
-        ),
-        (
-            "Pᵀ·dC",
-            dv,
-            outer(l * l, dh, dh),
-            &probs,
-            &ctx,
-            batch * l * 3 * d,
-        ),
+        ("P·V", pv, heads_pv, &probs, &qkv[2 * d..], batch * l * d),
+        ("Pᵀ·dC", dv, heads_dv, &probs, &ctx, batch * l * 3 * d),
         (
             "shared C",
             scores,
@@ -1267,6 +1214,88 @@ fn masked_softmax_forward_and_backward() {
         };
         parity(
             &format!("softmax b={batch} h={heads} lq={lq} lk={lk}"),
+            &case,
+        );
+    }
+}
+
+/// Attention as one operation ([`Backend::attention`] and its backward): what the model
+/// calls, composed on the CPU, fused where a backend fuses it. `saved` is the backend's own
+/// (probabilities, or row statistics): poisoned before, compared only through what the
+/// backward makes of it.
+struct AttentionCase {
+    s: AttnShape,
+    lens: Vec<u32>,
+    scale: f64,
+    qkv: Vec<f64>,
+    dctx: Vec<f64>,
+}
+
+impl Case for AttentionCase {
+    fn run<B: Backend>(&self, be: &B) -> Outs {
+        let s = &self.s;
+        let lens = be.upload_ids(&self.lens).expect("lens");
+        let qkv = up(be, &junk_padded(&self.qkv));
+        let tokens = s.batch * s.len;
+        let mut ctx = poisoned(be, tokens * s.d);
+        let mut saved = poisoned(be, be.attention_saved_len(s));
+        let scale = cst::<B>(self.scale);
+        be.attention(
+            s,
+            &lens,
+            scale,
+            Ref::at(&qkv, PAD),
+            Mut::at(&mut ctx, PAD),
+            Mut::at(&mut saved, PAD),
+        );
+        let dctx = up(be, &junk_padded(&self.dctx));
+        let mut dqkv = poisoned(be, tokens * 3 * s.d);
+        be.attention_backward(
+            s,
+            &lens,
+            scale,
+            Ref::at(&qkv, PAD),
+            Ref::at(&ctx, PAD),
+            Ref::at(&saved, PAD),
+            Ref::at(&dctx, PAD),
+            Mut::at(&mut dqkv, PAD),
+        )
+        .expect("attention backward");
+        vec![named("ctx", down(be, &ctx)), named("dqkv", down(be, &dqkv))]
+    }
+}
+
+#[test]
+fn attention_forward_and_backward() {
+    let mut r = rng(71);
+    // (batch, len, heads, dh): one token; odd lengths; the §8 student and teacher shapes
+    // (dh 32, len 32 and 128) and one past them; dh above a warp; a shape whose tables
+    // exceed a CUDA block's shared memory (the composition runs there).
+    for (batch, len, heads, dh) in [
+        (1, 1, 1, 4),
+        (5, 11, 3, 8),
+        (4, 32, 4, 32),
+        (3, 128, 4, 32),
+        (2, 129, 4, 32),
+        (3, 19, 2, 40),
+        (2, 160, 2, 48),
+    ] {
+        let d = heads * dh;
+        let tokens = batch * len;
+        let case = AttentionCase {
+            s: AttnShape {
+                batch,
+                len,
+                heads,
+                d,
+            },
+            lens: lens(&mut r, batch, len),
+            scale: 1.0 / (dh as f64).sqrt(),
+            qkv: scaled(&mut r, tokens * 3 * d, 2.0),
+            dctx: randv(&mut r, tokens * d),
+        };
+        parity(
+            &format!("attention b={batch} l={len} h={heads} dh={dh}"),
             &case,
         );
     }

@@ -16,7 +16,8 @@
 
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::{
-    AdamW, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref, ValidTokens,
+    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Ref,
+    ValidTokens,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1154,6 +1155,116 @@ fn gradcheck_masked_softmax() {
     };
     let y = c.fwd::<f32>(&[1000.0, 999.0, -1000.0]);
     assert!(y.iter().all(|v| v.is_finite()) && (y.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+}
+
+// ---- attention ---------------------------------------------------------------------------
+
+/// Multi-head attention as one op ([`Backend::attention`] and its backward) over the fused
+/// Q|K|V projection: the differentiable input is `qkv`, the output the context.
+struct AttentionCase {
+    s: AttnShape,
+    lens: Vec<usize>,
+    scale: f64,
+}
+
+impl AttentionCase {
+    /// Forward: the context and the saved state.
+    fn run<F: Float>(&self, x: &[f64]) -> (Vec<F>, Vec<F>) {
+        let be = be::<F>();
+        let s = &self.s;
+        let mut ctx = nan::<F>(s.batch * s.len * s.d);
+        let mut saved = nan::<F>(be.attention_saved_len(s));
+        let qkv = up::<F>(x);
+        be.attention(
+            s,
+            &ids(&self.lens),
+            <F as Float>::from_f64(self.scale),
+            Ref::whole(&qkv),
+            Mut::whole(&mut ctx),
+            Mut::whole(&mut saved),
+        );
+        (ctx, saved)
+    }
+
+    /// Whether column `c` of token `t` of `qkv` is a padded key or value (`t`'s position is
+    /// at or beyond its row's length), or any input of a row without keys.
+    fn is_padded(&self, t: usize, c: usize) -> bool {
+        let (b, i) = (t / self.s.len, t % self.s.len);
+        self.lens[b] == 0 || (c >= self.s.d && i >= self.lens[b])
+    }
+}
+
+impl Case for AttentionCase {
+    fn inputs(&self) -> Vec<f64> {
+        let n = self.s.batch * self.s.len * 3 * self.s.d;
+        randv(&mut ChaCha8Rng::seed_from_u64(19), n)
+            .iter()
+            .map(|v| v * 1.5)
+            .collect()
+    }
+    fn fwd<F: Float>(&self, x: &[f64]) -> Vec<f64> {
+        down(&self.run::<F>(x).0)
+    }
+    fn bwd<F: Float>(&self, x: &[f64], r: &[f64]) -> Vec<f64> {
+        let (ctx, saved) = self.run::<F>(x);
+        let (qkv, dctx) = (up::<F>(x), up::<F>(r));
+        let mut dqkv = nan::<F>(x.len());
+        be::<F>()
+            .attention_backward(
+                &self.s,
+                &ids(&self.lens),
+                <F as Float>::from_f64(self.scale),
+                Ref::whole(&qkv),
+                Ref::whole(&ctx),
+                Ref::whole(&saved),
+                Ref::whole(&dctx),
+                Mut::whole(&mut dqkv),
+            )
+            .expect("attention backward");
+        down(&dqkv)
+    }
+    fn padded(&self) -> Vec<usize> {
+        let w = 3 * self.s.d;
+        (0..self.s.batch * self.s.len * w)
+            .filter(|&k| self.is_padded(k / w, k % w))
+            .collect()
+    }
+    fn zero_outputs(&self) -> Vec<usize> {
+        // Every output of a row without keys.
+        let w = self.s.len * self.s.d;
+        (0..self.s.batch * w)
+            .filter(|&k| self.lens[k / w] == 0)
+            .collect()
+    }
+}
+
+#[test]
+fn gradcheck_attention() {
+    let cases = [
+        AttentionCase {
+            s: AttnShape {
+                batch: 3,
+                len: 4,
+                heads: 2,
+                d: 6,
+            },
+            lens: vec![4, 0, 2],
+            scale: 1.0 / 3f64.sqrt(),
+        },
+        AttentionCase {
+            s: AttnShape {
+                batch: 1,
+                len: 5,
+                heads: 1,
+                d: 4,
+            },
+            lens: vec![3],
+            scale: 0.5,
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        run_case(&format!("attention case {i}"), c, 750 + i as u64);
+    }
 }
 
 // ---- masked mean -------------------------------------------------------------------------

@@ -16,12 +16,14 @@
 //!   threads.
 
 pub mod arena;
+pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod float;
 
 pub use arena::ArenaStats;
+pub use attention::AttnShape;
 pub use float::Float;
 
 use crate::Result;
@@ -657,6 +659,47 @@ pub trait Backend: Send + Sync {
         dprobs: Ref<Self::Buf>,
         dscores: Mut<Self::Buf>,
     );
+    /// Elements of what [`Backend::attention`] saves for its backward: the probabilities
+    /// (`s.probs_len()`) by default; a fused implementation may save less (row statistics).
+    fn attention_saved_len(&self, s: &AttnShape) -> usize {
+        s.probs_len()
+    }
+    /// Multi-head self-attention with a key-padding mask ([`attention`]): from the fused
+    /// projection `qkv` (`[batch, len, 3d]`), `ctx` (`[batch, len, d]`) = per head
+    /// `softmax_mask(Q_h·K_hᵀ·scale)·V_h`, keys `j < lens[b]` only; `saved`
+    /// ([`Backend::attention_saved_len`] elements) receives what the backward needs. The
+    /// default is [`attention::attention_composed`]; a backend may fuse it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        s: &AttnShape,
+        lens: &Self::Ids,
+        scale: Self::F,
+        qkv: Ref<Self::Buf>,
+        ctx: Mut<Self::Buf>,
+        saved: Mut<Self::Buf>,
+    ) {
+        attention::attention_composed(self, s, lens, scale, qkv, ctx, saved)
+    }
+    /// Backward of [`Backend::attention`]: `dqkv` (`[batch, len, 3d]`, overwritten) from
+    /// the gradient of the output `dctx`, given the forward's `qkv`, `ctx` and `saved`. A
+    /// query with no valid key gets a zero gradient. The default is
+    /// [`attention::attention_backward_composed`] (which does not read `ctx`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        s: &AttnShape,
+        lens: &Self::Ids,
+        scale: Self::F,
+        qkv: Ref<Self::Buf>,
+        ctx: Ref<Self::Buf>,
+        saved: Ref<Self::Buf>,
+        dctx: Ref<Self::Buf>,
+        dqkv: Mut<Self::Buf>,
+    ) -> Result<()> {
+        let _ = ctx;
+        attention::attention_backward_composed(self, s, lens, scale, qkv, saved, dctx, dqkv)
+    }
     /// Masked mean over time: `out[b,:] = Σ_{t<ℓ} x[b,t,:]/ℓ` with `ℓ = lens[b]`, or `empty`
     /// (the learned `s_∅`) when `ℓ = 0`. `x` is `batch×max_len×d`.
     #[allow(clippy::too_many_arguments)]
