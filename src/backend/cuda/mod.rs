@@ -28,7 +28,25 @@
 //!   memory (12272 floats, 64 bytes being kept for its static shared memory: lk ≤ 1249 at
 //!   d = 128); larger shapes are refused with an error.
 
+/// Launches kernel `$name` with the given arguments (each evaluated into a local first, so
+/// the builder's references stay valid) and records a launch failure.
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let func = $self.kernel($name);
+        let mut builder = $self.stream.launch_builder(func);
+        $(
+            let a = $arg;
+            cudarc::driver::PushKernelArg::arg(&mut builder, &a);
+        )*
+        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu (types and
+        // order), and every pointer was bounds-checked against its buffer by the caller.
+        let r = unsafe { builder.launch($cfg) };
+        $self.note(r.map(|_| ()), $name);
+    }};
+}
+
 pub mod arena;
+pub mod attention;
 pub mod embedding;
 pub mod lt;
 pub mod nvrtc;
@@ -39,9 +57,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys as drv_sys;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use self::arena::Arena;
@@ -49,8 +65,9 @@ pub use self::arena::{CudaBuf, RecordedGraph};
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
-    extent, sched_values, AdamW, ArenaStats, Backend, EmbMode, EmbTable, FineGrads, FineShape,
-    Gemm, Mut, Outer, Ref, ValidTokens,
+    attention::{attention_backward_composed, attention_composed},
+    extent, sched_values, AdamW, ArenaStats, AttnShape, Backend, EmbMode, EmbTable, FineGrads,
+    FineShape, Gemm, Mut, Outer, Ref, ValidTokens,
 };
 use crate::{Error, Result};
 
@@ -82,6 +99,9 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("embedding.cu", "emb_rows_f32"),
     ("embedding.cu", "add_positions_f32"),
     ("embedding.cu", "add_positions_partial_f32"),
+    ("attention.cu", "attn_forward_f32"),
+    ("attention.cu", "attn_backward_q_f32"),
+    ("attention.cu", "attn_backward_kv_f32"),
     ("softmax.cu", "masked_softmax_f32"),
     ("softmax.cu", "masked_softmax_backward_f32"),
     ("pooling.cu", "masked_mean_f32"),
@@ -227,23 +247,6 @@ fn chunk_grid(cols: usize, chunks: usize) -> LaunchConfig {
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Launches kernel `$name` with the given arguments (each evaluated into a local first, so
-/// the builder's references stay valid) and records a launch failure.
-macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let func = $self.kernel($name);
-        let mut builder = $self.stream.launch_builder(func);
-        $(
-            let a = $arg;
-            builder.arg(&a);
-        )*
-        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu (types and
-        // order), and every pointer was bounds-checked against its buffer by the caller.
-        let r = unsafe { builder.launch($cfg) };
-        $self.note(r.map(|_| ()), $name);
-    }};
 }
 
 impl CudaBackend {
@@ -1542,6 +1545,50 @@ impl Backend for CudaBackend {
     }
 
     // ---- attention and pooling ---------------------------------------------------------
+
+    fn attention_saved_len(&self, s: &AttnShape) -> usize {
+        match attention::fused_smem(s) {
+            Some(_) => attention::fused_saved_len(s),
+            None => s.probs_len(),
+        }
+    }
+
+    fn attention(
+        &self,
+        s: &AttnShape,
+        lens: &CudaSlice<u32>,
+        scale: f32,
+        qkv: Ref<CudaBuf>,
+        ctx: Mut<CudaBuf>,
+        saved: Mut<CudaBuf>,
+    ) {
+        match attention::fused_smem(s) {
+            Some(smem) => self.attention_fused(s, smem, lens, scale, qkv, ctx, saved),
+            None => attention_composed(self, s, lens, scale, qkv, ctx, saved),
+        }
+    }
+
+    fn attention_backward(
+        &self,
+        s: &AttnShape,
+        lens: &CudaSlice<u32>,
+        scale: f32,
+        qkv: Ref<CudaBuf>,
+        ctx: Ref<CudaBuf>,
+        saved: Ref<CudaBuf>,
+        dctx: Ref<CudaBuf>,
+        dqkv: Mut<CudaBuf>,
+    ) -> Result<()> {
+        // The fused backward recomputes the probabilities from `saved`; it does not read the
+        // output (D = Σ_j p·dp, as the composition's softmax backward).
+        let _ = ctx;
+        match attention::fused_smem(s) {
+            Some(smem) => {
+                self.attention_backward_fused(s, smem, lens, scale, qkv, saved, dctx, dqkv)
+            }
+            None => attention_backward_composed(self, s, lens, scale, qkv, saved, dctx, dqkv),
+        }
+    }
 
     fn masked_softmax(
         &self,

@@ -46,6 +46,10 @@ pub const SOURCES: &[KernelSource] = &[
         src: include_str!("../../../kernels/embedding.cu"),
     },
     KernelSource {
+        file: "attention.cu",
+        src: include_str!("../../../kernels/attention.cu"),
+    },
+    KernelSource {
         file: "softmax.cu",
         src: include_str!("../../../kernels/softmax.cu"),
     },

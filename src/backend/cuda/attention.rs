@@ -1,0 +1,104 @@
+//! Host side of the fused attention kernels (`kernels/attention.cu`): which shapes they take,
+//! their shared memory, what the forward saves, and the launches. Shapes whose tables do not
+//! fit a block's shared memory take the composition ([`crate::backend::attention`]) instead;
+//! [`CudaBackend`] decides per call with [`fused_smem`], the same test for the forward, the
+//! backward and the size of the saved state.
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::{int, CudaBackend, CudaBuf};
+use crate::backend::{AttnShape, Backend, Mut, Ref};
+use crate::Result;
+
+/// Warps per block (`ATTN_WARPS` in attention.cu).
+const ATTN_WARPS: usize = 4;
+/// Dynamic shared memory a block may use without opting in, in floats (48 KiB; the
+/// attention kernels have no static shared memory).
+const ATTN_SMEM_FLOATS: usize = 48 * 1024 / 4;
+/// Floats the forward saves per query row: the softmax's max and the reciprocal of its sum.
+const SAVED_PER_ROW: usize = 2;
+
+/// Shared memory of one block of the forward, the backward's query pass and its key pass
+/// (in floats) for shape `s`; `None` when the shape is empty, its heads do not divide d, or
+/// a block would need more than [`ATTN_SMEM_FLOATS`] (the composition runs then).
+pub(super) fn fused_smem(s: &AttnShape) -> Option<[usize; 3]> {
+    if s.batch == 0 || s.len == 0 || s.heads == 0 || !s.d.is_multiple_of(s.heads) || s.dh() == 0 {
+        return None;
+    }
+    let (l, dh, w) = (s.len, s.dh(), ATTN_WARPS);
+    let tables = 2 * l * (dh + 1);
+    let forward = tables + w * (dh + l);
+    let query = tables + w * (2 * dh + 2 * l);
+    let key = query + 3 * l;
+    let blocks_ok = i32::try_from(s.batch * s.heads).is_ok();
+    (key <= ATTN_SMEM_FLOATS && blocks_ok).then_some([forward, query, key])
+}
+
+/// Elements of the fused forward's saved state, `[batch, heads, len, 2]`.
+pub(super) fn fused_saved_len(s: &AttnShape) -> usize {
+    s.batch * s.heads * s.len * SAVED_PER_ROW
+}
+
+/// One block per (batch row, head), with `floats` of dynamic shared memory.
+fn cfg(s: &AttnShape, floats: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (int(s.batch * s.heads, "batch·heads") as u32, 1, 1),
+        block_dim: (32 * ATTN_WARPS as u32, 1, 1),
+        shared_mem_bytes: (floats * std::mem::size_of::<f32>()) as u32,
+    }
+}
+
+impl CudaBackend {
+    /// [`Backend::attention`] in one kernel (`smem` from [`fused_smem`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_fused(
+        &self,
+        s: &AttnShape,
+        smem: [usize; 3],
+        lens: &CudaSlice<u32>,
+        scale: f32,
+        qkv: Ref<CudaBuf>,
+        ctx: Mut<CudaBuf>,
+        saved: Mut<CudaBuf>,
+    ) {
+        let tokens = s.batch * s.len;
+        let lp = self.ip(lens, s.batch, "attention lens");
+        let qp = self.rp(qkv, tokens * 3 * s.d, "attention qkv");
+        let cp = self.mp(ctx, tokens * s.d, "attention ctx");
+        let sp = self.mp(saved, fused_saved_len(s), "attention saved");
+        let err = self.base(&self.lock_state().err_flag);
+        launch!(self, "attn_forward_f32", cfg(s, smem[0]);
+            int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"), lp, scale, qp, cp, sp,
+            err);
+    }
+
+    /// [`Backend::attention_backward`] in two kernels: the query pass (dQ, and each query
+    /// row's `D = Σ_j p·dp` into an arena scratch), then the key pass (dK, dV).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_fused(
+        &self,
+        s: &AttnShape,
+        smem: [usize; 3],
+        lens: &CudaSlice<u32>,
+        scale: f32,
+        qkv: Ref<CudaBuf>,
+        saved: Ref<CudaBuf>,
+        dctx: Ref<CudaBuf>,
+        dqkv: Mut<CudaBuf>,
+    ) -> Result<()> {
+        let tokens = s.batch * s.len;
+        let dsum = self.scratch(s.batch * s.heads * s.len)?;
+        let lp = self.ip(lens, s.batch, "attention_backward lens");
+        let qp = self.rp(qkv, tokens * 3 * s.d, "attention_backward qkv");
+        let sp = self.rp(saved, fused_saved_len(s), "attention_backward saved");
+        let gp = self.rp(dctx, tokens * s.d, "attention_backward dctx");
+        let dp = self.mp(dqkv, tokens * 3 * s.d, "attention_backward dqkv");
+        let err = self.base(&self.lock_state().err_flag);
+        let (heads, len, dh) = (int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"));
+        launch!(self, "attn_backward_q_f32", cfg(s, smem[1]);
+            heads, len, dh, lp, scale, qp, sp, gp, dp, dsum.ptr(), err);
+        launch!(self, "attn_backward_kv_f32", cfg(s, smem[2]);
+            heads, len, dh, lp, scale, qp, sp, gp, dsum.ptr(), dp, err);
+        Ok(())
+    }
+}
