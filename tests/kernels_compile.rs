@@ -181,9 +181,9 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                     compiled.log
                 ));
             }
-            for (file_needed, kernel) in KERNELS.iter().filter(|(f, _)| *f == file.as_str()) {
-                if !reports.contains_key(*kernel) {
-                    failures.push(format!("{file_needed} {arch}: kernel {kernel} not defined"));
+            for k in KERNELS.iter().filter(|k| k.file == file.as_str()) {
+                if !reports.contains_key(k.name) {
+                    failures.push(format!("{} {arch}: kernel {} not defined", k.file, k.name));
                 }
             }
             for (name, r) in &reports {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
+use super::launch::DevPtr;
 use crate::backend::arena::{ArenaPlan, ArenaStats};
 
 /// The slab: one device allocation, shared by the windows carved from it and by the graphs
@@ -83,8 +84,8 @@ impl CudaBuf {
     }
 
     /// Device address of element 0.
-    pub fn ptr(&self) -> u64 {
-        self.ptr
+    pub fn ptr(&self) -> DevPtr<f32> {
+        DevPtr::new(self.ptr)
     }
 
     /// Number of elements.

@@ -67,9 +67,18 @@ impl CudaBackend {
         let cp = self.mp(ctx, tokens * s.d, "attention ctx");
         let sp = self.mp(saved, fused_saved_len(s), "attention saved");
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "attn_forward_f32", cfg(s, smem[0]);
-            int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"), lp, scale, qp, cp, sp,
-            err);
+        self.k().attn_forward_f32(
+            cfg(s, smem[0]),
+            int(s.heads, "heads"),
+            int(s.len, "len"),
+            int(s.dh(), "dh"),
+            lp,
+            scale,
+            qp,
+            cp,
+            sp,
+            err,
+        );
     }
 
     /// [`Backend::attention_backward`] in two kernels: the query pass (dQ, and each query
@@ -95,10 +104,34 @@ impl CudaBackend {
         let dp = self.mp(dqkv, tokens * 3 * s.d, "attention_backward dqkv");
         let err = self.base(&self.lock_state().err_flag);
         let (heads, len, dh) = (int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"));
-        launch!(self, "attn_backward_q_f32", cfg(s, smem[1]);
-            heads, len, dh, lp, scale, qp, sp, gp, dp, dsum.ptr(), err);
-        launch!(self, "attn_backward_kv_f32", cfg(s, smem[2]);
-            heads, len, dh, lp, scale, qp, sp, gp, dsum.ptr(), dp, err);
+        self.k().attn_backward_q_f32(
+            cfg(s, smem[1]),
+            heads,
+            len,
+            dh,
+            lp,
+            scale,
+            qp,
+            sp,
+            gp,
+            dp,
+            dsum.ptr(),
+            err,
+        );
+        self.k().attn_backward_kv_f32(
+            cfg(s, smem[2]),
+            heads,
+            len,
+            dh,
+            lp,
+            scale,
+            qp,
+            sp,
+            gp,
+            dsum.ptr(),
+            dp,
+            err,
+        );
         Ok(())
     }
 }

@@ -28,26 +28,10 @@
 //!   memory (12272 floats, 64 bytes being kept for its static shared memory: lk ≤ 1249 at
 //!   d = 128); larger shapes are refused with an error.
 
-/// Launches kernel `$name` with the given arguments (each evaluated into a local first, so
-/// the builder's references stay valid) and records a launch failure.
-macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let func = $self.kernel($name);
-        let mut builder = $self.stream.launch_builder(func);
-        $(
-            let a = $arg;
-            cudarc::driver::PushKernelArg::arg(&mut builder, &a);
-        )*
-        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu (types and
-        // order), and every pointer was bounds-checked against its buffer by the caller.
-        let r = unsafe { builder.launch($cfg) };
-        $self.note(r.map(|_| ()), $name);
-    }};
-}
-
 pub mod arena;
 pub mod attention;
 pub mod embedding;
+pub mod launch;
 pub mod lt;
 pub mod nvrtc;
 pub mod staging;
@@ -63,6 +47,8 @@ use cudarc::nvrtc::Ptx;
 use self::arena::Arena;
 pub use self::arena::{CudaBuf, RecordedGraph};
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
+use self::launch::Kernels;
+pub use self::launch::{DevPtr, KernelDecl, KERNELS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
     attention::{attention_backward_composed, attention_composed},
@@ -73,51 +59,6 @@ use crate::{Error, Result};
 
 /// The CUDA backend's id buffer.
 pub type CudaIds = CudaSlice<u32>;
-
-/// Every kernel the backend launches, with the file that defines it (checked by
-/// `tests/kernels_compile.rs` without a GPU, loaded by [`CudaBackend::new`]).
-pub const KERNELS: &[(&str, &str)] = &[
-    ("copy.cu", "fill_f32"),
-    ("copy.cu", "copy_2d_f32"),
-    ("copy.cu", "axpy_f32"),
-    ("copy.cu", "scale_2d_f32"),
-    ("copy.cu", "col_partial_f32"),
-    ("copy.cu", "col_finish_f32"),
-    ("copy.cu", "gemm_pointers"),
-    ("gelu.cu", "add_bias_f32"),
-    ("gelu.cu", "gelu_f32"),
-    ("gelu.cu", "gelu_backward_f32"),
-    ("gelu.cu", "gelu_backward_bias_partial_f32"),
-    ("layernorm.cu", "layernorm_f32"),
-    ("layernorm.cu", "layernorm_backward_dx_f32"),
-    ("layernorm.cu", "layernorm_param_partial_f32"),
-    ("embedding.cu", "emb_gather_f32"),
-    ("embedding.cu", "emb_hist"),
-    ("embedding.cu", "emb_col_scan"),
-    ("embedding.cu", "emb_key_scan"),
-    ("embedding.cu", "emb_place"),
-    ("embedding.cu", "emb_rows_f32"),
-    ("embedding.cu", "add_positions_f32"),
-    ("embedding.cu", "add_positions_partial_f32"),
-    ("attention.cu", "attn_forward_f32"),
-    ("attention.cu", "attn_backward_q_f32"),
-    ("attention.cu", "attn_backward_kv_f32"),
-    ("softmax.cu", "masked_softmax_f32"),
-    ("softmax.cu", "masked_softmax_backward_f32"),
-    ("pooling.cu", "masked_mean_f32"),
-    ("pooling.cu", "masked_mean_backward_f32"),
-    ("pooling.cu", "masked_mean_dempty_partial_f32"),
-    ("pooling.cu", "put_empty_rows_f32"),
-    ("pooling.cu", "put_empty_rows_backward_f32"),
-    ("losses.cu", "reduce_terms"),
-    ("losses.cu", "bce_f32"),
-    ("losses.cu", "bernoulli_kl_f32"),
-    ("losses.cu", "coarse_f32"),
-    ("losses.cu", "fine_f32"),
-    ("adamw.cu", "sum_squares_partial"),
-    ("adamw.cu", "adamw_f32"),
-    ("adamw.cu", "adamw_clipped_f32"),
-];
 
 /// Bytes of cuBLAS's workspace (32 MiB).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -287,11 +228,11 @@ impl CudaBackend {
             let module = ctx
                 .load_module(Ptx::from_binary(cubin.clone()))
                 .map_err(|e| format!("loading {file}: {e}"))?;
-            for (_, name) in KERNELS.iter().filter(|(f, _)| f == file) {
+            for k in KERNELS.iter().filter(|k| k.file == *file) {
                 let func = module
-                    .load_function(name)
-                    .map_err(|e| format!("{file}: kernel {name}: {e}"))?;
-                kernels.insert(*name, func);
+                    .load_function(k.name)
+                    .map_err(|e| format!("{file}: kernel {}: {e}", k.name))?;
+                kernels.insert(k.name, func);
             }
         }
         let alloc = |what: &str, e: cudarc::driver::DriverError| format!("{what}: {e}");
@@ -350,6 +291,11 @@ impl CudaBackend {
     pub fn synchronize(&self) -> Result<()> {
         let mut st = self.lock_state();
         self.sync_check(&mut st)
+    }
+
+    /// The typed launchers ([`launch`]).
+    fn k(&self) -> Kernels<'_> {
+        Kernels(self)
     }
 
     fn kernel(&self, name: &str) -> &CudaFunction {
@@ -429,34 +375,34 @@ impl CudaBackend {
     }
 
     /// Device address of element 0 of `s`.
-    fn base<T>(&self, s: &CudaSlice<T>) -> u64 {
-        s.device_ptr(&self.stream).0
+    fn base<T>(&self, s: &CudaSlice<T>) -> DevPtr<T> {
+        DevPtr::new(s.device_ptr(&self.stream).0)
     }
 
     /// Device address of a read window of `len` elements (checked against the buffer).
-    fn rp(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> u64 {
+    fn rp(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> DevPtr<f32> {
         assert!(
             r.off + len <= r.buf.len(),
             "{what}: window of {len} at {} exceeds the buffer of {}",
             r.off,
             r.buf.len()
         );
-        r.buf.ptr() + F32_BYTES * r.off as u64
+        r.buf.ptr().offset(r.off)
     }
 
     /// Device address of a write window of `len` elements (checked against the buffer).
-    fn mp(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> u64 {
+    fn mp(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> DevPtr<f32> {
         assert!(
             m.off + len <= m.buf.len(),
             "{what}: window of {len} at {} exceeds the buffer of {}",
             m.off,
             m.buf.len()
         );
-        m.buf.ptr() + F32_BYTES * m.off as u64
+        m.buf.ptr().offset(m.off)
     }
 
     /// Device address of an id buffer holding at least `len` ids.
-    fn ip(&self, ids: &CudaSlice<u32>, len: usize, what: &str) -> u64 {
+    fn ip(&self, ids: &CudaSlice<u32>, len: usize, what: &str) -> DevPtr<u32> {
         assert!(
             len <= ids.len(),
             "{what}: {len} ids needed, the buffer holds {}",
@@ -466,12 +412,12 @@ impl CudaBackend {
     }
 
     /// Grows the f32 scratch to at least `len` elements; returns its address.
-    fn fscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+    fn fscratch(&self, st: &mut State, len: usize) -> Result<DevPtr<f32>> {
         self.grow(&mut st.fscratch, &mut st.retired, len, "f32 scratch")
     }
 
     /// Grows the u32 scratch to at least `len` elements; returns its address.
-    fn uscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+    fn uscratch(&self, st: &mut State, len: usize) -> Result<DevPtr<u32>> {
         self.grow(&mut st.uscratch, &mut st.retired, len, "u32 scratch")
     }
 
@@ -502,18 +448,20 @@ impl CudaBackend {
         // current on this thread.
         let r = unsafe {
             let stream = self.stream.cu_stream() as _;
-            self.lt.forward(stream, rows, inp, out, xp, wp, bp, c, yp)
+            let (xp, wp, bp, yp) = (xp.addr(), wp.addr(), bp.addr(), yp.addr());
+            self.lt
+                .forward(stream, rows, inp, out, xp, wp, bp, c.map(DevPtr::addr), yp)
         };
         self.note(r, "linear");
     }
 
     /// Grows the pointer scratch to at least `len` entries; returns its address.
-    fn pscratch(&self, st: &mut State, len: usize) -> Result<u64> {
+    fn pscratch(&self, st: &mut State, len: usize) -> Result<DevPtr<u64>> {
         self.grow(&mut st.pscratch, &mut st.retired, len, "pointer scratch")
     }
 
     /// Grows the f64 scratch to at least `1 + terms` elements; returns its address.
-    fn dscratch(&self, st: &mut State, terms: usize) -> Result<u64> {
+    fn dscratch(&self, st: &mut State, terms: usize) -> Result<DevPtr<f64>> {
         self.grow(&mut st.dscratch, &mut st.retired, terms + 1, "f64 scratch")
     }
 
@@ -528,7 +476,7 @@ impl CudaBackend {
         retired: &mut Vec<Box<dyn std::any::Any + Send>>,
         len: usize,
         what: &str,
-    ) -> Result<u64> {
+    ) -> Result<DevPtr<T>> {
         if buf.len() < len {
             if self.recording.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(Error::device(format!(
@@ -550,18 +498,31 @@ impl CudaBackend {
     }
 
     /// Column sums through the f32 scratch: `out[j] += Σ_r x[r·n + j]`, `rows×n`.
-    fn column_sum(&self, rows: usize, n: usize, x: u64, out: u64) {
+    fn column_sum(&self, rows: usize, n: usize, x: DevPtr<f32>, out: DevPtr<f32>) {
         let (per, chunks) = col_chunks(rows);
         self.chunked_sum("column_sum", n, chunks, out, |part| {
-            launch!(self, "col_partial_f32", chunk_grid(n, chunks);
-                int(rows, "rows"), int(n, "n"), int(per, "chunk"), x, part);
+            self.k().col_partial_f32(
+                chunk_grid(n, chunks),
+                int(rows, "rows"),
+                int(n, "n"),
+                int(per, "chunk"),
+                x,
+                part,
+            );
         });
     }
 
     /// A fixed-order sum in two passes: `first` (given the address of `chunks × n` f32
     /// partial sums in the scratch) queues the pass that writes them, then the chunks are
     /// added in order into `out` (`out[j] += Σ_c partial[c·n + j]`, `col_finish`).
-    fn chunked_sum(&self, what: &str, n: usize, chunks: usize, out: u64, first: impl FnOnce(u64)) {
+    fn chunked_sum(
+        &self,
+        what: &str,
+        n: usize,
+        chunks: usize,
+        out: DevPtr<f32>,
+        first: impl FnOnce(DevPtr<f32>),
+    ) {
         let part = {
             let mut st = self.lock_state();
             match self.fscratch(&mut st, chunks * n) {
@@ -574,8 +535,14 @@ impl CudaBackend {
     }
 
     /// Pass 2 of a column sum: `out[j] += Σ_c partial[c·n + j]`.
-    fn col_finish(&self, n: usize, chunks: usize, part: u64, out: u64) {
-        launch!(self, "col_finish_f32", chunk_grid(n, 1); int(n, "n"), int(chunks, "chunks"), part, out);
+    fn col_finish(&self, n: usize, chunks: usize, part: DevPtr<f32>, out: DevPtr<f32>) {
+        self.k().col_finish_f32(
+            chunk_grid(n, 1),
+            int(n, "n"),
+            int(chunks, "chunks"),
+            part,
+            out,
+        );
     }
 
     /// Sums `count` f64 terms at scratch slot 1.. times `scale` on the device and stores
@@ -586,8 +553,8 @@ impl CudaBackend {
         st: &mut State,
         count: usize,
         scale: f64,
-        count_lens: Option<(u64, usize)>,
-        out: u64,
+        count_lens: Option<(DevPtr<u32>, usize)>,
+        out: DevPtr<f32>,
     ) -> Result<()> {
         let base = self.dscratch(st, count)?;
         let cfg = LaunchConfig {
@@ -595,15 +562,23 @@ impl CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (lp, ln) = count_lens.unwrap_or((0, 0));
-        launch!(self, "reduce_terms", cfg;
-            int(count, "terms"), base + F64_BYTES, scale, lp, int(ln, "rows"), out);
+        let (lp, ln) = count_lens.unwrap_or((DevPtr::null(), 0));
+        self.k().reduce_terms(
+            cfg,
+            int(count, "terms"),
+            base.offset(1),
+            scale,
+            lp,
+            int(ln, "rows"),
+            out,
+        );
         Ok(())
     }
 
-    /// Queues a copy of `bytes` bytes from device address `src` to `dst` (both checked
-    /// against their buffers by the caller, in distinct buffers).
-    fn dtod(&self, dst: u64, src: u64, bytes: usize, what: &str) {
+    /// Queues a copy of `len` elements from `src` to `dst` (both checked against their
+    /// buffers by the caller, in distinct buffers).
+    fn dtod<T>(&self, dst: DevPtr<T>, src: DevPtr<T>, len: usize, what: &str) {
+        let (dst, src, bytes) = (dst.addr(), src.addr(), len * std::mem::size_of::<T>());
         // Raw driver call: make the context current on this thread first.
         self.note(self.ctx.bind_to_thread(), "bind context");
         // SAFETY: the caller checked both ranges; distinct buffers (one is borrowed mutably).
@@ -623,7 +598,7 @@ impl CudaBackend {
         m: &CudaBuf,
         v: &CudaBuf,
         decay_mask: &CudaBuf,
-    ) -> (usize, [u64; 5]) {
+    ) -> (usize, [DevPtr<f32>; 5]) {
         let len = params.len();
         assert!(
             grads.len() == len && m.len() == len && v.len() == len && decay_mask.len() == len,
@@ -678,8 +653,8 @@ impl CudaBackend {
     }
 
     /// Stores 0.0 at the f32 slot `out` (a loss over nothing).
-    fn store_zero(&self, out: u64) -> Result<()> {
-        launch!(self, "fill_f32", grid1(1); out, 1i64, 0.0f32);
+    fn store_zero(&self, out: DevPtr<f32>) -> Result<()> {
+        self.k().fill_f32(grid1(1), out, 1i64, 0.0f32);
         Ok(())
     }
 
@@ -717,7 +692,7 @@ impl CudaBackend {
         // elements.
         let r = unsafe {
             cudarc::driver::result::memcpy_htod_async(
-                self.base(&buf),
+                self.base(&buf).addr(),
                 host,
                 self.stream.cu_stream(),
             )
@@ -729,11 +704,6 @@ impl CudaBackend {
         Ok(buf)
     }
 }
-
-/// Bytes of one f32 (device addresses of element offsets).
-const F32_BYTES: u64 = std::mem::size_of::<f32>() as u64;
-/// Bytes of one f64 (the loss-term scratch is f64; slot 0 is kept free).
-const F64_BYTES: u64 = std::mem::size_of::<f64>() as u64;
 
 /// cuBLAS operation for a transpose flag.
 fn op(t: bool) -> blas_sys::cublasOperation_t {
@@ -805,7 +775,8 @@ impl Backend for CudaBackend {
             self.note(self.ctx.bind_to_thread(), "bind context");
             // SAFETY: the window holds `len` f32, all of which are set.
             let r = unsafe {
-                drv_sys::cuMemsetD32Async(buf.ptr(), 0, len, self.stream.cu_stream()).result()
+                drv_sys::cuMemsetD32Async(buf.ptr().addr(), 0, len, self.stream.cu_stream())
+                    .result()
             };
             r.map_err(|e| self.dev_err(format!("zeroing scratch: {e}")))?;
         }
@@ -845,7 +816,11 @@ impl Backend for CudaBackend {
         // SAFETY: the buffer holds `v.len()` f32 and `v` lives until the synchronisation
         // below has waited for the copy.
         let r = unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut v, buf.ptr(), self.stream.cu_stream())
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut v,
+                buf.ptr().addr(),
+                self.stream.cu_stream(),
+            )
         };
         r.map_err(|e| self.dev_err(format!("download: {e}")))?;
         self.stream.synchronize().map_err(|e| self.dev_err(e))?;
@@ -946,8 +921,9 @@ impl Backend for CudaBackend {
         self.note(self.ctx.bind_to_thread(), "bind context");
         // SAFETY: the window was checked against its buffer; the host slice lives through the
         // call (a pageable copy is staged before the call returns).
-        let r =
-            unsafe { cudarc::driver::result::memcpy_htod_async(d, host, self.stream.cu_stream()) };
+        let r = unsafe {
+            cudarc::driver::result::memcpy_htod_async(d.addr(), host, self.stream.cu_stream())
+        };
         r.map_err(|e| self.dev_err(format!("write: {e}")))
     }
 
@@ -957,7 +933,7 @@ impl Backend for CudaBackend {
         }
         let s = self.ip(src, len, "copy_ids src");
         let d = self.ip(dst, len, "copy_ids dst");
-        self.dtod(d, s, std::mem::size_of::<u32>() * len, "copy_ids");
+        self.dtod(d, s, len, "copy_ids");
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -991,7 +967,7 @@ impl Backend for CudaBackend {
             return;
         }
         let p = self.mp(x, len, "fill");
-        launch!(self, "fill_f32", grid1(len); p, long(len), value);
+        self.k().fill_f32(grid1(len), p, long(len), value);
     }
 
     fn copy(&self, len: usize, src: Ref<CudaBuf>, dst: Mut<CudaBuf>) {
@@ -1000,7 +976,7 @@ impl Backend for CudaBackend {
         }
         let s = self.rp(src, len, "copy src");
         let d = self.mp(dst, len, "copy dst");
-        self.dtod(d, s, std::mem::size_of::<f32>() * len, "copy");
+        self.dtod(d, s, len, "copy");
     }
 
     fn copy_2d(
@@ -1022,8 +998,16 @@ impl Backend for CudaBackend {
         );
         let s = self.rp(src, extent(rows, cols, src_ld), "copy_2d src");
         let d = self.mp(dst, extent(rows, cols, dst_ld), "copy_2d dst");
-        launch!(self, "copy_2d_f32", grid1(rows * cols);
-            int(rows, "rows"), int(cols, "cols"), s, long(src_ld), d, long(dst_ld), accumulate as i32);
+        self.k().copy_2d_f32(
+            grid1(rows * cols),
+            int(rows, "rows"),
+            int(cols, "cols"),
+            s,
+            long(src_ld),
+            d,
+            long(dst_ld),
+            accumulate as i32,
+        );
     }
 
     fn axpy(&self, len: usize, alpha: f32, x: Ref<CudaBuf>, y: Mut<CudaBuf>) {
@@ -1032,7 +1016,7 @@ impl Backend for CudaBackend {
         }
         let xp = self.rp(x, len, "axpy x");
         let yp = self.mp(y, len, "axpy y");
-        launch!(self, "axpy_f32", grid1(len); long(len), alpha, xp, yp);
+        self.k().axpy_f32(grid1(len), long(len), alpha, xp, yp);
     }
 
     // ---- dense -------------------------------------------------------------------------
@@ -1060,13 +1044,28 @@ impl Backend for CudaBackend {
         let disjoint = s.c_disjoint();
         if k == 0 {
             if disjoint {
-                launch!(self, "scale_2d_f32", grid1(s.batch * m * n);
-                    int(s.batch, "batch"), int(m, "m"), int(n, "n"), beta, cp, long(s.ldc), long(s.stride_c));
+                self.k().scale_2d_f32(
+                    grid1(s.batch * m * n),
+                    int(s.batch, "batch"),
+                    int(m, "m"),
+                    int(n, "n"),
+                    beta,
+                    cp,
+                    long(s.ldc),
+                    long(s.stride_c),
+                );
             } else {
                 for bi in 0..s.batch {
-                    launch!(self, "scale_2d_f32", grid1(m * n);
-                        1i32, int(m, "m"), int(n, "n"), beta, cp + F32_BYTES * (bi * s.stride_c) as u64,
-                        long(s.ldc), 0i64);
+                    self.k().scale_2d_f32(
+                        grid1(m * n),
+                        1i32,
+                        int(m, "m"),
+                        int(n, "n"),
+                        beta,
+                        cp.offset(bi * s.stride_c),
+                        long(s.ldc),
+                        0i64,
+                    );
                 }
             }
             return;
@@ -1086,7 +1085,7 @@ impl Backend for CudaBackend {
         // mode, cuBLAS's default).
         let r = unsafe {
             if !disjoint || s.batch == 1 {
-                (0..s.batch as u64).try_for_each(|bi| {
+                (0..s.batch).try_for_each(|bi| {
                     blas::sgemm(
                         h,
                         op(s.trans_b),
@@ -1095,12 +1094,12 @@ impl Backend for CudaBackend {
                         cn,
                         ck,
                         &alpha,
-                        (bp + F32_BYTES * bi * s.stride_b as u64) as *const f32,
+                        bp.offset(bi * s.stride_b).as_ptr(),
                         lda,
-                        (ap + F32_BYTES * bi * s.stride_a as u64) as *const f32,
+                        ap.offset(bi * s.stride_a).as_ptr(),
                         ldb,
                         &beta,
-                        (cp + F32_BYTES * bi * s.stride_c as u64) as *mut f32,
+                        cp.offset(bi * s.stride_c).as_mut_ptr(),
                         ldc,
                     )
                 })
@@ -1113,14 +1112,14 @@ impl Backend for CudaBackend {
                     cn,
                     ck,
                     &alpha,
-                    bp as *const f32,
+                    bp.as_ptr(),
                     lda,
                     long(s.stride_b),
-                    ap as *const f32,
+                    ap.as_ptr(),
                     ldb,
                     long(s.stride_a),
                     &beta,
-                    cp as *mut f32,
+                    cp.as_mut_ptr(),
                     ldc,
                     long(s.stride_c),
                     int(s.batch, "batch"),
@@ -1165,13 +1164,22 @@ impl Backend for CudaBackend {
             }
         };
         // cuBLAS's A operand is our B (see `gemm`): its array comes first.
-        launch!(self, "gemm_pointers", grid1(products);
-            int(outer.count, "outer"), int(s.batch, "batch"),
-            bp, long(outer.stride_b), long(s.stride_b),
-            ap, long(outer.stride_a), long(s.stride_a),
-            cp, long(outer.stride_c), long(s.stride_c), ptrs);
-        let entry = std::mem::size_of::<u64>() as u64;
-        let arrays = [0, 1, 2].map(|i| ptrs + i * products as u64 * entry);
+        self.k().gemm_pointers(
+            grid1(products),
+            int(outer.count, "outer"),
+            int(s.batch, "batch"),
+            bp.addr(),
+            long(outer.stride_b),
+            long(s.stride_b),
+            ap.addr(),
+            long(outer.stride_a),
+            long(s.stride_a),
+            cp.addr(),
+            long(outer.stride_c),
+            long(s.stride_c),
+            ptrs,
+        );
+        let arrays = [0, 1, 2].map(|i| ptrs.offset(i * products).addr());
         self.note(self.ctx.bind_to_thread(), "bind context");
         let h = *self.blas.handle();
         // SAFETY: every product's window was checked above (the spans cover the last one of
@@ -1242,7 +1250,8 @@ impl Backend for CudaBackend {
         }
         let bp = self.rp(bias, n, "add_bias bias");
         let yp = self.mp(y, rows * n, "add_bias y");
-        launch!(self, "add_bias_f32", grid1(rows * n); int(rows, "rows"), int(n, "n"), bp, yp);
+        self.k()
+            .add_bias_f32(grid1(rows * n), int(rows, "rows"), int(n, "n"), bp, yp);
     }
 
     fn bias_backward(&self, rows: usize, n: usize, dy: Ref<CudaBuf>, db: Mut<CudaBuf>) {
@@ -1262,7 +1271,7 @@ impl Backend for CudaBackend {
         }
         let xp = self.rp(x, len, "gelu x");
         let yp = self.mp(y, len, "gelu y");
-        launch!(self, "gelu_f32", grid1(len); long(len), xp, yp);
+        self.k().gelu_f32(grid1(len), long(len), xp, yp);
     }
 
     fn gelu_backward(&self, len: usize, x: Ref<CudaBuf>, dy: Ref<CudaBuf>, dx: Mut<CudaBuf>) {
@@ -1272,7 +1281,8 @@ impl Backend for CudaBackend {
         let xp = self.rp(x, len, "gelu_backward x");
         let gp = self.rp(dy, len, "gelu_backward dy");
         let dp = self.mp(dx, len, "gelu_backward dx");
-        launch!(self, "gelu_backward_f32", grid1(len); long(len), xp, gp, dp);
+        self.k()
+            .gelu_backward_f32(grid1(len), long(len), xp, gp, dp);
     }
 
     fn gelu_bias_backward(
@@ -1295,8 +1305,16 @@ impl Backend for CudaBackend {
         // unfused path gives.
         let (per, chunks) = col_chunks(rows);
         self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
-            launch!(self, "gelu_backward_bias_partial_f32", chunk_grid(n, chunks);
-                int(rows, "rows"), int(n, "n"), int(per, "chunk"), xp, gp, dp, part);
+            self.k().gelu_backward_bias_partial_f32(
+                chunk_grid(n, chunks),
+                int(rows, "rows"),
+                int(n, "n"),
+                int(per, "chunk"),
+                xp,
+                gp,
+                dp,
+                part,
+            );
         });
     }
 
@@ -1316,7 +1334,15 @@ impl Backend for CudaBackend {
         let gb = self.rp(gamma_beta, 2 * d, "layernorm gamma_beta");
         let yp = self.mp(y, rows * d, "layernorm y");
         let sp = self.mp(stats, 2 * rows, "layernorm stats");
-        launch!(self, "layernorm_f32", rows_cfg(rows); int(rows, "rows"), int(d, "d"), xp, gb, yp, sp);
+        self.k().layernorm_f32(
+            rows_cfg(rows),
+            int(rows, "rows"),
+            int(d, "d"),
+            xp,
+            gb,
+            yp,
+            sp,
+        );
     }
 
     fn layernorm_backward(
@@ -1340,7 +1366,8 @@ impl Backend for CudaBackend {
         let dxp = self.mp(dx, rows * d, "layernorm_backward dx");
         let dgb = self.mp(dgamma_beta, 2 * d, "layernorm_backward dgamma_beta");
         let (ri, di) = (int(rows, "rows"), int(d, "d"));
-        launch!(self, "layernorm_backward_dx_f32", rows_cfg(rows); ri, di, xp, gb, sp, gp, dxp);
+        self.k()
+            .layernorm_backward_dx_f32(rows_cfg(rows), ri, di, xp, gb, sp, gp, dxp);
         let (per, chunks) = col_chunks(rows);
         let mut st = self.lock_state();
         let part = match self.fscratch(&mut st, chunks * 2 * d) {
@@ -1352,7 +1379,8 @@ impl Backend for CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "layernorm_param_partial_f32", cfg; ri, di, int(per, "chunk"), xp, sp, gp, part);
+        self.k()
+            .layernorm_param_partial_f32(cfg, ri, di, int(per, "chunk"), xp, sp, gp, part);
         self.col_finish(2 * d, chunks, part, dgb);
     }
 
@@ -1382,8 +1410,16 @@ impl Backend for CudaBackend {
         let op_ = self.mp(out, extent(n, out_w, out_ld), "embedding out");
         if fields == 0 {
             // Sum over no field: zeros.
-            launch!(self, "scale_2d_f32", grid1(n * width);
-                1i32, int(n, "n"), int(width, "width"), 0.0f32, op_, long(out_ld), 0i64);
+            self.k().scale_2d_f32(
+                grid1(n * width),
+                1i32,
+                int(n, "n"),
+                int(width, "width"),
+                0.0f32,
+                op_,
+                long(out_ld),
+                0i64,
+            );
             return;
         }
         check_tables("embedding", tables, width, params.len());
@@ -1399,9 +1435,20 @@ impl Backend for CudaBackend {
             } else {
                 group.count as usize * width
             };
-            launch!(self, "emb_gather_f32", grid1(n * per_token);
-                int(n, "n"), int(width, "width"), int(fields, "fields"), *group, idp, pbase, op_,
-                long(out_ld), sum as i32, (sum && gi > 0) as i32, err);
+            self.k().emb_gather_f32(
+                grid1(n * per_token),
+                int(n, "n"),
+                int(width, "width"),
+                int(fields, "fields"),
+                *group,
+                idp,
+                pbase,
+                op_,
+                long(out_ld),
+                sum as i32,
+                (sum && gi > 0) as i32,
+                err,
+            );
         }
     }
 
@@ -1440,7 +1487,7 @@ impl Backend for CudaBackend {
                     int(v.max_len, "max_len"),
                 )
             }
-            None => (0, 1),
+            None => (DevPtr::null(), 1),
         };
         let idp = self.ip(ids, n * fields, "embedding_backward ids");
         let gp = self.rp(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
@@ -1457,38 +1504,72 @@ impl Backend for CudaBackend {
                 Ok(p) => p,
                 Err(e) => return self.note(Err(e), "embedding_backward scratch"),
             };
-            let u32_bytes = std::mem::size_of::<u32>() as u64;
-            let starts = hist + u32_bytes * (chunks * keys) as u64;
-            let sorted = starts + u32_bytes * (keys + 1) as u64;
+            let starts = hist.offset(chunks * keys);
+            let sorted = starts.offset(keys + 1);
             let (ni, fi, ci) = (int(n, "n"), int(fields, "fields"), int(chunk, "chunk"));
             let per_chunk = |threads: u32| LaunchConfig {
                 grid_dim: (u32::try_from(chunks).expect("chunks within the grid"), 1, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch!(self, "emb_hist", per_chunk(THREADS); ni, fi, group, idp, vlp, vl, ci, hist, err);
+            self.k().emb_hist(
+                per_chunk(THREADS),
+                ni,
+                fi,
+                group,
+                idp,
+                vlp,
+                vl,
+                ci,
+                hist,
+                err,
+            );
             if keys == 0 {
                 continue;
             }
             let ku = u32::try_from(keys).expect("keys within u32");
-            launch!(self, "emb_col_scan", grid1(keys);
-                int(chunks, "chunks"), ku, hist, starts + u32_bytes);
+            self.k().emb_col_scan(
+                grid1(keys),
+                int(chunks, "chunks"),
+                ku,
+                hist,
+                starts.offset(1),
+            );
             let one_block = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (EMB_SCAN_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch!(self, "emb_key_scan", one_block; ku, starts);
-            launch!(self, "emb_place", per_chunk(32);
-                ni, fi, group, idp, vlp, vl, ci, hist, starts, sorted);
+            self.k().emb_key_scan(one_block, ku, starts);
+            self.k().emb_place(
+                per_chunk(32),
+                ni,
+                fi,
+                group,
+                idp,
+                vlp,
+                vl,
+                ci,
+                hist,
+                starts,
+                sorted,
+            );
             let tx = width.next_multiple_of(32).min(128);
             let cfg = LaunchConfig {
                 grid_dim: (ku, width.div_ceil(tx) as u32, 1),
                 block_dim: (tx as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch!(self, "emb_rows_f32", cfg;
-                int(width, "width"), group, starts, sorted, gp, long(dout_ld), gbase);
+            self.k().emb_rows_f32(
+                cfg,
+                int(width, "width"),
+                group,
+                starts,
+                sorted,
+                gp,
+                long(dout_ld),
+                gbase,
+            );
         }
     }
 
@@ -1508,8 +1589,16 @@ impl Backend for CudaBackend {
         let pp = self.rp(pos, max_len * d, "add_positions pos");
         let xp = self.mp(x, batch * max_len * d, "add_positions x");
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "add_positions_f32", grid1(batch * max_len * d);
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, pp, xp, err);
+        self.k().add_positions_f32(
+            grid1(batch * max_len * d),
+            int(batch, "batch"),
+            int(max_len, "max_len"),
+            int(d, "d"),
+            lp,
+            pp,
+            xp,
+            err,
+        );
     }
 
     fn add_positions_backward(
@@ -1538,9 +1627,17 @@ impl Backend for CudaBackend {
             // Columns (x) × positions (y) × chunks (z).
             let mut cfg = chunk_grid(d, max_len);
             cfg.grid_dim.2 = chunks as u32;
-            launch!(self, "add_positions_partial_f32", cfg;
-                int(batch, "batch"), int(max_len, "max_len"), int(d, "d"),
-                int(per, "chunk"), lp, gp, part, err);
+            self.k().add_positions_partial_f32(
+                cfg,
+                int(batch, "batch"),
+                int(max_len, "max_len"),
+                int(d, "d"),
+                int(per, "chunk"),
+                lp,
+                gp,
+                part,
+                err,
+            );
         });
     }
 
@@ -1607,8 +1704,16 @@ impl Backend for CudaBackend {
         let lp = self.ip(key_lens, batch, "masked_softmax key_lens");
         let sp = self.mp(scores, rows * lk, "masked_softmax scores");
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "masked_softmax_f32", rows_cfg(rows);
-            int(rows, "rows"), int(heads * lq, "heads·lq"), int(lk, "lk"), lp, scale, sp, err);
+        self.k().masked_softmax_f32(
+            rows_cfg(rows),
+            int(rows, "rows"),
+            int(heads * lq, "heads·lq"),
+            int(lk, "lk"),
+            lp,
+            scale,
+            sp,
+            err,
+        );
     }
 
     fn masked_softmax_backward(
@@ -1632,8 +1737,18 @@ impl Backend for CudaBackend {
         let gp = self.rp(dprobs, rows * lk, "masked_softmax_backward dprobs");
         let dp = self.mp(dscores, rows * lk, "masked_softmax_backward dscores");
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "masked_softmax_backward_f32", rows_cfg(rows);
-            int(rows, "rows"), int(heads * lq, "heads·lq"), int(lk, "lk"), lp, scale, pp, gp, dp, err);
+        self.k().masked_softmax_backward_f32(
+            rows_cfg(rows),
+            int(rows, "rows"),
+            int(heads * lq, "heads·lq"),
+            int(lk, "lk"),
+            lp,
+            scale,
+            pp,
+            gp,
+            dp,
+            err,
+        );
     }
 
     fn masked_mean(
@@ -1658,8 +1773,17 @@ impl Backend for CudaBackend {
         let ep = self.rp(empty, d, "masked_mean empty");
         let op_ = self.mp(out, batch * d, "masked_mean out");
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "masked_mean_f32", grid1(batch * d);
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, xp, ep, op_, err);
+        self.k().masked_mean_f32(
+            grid1(batch * d),
+            int(batch, "batch"),
+            int(max_len, "max_len"),
+            int(d, "d"),
+            lp,
+            xp,
+            ep,
+            op_,
+            err,
+        );
     }
 
     fn masked_mean_backward(
@@ -1682,14 +1806,29 @@ impl Backend for CudaBackend {
         if max_len > 0 {
             let xp = self.mp(dx, batch * max_len * d, "masked_mean_backward dx");
             let err = self.base(&self.lock_state().err_flag);
-            launch!(self, "masked_mean_backward_f32", grid1(batch * max_len * d);
-                bi, li, di, lp, gp, xp, err);
+            self.k().masked_mean_backward_f32(
+                grid1(batch * max_len * d),
+                bi,
+                li,
+                di,
+                lp,
+                gp,
+                xp,
+                err,
+            );
         }
         // Chunks of rows summed in parallel, then the chunks added in order.
         let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
         self.chunked_sum("masked_mean_backward", d, chunks, ep, |part| {
-            launch!(self, "masked_mean_dempty_partial_f32", chunk_grid(d, chunks);
-                bi, di, int(per, "chunk"), lp, gp, part);
+            self.k().masked_mean_dempty_partial_f32(
+                chunk_grid(d, chunks),
+                bi,
+                di,
+                int(per, "chunk"),
+                lp,
+                gp,
+                part,
+            );
         });
     }
 
@@ -1709,8 +1848,15 @@ impl Backend for CudaBackend {
         let lp = self.ip(lens, batch, "put_empty_rows lens");
         let vp = self.rp(vec, batch * d, "put_empty_rows vec");
         let sp = self.mp(seq, batch * max_len * d, "put_empty_rows seq");
-        launch!(self, "put_empty_rows_f32", grid1(batch * d);
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, vp, sp);
+        self.k().put_empty_rows_f32(
+            grid1(batch * d),
+            int(batch, "batch"),
+            int(max_len, "max_len"),
+            int(d, "d"),
+            lp,
+            vp,
+            sp,
+        );
     }
 
     fn put_empty_rows_backward(
@@ -1732,8 +1878,15 @@ impl Backend for CudaBackend {
         let lp = self.ip(lens, batch, "put_empty_rows_backward lens");
         let sp = self.mp(dseq, batch * max_len * d, "put_empty_rows_backward dseq");
         let vp = self.mp(dvec, batch * d, "put_empty_rows_backward dvec");
-        launch!(self, "put_empty_rows_backward_f32", grid1(batch * d);
-            int(batch, "batch"), int(max_len, "max_len"), int(d, "d"), lp, sp, vp);
+        self.k().put_empty_rows_backward_f32(
+            grid1(batch * d),
+            int(batch, "batch"),
+            int(max_len, "max_len"),
+            int(d, "d"),
+            lp,
+            sp,
+            vp,
+        );
     }
 
     // ---- losses ------------------------------------------------------------------------
@@ -1755,11 +1908,12 @@ impl Backend for CudaBackend {
         let zp = self.rp(logits, n, "bce_loss logits");
         let yp = self.rp(labels, n, "bce_loss labels");
         let wp = self.rp(weights, n, "bce_loss weights");
-        let gp = dlogits.map_or(0, |g| self.mp(g, n, "bce_loss dlogits"));
+        let gp = dlogits.map_or(DevPtr::null(), |g| self.mp(g, n, "bce_loss dlogits"));
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
+        let terms = self.dscratch(&mut st, n)?.offset(1);
         let f = coef / n as f32;
-        launch!(self, "bce_f32", grid1(n); int(n, "n"), zp, yp, wp, f, gp, terms);
+        self.k()
+            .bce_f32(grid1(n), int(n, "n"), zp, yp, wp, f, gp, terms);
         self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
 
@@ -1785,12 +1939,26 @@ impl Backend for CudaBackend {
         }
         let sp = self.rp(student, n, "bernoulli_kl_loss student");
         let tp = self.rp(target, n, "bernoulli_kl_loss target");
-        let wp = weights.map_or(0, |w| self.rp(w, n, "bernoulli_kl_loss weights"));
-        let gp = dstudent.map_or(0, |g| self.mp(g, n, "bernoulli_kl_loss dstudent"));
+        let wp = weights.map_or(DevPtr::null(), |w| {
+            self.rp(w, n, "bernoulli_kl_loss weights")
+        });
+        let gp = dstudent.map_or(DevPtr::null(), |g| {
+            self.mp(g, n, "bernoulli_kl_loss dstudent")
+        });
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
+        let terms = self.dscratch(&mut st, n)?.offset(1);
         let f = coef * tau / n as f32;
-        launch!(self, "bernoulli_kl_f32", grid1(n); int(n, "n"), sp, tp, wp, 1.0f32 / tau, f, gp, terms);
+        self.k().bernoulli_kl_f32(
+            grid1(n),
+            int(n, "n"),
+            sp,
+            tp,
+            wp,
+            1.0f32 / tau,
+            f,
+            gp,
+            terms,
+        );
         let tau2 = tau as f64 * tau as f64;
         self.reduce_terms_into(&mut st, n, tau2 / n as f64, None, op_)
     }
@@ -1814,12 +1982,22 @@ impl Backend for CudaBackend {
         let pp = self.rp(pred, n * d, "coarse_loss pred");
         let tp = self.rp(target, n * d, "coarse_loss target");
         let wp = self.rp(weights, n, "coarse_loss weights");
-        let gp = dpred.map_or(0, |g| self.mp(g, n * d, "coarse_loss dpred"));
+        let gp = dpred.map_or(DevPtr::null(), |g| self.mp(g, n * d, "coarse_loss dpred"));
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, n)? + F64_BYTES;
+        let terms = self.dscratch(&mut st, n)?.offset(1);
         let coef_over_n = coef * (1.0 / n as f32);
-        launch!(self, "coarse_f32", rows_cfg(n);
-            int(n, "n"), int(d, "d"), pp, tp, wp, cosine as i32, coef_over_n, gp, terms);
+        self.k().coarse_f32(
+            rows_cfg(n),
+            int(n, "n"),
+            int(d, "d"),
+            pp,
+            tp,
+            wp,
+            cosine as i32,
+            coef_over_n,
+            gp,
+            terms,
+        );
         self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
 
@@ -1872,12 +2050,12 @@ impl Backend for CudaBackend {
                 self.mp(dk, batch * lk * d, "fine_loss dk"),
                 self.mp(dv, batch * lq * d, "fine_loss dv"),
             ),
-            _ => (0, 0, 0),
+            _ => (DevPtr::null(), DevPtr::null(), DevPtr::null()),
         };
         let qlp = self.base(q_lens);
         let klp = self.base(k_lens);
         let mut st = self.lock_state();
-        let terms = self.dscratch(&mut st, batch)? + F64_BYTES;
+        let terms = self.dscratch(&mut st, batch)?.offset(1);
         let err = self.base(&st.err_flag);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -1888,9 +2066,27 @@ impl Backend for CudaBackend {
             block_dim: (32 * FINE_WARPS as u32, 1, 1),
             shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
         };
-        launch!(self, "fine_f32", cfg;
-            int(batch, "batch"), int(lq, "lq"), int(lk, "lk"), int(d, "d"), int(tile, "tile"),
-            qp, kp, vp, tp, qlp, klp, wp, coef, dq, dk, dv, terms, err);
+        self.k().fine_f32(
+            cfg,
+            int(batch, "batch"),
+            int(lq, "lq"),
+            int(lk, "lk"),
+            int(d, "d"),
+            int(tile, "tile"),
+            qp,
+            kp,
+            vp,
+            tp,
+            qlp,
+            klp,
+            wp,
+            coef,
+            dq,
+            dk,
+            dv,
+            terms,
+            err,
+        );
         self.reduce_terms_into(&mut st, batch, 1.0, Some((klp, batch)), op_)
     }
 
@@ -1904,13 +2100,13 @@ impl Backend for CudaBackend {
         let xp = self.rp(x, len, "sum_squares x");
         let blocks = len.div_ceil(THREADS as usize).min(SUMSQ_BLOCKS);
         let mut st = self.lock_state();
-        let part = self.dscratch(&mut st, blocks)? + F64_BYTES;
+        let part = self.dscratch(&mut st, blocks)?.offset(1);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "sum_squares_partial", cfg; long(len), xp, part);
+        self.k().sum_squares_partial(cfg, long(len), xp, part);
         self.reduce_terms_into(&mut st, blocks, 1.0, None, op_)
     }
 
@@ -1928,15 +2124,32 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let (len, [pp, gp, mp, vp, dp]) = self.adamw_buffers(hp, params, grads, m, v, decay_mask);
         let sp = self.rp(sum_sq, 1, "adamw_clipped sum_sq");
-        let schp = sched.map_or(0, |r| self.rp(r, 3, "adamw_clipped sched"));
+        let schp = sched.map_or(DevPtr::null(), |r| self.rp(r, 3, "adamw_clipped sched"));
         if len == 0 {
             return Ok(());
         }
         let [lr, bc1, bc2] = sched_values::<f32>(hp);
         let err = self.base(&self.lock_state().err_flag);
-        launch!(self, "adamw_clipped_f32", grid1(len);
-            long(len), pp, gp, mp, vp, dp, sp, schp, clip, hp.beta1 as f32, hp.beta2 as f32,
-            bc1, bc2, lr, hp.eps as f32, hp.weight_decay as f32, err);
+        self.k().adamw_clipped_f32(
+            grid1(len),
+            long(len),
+            pp,
+            gp,
+            mp,
+            vp,
+            dp,
+            sp,
+            schp,
+            clip,
+            hp.beta1 as f32,
+            hp.beta2 as f32,
+            bc1,
+            bc2,
+            lr,
+            hp.eps as f32,
+            hp.weight_decay as f32,
+            err,
+        );
         Ok(())
     }
 
@@ -1954,8 +2167,22 @@ impl Backend for CudaBackend {
             return;
         }
         let [lr, bc1, bc2] = sched_values::<f32>(hp);
-        launch!(self, "adamw_f32", grid1(len);
-            long(len), pp, gp, mp, vp, dp, hp.grad_scale as f32, hp.beta1 as f32, hp.beta2 as f32,
-            bc1, bc2, lr, hp.eps as f32, hp.weight_decay as f32);
+        self.k().adamw_f32(
+            grid1(len),
+            long(len),
+            pp,
+            gp,
+            mp,
+            vp,
+            dp,
+            hp.grad_scale as f32,
+            hp.beta1 as f32,
+            hp.beta2 as f32,
+            bc1,
+            bc2,
+            lr,
+            hp.eps as f32,
+            hp.weight_decay as f32,
+        );
     }
 }
