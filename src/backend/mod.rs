@@ -374,6 +374,13 @@ pub trait Backend: Send + Sync {
     fn arena_stats(&self) -> Option<ArenaStats> {
         None
     }
+    /// Device operations this backend has queued so far — kernels, library products (one
+    /// per call, a batched call counting once), copies and fills — where it counts them
+    /// (`None` on the CPU, which launches nothing). A recorded graph's replay adds nothing:
+    /// its operations were counted while it was recorded.
+    fn launch_count(&self) -> Option<u64> {
+        None
+    }
     /// A buffer holding a copy of `host`.
     fn upload(&self, host: &[Self::F]) -> Result<Self::Buf>;
     /// An id buffer holding a copy of `host`.

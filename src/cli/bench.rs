@@ -195,7 +195,7 @@ fn print_table(r: &BenchReport) -> Result<()> {
         r.params.student
     )?;
     crate::outln!(
-        "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>7} {:>8}",
+        "{:<8} {:<9} {:<7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>7} {:>9} {:>8}",
         "step",
         "batches",
         "mode",
@@ -207,6 +207,7 @@ fn print_table(r: &BenchReport) -> Result<()> {
         "peak MiB",
         "arena MiB",
         "allocs",
+        "launches",
         "padding"
     )?;
     let mib = |b: Option<u64>| {
@@ -216,7 +217,7 @@ fn print_table(r: &BenchReport) -> Result<()> {
     };
     for x in &r.results {
         crate::outln!(
-            "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>10} {:>7} {:>7.0}%",
+            "{:<8} {:<9} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>10} {:>10} {:>7} {:>9} {:>7.0}%",
             format!("{:?}", x.stage).to_lowercase(),
             format!("{:?}", x.batching).to_lowercase(),
             format!("{:?}", x.mode).to_lowercase(),
@@ -228,11 +229,14 @@ fn print_table(r: &BenchReport) -> Result<()> {
             mib(x.peak_mem_bytes),
             mib(x.arena_bytes),
             x.arena_misses.map_or("—".to_string(), |m| m.to_string()),
+            x.launches_per_step
+                .map_or("—".to_string(), |l| format!("{l:.0}")),
             100.0 * x.padding
         )?;
     }
     crate::outln!(
-        "allocs: buffer requests of the timed steps that the activation arena could not serve"
+        "allocs: buffer requests of the timed steps that the activation arena could not serve; \
+         launches: device operations per step (kernels, library products, copies, fills)"
     )?;
     Ok(())
 }

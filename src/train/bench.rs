@@ -162,6 +162,12 @@ pub struct BenchRow {
     /// an allocation inside a step; 0 in steady state), where the backend keeps one.
     #[serde(default)]
     pub arena_misses: Option<u64>,
+    /// Device operations one step queues (kernels, library products, copies, fills), where
+    /// the backend counts them: eager, those of the timed steps per step; graphs, those
+    /// recorded in a step's graph (the mean over the recorded shapes) plus those queued
+    /// around each replay (copying the batch in, the optimizer's constants).
+    #[serde(default)]
+    pub launches_per_step: Option<f64>,
     /// Share of padded in-service slots over the timed steps.
     pub padding: f64,
     /// Loss of the last step.
@@ -461,6 +467,7 @@ pub fn run<B: Backend>(
     type Shape = (usize, usize, usize);
     let shape = |b: &Batch| (b.rows, b.pre.max_len, b.in_service.max_len);
     let mut recorded: Vec<(Shape, DeviceBatch<B>, B::Graph)> = Vec::new();
+    let mut launches_recorded = 0u64;
     if graphs {
         let mut firsts: Vec<usize> = Vec::new();
         for (k, h) in host.iter().enumerate() {
@@ -472,6 +479,7 @@ pub fn run<B: Backend>(
         be.synchronize()?;
         for k in firsts {
             let staging = DeviceBatch::upload(be, &host[k], &s)?;
+            let before = be.launch_count();
             let graph = be
                 .capture(&mut || st.queue(be, &staging, true))?
                 .ok_or_else(|| {
@@ -480,18 +488,22 @@ pub fn run<B: Backend>(
                         be.name()
                     ))
                 })?;
+            if let (Some(a), Some(b)) = (before, be.launch_count()) {
+                launches_recorded += b - a;
+            }
             recorded.push((shape(&host[k]), staging, graph));
         }
     }
     let total = cfg.warmup + cfg.steps;
     let (mut times, mut flops, mut slots_all, mut filled) = (Vec::new(), 0.0, 0u64, 0u64);
-    let mut misses_before = None;
+    let (mut misses_before, mut launches_before) = (None, None);
     be.synchronize()?;
     for i in 0..total {
         if i == cfg.warmup {
             be.synchronize()?;
             be.reset_peak_memory();
             misses_before = be.arena_stats().map(|a| a.misses);
+            launches_before = be.launch_count();
         }
         let k = i % batches.len();
         let (db, hb) = (&batches[k], &host[k]);
@@ -528,6 +540,13 @@ pub fn run<B: Backend>(
     let arena_misses = arena
         .zip(misses_before)
         .map(|(a, before)| a.misses - before);
+    let per_graph = launches_recorded as f64 / recorded.len().max(1) as f64;
+    let launches_per_step = be
+        .launch_count()
+        .zip(launches_before)
+        .map(|(after, before)| {
+            (after - before) as f64 / cfg.steps as f64 + if graphs { per_graph } else { 0.0 }
+        });
     let v: Vec<f64> = be.download(&st.terms)?.iter().map(|x| x.to_f64()).collect();
     let last_loss = slots.as_ref().map_or(v[0], |s| s.read(&v).total);
     if !last_loss.is_finite() {
@@ -561,6 +580,7 @@ pub fn run<B: Backend>(
         peak_mem_bytes: peak,
         arena_bytes: arena.map(|a| a.capacity as u64),
         arena_misses,
+        launches_per_step,
         padding: 1.0 - filled as f64 / slots_all.max(1) as f64,
         loss: last_loss,
     })
@@ -670,6 +690,7 @@ mod tests {
                 assert!((0.0..1.0).contains(&r.padding));
                 assert_eq!(r.peak_mem_bytes, None);
                 assert_eq!((r.arena_bytes, r.arena_misses), (None, None));
+                assert_eq!(r.launches_per_step, None);
             }
         }
     }

@@ -136,6 +136,7 @@ macro_rules! kernel_table {
                     // is checked against kernels/*.cu), and every address was bounds-checked
                     // against its buffer by the caller.
                     let r = unsafe { launch.launch(cfg) };
+                    be.count_launches(1);
                     be.note(r.map(|_| ()), stringify!($name));
                 }
             )*)*

@@ -113,6 +113,8 @@ pub struct CudaBackend {
     state: Mutex<State>,
     /// The activation arena of [`Backend::scratch`].
     arena: Arena,
+    /// Device operations queued so far ([`Backend::launch_count`]).
+    launches: std::sync::atomic::AtomicU64,
     error: Mutex<Option<String>>,
     /// Set while a graph is being recorded: the scratch buffers must not grow then.
     recording: std::sync::atomic::AtomicBool,
@@ -253,6 +255,7 @@ impl CudaBackend {
             kernels,
             state: Mutex::new(state),
             arena: Arena::new(),
+            launches: std::sync::atomic::AtomicU64::new(0),
             error: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
             recorded: std::sync::atomic::AtomicBool::new(false),
@@ -309,6 +312,12 @@ impl CudaBackend {
     }
 
     /// Keeps the first error of a launch or library call.
+    /// Counts `n` device operations queued (kernels, library products, copies, fills).
+    fn count_launches(&self, n: usize) {
+        self.launches
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn note<E: std::fmt::Debug>(&self, r: std::result::Result<(), E>, what: &str) {
         if let Err(e) = r {
             let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
@@ -452,6 +461,7 @@ impl CudaBackend {
             self.lt
                 .forward(stream, rows, inp, out, xp, wp, bp, c.map(DevPtr::addr), yp)
         };
+        self.count_launches(1);
         self.note(r, "linear");
     }
 
@@ -585,6 +595,7 @@ impl CudaBackend {
         let r = unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
         };
+        self.count_launches(1);
         self.note(r, what);
     }
 
@@ -697,6 +708,7 @@ impl CudaBackend {
                 self.stream.cu_stream(),
             )
         };
+        self.count_launches(1);
         r.map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
         from.copied()
             .record(&self.stream)
@@ -778,6 +790,7 @@ impl Backend for CudaBackend {
                 drv_sys::cuMemsetD32Async(buf.ptr().addr(), 0, len, self.stream.cu_stream())
                     .result()
             };
+            self.count_launches(1);
             r.map_err(|e| self.dev_err(format!("zeroing scratch: {e}")))?;
         }
         Ok(buf)
@@ -785,6 +798,10 @@ impl Backend for CudaBackend {
 
     fn arena_stats(&self) -> Option<ArenaStats> {
         Some(self.arena.stats())
+    }
+
+    fn launch_count(&self) -> Option<u64> {
+        Some(self.launches.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
@@ -822,6 +839,7 @@ impl Backend for CudaBackend {
                 self.stream.cu_stream(),
             )
         };
+        self.count_launches(1);
         r.map_err(|e| self.dev_err(format!("download: {e}")))?;
         self.stream.synchronize().map_err(|e| self.dev_err(e))?;
         Ok(v)
@@ -924,6 +942,7 @@ impl Backend for CudaBackend {
         let r = unsafe {
             cudarc::driver::result::memcpy_htod_async(d.addr(), host, self.stream.cu_stream())
         };
+        self.count_launches(1);
         r.map_err(|e| self.dev_err(format!("write: {e}")))
     }
 
@@ -1126,6 +1145,11 @@ impl Backend for CudaBackend {
                 )
             }
         };
+        self.count_launches(if !disjoint || s.batch == 1 {
+            s.batch
+        } else {
+            1
+        });
         self.note(r, "cuBLAS sgemm");
     }
 
@@ -1206,6 +1230,7 @@ impl Backend for CudaBackend {
             )
         }
         .result();
+        self.count_launches(1);
         self.note(r, "cuBLAS sgemm batched");
     }
 
