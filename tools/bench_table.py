@@ -4,7 +4,8 @@
     python3 tools/bench_table.py ENGINE.json [ENGINE2.json ...] --torch TWIN.json [--markdown]
 
 For each stage and batching it lists the engine rows, then the PyTorch rows of the same stage
-and batching, with samples/s, ms/step, TFLOP/s and peak memory; each PyTorch row also gets
+and batching, with samples/s, ms/step, TFLOP/s, peak memory and device operations per step
+(the engine's `launches_per_step`; "-" where a file has none, as the twin's); each PyTorch row also gets
 "engine ÷ this": the engine's best padded f32 samples/s for the same stage (its fastest mode
 over every engine file) divided by that row's samples/s, so > 1 means the engine is faster.
 Files that cannot be read and rows that failed are printed as errors; a warning is printed
@@ -19,7 +20,7 @@ import sys
 
 STAGE_ORDER = ("student", "teacher")
 COLUMNS = ("stage", "batching", "source", "mode", "precision", "samples/s", "ms/step",
-           "TFLOP/s", "peak MiB", "engine ÷ this")
+           "TFLOP/s", "peak MiB", "launches", "engine ÷ this")
 
 
 def load(path):
@@ -51,6 +52,7 @@ def cells(row, source, ratio):
         num(row, "ms_per_step", "{:.3f}"),
         num(row, "tflops", "{:.2f}"),
         f"{peak / 2**20:.0f}" if isinstance(peak, (int, float)) else "-",
+        num(row, "launches_per_step", "{:.0f}"),
         ratio,
     ]
 
