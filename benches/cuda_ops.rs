@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use mgkd::backend::cuda::{CudaBackend, CudaBuf};
+use mgkd::backend::cuda::{AttentionKernels, CudaBackend, CudaBuf};
 use mgkd::backend::{
     AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Ref, ValidTokens,
 };
@@ -220,44 +220,49 @@ fn attention(b: &mut Bench) {
         let lens = b.lens(B, l, empty);
         let qkv = b.rand(tok * 3 * D);
         let mut probs = b.rand(s.probs_len());
-        let mut saved = b.out(b.be.attention_saved_len(&s));
         let mut ctx = b.out(tok * D);
         let mut dqkv = b.out(tok * 3 * D);
         let dctx = b.rand(tok * D);
         let scale = 1.0 / (dh as f32).sqrt();
         let products = B * H;
         let qk_flops = 2.0 * (products * l * l * dh) as f64;
-        let t = b.time(|| {
-            let q = Ref::whole(&qkv);
-            b.be.attention(
-                &s,
-                &lens,
-                scale,
-                q,
-                Mut::whole(&mut ctx),
-                Mut::whole(&mut saved),
-            )
-        });
-        // Q, K, V in, C out; the probabilities written once.
-        let floats = 4 * tok * D + b.be.attention_saved_len(&s);
-        let op = format!("{who} attention {B}x{H} of {l}x{l}x{dh}");
-        b.push("attention", op, t, floats as f64, 2.0 * qk_flops);
-        let t = b.time(|| {
-            b.be.attention_backward(
-                &s,
-                &lens,
-                scale,
-                Ref::whole(&qkv),
-                Ref::whole(&ctx),
-                Ref::whole(&saved),
-                Ref::whole(&dctx),
-                Mut::whole(&mut dqkv),
-            )
-            .expect("attention backward")
-        });
-        let floats = 8 * tok * D + b.be.attention_saved_len(&s);
-        let op = format!("{who} attention backward {B}x{H} of {l}x{l}x{dh}");
-        b.push("attention", op, t, floats as f64, 4.0 * qk_flops);
+        // The whole operation in each implementation: the composition, then the fused
+        // kernels (MGKD_CUDA_ATTENTION picks between them for training).
+        let chosen = b.be.attention_kernels();
+        for (kind, name) in [
+            (AttentionKernels::Composed, "composed"),
+            (AttentionKernels::Fused, "fused"),
+        ] {
+            b.be.set_attention_kernels(kind);
+            let saved_len = b.be.attention_saved_len(&s);
+            let mut saved = b.out(saved_len);
+            let t = b.time(|| {
+                let q = Ref::whole(&qkv);
+                let (c, sv) = (Mut::whole(&mut ctx), Mut::whole(&mut saved));
+                b.be.attention(&s, &lens, scale, q, c, sv)
+            });
+            // Q, K, V in, C out; what is saved written once.
+            let floats = 4 * tok * D + saved_len;
+            let op = format!("{who} attention ({name}) {B}x{H} of {l}x{l}x{dh}");
+            b.push("attention", op, t, floats as f64, 2.0 * qk_flops);
+            let t = b.time(|| {
+                b.be.attention_backward(
+                    &s,
+                    &lens,
+                    scale,
+                    Ref::whole(&qkv),
+                    Ref::whole(&ctx),
+                    Ref::whole(&saved),
+                    Ref::whole(&dctx),
+                    Mut::whole(&mut dqkv),
+                )
+                .expect("attention backward")
+            });
+            let floats = 8 * tok * D + saved_len;
+            let op = format!("{who} attention backward ({name}) {B}x{H} of {l}x{l}x{dh}");
+            b.push("attention", op, t, floats as f64, 4.0 * qk_flops);
+        }
+        b.be.set_attention_kernels(chosen);
         let (scores, heads_qk) = s.scores_product(3 * D, 3 * D);
         let (pv, heads_pv) = s.probs_product(false, 3 * D, D);
         let (dv, heads_dv) = s.probs_product(true, D, 3 * D);

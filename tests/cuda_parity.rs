@@ -25,7 +25,7 @@ mod skip;
 
 use cuda_common::{gpu, selftest};
 use mgkd::backend::cpu::CpuBackend;
-use mgkd::backend::cuda::CudaBackend;
+use mgkd::backend::cuda::{AttentionKernels, CudaBackend};
 use mgkd::backend::{
     AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Float, Gemm, Mut, Outer,
     Ref, ValidTokens,
@@ -1265,9 +1265,10 @@ impl Case for AttentionCase {
     }
 }
 
-#[test]
-fn attention_forward_and_backward() {
+/// The attention cases, seeded.
+fn attention_cases() -> Vec<(String, AttentionCase)> {
     let mut r = rng(71);
+    let mut cases = Vec::new();
     // (batch, len, heads, dh): one token; odd lengths; the §8 student and teacher shapes
     // (dh 32, len 32 and 128) and one past them; dh above a warp; a shape whose tables
     // exceed a CUDA block's shared memory (the composition runs there).
@@ -1294,10 +1295,64 @@ fn attention_forward_and_backward() {
             qkv: scaled(&mut r, tokens * 3 * d, 2.0),
             dctx: randv(&mut r, tokens * d),
         };
-        parity(
-            &format!("attention b={batch} l={len} h={heads} dh={dh}"),
-            &case,
-        );
+        cases.push((
+            format!("attention b={batch} l={len} h={heads} dh={dh}"),
+            case,
+        ));
+    }
+    cases
+}
+
+/// Attention as the backend runs it by default (`MGKD_CUDA_ATTENTION` unset: the
+/// composition on CUDA).
+#[test]
+fn attention_forward_and_backward() {
+    for (label, case) in attention_cases() {
+        parity(&label, &case);
+    }
+}
+
+/// The fused attention kernels (a second backend with `AttentionKernels::Fused`) against the
+/// f32 and f64 CPU compositions, and bit-identical across two runs; shapes beyond a block's
+/// shared memory run the composition there.
+#[test]
+fn fused_attention_forward_and_backward() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut f = CudaBackend::new(0).expect("a second CUDA backend");
+    f.set_attention_kernels(AttentionKernels::Fused);
+    for (label, case) in attention_cases() {
+        let fused = f.attention_saved_len(&case.s) != case.s.probs_len();
+        println!("{label}: {}", if fused { "fused" } else { "composed" });
+        let got = case.run(&f);
+        let want32 = case.run(&CpuBackend::<f32>::new());
+        let want64 = case.run(&CpuBackend::<f64>::new());
+        for ((o, w32), w64) in got.iter().zip(&want32).zip(&want64) {
+            check(
+                &format!("fused {label}: {} vs cpu-f32", o.name),
+                &o.data,
+                &w32.data,
+                TOL,
+                0.0,
+            );
+            check(
+                &format!("fused {label}: {} vs cpu-f64", o.name),
+                &o.data,
+                &w64.data,
+                TOL,
+                0.0,
+            );
+        }
+        let again = case.run(&f);
+        for (a, b) in got.iter().zip(&again) {
+            let same = a
+                .data
+                .iter()
+                .zip(&b.data)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "fused {label}: {} differs between two runs", a.name);
+        }
     }
 }
 

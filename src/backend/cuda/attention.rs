@@ -1,14 +1,53 @@
-//! Host side of the fused attention kernels (`kernels/attention.cu`): which shapes they take,
-//! their shared memory, what the forward saves, and the launches. Shapes whose tables do not
-//! fit a block's shared memory take the composition ([`crate::backend::attention`]) instead;
-//! [`CudaBackend`] decides per call with [`fused_smem`], the same test for the forward, the
-//! backward and the size of the saved state.
+//! Host side of the fused attention kernels (`kernels/attention.cu`): whether they run
+//! ([`AttentionKernels`]), which shapes they take, their shared memory, what the forward
+//! saves, and the launches. Shapes whose tables do not fit a block's shared memory take the
+//! composition ([`crate::backend::attention`]) instead; [`CudaBackend`] decides per call
+//! with [`CudaBackend::fused_attention`], the same test for the forward, the backward and the
+//! size of the saved state.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{int, CudaBackend, CudaBuf};
 use crate::backend::{AttnShape, Backend, Mut, Ref};
 use crate::Result;
+
+/// Which implementation [`crate::backend::Backend::attention`] runs on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// The composition: batched cuBLAS products and the masked softmax kernels (the default
+    /// in f32 until a GPU measurement shows the fused kernels faster).
+    Composed,
+    /// The fused kernels of `kernels/attention.cu`, where the shape fits ([`fused_smem`]);
+    /// the composition elsewhere.
+    Fused,
+}
+
+/// Environment variable choosing [`AttentionKernels`] when a backend is opened: `composed`
+/// (the default) or `fused`.
+pub const ATTENTION_ENV: &str = "MGKD_CUDA_ATTENTION";
+
+impl AttentionKernels {
+    /// The choice named by [`ATTENTION_ENV`] (the default when it is unset); an error naming
+    /// the variable for any other value.
+    pub fn from_env() -> std::result::Result<AttentionKernels, String> {
+        match std::env::var(ATTENTION_ENV) {
+            Err(std::env::VarError::NotPresent) => AttentionKernels::named(None),
+            Ok(v) => AttentionKernels::named(Some(&v)),
+            Err(e) => Err(format!("{ATTENTION_ENV}: {e}")),
+        }
+    }
+
+    /// The choice a value of [`ATTENTION_ENV`] names (`None`: unset, the default).
+    fn named(v: Option<&str>) -> std::result::Result<AttentionKernels, String> {
+        match v {
+            None | Some("composed") => Ok(AttentionKernels::Composed),
+            Some("fused") => Ok(AttentionKernels::Fused),
+            Some(v) => Err(format!(
+                "{ATTENTION_ENV}={v:?}: expected `composed` or `fused`"
+            )),
+        }
+    }
+}
 
 /// Warps per block (`ATTN_WARPS` in attention.cu).
 const ATTN_WARPS: usize = 4;
@@ -49,6 +88,26 @@ fn cfg(s: &AttnShape, floats: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
+    /// Which attention implementation this backend runs.
+    pub fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
+    }
+
+    /// Chooses the attention implementation (for what follows: buffers saved by one
+    /// implementation's forward go to the same implementation's backward).
+    pub fn set_attention_kernels(&mut self, k: AttentionKernels) {
+        self.attention = k;
+    }
+
+    /// The fused kernels' shared memory for `s` when they run for it: chosen, and the shape
+    /// fits ([`fused_smem`]).
+    pub(super) fn fused_attention(&self, s: &AttnShape) -> Option<[usize; 3]> {
+        match self.attention {
+            AttentionKernels::Fused => fused_smem(s),
+            AttentionKernels::Composed => None,
+        }
+    }
+
     /// [`Backend::attention`] in one kernel (`smem` from [`fused_smem`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_fused(
@@ -133,5 +192,49 @@ impl CudaBackend {
             err,
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_names_the_implementation_or_is_refused() {
+        assert_eq!(
+            AttentionKernels::named(None),
+            Ok(AttentionKernels::Composed)
+        );
+        assert_eq!(
+            AttentionKernels::named(Some("composed")),
+            Ok(AttentionKernels::Composed)
+        );
+        assert_eq!(
+            AttentionKernels::named(Some("fused")),
+            Ok(AttentionKernels::Fused)
+        );
+        let e = AttentionKernels::named(Some("Fused")).unwrap_err();
+        assert!(e.contains(ATTENTION_ENV) && e.contains("\"Fused\""), "{e}");
+    }
+
+    #[test]
+    fn the_section_8_shapes_fit_and_a_long_one_does_not() {
+        let s = |len, heads, d| AttnShape {
+            batch: 1024,
+            len,
+            heads,
+            d,
+        };
+        assert!(fused_smem(&s(128, 4, 128)).is_some(), "teacher");
+        assert!(fused_smem(&s(32, 4, 128)).is_some(), "student");
+        // 2·157·33 + 3·157 + 4·(64 + 314) floats exceed 48 KiB.
+        assert!(fused_smem(&s(156, 4, 128)).is_some());
+        assert!(fused_smem(&s(157, 4, 128)).is_none());
+        assert!(fused_smem(&s(32, 3, 128)).is_none(), "heads must divide d");
+        let [f, q, k] = fused_smem(&s(128, 4, 128)).unwrap();
+        assert_eq!(
+            (f, q, k),
+            (8448 + 4 * 160, 8448 + 4 * 320, 8448 + 4 * 320 + 384)
+        );
     }
 }

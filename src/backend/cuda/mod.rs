@@ -46,6 +46,7 @@ use cudarc::nvrtc::Ptx;
 
 use self::arena::Arena;
 pub use self::arena::{CudaBuf, RecordedGraph};
+pub use self::attention::{AttentionKernels, ATTENTION_ENV};
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use self::launch::Kernels;
 pub use self::launch::{DevPtr, KernelDecl, KERNELS};
@@ -113,6 +114,8 @@ pub struct CudaBackend {
     state: Mutex<State>,
     /// The activation arena of [`Backend::scratch`].
     arena: Arena,
+    /// Which attention implementation runs ([`attention::AttentionKernels`]).
+    attention: AttentionKernels,
     /// Device operations queued so far ([`Backend::launch_count`]).
     launches: std::sync::atomic::AtomicU64,
     error: Mutex<Option<String>>,
@@ -203,6 +206,7 @@ impl CudaBackend {
     }
 
     fn init(info: CudaDeviceInfo) -> std::result::Result<CudaBackend, String> {
+        let attention = AttentionKernels::from_env()?;
         let ctx = CudaContext::new(info.index).map_err(|e| format!("context: {e}"))?;
         // One stream only: cudarc's cross-stream event tracking is not needed.
         // SAFETY: called before any allocation, and all work goes to one stream.
@@ -255,6 +259,7 @@ impl CudaBackend {
             kernels,
             state: Mutex::new(state),
             arena: Arena::new(),
+            attention,
             launches: std::sync::atomic::AtomicU64::new(0),
             error: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
@@ -1669,7 +1674,7 @@ impl Backend for CudaBackend {
     // ---- attention and pooling ---------------------------------------------------------
 
     fn attention_saved_len(&self, s: &AttnShape) -> usize {
-        match attention::fused_smem(s) {
+        match self.fused_attention(s) {
             Some(_) => attention::fused_saved_len(s),
             None => s.probs_len(),
         }
@@ -1684,7 +1689,7 @@ impl Backend for CudaBackend {
         ctx: Mut<CudaBuf>,
         saved: Mut<CudaBuf>,
     ) {
-        match attention::fused_smem(s) {
+        match self.fused_attention(s) {
             Some(smem) => self.attention_fused(s, smem, lens, scale, qkv, ctx, saved),
             None => attention_composed(self, s, lens, scale, qkv, ctx, saved),
         }
@@ -1704,7 +1709,7 @@ impl Backend for CudaBackend {
         // The fused backward recomputes the probabilities from `saved`; it does not read the
         // output (D = Σ_j p·dp, as the composition's softmax backward).
         let _ = ctx;
-        match attention::fused_smem(s) {
+        match self.fused_attention(s) {
             Some(smem) => {
                 self.attention_backward_fused(s, smem, lens, scale, qkv, saved, dctx, dqkv)
             }
