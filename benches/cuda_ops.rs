@@ -251,7 +251,6 @@ fn attention(b: &mut Bench) {
                     &lens,
                     scale,
                     Ref::whole(&qkv),
-                    Ref::whole(&ctx),
                     Ref::whole(&saved),
                     Ref::whole(&dctx),
                     Mut::whole(&mut dqkv),

@@ -15,14 +15,12 @@ mod train_common;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::Backend;
 use mgkd::data::Dataset;
-use mgkd::loss::LossConfig;
-use mgkd::model::{Model, ModelConfig, Role};
-use mgkd::train::{train, RunOptions, Stage, TrainConfig};
+use mgkd::train::{RunOptions, TrainConfig};
 use train_common::Spec;
 
-/// Trains a teacher, then a student under it, with bucketed batches; returns both
-/// parameter vectors as bit patterns.
-fn teacher_then_student(be: &CudaBackend, ds: &Dataset, eager: bool) -> (Vec<u32>, Vec<u32>) {
+/// Trains a teacher, then a student under it, with bucketed batches (several shapes), op
+/// by op when `eager`; returns both parameter vectors as bit patterns.
+fn teacher_then_student(be: &CudaBackend, ds: &Dataset, eager: bool) -> (Vec<u64>, Vec<u64>) {
     let opts = RunOptions {
         eager,
         ..RunOptions::default()
@@ -35,18 +33,8 @@ fn teacher_then_student(be: &CudaBackend, ds: &Dataset, eager: bool) -> (Vec<u32
         bucket: true,
         ..TrainConfig::default()
     };
-    let loss = LossConfig::default();
-    let widths = |role| ModelConfig::new(role, ds.schema(), 8, 2, 2, 4).expect("config");
-    let mut teacher = Model::new(be, widths(Role::Teacher), 1).expect("teacher");
-    train(be, ds, &mut teacher, &Stage::Teacher, &loss, &tc, &opts).expect("teacher run");
-    let mut student = Model::new(be, widths(Role::Student), 2).expect("student");
-    let stage = Stage::Student(&teacher);
-    train(be, ds, &mut student, &stage, &loss, &tc, &opts).expect("student run");
-    let bits = |m: &Model<CudaBackend>| -> Vec<u32> {
-        let v = be.download(&m.params.values).expect("download");
-        v.iter().map(|x| x.to_bits()).collect()
-    };
-    (bits(&teacher), bits(&student))
+    let (t, s, _) = train_common::teacher_then_student(be, ds, &tc, &opts);
+    (t, s)
 }
 
 #[test]

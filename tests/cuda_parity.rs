@@ -1255,7 +1255,6 @@ impl Case for AttentionCase {
             &lens,
             scale,
             Ref::at(&qkv, PAD),
-            Ref::at(&ctx, PAD),
             Ref::at(&saved, PAD),
             Ref::at(&dctx, PAD),
             Mut::at(&mut dqkv, PAD),

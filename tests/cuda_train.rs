@@ -11,11 +11,8 @@ mod skip;
 mod train_common;
 
 use mgkd::backend::cuda::CudaBackend;
-use mgkd::backend::Backend;
 use mgkd::data::Dataset;
-use mgkd::loss::LossConfig;
-use mgkd::model::{Model, ModelConfig, Role};
-use mgkd::train::{train, RunOptions, Stage, TrainConfig};
+use mgkd::train::{RunOptions, TrainConfig};
 use train_common::Spec;
 
 /// Unbucketed batches of 48 rows over 3 epochs: full batches share a shape (the tiny
@@ -31,29 +28,18 @@ fn config() -> TrainConfig {
     }
 }
 
-/// Trains a teacher, then a student under it; returns both parameter vectors (bit
-/// patterns) and the number of recorded shapes of each run.
+/// Trains a teacher, then a student under it ([`train_common::teacher_then_student`]) with
+/// [`config`], op by op when `eager`.
 fn teacher_then_student(
     be: &CudaBackend,
     ds: &Dataset,
     eager: bool,
-) -> (Vec<u32>, Vec<u32>, [usize; 2]) {
+) -> (Vec<u64>, Vec<u64>, [usize; 2]) {
     let opts = RunOptions {
         eager,
         ..RunOptions::default()
     };
-    let (tc, loss) = (config(), LossConfig::default());
-    let widths = |role| ModelConfig::new(role, ds.schema(), 8, 2, 2, 4).expect("config");
-    let mut teacher = Model::new(be, widths(Role::Teacher), 1).expect("teacher");
-    let t = train(be, ds, &mut teacher, &Stage::Teacher, &loss, &tc, &opts).expect("teacher run");
-    let mut student = Model::new(be, widths(Role::Student), 2).expect("student");
-    let stage = Stage::Student(&teacher);
-    let s = train(be, ds, &mut student, &stage, &loss, &tc, &opts).expect("student run");
-    let bits = |m: &Model<CudaBackend>| -> Vec<u32> {
-        let v = be.download(&m.params.values).expect("download");
-        v.iter().map(|x| x.to_bits()).collect()
-    };
-    (bits(&teacher), bits(&student), [t.graphs, s.graphs])
+    train_common::teacher_then_student(be, ds, &config(), &opts)
 }
 
 #[test]

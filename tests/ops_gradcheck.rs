@@ -1206,7 +1206,7 @@ impl Case for AttentionCase {
         down(&self.run::<F>(x).0)
     }
     fn bwd<F: Float>(&self, x: &[f64], r: &[f64]) -> Vec<f64> {
-        let (ctx, saved) = self.run::<F>(x);
+        let (_, saved) = self.run::<F>(x);
         let (qkv, dctx) = (up::<F>(x), up::<F>(r));
         let mut dqkv = nan::<F>(x.len());
         be::<F>()
@@ -1215,7 +1215,6 @@ impl Case for AttentionCase {
                 &ids(&self.lens),
                 <F as Float>::from_f64(self.scale),
                 Ref::whole(&qkv),
-                Ref::whole(&ctx),
                 Ref::whole(&saved),
                 Ref::whole(&dctx),
                 Mut::whole(&mut dqkv),

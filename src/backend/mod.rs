@@ -689,9 +689,9 @@ pub trait Backend: Send + Sync {
         attention::attention_composed(self, s, lens, scale, qkv, ctx, saved)
     }
     /// Backward of [`Backend::attention`]: `dqkv` (`[batch, len, 3d]`, overwritten) from
-    /// the gradient of the output `dctx`, given the forward's `qkv`, `ctx` and `saved`. A
-    /// query with no valid key gets a zero gradient. The default is
-    /// [`attention::attention_backward_composed`] (which does not read `ctx`).
+    /// the gradient of the output `dctx`, given the forward's `qkv` and `saved`. A query
+    /// with no valid key gets a zero gradient. The default is
+    /// [`attention::attention_backward_composed`].
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -699,12 +699,10 @@ pub trait Backend: Send + Sync {
         lens: &Self::Ids,
         scale: Self::F,
         qkv: Ref<Self::Buf>,
-        ctx: Ref<Self::Buf>,
         saved: Ref<Self::Buf>,
         dctx: Ref<Self::Buf>,
         dqkv: Mut<Self::Buf>,
     ) -> Result<()> {
-        let _ = ctx;
         attention::attention_backward_composed(self, s, lens, scale, qkv, saved, dctx, dqkv)
     }
     /// Masked mean over time: `out[b,:] = Σ_{t<ℓ} x[b,t,:]/ℓ` with `ℓ = lens[b]`, or `empty`

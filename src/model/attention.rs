@@ -112,7 +112,6 @@ impl Attention {
             lens,
             self.scale::<B::F>(d),
             Ref::whole(&cache.qkv),
-            ctx,
             Ref::whole(&cache.saved),
             Ref::whole(&dctx),
             Mut::whole(&mut dqkv),

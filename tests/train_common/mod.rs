@@ -259,3 +259,31 @@ pub fn resumed_runs_match<B: mgkd::backend::Backend>(
     }
     checked
 }
+
+/// Trains a teacher (d = 8, 2 heads, 2 blocks, seed 1), then a student under it (seed 2),
+/// on `be` with `tc` and `opts`; returns both parameter vectors as bit patterns (f64 bits of
+/// each value, exact for f32) and the number of batch shapes each run recorded as a graph.
+pub fn teacher_then_student<B: mgkd::backend::Backend>(
+    be: &B,
+    ds: &mgkd::data::Dataset,
+    tc: &mgkd::train::TrainConfig,
+    opts: &mgkd::train::RunOptions,
+) -> (Vec<u64>, Vec<u64>, [usize; 2]) {
+    use mgkd::backend::Float;
+    use mgkd::loss::LossConfig;
+    use mgkd::model::{Model, ModelConfig, Role};
+    use mgkd::train::{train, Stage};
+
+    let loss = LossConfig::default();
+    let widths = |role| ModelConfig::new(role, ds.schema(), 8, 2, 2, 4).expect("config");
+    let mut teacher = Model::new(be, widths(Role::Teacher), 1).expect("teacher");
+    let t = train(be, ds, &mut teacher, &Stage::Teacher, &loss, tc, opts).expect("teacher run");
+    let mut student = Model::new(be, widths(Role::Student), 2).expect("student");
+    let stage = Stage::Student(&teacher);
+    let s = train(be, ds, &mut student, &stage, &loss, tc, opts).expect("student run");
+    let bits = |m: &Model<B>| -> Vec<u64> {
+        let v = be.download(&m.params.values).expect("download");
+        v.iter().map(|&x| x.to_f64().to_bits()).collect()
+    };
+    (bits(&teacher), bits(&student), [t.graphs, s.graphs])
+}

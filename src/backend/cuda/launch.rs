@@ -127,7 +127,7 @@ macro_rules! kernel_table {
         impl Kernels<'_> {
             $($(
                 #[doc = concat!("Queues `", stringify!($name), "` (kernels/", $file, ") with `cfg`.")]
-                #[allow(clippy::too_many_arguments, dead_code)]
+                #[allow(clippy::too_many_arguments)]
                 pub(super) fn $name(&self, cfg: LaunchConfig, $($arg: $ty),*) {
                     let be = self.0;
                     let mut launch = be.stream.launch_builder(be.kernel(stringify!($name)));

@@ -1701,14 +1701,10 @@ impl Backend for CudaBackend {
         lens: &CudaSlice<u32>,
         scale: f32,
         qkv: Ref<CudaBuf>,
-        ctx: Ref<CudaBuf>,
         saved: Ref<CudaBuf>,
         dctx: Ref<CudaBuf>,
         dqkv: Mut<CudaBuf>,
     ) -> Result<()> {
-        // The fused backward recomputes the probabilities from `saved`; it does not read the
-        // output (D = Σ_j p·dp, as the composition's softmax backward).
-        let _ = ctx;
         match self.fused_attention(s) {
             Some(smem) => {
                 self.attention_backward_fused(s, smem, lens, scale, qkv, saved, dctx, dqkv)
