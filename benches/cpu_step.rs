@@ -10,7 +10,7 @@ use std::time::Instant;
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::data::{Batch, CatField, EventBatch, NumField, Schema};
 use mgkd::loss::{class_weights, student_objective, LossConfig};
-use mgkd::model::{DeviceBatch, Model, ModelConfig, Role};
+use mgkd::model::{DeviceBatch, Model, ModelConfig, Role, Teacher};
 use mgkd::optim::{AdamWConfig, Optimizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -100,7 +100,15 @@ fn main() -> mgkd::Result<()> {
     for i in 0..7 {
         let t0 = Instant::now();
         student.params.zero_grads(&be);
-        let l = student_objective(&be, &loss, cw, &teacher, &mut student, &db, true)?;
+        let l = student_objective(
+            &be,
+            &loss,
+            cw,
+            Teacher::live(&teacher),
+            &mut student,
+            &db,
+            true,
+        )?;
         opt.step(&be, &mut student.params, 1e-4)?;
         let dt = t0.elapsed().as_secs_f64();
         eprintln!("step {i}: {dt:.3} s, loss {:.4}", l.total);

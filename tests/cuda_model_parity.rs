@@ -38,7 +38,7 @@ use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::{Backend, Float};
 use mgkd::data::Batch;
 use mgkd::loss::{class_weights, student_objective, teacher_objective, LossConfig, Term};
-use mgkd::model::{DeviceBatch, Model, ModelConfig, ParamStore, ParamTable, Role};
+use mgkd::model::{DeviceBatch, Model, ModelConfig, ParamStore, ParamTable, Role, Teacher};
 use mgkd::optim::{AdamWConfig, Optimizer};
 use model_common::{batch, random_values, schema};
 
@@ -174,7 +174,7 @@ impl<B: Backend> Setup<B> {
                     // Every term at a sizeable weight.
                     &LossConfig::spec_starting(),
                     self.class_w,
-                    &self.teacher,
+                    Teacher::live(&self.teacher),
                     &mut self.student,
                     &self.batch,
                     true,

@@ -10,7 +10,7 @@ use common::{batch5, model, schema, upload};
 use mgkd::backend::Backend;
 use mgkd::loss::class_weights;
 use mgkd::model::checkpoint;
-use mgkd::model::{ModelConfig, ParamTable, Role};
+use mgkd::model::{ModelConfig, ParamTable, Role, Teacher};
 
 #[test]
 fn round_trip_gives_identical_logits_and_metadata() {
@@ -353,7 +353,8 @@ fn student_step_is_bit_identical_across_thread_counts() {
             let db = upload(&be, &batch5(9));
             s.params.zero_grads(&be);
             let cfg = LossConfig::default();
-            let l = student_objective(&be, &cfg, [0.8, 1.6], &t, &mut s, &db, true).unwrap();
+            let l = student_objective(&be, &cfg, [0.8, 1.6], Teacher::live(&t), &mut s, &db, true)
+                .unwrap();
             let g = be.download(&s.params.grads).unwrap();
             (
                 l.total.to_bits(),

@@ -14,7 +14,7 @@ use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::Backend;
 use mgkd::data::Batch;
 use mgkd::loss::{class_weights, student_objective, teacher_objective, LossConfig, Term};
-use mgkd::model::{DeviceBatch, Model, Role};
+use mgkd::model::{DeviceBatch, Model, Role, Teacher};
 use mgkd::optim::{AdamWConfig, Optimizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -149,7 +149,7 @@ fn student_check(cfg: &LossConfig, blocks: usize, b: &Batch, what: &str) -> usiz
     let cw = weights(b);
     let zbar = be.download(&s.forward(&be, &db).unwrap().logits).unwrap();
     check(&be, &mut s, 5, 5, what, &mut |be, m, bw| {
-        let l = student_objective(be, cfg, cw, &t, m, &db, bw).unwrap();
+        let l = student_objective(be, cfg, cw, Teacher::live(&t), m, &db, bw).unwrap();
         match l.self_distill {
             Term::On(v) => {
                 l.total - cfg.delta * v + cfg.delta * self_fixed_target(be, m, &db, &zbar, cfg.tau)
@@ -250,7 +250,16 @@ fn student_batch_of_one_and_one_block() {
     let (_, mut s) = model::<f64>(Role::Student, 1, 4);
     let b = batch5(44);
     let db = upload(&be, &b);
-    let l = student_objective(&be, &cfg, weights(&b), &t, &mut s, &db, false).unwrap();
+    let l = student_objective(
+        &be,
+        &cfg,
+        weights(&b),
+        Teacher::live(&t),
+        &mut s,
+        &db,
+        false,
+    )
+    .unwrap();
     assert_eq!(l.self_distill, Term::Absent);
     assert!(matches!(l.fine, Term::On(v) if v > 0.0));
 }
@@ -274,8 +283,8 @@ fn f32_matches_f64_forward_and_backward() {
     let (d64, d32) = (upload(&b64, &b), upload(&b32, &b));
     s64.params.zero_grads(&b64);
     s32.params.zero_grads(&b32);
-    let l64 = student_objective(&b64, &cfg, cw, &t64, &mut s64, &d64, true).unwrap();
-    let l32 = student_objective(&b32, &cfg, cw, &t32, &mut s32, &d32, true).unwrap();
+    let l64 = student_objective(&b64, &cfg, cw, Teacher::live(&t64), &mut s64, &d64, true).unwrap();
+    let l32 = student_objective(&b32, &cfg, cw, Teacher::live(&t32), &mut s32, &d32, true).unwrap();
     assert!(
         (l64.total - l32.total).abs() <= 1e-4 * l64.total.abs(),
         "{l64:?} vs {l32:?}"
@@ -332,7 +341,16 @@ fn teacher_is_frozen_during_a_student_step() {
     let s_before = be.download(&s.params.values).unwrap();
     let mut opt = Optimizer::new(AdamWConfig::default());
     s.params.zero_grads(&be);
-    student_objective(&be, &full_weight(), weights(&b), &t, &mut s, &db, true).unwrap();
+    student_objective(
+        &be,
+        &full_weight(),
+        weights(&b),
+        Teacher::live(&t),
+        &mut s,
+        &db,
+        true,
+    )
+    .unwrap();
     let info = opt.step(&be, &mut s.params, 1e-3).unwrap();
     assert!(info.grad_norm > 0.0);
     let after: Vec<Vec<f64>> = [&t.params.values, &t.params.grads, &t.params.m, &t.params.v]

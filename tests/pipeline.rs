@@ -62,7 +62,7 @@ fn batches_arrive_in_order_and_equal_to_a_direct_upload() {
     for pass in 0..2 {
         let mut seen = Vec::new();
         let stats = pipeline
-            .run(&be, &ds, &batches, |k, got| {
+            .run(&be, &ds, &batches, None, |k, got| {
                 let direct =
                     DeviceBatch::upload(&be, &ds.gather(&batches[k])?, ds.schema()).expect("up");
                 assert!(batch_eq(&got, &direct), "pass {pass}, batch {k} differs");
@@ -86,7 +86,7 @@ fn a_bad_batch_stops_the_run_with_its_error_and_the_pipeline_runs_again() {
     batches[2][7] = ds.rows() + 5;
     let mut steps = 0;
     let err = pipeline
-        .run(&be, &ds, &batches, |_, _| {
+        .run(&be, &ds, &batches, None, |_, _| {
             steps += 1;
             Ok(())
         })
@@ -99,7 +99,7 @@ fn a_bad_batch_stops_the_run_with_its_error_and_the_pipeline_runs_again() {
     batches[2][7] = 7;
     let mut steps = 0;
     pipeline
-        .run(&be, &ds, &batches, |_, _| {
+        .run(&be, &ds, &batches, None, |_, _| {
             steps += 1;
             Ok(())
         })
@@ -117,7 +117,7 @@ fn a_failing_step_stops_the_run() {
     let batches: Vec<Vec<u64>> = (0..7).map(|k| (k * 16..k * 16 + 16).collect()).collect();
     let mut steps = 0;
     let err = pipeline
-        .run(&be, &ds, &batches, |k, _| {
+        .run(&be, &ds, &batches, None, |k, _| {
             steps += 1;
             if k == 1 {
                 return Err(mgkd::Error::invalid("step 1 refuses"));
@@ -137,7 +137,7 @@ fn a_batch_larger_than_the_pipeline_is_refused() {
     let be = Be::new();
     let mut pipeline = Pipeline::new(&be, ds.schema(), 8).expect("pipeline");
     let err = pipeline
-        .run(&be, &ds, &[(0..9).collect()], |_, _| Ok(()))
+        .run(&be, &ds, &[(0..9).collect()], None, |_, _| Ok(()))
         .expect_err("9 rows > 8");
     assert!(err.to_string().contains("9 rows"), "{err}");
 }

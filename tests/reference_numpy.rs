@@ -23,7 +23,7 @@ use mgkd::data::{Batch, CatField, EventBatch, NumField, Schema};
 use mgkd::loss::{class_weights, student_objective, teacher_objective, LossConfig, Term};
 use mgkd::model::dump::write_batch_dump;
 use mgkd::model::params::Init;
-use mgkd::model::{checkpoint, DeviceBatch, Model, ModelConfig, Role};
+use mgkd::model::{checkpoint, DeviceBatch, Model, ModelConfig, Role, Teacher};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -264,7 +264,8 @@ fn compare(
     let s = student.forward(be, &db).expect("student forward");
     let [n0, n1] = CLASS_COUNTS;
     let cw = class_weights(n0, n1, cfg.rho, cfg.reweight).expect("class weights");
-    let loss = student_objective(be, cfg, cw, teacher, student, &db, false).expect("objective");
+    let loss = student_objective(be, cfg, cw, Teacher::live(teacher), student, &db, false)
+        .expect("objective");
     let lt = teacher_objective(be, cw, teacher, &db, false).expect("teacher objective");
 
     let zt = be.download(&t.logits).unwrap();

@@ -11,7 +11,7 @@ use mgkd::backend::cpu::CpuBackend;
 use mgkd::data::Dataset;
 use mgkd::loss::LossConfig;
 use mgkd::metrics;
-use mgkd::model::{checkpoint, Model, ModelConfig, Role};
+use mgkd::model::{checkpoint, Model, ModelConfig, Role, Teacher};
 use mgkd::train::{
     epoch_batches, kept_lengths, labels_of, lr_at, score_rows, train, warmup_steps, RunOptions,
     Stage, TrainConfig, TrainReport, KEY_BEST, VALID,
@@ -182,7 +182,7 @@ fn teacher_and_student_learn_the_planted_signal_and_keep_the_best() {
     let srep = run(
         &ds,
         &mut student,
-        &Stage::Student(&teacher),
+        &Stage::Student(Teacher::live(&teacher)),
         &loss,
         &cfg(6),
         None,
@@ -209,7 +209,7 @@ fn teacher_and_student_learn_the_planted_signal_and_keep_the_best() {
         &be,
         &ds,
         &mut t2,
-        &Stage::Student(&teacher),
+        &Stage::Student(Teacher::live(&teacher)),
         &loss,
         &cfg(1),
         &opts,
@@ -287,7 +287,7 @@ fn same_seed_gives_bit_identical_checkpoints_on_1_and_2_threads() {
             let _ = run(
                 &ds,
                 &mut s,
-                &Stage::Student(&t),
+                &Stage::Student(Teacher::live(&t)),
                 &LossConfig::default(),
                 &tc,
                 Some(&sout),

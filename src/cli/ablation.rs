@@ -58,6 +58,11 @@ pub struct AblationArgs {
     /// or a time of training (90s, 5m, 1h); also at every epoch end.
     #[arg(long, value_name = "N|TIME", default_value_t = crate::train::resume::DEFAULT_EVERY)]
     pub checkpoint_every: crate::train::resume::Every,
+    /// Memory budget, in MiB, for each seed's teacher outputs on the train rows, computed
+    /// once and shared by every student of that seed (see `student --help`); 0 turns the
+    /// cache off (results are the same either way).
+    #[arg(long, value_name = "MIB", default_value_t = crate::train::teacher_cache::DEFAULT_BUDGET_MIB)]
+    pub teacher_cache_mib: u64,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -395,6 +400,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         data: args.data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
         resume: None,
+        teacher_cache: crate::cli::train::mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?,
     };
     cfg.validate()?;
     let ds = Dataset::open(&args.data)?;

@@ -18,10 +18,11 @@ use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::loss::{class_weights, LossConfig};
 pub use crate::model::config::Widths;
-use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher};
 use crate::train::resume::{self, Every, ResumeOptions};
 use crate::train::{
-    labels_of, train, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord, TRAIN,
+    cache_teacher, labels_of, train, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport,
+    TrainingRecord, TRAIN,
 };
 use crate::{Error, Result};
 
@@ -220,6 +221,12 @@ pub struct StudentArgs {
     /// Loss coefficients.
     #[command(flatten)]
     pub coefs: CoefArgs,
+    /// Memory budget, in MiB, for the teacher's outputs on the train rows (logits,
+    /// representations and, with L_fine, token outputs), computed once and read by every
+    /// epoch instead of running the teacher on every batch; over it the teacher runs live.
+    /// 0 turns the cache off (results are the same either way).
+    #[arg(long, value_name = "MIB", default_value_t = crate::train::teacher_cache::DEFAULT_BUDGET_MIB)]
+    pub teacher_cache_mib: u64,
 }
 
 /// `[model]` section of the config file.
@@ -642,15 +649,22 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
     let mut model = Model::new(be, cfg, r.train.seed)?;
     let rec = training_record(&ds, &c.data, r, Role::Student, Some((&args.teacher, sha)))?;
     let opts = run_options(c, &rec)?;
-    train(
-        be,
-        &ds,
-        &mut model,
-        &Stage::Student(&teacher),
-        &r.loss,
-        &r.train,
-        &opts,
-    )
+    let budget = mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?;
+    let (cache, outcome) = cache_teacher(be, &teacher, &ds, [&r.loss], r.train.batch, budget)?;
+    if outcome != CacheOutcome::Off {
+        crate::noteln!("{outcome}");
+    }
+    let stage = Stage::Student(Teacher {
+        model: &teacher,
+        cache: cache.as_ref(),
+    });
+    train(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts)
+}
+
+/// `mib` MiB in bytes (for `flag`), refusing a budget that overflows.
+pub fn mib_bytes(flag: &str, mib: u64) -> Result<u64> {
+    mib.checked_mul(1 << 20)
+        .ok_or_else(|| Error::invalid(format!("{flag} {mib}: too large")))
 }
 
 /// Checks and locks the outputs of a training run: the checkpoint `--out` and the log

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FineGrads, FineShape, Float, Mut, Ref};
 use crate::model::layers::{one, uninit, zeros};
-use crate::model::{DeviceBatch, Model, OutputGrads, Role};
+use crate::model::{DeviceBatch, Model, OutputGrads, Role, Teacher};
 use crate::{Error, Result};
 
 fn yes() -> bool {
@@ -315,15 +315,16 @@ impl StudentSlots {
     }
 }
 
-/// Student stage (docs/model.md §5): runs the frozen teacher forward (only when L_soft, L_coarse or
-/// L_fine is on) and the student forward, every switched-on term, and with `backward`
+/// Student stage (docs/model.md §5): reads the frozen teacher's outputs (only when L_soft,
+/// L_coarse or L_fine is on: from its cache, or by running its forward) and runs the student
+/// forward, every switched-on term, and with `backward`
 /// accumulates ∂L/∂θ_student into the student's gradient buffer. Returns the per-term values
 /// and the total (waits for the device; see [`student_objective_queued`]).
 pub fn student_objective<B: Backend>(
     be: &B,
     cfg: &LossConfig,
     class_w: [f64; 2],
-    teacher: &Model<B>,
+    teacher: Teacher<'_, B>,
     student: &mut Model<B>,
     batch: &DeviceBatch<B>,
     backward: bool,
@@ -344,28 +345,29 @@ pub fn student_objective_queued<B: Backend>(
     be: &B,
     cfg: &LossConfig,
     class_w: [f64; 2],
-    teacher: &Model<B>,
+    teacher: Teacher<'_, B>,
     student: &mut Model<B>,
     batch: &DeviceBatch<B>,
     backward: bool,
     out: Mut<B::Buf>,
 ) -> Result<()> {
-    if teacher.config.role != Role::Teacher || student.config.role != Role::Student {
+    if teacher.model.config.role != Role::Teacher || student.config.role != Role::Student {
         return Err(Error::invalid(
             "student objective needs a teacher and a student",
         ));
     }
-    if teacher.config.d != student.config.d {
+    if teacher.model.config.d != student.config.d {
         return Err(Error::invalid(format!(
             "teacher width d = {} differs from the student's {}",
-            teacher.config.d, student.config.d
+            teacher.model.config.d, student.config.d
         )));
     }
     cfg.validate()?;
     let (w, labels) = row_weights(be, batch, class_w)?;
-    // The teacher runs only when a term reads it (L_self and L_hard do not).
+    // The teacher is read only when a term reads it (L_self and L_hard do not), its tokens
+    // only for L_fine.
     let t = if cfg.soft || cfg.coarse || cfg.fine {
-        Some(teacher.forward(be, batch)?)
+        Some(teacher.outputs(be, batch, cfg.fine)?)
     } else {
         None
     };
@@ -432,9 +434,14 @@ pub fn student_objective_queued<B: Backend>(
     }
     let (mut dtokens, mut dp) = (None, None);
     if cfg.fine {
-        let t = teacher_out()?;
+        let t_in = teacher_out()?
+            .tokens
+            .as_ref()
+            .ok_or_else(|| Error::invalid("teacher token outputs missing"))?;
         let o = Mut::at(&mut *slots, base + SLOT_FINE);
-        if let Some((dt, dpp)) = fine_term(be, cfg.gamma, student, batch, &s, t, &w, backward, o)? {
+        if let Some((dt, dpp)) =
+            fine_term(be, cfg.gamma, student, batch, &s, t_in, &w, backward, o)?
+        {
             dtokens = Some(dt);
             dp = Some(dpp);
         }
@@ -464,7 +471,7 @@ pub fn student_objective_queued<B: Backend>(
 }
 
 /// `L_fine` (docs/model.md §5.6) with coefficient `gamma`: student tokens are `T_pre` (or `p` in
-/// slot 0 for rows with an empty pre-service sequence), teacher tokens `T_in` (detached). Stores
+/// slot 0 for rows with an empty pre-service sequence), teacher tokens `t_in` (detached). Stores
 /// the value at `out[0]` and returns, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the W_q/W_k/W_v
 /// gradients are accumulated here).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -474,7 +481,7 @@ fn fine_term<B: Backend>(
     student: &mut Model<B>,
     batch: &DeviceBatch<B>,
     s: &crate::model::Forward<B>,
-    t: &crate::model::Forward<B>,
+    t_in: &B::Buf,
     w: &B::Buf,
     backward: bool,
     out: Mut<B::Buf>,
@@ -502,7 +509,7 @@ fn fine_term<B: Backend>(
         Mut::whole(&mut tok),
     );
     let params = &student.params.values;
-    let t_in = Ref::whole(&t.encoder.out.tokens);
+    let t_in = Ref::whole(t_in);
     let (mut q, mut k, mut v) = (
         uninit(be, nq * d)?,
         uninit(be, nk * d)?,

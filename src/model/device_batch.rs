@@ -5,6 +5,7 @@
 
 use crate::backend::{Backend, Float, HostStaging, Mut, Ref};
 use crate::data::{Batch, EventBatch, Schema};
+use crate::model::teacher::{TeacherIds, TeacherIndex};
 use crate::{Error, Result};
 /// One padded sequence kind on the device. The padded length is at least 1 (an all-empty
 /// batch gets one padding slot) so that no buffer is zero-sized.
@@ -42,6 +43,8 @@ pub struct DeviceBatch<B: Backend> {
     pub labels_host: Option<Vec<u8>>,
     /// The schema the batch was checked against (a model only reads batches of its own).
     pub schema: Schema,
+    /// Where its rows' outputs lie in a teacher cache, when staged with one's index.
+    pub teacher: Option<TeacherIds<B>>,
 }
 
 /// Where one sequence kind of a staged batch lies in its staging (element offsets).
@@ -59,7 +62,8 @@ struct StagedSeq {
 
 /// A batch checked and laid out in a backend's [`HostStaging`]: floats
 /// `[profile_num | pre num | in-service num | labels]` and ids
-/// `[profile_cat | pre lens, lens_or_one, cat | in-service lens, lens_or_one, cat]`.
+/// `[profile_cat | pre lens, lens_or_one, cat | in-service lens, lens_or_one, cat |
+/// teacher-cache ids]`.
 #[derive(Debug, Clone)]
 pub struct StagedBatch {
     rows: usize,
@@ -70,14 +74,23 @@ pub struct StagedBatch {
     labels: Option<usize>,
     labels_host: Option<Vec<u8>>,
     schema: Schema,
+    /// Offsets of the teacher-cache ids: the rows' slots, then (with tokens) the token ids.
+    teacher: Option<(usize, Option<usize>)>,
 }
 
 /// Floats and ids that a batch of `rows` rows, padded to lengths `pre` and `in_service`,
-/// takes in a staging.
-fn staged_size(schema: &Schema, rows: usize, pre: usize, in_service: usize) -> (usize, usize) {
+/// takes in a staging (with room for teacher-cache ids with tokens when `teacher`).
+fn staged_size(
+    schema: &Schema,
+    rows: usize,
+    pre: usize,
+    in_service: usize,
+    teacher: bool,
+) -> (usize, usize) {
     let (ec, ed) = (schema.e_cat(), schema.e_num());
     let floats = rows * (schema.f_num() + (pre + in_service) * ed + 1);
-    let ids = rows * (schema.f_cat() + 4 + (pre + in_service) * ec);
+    let cache_ids = if teacher { 1 + in_service } else { 0 };
+    let ids = rows * (schema.f_cat() + 4 + (pre + in_service) * ec + cache_ids);
     (floats, ids)
 }
 
@@ -203,17 +216,25 @@ fn stage_seq<F: Float>(
 
 impl StagedBatch {
     /// Floats and ids a staging needs for any batch of at most `rows` rows of `schema`
-    /// (sequences at the schema's length limits).
+    /// (sequences at the schema's length limits, teacher-cache ids included).
     pub fn capacity(schema: &Schema, rows: usize) -> (usize, usize) {
-        staged_size(schema, rows, schema.pre_len.max(1), schema.in_len.max(1))
+        staged_size(
+            schema,
+            rows,
+            schema.pre_len.max(1),
+            schema.in_len.max(1),
+            true,
+        )
     }
 
     /// Checks `batch` against `schema` (buffer sizes, lengths within the schema's limits,
     /// ids below their vocabularies, finite numbers, labels 0/1) and lays it out in
-    /// `staging` (waiting first for any upload still reading it).
+    /// `staging` (waiting first for any upload still reading it), with the ids that gather
+    /// its rows from a teacher cache of index `teacher`.
     pub fn stage<F: Float>(
         batch: &Batch,
         schema: &Schema,
+        teacher: Option<&TeacherIndex>,
         staging: &mut impl HostStaging<F>,
     ) -> Result<StagedBatch> {
         let rows = batch.rows;
@@ -277,6 +298,15 @@ impl StagedBatch {
             }
             None => None,
         };
+        let teacher = match teacher {
+            Some(index) => {
+                let len = in_service.len;
+                let (off, d) = ids.take(index.staged_ids(rows, len))?;
+                index.stage(batch, len, d)?;
+                Some((off, index.has_tokens().then_some(off + rows)))
+            }
+            None => None,
+        };
         Ok(StagedBatch {
             rows,
             profile_num,
@@ -286,6 +316,7 @@ impl StagedBatch {
             labels,
             labels_host: batch.labels.clone(),
             schema: schema.clone(),
+            teacher,
         })
     }
 
@@ -331,6 +362,19 @@ impl<B: Backend> DeviceBatch<B> {
             },
             labels_host: staged.labels_host.clone(),
             schema: s.clone(),
+            teacher: match staged.teacher {
+                Some((at, tokens)) => Some(TeacherIds {
+                    rows: be.upload_staged_ids(staging, at, rows)?,
+                    tokens: match tokens {
+                        Some(at) => {
+                            let len = rows * staged.in_service.len;
+                            Some(be.upload_staged_ids(staging, at, len)?)
+                        }
+                        None => None,
+                    },
+                }),
+                None => None,
+            },
         })
     }
 
@@ -338,14 +382,26 @@ impl<B: Backend> DeviceBatch<B> {
     /// staging allocated for it alone. For a stream of batches, reuse stagings instead
     /// ([`crate::train::pipeline`]): allocating one is slow on CUDA.
     pub fn upload(be: &B, batch: &Batch, schema: &Schema) -> Result<Self> {
+        Self::upload_for(be, batch, schema, None)
+    }
+
+    /// [`DeviceBatch::upload`] with the ids that gather its rows from a teacher cache of
+    /// index `teacher`.
+    pub fn upload_for(
+        be: &B,
+        batch: &Batch,
+        schema: &Schema,
+        teacher: Option<&TeacherIndex>,
+    ) -> Result<Self> {
         let (floats, ids) = staged_size(
             schema,
             batch.rows,
             batch.pre.max_len.max(1),
             batch.in_service.max_len.max(1),
+            teacher.is_some(),
         );
         let mut staging = be.alloc_staging(floats, ids)?;
-        let staged = StagedBatch::stage(batch, schema, &mut staging)?;
+        let staged = StagedBatch::stage(batch, schema, teacher, &mut staging)?;
         Self::from_staged(be, &staging, &staged)
     }
 
@@ -356,10 +412,13 @@ impl<B: Backend> DeviceBatch<B> {
             && self.pre.len == src.pre.len
             && self.in_service.len == src.in_service.len
             && self.schema == src.schema
-            && self.labels.is_some() == src.labels.is_some();
+            && self.labels.is_some() == src.labels.is_some()
+            && self.teacher.as_ref().map(|t| t.tokens.is_some())
+                == src.teacher.as_ref().map(|t| t.tokens.is_some());
         if !same {
             return Err(Error::invalid(
-                "copy_from: the batches differ in rows, padded lengths, schema or labels",
+                "copy_from: the batches differ in rows, padded lengths, schema, labels or \
+                 teacher-cache ids",
             ));
         }
         let (rows, s) = (self.rows, &self.schema);
@@ -388,6 +447,12 @@ impl<B: Backend> DeviceBatch<B> {
             be.copy(rows, Ref::whole(f), Mut::whole(d));
         }
         self.labels_host.clone_from(&src.labels_host);
+        if let (Some(d), Some(f)) = (self.teacher.as_mut(), src.teacher.as_ref()) {
+            be.copy_ids(rows, &f.rows, &mut d.rows);
+            if let (Some(d), Some(f)) = (d.tokens.as_mut(), f.tokens.as_ref()) {
+                be.copy_ids(rows * self.in_service.len, f, d);
+            }
+        }
         Ok(())
     }
 }

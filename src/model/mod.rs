@@ -15,8 +15,10 @@ pub mod encoder;
 pub mod layers;
 pub mod net;
 pub mod params;
+pub mod teacher;
 
 pub use config::{ModelConfig, Role};
 pub use device_batch::{DeviceBatch, DeviceSeq, StagedBatch};
 pub use net::{Forward, Model, OutputGrads};
 pub use params::{ParamEntry, ParamStore, ParamTable};
+pub use teacher::{Teacher, TeacherCache, TeacherIds, TeacherIndex, TeacherOutputs};

@@ -20,11 +20,11 @@ use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
 use crate::metrics;
 use crate::model::config::Widths;
-use crate::model::{checkpoint, Model, ModelConfig, Role};
+use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher, TeacherCache};
 use crate::train::resume::{self, resume_path, Every, ResumeOptions};
 use crate::train::{
-    labels_of, score_rows, sigmoid, train, RunOptions, Stage, TrainConfig, TrainingRecord, TEST,
-    TRAIN,
+    cache_teacher, labels_of, score_rows, sigmoid, train, CacheOutcome, RunOptions, Stage,
+    TrainConfig, TrainingRecord, TEST, TRAIN,
 };
 use crate::{Error, Result};
 
@@ -142,6 +142,9 @@ pub struct AblationConfig {
     /// Resume checkpoints of every run (beside its checkpoint, so only with
     /// `checkpoints`), and what an interrupted ablation left.
     pub resume: Option<AblationResume>,
+    /// Memory budget in bytes of each seed's teacher cache, shared by that seed's students
+    /// ([`crate::train::teacher_cache`]; 0: the teacher runs on every batch).
+    pub teacher_cache: u64,
 }
 
 /// Resuming an ablation: the runs that finished are kept, an unfinished one continues from
@@ -282,6 +285,8 @@ pub fn run_ablation<B: Backend>(
             ..cfg.train.clone()
         };
         let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
+        // The teacher's outputs, cached when its first student needs them.
+        let mut cache: Option<Option<TeacherCache<B>>> = None;
         let stages: Vec<Option<Variant>> = std::iter::once(None)
             .chain(
                 Variant::ALL
@@ -290,7 +295,7 @@ pub fn run_ablation<B: Backend>(
                     .map(Some),
             )
             .collect();
-        for variant in stages {
+        for &variant in &stages {
             let t0 = Instant::now();
             let (role, loss, name) = match variant {
                 None => (Role::Teacher, cfg.loss.clone(), TEACHER),
@@ -385,7 +390,29 @@ pub fn run_ablation<B: Backend>(
             let report = match (&teacher, variant) {
                 (_, None) => train(be, ds, &mut model, &Stage::Teacher, &loss, &tc, &opts)?,
                 (Some((t, _)), Some(_)) => {
-                    train(be, ds, &mut model, &Stage::Student(t), &loss, &tc, &opts)?
+                    if cache.is_none() {
+                        let losses: Vec<LossConfig> =
+                            stages.iter().flatten().map(|v| v.loss(&cfg.loss)).collect();
+                        let (c, outcome) =
+                            cache_teacher(be, t, ds, &losses, tc.batch, cfg.teacher_cache)?;
+                        if cfg.progress && outcome != CacheOutcome::Off {
+                            crate::noteln!("seed {seed}: {outcome}");
+                        }
+                        cache = Some(c);
+                    }
+                    let teacher = Teacher {
+                        model: t,
+                        cache: cache.as_ref().and_then(Option::as_ref),
+                    };
+                    train(
+                        be,
+                        ds,
+                        &mut model,
+                        &Stage::Student(teacher),
+                        &loss,
+                        &tc,
+                        &opts,
+                    )?
                 }
                 (None, Some(_)) => return Err(Error::invalid("ablation: no teacher")),
             };

@@ -29,7 +29,7 @@ use crate::backend::Backend;
 use crate::backend::{Float, Mut, Ref};
 use crate::data::{Batch, CatField, EventBatch, NumField, Schema};
 use crate::loss::{class_weights, LossConfig, StudentSlots};
-use crate::model::{DeviceBatch, Model, ModelConfig, Role};
+use crate::model::{DeviceBatch, Model, ModelConfig, Role, Teacher};
 use crate::optim::{AdamWConfig, Optimizer};
 use crate::train::{cost_key, queue_objective, Stage};
 use crate::{Error, Result};
@@ -398,7 +398,7 @@ impl<B: Backend> StepState<B> {
     fn queue(&mut self, be: &B, db: &DeviceBatch<B>, recorded: bool) -> Result<()> {
         let out = Mut::whole(&mut self.terms);
         let (stage, model) = match self.student.as_mut() {
-            Some(st) => (Stage::Student(&self.teacher), st),
+            Some(st) => (Stage::Student(Teacher::live(&self.teacher)), st),
             None => (Stage::Teacher, &mut self.teacher),
         };
         queue_objective(be, &stage, model, &self.loss, self.cw, db, out)?;

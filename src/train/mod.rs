@@ -10,11 +10,13 @@ pub mod pipeline;
 pub mod record;
 pub mod resume;
 pub mod schedule;
+pub mod teacher_cache;
 pub mod trainer;
 
 pub use batching::{cost_key, epoch_batches, kept_lengths, BUCKET_WINDOW_BATCHES};
 pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};
 pub use schedule::{lr_at, warmup_steps};
+pub use teacher_cache::{cache_teacher, teacher_needs, CacheOutcome};
 pub use trainer::{
     labels_of, progress_bar, queue_objective, score_rows, sigmoid, train, BestEpoch, EpochLog,
     RunOptions, Stage, TermMeans, TrainConfig, TrainReport, EXPLODE, KEY_BEST, MAX_BATCH,

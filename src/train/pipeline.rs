@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, HostStaging};
 use crate::data::{Dataset, Schema};
-use crate::model::{DeviceBatch, StagedBatch};
+use crate::model::{DeviceBatch, StagedBatch, TeacherIndex};
 use crate::{Error, Result};
 
 /// Stagings in circulation: double buffering plus one batch of slack for the gathering
@@ -53,7 +53,8 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Calls `step(k, batch)` for every batch `k` of `batches` (dataset row ids), in order,
-    /// each gathered from `ds` and uploaded; the gathering runs on a background thread up to
+    /// each gathered from `ds` and uploaded (with the ids that gather its rows from a teacher
+    /// cache of index `teacher`); the gathering runs on a background thread up to
     /// [`STAGINGS`] − 1 batches ahead. Stops at the first error, of the gathering (a bad
     /// shard, a batch that fails its checks) or of `step`.
     pub fn run(
@@ -61,6 +62,7 @@ impl<B: Backend> Pipeline<B> {
         be: &B,
         ds: &Dataset,
         batches: &[Vec<u64>],
+        teacher: Option<&TeacherIndex>,
         mut step: impl FnMut(usize, DeviceBatch<B>) -> Result<()>,
     ) -> Result<PipelineStats> {
         if let Some(b) = batches.iter().find(|b| b.len() > self.rows) {
@@ -101,7 +103,7 @@ impl<B: Backend> Pipeline<B> {
                     let t = Instant::now();
                     let staged = ready
                         .and_then(|()| ds.gather(ids))
-                        .and_then(|b| StagedBatch::stage(&b, schema, &mut staging));
+                        .and_then(|b| StagedBatch::stage(&b, schema, teacher, &mut staging));
                     gather_ns.fetch_add(nanos(t), Ordering::Relaxed);
                     let failed = staged.is_err();
                     if full_tx.send(staged.map(|s| (staging, s))).is_err() || failed {

@@ -19,7 +19,7 @@ use crate::loss::{
     class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
 };
 use crate::metrics;
-use crate::model::{checkpoint, DeviceBatch, Model, Role};
+use crate::model::{checkpoint, DeviceBatch, Model, Role, Teacher};
 use crate::optim::{AdamWConfig, Optimizer};
 use crate::train::batching::{cost_key, epoch_batches, kept_lengths};
 use crate::train::pipeline::Pipeline;
@@ -134,9 +134,9 @@ pub enum Stage<'a, B: Backend> {
     /// Teacher stage: `L_T`, weighted BCE of the teacher (class weights from the loss
     /// config's `rho` and `reweight`).
     Teacher,
-    /// Student stage: the full student objective with the loss config, the frozen teacher
-    /// running forward on every batch.
-    Student(&'a Model<B>),
+    /// Student stage: the full student objective with the loss config under the frozen
+    /// teacher (run forward on every batch, or read from its cache).
+    Student(Teacher<'a, B>),
 }
 
 impl<B: Backend> Stage<'_, B> {
@@ -311,7 +311,7 @@ fn logits_of<B: Backend>(be: &B, ds: &Dataset, model: &Model<B>, rows: &[u64]) -
     // Logits in the sorted order stay on the device until the end: no wait per batch.
     let mut sorted = be.zeros(rows.len())?;
     let mut pipeline = Pipeline::new(be, ds.schema(), SCORE_BATCH.min(rows.len()).max(1))?;
-    pipeline.run(be, ds, &batches, |k, batch| {
+    pipeline.run(be, ds, &batches, None, |k, batch| {
         let fwd = model.forward(be, &batch)?;
         be.copy(
             batch.rows,
@@ -402,7 +402,7 @@ pub fn queue_objective<B: Backend>(
     match stage {
         Stage::Teacher => teacher_objective_queued(be, class_w, model, batch, true, out),
         Stage::Student(teacher) => {
-            student_objective_queued(be, loss, class_w, teacher, model, batch, true, out)
+            student_objective_queued(be, loss, class_w, *teacher, model, batch, true, out)
         }
     }
 }
@@ -541,7 +541,7 @@ pub fn train<B: Backend>(
         )));
     }
     if let Stage::Student(t) = stage {
-        if t.config.schema != *ds.schema() || model.config.schema != *ds.schema() {
+        if t.model.config.schema != *ds.schema() || model.config.schema != *ds.schema() {
             return Err(Error::invalid(
                 "teacher, student and dataset must share one schema",
             ));
@@ -677,7 +677,11 @@ pub fn train<B: Backend>(
         // read once per LOG_INTERVAL steps, so a step never waits for the device.
         let mut pending_rows: Vec<usize> = Vec::with_capacity(LOG_INTERVAL);
         let n_batches = batches.len();
-        let fed = pipeline.run(be, ds, &batches[skip..], |k, dev| {
+        let cache = match stage {
+            Stage::Student(t) => t.index(),
+            Stage::Teacher => None,
+        };
+        let fed = pipeline.run(be, ds, &batches[skip..], cache, |k, dev| {
             let bi = skip + k;
             let ids = &batches[bi];
             let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);

@@ -166,7 +166,7 @@ pub fn resumed_runs_match<B: mgkd::backend::Backend>(
 ) -> ResumedFrom {
     use mgkd::backend::Float;
     use mgkd::loss::LossConfig;
-    use mgkd::model::{Model, ModelConfig, Role};
+    use mgkd::model::{Model, ModelConfig, Role, Teacher};
     use mgkd::train::resume::{read_progress, Every, Progress, ResumeOptions};
     use mgkd::train::{train, RunOptions, Stage, TrainConfig};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,7 +204,7 @@ pub fn resumed_runs_match<B: mgkd::backend::Backend>(
         let run = |model: &mut Model<B>, resume: bool| {
             let stage = match &teacher {
                 None => Stage::Teacher,
-                Some(t) => Stage::Student(t),
+                Some(t) => Stage::Student(Teacher::live(t)),
             };
             train(be, ds, model, &stage, &loss, &tc, &opts(resume)).expect("train");
         };
@@ -271,7 +271,7 @@ pub fn teacher_then_student<B: mgkd::backend::Backend>(
 ) -> (Vec<u64>, Vec<u64>, [usize; 2]) {
     use mgkd::backend::Float;
     use mgkd::loss::LossConfig;
-    use mgkd::model::{Model, ModelConfig, Role};
+    use mgkd::model::{Model, ModelConfig, Role, Teacher};
     use mgkd::train::{train, Stage};
 
     let loss = LossConfig::default();
@@ -279,7 +279,7 @@ pub fn teacher_then_student<B: mgkd::backend::Backend>(
     let mut teacher = Model::new(be, widths(Role::Teacher), 1).expect("teacher");
     let t = train(be, ds, &mut teacher, &Stage::Teacher, &loss, tc, opts).expect("teacher run");
     let mut student = Model::new(be, widths(Role::Student), 2).expect("student");
-    let stage = Stage::Student(&teacher);
+    let stage = Stage::Student(Teacher::live(&teacher));
     let s = train(be, ds, &mut student, &stage, &loss, tc, opts).expect("student run");
     let bits = |m: &Model<B>| -> Vec<u64> {
         let v = be.download(&m.params.values).expect("download");
