@@ -361,3 +361,111 @@ fn shipped_ablation_configs_parse() {
         );
     }
 }
+
+/// A `tools/gbm.py` result file (written here by hand, in the script's format) is shown
+/// beside the students in report.md, results.json and the printed table; a file of another
+/// dataset, one that does not parse and one with a metric out of range are refused by name
+/// before any training.
+#[test]
+fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "300",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "8",
+        "--pre-len",
+        "4",
+    ]);
+    let manifest = std::fs::read(data.join("dataset.json")).expect("manifest");
+    let sha = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&manifest);
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let m: Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    let rows = |s: usize| m["splits"][s]["rows"].as_u64().expect("rows");
+    let gbm_file = |name: &str, sha: &str, auc: f64| {
+        let path = tmp.path().join(name);
+        let v = serde_json::json!({
+            "format": "mgkd-gbm", "version": 1, "inputs": "student", "dataset_sha256": sha,
+            "data": "x", "features": 42,
+            "rows": {"train": rows(0), "valid": rows(1), "test": rows(2)}, "seconds": 1.0,
+            "runs": [
+                {"seed": 0, "trees": 10, "valid_auc": 0.6, "valid_ks": 0.2, "test_auc": auc, "test_ks": 0.25},
+                {"seed": 1, "trees": 12, "valid_auc": 0.62, "valid_ks": 0.2, "test_auc": 0.5, "test_ks": 0.15}
+            ]
+        });
+        std::fs::write(&path, v.to_string()).expect("write");
+        path
+    };
+    let good = gbm_file("gbm.json", &sha, 0.7);
+    let rep = tmp.path().join("rep");
+    let out = ablation(
+        &data,
+        &rep,
+        "1",
+        &[
+            "--no-checkpoints",
+            "--variants",
+            "full",
+            "--gbm",
+            good.to_str().unwrap(),
+        ],
+    );
+    let report = std::fs::read_to_string(rep.join("report.md")).expect("report");
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| LightGBM (student's inputs) |"))
+        .unwrap_or_else(|| panic!("no GBM row in\n{report}"));
+    assert!(
+        row.contains("| 2 | 42 | 0.6000 ± 0.1414 | 0.2000 ± 0.0707 | 0.6100 ± 0.0141 |"),
+        "{row}"
+    );
+    let full = metric(&runs(&rep), "full", 0, "test_auc");
+    assert!(row.contains(&format!("| {:+.4} |", full - 0.6)), "{row}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("LightGBM (student's inputs)"), "{stdout}");
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(rep.join("results.json")).expect("r"))
+            .expect("results.json");
+    assert_eq!(results["gbm"][0]["runs"][0]["test_auc"], 0.7);
+
+    let refused = |file: &Path, want: &str| {
+        let out = bin(&[
+            "ablation",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            tmp.path().join("rep2").to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--gbm",
+            file.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} accepted", file.display());
+        assert!(
+            err.contains(&file.display().to_string())
+                && err.contains(want)
+                && !err.contains("panicked")
+                && !err.contains("epoch"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("rep2").join("results.json").exists());
+    };
+    refused(
+        &gbm_file("other.json", &"0".repeat(64), 0.7),
+        "made on another dataset",
+    );
+    refused(&gbm_file("range.json", &sha, 1.5), "outside [0, 1]");
+    let junk = tmp.path().join("junk.json");
+    std::fs::write(&junk, "{\"format\": \"mgkd-gbm\"").expect("write");
+    refused(&junk, "not a tools/gbm.py result file");
+}

@@ -14,6 +14,7 @@ use clap::Args;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::gbm::{gbm_markdown, GbmResults};
 use crate::cli::train::{in_pool, resolve, CoefArgs, FileConfig, HyperArgs, SwitchArgs, Widths};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
@@ -63,6 +64,11 @@ pub struct AblationArgs {
     /// cache off (results are the same either way).
     #[arg(long, value_name = "MIB", default_value_t = crate::train::teacher_cache::DEFAULT_BUDGET_MIB)]
     pub teacher_cache_mib: u64,
+    /// A `tools/gbm.py` result file made on this dataset (LightGBM on per-user aggregates
+    /// of the student's or the teacher's inputs): shown beside the students in report.md
+    /// and results.json. Repeatable; checked before any training.
+    #[arg(long, value_name = "FILE")]
+    pub gbm: Vec<PathBuf>,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -100,6 +106,9 @@ pub struct ResultsFile {
     pub runs: Vec<RunResult>,
     /// The summary (as in report.md).
     pub summary: Vec<VariantSummary>,
+    /// The `--gbm` result files shown beside the students.
+    #[serde(default)]
+    pub gbm: Vec<GbmResults>,
 }
 
 /// The command line, shell-quoted where needed.
@@ -208,6 +217,7 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
          which the variant beat plain.\n\n",
     );
     s.push_str(&summary_markdown(&file.summary));
+    s.push_str(&gbm_markdown(&file.gbm, &file.summary));
     s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in &file.runs {
         let _ = writeln!(
@@ -404,6 +414,11 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     };
     cfg.validate()?;
     let ds = Dataset::open(&args.data)?;
+    let gbm = args
+        .gbm
+        .iter()
+        .map(|f| GbmResults::read(f, &args.data))
+        .collect::<Result<Vec<_>>>()?;
     crate::cli::train::require_in_service(
         &ds,
         "the ablation (its teachers read in-service events)",
@@ -471,6 +486,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         seconds: start.elapsed().as_secs_f64(),
         summary: summarize(&outcome.runs)?,
         runs: outcome.runs.clone(),
+        gbm,
     };
     let json = serde_json::to_string_pretty(&file)
         .map_err(|e| Error::invalid(format!("results to JSON: {e}")))?;
@@ -539,19 +555,20 @@ fn finished_runs(path: &Path, resume: bool, no_checkpoints: bool) -> Result<Vec<
 
 /// `mgkd-train ablation`.
 pub fn run(args: &AblationArgs) -> Result<()> {
-    let _out = OutputPath::prepare(
-        "--out",
-        &args.out,
-        OutputKind::Dir,
-        &[Input::dataset("--data", &args.data)],
-    )?;
+    let mut inputs = vec![Input::dataset("--data", &args.data)];
+    inputs.extend(args.gbm.iter().map(|f| Input::file("--gbm", f)));
+    let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &inputs)?;
     let file = ablation_in(args)?;
     if args.json {
         let json = serde_json::to_string_pretty(&file.summary)
             .map_err(|e| Error::invalid(format!("summary to JSON: {e}")))?;
         crate::outln!("{json}")?;
     } else {
-        crate::out!("{}", summary_markdown(&file.summary))?;
+        crate::out!(
+            "{}{}",
+            summary_markdown(&file.summary),
+            gbm_markdown(&file.gbm, &file.summary)
+        )?;
         crate::outln!(
             "{:.0} s; report in {}",
             file.seconds,

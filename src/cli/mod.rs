@@ -6,6 +6,7 @@ pub mod bounds;
 pub mod devices;
 pub mod eval;
 pub mod export;
+pub mod gbm;
 pub mod import;
 pub mod inspect;
 pub mod monitor;

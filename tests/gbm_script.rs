@@ -1,0 +1,127 @@
+//! `tools/gbm.py`, the LightGBM baseline beside the ablation: every feature it builds equals
+//! a row-by-row recomputation from the shards (`tests/fixtures/gbm_features_check.py`, needs
+//! numpy and safetensors), and end to end it writes a result file that the ablation's
+//! `--gbm` check accepts for this dataset, with in-service aggregates that separate the
+//! planted signal (needs lightgbm).
+//!
+//! The interpreter is `$MGKD_PYTHON`, else `python3`. Without the modules the tests say they
+//! skipped and pass, except under `$CI` (whose `.ci/run` installs them): then they fail.
+
+mod skip;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mgkd::cli::gbm::GbmResults;
+
+fn python() -> String {
+    std::env::var("MGKD_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Whether the interpreter imports `modules`; says the test skipped when not.
+fn has(modules: &str) -> bool {
+    let ok = Command::new(python())
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        skip::skip_unless_ci(&format!(
+            "{} cannot import {modules} (set MGKD_PYTHON to an interpreter with them)",
+            python()
+        ));
+    }
+    ok
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A synthetic cohort of `users` in `dir` (short sequences).
+fn synth(dir: &Path, users: &str) -> PathBuf {
+    let data = dir.join("data");
+    run(Command::new(env!("CARGO_BIN_EXE_mgkd-train")).args([
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        users,
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "16",
+        "--pre-len",
+        "8",
+    ]));
+    data
+}
+
+#[test]
+fn every_gbm_feature_is_the_aggregate_it_names() {
+    if !has("numpy, safetensors") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path(), "400");
+    let out = run(Command::new(python())
+        .arg(root().join("tests/fixtures/gbm_features_check.py"))
+        .arg(root().join("tools/gbm.py"))
+        .arg(&data));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let n: usize = said
+        .trim()
+        .strip_prefix("checked ")
+        .and_then(|s| s.strip_suffix(" feature values"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {said}"));
+    // 400 users × 279 features × 2 input kinds.
+    assert_eq!(n, 400 * 279 * 2);
+}
+
+#[test]
+fn the_gbm_script_writes_a_file_the_ablation_accepts() {
+    if !has("numpy, safetensors, lightgbm") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path(), "3000");
+    let file = tmp.path().join("gbm.json");
+    run(Command::new(python())
+        .arg(root().join("tools/gbm.py"))
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--inputs",
+            "in-service",
+            "--seeds",
+            "2",
+        ])
+        .arg("--out")
+        .arg(&file)
+        .env("OMP_NUM_THREADS", "2"));
+    let g = GbmResults::read(&file, &data).expect("the ablation's check accepts it");
+    assert_eq!(g.inputs, "in-service");
+    assert_eq!(g.runs.len(), 2);
+    // The synthetic label is written in the in-service behaviour: the trees find it.
+    for r in &g.runs {
+        assert!(r.test_auc > 0.8 && r.trees > 0, "{r:?}");
+    }
+    // Another dataset's file is refused.
+    let dir = tmp.path().join("other");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let other = synth(&dir, "300");
+    let err = GbmResults::read(&file, &other).expect_err("refused");
+    assert!(err.to_string().contains("made on another dataset"), "{err}");
+}
