@@ -43,6 +43,9 @@ enum Command {
     /// Paired ablation: per seed a teacher and seven students (or `--variants`), report with plots
     /// (docs/model.md §6.8).
     Ablation(mgkd::cli::ablation::AblationArgs),
+    /// Search the student's settings (d, lr, epochs, ρ, α…τ) on the validation split, paired
+    /// plain against full, and write the chosen ones as a --config TOML (docs/train.md).
+    Tune(mgkd::cli::tune::TuneArgs),
     /// Time the training step (student, teacher) on padded and bucketed batches (docs/model.md §8
     /// by default).
     Bench(mgkd::cli::bench::BenchArgs),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Export(args) => mgkd::cli::export::run(&args),
         Command::Monitor(args) => mgkd::cli::monitor::run(&args),
         Command::Ablation(args) => mgkd::cli::ablation::run(&args),
+        Command::Tune(args) => mgkd::cli::tune::run(&args),
         Command::Bench(args) => mgkd::cli::bench::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),
     };

@@ -112,7 +112,7 @@ pub struct ResultsFile {
 }
 
 /// The command line, shell-quoted where needed.
-fn command_line() -> String {
+pub fn command_line() -> String {
     std::env::args()
         .map(|a| {
             if !a.is_empty()
@@ -535,6 +535,13 @@ fn finished_runs(path: &Path, resume: bool, no_checkpoints: bool) -> Result<Vec<
             path.display()
         )));
     }
+    read_log_lines(path)
+}
+
+/// The JSON lines of the append-only log `path` (one finished unit of work each, synced as it
+/// was written): a last line cut short by a kill is dropped, and cut from the file; any other
+/// line that does not parse is an error naming the file and line.
+pub fn read_log_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let whole = text.rfind('\n').map_or(0, |i| i + 1);
     if whole < text.len() {

@@ -14,3 +14,4 @@ pub mod predict;
 pub mod quickstart;
 pub mod synth;
 pub mod train;
+pub mod tune;

@@ -12,6 +12,7 @@ pub mod resume;
 pub mod schedule;
 pub mod teacher_cache;
 pub mod trainer;
+pub mod tune;
 
 pub use batching::{cost_key, epoch_batches, kept_lengths, BUCKET_WINDOW_BATCHES};
 pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};

@@ -1,0 +1,258 @@
+//! `mgkd-train tune` end to end on a tiny synthetic cohort: the chosen settings, written as
+//! `tuned.toml`, reproduce the best trial's validation AUC to the last bit when `student`
+//! trains with them under the kept teacher; a resumed search keeps its finished trials and
+//! teachers and ends as an uninterrupted one; a trial's draw does not depend on the others;
+//! bad settings are refused by name.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mgkd::train::tune::{SearchSpace, TrialResult};
+use serde_json::Value;
+
+fn bin(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run mgkd-train")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = bin(args);
+    assert!(
+        out.status.success(),
+        "mgkd-train {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn synth(dir: &Path) -> String {
+    let data = dir.join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "600",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "8",
+        "--pre-len",
+        "4",
+    ]);
+    data.to_str().unwrap().to_string()
+}
+
+/// `tune` on `data` into `out` with `trials` trials (2 seeds, widths 8 and 12, 2–3 epochs).
+fn tune(data: &str, out: &Path, trials: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "tune",
+        "--data",
+        data,
+        "--out",
+        out.to_str().unwrap(),
+        "--trials",
+        trials,
+        "--seeds",
+        "2",
+        "--widths",
+        "8,12",
+        "--epochs-range",
+        "2,3",
+        "--epochs",
+        "2",
+        "--heads",
+        "2",
+        "--blocks",
+        "2",
+        "--d-cat",
+        "4",
+        "--batch",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    bin(&args)
+}
+
+fn trials(dir: &Path) -> Vec<TrialResult> {
+    std::fs::read_to_string(dir.join("trials.jsonl"))
+        .expect("trials.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("trial line"))
+        .collect()
+}
+
+#[test]
+fn the_tuned_config_reproduces_the_best_trial() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path());
+    let dir = tmp.path().join("tune");
+    let out = tune(&data, &dir, "3", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = trials(&dir);
+    assert_eq!(all.len(), 3);
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tune.json")).expect("json"))
+            .expect("tune.json");
+    let best = file["best_full"].as_u64().expect("best_full");
+    let t = &all[best as usize];
+    assert!(all.iter().all(|x| x.full_mean() <= t.full_mean()));
+    // `student --config tuned.toml` under the kept teacher of seed 0 is that trial's seed-0
+    // full student.
+    let teacher = dir.join(format!("teachers/d{}-seed0.safetensors", t.params.d));
+    let student = tmp.path().join("s.safetensors");
+    ok(&[
+        "student",
+        "--data",
+        &data,
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        student.to_str().unwrap(),
+        "--config",
+        dir.join("tuned.toml").to_str().unwrap(),
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
+    let log = std::fs::read_to_string(tmp.path().join("s.safetensors.log.jsonl")).expect("log");
+    let best_auc = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("line")["valid_auc"]
+                .as_f64()
+                .unwrap()
+        })
+        .fold(f64::MIN, f64::max);
+    assert_eq!(
+        best_auc.to_bits(),
+        t.full_valid_auc[0].to_bits(),
+        "{best_auc} vs {t:?}"
+    );
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report");
+    assert!(
+        report.contains("validation split only") && !report.contains("test"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_resumed_search_keeps_its_trials_and_ends_as_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path());
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert!(tune(&data, &a, "1", &[]).status.success());
+    let first = std::fs::read_to_string(a.join("trials.jsonl")).expect("trials");
+    let teachers: Vec<_> = std::fs::read_dir(a.join("teachers"))
+        .expect("teachers")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name(),
+                e.metadata().expect("meta").modified().expect("mtime"),
+            )
+        })
+        .collect();
+    // Without --resume the finished trials are not thrown away.
+    let out = tune(&data, &a, "3", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--resume"), "{err}");
+    assert!(tune(&data, &a, "3", &["--resume"]).status.success());
+    let resumed = std::fs::read_to_string(a.join("trials.jsonl")).expect("trials");
+    assert!(resumed.starts_with(&first));
+    for (name, mtime) in teachers {
+        let now = std::fs::metadata(a.join("teachers").join(&name)).expect("meta");
+        assert_eq!(
+            now.modified().expect("mtime"),
+            mtime,
+            "{name:?} trained again"
+        );
+    }
+    assert!(tune(&data, &b, "3", &[]).status.success());
+    let strip = |ts: Vec<TrialResult>| -> Vec<TrialResult> {
+        ts.into_iter()
+            .map(|t| TrialResult { seconds: 0.0, ..t })
+            .collect()
+    };
+    assert_eq!(strip(trials(&a)), strip(trials(&b)));
+    for f in ["tuned.toml", "tuned-plain.toml"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).expect("a"),
+            std::fs::read(b.join(f)).expect("b"),
+            "{f}"
+        );
+    }
+    // Another search seed does not continue this search.
+    let out = tune(&data, &a, "4", &["--resume", "--search-seed", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another search"),
+        "{err}"
+    );
+}
+
+#[test]
+fn draws_are_independent_of_other_trials_and_within_the_space() {
+    let space = SearchSpace::default();
+    space.validate().expect("default space");
+    let t7 = space.draw(3, 7);
+    assert_eq!(t7, space.draw(3, 7));
+    assert_ne!(t7, space.draw(3, 8));
+    assert_ne!(t7, space.draw(4, 7));
+    for k in 0..200 {
+        let p = space.draw(1, k);
+        assert!(space.widths.contains(&p.d));
+        assert!((space.lr.lo..=space.lr.hi).contains(&p.lr));
+        assert!((space.epochs.0..=space.epochs.1).contains(&p.epochs));
+        assert!((0.0..=1.0).contains(&p.rho));
+        for (x, r) in [
+            (p.alpha, space.alpha),
+            (p.beta, space.beta),
+            (p.gamma, space.gamma),
+            (p.delta, space.delta),
+            (p.tau, space.tau),
+        ] {
+            assert!((r.lo..=r.hi).contains(&x), "{x} outside {r:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_settings_are_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path());
+    for (extra, want) in [
+        (&["--d", "8"][..], "--widths"),
+        (&["--time", "5"][..], "--time takes a time"),
+        (
+            &["--lr-range", "1e-3"][..],
+            "--lr-range 1e-3: expected LO,HI",
+        ),
+        (&["--lr-range", "1e-2,1e-3"][..], "learning-rate range"),
+        (&["--epochs-range", "0,3"][..], "epochs range"),
+        (&["--seeds", "0"][..], "--seeds 0"),
+    ] {
+        let dir = tmp.path().join("t");
+        let mut args = vec!["tune", "--data", &data, "--out", dir.to_str().unwrap()];
+        args.extend_from_slice(&["--device", "cpu", "--quiet"]);
+        args.extend_from_slice(extra);
+        let out = bin(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want) && !err.contains("panicked"),
+            "{extra:?}: {err}"
+        );
+    }
+}
