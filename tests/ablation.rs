@@ -2,28 +2,14 @@
 //! seed, the report's paired differences recomputed from results.json, determinism, and the
 //! kept checkpoints read back by `eval`.
 
+mod cli_run;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use cli_run::{bin, ok};
 
 use serde_json::Value;
-
-fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run mgkd-train")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = bin(args);
-    assert!(
-        out.status.success(),
-        "mgkd-train {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 const NAMES: [&str; 8] = [
     "teacher",
@@ -297,20 +283,7 @@ fn ablation_refuses_zero_seeds_and_missing_data() {
 #[test]
 fn ablation_adds_plain_and_refuses_unknown_variants() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        "300",
-        "--default-rate",
-        "0.2",
-        "--in-len",
-        "8",
-        "--pre-len",
-        "4",
-    ]);
+    let data = cli_run::synth(tmp.path(), "300", "8", "4");
     let rep = tmp.path().join("rep-full");
     let out = ablation(
         &data,
@@ -369,20 +342,7 @@ fn shipped_ablation_configs_parse() {
 #[test]
 fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        "300",
-        "--default-rate",
-        "0.2",
-        "--in-len",
-        "8",
-        "--pre-len",
-        "4",
-    ]);
+    let data = cli_run::synth(tmp.path(), "300", "8", "4");
     let manifest = std::fs::read(data.join("dataset.json")).expect("manifest");
     let sha = {
         use sha2::Digest;

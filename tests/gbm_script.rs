@@ -7,6 +7,7 @@
 //! The interpreter is `$MGKD_PYTHON`, else `python3`. Without the modules the tests say they
 //! skipped and pass, except under `$CI` (whose `.ci/run` installs them): then they fail.
 
+mod cli_run;
 mod skip;
 
 use std::path::{Path, PathBuf};
@@ -51,21 +52,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// A synthetic cohort of `users` in `dir` (short sequences).
 fn synth(dir: &Path, users: &str) -> PathBuf {
-    let data = dir.join("data");
-    run(Command::new(env!("CARGO_BIN_EXE_mgkd-train")).args([
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        users,
-        "--default-rate",
-        "0.2",
-        "--in-len",
-        "16",
-        "--pre-len",
-        "8",
-    ]));
-    data
+    cli_run::synth(dir, users, "16", "8")
 }
 
 #[test]

@@ -4,46 +4,21 @@
 //! teachers and ends as an uninterrupted one; a trial's draw does not depend on the others;
 //! bad settings are refused by name.
 
+mod cli_run;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use cli_run::{bin, ok};
 
 use mgkd::train::tune::{SearchSpace, TrialResult};
 use serde_json::Value;
 
-fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run mgkd-train")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = bin(args);
-    assert!(
-        out.status.success(),
-        "mgkd-train {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn synth(dir: &Path) -> String {
-    let data = dir.join("data");
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        "600",
-        "--default-rate",
-        "0.2",
-        "--in-len",
-        "8",
-        "--pre-len",
-        "4",
-    ]);
-    data.to_str().unwrap().to_string()
+    cli_run::synth(dir, "600", "8", "4")
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// `tune` on `data` into `out` with `trials` trials (2 seeds, widths 8 and 12, 2–3 epochs).
