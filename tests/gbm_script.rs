@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use mgkd::cli::gbm::GbmResults;
+use mgkd::data::Dataset;
 
 fn python() -> String {
     std::env::var("MGKD_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -98,7 +99,8 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
         .arg("--out")
         .arg(&file)
         .env("OMP_NUM_THREADS", "2"));
-    let g = GbmResults::read(&file, &data).expect("the ablation's check accepts it");
+    let ds = Dataset::open(&data).expect("open");
+    let g = GbmResults::read(&file, &ds).expect("the ablation's check accepts it");
     assert_eq!(g.inputs, "in-service");
     assert_eq!(g.runs.len(), 2);
     // The synthetic label is written in the in-service behaviour: the trees find it.
@@ -109,6 +111,7 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
     let dir = tmp.path().join("other");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let other = synth(&dir, "300");
+    let other = Dataset::open(&other).expect("open");
     let err = GbmResults::read(&file, &other).expect_err("refused");
     assert!(err.to_string().contains("made on another dataset"), "{err}");
 }

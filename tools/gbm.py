@@ -57,10 +57,19 @@ def load_manifest(data):
         m = json.loads(raw)
     except ValueError as e:
         fail(f"{path}: not JSON ({e})")
-    if m.get("format") != "mgkd-dataset":
-        fail(f"{path}: not an mgkd dataset manifest (format {m.get('format')!r})")
+    if not isinstance(m, dict) or m.get("format") != "mgkd-dataset":
+        fail(f"{path}: not an mgkd dataset manifest")
     if not m.get("has_label"):
         fail(f"{path}: the dataset has no labels")
+    try:
+        schema = m["schema"]
+        for key in ("profile_num", "profile_cat", "event_cat", "event_num"):
+            [f["name"] for f in schema[key]]
+        [f["vocab"] for f in schema["event_cat"]]
+        int(schema["pre_len"]), int(schema["in_len"])
+        [sh["file"] for sh in m["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path}: the manifest lacks or mistypes a field the features need ({e!r})")
     return m, hashlib.sha256(raw).hexdigest()
 
 

@@ -417,7 +417,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let gbm = args
         .gbm
         .iter()
-        .map(|f| GbmResults::read(f, &args.data))
+        .map(|f| GbmResults::read(f, &ds))
         .collect::<Result<Vec<_>>>()?;
     crate::cli::train::require_in_service(
         &ds,

@@ -67,10 +67,10 @@ pub struct GbmResults {
 }
 
 impl GbmResults {
-    /// Reads and checks the result file `path` against the dataset in `data`: format and
+    /// Reads and checks the result file `path` against the open dataset `ds`: format and
     /// version, the dataset's manifest hash, the split sizes, one run at least, metrics in
     /// [0, 1]. Every refusal names the file and what is wrong.
-    pub fn read(path: &Path, data: &Path) -> Result<Self> {
+    pub fn read(path: &Path, ds: &crate::data::Dataset) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let g: GbmResults = serde_json::from_slice(&bytes)
             .map_err(|e| Error::format(path, format!("not a tools/gbm.py result file: {e}")))?;
@@ -87,7 +87,7 @@ impl GbmResults {
                 g.inputs
             ));
         }
-        let manifest = data.join("dataset.json");
+        let manifest = ds.dir().join(crate::data::manifest::MANIFEST_FILE);
         let sha = sha256_hex(&std::fs::read(&manifest).map_err(|e| Error::io(&manifest, e))?);
         if g.dataset_sha256 != sha {
             return bad(format!(
@@ -97,7 +97,6 @@ impl GbmResults {
                 manifest.display()
             ));
         }
-        let ds = crate::data::Dataset::open(data)?;
         let split = |s| ds.rows_of_split(s).len() as u64;
         let want = GbmRows {
             train: split(crate::train::TRAIN),

@@ -131,7 +131,10 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         data: data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),
         resume: None,
-        teacher_cache: crate::train::teacher_cache::DEFAULT_BUDGET_MIB << 20,
+        teacher_cache: crate::cli::train::mib_bytes(
+            "the teacher cache",
+            crate::train::teacher_cache::DEFAULT_BUDGET_MIB,
+        )?,
     };
     let be = CpuBackend::<f32>::new();
     let outcome = run_ablation(&be, &ds, &cfg, |r| {

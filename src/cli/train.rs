@@ -16,13 +16,12 @@ use crate::cli::bounds;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
-use crate::loss::{class_weights, LossConfig};
+use crate::loss::LossConfig;
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher};
 use crate::train::resume::{self, Every, ResumeOptions};
 use crate::train::{
-    cache_teacher, labels_of, train, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport,
-    TrainingRecord, TRAIN,
+    cache_teacher, train, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord,
 };
 use crate::{Error, Result};
 
@@ -572,19 +571,7 @@ pub fn training_record(
     stage: Role,
     teacher: Option<(&Path, String)>,
 ) -> Result<TrainingRecord> {
-    let rows = ds.rows_of_split(TRAIN);
-    let labels = labels_of(ds, &rows, "training")?;
-    let pos = labels.iter().filter(|&&y| y == 1).count() as u64;
-    Ok(TrainingRecord {
-        stage,
-        train: r.train.clone(),
-        loss: r.loss.clone(),
-        class_weights: class_weights(labels.len() as u64 - pos, pos, r.loss.rho, r.loss.reweight)?,
-        dataset: data.display().to_string(),
-        train_rows: rows.len() as u64,
-        teacher: teacher.as_ref().map(|(p, _)| p.display().to_string()),
-        teacher_sha256: teacher.map(|(_, s)| s),
-    })
+    TrainingRecord::of_run(ds, data, stage, &r.train, &r.loss, teacher)
 }
 
 /// Trains a teacher on `be` (library entry of `mgkd-train teacher`).

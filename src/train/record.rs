@@ -37,6 +37,33 @@ pub struct TrainingRecord {
 }
 
 impl TrainingRecord {
+    /// The record of a `stage` run on `ds` (directory `data` as given) with `train` and
+    /// `loss`: the train split's size and class weights are read from `ds`; `teacher` is a
+    /// student's teacher checkpoint and its SHA-256.
+    pub fn of_run(
+        ds: &crate::data::Dataset,
+        data: &std::path::Path,
+        stage: Role,
+        train: &TrainConfig,
+        loss: &LossConfig,
+        teacher: Option<(&std::path::Path, String)>,
+    ) -> Result<TrainingRecord> {
+        let rows = ds.rows_of_split(crate::train::TRAIN);
+        let labels = crate::train::labels_of(ds, &rows, "training")?;
+        let pos = labels.iter().filter(|&&y| y == 1).count() as u64;
+        let neg = labels.len() as u64 - pos;
+        Ok(TrainingRecord {
+            stage,
+            train: train.clone(),
+            loss: loss.clone(),
+            class_weights: crate::loss::class_weights(neg, pos, loss.rho, loss.reweight)?,
+            dataset: data.display().to_string(),
+            train_rows: rows.len() as u64,
+            teacher: teacher.as_ref().map(|(p, _)| p.display().to_string()),
+            teacher_sha256: teacher.map(|(_, s)| s),
+        })
+    }
+
     /// The record as checkpoint metadata (`KEY_TRAINING` → JSON).
     pub fn to_metadata(&self) -> Result<BTreeMap<String, String>> {
         let json = serde_json::to_string(self)

@@ -21,13 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::Dataset;
-use crate::loss::{class_weights, LossConfig};
+use crate::loss::LossConfig;
 use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher, TeacherCache};
 use crate::train::ablation::{mean_std, Variant};
-use crate::train::{
-    cache_teacher, labels_of, train, RunOptions, Stage, TrainConfig, TrainingRecord, TRAIN,
-};
+use crate::train::{cache_teacher, train, RunOptions, Stage, TrainConfig, TrainingRecord};
 use crate::{Error, Result};
 
 /// A closed interval searched uniformly, on a log scale when `log`.
@@ -412,24 +410,7 @@ fn teacher<B: Backend>(
             seed,
             ..cfg.train.clone()
         };
-        let rows = ds.rows_of_split(TRAIN);
-        let labels = labels_of(ds, &rows, "training")?;
-        let n_pos = labels.iter().filter(|&&y| y == 1).count() as u64;
-        let record = TrainingRecord {
-            stage: Role::Teacher,
-            train: tc.clone(),
-            loss: cfg.loss.clone(),
-            class_weights: class_weights(
-                rows.len() as u64 - n_pos,
-                n_pos,
-                cfg.loss.rho,
-                cfg.loss.reweight,
-            )?,
-            dataset: cfg.data.display().to_string(),
-            train_rows: rows.len() as u64,
-            teacher: None,
-            teacher_sha256: None,
-        };
+        let record = TrainingRecord::of_run(ds, &cfg.data, Role::Teacher, &tc, &cfg.loss, None)?;
         let partial = path.with_extension("partial.safetensors");
         let opts = RunOptions {
             checkpoint: Some(partial.clone()),
