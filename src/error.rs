@@ -37,6 +37,10 @@ pub enum Error {
     /// a constant score): what happened, and what was kept.
     #[error("{0}")]
     Diverged(String),
+    /// A data-parallel job failed as a whole: a rank did not arrive at the rendezvous, failed,
+    /// stopped without a word or stayed silent past the watchdog timeout (naming the rank).
+    #[error("{0}")]
+    Distributed(String),
     /// Standard output could not be written (a closed pipe, a full disk); see
     /// [`crate::io::stdout`].
     #[error("writing to standard output: {0}")]

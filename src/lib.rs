@@ -17,6 +17,8 @@
 //!   checkpoint) over any backend.
 //! - [`metrics`]: evaluation of scores against labels (AUC, KS, log-loss, PR-AUC, approval
 //!   and lift tables).
+//! - [`dist`]: data-parallel training over several processes (launcher variables,
+//!   rendezvous, collectives, NCCL).
 //! - [`backend`] (beside them): the numerical primitives (CPU reference, CUDA) behind one
 //!   trait.
 //! - [`export`]: the student as an ONNX model for scoring outside the engine.
@@ -30,6 +32,7 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod explain;
 pub mod export;

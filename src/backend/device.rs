@@ -173,15 +173,26 @@ pub enum Resolved {
     Cuda(CudaDeviceInfo),
 }
 
+/// The CUDA device `auto` takes: 0, or a data-parallel rank's `LOCAL_RANK` ([`auto_device`]).
+static AUTO_INDEX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Makes `auto` take CUDA device `index` (a data-parallel rank's `LOCAL_RANK`, so that the
+/// ranks of a node use one GPU each); the first call wins.
+pub fn auto_device(index: usize) {
+    let _ = AUTO_INDEX.set(index);
+}
+
 /// Resolves a choice: `cpu` → CPU; `cuda[:N]` → that device or an error saying why it cannot
-/// be used; `auto` → CUDA device 0 when it works, else the CPU with the reason.
+/// be used; `auto` → CUDA device 0 (a data-parallel rank's `LOCAL_RANK`, see
+/// [`auto_device`]) when it works, else the CPU with the reason.
 pub fn resolve(choice: DeviceChoice) -> Result<Resolved> {
+    let auto_index = *AUTO_INDEX.get().unwrap_or(&0);
     match choice {
         DeviceChoice::Cpu => Ok(Resolved::Cpu { reason: None }),
         DeviceChoice::Cuda(i) => probe_cuda(i)
             .map(Resolved::Cuda)
             .map_err(|why| Error::device(format!("cuda:{i} cannot be used: {why}"))),
-        DeviceChoice::Auto => Ok(match probe_cuda(0) {
+        DeviceChoice::Auto => Ok(match probe_cuda(auto_index) {
             Ok(info) => Resolved::Cuda(info),
             Err(why) => Resolved::Cpu { reason: Some(why) },
         }),

@@ -26,6 +26,7 @@ pub use arena::ArenaStats;
 pub use attention::AttnShape;
 pub use float::Float;
 
+use crate::dist::Comm;
 use crate::Result;
 
 /// A read-only window into a backend buffer, starting at element `off`.
@@ -190,6 +191,27 @@ impl Outer {
         };
         placed_apart(c1, s1, s.m, s.n, s.ldc) && (c2 <= 1 || s2 >= group)
     }
+}
+
+/// [`Backend::all_reduce_sum`] through the host: downloads `x`'s window, sums it over
+/// `comm` ([`Comm::all_reduce_sum`]: rank 0 adds the ranks' values in rank order) and
+/// writes the result back.
+pub fn all_reduce_via_host<B: Backend + ?Sized>(
+    be: &B,
+    comm: &Comm,
+    len: usize,
+    x: Mut<B::Buf>,
+) -> Result<()> {
+    if comm.world() == 1 || len == 0 {
+        return Ok(());
+    }
+    let host = be.download(x.buf)?;
+    let mut part = host
+        .get(x.off..x.off + len)
+        .ok_or_else(|| crate::Error::invalid("all-reduce window beyond its buffer"))?
+        .to_vec();
+    comm.all_reduce_sum(&mut part)?;
+    be.write(&part, x)
 }
 
 /// Extent in elements of `rows` rows of `cols` elements with row stride `ld` (0 if empty).
@@ -407,6 +429,26 @@ pub trait Backend: Send + Sync {
     /// Waits until every queued operation has finished and reports an error a device kept
     /// since the last check (a no-op on the CPU, whose operations finish when they return).
     fn synchronize(&self) -> Result<()>;
+    /// Joins this backend to the data-parallel job of `comm`: a backend with a device
+    /// communicator (CUDA: NCCL) sets it up (collectively: every rank calls this) and keeps
+    /// it in `comm`. The default has none, and [`Backend::all_reduce_sum`] goes through the
+    /// host.
+    fn attach_comm(&self, comm: &Comm) -> Result<()> {
+        let _ = comm;
+        Ok(())
+    }
+    /// Sums the `len` elements at `x` over the ranks of `comm`, in place; every rank gets
+    /// the same bits. Queued where the backend has a device communicator; the default
+    /// ([`all_reduce_via_host`]) waits for the device and sums through `comm`'s host links.
+    fn all_reduce_sum(&self, comm: &Comm, len: usize, x: Mut<Self::Buf>) -> Result<()> {
+        all_reduce_via_host(self, comm, len, x)
+    }
+    /// Whether [`Backend::all_reduce_sum`] over `comm` may be recorded into a graph
+    /// ([`Backend::capture`]): only a device communicator's can.
+    fn all_reduce_in_graphs(&self, comm: &Comm) -> bool {
+        let _ = comm;
+        false
+    }
     /// Records the work that `queue` enqueues as a replayable graph instead of running it,
     /// where the backend can (CUDA graphs); `Ok(None)` where it cannot (the CPU runs work as
     /// it is queued, and does not call `queue`). While recording, `queue` must neither wait

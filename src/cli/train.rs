@@ -15,13 +15,15 @@ use crate::backend::Backend;
 use crate::cli::bounds;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
+use crate::dist::Comm;
 use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::loss::LossConfig;
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher};
 use crate::train::resume::{self, Every, ResumeOptions};
 use crate::train::{
-    cache_teacher, train, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport, TrainingRecord,
+    cache_teacher, train_distributed, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport,
+    TrainingRecord,
 };
 use crate::{Error, Result};
 
@@ -574,9 +576,16 @@ pub fn training_record(
     TrainingRecord::of_run(ds, data, stage, &r.train, &r.loss, teacher)
 }
 
-/// Trains a teacher on `be` (library entry of `mgkd-train teacher`).
-pub fn teacher_on<B: Backend>(be: &B, args: &TeacherArgs, r: &Resolved) -> Result<TrainReport> {
+/// Trains a teacher on `be` as one rank of `comm` (a solo one: on its own) (library entry of
+/// `mgkd-train teacher`).
+pub fn teacher_on<B: Backend>(
+    be: &B,
+    args: &TeacherArgs,
+    r: &Resolved,
+    comm: &Comm,
+) -> Result<TrainReport> {
     let c = &args.common;
+    let _attached = comm.attach(be)?;
     let ds = Dataset::open(&c.data)?;
     require_in_service(&ds, "training a teacher")?;
     let w = r.widths;
@@ -584,21 +593,21 @@ pub fn teacher_on<B: Backend>(be: &B, args: &TeacherArgs, r: &Resolved) -> Resul
     let mut model = Model::new(be, cfg, r.train.seed)?;
     let rec = training_record(&ds, &c.data, r, Role::Teacher, None)?;
     let opts = run_options(c, &rec)?;
-    train(
-        be,
-        &ds,
-        &mut model,
-        &Stage::Teacher,
-        &r.loss,
-        &r.train,
-        &opts,
-    )
+    let stage = Stage::Teacher;
+    train_distributed(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts, comm)
 }
 
-/// Trains a student under the teacher of `args.teacher` on `be` (library entry of
-/// `mgkd-train student`). The teacher must be a teacher checkpoint of the dataset's schema.
-pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Result<TrainReport> {
+/// Trains a student under the teacher of `args.teacher` on `be` as one rank of `comm` (a
+/// solo one: on its own) (library entry of `mgkd-train student`). The teacher must be a
+/// teacher checkpoint of the dataset's schema.
+pub fn student_on<B: Backend>(
+    be: &B,
+    args: &StudentArgs,
+    r: &Resolved,
+    comm: &Comm,
+) -> Result<TrainReport> {
     let c = &args.common;
+    let _attached = comm.attach(be)?;
     if c.out == args.teacher {
         return Err(Error::invalid(format!(
             "--out {} is the teacher checkpoint: choose another output",
@@ -645,7 +654,7 @@ pub fn student_on<B: Backend>(be: &B, args: &StudentArgs, r: &Resolved) -> Resul
         model: &teacher,
         cache: cache.as_ref(),
     });
-    train(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts)
+    train_distributed(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts, comm)
 }
 
 /// `mib` MiB in bytes (for `flag`), refusing a budget that overflows.
@@ -718,10 +727,33 @@ pub fn check_resume(state: &Path, resume: bool, log: &Path) -> Result<()> {
     }
 }
 
+/// Runs `job` as this process's part of the data-parallel job its launcher describes (or on
+/// its own: [`Comm::join_job`]); a failure is reported to the other ranks, which stop with
+/// an error naming this one. Only rank 0 prints the summary.
+fn in_job(c: &CommonArgs, job: impl FnOnce(&Comm) -> Result<TrainReport>) -> Result<()> {
+    let comm = Comm::join_job()?;
+    match job(&comm) {
+        Err(e) => {
+            comm.abort(&e.to_string());
+            Err(e)
+        }
+        Ok(report) if comm.rank() == 0 => finish(c, &report),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// `mgkd-train teacher`.
 pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
+    in_job(&args.common, |comm| teacher_job(args, comm))
+}
+
+/// `mgkd-train teacher` as one rank of `comm`: rank 0 checks and locks the outputs.
+fn teacher_job(args: &TeacherArgs, comm: &Comm) -> Result<TrainReport> {
     let c = &args.common;
-    let _outputs = prepare_outputs(c, None)?;
+    let _outputs = match comm.rank() {
+        0 => prepare_outputs(c, None)?,
+        _ => Vec::new(),
+    };
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
         &c.hyper,
@@ -731,17 +763,24 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
         &CoefArgs::default(),
         Widths::defaults(),
     )?;
-    let report = in_pool(
+    in_pool(
         c.hyper.threads,
-        || with_backend!(c.hyper.device, be => teacher_on(be, args, &r)),
-    )?;
-    finish(&args.common, &report)
+        || with_backend!(c.hyper.device, be => teacher_on(be, args, &r, comm)),
+    )
 }
 
 /// `mgkd-train student`.
 pub fn run_student(args: &StudentArgs) -> Result<()> {
+    in_job(&args.common, |comm| student_job(args, comm))
+}
+
+/// `mgkd-train student` as one rank of `comm`: rank 0 checks and locks the outputs.
+fn student_job(args: &StudentArgs, comm: &Comm) -> Result<TrainReport> {
     let c = &args.common;
-    let _outputs = prepare_outputs(c, Some(&args.teacher))?;
+    let _outputs = match comm.rank() {
+        0 => prepare_outputs(c, Some(&args.teacher))?,
+        _ => Vec::new(),
+    };
     let base = Widths::of(&checkpoint::read_config(&args.teacher)?);
     let r = resolve(
         &FileConfig::from_flag(c.hyper.config.as_deref())?,
@@ -752,11 +791,10 @@ pub fn run_student(args: &StudentArgs) -> Result<()> {
         &args.coefs,
         base,
     )?;
-    let report = in_pool(
+    in_pool(
         c.hyper.threads,
-        || with_backend!(c.hyper.device, be => student_on(be, args, &r)),
-    )?;
-    finish(&args.common, &report)
+        || with_backend!(c.hyper.device, be => student_on(be, args, &r, comm)),
+    )
 }
 
 fn finish(c: &CommonArgs, report: &TrainReport) -> Result<()> {

@@ -23,8 +23,22 @@ pub fn print(args: fmt::Arguments<'_>) -> Result<()> {
         .map_err(Error::Stdout)
 }
 
-/// Writes one line to standard error, ignoring failures (notes, progress lines, warnings).
+/// Set on the ranks of a data-parallel job other than rank 0, which say nothing unless
+/// they fail ([`silence_notes`]).
+static SILENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on [`note`] writes nothing (a data-parallel rank other than 0: rank 0 speaks for
+/// the job). Errors are still printed, by `main`.
+pub fn silence_notes() {
+    SILENT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Writes one line to standard error, ignoring failures (notes, progress lines, warnings);
+/// nothing after [`silence_notes`].
 pub fn note(args: fmt::Arguments<'_>) {
+    if SILENT.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut err = std::io::stderr().lock();
     let _ = err.write_fmt(args);
     let _ = err.write_all(b"\n");

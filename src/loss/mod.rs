@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FineGrads, FineShape, Float, Mut, Ref};
-use crate::model::layers::{one, uninit, zeros};
+use crate::model::layers::{one, uninit, zero, zeros};
 use crate::model::{DeviceBatch, Model, OutputGrads, Role, Teacher};
 use crate::{Error, Result};
 
@@ -141,11 +141,14 @@ pub fn class_weights(n_neg: u64, n_pos: u64, rho: f64, reweight: bool) -> Result
     Ok([w[0] / mean, w[1] / mean])
 }
 
-/// Per-row weights `w_i = w_{y_i}` and labels of a batch (error when it has none).
+/// Per-row weights `w_i = w_{y_i}` and labels of a batch (error when it has none); with a
+/// data-parallel `share` (device `[rows, fine]`, see [`crate::dist::BatchShare`]), the
+/// weights are scaled by `share[0]`.
 fn row_weights<'a, B: Backend>(
     be: &B,
     batch: &'a DeviceBatch<B>,
     cw: [f64; 2],
+    share: Option<Ref<B::Buf>>,
 ) -> Result<(B::Buf, &'a B::Buf)> {
     let Some(labels) = &batch.labels else {
         return Err(Error::invalid("training needs labels; the batch has none"));
@@ -158,7 +161,19 @@ fn row_weights<'a, B: Backend>(
     be.fill(n, f(cw[0]), Mut::whole(&mut w));
     be.axpy(n, f(-cw[0]), Ref::whole(labels), Mut::whole(&mut w));
     be.axpy(n, f(cw[1]), Ref::whole(labels), Mut::whole(&mut w));
-    Ok((w, labels))
+    match share {
+        None => Ok((w, labels)),
+        Some(s) => Ok((scaled(be, n, Ref::whole(&w), s)?, labels)),
+    }
+}
+
+/// `x[i]·s` for `n` elements of `x` and the device scalar `s` (an `n×1` by `1×1` product:
+/// one rounding per element, no host round trip, so a recorded step reads the current `s`).
+fn scaled<B: Backend>(be: &B, n: usize, x: Ref<B::Buf>, s: Ref<B::Buf>) -> Result<B::Buf> {
+    let mut y = uninit(be, n)?;
+    let g = crate::backend::Gemm::new(n, 1, 1, false, false);
+    be.gemm(&g, one::<B::F>(), x, s, zero::<B::F>(), Mut::whole(&mut y));
+    Ok(y)
 }
 
 /// Teacher stage `L_T = mean_i w_i·BCE(y_i, σ(z_t,i))`. With `backward`, accumulates
@@ -172,20 +187,24 @@ pub fn teacher_objective<B: Backend>(
     backward: bool,
 ) -> Result<f64> {
     let mut out = zeros(be, 1)?;
-    teacher_objective_queued(be, class_w, teacher, batch, backward, Mut::whole(&mut out))?;
+    let o = Mut::whole(&mut out);
+    teacher_objective_queued(be, class_w, None, teacher, batch, backward, o)?;
     Ok(be.download(&out)?[0].to_f64())
 }
 
-/// [`teacher_objective`] without waiting: `L_T` is stored at `out[0]` on the device.
+/// [`teacher_objective`] without waiting: `L_T` is stored at `out[0]` on the device. With a
+/// data-parallel `share` (device `[rows, fine]`), this rank's part of the batch counts for
+/// its share of the global batch's mean ([`crate::dist::BatchShare`]).
 pub fn teacher_objective_queued<B: Backend>(
     be: &B,
     class_w: [f64; 2],
+    share: Option<Ref<B::Buf>>,
     teacher: &mut Model<B>,
     batch: &DeviceBatch<B>,
     backward: bool,
     out: Mut<B::Buf>,
 ) -> Result<()> {
-    let (w, labels) = row_weights(be, batch, class_w)?;
+    let (w, labels) = row_weights(be, batch, class_w, share)?;
     let fwd = teacher.forward(be, batch)?;
     let n = batch.rows;
     let mut dz = zeros(be, n)?;
@@ -332,19 +351,23 @@ pub fn student_objective<B: Backend>(
     let slots = StudentSlots::new(cfg, student);
     let mut out = zeros(be, slots.len())?;
     let m = Mut::whole(&mut out);
-    student_objective_queued(be, cfg, class_w, teacher, student, batch, backward, m)?;
+    student_objective_queued(be, cfg, class_w, None, teacher, student, batch, backward, m)?;
     let v: Vec<f64> = be.download(&out)?.iter().map(|x| x.to_f64()).collect();
     Ok(slots.read(&v))
 }
 
 /// [`student_objective`] without waiting: the terms are stored on the device in the
 /// [`StudentSlots`] layout from `out`'s offset on (`StudentSlots::len()` elements; slots of
-/// terms that are off are left as they are).
+/// terms that are off are left as they are). With a data-parallel `share` (device
+/// `[rows, fine]`), this rank's part of the batch counts for its share of the global
+/// batch's means: the row weights of every term are scaled by `share[0]`, L_fine's by
+/// `share[1]` ([`crate::dist::BatchShare`]).
 #[allow(clippy::too_many_arguments)]
 pub fn student_objective_queued<B: Backend>(
     be: &B,
     cfg: &LossConfig,
     class_w: [f64; 2],
+    share: Option<Ref<B::Buf>>,
     teacher: Teacher<'_, B>,
     student: &mut Model<B>,
     batch: &DeviceBatch<B>,
@@ -363,7 +386,7 @@ pub fn student_objective_queued<B: Backend>(
         )));
     }
     cfg.validate()?;
-    let (w, labels) = row_weights(be, batch, class_w)?;
+    let (w, labels) = row_weights(be, batch, class_w, share)?;
     // The teacher is read only when a term reads it (L_self and L_hard do not), its tokens
     // only for L_fine.
     let t = if cfg.soft || cfg.coarse || cfg.fine {
@@ -439,8 +462,18 @@ pub fn student_objective_queued<B: Backend>(
             .as_ref()
             .ok_or_else(|| Error::invalid("teacher token outputs missing"))?;
         let o = Mut::at(&mut *slots, base + SLOT_FINE);
+        // L_fine is a mean over the rows with in-service events: its own share.
+        let w_fine = match share {
+            None => None,
+            Some(sh) => {
+                let (raw, _) = row_weights(be, batch, class_w, None)?;
+                let fine_share = Ref::at(sh.buf, sh.off + 1);
+                Some(scaled(be, n, Ref::whole(&raw), fine_share)?)
+            }
+        };
+        let wf = w_fine.as_ref().unwrap_or(&w);
         if let Some((dt, dpp)) =
-            fine_term(be, cfg.gamma, student, batch, &s, t_in, &w, backward, o)?
+            fine_term(be, cfg.gamma, student, batch, &s, t_in, wf, backward, o)?
         {
             dtokens = Some(dt);
             dp = Some(dpp);
@@ -449,11 +482,21 @@ pub fn student_objective_queued<B: Backend>(
     let mut daux = Vec::new();
     if cfg.self_distill && !s.aux_logits.is_empty() {
         let coef = f(cfg.delta / s.aux_logits.len() as f64);
+        // L_self weighs rows equally: under a share, every row weighs share[0].
+        let w_self = match share {
+            None => None,
+            Some(sh) => {
+                let mut ones = uninit(be, n)?;
+                be.fill(n, one::<B::F>(), Mut::whole(&mut ones));
+                Some(scaled(be, n, Ref::whole(&ones), sh)?)
+            }
+        };
         for (l, zl) in s.aux_logits.iter().enumerate() {
             let mut dzl = zeros(be, n)?;
             let g = backward.then(|| Mut::whole(&mut dzl));
             let o = Mut::at(&mut *slots, base + SLOT_SELF + l);
-            be.bernoulli_kl_loss_into(n, Ref::whole(zl), zs, None, tau, coef, g, o)?;
+            let ws = w_self.as_ref().map(Ref::whole);
+            be.bernoulli_kl_loss_into(n, Ref::whole(zl), zs, ws, tau, coef, g, o)?;
             daux.push(dzl);
         }
     }

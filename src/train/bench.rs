@@ -401,7 +401,7 @@ impl<B: Backend> StepState<B> {
             Some(st) => (Stage::Student(Teacher::live(&self.teacher)), st),
             None => (Stage::Teacher, &mut self.teacher),
         };
-        queue_objective(be, &stage, model, &self.loss, self.cw, db, out)?;
+        queue_objective(be, &stage, model, &self.loss, self.cw, None, db, out)?;
         let ss = Mut::whole(&mut self.sum_sq);
         if recorded {
             let sched = Ref::whole(&self.sched);

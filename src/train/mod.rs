@@ -19,7 +19,7 @@ pub use record::{best_from_metadata, TrainingRecord, KEY_TRAINING};
 pub use schedule::{lr_at, warmup_steps};
 pub use teacher_cache::{cache_teacher, teacher_needs, CacheOutcome};
 pub use trainer::{
-    labels_of, progress_bar, queue_objective, score_rows, sigmoid, train, BestEpoch, EpochLog,
-    RunOptions, Stage, TermMeans, TrainConfig, TrainReport, EXPLODE, KEY_BEST, MAX_BATCH,
-    MAX_EPOCHS, SCORE_BATCH, TEST, TRAIN, VALID,
+    labels_of, progress_bar, queue_objective, score_rows, sigmoid, train, train_distributed,
+    BestEpoch, EpochLog, RunOptions, Stage, TermMeans, TrainConfig, TrainReport, EXPLODE, KEY_BEST,
+    MAX_BATCH, MAX_EPOCHS, SCORE_BATCH, TEST, TRAIN, VALID,
 };

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Float};
 use crate::backend::{Mut, Ref};
 use crate::data::Dataset;
+use crate::dist::{batch_part, owned_rows, BatchShare, Comm};
 use crate::loss::{
     class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
 };
@@ -347,15 +348,46 @@ struct Validation {
 }
 
 /// AUC, KS and log-loss of `model` on `rows` with `labels`, and whether every score is the
-/// same; a logit that is not finite is an [`Error::Diverged`] naming the row.
+/// same; a logit that is not finite is an [`Error::Diverged`] naming the row. In a
+/// data-parallel job each rank scores its own rows ([`owned_rows`]) and the logits are
+/// gathered in `rows`' order, so every rank computes the metrics of the whole split.
 fn validate<B: Backend>(
     be: &B,
     ds: &Dataset,
     model: &Model<B>,
     rows: &[u64],
     labels: &[u8],
+    comm: &Comm,
 ) -> Result<Validation> {
-    let z = logits_of(be, ds, model, rows)?;
+    let z = if comm.joined() {
+        let (rank, world) = (comm.rank(), comm.world());
+        let mine: Vec<u64> = owned_rows(ds, rows, rank, world)
+            .into_iter()
+            .map(|i| rows[i])
+            .collect();
+        let local = match mine.is_empty() {
+            true => Vec::new(),
+            false => logits_of(be, ds, model, &mine)?,
+        };
+        let parts = comm.all_gather(&local)?;
+        let mut z = vec![f64::NAN; rows.len()];
+        for (r, part) in parts.iter().enumerate() {
+            let owned = owned_rows(ds, rows, r, world);
+            if owned.len() != part.len() {
+                return Err(Error::Distributed(format!(
+                    "rank {r} scored {} validation rows, it owns {}",
+                    part.len(),
+                    owned.len()
+                )));
+            }
+            for (&i, &v) in owned.iter().zip(part) {
+                z[i] = v;
+            }
+        }
+        z
+    } else {
+        logits_of(be, ds, model, rows)?
+    };
     if let Some(i) = z.iter().position(|z| !z.is_finite()) {
         return Err(Error::Diverged(format!(
             "the logit of validation row {} is {}",
@@ -388,21 +420,25 @@ pub fn progress_bar(show: bool, len: u64, prefix: String) -> ProgressBar {
 
 /// The objective part of one training step, queued without waiting: zeroes `model`'s
 /// gradients, then runs `stage`'s objective forward and backward on `batch`, its terms stored
-/// from `out` on (one slot for the teacher, the [`StudentSlots`] layout for a student).
+/// from `out` on (one slot for the teacher, the [`StudentSlots`] layout for a student). With
+/// a data-parallel `share` (device `[rows, fine]`), the batch is this rank's part of a
+/// global batch and counts for its share ([`crate::dist::BatchShare`]).
+#[allow(clippy::too_many_arguments)]
 pub fn queue_objective<B: Backend>(
     be: &B,
     stage: &Stage<'_, B>,
     model: &mut Model<B>,
     loss: &LossConfig,
     class_w: [f64; 2],
+    share: Option<Ref<B::Buf>>,
     batch: &DeviceBatch<B>,
     out: Mut<B::Buf>,
 ) -> Result<()> {
     model.params.zero_grads(be);
     match stage {
-        Stage::Teacher => teacher_objective_queued(be, class_w, model, batch, true, out),
+        Stage::Teacher => teacher_objective_queued(be, class_w, share, model, batch, true, out),
         Stage::Student(teacher) => {
-            student_objective_queued(be, loss, class_w, *teacher, model, batch, true, out)
+            student_objective_queued(be, loss, class_w, share, *teacher, model, batch, true, out)
         }
     }
 }
@@ -419,7 +455,7 @@ type Shape = (usize, usize, usize);
 /// results are the same; only the host's launch work is saved. The optimizer's per-step
 /// constants reach a recorded step through a device buffer
 /// ([`Optimizer::advance_recorded`]).
-struct StepGraphs<B: Backend> {
+struct StepGraphs<'c, B: Backend> {
     /// Whether to record (off with [`RunOptions::eager`], or once the backend declines).
     enabled: bool,
     /// Shapes whose first step has run.
@@ -432,18 +468,40 @@ struct StepGraphs<B: Backend> {
     sched: B::Buf,
     /// `Σ g²` of the current step.
     sum_sq: B::Buf,
+    /// Data-parallel runs: the job, and this rank's `[rows, fine]` share of the current
+    /// global batch (written before each step, read by a recorded one).
+    dp: Option<(&'c Comm, B::Buf)>,
 }
 
-impl<B: Backend> StepGraphs<B> {
-    fn new(be: &B, enabled: bool, width: usize) -> Result<Self> {
+impl<'c, B: Backend> StepGraphs<'c, B> {
+    /// Steps of `width` loss terms, recorded when `enabled`; a joined `comm` makes them
+    /// data-parallel (the gradient summed over the ranks before the optimizer; recorded only
+    /// where the backend's all-reduce can be).
+    fn new(be: &B, enabled: bool, width: usize, comm: &'c Comm) -> Result<Self> {
+        let dp = match comm.joined() {
+            true => Some((comm, be.zeros(2)?)),
+            false => None,
+        };
         Ok(StepGraphs {
-            enabled,
+            enabled: enabled && (dp.is_none() || be.all_reduce_in_graphs(comm)),
             seen: Default::default(),
             recorded: Default::default(),
             terms: be.zeros(width)?,
             sched: be.zeros(3)?,
             sum_sq: be.zeros(1)?,
+            dp,
         })
+    }
+
+    /// Sets this rank's share of the next step's global batch (data-parallel runs).
+    fn set_share(&mut self, be: &B, share: BatchShare) -> Result<()> {
+        match &mut self.dp {
+            Some((_, buf)) => {
+                let f = <B::F as Float>::from_f64;
+                be.write(&[f(share.rows), f(share.fine)], Mut::whole(buf))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Queues one training step on `batch` (objective, backward, clipped AdamW at `lr`),
@@ -479,8 +537,10 @@ impl<B: Backend> StepGraphs<B> {
         }
         if self.enabled && !self.seen.insert(shape) {
             let (terms, sched, sum_sq) = (&mut self.terms, &self.sched, &mut self.sum_sq);
+            let dp = self.dp.as_ref().map(|(c, b)| (*c, b));
             let recorded = be.capture(&mut || {
-                queue_objective(be, stage, model, loss, class_w, &batch, Mut::whole(terms))?;
+                let out = Mut::whole(&mut *terms);
+                objective_summed(be, dp, stage, model, loss, class_w, &batch, out)?;
                 let sched = Ref::whole(sched);
                 opt.apply_recorded(be, &mut model.params, lr, Mut::whole(sum_sq), sched)
             })?;
@@ -496,9 +556,33 @@ impl<B: Backend> StepGraphs<B> {
                 None => self.enabled = false,
             }
         }
-        queue_objective(be, stage, model, loss, class_w, &batch, out)?;
+        let dp = self.dp.as_ref().map(|(c, b)| (*c, b));
+        objective_summed(be, dp, stage, model, loss, class_w, &batch, out)?;
         opt.step_queued(be, &mut model.params, lr, Mut::whole(&mut self.sum_sq))
     }
+}
+
+/// [`queue_objective`], then, in a data-parallel run (`dp`: the job and this rank's share),
+/// the gradient summed over the ranks in one all-reduce of the flat buffer: every rank then
+/// holds the gradient of the global batch's objective.
+#[allow(clippy::too_many_arguments)]
+fn objective_summed<B: Backend>(
+    be: &B,
+    dp: Option<(&Comm, &B::Buf)>,
+    stage: &Stage<'_, B>,
+    model: &mut Model<B>,
+    loss: &LossConfig,
+    class_w: [f64; 2],
+    batch: &DeviceBatch<B>,
+    out: Mut<B::Buf>,
+) -> Result<()> {
+    let share = dp.map(|(_, s)| Ref::whole(s));
+    queue_objective(be, stage, model, loss, class_w, share, batch, out)?;
+    if let Some((comm, _)) = dp {
+        let n = be.len(&model.params.grads);
+        be.all_reduce_sum(comm, n, Mut::whole(&mut model.params.grads))?;
+    }
+    Ok(())
 }
 
 /// Trains `model` on `ds`'s train split for `stage`, validating on the valid split after
@@ -531,6 +615,31 @@ pub fn train<B: Backend>(
     cfg: &TrainConfig,
     opts: &RunOptions,
 ) -> Result<TrainReport> {
+    train_distributed(be, ds, model, stage, loss, cfg, opts, &Comm::solo())
+}
+
+/// [`train`] as one rank of the data-parallel job `comm` (docs/cluster.md; a solo `comm` is
+/// [`train`] itself). Every rank draws the same global batches as a single process would
+/// and runs its part of each ([`batch_part`]) with its share of the batch's means, the flat
+/// gradient is summed over the ranks in one all-reduce, and every rank then takes the same
+/// clipped AdamW step (the clipping norm is the global gradient's), so the ranks' parameters
+/// stay identical. The logged loss terms are summed over the ranks; validation scores each
+/// rank's own rows ([`owned_rows`]) and gathers the scores, so the metrics (and early
+/// stopping) are those of the whole split on every rank. Only rank 0 writes: checkpoints,
+/// the log, resume checkpoints and the progress bar. `N` ranks with batches of `B` rows give
+/// the parameters of one process with batches of `B` rows, to rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn train_distributed<B: Backend>(
+    be: &B,
+    ds: &Dataset,
+    model: &mut Model<B>,
+    stage: &Stage<'_, B>,
+    loss: &LossConfig,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    comm: &Comm,
+) -> Result<TrainReport> {
+    let writer = comm.rank() == 0;
     cfg.validate()?;
     loss.validate()?;
     let role = stage.role();
@@ -632,17 +741,21 @@ pub fn train<B: Backend>(
         best_values = snap.best_values;
         run = snap.progress;
     }
-    let mut log = open_log(opts.log.as_deref(), resumed.is_some(), run.log_bytes)?;
+    let mut log = match writer {
+        true => open_log(opts.log.as_deref(), resumed.is_some(), run.log_bytes)?,
+        false => None,
+    };
     let student_slots = match stage {
         Stage::Teacher => None,
         Stage::Student(_) => Some(StudentSlots::new(loss, model)),
     };
     let width = student_slots.as_ref().map_or(1, StudentSlots::len);
     let mut pending = be.zeros(LOG_INTERVAL * width)?;
-    let mut steps = StepGraphs::new(be, !opts.eager, width)?;
+    let mut steps = StepGraphs::new(be, !opts.eager, width, comm)?;
     let mut pipeline = Pipeline::new(be, ds.schema(), cfg.batch)?;
     let saving = opts.resume.as_ref().map(|r| (r.path.as_path(), r.every));
     let mut last_save = Instant::now();
+    let mut last_save_step = opt.step;
     while run.epoch <= cfg.epochs && !run.stopped_early {
         let epoch = run.epoch;
         let batches = epoch_batches(
@@ -653,6 +766,26 @@ pub fn train<B: Backend>(
             epoch as u64,
         )?;
         let order_sha = saving.map(|_| batch_order_sha256(&batches));
+        // This rank's part of each global batch and its share of the batch's means.
+        let (local, shares) = match comm.joined() {
+            false => (std::borrow::Cow::Borrowed(&batches[..]), Vec::new()),
+            true => {
+                let with_events = |rows: &[u64]| rows.iter().filter(|r| len_of[r].1 > 0).count();
+                let mut local = Vec::with_capacity(batches.len());
+                let mut shares = Vec::with_capacity(batches.len());
+                for b in &batches {
+                    let part = batch_part(b, comm.rank(), comm.world());
+                    let mine = if part.stand_in {
+                        0
+                    } else {
+                        with_events(&part.rows)
+                    };
+                    shares.push(BatchShare::of(&part, b.len(), mine, with_events(b)));
+                    local.push(part.rows);
+                }
+                (std::borrow::Cow::Owned(local), shares)
+            }
+        };
         let skip = run.batch;
         if skip > 0 && (skip >= batches.len() || run.order_sha256 != order_sha) {
             let path = saving.map_or(Path::new(""), |(p, _)| p);
@@ -665,7 +798,7 @@ pub fn train<B: Backend>(
             ));
         }
         let bar = progress_bar(
-            opts.progress,
+            opts.progress && writer,
             batches.len() as u64,
             format!("{role} epoch {epoch}/{}", cfg.epochs),
         );
@@ -681,12 +814,17 @@ pub fn train<B: Backend>(
             Stage::Student(t) => t.index(),
             Stage::Teacher => None,
         };
-        let fed = pipeline.run(be, ds, &batches[skip..], cache, |k, dev| {
+        let fed = pipeline.run(be, ds, &local[skip..], cache, |k, dev| {
             let bi = skip + k;
             let ids = &batches[bi];
-            let max_in = ids.iter().map(|r| len_of[r].1).max().unwrap_or(0);
-            run.sums.slots += u64::from(max_in) * ids.len() as u64;
-            run.sums.filled += ids.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
+            // Padding as this rank saw it; rows counted over the global batch.
+            let mine = &local[bi];
+            let max_in = mine.iter().map(|r| len_of[r].1).max().unwrap_or(0);
+            run.sums.slots += u64::from(max_in) * mine.len() as u64;
+            run.sums.filled += mine.iter().map(|r| u64::from(len_of[r].1)).sum::<u64>();
+            if let Some(&share) = shares.get(bi) {
+                steps.set_share(be, share)?;
+            }
             let row = Mut::at(&mut pending, pending_rows.len() * width);
             lr = lr_at(opt.step + 1, total_steps, cfg.lr, cfg.warmup);
             steps
@@ -702,13 +840,32 @@ pub fn train<B: Backend>(
                 })?;
             pending_rows.push(ids.len());
             bar.inc(1);
+            let flush = pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches;
             let save_due = bi + 1 < n_batches
-                && match saving {
-                    None => false,
-                    Some((_, Every::Steps(n))) => opt.step.is_multiple_of(n),
-                    Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+                && if comm.joined() {
+                    // The flush before a save is collective, and the ranks' clocks differ:
+                    // in a job, rank 0 decides, at the flushes only (a save waits for the
+                    // next LOG_INTERVAL boundary after its interval).
+                    let due = match saving {
+                        _ if !(flush && writer) => false,
+                        None => false,
+                        Some((_, Every::Steps(n))) => opt.step / n > last_save_step / n,
+                        Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+                    };
+                    flush && comm.broadcast(&[u8::from(due)])?.first() == Some(&1)
+                } else {
+                    match saving {
+                        None => false,
+                        Some((_, Every::Steps(n))) => opt.step.is_multiple_of(n),
+                        Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+                    }
                 };
-            if pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches || save_due {
+            if flush || save_due {
+                // Each rank holds its share of the terms: their sum is the global batch's.
+                if comm.joined() {
+                    let n = pending_rows.len() * width;
+                    be.all_reduce_sum(comm, n, Mut::whole(&mut pending))?;
+                }
                 // A device that detects a non-finite gradient norm (CUDA: a fault bit of the
                 // step's AdamW) reports it at this first read after it.
                 let v: Vec<f64> = be
@@ -761,20 +918,21 @@ pub fn train<B: Backend>(
                     run.sums.rows as f64 / (earlier_seconds + secs)
                 ));
             }
-            if let (true, Some((path, _))) = (save_due, saving) {
+            if let (true, true, Some((path, _))) = (save_due, writer, saving) {
                 run.batch = bi + 1;
                 run.step = opt.step;
                 run.order_sha256 = order_sha.clone();
                 run.sums.train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
                 save_resume(be, path, &settings, &run, model, best_values.as_deref())?;
                 last_save = Instant::now();
+                last_save_step = opt.step;
             }
             Ok(())
         })?;
         bar.finish_and_clear();
         let train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let val = validate(be, ds, model, &valid_rows, &valid_labels).map_err(|e| {
+        let val = validate(be, ds, model, &valid_rows, &valid_labels, comm).map_err(|e| {
             if_diverged(e, opts, run.best.as_ref(), |m| {
                 format!("{role} training diverged at epoch {epoch}: {m}")
             })
@@ -824,7 +982,7 @@ pub fn train<B: Backend>(
                 valid_ks: val.ks,
                 valid_log_loss: val.log_loss,
             };
-            if let Some(path) = &opts.checkpoint {
+            if let (true, Some(path)) = (writer, &opts.checkpoint) {
                 let mut meta = opts.metadata.clone();
                 meta.insert(
                     KEY_BEST.into(),
@@ -854,16 +1012,17 @@ pub fn train<B: Backend>(
         run.step = opt.step;
         run.order_sha256 = None;
         run.sums = EpochSums::default();
-        if let Some((path, _)) = saving {
+        if let (true, Some((path, _))) = (writer, saving) {
             save_resume(be, path, &settings, &run, model, best_values.as_deref())?;
             last_save = Instant::now();
+            last_save_step = opt.step;
         }
     }
     let (Some(best), Some(values)) = (run.best.clone(), best_values) else {
         return Err(Error::invalid("no epoch was run"));
     };
     model.params.set_values(be, &values)?;
-    if let Some((path, _)) = saving {
+    if let (true, Some((path, _))) = (writer, saving) {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
             _ => {}

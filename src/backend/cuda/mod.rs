@@ -56,6 +56,7 @@ use super::{
     extent, sched_values, AdamW, ArenaStats, AttnShape, Backend, EmbMode, EmbTable, FineGrads,
     FineShape, Gemm, Mut, Outer, Ref, ValidTokens,
 };
+use crate::dist::{nccl, Comm};
 use crate::{Error, Result};
 
 /// The CUDA backend's id buffer.
@@ -875,6 +876,55 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> Result<CudaSlice<u32>> {
         self.upload_pinned(staging, staging.ids(), off, len)
+    }
+
+    fn attach_comm(&self, comm: &Comm) -> Result<()> {
+        let mut slot = comm.device_slot();
+        if slot.is_some() {
+            return Ok(());
+        }
+        // Rank 0 makes the unique id; it reaches the others over the rendezvous links.
+        let mine = match comm.rank() {
+            0 => nccl::unique_id()?.internal.map(|c| c as u8).to_vec(),
+            _ => Vec::new(),
+        };
+        let bytes = comm.broadcast(&mine)?;
+        let internal: [u8; 128] = bytes.as_slice().try_into().map_err(|_| {
+            Error::Distributed(format!("rank 0 sent an NCCL id of {} bytes", bytes.len()))
+        })?;
+        let id = nccl::UniqueId {
+            internal: internal.map(|b| b as std::ffi::c_char),
+        };
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let c = nccl::NcclComm::init(comm.rank(), comm.world(), id)?;
+        *slot = Some(Box::new(c));
+        Ok(())
+    }
+
+    fn all_reduce_sum(&self, comm: &Comm, len: usize, x: Mut<CudaBuf>) -> Result<()> {
+        let slot = comm.device_slot();
+        let Some(c) = slot
+            .as_ref()
+            .and_then(|c| c.downcast_ref::<nccl::NcclComm>())
+        else {
+            drop(slot);
+            return super::all_reduce_via_host(self, comm, len, x);
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let p = self.mp(x, len, "all_reduce_sum");
+        self.count_launches(1);
+        let stream = self.stream.cu_stream() as *mut std::ffi::c_void;
+        // SAFETY: the window was checked against its buffer (f32, `len` elements); the
+        // stream is this backend's, in the context the communicator was made in.
+        unsafe { c.all_reduce_sum(p.addr(), len, nccl::NCCL_FLOAT32, stream) }
+    }
+
+    fn all_reduce_in_graphs(&self, comm: &Comm) -> bool {
+        comm.device_slot()
+            .as_ref()
+            .is_some_and(|c| c.is::<nccl::NcclComm>())
     }
 
     fn capture(&self, queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<RecordedGraph>> {
