@@ -267,14 +267,13 @@ fn each_rank_scores_its_own_shards_or_a_row_range() {
     let valid_rows = ds.rows_of_split(VALID);
     // Train spans shards 0–3: shards 0 and 1 go to rank 0, 2 and 3 to rank 1 (⌊j·2/4⌋).
     let shard = |i: usize| ds.locate(train_rows[i]).expect("row").0;
-    let r0 = owned_rows(&ds, &train_rows, 0, 2);
-    let r1 = owned_rows(&ds, &train_rows, 1, 2);
+    let [r0, r1]: [Vec<usize>; 2] = owned_rows(&ds, &train_rows, 2).try_into().expect("2 parts");
     assert!(!r0.is_empty() && !r1.is_empty());
     assert!(r0.iter().all(|&i| shard(i) < 2) && r1.iter().all(|&i| shard(i) >= 2));
     assert_eq!([r0, r1].concat(), (0..train_rows.len()).collect::<Vec<_>>());
     // Valid (45 rows) spans the 4 shards too; with 5 ranks, more than its shards, each rank
     // gets a near-equal row range.
-    let parts: Vec<Vec<usize>> = (0..5).map(|k| owned_rows(&ds, &valid_rows, k, 5)).collect();
+    let parts = owned_rows(&ds, &valid_rows, 5);
     assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![9; 5]);
     assert_eq!(parts.concat(), (0..valid_rows.len()).collect::<Vec<_>>());
 }

@@ -7,9 +7,10 @@
 //! Every collective is deterministic and gives every rank the same bits: rank 0 combines the
 //! contributions in rank order and sends the result back. Every receive has the watchdog
 //! timeout (rank 0's; the others wait twice as long for rank 0, which may itself be waiting
-//! out a silent rank before it names it); a rank whose connection closes, who reports a failure ([`Comm::abort`]) or who
-//! stays silent past the timeout makes every other rank's next collective fail with an error
-//! naming it (rank 0 forwards the news before it fails itself), so no rank hangs.
+//! out a silent rank before it names it); a rank whose connection closes, who reports a
+//! failure ([`Comm::abort`]) or who stays silent past the timeout makes every other rank's
+//! next collective fail with an error naming it (rank 0 forwards the news before it fails
+//! itself), so no rank hangs.
 //!
 //! Messages are framed `[tag u8][length u64 LE][payload]`; the tag tells data from a
 //! failure report.
@@ -189,11 +190,6 @@ impl Comm {
     /// Number of processes.
     pub fn world(&self) -> usize {
         self.world
-    }
-
-    /// The watchdog timeout of every receive.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// The device communicator slot (set by a backend that has one, read by its
@@ -471,7 +467,7 @@ impl Comm {
     }
 }
 
-/// Splits `[len u64][bytes]…` into `world` f64 vectors.
+/// Splits `[len u64][bytes]…` into `world` byte vectors.
 fn unpack_parts(packed: &[u8], world: usize) -> Result<Vec<Vec<u8>>> {
     let corrupt = || Error::Distributed("rank 0 sent a malformed gather".into());
     let mut out = Vec::with_capacity(world);

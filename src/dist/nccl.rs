@@ -43,8 +43,6 @@ const NCCL_SUCCESS: c_int = 0;
 const NCCL_IN_PROGRESS: c_int = 7;
 /// `ncclFloat32`.
 pub const NCCL_FLOAT32: c_int = 7;
-/// `ncclFloat64`.
-pub const NCCL_FLOAT64: c_int = 8;
 /// `ncclSum`.
 const NCCL_SUM: c_int = 0;
 
@@ -248,8 +246,8 @@ impl NcclComm {
         })
     }
 
-    /// Queues the in-place sum of `count` elements of type `dtype` ([`NCCL_FLOAT32`] or
-    /// [`NCCL_FLOAT64`]) at device address `ptr` over the ranks, on `stream`.
+    /// Queues the in-place sum of `count` elements of type `dtype` (the backend's f32:
+    /// [`NCCL_FLOAT32`]) at device address `ptr` over the ranks, on `stream`.
     ///
     /// # Safety
     /// `ptr` must be a live device buffer of at least `count` elements of `dtype`, and
@@ -274,20 +272,12 @@ impl NcclComm {
     }
 
     /// The error that stopped the communicator.
-    pub fn failure(&self) -> Error {
+    fn failure(&self) -> Error {
         let f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         Error::Distributed(
             f.clone()
                 .unwrap_or_else(|| "the NCCL communicator was aborted".into()),
         )
-    }
-
-    /// Whether the watchdog has aborted the communicator.
-    pub fn aborted(&self) -> bool {
-        self.handle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .aborted
     }
 }
 

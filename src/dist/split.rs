@@ -85,30 +85,36 @@ impl BatchShare {
     }
 }
 
-/// The positions in `rows` (rows of one split, in the split's order) that rank `rank` of
-/// `world` scores: the rows of the shards it owns — the split's shards dealt out in
-/// contiguous runs, shard `j` of `S` to rank `⌊j·N/S⌋` — or, when the split lies in fewer
-/// shards than there are ranks, the `rank`-th of `world` contiguous, near-equal ranges.
-pub fn owned_rows(ds: &Dataset, rows: &[u64], rank: usize, world: usize) -> Vec<usize> {
+/// The positions in `rows` (rows of one split, in the split's order) that each rank of
+/// `world` scores (element `k`: rank `k`'s, ascending): the rows of the shards it owns — the
+/// split's shards dealt out in contiguous runs, shard `j` of `S` to rank `⌊j·N/S⌋` — or,
+/// when the split lies in fewer shards than there are ranks, the `k`-th of `world`
+/// contiguous, near-equal ranges.
+pub fn owned_rows(ds: &Dataset, rows: &[u64], world: usize) -> Vec<Vec<usize>> {
     let world = world.max(1);
-    let shard_of = |r: u64| ds.locate(r).map(|(s, _)| s).unwrap_or(usize::MAX);
-    let mut shards: Vec<usize> = rows.iter().map(|&r| shard_of(r)).collect();
-    shards.dedup();
-    let mut distinct = shards.clone();
+    let shard: Vec<usize> = rows
+        .iter()
+        .map(|&r| ds.locate(r).map_or(usize::MAX, |(s, _)| s))
+        .collect();
+    let mut runs = shard.clone();
+    runs.dedup();
+    let mut distinct = runs.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    if distinct.len() >= world && shards.len() == distinct.len() {
+    let mut parts = vec![Vec::new(); world];
+    if distinct.len() >= world && runs.len() == distinct.len() {
         // Each shard's rows are contiguous in the split: deal the shards out.
-        let owner = |s: usize| {
-            let j = distinct.binary_search(&s).unwrap_or(0);
-            j * world / distinct.len()
-        };
-        return (0..rows.len())
-            .filter(|&i| owner(shard_of(rows[i])) == rank)
-            .collect();
+        for (i, s) in shard.iter().enumerate() {
+            let j = distinct.binary_search(s).unwrap_or(0);
+            parts[j * world / distinct.len()].push(i);
+        }
+    } else {
+        let n = rows.len();
+        for (k, part) in parts.iter_mut().enumerate() {
+            part.extend(n * k / world..n * (k + 1) / world);
+        }
     }
-    let (n, k) = (rows.len(), rank);
-    (n * k / world..n * (k + 1) / world).collect()
+    parts
 }
 
 #[cfg(test)]

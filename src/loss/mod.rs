@@ -141,14 +141,11 @@ pub fn class_weights(n_neg: u64, n_pos: u64, rho: f64, reweight: bool) -> Result
     Ok([w[0] / mean, w[1] / mean])
 }
 
-/// Per-row weights `w_i = w_{y_i}` and labels of a batch (error when it has none); with a
-/// data-parallel `share` (device `[rows, fine]`, see [`crate::dist::BatchShare`]), the
-/// weights are scaled by `share[0]`.
+/// Per-row weights `w_i = w_{y_i}` and labels of a batch (error when it has none).
 fn row_weights<'a, B: Backend>(
     be: &B,
     batch: &'a DeviceBatch<B>,
     cw: [f64; 2],
-    share: Option<Ref<B::Buf>>,
 ) -> Result<(B::Buf, &'a B::Buf)> {
     let Some(labels) = &batch.labels else {
         return Err(Error::invalid("training needs labels; the batch has none"));
@@ -161,10 +158,21 @@ fn row_weights<'a, B: Backend>(
     be.fill(n, f(cw[0]), Mut::whole(&mut w));
     be.axpy(n, f(-cw[0]), Ref::whole(labels), Mut::whole(&mut w));
     be.axpy(n, f(cw[1]), Ref::whole(labels), Mut::whole(&mut w));
-    match share {
-        None => Ok((w, labels)),
-        Some(s) => Ok((scaled(be, n, Ref::whole(&w), s)?, labels)),
-    }
+    Ok((w, labels))
+}
+
+/// `w` scaled by element `k` of a data-parallel `share` (device `[rows, fine]`, see
+/// [`crate::dist::BatchShare`]); `None` without one (the weights count as they are).
+fn share_scaled<B: Backend>(
+    be: &B,
+    n: usize,
+    w: &B::Buf,
+    share: Option<Ref<B::Buf>>,
+    k: usize,
+) -> Result<Option<B::Buf>> {
+    share
+        .map(|s| scaled(be, n, Ref::whole(w), Ref::at(s.buf, s.off + k)))
+        .transpose()
 }
 
 /// `x[i]·s` for `n` elements of `x` and the device scalar `s` (an `n×1` by `1×1` product:
@@ -204,12 +212,14 @@ pub fn teacher_objective_queued<B: Backend>(
     backward: bool,
     out: Mut<B::Buf>,
 ) -> Result<()> {
-    let (w, labels) = row_weights(be, batch, class_w, share)?;
-    let fwd = teacher.forward(be, batch)?;
     let n = batch.rows;
+    let (raw, labels) = row_weights(be, batch, class_w)?;
+    let scaled_w = share_scaled(be, n, &raw, share, 0)?;
+    let w = scaled_w.as_ref().unwrap_or(&raw);
+    let fwd = teacher.forward(be, batch)?;
     let mut dz = zeros(be, n)?;
     let dzm = backward.then(|| Mut::whole(&mut dz));
-    let (z, y, wr) = (Ref::whole(&fwd.logits), Ref::whole(labels), Ref::whole(&w));
+    let (z, y, wr) = (Ref::whole(&fwd.logits), Ref::whole(labels), Ref::whole(w));
     be.bce_loss_into(n, z, y, wr, one::<B::F>(), dzm, out)?;
     if backward {
         let g = OutputGrads {
@@ -386,7 +396,10 @@ pub fn student_objective_queued<B: Backend>(
         )));
     }
     cfg.validate()?;
-    let (w, labels) = row_weights(be, batch, class_w, share)?;
+    // Every term's row weights carry the rows share, L_fine's the fine share.
+    let (raw, labels) = row_weights(be, batch, class_w)?;
+    let scaled_w = share_scaled(be, batch.rows, &raw, share, 0)?;
+    let w = scaled_w.as_ref().unwrap_or(&raw);
     // The teacher is read only when a term reads it (L_self and L_hard do not), its tokens
     // only for L_fine.
     let t = if cfg.soft || cfg.coarse || cfg.fine {
@@ -402,7 +415,7 @@ pub fn student_objective_queued<B: Backend>(
     let (n, d) = (batch.rows, student.config.d);
     let f = <B::F as Float>::from_f64;
     let tau = f(cfg.tau);
-    let wr = Ref::whole(&w);
+    let wr = Ref::whole(w);
     let mut dz = zeros(be, n)?;
     let zs = Ref::whole(&s.logits);
     let (slots, base) = (out.buf, out.off);
@@ -463,15 +476,8 @@ pub fn student_objective_queued<B: Backend>(
             .ok_or_else(|| Error::invalid("teacher token outputs missing"))?;
         let o = Mut::at(&mut *slots, base + SLOT_FINE);
         // L_fine is a mean over the rows with in-service events: its own share.
-        let w_fine = match share {
-            None => None,
-            Some(sh) => {
-                let (raw, _) = row_weights(be, batch, class_w, None)?;
-                let fine_share = Ref::at(sh.buf, sh.off + 1);
-                Some(scaled(be, n, Ref::whole(&raw), fine_share)?)
-            }
-        };
-        let wf = w_fine.as_ref().unwrap_or(&w);
+        let w_fine = share_scaled(be, n, &raw, share, 1)?;
+        let wf = w_fine.as_ref().unwrap_or(&raw);
         if let Some((dt, dpp)) =
             fine_term(be, cfg.gamma, student, batch, &s, t_in, wf, backward, o)?
         {
@@ -485,10 +491,10 @@ pub fn student_objective_queued<B: Backend>(
         // L_self weighs rows equally: under a share, every row weighs share[0].
         let w_self = match share {
             None => None,
-            Some(sh) => {
+            Some(_) => {
                 let mut ones = uninit(be, n)?;
                 be.fill(n, one::<B::F>(), Mut::whole(&mut ones));
-                Some(scaled(be, n, Ref::whole(&ones), sh)?)
+                share_scaled(be, n, &ones, share, 0)?
             }
         };
         for (l, zl) in s.aux_logits.iter().enumerate() {

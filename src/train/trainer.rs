@@ -360,19 +360,15 @@ fn validate<B: Backend>(
     comm: &Comm,
 ) -> Result<Validation> {
     let z = if comm.joined() {
-        let (rank, world) = (comm.rank(), comm.world());
-        let mine: Vec<u64> = owned_rows(ds, rows, rank, world)
-            .into_iter()
-            .map(|i| rows[i])
-            .collect();
+        let owned = owned_rows(ds, rows, comm.world());
+        let mine: Vec<u64> = owned[comm.rank()].iter().map(|&i| rows[i]).collect();
         let local = match mine.is_empty() {
             true => Vec::new(),
             false => logits_of(be, ds, model, &mine)?,
         };
         let parts = comm.all_gather(&local)?;
         let mut z = vec![f64::NAN; rows.len()];
-        for (r, part) in parts.iter().enumerate() {
-            let owned = owned_rows(ds, rows, r, world);
+        for (r, (part, owned)) in parts.iter().zip(&owned).enumerate() {
             if owned.len() != part.len() {
                 return Err(Error::Distributed(format!(
                     "rank {r} scored {} validation rows, it owns {}",
@@ -841,23 +837,22 @@ pub fn train_distributed<B: Backend>(
             pending_rows.push(ids.len());
             bar.inc(1);
             let flush = pending_rows.len() == LOG_INTERVAL || bi + 1 == n_batches;
+            // A multiple of n steps passed since the last save (the step itself, where every
+            // step is checked), or the interval's time.
+            let interval_passed = match saving {
+                None => false,
+                Some((_, Every::Steps(n))) => opt.step / n > last_save_step / n,
+                Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+            };
             let save_due = bi + 1 < n_batches
-                && if comm.joined() {
-                    // The flush before a save is collective, and the ranks' clocks differ:
-                    // in a job, rank 0 decides, at the flushes only (a save waits for the
-                    // next LOG_INTERVAL boundary after its interval).
-                    let due = match saving {
-                        _ if !(flush && writer) => false,
-                        None => false,
-                        Some((_, Every::Steps(n))) => opt.step / n > last_save_step / n,
-                        Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
-                    };
-                    flush && comm.broadcast(&[u8::from(due)])?.first() == Some(&1)
-                } else {
-                    match saving {
-                        None => false,
-                        Some((_, Every::Steps(n))) => opt.step.is_multiple_of(n),
-                        Some((_, Every::Seconds(s))) => last_save.elapsed().as_secs() >= s,
+                && match comm.joined() {
+                    false => interval_passed,
+                    // The flush before a save is collective and the ranks' clocks differ: in a
+                    // job rank 0 decides, at the flushes only (a save waits for the next
+                    // LOG_INTERVAL boundary after its interval).
+                    true => {
+                        let due = u8::from(flush && writer && interval_passed);
+                        flush && comm.broadcast(&[due])?.first() == Some(&1)
                     }
                 };
             if flush || save_due {
