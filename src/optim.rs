@@ -166,6 +166,8 @@ impl Optimizer {
             &mut s.m,
             &mut s.v,
             &s.decay_mask,
-        )
+        )?;
+        s.refresh_compute(be);
+        Ok(())
     }
 }

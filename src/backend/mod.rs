@@ -18,13 +18,16 @@
 pub mod arena;
 pub mod attention;
 pub mod cpu;
+pub mod cpu_bf16;
 pub mod cuda;
 pub mod device;
 pub mod float;
+pub mod precision;
 
 pub use arena::ArenaStats;
 pub use attention::AttnShape;
 pub use float::Float;
+pub use precision::Precision;
 
 use crate::dist::Comm;
 use crate::Result;
@@ -390,6 +393,30 @@ pub trait Backend: Send + Sync {
     /// [`Backend::scratch`], zero-filled (the default is [`Backend::zeros`]).
     fn scratch_zeros(&self, len: usize) -> Result<Self::Buf> {
         self.zeros(len)
+    }
+    /// The element type of activation buffers ([`Backend::scratch`],
+    /// [`Backend::act_zeros`]): [`Precision::F32`] (the default) stores them in `F` like
+    /// every other buffer; under [`Precision::Bf16`] they hold bfloat16 values, while
+    /// [`Backend::zeros`], [`Backend::uninit`], uploads and [`Backend::scratch_full`] stay
+    /// in `F`. Every operation reads each buffer in its own type, computes in `F` and rounds
+    /// what it stores to the type of the buffer it writes.
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+    /// A zero-filled buffer that outlives a step, in the activation precision (the
+    /// weights' compute copy of a bf16 run). The default is [`Backend::zeros`].
+    fn act_zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// [`Backend::scratch`] in `F` whatever [`Backend::precision`] says: for what the
+    /// precision scheme keeps in full precision (LayerNorm statistics, logits, loss terms).
+    /// The default is [`Backend::scratch`].
+    fn scratch_full(&self, len: usize) -> Result<Self::Buf> {
+        self.scratch(len)
+    }
+    /// [`Backend::scratch_full`], zero-filled (the default is [`Backend::scratch_zeros`]).
+    fn scratch_full_zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.scratch_zeros(len)
     }
     /// The activation arena's size and service so far, where the backend keeps one (`None`
     /// on the CPU, whose allocator plays that part).

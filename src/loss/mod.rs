@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FineGrads, FineShape, Float, Mut, Ref};
-use crate::model::layers::{one, uninit, zero, zeros};
+use crate::model::layers::{one, uninit, uninit_full, zero, zeros, zeros_full};
 use crate::model::{DeviceBatch, Model, OutputGrads, Role, Teacher};
 use crate::{Error, Result};
 
@@ -154,7 +154,7 @@ fn row_weights<'a, B: Backend>(
     // w += w_1·y; labels are 0/1, so each row gets exactly w_0 or w_1.
     let n = batch.rows;
     let f = <B::F as Float>::from_f64;
-    let mut w = zeros(be, n)?;
+    let mut w = zeros_full(be, n)?;
     be.fill(n, f(cw[0]), Mut::whole(&mut w));
     be.axpy(n, f(-cw[0]), Ref::whole(labels), Mut::whole(&mut w));
     be.axpy(n, f(cw[1]), Ref::whole(labels), Mut::whole(&mut w));
@@ -178,7 +178,7 @@ fn share_scaled<B: Backend>(
 /// `x[i]·s` for `n` elements of `x` and the device scalar `s` (an `n×1` by `1×1` product:
 /// one rounding per element, no host round trip, so a recorded step reads the current `s`).
 fn scaled<B: Backend>(be: &B, n: usize, x: Ref<B::Buf>, s: Ref<B::Buf>) -> Result<B::Buf> {
-    let mut y = uninit(be, n)?;
+    let mut y = uninit_full(be, n)?;
     let g = crate::backend::Gemm::new(n, 1, 1, false, false);
     be.gemm(&g, one::<B::F>(), x, s, zero::<B::F>(), Mut::whole(&mut y));
     Ok(y)
@@ -194,7 +194,7 @@ pub fn teacher_objective<B: Backend>(
     batch: &DeviceBatch<B>,
     backward: bool,
 ) -> Result<f64> {
-    let mut out = zeros(be, 1)?;
+    let mut out = zeros_full(be, 1)?;
     let o = Mut::whole(&mut out);
     teacher_objective_queued(be, class_w, None, teacher, batch, backward, o)?;
     Ok(be.download(&out)?[0].to_f64())
@@ -217,7 +217,7 @@ pub fn teacher_objective_queued<B: Backend>(
     let scaled_w = share_scaled(be, n, &raw, share, 0)?;
     let w = scaled_w.as_ref().unwrap_or(&raw);
     let fwd = teacher.forward(be, batch)?;
-    let mut dz = zeros(be, n)?;
+    let mut dz = zeros_full(be, n)?;
     let dzm = backward.then(|| Mut::whole(&mut dz));
     let (z, y, wr) = (Ref::whole(&fwd.logits), Ref::whole(labels), Ref::whole(w));
     be.bce_loss_into(n, z, y, wr, one::<B::F>(), dzm, out)?;
@@ -359,7 +359,7 @@ pub fn student_objective<B: Backend>(
     backward: bool,
 ) -> Result<StudentLoss> {
     let slots = StudentSlots::new(cfg, student);
-    let mut out = zeros(be, slots.len())?;
+    let mut out = zeros_full(be, slots.len())?;
     let m = Mut::whole(&mut out);
     student_objective_queued(be, cfg, class_w, None, teacher, student, batch, backward, m)?;
     let v: Vec<f64> = be.download(&out)?.iter().map(|x| x.to_f64()).collect();
@@ -416,7 +416,7 @@ pub fn student_objective_queued<B: Backend>(
     let f = <B::F as Float>::from_f64;
     let tau = f(cfg.tau);
     let wr = Ref::whole(w);
-    let mut dz = zeros(be, n)?;
+    let mut dz = zeros_full(be, n)?;
     let zs = Ref::whole(&s.logits);
     let (slots, base) = (out.buf, out.off);
     if cfg.hard {
@@ -436,7 +436,7 @@ pub fn student_objective_queued<B: Backend>(
             .layout
             .coarse
             .ok_or_else(|| Error::invalid("no coarse head"))?;
-        let params = &student.params.values;
+        let (params, grads) = student.params.weights_and_grads();
         let mut pred = uninit(be, n * d)?;
         lin.forward(
             be,
@@ -453,7 +453,6 @@ pub fn student_objective_queued<B: Backend>(
         be.coarse_loss_into(n, d, pr, tr, wr, cfg.coarse_cosine, f(cfg.beta), g, o)?;
         if backward {
             let mut dh = zeros(be, n * d)?;
-            let grads = &mut student.params.grads;
             let (x, dy) = (Ref::whole(&s.hidden), Ref::whole(&dpred));
             lin.backward(
                 be,
@@ -492,13 +491,13 @@ pub fn student_objective_queued<B: Backend>(
         let w_self = match share {
             None => None,
             Some(_) => {
-                let mut ones = uninit(be, n)?;
+                let mut ones = uninit_full(be, n)?;
                 be.fill(n, one::<B::F>(), Mut::whole(&mut ones));
                 share_scaled(be, n, &ones, share, 0)?
             }
         };
         for (l, zl) in s.aux_logits.iter().enumerate() {
-            let mut dzl = zeros(be, n)?;
+            let mut dzl = zeros_full(be, n)?;
             let g = backward.then(|| Mut::whole(&mut dzl));
             let o = Mut::at(&mut *slots, base + SLOT_SELF + l);
             let ws = w_self.as_ref().map(Ref::whole);
@@ -557,7 +556,7 @@ fn fine_term<B: Backend>(
         Ref::whole(&s.profile.p),
         Mut::whole(&mut tok),
     );
-    let params = &student.params.values;
+    let (params, g) = student.params.weights_and_grads();
     let t_in = Ref::whole(t_in);
     let (mut q, mut k, mut v) = (
         uninit(be, nq * d)?,
@@ -598,7 +597,6 @@ fn fine_term<B: Backend>(
     if !backward {
         return Ok(None);
     }
-    let g = &mut student.params.grads;
     let mut dtok = uninit(be, nq * d)?;
     let tr = Ref::whole(&tok);
     proj.q.backward(

@@ -3,7 +3,9 @@
 
 use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref, ValidTokens};
 use crate::model::device_batch::DeviceSeq;
-use crate::model::layers::{one, uninit, zeros, Block, BlockCache, LayerNorm, Linear, SeqShape};
+use crate::model::layers::{
+    one, uninit, uninit_full, zeros, zeros_full, Block, BlockCache, LayerNorm, Linear, SeqShape,
+};
 use crate::model::params::ParamTable;
 use crate::Result;
 
@@ -87,7 +89,7 @@ impl SeqEncoder {
     ) -> Result<Pooled<B>> {
         let n = sh.tokens();
         let mut tokens = uninit(be, n * self.d)?;
-        let mut stats = uninit(be, n * 2)?;
+        let mut stats = uninit_full(be, n * 2)?;
         let (t, st) = (Mut::whole(&mut tokens), Mut::whole(&mut stats));
         self.ln_f.forward(be, params, n, Ref::whole(h), t, st);
         let mut s = uninit(be, sh.batch * self.d)?;
@@ -123,9 +125,9 @@ impl SeqEncoder {
         // The embedding writes every token (the numeric map then adds to it); without
         // categorical fields the sum starts from zero.
         let mut h = if self.cat.is_empty() {
-            zeros(be, n * self.d)?
+            zeros_full(be, n * self.d)?
         } else {
-            uninit(be, n * self.d)?
+            uninit_full(be, n * self.d)?
         };
         if !self.cat.is_empty() {
             let out = Mut::whole(&mut h);
@@ -228,7 +230,7 @@ impl SeqEncoder {
     ) -> Result<()> {
         let sh = c.shape;
         let (n, nb) = (sh.tokens(), self.blocks.len());
-        let mut dh = zeros(be, n * self.d)?;
+        let mut dh = zeros_full(be, n * self.d)?;
         let last = &c.hs[nb];
         self.pool_backward(
             be,

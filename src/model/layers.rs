@@ -33,6 +33,18 @@ pub(crate) fn uninit<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
     be.scratch(n)
 }
 
+/// [`uninit`] in full precision (the backend's element type whatever the run's
+/// [`crate::backend::Precision`]): LayerNorm statistics, logits, row weights and loss terms
+/// (shorthand for [`Backend::scratch_full`]).
+pub(crate) fn uninit_full<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
+    be.scratch_full(n)
+}
+
+/// [`zeros`] in full precision (shorthand for [`Backend::scratch_full_zeros`]).
+pub(crate) fn zeros_full<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
+    be.scratch_full_zeros(n)
+}
+
 /// A linear map `y = x·Wᵀ + b` with `W` stored `[out, in]` at `w` and `b` (`[out]`) at `b`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Linear {
@@ -277,7 +289,7 @@ impl Block {
     ) -> Result<(B::Buf, BlockCache<B>)> {
         let (n, d) = (sh.tokens(), sh.d);
         let mut xn1 = uninit(be, n * d)?;
-        let mut stats1 = uninit(be, n * 2)?;
+        let mut stats1 = uninit_full(be, n * 2)?;
         let hr = Ref::whole(h);
         self.ln1.forward(
             be,
@@ -287,7 +299,7 @@ impl Block {
             Mut::whole(&mut xn1),
             Mut::whole(&mut stats1),
         );
-        let mut h_mid = uninit(be, n * d)?;
+        let mut h_mid = uninit_full(be, n * d)?;
         let attn = self.attn.forward(
             be,
             params,
@@ -298,7 +310,7 @@ impl Block {
             Mut::whole(&mut h_mid),
         )?;
         let mut xn2 = uninit(be, n * d)?;
-        let mut stats2 = uninit(be, n * 2)?;
+        let mut stats2 = uninit_full(be, n * 2)?;
         let hm = Ref::whole(&h_mid);
         self.ln2.forward(
             be,
@@ -313,7 +325,7 @@ impl Block {
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
-        let mut out = uninit(be, n * d)?;
+        let mut out = uninit_full(be, n * d)?;
         self.fc2
             .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
         let cache = BlockCache {

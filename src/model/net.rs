@@ -6,7 +6,7 @@ use crate::backend::{Backend, Mut, Ref};
 use crate::model::config::{ModelConfig, Role};
 use crate::model::device_batch::{DeviceBatch, DeviceSeq};
 use crate::model::encoder::{EncoderCache, ProfileCache, ProfileEncoder, SeqEncoder};
-use crate::model::layers::{one, uninit, zeros, Linear};
+use crate::model::layers::{one, uninit, uninit_full, zeros, Linear};
 use crate::model::params::{ParamStore, ParamTable};
 use crate::{Error, Result};
 
@@ -179,7 +179,7 @@ impl<B: Backend> Model<B> {
     /// Forward pass to the logits (and the student's auxiliary logits).
     pub fn forward(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Forward<B>> {
         let (rows, d, lay) = (batch.rows, self.config.d, &self.layout);
-        let params = &self.params.values;
+        let params = self.params.compute();
         let (bs, ms) = (&batch.schema, &self.config.schema);
         let vocabs = |s: &crate::data::Schema| {
             let v = |f: &[crate::data::CatField]| f.iter().map(|c| c.vocab).collect::<Vec<_>>();
@@ -215,7 +215,7 @@ impl<B: Backend> Model<B> {
         );
         let mut hidden = uninit(be, rows * d)?;
         be.gelu(rows * d, Ref::whole(&hpre), Mut::whole(&mut hidden));
-        let mut logits = uninit(be, rows)?;
+        let mut logits = uninit_full(be, rows)?;
         lay.head.forward(
             be,
             params,
@@ -228,7 +228,7 @@ impl<B: Backend> Model<B> {
         let mut aux_logits = Vec::new();
         for (head, pooled) in lay.aux.iter().zip(&encoder.aux) {
             let c = concat(be, rows, d, &pooled.s, &profile.p)?;
-            let mut z = uninit(be, rows)?;
+            let mut z = uninit_full(be, rows)?;
             head.forward(be, params, rows, Ref::whole(&c), Mut::whole(&mut z), false);
             aux_cat.push(c);
             aux_logits.push(z);
@@ -282,7 +282,7 @@ impl<B: Backend> Model<B> {
             Role::Teacher => &batch.in_service,
             Role::Student => &batch.pre,
         };
-        let (params, grads) = (&self.params.values, &mut self.params.grads);
+        let (params, grads) = self.params.weights_and_grads();
         let mut dhidden = uninit(be, rows * d)?;
         let (hid, dz) = (Ref::whole(&fwd.hidden), Ref::whole(&g.logits));
         lay.head.backward(
@@ -327,7 +327,6 @@ impl<B: Backend> Model<B> {
         for ((head, c), dz) in lay.aux.iter().zip(&fwd.aux_cat).zip(&g.aux_logits) {
             let mut dc = uninit(be, rows * 2 * d)?;
             let (cr, dzr) = (Ref::whole(c), Ref::whole(dz));
-            let grads = &mut self.params.grads;
             head.backward(
                 be,
                 params,
@@ -340,7 +339,6 @@ impl<B: Backend> Model<B> {
             );
             daux.push(Self::split_cat(be, rows, d, &dc, &mut dp)?);
         }
-        let grads = &mut self.params.grads;
         let enc = &fwd.encoder;
         lay.encoder
             .backward(be, params, grads, seq, enc, &ds, g.tokens.as_ref(), &daux)?;

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::backend::{Backend, Float, Mut, Ref};
+use crate::backend::{Backend, Float, Mut, Precision, Ref};
 use crate::model::config::{ModelConfig, Role};
 use crate::model::layers::zero;
 use crate::{Error, Result};
@@ -208,6 +208,10 @@ pub struct ParamStore<B: Backend> {
     pub v: B::Buf,
     /// 1 where weight decay applies, 0 elsewhere.
     pub decay_mask: B::Buf,
+    /// The copy of `values` the forward and backward read, in the backend's activation
+    /// precision, when that is not full precision (bf16: made once per step by
+    /// [`ParamStore::refresh_compute`]); `None` when they read `values` itself.
+    compute_copy: Option<B::Buf>,
 }
 
 impl<B: Backend> ParamStore<B> {
@@ -221,14 +225,45 @@ impl<B: Backend> ParamStore<B> {
             )));
         }
         let n = table.total();
-        Ok(ParamStore {
+        let compute_copy = match be.precision() {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(be.act_zeros(n)?),
+        };
+        let mut store = ParamStore {
             values: be.upload(values)?,
             grads: be.zeros(n)?,
             m: be.zeros(n)?,
             v: be.zeros(n)?,
             decay_mask: be.upload(&table.decay_mask::<B::F>())?,
+            compute_copy,
             table,
-        })
+        };
+        store.refresh_compute(be);
+        Ok(store)
+    }
+
+    /// The parameter values the forward and backward passes read: the compute copy in the
+    /// activation precision where there is one, else the values themselves.
+    pub fn compute(&self) -> &B::Buf {
+        self.compute_copy.as_ref().unwrap_or(&self.values)
+    }
+
+    /// [`ParamStore::compute`] and the gradient buffer at once (a backward reads the one and
+    /// accumulates into the other).
+    pub fn weights_and_grads(&mut self) -> (&B::Buf, &mut B::Buf) {
+        (
+            self.compute_copy.as_ref().unwrap_or(&self.values),
+            &mut self.grads,
+        )
+    }
+
+    /// Brings the compute copy up to date with the values (one conversion of the flat
+    /// buffer, queued: the optimizer calls it after every update); nothing to do without one.
+    pub fn refresh_compute(&mut self, be: &B) {
+        if let Some(copy) = &mut self.compute_copy {
+            let n = self.table.total();
+            be.copy(n, Ref::whole(&self.values), Mut::whole(copy));
+        }
     }
 
     /// Seeded initial storage (see [`ParamTable::init_values`]).
@@ -256,6 +291,7 @@ impl<B: Backend> ParamStore<B> {
             )));
         }
         self.values = be.upload(host)?;
+        self.refresh_compute(be);
         Ok(())
     }
 

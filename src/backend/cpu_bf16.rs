@@ -1,0 +1,803 @@
+//! The CPU reference of the bf16 precision scheme ([`Precision::Bf16`]): [`CpuBf16Backend`]
+//! runs every operation of the f32 CPU backend ([`CpuBackend<f32>`]) and then rounds what it
+//! wrote into a bf16 buffer to the nearest bfloat16. Buffers ([`TaggedBuf`]) carry their
+//! storage type: a step's activations, activation gradients and scratch
+//! ([`Backend::scratch`]) and the weights' compute copy ([`Backend::act_zeros`]) are bf16;
+//! parameters, gradients, Adam moments, uploads, LayerNorm statistics, logits and loss terms
+//! ([`Backend::scratch_full`]) are f32. Arithmetic is f32 throughout, so this is exactly "load
+//! bf16, compute in f32, round on store" — the scheme the CUDA kernels implement — up to the
+//! order of summation. A matrix product takes both operands in one type: an f32 operand
+//! multiplied with a bf16 one (the residual stream's gradient into a weight's product, the
+//! logits' gradient into the head's) is rounded to bf16 first, as a tensor-core product needs.
+//!
+//! It exists to check the scheme, not to be fast: values are held as f32 that are exact
+//! bf16 numbers, so it saves no memory, and each write costs an extra rounding pass.
+
+use super::cpu::{CpuBackend, CpuStaging};
+use super::precision::{round_bf16, Precision};
+use super::{
+    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref,
+    ValidTokens,
+};
+use crate::Result;
+
+/// A host buffer of f32 values tagged with the type it stands for: with
+/// [`Precision::Bf16`] every element is an exact bfloat16 value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaggedBuf {
+    /// The elements (exact bf16 values when `dtype` is bf16).
+    pub data: Vec<f32>,
+    /// The storage type the buffer stands for.
+    pub dtype: Precision,
+}
+
+impl TaggedBuf {
+    /// An f32 buffer holding `data`.
+    pub fn f32(data: Vec<f32>) -> TaggedBuf {
+        TaggedBuf {
+            data,
+            dtype: Precision::F32,
+        }
+    }
+
+    /// A bf16 buffer holding `data` rounded to bfloat16.
+    pub fn bf16(data: Vec<f32>) -> TaggedBuf {
+        let mut b = TaggedBuf {
+            data,
+            dtype: Precision::Bf16,
+        };
+        b.settle();
+        b
+    }
+
+    /// Rounds every element to the buffer's type (a no-op for f32 buffers; idempotent).
+    fn settle(&mut self) {
+        if self.dtype == Precision::Bf16 {
+            self.data.iter_mut().for_each(|x| *x = round_bf16(*x));
+        }
+    }
+}
+
+/// The bf16 scheme's CPU reference (see the module documentation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBf16Backend {
+    inner: CpuBackend<f32>,
+}
+
+impl CpuBf16Backend {
+    /// A new backend (threads from rayon's pool, as [`CpuBackend`]).
+    pub fn new() -> Self {
+        CpuBf16Backend {
+            inner: CpuBackend::new(),
+        }
+    }
+}
+
+/// The f32 window of a tagged read window.
+#[inline]
+fn r(x: Ref<TaggedBuf>) -> Ref<Vec<f32>> {
+    Ref::at(&x.buf.data, x.off)
+}
+
+/// The two operands of a matrix product as one type: when one is bf16 and the other f32,
+/// a bf16-rounded copy of the f32 one (a tensor-core product takes both operands in bf16,
+/// so a device converts the f32 operand first); two f32 operands stay f32. `None` means
+/// the operand is read as it is.
+fn matrix_operands(a: &TaggedBuf, b: &TaggedBuf) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let rounded = |x: &TaggedBuf| Some(TaggedBuf::bf16(x.data.clone()).data);
+    match (a.dtype, b.dtype) {
+        (Precision::F32, Precision::Bf16) => (rounded(a), None),
+        (Precision::Bf16, Precision::F32) => (None, rounded(b)),
+        _ => (None, None),
+    }
+}
+
+/// The read window `x` over `copy` where there is one (see [`matrix_operands`]).
+fn operand<'a>(x: Ref<'a, TaggedBuf>, copy: &'a Option<Vec<f32>>) -> Ref<'a, Vec<f32>> {
+    Ref::at(copy.as_ref().unwrap_or(&x.buf.data), x.off)
+}
+
+/// Runs `op` on the f32 window of `y`, then rounds `y` to its type.
+#[inline]
+fn w<T>(y: Mut<TaggedBuf>, op: impl FnOnce(Mut<Vec<f32>>) -> T) -> T {
+    let Mut { buf, off } = y;
+    let out = op(Mut::at(&mut buf.data, off));
+    buf.settle();
+    out
+}
+
+/// Runs `op` on the f32 windows of two distinct writable buffers, then rounds both.
+#[inline]
+fn w2<T>(
+    y: Mut<TaggedBuf>,
+    z: Mut<TaggedBuf>,
+    op: impl FnOnce(Mut<Vec<f32>>, Mut<Vec<f32>>) -> T,
+) -> T {
+    let (Mut { buf: yb, off: yo }, Mut { buf: zb, off: zo }) = (y, z);
+    let out = op(Mut::at(&mut yb.data, yo), Mut::at(&mut zb.data, zo));
+    yb.settle();
+    zb.settle();
+    out
+}
+
+/// A tagged write window taken apart: its buffer and offset (see [`f32_window`]).
+type Parts<'a> = (&'a mut TaggedBuf, usize);
+
+/// `y` taken apart, so that its f32 window can be lent to an operation and the buffer
+/// rounded to its type afterwards ([`settle`]).
+fn parts(y: Option<Mut<'_, TaggedBuf>>) -> Option<Parts<'_>> {
+    y.map(|Mut { buf, off }| (buf, off))
+}
+
+/// The f32 window of a taken-apart write window.
+fn f32_window<'a>(p: &'a mut Option<Parts<'_>>) -> Option<Mut<'a, Vec<f32>>> {
+    p.as_mut().map(|(b, off)| Mut::at(&mut b.data, *off))
+}
+
+/// Rounds a taken-apart window's buffer to its type.
+fn settle(p: Option<Parts<'_>>) {
+    if let Some((b, _)) = p {
+        b.settle();
+    }
+}
+
+impl Backend for CpuBf16Backend {
+    type F = f32;
+    type Buf = TaggedBuf;
+    type Ids = Vec<u32>;
+    type Graph = std::convert::Infallible;
+    type Staging = CpuStaging<f32>;
+
+    fn name(&self) -> String {
+        "cpu-bf16".into()
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::Bf16
+    }
+
+    // ---- memory ------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::f32(self.inner.zeros(len)?))
+    }
+
+    fn uninit(&self, len: usize) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::f32(self.inner.uninit(len)?))
+    }
+
+    fn scratch(&self, len: usize) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::bf16(self.inner.uninit(len)?))
+    }
+
+    fn scratch_zeros(&self, len: usize) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::bf16(self.inner.zeros(len)?))
+    }
+
+    fn scratch_full(&self, len: usize) -> Result<TaggedBuf> {
+        self.uninit(len)
+    }
+
+    fn scratch_full_zeros(&self, len: usize) -> Result<TaggedBuf> {
+        self.zeros(len)
+    }
+
+    fn act_zeros(&self, len: usize) -> Result<TaggedBuf> {
+        self.scratch_zeros(len)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::f32(host.to_vec()))
+    }
+
+    fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>> {
+        Ok(host.to_vec())
+    }
+
+    fn download(&self, buf: &TaggedBuf) -> Result<Vec<f32>> {
+        Ok(buf.data.clone())
+    }
+
+    fn alloc_staging(&self, floats: usize, ids: usize) -> Result<CpuStaging<f32>> {
+        self.inner.alloc_staging(floats, ids)
+    }
+
+    fn upload_staged(
+        &self,
+        staging: &CpuStaging<f32>,
+        off: usize,
+        len: usize,
+    ) -> Result<TaggedBuf> {
+        Ok(TaggedBuf::f32(self.inner.upload_staged(staging, off, len)?))
+    }
+
+    fn upload_staged_ids(
+        &self,
+        staging: &CpuStaging<f32>,
+        off: usize,
+        len: usize,
+    ) -> Result<Vec<u32>> {
+        self.inner.upload_staged_ids(staging, off, len)
+    }
+
+    fn len(&self, buf: &TaggedBuf) -> usize {
+        buf.data.len()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn capture(&self, _queue: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
+    }
+
+    fn write(&self, host: &[f32], dst: Mut<TaggedBuf>) -> Result<()> {
+        w(dst, |d| self.inner.write(host, d))
+    }
+
+    fn copy_ids(&self, len: usize, src: &Vec<u32>, dst: &mut Vec<u32>) {
+        self.inner.copy_ids(len, src, dst)
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
+
+    fn reset_peak_memory(&self) {}
+
+    fn fill(&self, len: usize, value: f32, x: Mut<TaggedBuf>) {
+        w(x, |x| self.inner.fill(len, value, x))
+    }
+
+    fn copy(&self, len: usize, src: Ref<TaggedBuf>, dst: Mut<TaggedBuf>) {
+        w(dst, |d| self.inner.copy(len, r(src), d))
+    }
+
+    fn copy_2d(
+        &self,
+        rows: usize,
+        cols: usize,
+        src: Ref<TaggedBuf>,
+        src_ld: usize,
+        dst: Mut<TaggedBuf>,
+        dst_ld: usize,
+        accumulate: bool,
+    ) {
+        w(dst, |d| {
+            self.inner
+                .copy_2d(rows, cols, r(src), src_ld, d, dst_ld, accumulate)
+        })
+    }
+
+    fn axpy(&self, len: usize, alpha: f32, x: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
+        w(y, |y| self.inner.axpy(len, alpha, r(x), y))
+    }
+
+    // ---- dense -------------------------------------------------------------------------
+
+    fn gemm(
+        &self,
+        shape: &Gemm,
+        alpha: f32,
+        a: Ref<TaggedBuf>,
+        b: Ref<TaggedBuf>,
+        beta: f32,
+        c: Mut<TaggedBuf>,
+    ) {
+        let (ac, bc) = matrix_operands(a.buf, b.buf);
+        let (a, b) = (operand(a, &ac), operand(b, &bc));
+        w(c, |c| self.inner.gemm(shape, alpha, a, b, beta, c))
+    }
+
+    fn gemm_outer(
+        &self,
+        s: &Gemm,
+        outer: &Outer,
+        alpha: f32,
+        a: Ref<TaggedBuf>,
+        b: Ref<TaggedBuf>,
+        beta: f32,
+        c: Mut<TaggedBuf>,
+    ) {
+        let (ac, bc) = matrix_operands(a.buf, b.buf);
+        let (a, b) = (operand(a, &ac), operand(b, &bc));
+        w(c, |c| self.inner.gemm_outer(s, outer, alpha, a, b, beta, c))
+    }
+
+    fn linear_forward(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<TaggedBuf>,
+        wt: Ref<TaggedBuf>,
+        b: Ref<TaggedBuf>,
+        y: Mut<TaggedBuf>,
+        accumulate: bool,
+    ) {
+        let (xc, wc) = matrix_operands(x.buf, wt.buf);
+        let (x, wt) = (operand(x, &xc), operand(wt, &wc));
+        w(y, |y| {
+            self.inner
+                .linear_forward(rows, inp, out, x, wt, r(b), y, accumulate)
+        })
+    }
+
+    fn linear_residual(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        x: Ref<TaggedBuf>,
+        wt: Ref<TaggedBuf>,
+        b: Ref<TaggedBuf>,
+        resid: Ref<TaggedBuf>,
+        y: Mut<TaggedBuf>,
+    ) {
+        let (xc, wc) = matrix_operands(x.buf, wt.buf);
+        let (x, wt) = (operand(x, &xc), operand(wt, &wc));
+        w(y, |y| {
+            self.inner
+                .linear_residual(rows, inp, out, x, wt, r(b), r(resid), y)
+        })
+    }
+
+    fn add_bias(&self, rows: usize, n: usize, bias: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
+        w(y, |y| self.inner.add_bias(rows, n, r(bias), y))
+    }
+
+    fn bias_backward(&self, rows: usize, n: usize, dy: Ref<TaggedBuf>, db: Mut<TaggedBuf>) {
+        w(db, |db| self.inner.bias_backward(rows, n, r(dy), db))
+    }
+
+    // ---- element-wise and normalisation ----------------------------------------------
+
+    fn gelu(&self, len: usize, x: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
+        w(y, |y| self.inner.gelu(len, r(x), y))
+    }
+
+    fn gelu_backward(&self, len: usize, x: Ref<TaggedBuf>, dy: Ref<TaggedBuf>, dx: Mut<TaggedBuf>) {
+        w(dx, |dx| self.inner.gelu_backward(len, r(x), r(dy), dx))
+    }
+
+    /// Rounds `dx` before summing it into `db`, as a kernel that stores `dx` in bf16 and
+    /// sums what it stored would: the bias gradient is the column sum of the stored `dx`.
+    fn gelu_bias_backward(
+        &self,
+        rows: usize,
+        n: usize,
+        x: Ref<TaggedBuf>,
+        dy: Ref<TaggedBuf>,
+        mut dx: Mut<TaggedBuf>,
+        db: Mut<TaggedBuf>,
+    ) {
+        self.gelu_backward(rows * n, x, dy, dx.reborrow());
+        self.bias_backward(rows, n, Ref::at(&*dx.buf, dx.off), db);
+    }
+
+    fn layernorm(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<TaggedBuf>,
+        gamma_beta: Ref<TaggedBuf>,
+        y: Mut<TaggedBuf>,
+        stats: Mut<TaggedBuf>,
+    ) {
+        w2(y, stats, |y, st| {
+            self.inner.layernorm(rows, d, r(x), r(gamma_beta), y, st)
+        })
+    }
+
+    fn layernorm_backward(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Ref<TaggedBuf>,
+        gamma_beta: Ref<TaggedBuf>,
+        stats: Ref<TaggedBuf>,
+        dy: Ref<TaggedBuf>,
+        dx: Mut<TaggedBuf>,
+        dgamma_beta: Mut<TaggedBuf>,
+    ) {
+        w2(dx, dgamma_beta, |dx, dg| {
+            self.inner
+                .layernorm_backward(rows, d, r(x), r(gamma_beta), r(stats), r(dy), dx, dg)
+        })
+    }
+
+    // ---- embeddings --------------------------------------------------------------------
+
+    fn embedding(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &Vec<u32>,
+        params: &TaggedBuf,
+        mode: EmbMode,
+        out: Mut<TaggedBuf>,
+        out_ld: usize,
+    ) {
+        w(out, |o| {
+            self.inner
+                .embedding(n, width, tables, ids, &params.data, mode, o, out_ld)
+        })
+    }
+
+    fn embedding_backward(
+        &self,
+        n: usize,
+        width: usize,
+        tables: &[EmbTable],
+        ids: &Vec<u32>,
+        mode: EmbMode,
+        dout: Ref<TaggedBuf>,
+        dout_ld: usize,
+        grads: &mut TaggedBuf,
+        valid: Option<ValidTokens<'_, Vec<u32>>>,
+    ) {
+        w(Mut::whole(grads), |g| {
+            self.inner.embedding_backward(
+                n,
+                width,
+                tables,
+                ids,
+                mode,
+                r(dout),
+                dout_ld,
+                g.buf,
+                valid,
+            )
+        })
+    }
+
+    fn add_positions(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        pos: Ref<TaggedBuf>,
+        x: Mut<TaggedBuf>,
+    ) {
+        w(x, |x| {
+            self.inner.add_positions(batch, max_len, d, lens, r(pos), x)
+        })
+    }
+
+    fn add_positions_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        dx: Ref<TaggedBuf>,
+        dpos: Mut<TaggedBuf>,
+    ) {
+        w(dpos, |dp| {
+            self.inner
+                .add_positions_backward(batch, max_len, d, lens, r(dx), dp)
+        })
+    }
+
+    // ---- attention and pooling ---------------------------------------------------------
+
+    fn masked_softmax(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &Vec<u32>,
+        scale: f32,
+        scores: Mut<TaggedBuf>,
+    ) {
+        w(scores, |s| {
+            self.inner
+                .masked_softmax(batch, heads, lq, lk, key_lens, scale, s)
+        })
+    }
+
+    fn masked_softmax_backward(
+        &self,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        key_lens: &Vec<u32>,
+        scale: f32,
+        probs: Ref<TaggedBuf>,
+        dprobs: Ref<TaggedBuf>,
+        dscores: Mut<TaggedBuf>,
+    ) {
+        w(dscores, |ds| {
+            self.inner.masked_softmax_backward(
+                batch,
+                heads,
+                lq,
+                lk,
+                key_lens,
+                scale,
+                r(probs),
+                r(dprobs),
+                ds,
+            )
+        })
+    }
+
+    /// One operation, as a fused kernel runs it: Q·Kᵀ, the masked softmax and P·V in f32,
+    /// the output (and the saved probabilities) rounded once when stored.
+    fn attention(
+        &self,
+        s: &AttnShape,
+        lens: &Vec<u32>,
+        scale: f32,
+        qkv: Ref<TaggedBuf>,
+        ctx: Mut<TaggedBuf>,
+        saved: Mut<TaggedBuf>,
+    ) {
+        w2(ctx, saved, |c, sv| {
+            self.inner.attention(s, lens, scale, r(qkv), c, sv)
+        })
+    }
+
+    fn attention_backward(
+        &self,
+        s: &AttnShape,
+        lens: &Vec<u32>,
+        scale: f32,
+        qkv: Ref<TaggedBuf>,
+        saved: Ref<TaggedBuf>,
+        dctx: Ref<TaggedBuf>,
+        dqkv: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        w(dqkv, |dq| {
+            self.inner
+                .attention_backward(s, lens, scale, r(qkv), r(saved), r(dctx), dq)
+        })
+    }
+
+    fn masked_mean(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        x: Ref<TaggedBuf>,
+        empty: Ref<TaggedBuf>,
+        out: Mut<TaggedBuf>,
+    ) {
+        w(out, |o| {
+            self.inner
+                .masked_mean(batch, max_len, d, lens, r(x), r(empty), o)
+        })
+    }
+
+    fn masked_mean_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        dout: Ref<TaggedBuf>,
+        dx: Mut<TaggedBuf>,
+        dempty: Mut<TaggedBuf>,
+    ) {
+        w2(dx, dempty, |dx, de| {
+            self.inner
+                .masked_mean_backward(batch, max_len, d, lens, r(dout), dx, de)
+        })
+    }
+
+    fn put_empty_rows(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        vec: Ref<TaggedBuf>,
+        seq: Mut<TaggedBuf>,
+    ) {
+        w(seq, |s| {
+            self.inner
+                .put_empty_rows(batch, max_len, d, lens, r(vec), s)
+        })
+    }
+
+    fn put_empty_rows_backward(
+        &self,
+        batch: usize,
+        max_len: usize,
+        d: usize,
+        lens: &Vec<u32>,
+        dseq: Mut<TaggedBuf>,
+        dvec: Mut<TaggedBuf>,
+    ) {
+        w2(dseq, dvec, |ds, dv| {
+            self.inner
+                .put_empty_rows_backward(batch, max_len, d, lens, ds, dv)
+        })
+    }
+
+    // ---- losses ------------------------------------------------------------------------
+
+    fn bce_loss_into(
+        &self,
+        n: usize,
+        logits: Ref<TaggedBuf>,
+        labels: Ref<TaggedBuf>,
+        weights: Ref<TaggedBuf>,
+        coef: f32,
+        dlogits: Option<Mut<TaggedBuf>>,
+        out: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        let mut dz = parts(dlogits);
+        let res = w(out, |o| {
+            self.inner.bce_loss_into(
+                n,
+                r(logits),
+                r(labels),
+                r(weights),
+                coef,
+                f32_window(&mut dz),
+                o,
+            )
+        });
+        settle(dz);
+        res
+    }
+
+    fn bernoulli_kl_loss_into(
+        &self,
+        n: usize,
+        student: Ref<TaggedBuf>,
+        target: Ref<TaggedBuf>,
+        weights: Option<Ref<TaggedBuf>>,
+        tau: f32,
+        coef: f32,
+        dstudent: Option<Mut<TaggedBuf>>,
+        out: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        let mut ds = parts(dstudent);
+        let res = w(out, |o| {
+            self.inner.bernoulli_kl_loss_into(
+                n,
+                r(student),
+                r(target),
+                weights.map(r),
+                tau,
+                coef,
+                f32_window(&mut ds),
+                o,
+            )
+        });
+        settle(ds);
+        res
+    }
+
+    fn coarse_loss_into(
+        &self,
+        n: usize,
+        d: usize,
+        pred: Ref<TaggedBuf>,
+        target: Ref<TaggedBuf>,
+        weights: Ref<TaggedBuf>,
+        cosine: bool,
+        coef: f32,
+        dpred: Option<Mut<TaggedBuf>>,
+        out: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        let mut dp = parts(dpred);
+        let res = w(out, |o| {
+            let dp = f32_window(&mut dp);
+            self.inner
+                .coarse_loss_into(n, d, r(pred), r(target), r(weights), cosine, coef, dp, o)
+        });
+        settle(dp);
+        res
+    }
+
+    fn fine_loss_into(
+        &self,
+        shape: FineShape,
+        q: Ref<TaggedBuf>,
+        k: Ref<TaggedBuf>,
+        v: Ref<TaggedBuf>,
+        t_in: Ref<TaggedBuf>,
+        q_lens: &Vec<u32>,
+        k_lens: &Vec<u32>,
+        weights: Ref<TaggedBuf>,
+        coef: f32,
+        grads: Option<FineGrads<'_, TaggedBuf>>,
+        out: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        let Some(FineGrads { dq, dk, dv }) = grads else {
+            return w(out, |o| {
+                self.inner.fine_loss_into(
+                    shape,
+                    r(q),
+                    r(k),
+                    r(v),
+                    r(t_in),
+                    q_lens,
+                    k_lens,
+                    r(weights),
+                    coef,
+                    None,
+                    o,
+                )
+            });
+        };
+        let (mut pq, mut pk, mut pv) = (parts(Some(dq)), parts(Some(dk)), parts(Some(dv)));
+        let res = w(out, |o| {
+            let grads = match (
+                f32_window(&mut pq),
+                f32_window(&mut pk),
+                f32_window(&mut pv),
+            ) {
+                (Some(dq), Some(dk), Some(dv)) => Some(FineGrads { dq, dk, dv }),
+                _ => None,
+            };
+            self.inner.fine_loss_into(
+                shape,
+                r(q),
+                r(k),
+                r(v),
+                r(t_in),
+                q_lens,
+                k_lens,
+                r(weights),
+                coef,
+                grads,
+                o,
+            )
+        });
+        for p in [pq, pk, pv] {
+            settle(p);
+        }
+        res
+    }
+
+    // ---- optimizer ---------------------------------------------------------------------
+
+    fn sum_squares_into(&self, len: usize, x: Ref<TaggedBuf>, out: Mut<TaggedBuf>) -> Result<()> {
+        w(out, |o| self.inner.sum_squares_into(len, r(x), o))
+    }
+
+    fn adamw(
+        &self,
+        hp: &AdamW,
+        params: &mut TaggedBuf,
+        grads: &TaggedBuf,
+        m: &mut TaggedBuf,
+        v: &mut TaggedBuf,
+        decay_mask: &TaggedBuf,
+    ) {
+        for (b, what) in [
+            (&*params, "parameters"),
+            (grads, "gradients"),
+            (&*m, "first moments"),
+            (&*v, "second moments"),
+        ] {
+            assert_eq!(
+                b.dtype,
+                Precision::F32,
+                "adamw: the {what} must be f32 (master weights)"
+            );
+        }
+        self.inner.adamw(
+            hp,
+            &mut params.data,
+            &grads.data,
+            &mut m.data,
+            &mut v.data,
+            &decay_mask.data,
+        )
+    }
+}

@@ -1,0 +1,320 @@
+//! The bf16 precision scheme (docs/model.md §7) on its CPU reference,
+//! [`CpuBf16Backend`]: what is stored in bf16 and what stays f32, the student objective and
+//! its gradient against the f64 reference within bounds derived from bf16's unit roundoff,
+//! and 200 training steps that follow the f32 run's loss curve.
+//!
+//! Bounds. A bf16 store keeps 8 significant bits: relative error ≤ u = 2⁻⁸ ≈ 3.9e-3 per
+//! stored value (f32's is 2⁻²⁴ ≈ 6e-8). Arithmetic and every reduction run in f32, so a
+//! value's error comes from the roundings of the stored values it was computed from, not from
+//! the reduction length. Through a forward of two blocks and its backward a gradient element
+//! depends on ≈ 40 successive stores; independent rounding errors add in quadrature, so its
+//! relative error is of order √40·u/√3 ≈ 1.4e-2 (a rounding error is uniform on [−u, u]:
+//! its standard deviation is u/√3). The tests allow 5e-2 in the norm of each tensor's
+//! gradient, and 1e-2 on the loss value (a mean over rows, whose errors average out
+//! further). The f32 run, in the same measure, is ≈ 1e-6: a bf16 run that was not rounding
+//! anything would pass the bounds too, so every test also checks that the
+//! bf16 buffers hold bf16 numbers and that the error is well above f32's.
+
+mod model_common;
+
+use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::cpu_bf16::{CpuBf16Backend, TaggedBuf};
+use mgkd::backend::precision::round_bf16;
+use mgkd::backend::{Backend, Float, Gemm, Mut, Precision, Ref};
+use mgkd::data::Batch;
+use mgkd::loss::{class_weights, student_objective, LossConfig, StudentLoss};
+use mgkd::model::{DeviceBatch, Model, ModelConfig, Role, Teacher};
+use mgkd::optim::{AdamWConfig, Optimizer};
+use model_common::{batch, random_values, schema};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Bound on each tensor's relative gradient error (see the module documentation).
+const GRAD_REL: f64 = 5e-2;
+/// Bound on the relative error of the objective's value.
+const LOSS_REL: f64 = 1e-2;
+
+/// A model of `role` (d = 16, 2 heads, `blocks` blocks) on `be` with the randomised values
+/// of [`random_values`] (the same numbers on every backend).
+fn model<B: Backend>(be: &B, role: Role, blocks: usize, seed: u64) -> Model<B> {
+    let cfg = ModelConfig::new(role, &schema(), 16, 2, blocks, 3).expect("config");
+    let mut m = Model::new(be, cfg, seed).expect("model");
+    let v: Vec<B::F> = random_values(&m.params.table, seed)
+        .into_iter()
+        .map(<B::F as Float>::from_f64)
+        .collect();
+    m.params.set_values(be, &v).expect("values");
+    m
+}
+
+/// `rows` rows with random lengths (some empty sequences) and about 30 % positives.
+fn random_batch(seed: u64, rows: usize) -> Batch {
+    let s = schema();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let pre: Vec<u32> = (0..rows)
+        .map(|_| rng.gen_range(0..=s.pre_len as u32))
+        .collect();
+    let ins: Vec<u32> = (0..rows)
+        .map(|_| rng.gen_range(0..=s.in_len as u32))
+        .collect();
+    let labels: Vec<u8> = (0..rows).map(|_| rng.gen_bool(0.3) as u8).collect();
+    batch(seed ^ 0xb, &pre, &ins, &labels)
+}
+
+fn weights(b: &Batch) -> [f64; 2] {
+    let l = b.labels.as_ref().expect("labels");
+    let pos = l.iter().filter(|&&y| y == 1).count() as u64;
+    class_weights(l.len() as u64 - pos, pos, 0.5, true).expect("weights")
+}
+
+/// The student objective and its gradient (as f64) on `be`, teacher and student from seeds
+/// 3 and 4.
+fn objective<B: Backend>(be: &B, b: &Batch) -> (StudentLoss, Vec<f64>) {
+    let t = model(be, Role::Teacher, 2, 3);
+    let mut s = model(be, Role::Student, 2, 4);
+    let db = DeviceBatch::upload(be, b, &schema()).expect("upload");
+    s.params.zero_grads(be);
+    let cfg = LossConfig::spec_starting();
+    let l = student_objective(be, &cfg, weights(b), Teacher::live(&t), &mut s, &db, true)
+        .expect("objective");
+    let g = be.download(&s.params.grads).expect("grads");
+    (l, g.iter().map(|x| x.to_f64()).collect())
+}
+
+/// `‖a − b‖/‖b‖` over `r`, and `‖b‖` there.
+fn rel_err(a: &[f64], b: &[f64], r: std::ops::Range<usize>) -> (f64, f64) {
+    let num: f64 = a[r.clone()]
+        .iter()
+        .zip(&b[r.clone()])
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    let den: f64 = b[r].iter().map(|y| y * y).sum();
+    ((num / den.max(1e-300)).sqrt(), den.sqrt())
+}
+
+fn is_bf16(x: f32) -> bool {
+    round_bf16(x) == x
+}
+
+#[test]
+fn activations_are_bf16_and_what_the_scheme_keeps_in_f32_is_not_rounded() {
+    let be = CpuBf16Backend::new();
+    assert_eq!(be.precision(), Precision::Bf16);
+    let b = random_batch(1, 24);
+    let mut s = model(&be, Role::Student, 2, 4);
+    let db = DeviceBatch::upload(&be, &b, &schema()).expect("upload");
+    let fwd = s.forward(&be, &db).expect("forward");
+    // The pooled representation is an activation: bf16.
+    assert_eq!(fwd.hidden.dtype, Precision::Bf16);
+    assert!(fwd.hidden.data.iter().all(|&x| is_bf16(x)));
+    // Logits are kept in f32, and they are not all bf16 numbers (a forward that rounded
+    // them would make every one of them one).
+    assert_eq!(fwd.logits.dtype, Precision::F32);
+    let off = fwd.logits.data.iter().filter(|&&x| !is_bf16(x)).count();
+    assert!(off > fwd.logits.data.len() / 2, "{off} logits are not bf16");
+    // The weights' compute copy is the bf16 rounding of the f32 master weights, which keep
+    // their full precision.
+    let (values, copy) = (&s.params.values, s.params.compute());
+    assert_eq!(
+        (values.dtype, copy.dtype),
+        (Precision::F32, Precision::Bf16)
+    );
+    assert!(values.data.iter().any(|&x| !is_bf16(x)));
+    for (v, c) in values.data.iter().zip(&copy.data) {
+        assert_eq!(round_bf16(*v), *c);
+    }
+    // One optimizer step: the moments and the updated values are f32 (an update far below
+    // a bf16 ulp still moves the master weights), and the copy follows the values.
+    s.params.zero_grads(&be);
+    let t = model(&be, Role::Teacher, 2, 3);
+    let cfg = LossConfig::spec_starting();
+    student_objective(&be, &cfg, weights(&b), Teacher::live(&t), &mut s, &db, true)
+        .expect("objective");
+    assert!(s.params.grads.data.iter().any(|&x| !is_bf16(x)));
+    let before = s.params.values.clone();
+    let mut opt = Optimizer::new(AdamWConfig::default());
+    opt.step(&be, &mut s.params, 1e-6).expect("step");
+    let moved = before
+        .data
+        .iter()
+        .zip(&s.params.values.data)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved > before.data.len() / 2,
+        "a step of lr 1e-6 (far below bf16's resolution) moved only {moved} master weights"
+    );
+    assert_eq!(s.params.m.dtype, Precision::F32);
+    for (v, c) in s.params.values.data.iter().zip(&s.params.compute().data) {
+        assert_eq!(
+            round_bf16(*v),
+            *c,
+            "the compute copy is refreshed after a step"
+        );
+    }
+}
+
+#[test]
+fn student_objective_and_gradient_are_within_the_bf16_bounds_of_f64() {
+    let b = random_batch(7, 32);
+    let (l64, g64) = objective(&CpuBackend::<f64>::new(), &b);
+    let (l32, g32) = objective(&CpuBackend::<f32>::new(), &b);
+    let (lbf, gbf) = objective(&CpuBf16Backend::new(), &b);
+    let loss_err = |l: &StudentLoss| (l.total - l64.total).abs() / l64.total.abs();
+    eprintln!(
+        "objective: f64 {:.6}, f32 {:.6} (rel {:.1e}), bf16 {:.6} (rel {:.1e})",
+        l64.total,
+        l32.total,
+        loss_err(&l32),
+        lbf.total,
+        loss_err(&lbf)
+    );
+    assert!(
+        loss_err(&lbf) <= LOSS_REL,
+        "bf16 objective {lbf:?} vs {l64:?}"
+    );
+    let table = model(&CpuBackend::<f64>::new(), Role::Student, 2, 4)
+        .params
+        .table;
+    let (_, whole_norm) = rel_err(&g64, &g64, 0..g64.len());
+    let (mut worst_bf, mut worst_32) = ((0.0f64, String::new()), 0.0f64);
+    let mut failures = Vec::new();
+    for e in table.entries() {
+        let r = e.offset..e.offset + e.numel();
+        let (rbf, norm) = rel_err(&gbf, &g64, r.clone());
+        let (r32, _) = rel_err(&g32, &g64, r);
+        // Tensors whose exact gradient is 0 (fine.k.bias: a shift of every key leaves the
+        // softmax unchanged) carry only rounding noise, of order u times the gradients it is
+        // computed from: an absolute floor of 1e-4 of the whole gradient's norm covers it.
+        if rbf * norm > GRAD_REL * norm + 1e-4 * whole_norm {
+            failures.push(format!(
+                "{}: relative error {rbf:.2e} (norm {norm:.2e})",
+                e.name
+            ));
+        }
+        if norm > 1e-3 {
+            if rbf > worst_bf.0 {
+                worst_bf = (rbf, e.name.clone());
+            }
+            worst_32 = worst_32.max(r32);
+        }
+    }
+    eprintln!(
+        "worst per-tensor relative gradient error: bf16 {:.2e} ({}), f32 {worst_32:.2e}",
+        worst_bf.0, worst_bf.1
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let (all_bf, _) = rel_err(&gbf, &g64, 0..g64.len());
+    let (all_32, _) = rel_err(&g32, &g64, 0..g64.len());
+    eprintln!("whole gradient: bf16 {all_bf:.2e}, f32 {all_32:.2e}");
+    assert!(
+        all_bf > 100.0 * all_32,
+        "the bf16 gradient is as exact as f32's ({all_bf:e} vs {all_32:e}): nothing was rounded"
+    );
+}
+
+/// The objective over `steps` AdamW steps on `be`, each on a fresh random batch (the same
+/// batches on every backend).
+fn loss_curve<B: Backend>(be: &B, steps: usize) -> Vec<f64> {
+    let t = model(be, Role::Teacher, 2, 3);
+    let mut s = model(be, Role::Student, 2, 4);
+    let cfg = LossConfig::spec_starting();
+    let mut opt = Optimizer::new(AdamWConfig::default());
+    (0..steps)
+        .map(|k| {
+            let b = random_batch(1000 + k as u64, 32);
+            let db = DeviceBatch::upload(be, &b, &schema()).expect("upload");
+            s.params.zero_grads(be);
+            let l = student_objective(be, &cfg, weights(&b), Teacher::live(&t), &mut s, &db, true)
+                .expect("objective");
+            opt.step(be, &mut s.params, 3e-3).expect("step");
+            l.total
+        })
+        .collect()
+}
+
+#[test]
+fn two_hundred_bf16_training_steps_follow_the_f32_loss_curve() {
+    let steps = 200;
+    let f32_run = loss_curve(&CpuBackend::<f32>::new(), steps);
+    let bf16_run = loss_curve(&CpuBf16Backend::new(), steps);
+    // Each step's loss differs by the objective's own rounding error (≈ 2e-3 measured,
+    // LOSS_REL = 1e-2 allowed above) plus the drift of the parameters, whose every update
+    // differs by the gradient's rounding error (≈ 1 % of it, uncorrelated from step to
+    // step, so it averages out): the bound allows 2 % at every step and 0.5 % on the mean of
+    // the last 50 steps, where training has settled.
+    let mut worst = 0.0f64;
+    for (k, (a, b)) in f32_run.iter().zip(&bf16_run).enumerate() {
+        let rel = (a - b).abs() / a.abs();
+        worst = worst.max(rel);
+        assert!(rel <= 2e-2, "step {k}: f32 loss {a}, bf16 {b}");
+    }
+    let tail = |v: &[f64]| v[steps - 50..].iter().sum::<f64>() / 50.0;
+    let (ta, tb) = (tail(&f32_run), tail(&bf16_run));
+    eprintln!(
+        "loss: first {:.4} → last-50 mean f32 {ta:.4}, bf16 {tb:.4}; worst step difference {worst:.2e}",
+        f32_run[0]
+    );
+    assert!(
+        ta < 0.9 * f32_run[0],
+        "the f32 run did not train: {ta} vs {}",
+        f32_run[0]
+    );
+    assert!(
+        (ta - tb).abs() <= 5e-3 * ta,
+        "last-50 mean: f32 {ta}, bf16 {tb}"
+    );
+    assert!(worst > 0.0, "the runs are identical: bf16 rounded nothing");
+}
+
+#[test]
+fn tagged_buffers_round_on_construction_only_when_bf16() {
+    let x = vec![1.0 + 1.0 / 150.0, -5.123_457, 1e-20];
+    let f = TaggedBuf::f32(x.clone());
+    assert_eq!(f.data, x);
+    let h = TaggedBuf::bf16(x.clone());
+    assert!(h.data.iter().all(|&v| is_bf16(v)));
+    assert_eq!(h.data[0], 1.0 + 1.0 / 128.0, "nearest bf16 of 1 + 1/150");
+}
+
+#[test]
+fn a_product_takes_an_f32_operand_in_bf16_only_beside_a_bf16_one() {
+    let (be, cpu) = (CpuBf16Backend::new(), CpuBackend::<f32>::new());
+    let (m, n, k) = (3, 4, 5);
+    let shape = Gemm::new(m, n, k, false, false);
+    // A in f32 and not bf16 numbers; B as bf16 numbers, held once as f32 and once as bf16.
+    let a: Vec<f32> = (0..m * k).map(|i| 1.0 + i as f32 / 300.0).collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| round_bf16(0.5 - i as f32 / 70.0))
+        .collect();
+    let a_rounded: Vec<f32> = a.iter().map(|&x| round_bf16(x)).collect();
+    let product = |a: &[f32]| {
+        let mut c = vec![f32::NAN; m * n];
+        cpu.gemm(
+            &shape,
+            1.0,
+            Ref::whole(&a.to_vec()),
+            Ref::whole(&b),
+            0.0,
+            Mut::whole(&mut c),
+        );
+        c
+    };
+    let run = |bb: &TaggedBuf| {
+        let mut c = be.scratch_full(m * n).expect("scratch");
+        let ta = be.upload(&a).expect("upload");
+        be.gemm(
+            &shape,
+            1.0,
+            Ref::whole(&ta),
+            Ref::whole(bb),
+            0.0,
+            Mut::whole(&mut c),
+        );
+        assert_eq!(c.dtype, Precision::F32);
+        c.data
+    };
+    assert_ne!(product(&a), product(&a_rounded), "the rounding must show");
+    assert_eq!(run(&TaggedBuf::bf16(b.clone())), product(&a_rounded));
+    assert_eq!(run(&TaggedBuf::f32(b.clone())), product(&a));
+}
