@@ -720,3 +720,96 @@ fn quickstart_runs_small_and_prints_the_comparison() {
     assert_eq!(rows.iter().sum::<u64>(), 1200);
     assert!(rows[2] > 2 * rows[0], "{rows:?}");
 }
+
+/// `--precision bf16` trains on the CPU (the scheme's reference), the checkpoint records it
+/// and keeps f32 master weights, `eval` scores it, the bench reports it, and an unknown
+/// precision is refused naming the value.
+#[test]
+fn bf16_precision_trains_is_recorded_and_benched() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(400, 31));
+    let (t16, t32) = (
+        tmp.path().join("t16.safetensors"),
+        tmp.path().join("t32.safetensors"),
+    );
+    let out = teacher(&data, &t16, &["--precision", "bf16", "--device", "cpu"]);
+    assert!(out.contains("best epoch"), "{out}");
+    teacher(&data, &t32, &["--device", "cpu"]);
+    let record = |path: &Path| {
+        let ck = mgkd::model::checkpoint::read(path).expect("checkpoint");
+        let rec = mgkd::train::TrainingRecord::from_metadata(path, &ck.metadata)
+            .expect("record")
+            .expect("present");
+        (rec.precision, ck)
+    };
+    let (p16, ck16) = record(&t16);
+    let (p32, ck32) = record(&t32);
+    assert_eq!(
+        (p16, p32),
+        (
+            mgkd::backend::Precision::Bf16,
+            mgkd::backend::Precision::F32
+        )
+    );
+    // Master weights: f32 values that are not all bf16 numbers, and not the f32 run's.
+    let (v16, v32) = (ck16.values, ck32.values);
+    let rounded = v16
+        .iter()
+        .filter(|&&x| mgkd::backend::precision::round_bf16(x) == x)
+        .count();
+    assert!(
+        rounded < v16.len() / 2,
+        "{rounded} of {} are bf16",
+        v16.len()
+    );
+    assert_ne!(
+        v16, v32,
+        "the bf16 run computed exactly what the f32 run did"
+    );
+    let eval = ok(&["eval", "--data", p(&data), "--model", p(&t16), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&eval).expect("eval JSON");
+    assert!(v["auc"].as_f64().is_some_and(|a| a > 0.6), "{eval}");
+
+    let bench = ok(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+        "--json",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--d",
+        "8",
+        "--heads",
+        "2",
+        "--stages",
+        "student",
+        "--batching",
+        "padded",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&bench).expect("bench JSON");
+    let rows = v["results"].as_array().expect("results");
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["precision"] == "bf16"),
+        "{bench}"
+    );
+
+    refused(
+        &[
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&tmp.path().join("x.safetensors")),
+            "--precision",
+            "fp16",
+        ],
+        &["fp16", "f32 or bf16"],
+    );
+}

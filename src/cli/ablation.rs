@@ -456,7 +456,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         ),
     };
     let outcome = in_pool(args.hyper.threads, || {
-        crate::with_backend!(args.hyper.device, be => run_ablation(be, &ds, &cfg, |r| {
+        crate::with_backend!(args.hyper.device, args.hyper.precision, be => run_ablation(be, &ds, &cfg, |r| {
             if let Some(f) = runs_log.as_mut() {
                 use std::io::Write as _;
                 let line = serde_json::to_string(r)

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::cli::train::{in_pool, Device};
 use crate::data::writer::write_atomic;
 use crate::io::output::{OutputKind, OutputPath};
@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Storage type of activations and matrix inputs: f32 or bf16 (see `mgkd-train student
+    /// --help`).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
     /// Steps to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "student,teacher")]
     pub stages: Vec<BenchStage>,
@@ -255,7 +259,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .transpose()?;
     let report = in_pool(
         args.threads,
-        || with_backend!(args.device, be => measure(be, args, &cfg)),
+        || with_backend!(args.device, args.precision, be => measure(be, args, &cfg)),
     )?;
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| Error::invalid(format!("bench report to JSON: {e}")))?;

@@ -186,6 +186,7 @@ fn hyper_of(args: &QuickstartArgs) -> HyperArgs {
         rho: None,
         threads: None,
         device: Device::Cpu,
+        precision: crate::backend::Precision::F32,
     }
 }
 

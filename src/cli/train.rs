@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::cli::bounds;
 use crate::data::writer::sha256_hex;
 use crate::data::Dataset;
@@ -33,9 +33,37 @@ pub use crate::backend::device::DeviceChoice as Device;
 /// [`DeviceChoice`](crate::backend::device::DeviceChoice)) selects: the one place that maps a
 /// device to a backend type. `auto` takes CUDA device 0 when it works and otherwise says in
 /// one line (stderr) why it runs on the CPU; an explicit `cuda[:N]` that cannot be used is an
-/// error. Evaluates to the body's `Result`.
+/// error. Evaluates to the body's `Result`. With a [`Precision`] as well, `bf16` selects the
+/// bf16 scheme's backend (on the CPU its reference,
+/// [`CpuBf16Backend`](crate::backend::cpu_bf16::CpuBf16Backend)).
 #[macro_export]
 macro_rules! with_backend {
+    ($device:expr, $precision:expr, $be:ident => $body:expr) => {
+        match $precision {
+            $crate::backend::Precision::F32 => $crate::with_backend!($device, $be => $body),
+            $crate::backend::Precision::Bf16 => match $crate::backend::device::resolve($device) {
+                Err(e) => Err(e),
+                Ok($crate::backend::device::Resolved::Cpu { reason }) => {
+                    if let Some(why) = reason {
+                        $crate::noteln!("device: cpu (no CUDA device: {why})");
+                    }
+                    $crate::noteln!(
+                        "precision: bf16 on the CPU, the scheme's reference (f32 arithmetic, \
+                         bf16 storage): for checking, slower than f32"
+                    );
+                    let $be = &$crate::backend::cpu_bf16::CpuBf16Backend::new();
+                    $body
+                }
+                Ok($crate::backend::device::Resolved::Cuda(info)) => {
+                    Err($crate::Error::invalid(format!(
+                        "--precision bf16 on {info}: the CUDA kernels have no bf16 instances \
+                         yet (issue 15); use --precision f32 on the GPU, or --device cpu for \
+                         the bf16 scheme's CPU reference"
+                    )))
+                }
+            },
+        }
+    };
     ($device:expr, $be:ident => $body:expr) => {
         match $crate::backend::device::resolve($device) {
             Err(e) => Err(e),
@@ -102,6 +130,11 @@ pub struct HyperArgs {
     /// Backend: auto (CUDA when one works, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Storage type of activations and matrix inputs: f32, or bf16 (parameters, optimizer
+    /// state, LayerNorm statistics, logits and losses stay f32; on the CPU bf16 is the
+    /// scheme's reference, slower than f32; not yet on CUDA).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// `--help` texts that show the defaults of flags whose unset value comes from the
@@ -565,15 +598,16 @@ fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOption
 }
 
 /// The training record of a run on `ds` (given as `data`) with settings `r`; `teacher` is
-/// the teacher checkpoint's path and SHA-256 for a student.
+/// the teacher checkpoint's path and SHA-256 for a student; `precision` the backend's.
 pub fn training_record(
     ds: &Dataset,
     data: &Path,
     r: &Resolved,
     stage: Role,
     teacher: Option<(&Path, String)>,
+    precision: Precision,
 ) -> Result<TrainingRecord> {
-    TrainingRecord::of_run(ds, data, stage, &r.train, &r.loss, teacher)
+    TrainingRecord::of_run(ds, data, stage, &r.train, &r.loss, teacher, precision)
 }
 
 /// Trains a teacher on `be` as one rank of `comm` (a solo one: on its own) (library entry of
@@ -591,7 +625,7 @@ pub fn teacher_on<B: Backend>(
     let w = r.widths;
     let cfg = ModelConfig::new(Role::Teacher, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
     let mut model = Model::new(be, cfg, r.train.seed)?;
-    let rec = training_record(&ds, &c.data, r, Role::Teacher, None)?;
+    let rec = training_record(&ds, &c.data, r, Role::Teacher, None, be.precision())?;
     let opts = run_options(c, &rec)?;
     let stage = Stage::Teacher;
     train_distributed(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts, comm)
@@ -643,7 +677,8 @@ pub fn student_on<B: Backend>(
     }
     let cfg = ModelConfig::new(Role::Student, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
     let mut model = Model::new(be, cfg, r.train.seed)?;
-    let rec = training_record(&ds, &c.data, r, Role::Student, Some((&args.teacher, sha)))?;
+    let from = Some((args.teacher.as_path(), sha));
+    let rec = training_record(&ds, &c.data, r, Role::Student, from, be.precision())?;
     let opts = run_options(c, &rec)?;
     let budget = mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?;
     let (cache, outcome) = cache_teacher(be, &teacher, &ds, [&r.loss], r.train.batch, budget)?;
@@ -765,7 +800,7 @@ fn teacher_job(args: &TeacherArgs, comm: &Comm) -> Result<TrainReport> {
     )?;
     in_pool(
         c.hyper.threads,
-        || with_backend!(c.hyper.device, be => teacher_on(be, args, &r, comm)),
+        || with_backend!(c.hyper.device, c.hyper.precision, be => teacher_on(be, args, &r, comm)),
     )
 }
 
@@ -793,7 +828,7 @@ fn student_job(args: &StudentArgs, comm: &Comm) -> Result<TrainReport> {
     )?;
     in_pool(
         c.hyper.threads,
-        || with_backend!(c.hyper.device, be => student_on(be, args, &r, comm)),
+        || with_backend!(c.hyper.device, c.hyper.precision, be => student_on(be, args, &r, comm)),
     )
 }
 

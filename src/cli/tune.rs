@@ -289,7 +289,7 @@ pub fn run(args: &TuneArgs) -> Result<()> {
         .open(&trials_file)
         .map_err(|e| Error::io(&trials_file, e))?;
     let trials = in_pool(args.hyper.threads, || {
-        crate::with_backend!(args.hyper.device, be => run_tune(be, &ds, &cfg, &finished, |t| {
+        crate::with_backend!(args.hyper.device, args.hyper.precision, be => run_tune(be, &ds, &cfg, &finished, |t| {
             use std::io::Write as _;
             let line = serde_json::to_string(t)
                 .map_err(|e| Error::invalid(format!("trial to JSON: {e}")))?;

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::data::Dataset;
 use crate::loss::{class_weights, LossConfig};
 use crate::metrics;
@@ -192,6 +192,10 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Loss settings (with this variant's switches).
     pub loss: LossConfig,
+    /// Storage type of the activations (absent in results written before the precision
+    /// scheme, which ran in f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// One trained model's test metrics (one row of `results.json`).
@@ -310,6 +314,7 @@ pub fn run_ablation<B: Backend>(
                 model: w,
                 train: tc.clone(),
                 loss: loss.clone(),
+                precision: be.precision(),
             };
             let earlier = cfg
                 .resume
@@ -366,6 +371,7 @@ pub fn run_ablation<B: Backend>(
                         .as_ref()
                         .and_then(|(_, f)| f.as_ref())
                         .map(|(_, s)| s.clone()),
+                    precision: be.precision(),
                 }
                 .to_metadata()?,
             };

@@ -570,7 +570,7 @@ pub fn run<B: Backend>(
         stage,
         batching,
         mode,
-        precision: "f32".into(),
+        precision: be.precision().to_string(),
         ms_per_step: 1e3 * median,
         ms_p10: 1e3 * quantile(&sorted, 0.1),
         ms_p90: 1e3 * quantile(&sorted, 0.9),

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Precision;
 use crate::loss::LossConfig;
 use crate::model::Role;
 use crate::train::trainer::{BestEpoch, TrainConfig, KEY_BEST};
@@ -34,12 +35,16 @@ pub struct TrainingRecord {
     pub teacher: Option<String>,
     /// Student stage: lower-case hex SHA-256 of the teacher checkpoint file.
     pub teacher_sha256: Option<String>,
+    /// Storage type of the run's activations (parameters are f32 either way); absent in
+    /// checkpoints written before the precision scheme, which ran in f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainingRecord {
     /// The record of a `stage` run on `ds` (directory `data` as given) with `train` and
     /// `loss`: the train split's size and class weights are read from `ds`; `teacher` is a
-    /// student's teacher checkpoint and its SHA-256.
+    /// student's teacher checkpoint and its SHA-256; `precision` the backend's.
     pub fn of_run(
         ds: &crate::data::Dataset,
         data: &std::path::Path,
@@ -47,6 +52,7 @@ impl TrainingRecord {
         train: &TrainConfig,
         loss: &LossConfig,
         teacher: Option<(&std::path::Path, String)>,
+        precision: Precision,
     ) -> Result<TrainingRecord> {
         let rows = ds.rows_of_split(crate::train::TRAIN);
         let labels = crate::train::labels_of(ds, &rows, "training")?;
@@ -61,6 +67,7 @@ impl TrainingRecord {
             train_rows: rows.len() as u64,
             teacher: teacher.as_ref().map(|(p, _)| p.display().to_string()),
             teacher_sha256: teacher.map(|(_, s)| s),
+            precision,
         })
     }
 

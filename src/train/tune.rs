@@ -250,7 +250,8 @@ pub struct TuneConfig {
     /// Base loss settings (the teachers' ρ and re-weighting; the students' switches and
     /// `coarse_cosine`; the coefficients and ρ are drawn).
     pub loss: LossConfig,
-    /// Where the teachers' checkpoints are kept (`d{d}-seed{s}.safetensors`).
+    /// Where the teachers' checkpoints are kept (`d{d}-seed{s}.safetensors`, `…-bf16.safetensors` for
+    /// a bf16 run's).
     pub teachers: PathBuf,
     /// The dataset directory as given (recorded in the teachers' checkpoints).
     pub data: PathBuf,
@@ -402,7 +403,14 @@ fn teacher<B: Backend>(
 ) -> Result<Kept<B>> {
     let w = &cfg.widths;
     let mc = ModelConfig::new(Role::Teacher, ds.schema(), d, w.heads, w.blocks, w.d_cat)?;
-    let path = cfg.teachers.join(format!("d{d}-seed{seed}.safetensors"));
+    // A teacher trained in one precision is not reused by a tuning run in another.
+    let tag = match be.precision() {
+        crate::backend::Precision::F32 => String::new(),
+        p => format!("-{p}"),
+    };
+    let path = cfg
+        .teachers
+        .join(format!("d{d}-seed{seed}{tag}.safetensors"));
     let model = if path.exists() {
         checkpoint::load(be, &path, Some(&mc))?
     } else {
@@ -410,7 +418,15 @@ fn teacher<B: Backend>(
             seed,
             ..cfg.train.clone()
         };
-        let record = TrainingRecord::of_run(ds, &cfg.data, Role::Teacher, &tc, &cfg.loss, None)?;
+        let record = TrainingRecord::of_run(
+            ds,
+            &cfg.data,
+            Role::Teacher,
+            &tc,
+            &cfg.loss,
+            None,
+            be.precision(),
+        )?;
         let partial = path.with_extension("partial.safetensors");
         let opts = RunOptions {
             checkpoint: Some(partial.clone()),
