@@ -105,11 +105,23 @@ fn dataset(rows: usize) -> (tempfile::TempDir, Dataset) {
 
 #[test]
 fn a_cached_teacher_trains_the_student_bit_identically() {
+    cached_equals_live(&Cpu::new(), 4);
+}
+
+/// Under bf16 the cache holds the teacher's representations and tokens in bf16 (they are
+/// bf16 activations): half the bytes, and still the live teacher's values exactly.
+#[test]
+fn a_bf16_run_caches_in_bf16_and_still_trains_bit_identically() {
+    cached_equals_live(&mgkd::backend::cpu_bf16::CpuBf16Backend::new(), 2);
+}
+
+/// Trains a teacher and then a student under it live and from the cache on `be`, whose
+/// activations take `act` bytes: the cache's size and the two students' bits agree.
+fn cached_equals_live<B: Backend>(be: &B, act: usize) {
     let (_tmp, ds) = dataset(400);
-    let be = Cpu::new();
-    let t = teacher(&be, &ds);
+    let t = teacher(be, &ds);
     let loss = LossConfig::default();
-    let (cache, outcome) = cache_teacher(&be, &t, &ds, [&loss], 40, BIG).expect("cache");
+    let (cache, outcome) = cache_teacher(be, &t, &ds, [&loss], 40, BIG).expect("cache");
     let cache = cache.expect("built");
     let train_rows = ds.rows_of_split(TRAIN);
     let kept = mgkd::train::kept_lengths(&ds, &train_rows).expect("lengths");
@@ -123,12 +135,15 @@ fn a_cached_teacher_trains_the_student_bit_identically() {
         } => {
             assert_eq!(rows, train_rows.len());
             assert_eq!(got, tokens);
-            assert_eq!(bytes, ((rows * 9 + (tokens + 1) * 8) * 4) as u64);
+            assert_eq!(
+                bytes,
+                (rows * 4 + (rows * 8 + (tokens + 1) * 8) * act) as u64
+            );
         }
         other => panic!("not built: {other}"),
     }
-    let live = student(&be, &ds, Teacher::live(&t), false);
-    let cached = student(&be, &ds, Teacher::cached(&t, &cache), false);
+    let live = student(be, &ds, Teacher::live(&t), false);
+    let cached = student(be, &ds, Teacher::cached(&t, &cache), false);
     assert_eq!(live.1, cached.1, "per-epoch loss and validation AUC");
     assert!(live.0 == cached.0, "final parameters differ in their bits");
 }

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use crate::backend::{Backend, EmbMode, EmbTable, Mut};
 use crate::data::Batch;
-use crate::model::layers::uninit;
+use crate::model::layers::{uninit, uninit_full};
 use crate::model::{DeviceBatch, Model, Role};
 use crate::{Error, Result};
 
@@ -255,10 +255,12 @@ pub struct TeacherCache<B: Backend> {
 
 impl<B: Backend> TeacherCache<B> {
     /// Bytes a cache of `slots` rows and `tokens` cached tokens (0 when tokens are not
-    /// cached) of width `d` takes, in elements of `elem` bytes.
-    pub fn bytes(slots: usize, tokens: Option<usize>, d: usize, elem: usize) -> u64 {
-        let floats = slots * (1 + d) + tokens.map_or(0, |t| (t + 1) * d);
-        (floats * elem) as u64
+    /// cached) of width `d` takes: the logits in elements of `full` bytes, the
+    /// representations and tokens in elements of `act` bytes (the activation precision's:
+    /// they hold activations, so a bf16 run caches them in bf16, exactly).
+    pub fn bytes(slots: usize, tokens: Option<usize>, d: usize, full: usize, act: usize) -> u64 {
+        let acts = slots * d + tokens.map_or(0, |t| (t + 1) * d);
+        (slots * full + acts * act) as u64
     }
 
     /// A zero-filled cache laid out by `index` for a teacher of width `d`.
@@ -269,12 +271,12 @@ impl<B: Backend> TeacherCache<B> {
         let d = teacher.config.d;
         let slots = index.slots().max(1);
         let tokens = match index.has_tokens() {
-            true => Some(be.zeros((index.tokens() + 1) * d)?),
+            true => Some(be.act_zeros((index.tokens() + 1) * d)?),
             false => None,
         };
         Ok(TeacherCache {
             logits: be.zeros(slots)?,
-            hidden: be.zeros(slots * d)?,
+            hidden: be.act_zeros(slots * d)?,
             tokens,
             index,
             d,
@@ -293,7 +295,7 @@ impl<B: Backend> TeacherCache<B> {
             offset: 0,
             vocab: self.index.slots(),
         };
-        let mut logits = uninit(be, n)?;
+        let mut logits = uninit_full(be, n)?;
         let out = Mut::whole(&mut logits);
         be.embedding(
             n,
