@@ -174,6 +174,40 @@ fn a_stranger_on_the_port_and_a_mismatched_rank_are_explained() {
     assert!(out[1].contains("refused this rank"), "{}", out[1]);
 }
 
+/// Connections that are not ranks (a port scan that closes at once, a client that sends
+/// something else) are dropped by rank 0, and the rendezvous goes on to completion.
+#[test]
+fn strangers_at_the_rendezvous_are_dropped_and_the_ranks_still_meet() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let wait = Duration::from_secs(20);
+    let joined: Vec<usize> = std::thread::scope(|s| {
+        let r0 = s.spawn(|| Comm::rendezvous(0, 2, "127.0.0.1", port, wait, wait));
+        // Strangers first, while rank 0 listens (retried until it does).
+        let connect = || loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        drop(connect());
+        let mut http = connect();
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut reply = Vec::new();
+        let _ = http.read_to_end(&mut reply);
+        assert!(
+            String::from_utf8_lossy(&reply).contains("not an mgkd-train rank"),
+            "the stranger is told why: {reply:?}"
+        );
+        let r1 = s.spawn(|| Comm::rendezvous(1, 2, "127.0.0.1", port, wait, wait));
+        [r0, r1]
+            .map(|h| h.join().expect("rank").expect("rendezvous").rank())
+            .into()
+    });
+    assert_eq!(joined, [0, 1]);
+}
+
 /// Ranks on different kinds of device cannot meet in a collective: every rank stops at
 /// `attach`, naming the rank that differs.
 #[test]

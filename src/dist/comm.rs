@@ -489,7 +489,10 @@ fn unpack_parts(packed: &[u8], world: usize) -> Result<Vec<Vec<u8>>> {
 }
 
 /// Rank 0's side of the rendezvous: accepts `world − 1` greetings on `port` within `wait`,
-/// each from a distinct rank of the same world size.
+/// each from a distinct rank of the same world size. A connection that is not a rank (no
+/// greeting within [`GREETING_WAIT`], or another one) is told why, dropped and noted on
+/// stderr; a rank of another launch (world size, rank number, a rank claimed twice) stops
+/// the rendezvous.
 fn accept_ranks(world: usize, port: u16, wait: Duration) -> Result<Vec<Box<dyn Link>>> {
     let deadline = Instant::now() + wait;
     let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
@@ -526,8 +529,18 @@ fn accept_ranks(world: usize, port: u16, wait: Duration) -> Result<Vec<Box<dyn L
                         let _ = stream.send(TAG_ABORT, why.as_bytes());
                         return Err(Error::Distributed(why));
                     }
-                    Err(why) => {
+                    // Not a rank (a port scan, a health check, another program): told why,
+                    // dropped, and the rendezvous goes on.
+                    Err(Refusal::Stranger(why)) => {
                         let _ = stream.send(TAG_ABORT, why.as_bytes());
+                        crate::noteln!("rendezvous: ignored a connection from {from}: {why}");
+                    }
+                    // A rank of another launch: the job is misconfigured, stop it.
+                    Err(Refusal::Misfit(why)) => {
+                        let _ = stream.send(TAG_ABORT, why.as_bytes());
+                        for s in slots.iter_mut().flatten() {
+                            let _ = s.send(TAG_ABORT, why.as_bytes());
+                        }
                         return Err(Error::Distributed(format!("{from}: {why}")));
                     }
                 }
@@ -564,25 +577,41 @@ fn accept_ranks(world: usize, port: u16, wait: Duration) -> Result<Vec<Box<dyn L
         .collect())
 }
 
+/// Why rank 0 refuses a connection at the rendezvous.
+#[derive(Debug)]
+enum Refusal {
+    /// Not an mgkd-train rank (no greeting, or another one): dropped.
+    Stranger(String),
+    /// An mgkd-train rank of another launch (world size, rank number): fatal.
+    Misfit(String),
+}
+
+/// Seconds rank 0 waits for a new connection's greeting (a rank sends it at once).
+const GREETING_WAIT: Duration = Duration::from_secs(10);
+
 /// Reads a greeting `[HELLO][rank u32][world u32]`; the rank, or why it is refused.
-fn read_hello(stream: &mut TcpStream, world: usize) -> std::result::Result<usize, String> {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+fn read_hello(stream: &mut TcpStream, world: usize) -> std::result::Result<usize, Refusal> {
+    let _ = stream.set_read_timeout(Some(GREETING_WAIT));
     let mut buf = [0u8; 16];
-    stream
-        .read_exact(&mut buf)
-        .map_err(|e| format!("a connection that did not greet as a rank ({e})"))?;
+    stream.read_exact(&mut buf).map_err(|e| {
+        Refusal::Stranger(format!("a connection that did not greet as a rank ({e})"))
+    })?;
     if &buf[..8] != HELLO {
-        return Err("a connection that is not an mgkd-train rank (wrong greeting)".into());
+        return Err(Refusal::Stranger(
+            "a connection that is not an mgkd-train rank (wrong greeting)".into(),
+        ));
     }
     let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]) as usize;
     let (k, w) = (word(8), word(12));
     if w != world {
-        return Err(format!(
+        return Err(Refusal::Misfit(format!(
             "rank {k} was launched with a world size of {w}, rank 0 with {world}"
-        ));
+        )));
     }
     if k == 0 || k >= world {
-        return Err(format!("a greeting from rank {k} in a world of {world}"));
+        return Err(Refusal::Misfit(format!(
+            "a greeting from rank {k} in a world of {world}"
+        )));
     }
     Ok(k)
 }
