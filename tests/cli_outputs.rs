@@ -4,6 +4,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Held by each test for its whole run, so that the tests of this file never start processes
+/// at the same time. A process being started holds a copy of every descriptor of the test
+/// process until it executes the binary (close-on-exec closes them only then); on a loaded
+/// machine that can last long enough for a lock this file's other test holds and then drops
+/// to still be held by that copy, and the run that should take it over is refused.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Takes [`ONE_AT_A_TIME`] (a failed test elsewhere does not poison the others).
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
@@ -119,6 +132,7 @@ fn is_fifo(path: &Path) -> bool {
 
 #[test]
 fn special_files_links_and_dataset_paths_are_refused_and_left_alone() {
+    let _one = one_at_a_time();
     let st = Setup::new();
     // A FIFO: the rename used to replace it with a plain file.
     let fifo = st.path("scores.fifo");
@@ -223,6 +237,7 @@ fn special_files_links_and_dataset_paths_are_refused_and_left_alone() {
 
 #[test]
 fn a_second_writer_of_the_same_output_is_refused() {
+    let _one = one_at_a_time();
     let st = Setup::new();
     let out = st.path("scores.csv");
     // The lock a running `predict --out scores.csv` would hold, taken by this process.
