@@ -11,6 +11,7 @@ use std::process::Output;
 
 use cli_run::{bin, ok};
 
+use mgkd::backend::Precision;
 use mgkd::train::tune::{SearchSpace, TrialResult};
 use serde_json::Value;
 
@@ -169,13 +170,20 @@ fn a_resumed_search_keeps_its_trials_and_ends_as_an_uninterrupted_one() {
             "{f}"
         );
     }
-    // Another search seed does not continue this search.
+    // Another search seed does not continue this search, nor does another precision.
     let out = tune(&data, &a, "4", &["--resume", "--search-seed", "5"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("another search"),
         "{err}"
     );
+    let out = tune(&data, &a, "4", &["--resume", "--precision", "bf16"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("finished earlier in f32, this run is in bf16"),
+        "{err}"
+    );
+    assert!(trials(&a).iter().all(|t| t.precision == Precision::F32));
 }
 
 #[test]

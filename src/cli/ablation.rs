@@ -204,10 +204,12 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
     if let Some(r) = file.runs.first() {
         let _ = writeln!(
             s,
-            "Settings (every run; seed per run): model {}, train {}, loss coefficients {}.\n",
+            "Settings (every run; seed per run): model {}, train {}, loss coefficients {}; \
+             activations in {} (docs/model.md §7).\n",
             serde_json::to_string(&r.config.model).unwrap_or_default(),
             serde_json::to_string(&r.config.train).unwrap_or_default(),
             serde_json::to_string(&r.config.loss).unwrap_or_default(),
+            r.config.precision,
         );
     }
     s.push_str(

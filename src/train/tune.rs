@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::data::Dataset;
 use crate::loss::LossConfig;
 use crate::model::config::Widths;
@@ -207,6 +207,10 @@ pub struct TrialResult {
     pub full_best_epoch: Vec<usize>,
     /// Seconds the trial took.
     pub seconds: f64,
+    /// Storage type of the activations (absent in trials written before the precision
+    /// scheme, which ran in f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrialResult {
@@ -323,6 +327,16 @@ pub fn run_tune<B: Backend>(
                 f.trial
             )));
         }
+        if f.precision != be.precision() {
+            return Err(Error::invalid(format!(
+                "tune: trial {} finished earlier in {}, this run is in {}; resume with \
+                 --precision {}",
+                f.trial,
+                f.precision,
+                be.precision(),
+                f.precision
+            )));
+        }
     }
     let start = Instant::now();
     let mut teachers: HashMap<(usize, u64), Kept<B>> = HashMap::new();
@@ -346,6 +360,7 @@ pub fn run_tune<B: Backend>(
             plain_best_epoch: Vec::new(),
             full_best_epoch: Vec::new(),
             seconds: 0.0,
+            precision: be.precision(),
         };
         for &seed in &cfg.seeds {
             let (model, cache) = match teachers.entry((p.d, seed)) {
@@ -405,7 +420,7 @@ fn teacher<B: Backend>(
     let mc = ModelConfig::new(Role::Teacher, ds.schema(), d, w.heads, w.blocks, w.d_cat)?;
     // A teacher trained in one precision is not reused by a tuning run in another.
     let tag = match be.precision() {
-        crate::backend::Precision::F32 => String::new(),
+        Precision::F32 => String::new(),
         p => format!("-{p}"),
     };
     let path = cfg
