@@ -215,3 +215,58 @@ fn a_failing_rank_is_named_and_a_bad_launch_is_explained() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("MASTER_ADDR is not set"), "{e}");
 }
+
+/// Under `--precision bf16` (the CPU reference) two ranks train what one process trains:
+/// each rank computes its rows' activations as the whole batch would, row by row, so they
+/// round to the same bf16 numbers; only the f32 sums of the gradients run in another order,
+/// and a difference of an f32 rounding in a weight can move its bf16 copy by one bf16 ulp
+/// (2⁻⁸ relative), which training then carries on. Measured 2.8e-7 (the f32 job: ≤ 1e-6);
+/// the bound, 1e-5, leaves room for such a flip. A rank that computed in another precision
+/// would be off by far more: one process's f32 and bf16 checkpoints differ by 1.0e-3.
+#[test]
+fn two_ranks_in_bf16_train_what_one_process_trains() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = synth(tmp.path(), "800", "16", "8");
+    let (solo, job_file, f32_file) = (
+        tmp.path().join("solo.safetensors"),
+        tmp.path().join("job.safetensors"),
+        tmp.path().join("f32.safetensors"),
+    );
+    let args = |out: &Path, precision: &str| {
+        let mut a = vec!["teacher".to_string()];
+        a.extend(flags(&data, out));
+        a.extend(["--precision".to_string(), precision.to_string()]);
+        a
+    };
+    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(" ");
+    ok(&args(&solo, "bf16")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    ok(&args(&f32_file, "f32")
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let outs = job(2, |_| args(&job_file, "bf16"));
+    for (k, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "{}: rank {k} failed:\n{}",
+            strs(&args(&job_file, "bf16")),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let d = checkpoint_diff(&job_file, &solo);
+    let precision_effect = checkpoint_diff(&f32_file, &solo);
+    eprintln!(
+        "bf16: two ranks vs one process {d:e}; f32 vs bf16, one process {precision_effect:e}"
+    );
+    assert!(
+        d <= 1e-5,
+        "two bf16 ranks differ by {d:e} from one bf16 process"
+    );
+    assert!(
+        precision_effect > 100.0 * d,
+        "f32 and bf16 runs differ by {precision_effect:e} only: bf16 rounded nothing?"
+    );
+}
