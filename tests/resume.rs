@@ -310,6 +310,15 @@ fn resume_refusals_name_the_problem() {
         &args("teacher", &data, "t.safetensors", &["--resume"]),
         &["train.epochs: 40 → 4"],
     );
+    refused(
+        &args(
+            "teacher",
+            &data,
+            "t.safetensors",
+            &["--epochs", "40", "--precision", "bf16", "--resume"],
+        ),
+        &["other settings", "precision", "f32", "bf16"],
+    );
     // The log of the interrupted run is gone.
     std::fs::rename(&log, dir.join("log.away")).expect("move the log");
     refused(
