@@ -52,8 +52,19 @@ impl TaggedBuf {
 
     /// Rounds every element to the buffer's type (a no-op for f32 buffers; idempotent).
     fn settle(&mut self) {
+        self.settle_window(0, usize::MAX);
+    }
+
+    /// Rounds the elements `[off, off + len)` (clipped to the buffer) to its type: what an
+    /// operation wrote there (a window into a large buffer, such as one batch's rows of a
+    /// teacher cache, costs no pass over the rest).
+    fn settle_window(&mut self, off: usize, len: usize) {
         if self.dtype == Precision::Bf16 {
-            self.data.iter_mut().for_each(|x| *x = round_bf16(*x));
+            let end = off.saturating_add(len).min(self.data.len());
+            let start = off.min(end);
+            self.data[start..end]
+                .iter_mut()
+                .for_each(|x| *x = round_bf16(*x));
         }
     }
 }
@@ -97,16 +108,22 @@ fn operand<'a>(x: Ref<'a, TaggedBuf>, copy: &'a Option<Vec<f32>>) -> Ref<'a, Vec
     Ref::at(copy.as_ref().unwrap_or(&x.buf.data), x.off)
 }
 
-/// Runs `op` on the f32 window of `y`, then rounds `y` to its type.
+/// An operation's written extent that is not worked out: from the window's offset to the
+/// end of its buffer.
+const REST: usize = usize::MAX;
+
+/// Runs `op` on the f32 window of `y`, then rounds the `extent` elements it may have written
+/// from the window's offset on ([`REST`]: to the buffer's end) to `y`'s type.
 #[inline]
-fn w<T>(y: Mut<TaggedBuf>, op: impl FnOnce(Mut<Vec<f32>>) -> T) -> T {
+fn w<T>(y: Mut<TaggedBuf>, extent: usize, op: impl FnOnce(Mut<Vec<f32>>) -> T) -> T {
     let Mut { buf, off } = y;
     let out = op(Mut::at(&mut buf.data, off));
-    buf.settle();
+    buf.settle_window(off, extent);
     out
 }
 
-/// Runs `op` on the f32 windows of two distinct writable buffers, then rounds both.
+/// Runs `op` on the f32 windows of two distinct writable buffers, then rounds both from
+/// their offsets to their buffers' ends.
 #[inline]
 fn w2<T>(
     y: Mut<TaggedBuf>,
@@ -115,9 +132,17 @@ fn w2<T>(
 ) -> T {
     let (Mut { buf: yb, off: yo }, Mut { buf: zb, off: zo }) = (y, z);
     let out = op(Mut::at(&mut yb.data, yo), Mut::at(&mut zb.data, zo));
-    yb.settle();
-    zb.settle();
+    yb.settle_window(yo, REST);
+    zb.settle_window(zo, REST);
     out
+}
+
+/// Elements a `rows`-row block of `cols` columns with row stride `ld` spans.
+fn block_extent(rows: usize, cols: usize, ld: usize) -> usize {
+    match rows {
+        0 => 0,
+        r => (r - 1) * ld + cols,
+    }
 }
 
 /// A tagged write window taken apart: its buffer and offset (see [`f32_window`]).
@@ -134,10 +159,10 @@ fn f32_window<'a>(p: &'a mut Option<Parts<'_>>) -> Option<Mut<'a, Vec<f32>>> {
     p.as_mut().map(|(b, off)| Mut::at(&mut b.data, *off))
 }
 
-/// Rounds a taken-apart window's buffer to its type.
+/// Rounds a taken-apart window's buffer, from its offset on, to its type.
 fn settle(p: Option<Parts<'_>>) {
-    if let Some((b, _)) = p {
-        b.settle();
+    if let Some((b, off)) = p {
+        b.settle_window(off, REST);
     }
 }
 
@@ -237,7 +262,7 @@ impl Backend for CpuBf16Backend {
     }
 
     fn write(&self, host: &[f32], dst: Mut<TaggedBuf>) -> Result<()> {
-        w(dst, |d| self.inner.write(host, d))
+        w(dst, host.len(), |d| self.inner.write(host, d))
     }
 
     fn copy_ids(&self, len: usize, src: &Vec<u32>, dst: &mut Vec<u32>) {
@@ -251,11 +276,11 @@ impl Backend for CpuBf16Backend {
     fn reset_peak_memory(&self) {}
 
     fn fill(&self, len: usize, value: f32, x: Mut<TaggedBuf>) {
-        w(x, |x| self.inner.fill(len, value, x))
+        w(x, len, |x| self.inner.fill(len, value, x))
     }
 
     fn copy(&self, len: usize, src: Ref<TaggedBuf>, dst: Mut<TaggedBuf>) {
-        w(dst, |d| self.inner.copy(len, r(src), d))
+        w(dst, len, |d| self.inner.copy(len, r(src), d))
     }
 
     fn copy_2d(
@@ -268,14 +293,14 @@ impl Backend for CpuBf16Backend {
         dst_ld: usize,
         accumulate: bool,
     ) {
-        w(dst, |d| {
+        w(dst, block_extent(rows, cols, dst_ld), |d| {
             self.inner
                 .copy_2d(rows, cols, r(src), src_ld, d, dst_ld, accumulate)
         })
     }
 
     fn axpy(&self, len: usize, alpha: f32, x: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
-        w(y, |y| self.inner.axpy(len, alpha, r(x), y))
+        w(y, len, |y| self.inner.axpy(len, alpha, r(x), y))
     }
 
     // ---- dense -------------------------------------------------------------------------
@@ -291,7 +316,7 @@ impl Backend for CpuBf16Backend {
     ) {
         let (ac, bc) = matrix_operands(a.buf, b.buf);
         let (a, b) = (operand(a, &ac), operand(b, &bc));
-        w(c, |c| self.inner.gemm(shape, alpha, a, b, beta, c))
+        w(c, REST, |c| self.inner.gemm(shape, alpha, a, b, beta, c))
     }
 
     fn gemm_outer(
@@ -306,7 +331,9 @@ impl Backend for CpuBf16Backend {
     ) {
         let (ac, bc) = matrix_operands(a.buf, b.buf);
         let (a, b) = (operand(a, &ac), operand(b, &bc));
-        w(c, |c| self.inner.gemm_outer(s, outer, alpha, a, b, beta, c))
+        w(c, REST, |c| {
+            self.inner.gemm_outer(s, outer, alpha, a, b, beta, c)
+        })
     }
 
     fn linear_forward(
@@ -322,7 +349,7 @@ impl Backend for CpuBf16Backend {
     ) {
         let (xc, wc) = matrix_operands(x.buf, wt.buf);
         let (x, wt) = (operand(x, &xc), operand(wt, &wc));
-        w(y, |y| {
+        w(y, rows * out, |y| {
             self.inner
                 .linear_forward(rows, inp, out, x, wt, r(b), y, accumulate)
         })
@@ -341,28 +368,28 @@ impl Backend for CpuBf16Backend {
     ) {
         let (xc, wc) = matrix_operands(x.buf, wt.buf);
         let (x, wt) = (operand(x, &xc), operand(wt, &wc));
-        w(y, |y| {
+        w(y, rows * out, |y| {
             self.inner
                 .linear_residual(rows, inp, out, x, wt, r(b), r(resid), y)
         })
     }
 
     fn add_bias(&self, rows: usize, n: usize, bias: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
-        w(y, |y| self.inner.add_bias(rows, n, r(bias), y))
+        w(y, rows * n, |y| self.inner.add_bias(rows, n, r(bias), y))
     }
 
     fn bias_backward(&self, rows: usize, n: usize, dy: Ref<TaggedBuf>, db: Mut<TaggedBuf>) {
-        w(db, |db| self.inner.bias_backward(rows, n, r(dy), db))
+        w(db, n, |db| self.inner.bias_backward(rows, n, r(dy), db))
     }
 
     // ---- element-wise and normalisation ----------------------------------------------
 
     fn gelu(&self, len: usize, x: Ref<TaggedBuf>, y: Mut<TaggedBuf>) {
-        w(y, |y| self.inner.gelu(len, r(x), y))
+        w(y, len, |y| self.inner.gelu(len, r(x), y))
     }
 
     fn gelu_backward(&self, len: usize, x: Ref<TaggedBuf>, dy: Ref<TaggedBuf>, dx: Mut<TaggedBuf>) {
-        w(dx, |dx| self.inner.gelu_backward(len, r(x), r(dy), dx))
+        w(dx, len, |dx| self.inner.gelu_backward(len, r(x), r(dy), dx))
     }
 
     /// Rounds `dx` before summing it into `db`, as a kernel that stores `dx` in bf16 and
@@ -424,7 +451,8 @@ impl Backend for CpuBf16Backend {
         out: Mut<TaggedBuf>,
         out_ld: usize,
     ) {
-        w(out, |o| {
+        let extent = block_extent(n, mode.row_width(tables.len(), width), out_ld);
+        w(out, extent, |o| {
             self.inner
                 .embedding(n, width, tables, ids, &params.data, mode, o, out_ld)
         })
@@ -442,7 +470,7 @@ impl Backend for CpuBf16Backend {
         grads: &mut TaggedBuf,
         valid: Option<ValidTokens<'_, Vec<u32>>>,
     ) {
-        w(Mut::whole(grads), |g| {
+        w(Mut::whole(grads), REST, |g| {
             self.inner.embedding_backward(
                 n,
                 width,
@@ -466,7 +494,7 @@ impl Backend for CpuBf16Backend {
         pos: Ref<TaggedBuf>,
         x: Mut<TaggedBuf>,
     ) {
-        w(x, |x| {
+        w(x, batch * max_len * d, |x| {
             self.inner.add_positions(batch, max_len, d, lens, r(pos), x)
         })
     }
@@ -480,7 +508,7 @@ impl Backend for CpuBf16Backend {
         dx: Ref<TaggedBuf>,
         dpos: Mut<TaggedBuf>,
     ) {
-        w(dpos, |dp| {
+        w(dpos, REST, |dp| {
             self.inner
                 .add_positions_backward(batch, max_len, d, lens, r(dx), dp)
         })
@@ -498,7 +526,7 @@ impl Backend for CpuBf16Backend {
         scale: f32,
         scores: Mut<TaggedBuf>,
     ) {
-        w(scores, |s| {
+        w(scores, REST, |s| {
             self.inner
                 .masked_softmax(batch, heads, lq, lk, key_lens, scale, s)
         })
@@ -516,7 +544,7 @@ impl Backend for CpuBf16Backend {
         dprobs: Ref<TaggedBuf>,
         dscores: Mut<TaggedBuf>,
     ) {
-        w(dscores, |ds| {
+        w(dscores, REST, |ds| {
             self.inner.masked_softmax_backward(
                 batch,
                 heads,
@@ -557,7 +585,7 @@ impl Backend for CpuBf16Backend {
         dctx: Ref<TaggedBuf>,
         dqkv: Mut<TaggedBuf>,
     ) -> Result<()> {
-        w(dqkv, |dq| {
+        w(dqkv, REST, |dq| {
             self.inner
                 .attention_backward(s, lens, scale, r(qkv), r(saved), r(dctx), dq)
         })
@@ -573,7 +601,7 @@ impl Backend for CpuBf16Backend {
         empty: Ref<TaggedBuf>,
         out: Mut<TaggedBuf>,
     ) {
-        w(out, |o| {
+        w(out, REST, |o| {
             self.inner
                 .masked_mean(batch, max_len, d, lens, r(x), r(empty), o)
         })
@@ -604,7 +632,7 @@ impl Backend for CpuBf16Backend {
         vec: Ref<TaggedBuf>,
         seq: Mut<TaggedBuf>,
     ) {
-        w(seq, |s| {
+        w(seq, REST, |s| {
             self.inner
                 .put_empty_rows(batch, max_len, d, lens, r(vec), s)
         })
@@ -638,7 +666,7 @@ impl Backend for CpuBf16Backend {
         out: Mut<TaggedBuf>,
     ) -> Result<()> {
         let mut dz = parts(dlogits);
-        let res = w(out, |o| {
+        let res = w(out, REST, |o| {
             self.inner.bce_loss_into(
                 n,
                 r(logits),
@@ -665,7 +693,7 @@ impl Backend for CpuBf16Backend {
         out: Mut<TaggedBuf>,
     ) -> Result<()> {
         let mut ds = parts(dstudent);
-        let res = w(out, |o| {
+        let res = w(out, REST, |o| {
             self.inner.bernoulli_kl_loss_into(
                 n,
                 r(student),
@@ -694,7 +722,7 @@ impl Backend for CpuBf16Backend {
         out: Mut<TaggedBuf>,
     ) -> Result<()> {
         let mut dp = parts(dpred);
-        let res = w(out, |o| {
+        let res = w(out, REST, |o| {
             let dp = f32_window(&mut dp);
             self.inner
                 .coarse_loss_into(n, d, r(pred), r(target), r(weights), cosine, coef, dp, o)
@@ -718,7 +746,7 @@ impl Backend for CpuBf16Backend {
         out: Mut<TaggedBuf>,
     ) -> Result<()> {
         let Some(FineGrads { dq, dk, dv }) = grads else {
-            return w(out, |o| {
+            return w(out, REST, |o| {
                 self.inner.fine_loss_into(
                     shape,
                     r(q),
@@ -735,7 +763,7 @@ impl Backend for CpuBf16Backend {
             });
         };
         let (mut pq, mut pk, mut pv) = (parts(Some(dq)), parts(Some(dk)), parts(Some(dv)));
-        let res = w(out, |o| {
+        let res = w(out, REST, |o| {
             let grads = match (
                 f32_window(&mut pq),
                 f32_window(&mut pk),
@@ -767,7 +795,7 @@ impl Backend for CpuBf16Backend {
     // ---- optimizer ---------------------------------------------------------------------
 
     fn sum_squares_into(&self, len: usize, x: Ref<TaggedBuf>, out: Mut<TaggedBuf>) -> Result<()> {
-        w(out, |o| self.inner.sum_squares_into(len, r(x), o))
+        w(out, 1, |o| self.inner.sum_squares_into(len, r(x), o))
     }
 
     fn adamw(
