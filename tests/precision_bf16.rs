@@ -318,3 +318,136 @@ fn a_product_takes_an_f32_operand_in_bf16_only_beside_a_bf16_one() {
     assert_eq!(run(&TaggedBuf::bf16(b.clone())), product(&a_rounded));
     assert_eq!(run(&TaggedBuf::f32(b.clone())), product(&a));
 }
+
+/// Random numbers that are exact bf16 values (so both backends read the same inputs).
+fn bf16_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| round_bf16(rng.gen_range(-2.0f32..2.0)))
+        .collect()
+}
+
+/// Operations the model tests do not reach through the reference (the f32 backend runs
+/// them inside its attention and linear compositions), each on bf16 buffers: the output is
+/// the f32 backend's on the same numbers, rounded to bf16, element for element; an f32
+/// output (LayerNorm statistics) is not rounded.
+#[test]
+fn each_operation_is_the_f32_one_rounded_on_store() {
+    let (be, cpu) = (CpuBf16Backend::new(), CpuBackend::<f32>::new());
+    let tag = |v: &[f32]| TaggedBuf::bf16(v.to_vec());
+    let rounded = |v: Vec<f32>| v.into_iter().map(round_bf16).collect::<Vec<f32>>();
+    let poison = |n: usize| vec![f32::NAN; n];
+    let (batch, heads, l, d) = (2, 2, 5, 4);
+    let lens_host = vec![3u32, 0];
+    let lens = be.upload_ids(&lens_host).expect("ids");
+
+    // masked_softmax and its backward.
+    let n = batch * heads * l * l;
+    let s0 = bf16_values(1, n);
+    let (mut got, mut want) = (tag(&s0), s0.clone());
+    be.masked_softmax(batch, heads, l, l, &lens, 0.5, Mut::whole(&mut got));
+    cpu.masked_softmax(batch, heads, l, l, &lens_host, 0.5, Mut::whole(&mut want));
+    assert_eq!(got.data, rounded(want.clone()), "masked_softmax");
+    let (p, dp) = (got.data.clone(), bf16_values(2, n));
+    let (mut got_ds, mut want_ds) = (tag(&poison(n)), poison(n));
+    be.masked_softmax_backward(
+        batch,
+        heads,
+        l,
+        l,
+        &lens,
+        0.5,
+        Ref::whole(&tag(&p)),
+        Ref::whole(&tag(&dp)),
+        Mut::whole(&mut got_ds),
+    );
+    cpu.masked_softmax_backward(
+        batch,
+        heads,
+        l,
+        l,
+        &lens_host,
+        0.5,
+        Ref::whole(&p),
+        Ref::whole(&dp),
+        Mut::whole(&mut want_ds),
+    );
+    assert_eq!(got_ds.data, rounded(want_ds), "masked_softmax_backward");
+
+    // gemm_outer: heads outer, rows inner, as attention runs its products.
+    let (m, k) = (l, d);
+    let g = Gemm {
+        batch,
+        stride_a: m * k,
+        stride_b: m * k,
+        stride_c: m * m,
+        ..Gemm::new(m, m, k, false, true)
+    };
+    let outer = mgkd::backend::Outer {
+        count: heads,
+        stride_a: batch * m * k,
+        stride_b: batch * m * k,
+        stride_c: batch * m * m,
+    };
+    let (a, b) = (
+        bf16_values(3, heads * batch * m * k),
+        bf16_values(4, heads * batch * m * k),
+    );
+    let (mut got_c, mut want_c) = (tag(&poison(n)), poison(n));
+    be.gemm_outer(
+        &g,
+        &outer,
+        1.0,
+        Ref::whole(&tag(&a)),
+        Ref::whole(&tag(&b)),
+        0.0,
+        Mut::whole(&mut got_c),
+    );
+    cpu.gemm_outer(
+        &g,
+        &outer,
+        1.0,
+        Ref::whole(&a),
+        Ref::whole(&b),
+        0.0,
+        Mut::whole(&mut want_c),
+    );
+    assert_eq!(got_c.data, rounded(want_c), "gemm_outer");
+
+    // add_bias (accumulates into y), gelu.
+    let (rows, cols) = (3, 7);
+    let (y0, bias) = (bf16_values(5, rows * cols), bf16_values(6, cols));
+    let (mut got_y, mut want_y) = (tag(&y0), y0.clone());
+    be.add_bias(rows, cols, Ref::whole(&tag(&bias)), Mut::whole(&mut got_y));
+    cpu.add_bias(rows, cols, Ref::whole(&bias), Mut::whole(&mut want_y));
+    assert_eq!(got_y.data, rounded(want_y), "add_bias");
+    let (mut got_g, mut want_g) = (tag(&poison(rows * cols)), poison(rows * cols));
+    be.gelu(rows * cols, Ref::whole(&tag(&y0)), Mut::whole(&mut got_g));
+    cpu.gelu(rows * cols, Ref::whole(&y0), Mut::whole(&mut want_g));
+    assert_eq!(got_g.data, rounded(want_g), "gelu");
+
+    // layernorm: y in bf16, the statistics in f32 (not rounded).
+    let (x, gb) = (bf16_values(7, rows * cols), bf16_values(8, 2 * cols));
+    let mut got_ln = tag(&poison(rows * cols));
+    let mut got_st = be.scratch_full(rows * 2).expect("scratch");
+    let (mut want_ln, mut want_st) = (poison(rows * cols), poison(rows * 2));
+    be.layernorm(
+        rows,
+        cols,
+        Ref::whole(&tag(&x)),
+        Ref::whole(&tag(&gb)),
+        Mut::whole(&mut got_ln),
+        Mut::whole(&mut got_st),
+    );
+    cpu.layernorm(
+        rows,
+        cols,
+        Ref::whole(&x),
+        Ref::whole(&gb),
+        Mut::whole(&mut want_ln),
+        Mut::whole(&mut want_st),
+    );
+    assert_eq!(got_ln.data, rounded(want_ln), "layernorm output");
+    assert_eq!(got_st.data, want_st, "layernorm statistics stay f32");
+    assert!(got_st.data.iter().any(|&v| !is_bf16(v)));
+}
