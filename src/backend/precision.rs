@@ -28,10 +28,11 @@ impl Precision {
         }
     }
 
-    /// Bytes per stored activation element.
-    pub fn bytes(self) -> usize {
+    /// Bytes per stored activation element on a backend whose element type takes `full`
+    /// bytes (f32: `full`, which is 8 for the f64 backend; bf16: 2).
+    pub fn act_bytes(self, full: usize) -> usize {
         match self {
-            Precision::F32 => std::mem::size_of::<f32>(),
+            Precision::F32 => full,
             Precision::Bf16 => std::mem::size_of::<half::bf16>(),
         }
     }

@@ -597,19 +597,6 @@ fn run_options(common: &CommonArgs, record: &TrainingRecord) -> Result<RunOption
     })
 }
 
-/// The training record of a run on `ds` (given as `data`) with settings `r`; `teacher` is
-/// the teacher checkpoint's path and SHA-256 for a student; `precision` the backend's.
-pub fn training_record(
-    ds: &Dataset,
-    data: &Path,
-    r: &Resolved,
-    stage: Role,
-    teacher: Option<(&Path, String)>,
-    precision: Precision,
-) -> Result<TrainingRecord> {
-    TrainingRecord::of_run(ds, data, stage, &r.train, &r.loss, teacher, precision)
-}
-
 /// Trains a teacher on `be` as one rank of `comm` (a solo one: on its own) (library entry of
 /// `mgkd-train teacher`).
 pub fn teacher_on<B: Backend>(
@@ -625,7 +612,15 @@ pub fn teacher_on<B: Backend>(
     let w = r.widths;
     let cfg = ModelConfig::new(Role::Teacher, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
     let mut model = Model::new(be, cfg, r.train.seed)?;
-    let rec = training_record(&ds, &c.data, r, Role::Teacher, None, be.precision())?;
+    let rec = TrainingRecord::of_run(
+        &ds,
+        &c.data,
+        Role::Teacher,
+        &r.train,
+        &r.loss,
+        None,
+        be.precision(),
+    )?;
     let opts = run_options(c, &rec)?;
     let stage = Stage::Teacher;
     train_distributed(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts, comm)
@@ -678,7 +673,15 @@ pub fn student_on<B: Backend>(
     let cfg = ModelConfig::new(Role::Student, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
     let mut model = Model::new(be, cfg, r.train.seed)?;
     let from = Some((args.teacher.as_path(), sha));
-    let rec = training_record(&ds, &c.data, r, Role::Student, from, be.precision())?;
+    let rec = TrainingRecord::of_run(
+        &ds,
+        &c.data,
+        Role::Student,
+        &r.train,
+        &r.loss,
+        from,
+        be.precision(),
+    )?;
     let opts = run_options(c, &rec)?;
     let budget = mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?;
     let (cache, outcome) = cache_teacher(be, &teacher, &ds, [&r.loss], r.train.batch, budget)?;

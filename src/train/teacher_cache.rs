@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, EmbMode, EmbTable, Mut, Precision, Ref};
+use crate::backend::{Backend, EmbMode, EmbTable, Mut, Ref};
 use crate::data::Dataset;
 use crate::loss::LossConfig;
 use crate::model::{Model, TeacherCache, TeacherIndex};
@@ -107,10 +107,7 @@ pub fn cache_teacher<'a, B: Backend>(
     let (slot_lens, slot_rows): (Vec<u32>, Vec<u64>) = order.into_iter().unzip();
     let n_tokens: usize = slot_lens.iter().map(|&l| l as usize).sum();
     let full = std::mem::size_of::<B::F>();
-    let act = match be.precision() {
-        Precision::F32 => full,
-        p => p.bytes(),
-    };
+    let act = be.precision().act_bytes(full);
     let d = teacher.config.d;
     let n_slots = slot_rows.len();
     let bytes = TeacherCache::<B>::bytes(n_slots, tokens.then_some(n_tokens), d, full, act);

@@ -349,18 +349,18 @@ struct Validation {
 
 /// AUC, KS and log-loss of `model` on `rows` with `labels`, and whether every score is the
 /// same; a logit that is not finite is an [`Error::Diverged`] naming the row. In a
-/// data-parallel job each rank scores its own rows ([`owned_rows`]) and the logits are
-/// gathered in `rows`' order, so every rank computes the metrics of the whole split.
+/// data-parallel job (`dp`: the job, and the positions in `rows` each rank owns, from
+/// [`owned_rows`]) each rank scores its own rows and the logits are gathered in `rows`'
+/// order, so every rank computes the metrics of the whole split.
 fn validate<B: Backend>(
     be: &B,
     ds: &Dataset,
     model: &Model<B>,
     rows: &[u64],
     labels: &[u8],
-    comm: &Comm,
+    dp: Option<(&Comm, &[Vec<usize>])>,
 ) -> Result<Validation> {
-    let z = if comm.joined() {
-        let owned = owned_rows(ds, rows, comm.world());
+    let z = if let Some((comm, owned)) = dp {
         let mine: Vec<u64> = owned[comm.rank()].iter().map(|&i| rows[i]).collect();
         let local = match mine.is_empty() {
             true => Vec::new(),
@@ -368,7 +368,7 @@ fn validate<B: Backend>(
         };
         let parts = comm.all_gather(&local)?;
         let mut z = vec![f64::NAN; rows.len()];
-        for (r, (part, owned)) in parts.iter().zip(&owned).enumerate() {
+        for (r, (part, owned)) in parts.iter().zip(owned).enumerate() {
             if owned.len() != part.len() {
                 return Err(Error::Distributed(format!(
                     "rank {r} scored {} validation rows, it owns {}",
@@ -673,6 +673,11 @@ pub fn train_distributed<B: Backend>(
     }
     let train_labels = labels_of(ds, &train_rows, "training")?;
     let valid_labels = labels_of(ds, &valid_rows, "validation")?;
+    // The validation rows each rank scores, in a data-parallel job.
+    let valid_owned = comm
+        .joined()
+        .then(|| owned_rows(ds, &valid_rows, comm.world()));
+    let valid_dp = valid_owned.as_deref().map(|o| (comm, o));
     let vpos = valid_labels.iter().filter(|&&y| y == 1).count();
     if vpos == 0 || vpos == valid_labels.len() {
         return Err(Error::invalid(format!(
@@ -927,7 +932,7 @@ pub fn train_distributed<B: Backend>(
         bar.finish_and_clear();
         let train_seconds = earlier_seconds + t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let val = validate(be, ds, model, &valid_rows, &valid_labels, comm).map_err(|e| {
+        let val = validate(be, ds, model, &valid_rows, &valid_labels, valid_dp).map_err(|e| {
             if_diverged(e, opts, run.best.as_ref(), |m| {
                 format!("{role} training diverged at epoch {epoch}: {m}")
             })
