@@ -239,6 +239,24 @@ fn ranks_on_different_devices_are_refused() {
     }
 }
 
+/// A rank whose sum has another length (another model) stops every rank, named.
+#[test]
+fn a_sum_of_another_length_is_refused_by_every_rank() {
+    let out = tcp_job(2, Duration::from_secs(30), |comm| {
+        let comm = comm.expect("rendezvous");
+        let mut x = vec![1.0f32; 3 - comm.rank()];
+        comm.all_reduce_sum(&mut x)
+            .expect_err("lengths differ")
+            .to_string()
+    });
+    for msg in &out {
+        assert!(
+            msg.contains("rank 1 contributed 8 bytes to a sum of 3 values of 4 bytes"),
+            "{msg}"
+        );
+    }
+}
+
 #[test]
 fn a_failing_rank_is_named_by_every_other_rank() {
     let out = tcp_job(3, Duration::from_secs(30), |comm| {

@@ -406,21 +406,25 @@ impl Comm {
             return Ok(());
         }
         let bytes = bytemuck::cast_slice::<F, u8>(x).to_vec();
+        let bytes_of_sum = bytes.len();
         let summed = match self.gather_bytes(bytes)? {
             Some(all) => {
                 let mut acc = x.to_vec();
                 for (k, part) in all.iter().enumerate().skip(1) {
-                    let part: Vec<F> = bytemuck::pod_collect_to_vec(part);
-                    if part.len() != acc.len() {
+                    // Checked in bytes: a part of a few bytes short would otherwise be
+                    // padded with zeros into the right number of values.
+                    if part.len() != bytes_of_sum {
                         let mut links = self.links()?;
                         let why = format!(
-                            "rank {k} contributed {} values to a sum of {} (the ranks run \
-                             different models)",
+                            "rank {k} contributed {} bytes to a sum of {} values of {} bytes \
+                             (the ranks run different models)",
                             part.len(),
-                            acc.len()
+                            acc.len(),
+                            std::mem::size_of::<F>()
                         );
                         return Err(self.fail(&mut links, why));
                     }
+                    let part: Vec<F> = bytemuck::pod_collect_to_vec(part);
                     for (a, b) in acc.iter_mut().zip(part) {
                         *a += b;
                     }
@@ -430,15 +434,15 @@ impl Comm {
             None => Vec::new(),
         };
         let summed = self.broadcast_bytes(summed)?;
-        let values: Vec<F> = bytemuck::pod_collect_to_vec(&summed);
-        if values.len() != x.len() {
+        if summed.len() != bytes_of_sum {
             return Err(Error::Distributed(format!(
-                "rank 0 sent {} values for a sum of {}",
-                values.len(),
-                x.len()
+                "rank 0 sent {} bytes for a sum of {} values of {} bytes",
+                summed.len(),
+                x.len(),
+                std::mem::size_of::<F>()
             )));
         }
-        x.copy_from_slice(&values);
+        x.copy_from_slice(&bytemuck::pod_collect_to_vec::<u8, F>(&summed));
         Ok(())
     }
 
