@@ -18,6 +18,9 @@
 // Semantics match the composition (scores, masked softmax, P·V): keys j < lens[b] only; a
 // row without keys gets a zero output and zero gradients; padded query rows get outputs
 // (the model ignores them) and their gradients flow as in the composition.
+//
+// Each kernel is a template over the type of qkv, ctx and their gradients: `_f32`, and `_bf16`
+// (bf16 storage, f32 shared tables and arithmetic); the saved statistics and D are f32 in both.
 
 #define ATTN_WARPS 4
 
@@ -37,11 +40,12 @@ __device__ __forceinline__ u32 attn_len(const u32* lens, int b, int len, u32* er
 }
 
 // Copies rows 0..rows of one head's column block (row stride `ld`) into a [rows, dh+1] table.
-__device__ __forceinline__ void attn_stage(float* __restrict__ dst, const float* __restrict__ src,
-                                           int rows, int dh, i64 ld) {
+template <typename T>
+__device__ __forceinline__ void attn_stage(float* __restrict__ dst, const T* __restrict__ src,
+                                           int rows, int dh, i64 row_ld) {
   for (int k = threadIdx.x; k < rows * dh; k += blockDim.x) {
     const int r = k / dh, c = k - r * dh;
-    dst[r * (dh + 1) + c] = src[(i64)r * ld + c];
+    dst[r * (dh + 1) + c] = ld(src, (i64)r * row_ld + c);
   }
 }
 
@@ -55,15 +59,15 @@ __device__ __forceinline__ float attn_dot(const float* __restrict__ row,
 
 // Forward: ctx = softmax_mask(Q·Kᵀ·scale)·V per (b, h); saved[(b·heads + h)·len + i] holds
 // (m, inv) of query row i: saved is [batch, heads, len, 2].
-extern "C" __global__ void attn_forward_f32(int heads, int len, int dh, const u32* __restrict__ lens,
-                                            float scale, const float* __restrict__ qkv,
-                                            float* __restrict__ ctx, float* __restrict__ saved,
-                                            u32* err) {
+template <typename T>
+__device__ __forceinline__ void attn_forward(int heads, int len, int dh, const u32* __restrict__ lens,
+                                             float scale, const T* __restrict__ qkv, T* __restrict__ ctx,
+                                             float* __restrict__ saved, u32* err) {
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const u32 l = attn_len(lens, b, len, err);
-  const float* base = qkv + (i64)b * len * 3 * d + h * dh;
+  const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* ks = sm;
   float* vs = ks + len * (dh + 1);
   float* qrow = vs + len * (dh + 1) + w * (dh + len);
@@ -72,8 +76,8 @@ extern "C" __global__ void attn_forward_f32(int heads, int len, int dh, const u3
   attn_stage(vs, base + 2 * d, l, dh, 3 * d);
   __syncthreads();
   for (int i = w; i < len; i += ATTN_WARPS) {
-    const float* q = base + (i64)i * 3 * d;
-    for (int p = lane; p < dh; p += 32) qrow[p] = q[p];
+    const T* q = base + (i64)i * 3 * d;
+    for (int p = lane; p < dh; p += 32) qrow[p] = ld(q, p);
     __syncwarp();
     float mx = -MGKD_INF;
     for (u32 j = lane; j < l; j += 32) {
@@ -92,11 +96,11 @@ extern "C" __global__ void attn_forward_f32(int heads, int len, int dh, const u3
     const float inv = (l > 0) ? 1.0f / sum : 0.0f;
     for (u32 j = lane; j < l; j += 32) prow[j] *= inv;
     __syncwarp();
-    float* out = ctx + ((i64)b * len + i) * d + h * dh;
+    T* out = ctx + ((i64)b * len + i) * d + h * dh;
     for (int p = lane; p < dh; p += 32) {
       float acc = 0.0f;
       for (u32 j = 0; j < l; ++j) acc += prow[j] * vs[j * (dh + 1) + p];
-      out[p] = acc;
+      st(out, p, acc);
     }
     if (lane == 0) {
       float* sv = saved + (((i64)b * heads + h) * len + i) * 2;
@@ -107,21 +111,34 @@ extern "C" __global__ void attn_forward_f32(int heads, int len, int dh, const u3
   }
 }
 
+extern "C" __global__ void attn_forward_f32(int heads, int len, int dh, const u32* __restrict__ lens,
+                                            float scale, const float* __restrict__ qkv,
+                                            float* __restrict__ ctx, float* __restrict__ saved,
+                                            u32* err) {
+  attn_forward(heads, len, dh, lens, scale, qkv, ctx, saved, err);
+}
+
+// qkv and ctx bf16; saved f32.
+extern "C" __global__ void attn_forward_bf16(int heads, int len, int dh, const u32* __restrict__ lens,
+                                             float scale, const bf16* __restrict__ qkv,
+                                             bf16* __restrict__ ctx, float* __restrict__ saved,
+                                             u32* err) {
+  attn_forward(heads, len, dh, lens, scale, qkv, ctx, saved, err);
+}
+
 // Backward, query pass: per query row i, p_j and dp_j = dC_i·V_j over the valid keys,
 // D_i = Σ_j p_j·dp_j, ds_j = scale·p_j·(dp_j − D_i) (masked_softmax_backward's formula),
 // dQ_i = Σ_j ds_j·K_j into dqkv's Q columns; D_i to dsum[(b·heads + h)·len + i].
-extern "C" __global__ void attn_backward_q_f32(int heads, int len, int dh,
-                                               const u32* __restrict__ lens, float scale,
-                                               const float* __restrict__ qkv,
-                                               const float* __restrict__ saved,
-                                               const float* __restrict__ dctx,
-                                               float* __restrict__ dqkv, float* __restrict__ dsum,
-                                               u32* err) {
+template <typename T>
+__device__ __forceinline__ void attn_backward_q(int heads, int len, int dh, const u32* __restrict__ lens,
+                                                float scale, const T* __restrict__ qkv,
+                                                const float* __restrict__ saved, const T* __restrict__ dctx,
+                                                T* __restrict__ dqkv, float* __restrict__ dsum, u32* err) {
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const u32 l = attn_len(lens, b, len, err);
-  const float* base = qkv + (i64)b * len * 3 * d + h * dh;
+  const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* ks = sm;
   float* vs = ks + len * (dh + 1);
   float* qrow = vs + len * (dh + 1) + w * (2 * dh + 2 * len);
@@ -133,11 +150,11 @@ extern "C" __global__ void attn_backward_q_f32(int heads, int len, int dh,
   __syncthreads();
   const i64 row0 = ((i64)b * heads + h) * len;
   for (int i = w; i < len; i += ATTN_WARPS) {
-    const float* q = base + (i64)i * 3 * d;
-    const float* g = dctx + ((i64)b * len + i) * d + h * dh;
+    const T* q = base + (i64)i * 3 * d;
+    const T* g = dctx + ((i64)b * len + i) * d + h * dh;
     for (int p = lane; p < dh; p += 32) {
-      qrow[p] = q[p];
-      grow[p] = g[p];
+      qrow[p] = ld(q, p);
+      grow[p] = ld(g, p);
     }
     __syncwarp();
     const float mx = saved[(row0 + i) * 2], inv = saved[(row0 + i) * 2 + 1];
@@ -153,32 +170,52 @@ extern "C" __global__ void attn_backward_q_f32(int heads, int len, int dh,
     dot = warp_sum(dot);
     for (u32 j = lane; j < l; j += 32) prow[j] = scale * prow[j] * (gp[j] - dot);
     __syncwarp();
-    float* dq = dqkv + ((i64)b * len + i) * 3 * d + h * dh;
+    T* dq = dqkv + ((i64)b * len + i) * 3 * d + h * dh;
     for (int p = lane; p < dh; p += 32) {
       float acc = 0.0f;
       for (u32 j = 0; j < l; ++j) acc += prow[j] * ks[j * (dh + 1) + p];
-      dq[p] = acc;
+      st(dq, p, acc);
     }
     if (lane == 0) dsum[row0 + i] = dot;
     __syncwarp();
   }
 }
 
+extern "C" __global__ void attn_backward_q_f32(int heads, int len, int dh,
+                                               const u32* __restrict__ lens, float scale,
+                                               const float* __restrict__ qkv,
+                                               const float* __restrict__ saved,
+                                               const float* __restrict__ dctx,
+                                               float* __restrict__ dqkv, float* __restrict__ dsum,
+                                               u32* err) {
+  attn_backward_q(heads, len, dh, lens, scale, qkv, saved, dctx, dqkv, dsum, err);
+}
+
+// qkv, dctx and dqkv bf16; saved and dsum f32.
+extern "C" __global__ void attn_backward_q_bf16(int heads, int len, int dh,
+                                                const u32* __restrict__ lens, float scale,
+                                                const bf16* __restrict__ qkv,
+                                                const float* __restrict__ saved,
+                                                const bf16* __restrict__ dctx,
+                                                bf16* __restrict__ dqkv, float* __restrict__ dsum,
+                                                u32* err) {
+  attn_backward_q(heads, len, dh, lens, scale, qkv, saved, dctx, dqkv, dsum, err);
+}
+
 // Backward, key pass: per valid key j, over every query row i (padded ones included, as in
 // the composition): p_ij and ds_ij recomputed (D_i from the query pass), dV_j = Σ_i p_ij·dC_i,
 // dK_j = Σ_i ds_ij·Q_i into dqkv's K and V columns; zero for keys j ≥ lens[b].
-extern "C" __global__ void attn_backward_kv_f32(int heads, int len, int dh,
-                                                const u32* __restrict__ lens, float scale,
-                                                const float* __restrict__ qkv,
-                                                const float* __restrict__ saved,
-                                                const float* __restrict__ dctx,
-                                                const float* __restrict__ dsum,
-                                                float* __restrict__ dqkv, u32* err) {
+template <typename T>
+__device__ __forceinline__ void attn_backward_kv(int heads, int len, int dh, const u32* __restrict__ lens,
+                                                 float scale, const T* __restrict__ qkv,
+                                                 const float* __restrict__ saved, const T* __restrict__ dctx,
+                                                 const float* __restrict__ dsum, T* __restrict__ dqkv,
+                                                 u32* err) {
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const u32 l = attn_len(lens, b, len, err);
-  const float* base = qkv + (i64)b * len * 3 * d + h * dh;
+  const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* qs = sm;
   float* gs = qs + len * (dh + 1);
   float* ms = gs + len * (dh + 1);
@@ -200,19 +237,19 @@ extern "C" __global__ void attn_backward_kv_f32(int heads, int len, int dh,
   }
   __syncthreads();
   for (int j = w; j < len; j += ATTN_WARPS) {
-    float* dk = dqkv + ((i64)b * len + j) * 3 * d + d + h * dh;
-    float* dv = dk + d;
+    T* dk = dqkv + ((i64)b * len + j) * 3 * d + d + h * dh;
+    T* dv = dk + d;
     if ((u32)j >= l) {
       for (int p = lane; p < dh; p += 32) {
-        dk[p] = 0.0f;
-        dv[p] = 0.0f;
+        st(dk, p, 0.0f);
+        st(dv, p, 0.0f);
       }
       continue;
     }
-    const float* k = base + (i64)j * 3 * d + d;
+    const T* k = base + (i64)j * 3 * d + d;
     for (int p = lane; p < dh; p += 32) {
-      krow[p] = k[p];
-      vrow[p] = k[p + d];
+      krow[p] = ld(k, p);
+      vrow[p] = ld(k, p + d);
     }
     __syncwarp();
     for (int i = lane; i < len; i += 32) {
@@ -229,9 +266,30 @@ extern "C" __global__ void attn_backward_kv_f32(int heads, int len, int dh,
         av += prow[i] * gs[i * (dh + 1) + p];
         ak += srow[i] * qs[i * (dh + 1) + p];
       }
-      dv[p] = av;
-      dk[p] = ak;
+      st(dv, p, av);
+      st(dk, p, ak);
     }
     __syncwarp();
   }
+}
+
+extern "C" __global__ void attn_backward_kv_f32(int heads, int len, int dh,
+                                                const u32* __restrict__ lens, float scale,
+                                                const float* __restrict__ qkv,
+                                                const float* __restrict__ saved,
+                                                const float* __restrict__ dctx,
+                                                const float* __restrict__ dsum,
+                                                float* __restrict__ dqkv, u32* err) {
+  attn_backward_kv(heads, len, dh, lens, scale, qkv, saved, dctx, dsum, dqkv, err);
+}
+
+// qkv, dctx and dqkv bf16; saved and dsum f32.
+extern "C" __global__ void attn_backward_kv_bf16(int heads, int len, int dh,
+                                                 const u32* __restrict__ lens, float scale,
+                                                 const bf16* __restrict__ qkv,
+                                                 const float* __restrict__ saved,
+                                                 const bf16* __restrict__ dctx,
+                                                 const float* __restrict__ dsum,
+                                                 bf16* __restrict__ dqkv, u32* err) {
+  attn_backward_kv(heads, len, dh, lens, scale, qkv, saved, dctx, dsum, dqkv, err);
 }

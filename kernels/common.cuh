@@ -54,3 +54,44 @@ __device__ __forceinline__ float sigmoidf(float x) {
   const float e = expf(x);
   return e / (1.0f + e);
 }
+
+// ---- element types -------------------------------------------------------------------------
+// A kernel family is written once as a template over the element types of its buffers
+// (`ld`/`st` below) and instantiated by thin `extern "C"` kernels: `<op>_f32` with every
+// buffer f32, `<op>_bf16` with the types the bf16 scheme gives that operation (docs/model.md
+// §7: activations bf16; the residual stream, statistics, partial sums and parameter
+// gradients f32; each instance's comment says which), `<op>_f32_bf16` for a conversion.
+// Arithmetic is f32 whatever the storage.
+
+// bfloat16 storage: the upper 16 bits of an f32 (no cuda_bf16.h needed). A struct, not a
+// typedef, so that templates and overloads tell it from a 16-bit integer.
+struct bf16 {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+// Widening is exact.
+__device__ __forceinline__ float ld(const bf16* p, i64 i) {
+  return __uint_as_float(((u32)p[i].bits) << 16);
+}
+
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+// Round to nearest, ties to even, as the host's `half::bf16::from_f32`: a NaN stays a (quiet)
+// NaN, a finite value past bf16's range becomes ±∞.
+__device__ __forceinline__ void st(bf16* p, i64 i, float v) {
+  const u32 u = __float_as_uint(v);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    r.bits = (unsigned short)((u >> 16) | 0x40u);
+  else
+    r.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  p[i] = r;
+}
+
+// The value `v` becomes once stored as a T (what a later load of it gives).
+__device__ __forceinline__ float stored(const float*, float v) { return v; }
+__device__ __forceinline__ float stored(const bf16*, float v) {
+  bf16 t;
+  st(&t, 0, v);
+  return ld(&t, 0);
+}

@@ -15,7 +15,7 @@
 //   3. emb_key_scan: exclusive prefix of the totals over the keys: starts[key].
 //   4. emb_place:    one warp per chunk walks its items in order and writes each token index
 //                    at starts[key] + (earlier items of the key) — a stable placement.
-//   5. emb_rows_f32: one block per key (× column tiles): grad[row, c] += dout[token, c] for
+//   5. emb_rows:     one block per key (× column tiles): grad[row, c] += dout[token, c] for
 //                    the key's tokens in increasing token order.
 // Each gradient element therefore receives its terms in token order, the CPU reference's
 // order, and the result is bit-identical from run to run whatever the grid.
@@ -42,11 +42,11 @@ __device__ __forceinline__ int emb_field_of(const EmbFields& g, u32 key) {
 // thread per (token, column); `accumulate` adds to out (a group after the first). Concat
 // mode: out[i, col0_f + c] = table_f[id_f, c], one thread per (token, field, column). A bad
 // id reads nothing (contributes 0) and raises the fault flag.
-extern "C" __global__ void emb_gather_f32(int n, int width, int fields, EmbFields g,
-                                          const u32* __restrict__ ids,
-                                          const float* __restrict__ params,
-                                          float* __restrict__ out, i64 out_ld, int sum,
-                                          int accumulate, u32* err) {
+template <typename TP, typename TO>
+__device__ __forceinline__ void emb_gather(int n, int width, int fields, const EmbFields& g,
+                                           const u32* __restrict__ ids, const TP* __restrict__ params,
+                                           TO* __restrict__ out, i64 out_ld, int sum, int accumulate,
+                                           u32* err) {
   const int per_token = sum ? width : g.count * width;
   const i64 total = (i64)n * per_token;
   for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total;
@@ -55,22 +55,48 @@ extern "C" __global__ void emb_gather_f32(int n, int width, int fields, EmbField
     const int r = (int)(e % per_token);
     const u32* row_ids = ids + i * fields + g.first;
     if (sum) {
-      float v = accumulate ? out[i * out_ld + r] : 0.0f;
+      float v = accumulate ? ld(out, i * out_ld + r) : 0.0f;
       for (int f = 0; f < g.count; ++f) {
         const u32 id = row_ids[f];
-        if (id < g.key0[f + 1] - g.key0[f]) v += params[g.offset[f] + (i64)id * width + r];
+        if (id < g.key0[f + 1] - g.key0[f]) v += ld(params, g.offset[f] + (i64)id * width + r);
         else atomicOr(err, MGKD_ERR_ID);
       }
-      out[i * out_ld + r] = v;
+      st(out, i * out_ld + r, v);
     } else {
       const int f = r / width, c = r % width;
       const u32 id = row_ids[f];
       float v = 0.0f;
-      if (id < g.key0[f + 1] - g.key0[f]) v = params[g.offset[f] + (i64)id * width + c];
+      if (id < g.key0[f + 1] - g.key0[f]) v = ld(params, g.offset[f] + (i64)id * width + c);
       else atomicOr(err, MGKD_ERR_ID);
-      out[i * out_ld + g.col0[f] + c] = v;
+      st(out, i * out_ld + g.col0[f] + c, v);
     }
   }
+}
+
+extern "C" __global__ void emb_gather_f32(int n, int width, int fields, EmbFields g,
+                                          const u32* __restrict__ ids,
+                                          const float* __restrict__ params,
+                                          float* __restrict__ out, i64 out_ld, int sum,
+                                          int accumulate, u32* err) {
+  emb_gather(n, width, fields, g, ids, params, out, out_ld, sum, accumulate, err);
+}
+
+// Tables (the weights' copy) bf16, out bf16 (the profile row a product reads).
+extern "C" __global__ void emb_gather_bf16(int n, int width, int fields, EmbFields g,
+                                           const u32* __restrict__ ids,
+                                           const bf16* __restrict__ params,
+                                           bf16* __restrict__ out, i64 out_ld, int sum,
+                                           int accumulate, u32* err) {
+  emb_gather(n, width, fields, g, ids, params, out, out_ld, sum, accumulate, err);
+}
+
+// Tables bf16, out f32 (the residual stream of a sequence encoder).
+extern "C" __global__ void emb_gather_bf16_f32(int n, int width, int fields, EmbFields g,
+                                               const u32* __restrict__ ids,
+                                               const bf16* __restrict__ params,
+                                               float* __restrict__ out, i64 out_ld, int sum,
+                                               int accumulate, u32* err) {
+  emb_gather(n, width, fields, g, ids, params, out, out_ld, sum, accumulate, err);
 }
 
 // Key of item e = i·count + f (token i, field f of the group); EMB_BAD_ID for an id beyond
@@ -173,36 +199,52 @@ extern "C" __global__ void emb_place(int n, int fields, EmbFields g, const u32* 
 }
 
 // Pass 5. Grid (keys, column tiles of blockDim.x): grad[offset_f + row·width + c] += the
-// key's tokens' dout[token·dout_ld + col0_f + c], in token order.
-extern "C" __global__ void emb_rows_f32(int width, EmbFields g, const u32* __restrict__ starts,
-                                        const u32* __restrict__ sorted,
-                                        const float* __restrict__ dout, i64 dout_ld,
-                                        float* __restrict__ grad) {
+// key's tokens' dout[token·dout_ld + col0_f + c], in token order, in f32 (grad is f32).
+template <typename TD>
+__device__ __forceinline__ void emb_rows(int width, const EmbFields& g, const u32* __restrict__ starts,
+                                         const u32* __restrict__ sorted, const TD* __restrict__ dout,
+                                         i64 dout_ld, float* __restrict__ grad) {
   const u32 key = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   const u32 s = starts[key], t_end = starts[key + 1];
   if (c >= width || s == t_end) return;
   const int f = emb_field_of(g, key);
   float* gp = grad + g.offset[f] + (i64)(key - g.key0[f]) * width + c;
-  const float* d = dout + g.col0[f] + c;
+  const TD* d = dout + g.col0[f] + c;
   float acc = *gp;
   u32 t = s;
   // Four loads in flight, added in order.
   for (; t + 4 <= t_end; t += 4) {
-    const float a = d[(i64)sorted[t] * dout_ld], b = d[(i64)sorted[t + 1] * dout_ld];
-    const float x = d[(i64)sorted[t + 2] * dout_ld], y = d[(i64)sorted[t + 3] * dout_ld];
+    const float a = ld(d, (i64)sorted[t] * dout_ld), b = ld(d, (i64)sorted[t + 1] * dout_ld);
+    const float x = ld(d, (i64)sorted[t + 2] * dout_ld), y = ld(d, (i64)sorted[t + 3] * dout_ld);
     acc += a;
     acc += b;
     acc += x;
     acc += y;
   }
-  for (; t < t_end; ++t) acc += d[(i64)sorted[t] * dout_ld];
+  for (; t < t_end; ++t) acc += ld(d, (i64)sorted[t] * dout_ld);
   *gp = acc;
 }
 
+extern "C" __global__ void emb_rows_f32(int width, EmbFields g, const u32* __restrict__ starts,
+                                        const u32* __restrict__ sorted,
+                                        const float* __restrict__ dout, i64 dout_ld,
+                                        float* __restrict__ grad) {
+  emb_rows(width, g, starts, sorted, dout, dout_ld, grad);
+}
+
+// dout bf16, grad f32.
+extern "C" __global__ void emb_rows_bf16(int width, EmbFields g, const u32* __restrict__ starts,
+                                         const u32* __restrict__ sorted,
+                                         const bf16* __restrict__ dout, i64 dout_ld,
+                                         float* __restrict__ grad) {
+  emb_rows(width, g, starts, sorted, dout, dout_ld, grad);
+}
+
 // x[b,t,:] += pos[ℓ−1−t, :] for t < ℓ = lens[b]; padded slots untouched.
-extern "C" __global__ void add_positions_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
-                                             const float* __restrict__ pos, float* __restrict__ x, u32* err) {
+template <typename TP>
+__device__ __forceinline__ void add_positions(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                              const TP* __restrict__ pos, float* __restrict__ x, u32* err) {
   const i64 total = (i64)batch * max_len * d;
   for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
     const i64 b = e / ((i64)max_len * d);
@@ -212,8 +254,19 @@ extern "C" __global__ void add_positions_f32(int batch, int max_len, int d, cons
       atomicOr(err, MGKD_ERR_LEN);
       l = max_len;
     }
-    if ((u32)t < l) x[e] += pos[(i64)(l - 1 - t) * d + c];
+    if ((u32)t < l) x[e] += ld(pos, (i64)(l - 1 - t) * d + c);
   }
+}
+
+extern "C" __global__ void add_positions_f32(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                             const float* __restrict__ pos, float* __restrict__ x, u32* err) {
+  add_positions(batch, max_len, d, lens, pos, x, err);
+}
+
+// Positions (the weights' copy) bf16, the residual stream x f32.
+extern "C" __global__ void add_positions_bf16(int batch, int max_len, int d, const u32* __restrict__ lens,
+                                              const bf16* __restrict__ pos, float* __restrict__ x, u32* err) {
+  add_positions(batch, max_len, d, lens, pos, x, err);
 }
 
 // Pass 1 of the position gradient: partial[k, p, :] = Σ_b dx[b, ℓ_b−1−p, :] over the rows b

@@ -8,34 +8,54 @@ extern "C" __global__ void add_bias_f32(int rows, int n, const float* __restrict
 }
 
 // y = x·Φ(x) = x·(1 + erf(x/√2))/2.
-extern "C" __global__ void gelu_f32(i64 n, const float* __restrict__ x, float* __restrict__ y) {
+template <typename T>
+__device__ __forceinline__ void gelu(i64 n, const T* __restrict__ x, T* __restrict__ y) {
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const float v = x[i];
-    y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    const float v = ld(x, i);
+    st(y, i, 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
   }
 }
 
-// dx = dy·(Φ(x) + x·φ(x)).
+extern "C" __global__ void gelu_f32(i64 n, const float* __restrict__ x, float* __restrict__ y) { gelu(n, x, y); }
+
+extern "C" __global__ void gelu_bf16(i64 n, const bf16* __restrict__ x, bf16* __restrict__ y) { gelu(n, x, y); }
+
+// GELU'(x) = Φ(x) + x·φ(x).
+__device__ __forceinline__ float gelu_grad(float v) {
+  const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+  const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+  return cdf + v * pdf;
+}
+
+// dx = dy·GELU'(x).
+template <typename T>
+__device__ __forceinline__ void gelu_backward(i64 n, const T* __restrict__ x, const T* __restrict__ dy,
+                                              T* __restrict__ dx) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    st(dx, i, ld(dy, i) * gelu_grad(ld(x, i)));
+}
+
 extern "C" __global__ void gelu_backward_f32(i64 n, const float* __restrict__ x, const float* __restrict__ dy,
                                              float* __restrict__ dx) {
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const float v = x[i];
-    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    dx[i] = dy[i] * (cdf + v * pdf);
-  }
+  gelu_backward(n, x, dy, dx);
+}
+
+extern "C" __global__ void gelu_backward_bf16(i64 n, const bf16* __restrict__ x, const bf16* __restrict__ dy,
+                                              bf16* __restrict__ dx) {
+  gelu_backward(n, x, dy, dx);
 }
 
 // dx = dy·GELU'(x) on a rows×n block, with pass 1 of the bias gradient in the same pass:
-// partial[k, j] = Σ dx[r, j] over the rows r of chunk k (rows k·chunk_rows .. +chunk_rows, in
-// order); grid (⌈n/blockDim⌉, chunks). Pass 2 is col_finish_f32. The same chunks, order and
-// roundings as gelu_backward_f32 followed by col_partial_f32 (the sum is __fadd_rn: never
-// contracted with the product into an fma), so the two paths agree bit for bit.
-extern "C" __global__ void gelu_backward_bias_partial_f32(int rows, int n, int chunk_rows,
-                                                          const float* __restrict__ x,
-                                                          const float* __restrict__ dy,
-                                                          float* __restrict__ dx,
-                                                          float* __restrict__ partial) {
+// partial[k, j] = Σ dx[r, j] (as stored) over the rows r of chunk k (rows k·chunk_rows ..
+// +chunk_rows, in order), in f32; grid (⌈n/blockDim⌉, chunks). Pass 2 is col_finish_f32. The
+// same chunks, order and roundings as gelu_backward followed by col_partial (the sum is
+// __fadd_rn: never contracted with the product into an fma), so the two paths agree bit for
+// bit.
+template <typename T>
+__device__ __forceinline__ void gelu_backward_bias_partial(int rows, int n, int chunk_rows,
+                                                           const T* __restrict__ x,
+                                                           const T* __restrict__ dy, T* __restrict__ dx,
+                                                           float* __restrict__ partial) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= n) return;
   const int r0 = blockIdx.y * chunk_rows;
@@ -43,12 +63,25 @@ extern "C" __global__ void gelu_backward_bias_partial_f32(int rows, int n, int c
   float acc = 0.0f;
   for (int r = r0; r < r1; ++r) {
     const i64 i = (i64)r * n + j;
-    const float v = x[i];
-    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    const float g = dy[i] * (cdf + v * pdf);
-    dx[i] = g;
-    acc = __fadd_rn(acc, g);
+    const float g = ld(dy, i) * gelu_grad(ld(x, i));
+    st(dx, i, g);
+    acc = __fadd_rn(acc, stored(dx, g));
   }
   partial[(i64)blockIdx.y * n + j] = acc;
+}
+
+extern "C" __global__ void gelu_backward_bias_partial_f32(int rows, int n, int chunk_rows,
+                                                          const float* __restrict__ x,
+                                                          const float* __restrict__ dy,
+                                                          float* __restrict__ dx,
+                                                          float* __restrict__ partial) {
+  gelu_backward_bias_partial(rows, n, chunk_rows, x, dy, dx, partial);
+}
+
+extern "C" __global__ void gelu_backward_bias_partial_bf16(int rows, int n, int chunk_rows,
+                                                           const bf16* __restrict__ x,
+                                                           const bf16* __restrict__ dy,
+                                                           bf16* __restrict__ dx,
+                                                           float* __restrict__ partial) {
+  gelu_backward_bias_partial(rows, n, chunk_rows, x, dy, dx, partial);
 }

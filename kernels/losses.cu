@@ -63,22 +63,24 @@ extern "C" __global__ void bernoulli_kl_f32(int n, const float* __restrict__ s, 
 // Coarse alignment, one warp per row. MSE: term = w·‖p − t‖²/d, dp += 2·coef·w/(n·d)·(p − t).
 // Cosine: term = w·(1 − cos), dp += coef·w/n·(cos·p/‖p‖² − t/(‖p‖‖t‖)); a zero vector has
 // cosine 0 and no gradient.
-extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p, const float* __restrict__ t,
-                                      const float* __restrict__ w, int cosine, float coef_over_n,
-                                      float* __restrict__ dp, double* __restrict__ terms) {
+template <typename T>
+__device__ __forceinline__ void coarse(int n, int d, const T* __restrict__ p, const T* __restrict__ t,
+                                       const float* __restrict__ w, int cosine, float coef_over_n,
+                                       T* __restrict__ dp, double* __restrict__ terms) {
   const int lane = threadIdx.x & 31;
   const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (i >= n) return;
-  const float* pr = p + (i64)i * d;
-  const float* tr = t + (i64)i * d;
+  const T* pr = p + (i64)i * d;
+  const T* tr = t + (i64)i * d;
   const float wi = w[i];
   const float inv_d = 1.0f / (float)d;
   if (cosine) {
     float pp = 0.0f, tt = 0.0f, pt = 0.0f;
     for (int j = lane; j < d; j += 32) {
-      pp += pr[j] * pr[j];
-      tt += tr[j] * tr[j];
-      pt += pr[j] * tr[j];
+      const float pj = ld(pr, j), tj = ld(tr, j);
+      pp += pj * pj;
+      tt += tj * tj;
+      pt += pj * tj;
     }
     pp = warp_sum(pp);
     tt = warp_sum(tt);
@@ -91,24 +93,37 @@ extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p,
     const float cs = pt / (np * nt);
     if (dp) {
       const float f = coef_over_n * wi;
-      float* g = dp + (i64)i * d;
-      for (int j = lane; j < d; j += 32) g[j] += f * (cs * pr[j] / pp - tr[j] / (np * nt));
+      T* g = dp + (i64)i * d;
+      for (int j = lane; j < d; j += 32) st(g, j, ld(g, j) + f * (cs * ld(pr, j) / pp - ld(tr, j) / (np * nt)));
     }
     if (lane == 0) terms[i] = (double)(wi * (1.0f - cs));
   } else {
     float se = 0.0f;
     for (int j = lane; j < d; j += 32) {
-      const float e = pr[j] - tr[j];
+      const float e = ld(pr, j) - ld(tr, j);
       se += e * e;
     }
     se = warp_sum(se);
     if (dp) {
       const float f = 2.0f * coef_over_n * wi * inv_d;
-      float* g = dp + (i64)i * d;
-      for (int j = lane; j < d; j += 32) g[j] += f * (pr[j] - tr[j]);
+      T* g = dp + (i64)i * d;
+      for (int j = lane; j < d; j += 32) st(g, j, ld(g, j) + f * (ld(pr, j) - ld(tr, j)));
     }
     if (lane == 0) terms[i] = (double)(wi * se * inv_d);
   }
+}
+
+extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p, const float* __restrict__ t,
+                                      const float* __restrict__ w, int cosine, float coef_over_n,
+                                      float* __restrict__ dp, double* __restrict__ terms) {
+  coarse(n, d, p, t, w, cosine, coef_over_n, dp, terms);
+}
+
+// p, t and dp bf16; w f32.
+extern "C" __global__ void coarse_bf16(int n, int d, const bf16* __restrict__ p, const bf16* __restrict__ t,
+                                       const float* __restrict__ w, int cosine, float coef_over_n,
+                                       bf16* __restrict__ dp, double* __restrict__ terms) {
+  coarse(n, d, p, t, w, cosine, coef_over_n, dp, terms);
 }
 
 // Behaviour-level alignment (L_fine, docs/model.md §5.6), one block per batch row b, one warp per
@@ -119,12 +134,13 @@ extern "C" __global__ void coarse_f32(int n, int d, const float* __restrict__ p,
 // dS = A⊙(dA − Σ_k A·dA); dq_j += dS_j·K/√d; dk += dSᵀ·Q/√d (added tile by tile, tokens in
 // order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
 // never read. Dynamic shared memory: warps·(lk + d) + J·lk + J floats.
-extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, const float* __restrict__ q,
-                                    const float* __restrict__ k, const float* __restrict__ v,
-                                    const float* __restrict__ tin, const u32* __restrict__ q_lens,
-                                    const u32* __restrict__ k_lens, const float* __restrict__ w,
-                                    float coef, float* __restrict__ dq, float* __restrict__ dk,
-                                    float* __restrict__ dv, double* __restrict__ terms, u32* err) {
+template <typename E>
+__device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, const E* __restrict__ q,
+                                     const E* __restrict__ k, const E* __restrict__ v, const E* __restrict__ tin,
+                                     const u32* __restrict__ q_lens, const u32* __restrict__ k_lens,
+                                     const float* __restrict__ w, float coef, E* __restrict__ dq,
+                                     E* __restrict__ dk, E* __restrict__ dv, double* __restrict__ terms,
+                                     u32* err) {
   extern __shared__ float sm[];
   __shared__ u32 n_r;
   const int b = blockIdx.x;
@@ -141,10 +157,10 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
     return;
   }
   const bool grad = dq != nullptr;
-  const float* Q = q + (i64)b * lq * d;
-  const float* K = k + (i64)b * lk * d;
-  const float* V = v + (i64)b * lq * d;
-  const float* T = tin + (i64)b * lk * d;
+  const E* Q = q + (i64)b * lq * d;
+  const E* K = k + (i64)b * lk * d;
+  const E* V = v + (i64)b * lq * d;
+  const E* T = tin + (i64)b * lk * d;
   float* ss = sm + warp * (lk + d);  // this warp's scores / probabilities
   float* sv = ss + lk;               // this warp's q_j, then r_j
   float* dS = sm + nw * (lk + d);    // J×lk score gradients of the tile
@@ -157,11 +173,11 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
     const u32 tj = min((u32)J, Lq - j0);
     for (u32 jj = warp; jj < tj; jj += nw) {
       const u32 j = j0 + jj;
-      for (int c = lane; c < d; c += 32) sv[c] = Q[(i64)j * d + c];
+      for (int c = lane; c < d; c += 32) sv[c] = ld(Q, (i64)j * d + c);
       __syncwarp();
       for (u32 kk = 0; kk < Lk; ++kk) {
         float s = 0.0f;
-        for (int c = lane; c < d; c += 32) s += sv[c] * K[(i64)kk * d + c];
+        for (int c = lane; c < d; c += 32) s += sv[c] * ld(K, (i64)kk * d + c);
         s = warp_sum(s);
         if (lane == 0) ss[kk] = inv_sqrt_d * s;
       }
@@ -181,8 +197,8 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
       float e2 = 0.0f;
       for (int c = lane; c < d; c += 32) {
         float acc = 0.0f;
-        for (u32 kk = 0; kk < Lk; ++kk) acc += ss[kk] * T[(i64)kk * d + c];
-        const float r = V[(i64)j * d + c] - acc;
+        for (u32 kk = 0; kk < Lk; ++kk) acc += ss[kk] * ld(T, (i64)kk * d + c);
+        const float r = ld(V, (i64)j * d + c) - acc;
         sv[c] = r;
         e2 += r * r;
       }
@@ -190,11 +206,14 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
       if (lane == 0) es[jj] = e2 * inv_d;
       __syncwarp();
       if (grad) {
-        for (int c = lane; c < d; c += 32) dv[((i64)b * lq + j) * d + c] += G * sv[c];
+        for (int c = lane; c < d; c += 32) {
+          const i64 o = ((i64)b * lq + j) * d + c;
+          st(dv, o, ld(dv, o) + G * sv[c]);
+        }
         float* dsr = dS + jj * lk;
         for (u32 kk = 0; kk < Lk; ++kk) {
           float s = 0.0f;
-          for (int c = lane; c < d; c += 32) s += sv[c] * T[(i64)kk * d + c];
+          for (int c = lane; c < d; c += 32) s += sv[c] * ld(T, (i64)kk * d + c);
           s = warp_sum(s);
           if (lane == 0) dsr[kk] = -G * s;
         }
@@ -206,8 +225,9 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
         __syncwarp();
         for (int c = lane; c < d; c += 32) {
           float acc = 0.0f;
-          for (u32 kk = 0; kk < Lk; ++kk) acc += dsr[kk] * K[(i64)kk * d + c];
-          dq[((i64)b * lq + j) * d + c] += inv_sqrt_d * acc;
+          for (u32 kk = 0; kk < Lk; ++kk) acc += dsr[kk] * ld(K, (i64)kk * d + c);
+          const i64 o = ((i64)b * lq + j) * d + c;
+          st(dq, o, ld(dq, o) + inv_sqrt_d * acc);
         }
       }
       __syncwarp();
@@ -220,11 +240,32 @@ extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, con
         const i64 kk = idx / d;
         const int c = (int)(idx % d);
         float acc = 0.0f;
-        for (u32 jj = 0; jj < tj; ++jj) acc += dS[jj * lk + kk] * Q[(i64)(j0 + jj) * d + c];
-        dk[((i64)b * lk + kk) * d + c] += inv_sqrt_d * acc;
+        for (u32 jj = 0; jj < tj; ++jj) acc += dS[jj * lk + kk] * ld(Q, (i64)(j0 + jj) * d + c);
+        const i64 o = ((i64)b * lk + kk) * d + c;
+        st(dk, o, ld(dk, o) + inv_sqrt_d * acc);
       }
     }
     __syncthreads();
   }
   if (threadIdx.x == 0) terms[b] = (double)w[b] * (loss / (double)Lq);
+}
+
+extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, const float* __restrict__ q,
+                                    const float* __restrict__ k, const float* __restrict__ v,
+                                    const float* __restrict__ tin, const u32* __restrict__ q_lens,
+                                    const u32* __restrict__ k_lens, const float* __restrict__ w,
+                                    float coef, float* __restrict__ dq, float* __restrict__ dk,
+                                    float* __restrict__ dv, double* __restrict__ terms, u32* err) {
+  fine(batch, lq, lk, d, J, q, k, v, tin, q_lens, k_lens, w, coef, dq, dk, dv, terms, err);
+}
+
+// q, k, v, tin and their gradients bf16 (dk is stored after each tile of J tokens, so it is
+// rounded once per tile); w f32.
+extern "C" __global__ void fine_bf16(int batch, int lq, int lk, int d, int J, const bf16* __restrict__ q,
+                                     const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                     const bf16* __restrict__ tin, const u32* __restrict__ q_lens,
+                                     const u32* __restrict__ k_lens, const float* __restrict__ w,
+                                     float coef, bf16* __restrict__ dq, bf16* __restrict__ dk,
+                                     bf16* __restrict__ dv, double* __restrict__ terms, u32* err) {
+  fine(batch, lq, lk, d, J, q, k, v, tin, q_lens, k_lens, w, coef, dq, dk, dv, terms, err);
 }

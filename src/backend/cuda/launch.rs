@@ -11,6 +11,8 @@ use std::marker::PhantomData;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
+use half::bf16;
+
 use super::embedding::EmbFields;
 use super::CudaBackend;
 
@@ -95,6 +97,7 @@ c_types! {
     f32 => "float",
     f64 => "double",
     DevPtr<f32> => "float*",
+    DevPtr<bf16> => "bf16*",
     DevPtr<f64> => "double*",
     DevPtr<u32> => "u32*",
     DevPtr<u64> => "unsignedlonglong*",
@@ -148,55 +151,84 @@ kernel_table! {
     "copy.cu" {
         fn fill_f32(x: DevPtr<f32>, n: i64, v: f32);
         fn copy_2d_f32(rows: i32, cols: i32, src: DevPtr<f32>, src_ld: i64, dst: DevPtr<f32>, dst_ld: i64, accumulate: i32);
+        fn copy_2d_bf16(rows: i32, cols: i32, src: DevPtr<bf16>, src_ld: i64, dst: DevPtr<bf16>, dst_ld: i64, accumulate: i32);
+        fn copy_2d_f32_bf16(rows: i32, cols: i32, src: DevPtr<f32>, src_ld: i64, dst: DevPtr<bf16>, dst_ld: i64, accumulate: i32);
+        fn convert_f32_bf16(n: i64, src: DevPtr<f32>, dst: DevPtr<bf16>);
+        fn convert_bf16_f32(n: i64, src: DevPtr<bf16>, dst: DevPtr<f32>);
         fn axpy_f32(n: i64, alpha: f32, x: DevPtr<f32>, y: DevPtr<f32>);
+        fn axpy_bf16(n: i64, alpha: f32, x: DevPtr<bf16>, y: DevPtr<bf16>);
         fn scale_2d_f32(batch: i32, rows: i32, cols: i32, beta: f32, c: DevPtr<f32>, ld: i64, bs: i64);
+        fn scale_2d_bf16(batch: i32, rows: i32, cols: i32, beta: f32, c: DevPtr<bf16>, ld: i64, bs: i64);
         fn col_partial_f32(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<f32>, partial: DevPtr<f32>);
+        fn col_partial_bf16(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<bf16>, partial: DevPtr<f32>);
         fn col_finish_f32(n: i32, chunks: i32, partial: DevPtr<f32>, out: DevPtr<f32>);
-        fn gemm_pointers(outer: i32, inner: i32, a: u64, oa: i64, ia: i64, b: u64, ob: i64, ib: i64, c: u64, oc: i64, ic: i64, out: DevPtr<u64>);
+        fn gemm_pointers(outer: i32, inner: i32, a: u64, oa: i64, ia: i64, ea: i32, b: u64, ob: i64, ib: i64, eb: i32, c: u64, oc: i64, ic: i64, ec: i32, out: DevPtr<u64>);
     }
     "gelu.cu" {
         fn add_bias_f32(rows: i32, n: i32, bias: DevPtr<f32>, y: DevPtr<f32>);
         fn gelu_f32(n: i64, x: DevPtr<f32>, y: DevPtr<f32>);
+        fn gelu_bf16(n: i64, x: DevPtr<bf16>, y: DevPtr<bf16>);
         fn gelu_backward_f32(n: i64, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>);
+        fn gelu_backward_bf16(n: i64, x: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>);
         fn gelu_backward_bias_partial_f32(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>, partial: DevPtr<f32>);
+        fn gelu_backward_bias_partial_bf16(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>, partial: DevPtr<f32>);
     }
     "layernorm.cu" {
         fn layernorm_f32(rows: i32, d: i32, x: DevPtr<f32>, gb: DevPtr<f32>, y: DevPtr<f32>, stats: DevPtr<f32>);
+        fn layernorm_bf16(rows: i32, d: i32, x: DevPtr<f32>, gb: DevPtr<bf16>, y: DevPtr<bf16>, stats: DevPtr<f32>);
         fn layernorm_backward_dx_f32(rows: i32, d: i32, x: DevPtr<f32>, gb: DevPtr<f32>, stats: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>);
+        fn layernorm_backward_dx_bf16(rows: i32, d: i32, x: DevPtr<f32>, gb: DevPtr<bf16>, stats: DevPtr<f32>, dy: DevPtr<bf16>, dx: DevPtr<f32>);
         fn layernorm_param_partial_f32(rows: i32, d: i32, chunk_rows: i32, x: DevPtr<f32>, stats: DevPtr<f32>, dy: DevPtr<f32>, partial: DevPtr<f32>);
+        fn layernorm_param_partial_bf16(rows: i32, d: i32, chunk_rows: i32, x: DevPtr<f32>, stats: DevPtr<f32>, dy: DevPtr<bf16>, partial: DevPtr<f32>);
     }
     "embedding.cu" {
         fn emb_gather_f32(n: i32, width: i32, fields: i32, g: EmbFields, ids: DevPtr<u32>, params: DevPtr<f32>, out: DevPtr<f32>, out_ld: i64, sum: i32, accumulate: i32, err: DevPtr<u32>);
+        fn emb_gather_bf16(n: i32, width: i32, fields: i32, g: EmbFields, ids: DevPtr<u32>, params: DevPtr<bf16>, out: DevPtr<bf16>, out_ld: i64, sum: i32, accumulate: i32, err: DevPtr<u32>);
+        fn emb_gather_bf16_f32(n: i32, width: i32, fields: i32, g: EmbFields, ids: DevPtr<u32>, params: DevPtr<bf16>, out: DevPtr<f32>, out_ld: i64, sum: i32, accumulate: i32, err: DevPtr<u32>);
         fn emb_hist(n: i32, fields: i32, g: EmbFields, ids: DevPtr<u32>, valid_lens: DevPtr<u32>, valid_len: i32, chunk: i32, hist: DevPtr<u32>, err: DevPtr<u32>);
         fn emb_col_scan(chunks: i32, keys: u32, hist: DevPtr<u32>, totals: DevPtr<u32>);
         fn emb_key_scan(keys: u32, starts: DevPtr<u32>);
         fn emb_place(n: i32, fields: i32, g: EmbFields, ids: DevPtr<u32>, valid_lens: DevPtr<u32>, valid_len: i32, chunk: i32, hist: DevPtr<u32>, starts: DevPtr<u32>, sorted: DevPtr<u32>);
         fn emb_rows_f32(width: i32, g: EmbFields, starts: DevPtr<u32>, sorted: DevPtr<u32>, dout: DevPtr<f32>, dout_ld: i64, grad: DevPtr<f32>);
+        fn emb_rows_bf16(width: i32, g: EmbFields, starts: DevPtr<u32>, sorted: DevPtr<u32>, dout: DevPtr<bf16>, dout_ld: i64, grad: DevPtr<f32>);
         fn add_positions_f32(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, pos: DevPtr<f32>, x: DevPtr<f32>, err: DevPtr<u32>);
+        fn add_positions_bf16(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, pos: DevPtr<bf16>, x: DevPtr<f32>, err: DevPtr<u32>);
         fn add_positions_partial_f32(batch: i32, max_len: i32, d: i32, chunk_rows: i32, lens: DevPtr<u32>, dx: DevPtr<f32>, partial: DevPtr<f32>, err: DevPtr<u32>);
     }
     "attention.cu" {
         fn attn_forward_f32(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<f32>, ctx: DevPtr<f32>, saved: DevPtr<f32>, err: DevPtr<u32>);
+        fn attn_forward_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, ctx: DevPtr<bf16>, saved: DevPtr<f32>, err: DevPtr<u32>);
         fn attn_backward_q_f32(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<f32>, saved: DevPtr<f32>, dctx: DevPtr<f32>, dqkv: DevPtr<f32>, dsum: DevPtr<f32>, err: DevPtr<u32>);
+        fn attn_backward_q_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, saved: DevPtr<f32>, dctx: DevPtr<bf16>, dqkv: DevPtr<bf16>, dsum: DevPtr<f32>, err: DevPtr<u32>);
         fn attn_backward_kv_f32(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<f32>, saved: DevPtr<f32>, dctx: DevPtr<f32>, dsum: DevPtr<f32>, dqkv: DevPtr<f32>, err: DevPtr<u32>);
+        fn attn_backward_kv_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, saved: DevPtr<f32>, dctx: DevPtr<bf16>, dsum: DevPtr<f32>, dqkv: DevPtr<bf16>, err: DevPtr<u32>);
     }
     "softmax.cu" {
         fn masked_softmax_f32(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, s: DevPtr<f32>, err: DevPtr<u32>);
+        fn masked_softmax_bf16(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, s: DevPtr<bf16>, err: DevPtr<u32>);
         fn masked_softmax_backward_f32(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, p: DevPtr<f32>, dp: DevPtr<f32>, ds: DevPtr<f32>, err: DevPtr<u32>);
+        fn masked_softmax_backward_bf16(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, p: DevPtr<bf16>, dp: DevPtr<bf16>, ds: DevPtr<bf16>, err: DevPtr<u32>);
     }
     "pooling.cu" {
         fn masked_mean_f32(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, x: DevPtr<f32>, empty: DevPtr<f32>, out: DevPtr<f32>, err: DevPtr<u32>);
+        fn masked_mean_bf16(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, x: DevPtr<bf16>, empty: DevPtr<bf16>, out: DevPtr<bf16>, err: DevPtr<u32>);
         fn masked_mean_backward_f32(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, dout: DevPtr<f32>, dx: DevPtr<f32>, err: DevPtr<u32>);
+        fn masked_mean_backward_bf16(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, dout: DevPtr<bf16>, dx: DevPtr<bf16>, err: DevPtr<u32>);
         fn masked_mean_dempty_partial_f32(batch: i32, d: i32, chunk_rows: i32, lens: DevPtr<u32>, dout: DevPtr<f32>, partial: DevPtr<f32>);
+        fn masked_mean_dempty_partial_bf16(batch: i32, d: i32, chunk_rows: i32, lens: DevPtr<u32>, dout: DevPtr<bf16>, partial: DevPtr<f32>);
         fn put_empty_rows_f32(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, vec: DevPtr<f32>, seq: DevPtr<f32>);
+        fn put_empty_rows_bf16(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, vec: DevPtr<bf16>, seq: DevPtr<bf16>);
         fn put_empty_rows_backward_f32(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, dseq: DevPtr<f32>, dvec: DevPtr<f32>);
+        fn put_empty_rows_backward_bf16(batch: i32, max_len: i32, d: i32, lens: DevPtr<u32>, dseq: DevPtr<bf16>, dvec: DevPtr<bf16>);
     }
     "losses.cu" {
         fn reduce_terms(n: i32, terms: DevPtr<f64>, scale: f64, count_lens: DevPtr<u32>, count_n: i32, out: DevPtr<f32>);
         fn bce_f32(n: i32, z: DevPtr<f32>, y: DevPtr<f32>, w: DevPtr<f32>, f: f32, dz: DevPtr<f32>, terms: DevPtr<f64>);
         fn bernoulli_kl_f32(n: i32, s: DevPtr<f32>, t: DevPtr<f32>, w: DevPtr<f32>, inv_tau: f32, f: f32, ds: DevPtr<f32>, terms: DevPtr<f64>);
         fn coarse_f32(n: i32, d: i32, p: DevPtr<f32>, t: DevPtr<f32>, w: DevPtr<f32>, cosine: i32, coef_over_n: f32, dp: DevPtr<f32>, terms: DevPtr<f64>);
+        fn coarse_bf16(n: i32, d: i32, p: DevPtr<bf16>, t: DevPtr<bf16>, w: DevPtr<f32>, cosine: i32, coef_over_n: f32, dp: DevPtr<bf16>, terms: DevPtr<f64>);
         fn fine_f32(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<f32>, k: DevPtr<f32>, v: DevPtr<f32>, tin: DevPtr<f32>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<f32>, dk: DevPtr<f32>, dv: DevPtr<f32>, terms: DevPtr<f64>, err: DevPtr<u32>);
+        fn fine_bf16(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<bf16>, k: DevPtr<bf16>, v: DevPtr<bf16>, tin: DevPtr<bf16>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<bf16>, dk: DevPtr<bf16>, dv: DevPtr<bf16>, terms: DevPtr<f64>, err: DevPtr<u32>);
     }
     "adamw.cu" {
         fn sum_squares_partial(n: i64, x: DevPtr<f32>, partial: DevPtr<f64>);
