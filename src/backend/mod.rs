@@ -740,6 +740,14 @@ pub trait Backend: Send + Sync {
     fn attention_saved_len(&self, s: &AttnShape) -> usize {
         s.probs_len()
     }
+
+    /// A step's buffer for what [`Backend::attention`] saves for its backward
+    /// ([`Backend::attention_saved_len`] elements), in the type this backend keeps it in.
+    /// Default: a [`Backend::scratch`] buffer (the composition's probabilities are an
+    /// activation); a fused kernel's row statistics stay in full precision.
+    fn attention_saved(&self, s: &AttnShape) -> Result<Self::Buf> {
+        self.scratch(self.attention_saved_len(s))
+    }
     /// Multi-head self-attention with a key-padding mask ([`attention`]): from the fused
     /// projection `qkv` (`[batch, len, 3d]`), `ctx` (`[batch, len, d]`) = per head
     /// `softmax_mask(Q_h·K_hᵀ·scale)·V_h`, keys `j < lens[b]` only; `saved`

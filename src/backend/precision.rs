@@ -8,7 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The storage type of a run's activations (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything in the backend's own element type (f32, or f64 in gradient checks).

@@ -34,8 +34,9 @@ pub use crate::backend::device::DeviceChoice as Device;
 /// device to a backend type. `auto` takes CUDA device 0 when it works and otherwise says in
 /// one line (stderr) why it runs on the CPU; an explicit `cuda[:N]` that cannot be used is an
 /// error. Evaluates to the body's `Result`. With a [`Precision`] as well, `bf16` selects the
-/// bf16 scheme's backend (on the CPU its reference,
-/// [`CpuBf16Backend`](crate::backend::cpu_bf16::CpuBf16Backend)).
+/// bf16 scheme's backend: on the CPU its reference,
+/// [`CpuBf16Backend`](crate::backend::cpu_bf16::CpuBf16Backend); on CUDA the backend with
+/// bf16 activations ([`CudaBackend::with_precision`](crate::backend::cuda::CudaBackend::with_precision)).
 #[macro_export]
 macro_rules! with_backend {
     ($device:expr, $precision:expr, $be:ident => $body:expr) => {
@@ -55,11 +56,20 @@ macro_rules! with_backend {
                     $body
                 }
                 Ok($crate::backend::device::Resolved::Cuda(info)) => {
-                    Err($crate::Error::invalid(format!(
-                        "--precision bf16 on {info}: the CUDA kernels have no bf16 instances \
-                         yet (issue 15); use --precision f32 on the GPU, or --device cpu for \
-                         the bf16 scheme's CPU reference"
-                    )))
+                    match $crate::backend::cuda::CudaBackend::with_precision(
+                        info.index,
+                        $crate::backend::Precision::Bf16,
+                    ) {
+                        Err(e) => Err(e),
+                        Ok(backend) => {
+                            $crate::noteln!(
+                                "device: {} (bf16 activations, f32 master weights)",
+                                $crate::backend::Backend::name(&backend)
+                            );
+                            let $be = &backend;
+                            $body
+                        }
+                    }
                 }
             },
         }
@@ -131,8 +141,8 @@ pub struct HyperArgs {
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Storage type of activations and matrix inputs: f32, or bf16 (parameters, optimizer
-    /// state, LayerNorm statistics, logits and losses stay f32; on the CPU bf16 is the
-    /// scheme's reference, slower than f32; not yet on CUDA).
+    /// state, LayerNorm statistics, logits and losses stay f32; on CUDA tensor-core products
+    /// with f32 accumulation; on the CPU the scheme's reference, slower than f32).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
 }

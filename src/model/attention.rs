@@ -63,7 +63,7 @@ impl Attention {
         let mut qkv = uninit(be, n * 3 * d)?;
         self.in_proj
             .forward(be, params, n, x, Mut::whole(&mut qkv), false);
-        let mut saved = uninit(be, be.attention_saved_len(&s))?;
+        let mut saved = be.attention_saved(&s)?;
         let mut ctx = uninit(be, n * d)?;
         be.attention(
             &s,

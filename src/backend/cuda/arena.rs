@@ -1,4 +1,5 @@
-//! The CUDA backend's float buffer ([`CudaBuf`]) and its activation arena ([`Arena`]): the
+//! The CUDA backend's buffer ([`CudaBuf`], f32 or bf16 elements) and its activation arena
+//! ([`Arena`]): the
 //! memory behind [`crate::backend::Backend::scratch`], planned by
 //! [`crate::backend::arena::ArenaPlan`]. A buffer either owns an allocation from the
 //! stream-ordered pool (parameters, optimizer state, uploads: anything that outlives a step)
@@ -9,8 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
+use half::bf16;
+
 use super::launch::DevPtr;
 use crate::backend::arena::{ArenaPlan, ArenaStats};
+use crate::backend::Precision;
 
 /// The slab: one device allocation, shared by the windows carved from it and by the graphs
 /// recorded against it (which keep it alive after it has been replaced by a larger one).
@@ -44,20 +48,21 @@ fn lock(state: &Mutex<ArenaState>) -> MutexGuard<'_, ArenaState> {
 /// What keeps a [`CudaBuf`]'s memory alive (its fields are only ever dropped).
 #[allow(dead_code)]
 enum Hold {
-    /// An allocation of its own.
-    Own(CudaSlice<f32>),
+    /// An allocation of its own (a `CudaSlice` of the buffer's element type).
+    Own(Box<dyn std::any::Any + Send + Sync>),
     /// A window of an arena slab.
     Slab(Slab, Lease),
     /// A scratch request the slab could not serve (a miss): an allocation of its own that
     /// still counts as held by the arena's round.
-    Missed(CudaSlice<f32>, Lease),
+    Missed(CudaSlice<u8>, Lease),
 }
 
-/// A float buffer on the device: an allocation of its own, or a window of the activation
-/// arena. `ptr` is the address of element 0.
+/// A buffer of f32 or bf16 elements on the device ([`CudaBuf::dtype`]): an allocation of its
+/// own, or a window of the activation arena. `ptr` is the address of element 0.
 pub struct CudaBuf {
     ptr: u64,
     len: usize,
+    dtype: Precision,
     hold: Hold,
 }
 
@@ -68,24 +73,116 @@ impl std::fmt::Debug for CudaBuf {
             Hold::Slab(..) => "arena",
             Hold::Missed(..) => "arena miss",
         };
-        write!(f, "CudaBuf({} f32, {kind})", self.len)
+        write!(f, "CudaBuf({} {}, {kind})", self.len, self.dtype.as_str())
     }
 }
 
+/// A buffer's element 0 with its type: what a kernel instance is chosen by.
+#[derive(Debug, Clone, Copy)]
+pub enum TypedPtr {
+    /// f32 elements.
+    F32(DevPtr<f32>),
+    /// bf16 elements.
+    Bf16(DevPtr<bf16>),
+}
+
+impl TypedPtr {
+    /// The address `elems` elements further on.
+    pub fn offset(self, elems: usize) -> TypedPtr {
+        match self {
+            TypedPtr::F32(p) => TypedPtr::F32(p.offset(elems)),
+            TypedPtr::Bf16(p) => TypedPtr::Bf16(p.offset(elems)),
+        }
+    }
+
+    /// The raw address.
+    pub fn addr(self) -> u64 {
+        match self {
+            TypedPtr::F32(p) => p.addr(),
+            TypedPtr::Bf16(p) => p.addr(),
+        }
+    }
+
+    /// The element type.
+    pub fn dtype(self) -> Precision {
+        match self {
+            TypedPtr::F32(_) => Precision::F32,
+            TypedPtr::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// The address when the elements are f32.
+    pub fn f32(self) -> Option<DevPtr<f32>> {
+        match self {
+            TypedPtr::F32(p) => Some(p),
+            TypedPtr::Bf16(_) => None,
+        }
+    }
+
+    /// The address when the elements are bf16.
+    pub fn bf16(self) -> Option<DevPtr<bf16>> {
+        match self {
+            TypedPtr::Bf16(p) => Some(p),
+            TypedPtr::F32(_) => None,
+        }
+    }
+}
+
+/// Bytes of one element of `dtype` on the device.
+pub fn elem_bytes(dtype: Precision) -> usize {
+    dtype.act_bytes(std::mem::size_of::<f32>())
+}
+
 impl CudaBuf {
-    /// A buffer owning `slice`.
-    pub(super) fn own(slice: CudaSlice<f32>, stream: &Arc<CudaStream>) -> CudaBuf {
+    /// A buffer owning `slice`, whose elements are of type `dtype` (`T` is f32 for f32, u16
+    /// or bf16 for bf16).
+    pub(super) fn own<T: 'static>(
+        slice: CudaSlice<T>,
+        dtype: Precision,
+        stream: &Arc<CudaStream>,
+    ) -> CudaBuf
+    where
+        CudaSlice<T>: Send + Sync,
+    {
+        debug_assert_eq!(std::mem::size_of::<T>(), elem_bytes(dtype));
         let ptr = slice.device_ptr(stream).0;
         CudaBuf {
             ptr,
             len: slice.len(),
-            hold: Hold::Own(slice),
+            dtype,
+            hold: Hold::Own(Box::new(slice)),
         }
     }
 
-    /// Device address of element 0.
+    /// Device address of element 0 of an f32 buffer.
+    ///
+    /// # Panics
+    /// On a bf16 buffer (a kernel taking f32 handed a bf16 buffer is a backend bug).
     pub fn ptr(&self) -> DevPtr<f32> {
+        assert_eq!(
+            self.dtype,
+            Precision::F32,
+            "a bf16 buffer where an f32 one is needed"
+        );
         DevPtr::new(self.ptr)
+    }
+
+    /// Device address of element 0, with its type.
+    pub fn typed(&self) -> TypedPtr {
+        match self.dtype {
+            Precision::F32 => TypedPtr::F32(DevPtr::new(self.ptr)),
+            Precision::Bf16 => TypedPtr::Bf16(DevPtr::new(self.ptr)),
+        }
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Precision {
+        self.dtype
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.len * elem_bytes(self.dtype)
     }
 
     /// Number of elements.
@@ -123,7 +220,8 @@ impl Arena {
         }
     }
 
-    /// A window of `len` f32 for one step. When no window is held and an earlier round
+    /// A window of `len` elements of `dtype` for one step. When no window is held and an
+    /// earlier round
     /// asked for more than the slab holds, the slab is first replaced by one of that size
     /// (not while `recording`: a graph cannot own memory the backend keeps; the request then
     /// misses and the graph records an allocation of its own). A request that does not fit
@@ -132,9 +230,10 @@ impl Arena {
         &self,
         stream: &Arc<CudaStream>,
         len: usize,
+        dtype: Precision,
         recording: bool,
     ) -> std::result::Result<CudaBuf, cudarc::driver::DriverError> {
-        let bytes = len.saturating_mul(std::mem::size_of::<f32>());
+        let bytes = len.saturating_mul(elem_bytes(dtype));
         let mut st = lock(&self.state);
         if !recording {
             Self::resize(&mut st, stream)?;
@@ -147,18 +246,20 @@ impl Arena {
                 Ok(CudaBuf {
                     ptr,
                     len,
+                    dtype,
                     hold: Hold::Slab(slab, lease),
                 })
             }
             _ => {
                 drop(st);
-                // SAFETY: f32 has no invalid bit patterns (the `scratch` contract as above);
-                // on failure the lease is dropped, which gives the window back.
-                let own = unsafe { stream.alloc::<f32>(len) }?;
+                // SAFETY: bytes have no invalid bit patterns (the `scratch` contract as
+                // above); on failure the lease is dropped, which gives the window back.
+                let own = unsafe { stream.alloc::<u8>(bytes) }?;
                 let ptr = own.device_ptr(stream).0;
                 Ok(CudaBuf {
                     ptr,
                     len,
+                    dtype,
                     hold: Hold::Missed(own, lease),
                 })
             }

@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::{int, CudaBackend, CudaBuf};
+use super::{int, CudaBackend, CudaBuf, TypedPtr};
 use crate::backend::{AttnShape, Backend, Mut, Ref};
 use crate::Result;
 
@@ -122,22 +122,21 @@ impl CudaBackend {
     ) {
         let tokens = s.batch * s.len;
         let lp = self.ip(lens, s.batch, "attention lens");
-        let qp = self.rp(qkv, tokens * 3 * s.d, "attention qkv");
-        let cp = self.mp(ctx, tokens * s.d, "attention ctx");
+        let qp = self.rt(qkv, tokens * 3 * s.d, "attention qkv");
+        let cp = self.mt(ctx, tokens * s.d, "attention ctx");
         let sp = self.mp(saved, fused_saved_len(s), "attention saved");
         let err = self.base(&self.lock_state().err_flag);
-        self.k().attn_forward_f32(
-            cfg(s, smem[0]),
-            int(s.heads, "heads"),
-            int(s.len, "len"),
-            int(s.dh(), "dh"),
-            lp,
-            scale,
-            qp,
-            cp,
-            sp,
-            err,
-        );
+        let c = cfg(s, smem[0]);
+        let (heads, len, dh) = (int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"));
+        match (qp, cp) {
+            (TypedPtr::F32(q), TypedPtr::F32(o)) => self
+                .k()
+                .attn_forward_f32(c, heads, len, dh, lp, scale, q, o, sp, err),
+            (TypedPtr::Bf16(q), TypedPtr::Bf16(o)) => self
+                .k()
+                .attn_forward_bf16(c, heads, len, dh, lp, scale, q, o, sp, err),
+            (q, o) => self.no_instance("attention", &[q, o]),
+        }
     }
 
     /// [`Backend::attention_backward`] in two kernels: the query pass (dQ, and each query
@@ -155,42 +154,29 @@ impl CudaBackend {
         dqkv: Mut<CudaBuf>,
     ) -> Result<()> {
         let tokens = s.batch * s.len;
-        let dsum = self.scratch(s.batch * s.heads * s.len)?;
+        let dsum = self.scratch_full(s.batch * s.heads * s.len)?;
+        let ds = dsum.ptr();
         let lp = self.ip(lens, s.batch, "attention_backward lens");
-        let qp = self.rp(qkv, tokens * 3 * s.d, "attention_backward qkv");
+        let qp = self.rt(qkv, tokens * 3 * s.d, "attention_backward qkv");
         let sp = self.rp(saved, fused_saved_len(s), "attention_backward saved");
-        let gp = self.rp(dctx, tokens * s.d, "attention_backward dctx");
-        let dp = self.mp(dqkv, tokens * 3 * s.d, "attention_backward dqkv");
+        let gp = self.rt(dctx, tokens * s.d, "attention_backward dctx");
+        let dp = self.mt(dqkv, tokens * 3 * s.d, "attention_backward dqkv");
         let err = self.base(&self.lock_state().err_flag);
         let (heads, len, dh) = (int(s.heads, "heads"), int(s.len, "len"), int(s.dh(), "dh"));
-        self.k().attn_backward_q_f32(
-            cfg(s, smem[1]),
-            heads,
-            len,
-            dh,
-            lp,
-            scale,
-            qp,
-            sp,
-            gp,
-            dp,
-            dsum.ptr(),
-            err,
-        );
-        self.k().attn_backward_kv_f32(
-            cfg(s, smem[2]),
-            heads,
-            len,
-            dh,
-            lp,
-            scale,
-            qp,
-            sp,
-            gp,
-            dsum.ptr(),
-            dp,
-            err,
-        );
+        let (cq, ckv) = (cfg(s, smem[1]), cfg(s, smem[2]));
+        match (qp, gp, dp) {
+            (TypedPtr::F32(q), TypedPtr::F32(g), TypedPtr::F32(d)) => {
+                let k = self.k();
+                k.attn_backward_q_f32(cq, heads, len, dh, lp, scale, q, sp, g, d, ds, err);
+                k.attn_backward_kv_f32(ckv, heads, len, dh, lp, scale, q, sp, g, ds, d, err);
+            }
+            (TypedPtr::Bf16(q), TypedPtr::Bf16(g), TypedPtr::Bf16(d)) => {
+                let k = self.k();
+                k.attn_backward_q_bf16(cq, heads, len, dh, lp, scale, q, sp, g, d, ds, err);
+                k.attn_backward_kv_bf16(ckv, heads, len, dh, lp, scale, q, sp, g, ds, d, err);
+            }
+            (q, g, d) => self.no_instance("attention_backward", &[q, g, d]),
+        }
         Ok(())
     }
 }

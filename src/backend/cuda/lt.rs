@@ -1,8 +1,10 @@
 //! The linear map `y = x·Wᵀ + b` (or `y += x·Wᵀ + b`) as one cuBLASLt call, the bias added
 //! in the product's epilogue (CUBLASLT_EPILOGUE_BIAS) instead of a separate pass over `y`.
-//! f32 in and out with f32 compute (no TF32, like the cuBLAS products), and a reduction
-//! scheme without atomics, so results repeat bit for bit. A plan (descriptors, layouts and
-//! the heuristic's algorithm) is made once per shape and kept.
+//! f32 compute (no TF32, like the cuBLAS products) on f32 operands, or on bf16 operands
+//! (tensor cores, f32 accumulation) into an f32 or bf16 output, the bias in the output's
+//! type; a reduction scheme without atomics, so results repeat bit for bit. A plan
+//! (descriptors, layouts and the heuristic's algorithm) is made once per shape and types and
+//! kept.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -12,8 +14,27 @@ use std::sync::Mutex;
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 
-/// Shape of one linear map: (rows, in, out, accumulate).
-type Shape = (usize, usize, usize, bool);
+use crate::backend::Precision;
+
+/// Shape, types and pointer alignment of one linear map: (rows, in, out, accumulate, operand
+/// type, output type, bytes every address is a multiple of, at most 256).
+type Shape = (usize, usize, usize, bool, Precision, Precision, u32);
+
+/// The largest power of two up to 256 that divides every address of `addrs`: the alignment
+/// cuBLASLt's heuristic is told, so that it only offers algorithms that can load from them
+/// (its default assumes 256).
+fn alignment(addrs: &[u64]) -> u32 {
+    let any = addrs.iter().fold(256u64, |acc, a| acc | a);
+    1u32 << any.trailing_zeros().min(8)
+}
+
+/// cuBLASLt's data type of elements of `dtype`.
+fn data_type(dtype: Precision) -> sys::cudaDataType_t {
+    match dtype {
+        Precision::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        Precision::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
+    }
+}
 
 /// Descriptors and algorithm of one shape.
 struct Plan {
@@ -56,8 +77,9 @@ impl LtLinear {
     }
 
     fn plan(&self, shape: Shape) -> Result<Plan, String> {
-        let (rows, inp, out, _) = shape;
+        let (rows, inp, out, _, operands, output, align) = shape;
         let f32_t = sys::cudaDataType_t::CUDA_R_32F;
+        let (ab_t, cd_t) = (data_type(operands), data_type(output));
         let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let desc = lt::create_matmul_desc(compute, f32_t).map_err(|e| lt_err("desc", e))?;
         let set = |attr, v: *const c_void, n: usize| {
@@ -85,13 +107,20 @@ impl LtLinear {
             epi_p,
             size_of::<sys::cublasLtEpilogue_t>(),
         )?;
-        let layout = |r: usize, c: usize, ld: usize| {
-            lt::create_matrix_layout(f32_t, r as u64, c as u64, ld as i64)
+        // The bias is in the output's type (cuBLASLt's default).
+        let bias_t = cd_t;
+        set(
+            A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+            (&bias_t as *const sys::cudaDataType_t).cast(),
+            size_of::<sys::cudaDataType_t>(),
+        )?;
+        let layout = |t, r: usize, c: usize, ld: usize| {
+            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
                 .map_err(|e| lt_err("layout", e))
         };
-        let a = layout(inp, out, inp)?;
-        let b = layout(inp, rows, inp)?;
-        let c = layout(out, rows, out)?;
+        let a = layout(ab_t, inp, out, inp)?;
+        let b = layout(ab_t, inp, rows, inp)?;
+        let c = layout(cd_t, out, rows, out)?;
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
         type P = sys::cublasLtMatmulPreferenceAttributes_t;
         let ws = self.workspace_bytes as u64;
@@ -117,6 +146,16 @@ impl LtLinear {
                     4,
                 )
                 .map_err(|e| lt_err("preference attribute", e))?;
+                let al_p = (&align as *const u32).cast();
+                for attr in [
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                ] {
+                    lt::set_matmul_pref_attribute(pref, attr, al_p, 4)
+                        .map_err(|e| lt_err("preference attribute", e))?;
+                }
                 lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref)
                     .map_err(|e| lt_err("algorithm search", e))
             }
@@ -135,10 +174,13 @@ impl LtLinear {
 
     /// Queues `y = x·Wᵀ + b`, or with a residual `y = r + x·Wᵀ + b` (`r` may be `y` itself),
     /// on `stream`: `x` is `rows×inp`, `w` is `out×inp`, `b` is `out`, `r` and `y` are
-    /// `rows×out`, all packed row-major device addresses checked by the caller.
+    /// `rows×out`, all packed row-major device addresses checked by the caller; `x` and `w`
+    /// hold elements of `operands`, `b`, `r` and `y` of `output` (f32 operands need an f32
+    /// output).
     ///
     /// # Safety
-    /// The addresses must hold those extents in the context current on this thread.
+    /// The addresses must hold those extents and types in the context current on this
+    /// thread.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn forward(
         &self,
@@ -151,9 +193,11 @@ impl LtLinear {
         b: u64,
         residual: Option<u64>,
         y: u64,
+        (operands, output): (Precision, Precision),
     ) -> Result<(), String> {
         let accumulate = residual.is_some();
-        let key = (rows, inp, out, accumulate);
+        let align = alignment(&[x, w, b, residual.unwrap_or(y), y]);
+        let key = (rows, inp, out, accumulate, operands, output, align);
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let p = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -199,5 +243,18 @@ impl Drop for LtLinear {
         }
         // SAFETY: the handle was created by this object.
         let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alignment;
+
+    #[test]
+    fn the_alignment_is_the_largest_power_of_two_dividing_every_address() {
+        assert_eq!(alignment(&[0, 512, 1024]), 256);
+        assert_eq!(alignment(&[256, 4096 + 16]), 16);
+        assert_eq!(alignment(&[4096, 4096 + 6]), 2);
+        assert_eq!(alignment(&[8, 4096 + 4]), 4);
     }
 }

@@ -43,9 +43,10 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys as drv_sys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
+use half::bf16;
 
-use self::arena::Arena;
-pub use self::arena::{CudaBuf, RecordedGraph};
+use self::arena::{elem_bytes, Arena};
+pub use self::arena::{CudaBuf, RecordedGraph, TypedPtr};
 pub use self::attention::{AttentionKernels, ATTENTION_ENV};
 use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
 use self::launch::Kernels;
@@ -54,7 +55,7 @@ use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
     attention::{attention_backward_composed, attention_composed},
     extent, sched_values, AdamW, ArenaStats, AttnShape, Backend, EmbMode, EmbTable, FineGrads,
-    FineShape, Gemm, Mut, Outer, Ref, ValidTokens,
+    FineShape, Gemm, Mut, Outer, Precision, Ref, ValidTokens,
 };
 use crate::dist::{nccl, Comm};
 use crate::{Error, Result};
@@ -117,6 +118,8 @@ pub struct CudaBackend {
     arena: Arena,
     /// Which attention implementation runs ([`attention::AttentionKernels`]).
     attention: AttentionKernels,
+    /// The element type of activations and matrix inputs ([`Backend::precision`]).
+    precision: Precision,
     /// Device operations queued so far ([`Backend::launch_count`]).
     launches: std::sync::atomic::AtomicU64,
     error: Mutex<Option<String>>,
@@ -201,12 +204,23 @@ impl CudaBackend {
     /// its architecture and loads them. Fails with a one-line reason when CUDA, the device,
     /// NVRTC or cuBLAS is unavailable; never panics for a missing library.
     pub fn new(index: usize) -> Result<CudaBackend> {
+        Self::with_precision(index, Precision::F32)
+    }
+
+    /// [`CudaBackend::new`] with activations and matrix inputs stored in `precision`
+    /// (docs/model.md §7): under bf16 a step's activations, gradients and scratch and the
+    /// weights' compute copy are bf16, products run on tensor cores with f32 accumulation,
+    /// and parameters, gradients, optimizer state and statistics stay f32.
+    pub fn with_precision(index: usize, precision: Precision) -> Result<CudaBackend> {
         let info = probe_cuda(index).map_err(|w| Error::device(format!("cuda:{index}: {w}")))?;
-        nvrtc::quietly("CUDA backend", || Self::init(info))
+        nvrtc::quietly("CUDA backend", || Self::init(info, precision))
             .map_err(|w| Error::device(format!("cuda:{index}: {w}")))
     }
 
-    fn init(info: CudaDeviceInfo) -> std::result::Result<CudaBackend, String> {
+    fn init(
+        info: CudaDeviceInfo,
+        precision: Precision,
+    ) -> std::result::Result<CudaBackend, String> {
         let attention = AttentionKernels::from_env()?;
         let ctx = CudaContext::new(info.index).map_err(|e| format!("context: {e}"))?;
         // One stream only: cudarc's cross-stream event tracking is not needed.
@@ -261,6 +275,7 @@ impl CudaBackend {
             state: Mutex::new(state),
             arena: Arena::new(),
             attention,
+            precision,
             launches: std::sync::atomic::AtomicU64::new(0),
             error: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
@@ -416,6 +431,265 @@ impl CudaBackend {
         m.buf.ptr().offset(m.off)
     }
 
+    /// Typed device address of a read window of `len` elements (checked against the buffer).
+    fn rt(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> TypedPtr {
+        assert!(
+            r.off + len <= r.buf.len(),
+            "{what}: window of {len} at {} exceeds the buffer of {}",
+            r.off,
+            r.buf.len()
+        );
+        r.buf.typed().offset(r.off)
+    }
+
+    /// Typed device address of a write window of `len` elements (checked against the
+    /// buffer).
+    fn mt(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> TypedPtr {
+        assert!(
+            m.off + len <= m.buf.len(),
+            "{what}: window of {len} at {} exceeds the buffer of {}",
+            m.off,
+            m.buf.len()
+        );
+        m.buf.typed().offset(m.off)
+    }
+
+    /// Records that `op` has no kernel instance for its buffers' types (`types`), a backend
+    /// bug reported by the next synchronising call; nothing is launched.
+    fn no_instance(&self, op: &str, types: &[TypedPtr]) {
+        let t: Vec<&str> = types.iter().map(|p| p.dtype().as_str()).collect();
+        self.note::<String>(
+            Err(format!(
+                "no kernel instance for buffers of types ({})",
+                t.join(", ")
+            )),
+            op,
+        );
+    }
+
+    /// An f32 operand of a matrix product beside a bf16 one, rounded into a bf16 scratch
+    /// window (tensor-core products take both operands in one type; the CPU reference rounds
+    /// the same operand). Returns the window, to be held until the product is queued.
+    fn as_bf16(&self, p: TypedPtr, len: usize) -> Result<(Option<CudaBuf>, DevPtr<bf16>)> {
+        match p {
+            TypedPtr::Bf16(b) => Ok((None, b)),
+            TypedPtr::F32(f) => {
+                let buf = self.scratch_typed(len, Precision::Bf16)?;
+                let TypedPtr::Bf16(dst) = buf.typed() else {
+                    unreachable!("a bf16 scratch window")
+                };
+                if len > 0 {
+                    self.k().convert_f32_bf16(grid1(len), long(len), f, dst);
+                }
+                Ok((Some(buf), dst))
+            }
+        }
+    }
+
+    /// A scratch window of `len` elements of `dtype` (see [`Backend::scratch`]).
+    fn scratch_typed(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
+        if len == 0 {
+            return self.own_uninit(0, dtype);
+        }
+        let recording = self.recording.load(std::sync::atomic::Ordering::Relaxed);
+        self.arena
+            .take(&self.stream, len, dtype, recording)
+            .map_err(|e| self.dev_err(format!("activation arena: {e}")))
+    }
+
+    /// Zeroes the first `len` elements of `buf` (queued).
+    fn memset_zero(&self, buf: &CudaBuf, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let bytes = len * elem_bytes(buf.dtype());
+        // SAFETY: the buffer holds at least `bytes` bytes, all of which are set.
+        let r = unsafe {
+            drv_sys::cuMemsetD8Async(buf.typed().addr(), 0, bytes, self.stream.cu_stream()).result()
+        };
+        self.count_launches(1);
+        r.map_err(|e| self.dev_err(format!("zeroing a buffer: {e}")))
+    }
+
+    /// A buffer of its own of `len` elements of `dtype`, not initialised.
+    fn own_uninit(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
+        let buf = match dtype {
+            Precision::F32 => {
+                let s = if len == 0 {
+                    self.stream.null()
+                } else {
+                    // SAFETY: f32 has no invalid bit patterns; the caller writes every
+                    // element before reading any (the trait's contract, checked by the CPU
+                    // backend's NaN fill).
+                    unsafe { self.stream.alloc::<f32>(len) }
+                };
+                s.map(|s| CudaBuf::own(s, dtype, &self.stream))
+            }
+            Precision::Bf16 => {
+                let s = if len == 0 {
+                    self.stream.null()
+                } else {
+                    // SAFETY: as above (bf16 has no invalid bit patterns either).
+                    unsafe { self.stream.alloc::<bf16>(len) }
+                };
+                s.map(|s| CudaBuf::own(s, dtype, &self.stream))
+            }
+        };
+        buf.map_err(|e| self.dev_err(e))
+    }
+
+    /// A zeroed buffer of its own of `len` elements of `dtype`.
+    fn own_zeros(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
+        let buf = match (dtype, len) {
+            (Precision::F32, 0) => self
+                .stream
+                .null::<f32>()
+                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
+            (Precision::F32, _) => self
+                .stream
+                .alloc_zeros::<f32>(len)
+                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
+            (Precision::Bf16, 0) => self
+                .stream
+                .null::<bf16>()
+                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
+            (Precision::Bf16, _) => self
+                .stream
+                .alloc_zeros::<bf16>(len)
+                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
+        };
+        buf.map_err(|e| self.dev_err(e))
+    }
+
+    /// Waits for queued work, then copies `len` elements of type `T` at `addr` to the host.
+    fn download_as<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        self.synchronize()?;
+        let mut v = vec![T::default(); len];
+        if v.is_empty() {
+            return Ok(v);
+        }
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the buffer at `addr` holds `len` elements of `T` (the caller's), and `v`
+        // lives until the synchronisation below has waited for the copy.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, addr, self.stream.cu_stream())
+        };
+        self.count_launches(1);
+        r.map_err(|e| self.dev_err(format!("download: {e}")))?;
+        self.stream.synchronize().map_err(|e| self.dev_err(e))?;
+        Ok(v)
+    }
+
+    /// Queues a copy of `host` to the window at `addr` (checked by the caller to hold
+    /// `host.len()` elements of `T`).
+    fn write_as<T: cudarc::driver::DeviceRepr>(&self, host: &[T], addr: u64) -> Result<()> {
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        // SAFETY: the window was checked against its buffer; the host slice lives through the
+        // call (a pageable copy is staged before the call returns).
+        let r = unsafe {
+            cudarc::driver::result::memcpy_htod_async(addr, host, self.stream.cu_stream())
+        };
+        self.count_launches(1);
+        r.map_err(|e| self.dev_err(format!("write: {e}")))
+    }
+
+    /// The bf16 path of [`Backend::gemm`] (checked windows of `a_len`/`b_len` elements):
+    /// an f32 operand is rounded into bf16 scratch first; tensor-core products with f32
+    /// accumulation (`CUBLAS_COMPUTE_32F`) into C of its own type, f32 or bf16.
+    fn gemm_bf16(
+        &self,
+        s: &Gemm,
+        alpha: f32,
+        (a, a_len): (TypedPtr, usize),
+        (b, b_len): (TypedPtr, usize),
+        beta: f32,
+        c: TypedPtr,
+    ) {
+        let converted = self
+            .as_bf16(a, a_len)
+            .and_then(|a| Ok((a, self.as_bf16(b, b_len)?)));
+        let ((_held_a, ap), (_held_b, bp)) = match converted {
+            Ok(x) => x,
+            Err(e) => return self.note(Err(e), "gemm operand"),
+        };
+        let (m, n, k) = (s.m, s.n, s.k);
+        let disjoint = s.c_disjoint();
+        self.note(self.ctx.bind_to_thread(), "bind context");
+        let h = *self.blas.handle();
+        let (cm, cn, ck) = (int(n, "n"), int(m, "m"), int(k, "k"));
+        let (lda, ldb, ldc) = (int(s.ldb, "ldb"), int(s.lda, "lda"), int(s.ldc, "ldc"));
+        let (bf, ct) = (cuda_type(Precision::Bf16), cuda_type(c.dtype()));
+        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let (alpha_p, beta_p) = ((&alpha as *const f32).cast(), (&beta as *const f32).cast());
+        let one_by_one = !disjoint || s.batch == 1;
+        // SAFETY: the caller checked the three windows for every batch entry (the converted
+        // copies hold the same extents); device addresses of this context; alpha/beta are
+        // host f32 values, the scale type of CUBLAS_COMPUTE_32F.
+        let r = unsafe {
+            if one_by_one {
+                (0..s.batch).try_for_each(|bi| {
+                    blas_sys::cublasGemmEx(
+                        h,
+                        op(s.trans_b),
+                        op(s.trans_a),
+                        cm,
+                        cn,
+                        ck,
+                        alpha_p,
+                        bp.offset(bi * s.stride_b).as_ptr().cast(),
+                        bf,
+                        lda,
+                        ap.offset(bi * s.stride_a).as_ptr().cast(),
+                        bf,
+                        ldb,
+                        beta_p,
+                        c.offset(bi * s.stride_c).addr() as *mut std::ffi::c_void,
+                        ct,
+                        ldc,
+                        compute,
+                        algo,
+                    )
+                    .result()
+                })
+            } else {
+                blas_sys::cublasGemmStridedBatchedEx(
+                    h,
+                    op(s.trans_b),
+                    op(s.trans_a),
+                    cm,
+                    cn,
+                    ck,
+                    alpha_p,
+                    bp.as_ptr().cast(),
+                    bf,
+                    lda,
+                    long(s.stride_b),
+                    ap.as_ptr().cast(),
+                    bf,
+                    ldb,
+                    long(s.stride_a),
+                    beta_p,
+                    c.addr() as *mut std::ffi::c_void,
+                    ct,
+                    ldc,
+                    long(s.stride_c),
+                    int(s.batch, "batch"),
+                    compute,
+                    algo,
+                )
+                .result()
+            }
+        };
+        self.count_launches(if one_by_one { s.batch } else { 1 });
+        self.note(r, "cuBLAS bf16 product");
+    }
+
     /// Device address of an id buffer holding at least `len` ids.
     fn ip(&self, ids: &CudaSlice<u32>, len: usize, what: &str) -> DevPtr<u32> {
         assert!(
@@ -451,21 +725,64 @@ impl CudaBackend {
         accumulate: bool,
         y: Mut<CudaBuf>,
     ) {
-        let xp = self.rp(x, rows * inp, "linear x");
-        let wp = self.rp(w, out * inp, "linear w");
-        let bp = self.rp(b, out, "linear b");
-        let rp = resid.map(|r| self.rp(r, rows * out, "linear residual"));
-        let yp = self.mp(y, rows * out, "linear y");
-        let c = rp.or(accumulate.then_some(yp));
+        let xp = self.rt(x, rows * inp, "linear x");
+        let wp = self.rt(w, out * inp, "linear w");
+        let bp = self.rt(b, out, "linear b");
+        let rp = resid.map(|r| self.rt(r, rows * out, "linear residual"));
+        let yp = self.mt(y, rows * out, "linear y");
+        let output = yp.dtype();
+        let operands = match (xp.dtype(), wp.dtype()) {
+            (Precision::F32, Precision::F32) => Precision::F32,
+            _ => Precision::Bf16,
+        };
+        if rp.is_some_and(|r| r.dtype() != output)
+            || (operands == Precision::F32 && output == Precision::Bf16)
+        {
+            let mut types = vec![xp, wp, bp, yp];
+            types.extend(rp);
+            return self.no_instance("linear", &types);
+        }
+        // Operands in one type (an f32 one beside a bf16 one is rounded, as on the CPU
+        // reference), the bias in the output's type.
+        let staged = (|| -> Result<_> {
+            let (x, w) = match operands {
+                Precision::F32 => ((None, xp.addr()), (None, wp.addr())),
+                Precision::Bf16 => {
+                    let (hx, x) = self.as_bf16(xp, rows * inp)?;
+                    let (hw, w) = self.as_bf16(wp, out * inp)?;
+                    ((hx, x.addr()), (hw, w.addr()))
+                }
+            };
+            let bias = match (bp, output) {
+                (TypedPtr::Bf16(p), Precision::F32) => {
+                    let wide = self.scratch_full(out)?;
+                    let dst = wide.ptr();
+                    self.k().convert_bf16_f32(grid1(out), long(out), p, dst);
+                    (Some(wide), dst.addr())
+                }
+                (p, Precision::Bf16) => {
+                    let (hb, p) = self.as_bf16(p, out)?;
+                    (hb, p.addr())
+                }
+                (p, Precision::F32) => (None, p.addr()),
+            };
+            Ok((x, w, bias))
+        })();
+        let ((_hx, xa), (_hw, wa), (_hb, ba)) = match staged {
+            Ok(v) => v,
+            Err(e) => return self.note(Err(e), "linear operands"),
+        };
+        let c = rp.or(accumulate.then_some(yp)).map(TypedPtr::addr);
         self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: every window was checked against its buffer above (`resid` and `y` are
-        // distinct buffers: one is borrowed shared, the other mutably); the context is
-        // current on this thread.
+        // SAFETY: every window was checked against its buffer above, and the converted
+        // copies hold the same extents in the types passed (`resid` and `y` are distinct
+        // buffers: one is borrowed shared, the other mutably); the context is current on
+        // this thread.
         let r = unsafe {
             let stream = self.stream.cu_stream() as _;
-            let (xp, wp, bp, yp) = (xp.addr(), wp.addr(), bp.addr(), yp.addr());
+            let types = (operands, output);
             self.lt
-                .forward(stream, rows, inp, out, xp, wp, bp, c.map(DevPtr::addr), yp)
+                .forward(stream, rows, inp, out, xa, wa, ba, c, yp.addr(), types)
         };
         self.count_launches(1);
         self.note(r, "linear");
@@ -514,17 +831,17 @@ impl CudaBackend {
     }
 
     /// Column sums through the f32 scratch: `out[j] += Σ_r x[r·n + j]`, `rows×n`.
-    fn column_sum(&self, rows: usize, n: usize, x: DevPtr<f32>, out: DevPtr<f32>) {
+    fn column_sum(&self, rows: usize, n: usize, x: TypedPtr, out: DevPtr<f32>) {
         let (per, chunks) = col_chunks(rows);
-        self.chunked_sum("column_sum", n, chunks, out, |part| {
-            self.k().col_partial_f32(
-                chunk_grid(n, chunks),
-                int(rows, "rows"),
-                int(n, "n"),
-                int(per, "chunk"),
-                x,
-                part,
-            );
+        let (cfg, r, ni, pi) = (
+            chunk_grid(n, chunks),
+            int(rows, "rows"),
+            int(n, "n"),
+            int(per, "chunk"),
+        );
+        self.chunked_sum("column_sum", n, chunks, out, |part| match x {
+            TypedPtr::F32(x) => self.k().col_partial_f32(cfg, r, ni, pi, x, part),
+            TypedPtr::Bf16(x) => self.k().col_partial_bf16(cfg, r, ni, pi, x, part),
         });
     }
 
@@ -723,6 +1040,14 @@ impl CudaBackend {
     }
 }
 
+/// cuBLAS's data type of elements of `dtype`.
+fn cuda_type(dtype: Precision) -> blas_sys::cudaDataType {
+    match dtype {
+        Precision::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        Precision::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
 /// cuBLAS operation for a transpose flag.
 fn op(t: bool) -> blas_sys::cublasOperation_t {
     if t {
@@ -751,54 +1076,38 @@ impl Backend for CudaBackend {
     // ---- memory ------------------------------------------------------------------------
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
-        let buf = if len == 0 {
-            self.stream.null()
-        } else {
-            self.stream.alloc_zeros(len)
-        };
-        Ok(CudaBuf::own(
-            buf.map_err(|e| self.dev_err(e))?,
-            &self.stream,
-        ))
+        self.own_zeros(len, Precision::F32)
     }
 
     fn uninit(&self, len: usize) -> Result<CudaBuf> {
-        let buf = if len == 0 {
-            self.stream.null()
-        } else {
-            // SAFETY: f32 has no invalid bit patterns; the caller writes every element
-            // before reading any (the trait's contract, checked by the CPU backend's NaN
-            // fill).
-            unsafe { self.stream.alloc::<f32>(len) }
-        };
-        Ok(CudaBuf::own(
-            buf.map_err(|e| self.dev_err(e))?,
-            &self.stream,
-        ))
+        self.own_uninit(len, Precision::F32)
     }
 
     fn scratch(&self, len: usize) -> Result<CudaBuf> {
-        if len == 0 {
-            return self.uninit(0);
-        }
-        let recording = self.recording.load(std::sync::atomic::Ordering::Relaxed);
-        self.arena
-            .take(&self.stream, len, recording)
-            .map_err(|e| self.dev_err(format!("activation arena: {e}")))
+        self.scratch_typed(len, self.precision)
     }
 
     fn scratch_zeros(&self, len: usize) -> Result<CudaBuf> {
         let buf = self.scratch(len)?;
-        if len > 0 {
-            self.note(self.ctx.bind_to_thread(), "bind context");
-            // SAFETY: the window holds `len` f32, all of which are set.
-            let r = unsafe {
-                drv_sys::cuMemsetD32Async(buf.ptr().addr(), 0, len, self.stream.cu_stream())
-                    .result()
-            };
-            self.count_launches(1);
-            r.map_err(|e| self.dev_err(format!("zeroing scratch: {e}")))?;
-        }
+        self.memset_zero(&buf, len)?;
+        Ok(buf)
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn act_zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.own_zeros(len, self.precision)
+    }
+
+    fn scratch_full(&self, len: usize) -> Result<CudaBuf> {
+        self.scratch_typed(len, Precision::F32)
+    }
+
+    fn scratch_full_zeros(&self, len: usize) -> Result<CudaBuf> {
+        let buf = self.scratch_full(len)?;
+        self.memset_zero(&buf, len)?;
         Ok(buf)
     }
 
@@ -818,6 +1127,7 @@ impl Backend for CudaBackend {
         };
         Ok(CudaBuf::own(
             buf.map_err(|e| self.dev_err(e))?,
+            Precision::F32,
             &self.stream,
         ))
     }
@@ -829,26 +1139,16 @@ impl Backend for CudaBackend {
         self.stream.clone_htod(host).map_err(|e| self.dev_err(e))
     }
 
+    /// A bf16 buffer's values are widened to f32 (exactly) on the host.
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
-        self.synchronize()?;
-        let mut v = vec![0.0f32; buf.len()];
-        if v.is_empty() {
-            return Ok(v);
+        match buf.typed() {
+            TypedPtr::F32(p) => self.download_as::<f32>(p.addr(), buf.len()),
+            TypedPtr::Bf16(p) => Ok(self
+                .download_as::<bf16>(p.addr(), buf.len())?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
         }
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: the buffer holds `v.len()` f32 and `v` lives until the synchronisation
-        // below has waited for the copy.
-        let r = unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut v,
-                buf.ptr().addr(),
-                self.stream.cu_stream(),
-            )
-        };
-        self.count_launches(1);
-        r.map_err(|e| self.dev_err(format!("download: {e}")))?;
-        self.stream.synchronize().map_err(|e| self.dev_err(e))?;
-        Ok(v)
     }
 
     fn len(&self, buf: &CudaBuf) -> usize {
@@ -866,7 +1166,7 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> Result<CudaBuf> {
         let buf = self.upload_pinned(staging, staging.floats(), off, len)?;
-        Ok(CudaBuf::own(buf, &self.stream))
+        Ok(CudaBuf::own(buf, Precision::F32, &self.stream))
     }
 
     fn upload_staged_ids(
@@ -986,19 +1286,19 @@ impl Backend for CudaBackend {
         self.arena.current(graph)
     }
 
+    /// Into a bf16 buffer the values are rounded to bf16 on the host (`half`, to nearest,
+    /// ties to even, as the kernels round).
     fn write(&self, host: &[f32], dst: Mut<CudaBuf>) -> Result<()> {
         if host.is_empty() {
             return Ok(());
         }
-        let d = self.mp(dst, host.len(), "write dst");
-        self.note(self.ctx.bind_to_thread(), "bind context");
-        // SAFETY: the window was checked against its buffer; the host slice lives through the
-        // call (a pageable copy is staged before the call returns).
-        let r = unsafe {
-            cudarc::driver::result::memcpy_htod_async(d.addr(), host, self.stream.cu_stream())
-        };
-        self.count_launches(1);
-        r.map_err(|e| self.dev_err(format!("write: {e}")))
+        match self.mt(dst, host.len(), "write dst") {
+            TypedPtr::F32(d) => self.write_as(host, d.addr()),
+            TypedPtr::Bf16(d) => {
+                let rounded: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.write_as(&rounded, d.addr())
+            }
+        }
     }
 
     fn copy_ids(&self, len: usize, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>) {
@@ -1048,9 +1348,16 @@ impl Backend for CudaBackend {
         if len == 0 {
             return;
         }
-        let s = self.rp(src, len, "copy src");
-        let d = self.mp(dst, len, "copy dst");
-        self.dtod(d, s, len, "copy");
+        let s = self.rt(src, len, "copy src");
+        let d = self.mt(dst, len, "copy dst");
+        match (s, d) {
+            (TypedPtr::F32(s), TypedPtr::F32(d)) => self.dtod(d, s, len, "copy"),
+            (TypedPtr::Bf16(s), TypedPtr::Bf16(d)) => self.dtod(d, s, len, "copy"),
+            (TypedPtr::F32(s), TypedPtr::Bf16(d)) => {
+                self.k().convert_f32_bf16(grid1(len), long(len), s, d)
+            }
+            (s, d) => self.no_instance("copy", &[s, d]),
+        }
     }
 
     fn copy_2d(
@@ -1070,27 +1377,36 @@ impl Backend for CudaBackend {
             src_ld >= cols && dst_ld >= cols,
             "copy_2d: row stride below cols"
         );
-        let s = self.rp(src, extent(rows, cols, src_ld), "copy_2d src");
-        let d = self.mp(dst, extent(rows, cols, dst_ld), "copy_2d dst");
-        self.k().copy_2d_f32(
-            grid1(rows * cols),
-            int(rows, "rows"),
-            int(cols, "cols"),
-            s,
-            long(src_ld),
-            d,
-            long(dst_ld),
-            accumulate as i32,
-        );
+        let s = self.rt(src, extent(rows, cols, src_ld), "copy_2d src");
+        let d = self.mt(dst, extent(rows, cols, dst_ld), "copy_2d dst");
+        let (cfg, r, c) = (grid1(rows * cols), int(rows, "rows"), int(cols, "cols"));
+        let (sl, dl, acc) = (long(src_ld), long(dst_ld), accumulate as i32);
+        match (s, d) {
+            (TypedPtr::F32(s), TypedPtr::F32(d)) => {
+                self.k().copy_2d_f32(cfg, r, c, s, sl, d, dl, acc)
+            }
+            (TypedPtr::Bf16(s), TypedPtr::Bf16(d)) => {
+                self.k().copy_2d_bf16(cfg, r, c, s, sl, d, dl, acc)
+            }
+            (TypedPtr::F32(s), TypedPtr::Bf16(d)) => {
+                self.k().copy_2d_f32_bf16(cfg, r, c, s, sl, d, dl, acc)
+            }
+            (s, d) => self.no_instance("copy_2d", &[s, d]),
+        }
     }
 
     fn axpy(&self, len: usize, alpha: f32, x: Ref<CudaBuf>, y: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
-        let xp = self.rp(x, len, "axpy x");
-        let yp = self.mp(y, len, "axpy y");
-        self.k().axpy_f32(grid1(len), long(len), alpha, xp, yp);
+        let xp = self.rt(x, len, "axpy x");
+        let yp = self.mt(y, len, "axpy y");
+        let (cfg, n) = (grid1(len), long(len));
+        match (xp, yp) {
+            (TypedPtr::F32(x), TypedPtr::F32(y)) => self.k().axpy_f32(cfg, n, alpha, x, y),
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(y)) => self.k().axpy_bf16(cfg, n, alpha, x, y),
+            (x, y) => self.no_instance("axpy", &[x, y]),
+        }
     }
 
     // ---- dense -------------------------------------------------------------------------
@@ -1110,43 +1426,40 @@ impl Backend for CudaBackend {
         }
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
         let last = s.batch - 1;
-        let cp = self.mp(c, last * s.stride_c + extent(m, n, s.ldc), "gemm C");
+        let cp = self.mt(c, last * s.stride_c + extent(m, n, s.ldc), "gemm C");
         // Batched work runs concurrently (one scale_2d launch, or cuBLAS's strided batch),
         // which is only the trait's `for b in 0..batch` when the C matrices share no element
         // (stacked, or side by side inside common rows: the CPU reference's test); otherwise
         // one matrix after the other, in batch order, on the stream.
         let disjoint = s.c_disjoint();
         if k == 0 {
-            if disjoint {
-                self.k().scale_2d_f32(
-                    grid1(s.batch * m * n),
-                    int(s.batch, "batch"),
-                    int(m, "m"),
-                    int(n, "n"),
-                    beta,
-                    cp,
-                    long(s.ldc),
-                    long(s.stride_c),
-                );
+            let (mi, ni, ldc) = (int(m, "m"), int(n, "n"), long(s.ldc));
+            let runs: Vec<(usize, i32, i64)> = if disjoint {
+                vec![(0, int(s.batch, "batch"), long(s.stride_c))]
             } else {
-                for bi in 0..s.batch {
-                    self.k().scale_2d_f32(
-                        grid1(m * n),
-                        1i32,
-                        int(m, "m"),
-                        int(n, "n"),
-                        beta,
-                        cp.offset(bi * s.stride_c),
-                        long(s.ldc),
-                        0i64,
-                    );
+                (0..s.batch).map(|bi| (bi * s.stride_c, 1, 0)).collect()
+            };
+            for (off, count, stride) in runs {
+                let cfg = grid1(count as usize * m * n);
+                match cp.offset(off) {
+                    TypedPtr::F32(c) => self
+                        .k()
+                        .scale_2d_f32(cfg, count, mi, ni, beta, c, ldc, stride),
+                    TypedPtr::Bf16(c) => self
+                        .k()
+                        .scale_2d_bf16(cfg, count, mi, ni, beta, c, ldc, stride),
                 }
             }
             return;
         }
         let ((ar, ac), (br, bc)) = s.stored_shapes();
-        let ap = self.rp(a, last * s.stride_a + extent(ar, ac, s.lda), "gemm A");
-        let bp = self.rp(b, last * s.stride_b + extent(br, bc, s.ldb), "gemm B");
+        let a_len = last * s.stride_a + extent(ar, ac, s.lda);
+        let b_len = last * s.stride_b + extent(br, bc, s.ldb);
+        let ap = self.rt(a, a_len, "gemm A");
+        let bp = self.rt(b, b_len, "gemm B");
+        let (TypedPtr::F32(ap), TypedPtr::F32(bp), TypedPtr::F32(cp)) = (ap, bp, cp) else {
+            return self.gemm_bf16(s, alpha, (ap, a_len), (bp, b_len), beta, cp);
+        };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's buffer is
         // cuBLAS's first operand (column-major n×k when not transposed), A's the second.
         // cuBLAS runs in the calling thread's current context.
@@ -1220,7 +1533,10 @@ impl Backend for CudaBackend {
     ) {
         let (m, n, k) = (s.m, s.n, s.k);
         let products = outer.count * s.batch;
-        if outer.count <= 1 || s.batch == 0 || k == 0 || !outer.disjoint(s) {
+        // One pointer-array call needs both operands in one type (a mixed pair goes through
+        // the per-head products, which convert it).
+        let same_type = a.buf.dtype() == b.buf.dtype();
+        if outer.count <= 1 || s.batch == 0 || k == 0 || !outer.disjoint(s) || !same_type {
             return super::gemm_outer_composed(self, s, outer, alpha, a, b, beta, c);
         }
         if m == 0 || n == 0 {
@@ -1232,9 +1548,12 @@ impl Backend for CudaBackend {
         let span = |so: usize, si: usize, rows: usize, cols: usize, ld: usize| {
             lo * so + li * si + extent(rows, cols, ld)
         };
-        let ap = self.rp(a, span(outer.stride_a, s.stride_a, ar, ac, s.lda), "gemm A");
-        let bp = self.rp(b, span(outer.stride_b, s.stride_b, br, bc, s.ldb), "gemm B");
-        let cp = self.mp(c, span(outer.stride_c, s.stride_c, m, n, s.ldc), "gemm C");
+        let ap = self.rt(a, span(outer.stride_a, s.stride_a, ar, ac, s.lda), "gemm A");
+        let bp = self.rt(b, span(outer.stride_b, s.stride_b, br, bc, s.ldb), "gemm B");
+        let cp = self.mt(c, span(outer.stride_c, s.stride_c, m, n, s.ldc), "gemm C");
+        if ap.dtype() == Precision::F32 && cp.dtype() == Precision::Bf16 {
+            return self.no_instance("gemm_outer", &[ap, bp, cp]);
+        }
         let ptrs = {
             let mut st = self.lock_state();
             match self.pscratch(&mut st, 3 * products) {
@@ -1242,6 +1561,7 @@ impl Backend for CudaBackend {
                 Err(e) => return self.note(Err(e), "gemm pointer scratch"),
             }
         };
+        let bytes = |p: TypedPtr| elem_bytes(p.dtype()) as i32;
         // cuBLAS's A operand is our B (see `gemm`): its array comes first.
         self.k().gemm_pointers(
             grid1(products),
@@ -1250,43 +1570,73 @@ impl Backend for CudaBackend {
             bp.addr(),
             long(outer.stride_b),
             long(s.stride_b),
+            bytes(bp),
             ap.addr(),
             long(outer.stride_a),
             long(s.stride_a),
+            bytes(ap),
             cp.addr(),
             long(outer.stride_c),
             long(s.stride_c),
+            bytes(cp),
             ptrs,
         );
         let arrays = [0, 1, 2].map(|i| ptrs.offset(i * products).addr());
         self.note(self.ctx.bind_to_thread(), "bind context");
         let h = *self.blas.handle();
+        let (cm, cn, ck) = (int(n, "n"), int(m, "m"), int(k, "k"));
+        let (lda, ldb, ldc) = (int(s.ldb, "ldb"), int(s.lda, "lda"), int(s.ldc, "ldc"));
         // SAFETY: every product's window was checked above (the spans cover the last one of
         // both levels); the pointer arrays hold `products` device addresses each, written by
         // the kernel queued before on the same stream; their C matrices are disjoint
-        // (`Outer::disjoint`); alpha/beta are host values.
+        // (`Outer::disjoint`); alpha/beta are host f32 values (f32 compute in both calls).
         let r = unsafe {
-            blas_sys::cublasSgemmBatched(
-                h,
-                op(s.trans_b),
-                op(s.trans_a),
-                int(n, "n"),
-                int(m, "m"),
-                int(k, "k"),
-                &alpha,
-                arrays[0] as *const *const f32,
-                int(s.ldb, "ldb"),
-                arrays[1] as *const *const f32,
-                int(s.lda, "lda"),
-                &beta,
-                arrays[2] as *const *mut f32,
-                int(s.ldc, "ldc"),
-                int(products, "products"),
-            )
+            if ap.dtype() == Precision::F32 {
+                blas_sys::cublasSgemmBatched(
+                    h,
+                    op(s.trans_b),
+                    op(s.trans_a),
+                    cm,
+                    cn,
+                    ck,
+                    &alpha,
+                    arrays[0] as *const *const f32,
+                    lda,
+                    arrays[1] as *const *const f32,
+                    ldb,
+                    &beta,
+                    arrays[2] as *const *mut f32,
+                    ldc,
+                    int(products, "products"),
+                )
+            } else {
+                blas_sys::cublasGemmBatchedEx(
+                    h,
+                    op(s.trans_b),
+                    op(s.trans_a),
+                    cm,
+                    cn,
+                    ck,
+                    (&alpha as *const f32).cast(),
+                    arrays[0] as *const *const std::ffi::c_void,
+                    cuda_type(Precision::Bf16),
+                    lda,
+                    arrays[1] as *const *const std::ffi::c_void,
+                    cuda_type(Precision::Bf16),
+                    ldb,
+                    (&beta as *const f32).cast(),
+                    arrays[2] as *const *mut std::ffi::c_void,
+                    cuda_type(cp.dtype()),
+                    ldc,
+                    int(products, "products"),
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
         }
         .result();
         self.count_launches(1);
-        self.note(r, "cuBLAS sgemm batched");
+        self.note(r, "cuBLAS batched product");
     }
 
     fn linear_forward(
@@ -1338,7 +1688,7 @@ impl Backend for CudaBackend {
         if n == 0 || rows == 0 {
             return;
         }
-        let g = self.rp(dy, rows * n, "bias_backward dy");
+        let g = self.rt(dy, rows * n, "bias_backward dy");
         let o = self.mp(db, n, "bias_backward db");
         self.column_sum(rows, n, g, o);
     }
@@ -1349,20 +1699,33 @@ impl Backend for CudaBackend {
         if len == 0 {
             return;
         }
-        let xp = self.rp(x, len, "gelu x");
-        let yp = self.mp(y, len, "gelu y");
-        self.k().gelu_f32(grid1(len), long(len), xp, yp);
+        let xp = self.rt(x, len, "gelu x");
+        let yp = self.mt(y, len, "gelu y");
+        let (cfg, n) = (grid1(len), long(len));
+        match (xp, yp) {
+            (TypedPtr::F32(x), TypedPtr::F32(y)) => self.k().gelu_f32(cfg, n, x, y),
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(y)) => self.k().gelu_bf16(cfg, n, x, y),
+            (x, y) => self.no_instance("gelu", &[x, y]),
+        }
     }
 
     fn gelu_backward(&self, len: usize, x: Ref<CudaBuf>, dy: Ref<CudaBuf>, dx: Mut<CudaBuf>) {
         if len == 0 {
             return;
         }
-        let xp = self.rp(x, len, "gelu_backward x");
-        let gp = self.rp(dy, len, "gelu_backward dy");
-        let dp = self.mp(dx, len, "gelu_backward dx");
-        self.k()
-            .gelu_backward_f32(grid1(len), long(len), xp, gp, dp);
+        let xp = self.rt(x, len, "gelu_backward x");
+        let gp = self.rt(dy, len, "gelu_backward dy");
+        let dp = self.mt(dx, len, "gelu_backward dx");
+        let (cfg, n) = (grid1(len), long(len));
+        match (xp, gp, dp) {
+            (TypedPtr::F32(x), TypedPtr::F32(g), TypedPtr::F32(d)) => {
+                self.k().gelu_backward_f32(cfg, n, x, g, d)
+            }
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(g), TypedPtr::Bf16(d)) => {
+                self.k().gelu_backward_bf16(cfg, n, x, g, d)
+            }
+            (x, g, d) => self.no_instance("gelu_backward", &[x, g, d]),
+        }
     }
 
     fn gelu_bias_backward(
@@ -1377,25 +1740,34 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return;
         }
-        let xp = self.rp(x, rows * n, "gelu_bias_backward x");
-        let gp = self.rp(dy, rows * n, "gelu_bias_backward dy");
-        let dp = self.mp(dx, rows * n, "gelu_bias_backward dx");
+        let xp = self.rt(x, rows * n, "gelu_bias_backward x");
+        let gp = self.rt(dy, rows * n, "gelu_bias_backward dy");
+        let dp = self.mt(dx, rows * n, "gelu_bias_backward dx");
         let bp = self.mp(db, n, "gelu_bias_backward db");
         // The column chunks of `column_sum`, so that the bias gradient is the one the
         // unfused path gives.
         let (per, chunks) = col_chunks(rows);
-        self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
-            self.k().gelu_backward_bias_partial_f32(
-                chunk_grid(n, chunks),
-                int(rows, "rows"),
-                int(n, "n"),
-                int(per, "chunk"),
-                xp,
-                gp,
-                dp,
-                part,
-            );
-        });
+        let (cfg, r, ni, pi) = (
+            chunk_grid(n, chunks),
+            int(rows, "rows"),
+            int(n, "n"),
+            int(per, "chunk"),
+        );
+        match (xp, gp, dp) {
+            (TypedPtr::F32(x), TypedPtr::F32(g), TypedPtr::F32(d)) => {
+                self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
+                    self.k()
+                        .gelu_backward_bias_partial_f32(cfg, r, ni, pi, x, g, d, part)
+                })
+            }
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(g), TypedPtr::Bf16(d)) => {
+                self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
+                    self.k()
+                        .gelu_backward_bias_partial_bf16(cfg, r, ni, pi, x, g, d, part)
+                })
+            }
+            (x, g, d) => self.no_instance("gelu_bias_backward", &[x, g, d]),
+        }
     }
 
     fn layernorm(
@@ -1410,19 +1782,20 @@ impl Backend for CudaBackend {
         if rows == 0 || d == 0 {
             return;
         }
-        let xp = self.rp(x, rows * d, "layernorm x");
-        let gb = self.rp(gamma_beta, 2 * d, "layernorm gamma_beta");
-        let yp = self.mp(y, rows * d, "layernorm y");
+        let xp = self.rt(x, rows * d, "layernorm x");
+        let gb = self.rt(gamma_beta, 2 * d, "layernorm gamma_beta");
+        let yp = self.mt(y, rows * d, "layernorm y");
         let sp = self.mp(stats, 2 * rows, "layernorm stats");
-        self.k().layernorm_f32(
-            rows_cfg(rows),
-            int(rows, "rows"),
-            int(d, "d"),
-            xp,
-            gb,
-            yp,
-            sp,
-        );
+        let (cfg, r, di) = (rows_cfg(rows), int(rows, "rows"), int(d, "d"));
+        match (xp, gb, yp) {
+            (TypedPtr::F32(x), TypedPtr::F32(g), TypedPtr::F32(y)) => {
+                self.k().layernorm_f32(cfg, r, di, x, g, y, sp)
+            }
+            (TypedPtr::F32(x), TypedPtr::Bf16(g), TypedPtr::Bf16(y)) => {
+                self.k().layernorm_bf16(cfg, r, di, x, g, y, sp)
+            }
+            (x, g, y) => self.no_instance("layernorm", &[x, g, y]),
+        }
     }
 
     fn layernorm_backward(
@@ -1440,14 +1813,22 @@ impl Backend for CudaBackend {
             return;
         }
         let xp = self.rp(x, rows * d, "layernorm_backward x");
-        let gb = self.rp(gamma_beta, 2 * d, "layernorm_backward gamma_beta");
+        let gb = self.rt(gamma_beta, 2 * d, "layernorm_backward gamma_beta");
         let sp = self.rp(stats, 2 * rows, "layernorm_backward stats");
-        let gp = self.rp(dy, rows * d, "layernorm_backward dy");
+        let gp = self.rt(dy, rows * d, "layernorm_backward dy");
         let dxp = self.mp(dx, rows * d, "layernorm_backward dx");
         let dgb = self.mp(dgamma_beta, 2 * d, "layernorm_backward dgamma_beta");
         let (ri, di) = (int(rows, "rows"), int(d, "d"));
-        self.k()
-            .layernorm_backward_dx_f32(rows_cfg(rows), ri, di, xp, gb, sp, gp, dxp);
+        let cfg = rows_cfg(rows);
+        match (gb, gp) {
+            (TypedPtr::F32(g), TypedPtr::F32(dy)) => self
+                .k()
+                .layernorm_backward_dx_f32(cfg, ri, di, xp, g, sp, dy, dxp),
+            (TypedPtr::Bf16(g), TypedPtr::Bf16(dy)) => self
+                .k()
+                .layernorm_backward_dx_bf16(cfg, ri, di, xp, g, sp, dy, dxp),
+            (g, dy) => return self.no_instance("layernorm_backward", &[g, dy]),
+        }
         let (per, chunks) = col_chunks(rows);
         let mut st = self.lock_state();
         let part = match self.fscratch(&mut st, chunks * 2 * d) {
@@ -1459,8 +1840,15 @@ impl Backend for CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.k()
-            .layernorm_param_partial_f32(cfg, ri, di, int(per, "chunk"), xp, sp, gp, part);
+        let pi = int(per, "chunk");
+        match gp {
+            TypedPtr::F32(dy) => self
+                .k()
+                .layernorm_param_partial_f32(cfg, ri, di, pi, xp, sp, dy, part),
+            TypedPtr::Bf16(dy) => self
+                .k()
+                .layernorm_param_partial_bf16(cfg, ri, di, pi, xp, sp, dy, part),
+        }
         self.col_finish(2 * d, chunks, part, dgb);
     }
 
@@ -1487,24 +1875,24 @@ impl Backend for CudaBackend {
             "embedding: out_ld {out_ld} < row width {out_w}"
         );
         let idp = self.ip(ids, n * fields, "embedding ids");
-        let op_ = self.mp(out, extent(n, out_w, out_ld), "embedding out");
+        let op_ = self.mt(out, extent(n, out_w, out_ld), "embedding out");
         if fields == 0 {
             // Sum over no field: zeros.
-            self.k().scale_2d_f32(
+            let (cfg, ni, wi, ld) = (
                 grid1(n * width),
-                1i32,
                 int(n, "n"),
                 int(width, "width"),
-                0.0f32,
-                op_,
                 long(out_ld),
-                0i64,
             );
+            match op_ {
+                TypedPtr::F32(o) => self.k().scale_2d_f32(cfg, 1, ni, wi, 0.0, o, ld, 0),
+                TypedPtr::Bf16(o) => self.k().scale_2d_bf16(cfg, 1, ni, wi, 0.0, o, ld, 0),
+            }
             return;
         }
         check_tables("embedding", tables, width, params.len());
         let err = self.base(&self.lock_state().err_flag);
-        let pbase = params.ptr();
+        let pbase = params.typed();
         let sum = mode == EmbMode::Sum;
         for (gi, group) in EmbFields::groups(tables, width, mode, false)
             .iter()
@@ -1515,20 +1903,26 @@ impl Backend for CudaBackend {
             } else {
                 group.count as usize * width
             };
-            self.k().emb_gather_f32(
-                grid1(n * per_token),
+            let cfg = grid1(n * per_token);
+            let (ni, wi, fi, g) = (
                 int(n, "n"),
                 int(width, "width"),
                 int(fields, "fields"),
                 *group,
-                idp,
-                pbase,
-                op_,
-                long(out_ld),
-                sum as i32,
-                (sum && gi > 0) as i32,
-                err,
             );
+            let (ld, su, acc) = (long(out_ld), sum as i32, (sum && gi > 0) as i32);
+            match (pbase, op_) {
+                (TypedPtr::F32(p), TypedPtr::F32(o)) => self
+                    .k()
+                    .emb_gather_f32(cfg, ni, wi, fi, g, idp, p, o, ld, su, acc, err),
+                (TypedPtr::Bf16(p), TypedPtr::Bf16(o)) => self
+                    .k()
+                    .emb_gather_bf16(cfg, ni, wi, fi, g, idp, p, o, ld, su, acc, err),
+                (TypedPtr::Bf16(p), TypedPtr::F32(o)) => self
+                    .k()
+                    .emb_gather_bf16_f32(cfg, ni, wi, fi, g, idp, p, o, ld, su, acc, err),
+                (p, o) => return self.no_instance("embedding", &[p, o]),
+            }
         }
     }
 
@@ -1570,7 +1964,7 @@ impl Backend for CudaBackend {
             None => (DevPtr::null(), 1),
         };
         let idp = self.ip(ids, n * fields, "embedding_backward ids");
-        let gp = self.rp(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
+        let gp = self.rt(dout, extent(n, out_w, dout_ld), "embedding_backward dout");
         let gbase = grads.ptr();
         // Tables that share elements go one field at a time, in field order (the CPU's order).
         for group in EmbFields::groups(tables, width, mode, true) {
@@ -1640,16 +2034,15 @@ impl Backend for CudaBackend {
                 block_dim: (tx as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            self.k().emb_rows_f32(
-                cfg,
-                int(width, "width"),
-                group,
-                starts,
-                sorted,
-                gp,
-                long(dout_ld),
-                gbase,
-            );
+            let (wi, ld) = (int(width, "width"), long(dout_ld));
+            match gp {
+                TypedPtr::F32(g) => self
+                    .k()
+                    .emb_rows_f32(cfg, wi, group, starts, sorted, g, ld, gbase),
+                TypedPtr::Bf16(g) => self
+                    .k()
+                    .emb_rows_bf16(cfg, wi, group, starts, sorted, g, ld, gbase),
+            }
         }
     }
 
@@ -1666,19 +2059,15 @@ impl Backend for CudaBackend {
             return;
         }
         let lp = self.ip(lens, batch, "add_positions lens");
-        let pp = self.rp(pos, max_len * d, "add_positions pos");
+        let pp = self.rt(pos, max_len * d, "add_positions pos");
         let xp = self.mp(x, batch * max_len * d, "add_positions x");
         let err = self.base(&self.lock_state().err_flag);
-        self.k().add_positions_f32(
-            grid1(batch * max_len * d),
-            int(batch, "batch"),
-            int(max_len, "max_len"),
-            int(d, "d"),
-            lp,
-            pp,
-            xp,
-            err,
-        );
+        let cfg = grid1(batch * max_len * d);
+        let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
+        match pp {
+            TypedPtr::F32(p) => self.k().add_positions_f32(cfg, bi, li, di, lp, p, xp, err),
+            TypedPtr::Bf16(p) => self.k().add_positions_bf16(cfg, bi, li, di, lp, p, xp, err),
+        }
     }
 
     fn add_positions_backward(
@@ -1730,6 +2119,15 @@ impl Backend for CudaBackend {
         }
     }
 
+    /// The fused kernels' row statistics are f32 whatever the precision; the composition's
+    /// probabilities are an activation.
+    fn attention_saved(&self, s: &AttnShape) -> Result<CudaBuf> {
+        match self.fused_attention(s) {
+            Some(_) => self.scratch_full(attention::fused_saved_len(s)),
+            None => self.scratch(s.probs_len()),
+        }
+    }
+
     fn attention(
         &self,
         s: &AttnShape,
@@ -1778,18 +2176,22 @@ impl Backend for CudaBackend {
             return;
         }
         let lp = self.ip(key_lens, batch, "masked_softmax key_lens");
-        let sp = self.mp(scores, rows * lk, "masked_softmax scores");
+        let sp = self.mt(scores, rows * lk, "masked_softmax scores");
         let err = self.base(&self.lock_state().err_flag);
-        self.k().masked_softmax_f32(
+        let (cfg, r, per, l) = (
             rows_cfg(rows),
             int(rows, "rows"),
             int(heads * lq, "heads·lq"),
             int(lk, "lk"),
-            lp,
-            scale,
-            sp,
-            err,
         );
+        match sp {
+            TypedPtr::F32(p) => self
+                .k()
+                .masked_softmax_f32(cfg, r, per, l, lp, scale, p, err),
+            TypedPtr::Bf16(p) => self
+                .k()
+                .masked_softmax_bf16(cfg, r, per, l, lp, scale, p, err),
+        }
     }
 
     fn masked_softmax_backward(
@@ -1809,22 +2211,25 @@ impl Backend for CudaBackend {
             return;
         }
         let lp = self.ip(key_lens, batch, "masked_softmax_backward key_lens");
-        let pp = self.rp(probs, rows * lk, "masked_softmax_backward probs");
-        let gp = self.rp(dprobs, rows * lk, "masked_softmax_backward dprobs");
-        let dp = self.mp(dscores, rows * lk, "masked_softmax_backward dscores");
+        let pp = self.rt(probs, rows * lk, "masked_softmax_backward probs");
+        let gp = self.rt(dprobs, rows * lk, "masked_softmax_backward dprobs");
+        let dp = self.mt(dscores, rows * lk, "masked_softmax_backward dscores");
         let err = self.base(&self.lock_state().err_flag);
-        self.k().masked_softmax_backward_f32(
+        let (cfg, r, per, l) = (
             rows_cfg(rows),
             int(rows, "rows"),
             int(heads * lq, "heads·lq"),
             int(lk, "lk"),
-            lp,
-            scale,
-            pp,
-            gp,
-            dp,
-            err,
         );
+        match (pp, gp, dp) {
+            (TypedPtr::F32(p), TypedPtr::F32(g), TypedPtr::F32(d)) => self
+                .k()
+                .masked_softmax_backward_f32(cfg, r, per, l, lp, scale, p, g, d, err),
+            (TypedPtr::Bf16(p), TypedPtr::Bf16(g), TypedPtr::Bf16(d)) => self
+                .k()
+                .masked_softmax_backward_bf16(cfg, r, per, l, lp, scale, p, g, d, err),
+            (p, g, d) => self.no_instance("masked_softmax_backward", &[p, g, d]),
+        }
     }
 
     fn masked_mean(
@@ -1842,24 +2247,24 @@ impl Backend for CudaBackend {
         }
         let lp = self.ip(lens, batch, "masked_mean lens");
         let xp = if max_len == 0 {
-            x.buf.ptr()
+            x.buf.typed()
         } else {
-            self.rp(x, batch * max_len * d, "masked_mean x")
+            self.rt(x, batch * max_len * d, "masked_mean x")
         };
-        let ep = self.rp(empty, d, "masked_mean empty");
-        let op_ = self.mp(out, batch * d, "masked_mean out");
+        let ep = self.rt(empty, d, "masked_mean empty");
+        let op_ = self.mt(out, batch * d, "masked_mean out");
         let err = self.base(&self.lock_state().err_flag);
-        self.k().masked_mean_f32(
-            grid1(batch * d),
-            int(batch, "batch"),
-            int(max_len, "max_len"),
-            int(d, "d"),
-            lp,
-            xp,
-            ep,
-            op_,
-            err,
-        );
+        let cfg = grid1(batch * d);
+        let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
+        match (xp, ep, op_) {
+            (TypedPtr::F32(x), TypedPtr::F32(e), TypedPtr::F32(o)) => {
+                self.k().masked_mean_f32(cfg, bi, li, di, lp, x, e, o, err)
+            }
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(e), TypedPtr::Bf16(o)) => {
+                self.k().masked_mean_bf16(cfg, bi, li, di, lp, x, e, o, err)
+            }
+            (x, e, o) => self.no_instance("masked_mean", &[x, e, o]),
+        }
     }
 
     fn masked_mean_backward(
@@ -1876,35 +2281,33 @@ impl Backend for CudaBackend {
             return;
         }
         let lp = self.ip(lens, batch, "masked_mean_backward lens");
-        let gp = self.rp(dout, batch * d, "masked_mean_backward dout");
+        let gp = self.rt(dout, batch * d, "masked_mean_backward dout");
         let ep = self.mp(dempty, d, "masked_mean_backward dempty");
         let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
         if max_len > 0 {
-            let xp = self.mp(dx, batch * max_len * d, "masked_mean_backward dx");
+            let xp = self.mt(dx, batch * max_len * d, "masked_mean_backward dx");
             let err = self.base(&self.lock_state().err_flag);
-            self.k().masked_mean_backward_f32(
-                grid1(batch * max_len * d),
-                bi,
-                li,
-                di,
-                lp,
-                gp,
-                xp,
-                err,
-            );
+            let cfg = grid1(batch * max_len * d);
+            match (gp, xp) {
+                (TypedPtr::F32(g), TypedPtr::F32(x)) => self
+                    .k()
+                    .masked_mean_backward_f32(cfg, bi, li, di, lp, g, x, err),
+                (TypedPtr::Bf16(g), TypedPtr::Bf16(x)) => self
+                    .k()
+                    .masked_mean_backward_bf16(cfg, bi, li, di, lp, g, x, err),
+                (g, x) => return self.no_instance("masked_mean_backward", &[g, x]),
+            }
         }
         // Chunks of rows summed in parallel, then the chunks added in order.
         let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
-        self.chunked_sum("masked_mean_backward", d, chunks, ep, |part| {
-            self.k().masked_mean_dempty_partial_f32(
-                chunk_grid(d, chunks),
-                bi,
-                di,
-                int(per, "chunk"),
-                lp,
-                gp,
-                part,
-            );
+        let (cfg, pi) = (chunk_grid(d, chunks), int(per, "chunk"));
+        self.chunked_sum("masked_mean_backward", d, chunks, ep, |part| match gp {
+            TypedPtr::F32(g) => self
+                .k()
+                .masked_mean_dempty_partial_f32(cfg, bi, di, pi, lp, g, part),
+            TypedPtr::Bf16(g) => self
+                .k()
+                .masked_mean_dempty_partial_bf16(cfg, bi, di, pi, lp, g, part),
         });
     }
 
@@ -1922,17 +2325,19 @@ impl Backend for CudaBackend {
         }
         assert!(max_len >= 1, "put_empty_rows: max_len must be at least 1");
         let lp = self.ip(lens, batch, "put_empty_rows lens");
-        let vp = self.rp(vec, batch * d, "put_empty_rows vec");
-        let sp = self.mp(seq, batch * max_len * d, "put_empty_rows seq");
-        self.k().put_empty_rows_f32(
-            grid1(batch * d),
-            int(batch, "batch"),
-            int(max_len, "max_len"),
-            int(d, "d"),
-            lp,
-            vp,
-            sp,
-        );
+        let vp = self.rt(vec, batch * d, "put_empty_rows vec");
+        let sp = self.mt(seq, batch * max_len * d, "put_empty_rows seq");
+        let cfg = grid1(batch * d);
+        let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
+        match (vp, sp) {
+            (TypedPtr::F32(v), TypedPtr::F32(s)) => {
+                self.k().put_empty_rows_f32(cfg, bi, li, di, lp, v, s)
+            }
+            (TypedPtr::Bf16(v), TypedPtr::Bf16(s)) => {
+                self.k().put_empty_rows_bf16(cfg, bi, li, di, lp, v, s)
+            }
+            (v, s) => self.no_instance("put_empty_rows", &[v, s]),
+        }
     }
 
     fn put_empty_rows_backward(
@@ -1952,17 +2357,19 @@ impl Backend for CudaBackend {
             "put_empty_rows_backward: max_len must be at least 1"
         );
         let lp = self.ip(lens, batch, "put_empty_rows_backward lens");
-        let sp = self.mp(dseq, batch * max_len * d, "put_empty_rows_backward dseq");
-        let vp = self.mp(dvec, batch * d, "put_empty_rows_backward dvec");
-        self.k().put_empty_rows_backward_f32(
-            grid1(batch * d),
-            int(batch, "batch"),
-            int(max_len, "max_len"),
-            int(d, "d"),
-            lp,
-            sp,
-            vp,
-        );
+        let sp = self.mt(dseq, batch * max_len * d, "put_empty_rows_backward dseq");
+        let vp = self.mt(dvec, batch * d, "put_empty_rows_backward dvec");
+        let cfg = grid1(batch * d);
+        let (bi, li, di) = (int(batch, "batch"), int(max_len, "max_len"), int(d, "d"));
+        match (sp, vp) {
+            (TypedPtr::F32(s), TypedPtr::F32(v)) => self
+                .k()
+                .put_empty_rows_backward_f32(cfg, bi, li, di, lp, s, v),
+            (TypedPtr::Bf16(s), TypedPtr::Bf16(v)) => self
+                .k()
+                .put_empty_rows_backward_bf16(cfg, bi, li, di, lp, s, v),
+            (s, v) => self.no_instance("put_empty_rows_backward", &[s, v]),
+        }
     }
 
     // ---- losses ------------------------------------------------------------------------
@@ -2055,25 +2462,31 @@ impl Backend for CudaBackend {
         if n == 0 || d == 0 {
             return self.store_zero(op_);
         }
-        let pp = self.rp(pred, n * d, "coarse_loss pred");
-        let tp = self.rp(target, n * d, "coarse_loss target");
+        let pp = self.rt(pred, n * d, "coarse_loss pred");
+        let tp = self.rt(target, n * d, "coarse_loss target");
         let wp = self.rp(weights, n, "coarse_loss weights");
-        let gp = dpred.map_or(DevPtr::null(), |g| self.mp(g, n * d, "coarse_loss dpred"));
+        let gp = dpred.map(|g| self.mt(g, n * d, "coarse_loss dpred"));
         let mut st = self.lock_state();
         let terms = self.dscratch(&mut st, n)?.offset(1);
         let coef_over_n = coef * (1.0 / n as f32);
-        self.k().coarse_f32(
-            rows_cfg(n),
-            int(n, "n"),
-            int(d, "d"),
-            pp,
-            tp,
-            wp,
-            cosine as i32,
-            coef_over_n,
-            gp,
-            terms,
-        );
+        let (cfg, ni, di, cs) = (rows_cfg(n), int(n, "n"), int(d, "d"), cosine as i32);
+        let same =
+            |t: Precision| pp.dtype() == t && tp.dtype() == t && gp.is_none_or(|g| g.dtype() == t);
+        if same(Precision::F32) {
+            let (p, t) = (pp.f32().unwrap(), tp.f32().unwrap());
+            let g = gp.and_then(TypedPtr::f32).unwrap_or(DevPtr::null());
+            self.k()
+                .coarse_f32(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms);
+        } else if same(Precision::Bf16) {
+            let (p, t) = (pp.bf16().unwrap(), tp.bf16().unwrap());
+            let g = gp.and_then(TypedPtr::bf16).unwrap_or(DevPtr::null());
+            self.k()
+                .coarse_bf16(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms);
+        } else {
+            let mut types = vec![pp, tp];
+            types.extend(gp);
+            self.no_instance("coarse_loss", &types);
+        }
         self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
 
@@ -2115,19 +2528,26 @@ impl Backend for CudaBackend {
             )));
         }
         let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
-        let qp = self.rp(q, batch * lq * d, "fine_loss q");
-        let kp = self.rp(k, batch * lk * d, "fine_loss k");
-        let vp = self.rp(v, batch * lq * d, "fine_loss v");
-        let tp = self.rp(t_in, batch * lk * d, "fine_loss t_in");
+        let qp = self.rt(q, batch * lq * d, "fine_loss q");
+        let kp = self.rt(k, batch * lk * d, "fine_loss k");
+        let vp = self.rt(v, batch * lq * d, "fine_loss v");
+        let tp = self.rt(t_in, batch * lk * d, "fine_loss t_in");
         let wp = self.rp(weights, batch, "fine_loss weights");
-        let (dq, dk, dv) = match grads {
-            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => (
-                self.mp(dq, batch * lq * d, "fine_loss dq"),
-                self.mp(dk, batch * lk * d, "fine_loss dk"),
-                self.mp(dv, batch * lq * d, "fine_loss dv"),
-            ),
-            _ => (DevPtr::null(), DevPtr::null(), DevPtr::null()),
+        let grads = match grads {
+            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => vec![
+                self.mt(dq, batch * lq * d, "fine_loss dq"),
+                self.mt(dk, batch * lk * d, "fine_loss dk"),
+                self.mt(dv, batch * lq * d, "fine_loss dv"),
+            ],
+            _ => Vec::new(),
         };
+        let mut all = vec![qp, kp, vp, tp];
+        all.extend(grads.iter().copied());
+        let dtype = qp.dtype();
+        if all.iter().any(|p| p.dtype() != dtype) {
+            self.no_instance("fine_loss", &all);
+            return Ok(());
+        }
         let qlp = self.base(q_lens);
         let klp = self.base(k_lens);
         let mut st = self.lock_state();
@@ -2142,27 +2562,38 @@ impl Backend for CudaBackend {
             block_dim: (32 * FINE_WARPS as u32, 1, 1),
             shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
         };
-        self.k().fine_f32(
-            cfg,
+        let (bi, lqi, lki, di) = (
             int(batch, "batch"),
             int(lq, "lq"),
             int(lk, "lk"),
             int(d, "d"),
-            int(tile, "tile"),
-            qp,
-            kp,
-            vp,
-            tp,
-            qlp,
-            klp,
-            wp,
-            coef,
-            dq,
-            dk,
-            dv,
-            terms,
-            err,
         );
+        let ti = int(tile, "tile");
+        match dtype {
+            Precision::F32 => {
+                let [q, k, v, t] = [qp, kp, vp, tp].map(|p| p.f32().unwrap());
+                let g = |i: usize| grads.get(i).and_then(|p| p.f32()).unwrap_or(DevPtr::null());
+                let (dq, dk, dv) = (g(0), g(1), g(2));
+                self.k().fine_f32(
+                    cfg, bi, lqi, lki, di, ti, q, k, v, t, qlp, klp, wp, coef, dq, dk, dv, terms,
+                    err,
+                );
+            }
+            Precision::Bf16 => {
+                let [q, k, v, t] = [qp, kp, vp, tp].map(|p| p.bf16().unwrap());
+                let g = |i: usize| {
+                    grads
+                        .get(i)
+                        .and_then(|p| p.bf16())
+                        .unwrap_or(DevPtr::null())
+                };
+                let (dq, dk, dv) = (g(0), g(1), g(2));
+                self.k().fine_bf16(
+                    cfg, bi, lqi, lki, di, ti, q, k, v, t, qlp, klp, wp, coef, dq, dk, dv, terms,
+                    err,
+                );
+            }
+        }
         self.reduce_terms_into(&mut st, batch, 1.0, Some((klp, batch)), op_)
     }
 
