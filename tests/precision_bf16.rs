@@ -15,82 +15,22 @@
 //! anything would pass the bounds too, so every test also checks that the
 //! bf16 buffers hold bf16 numbers and that the error is well above f32's.
 
+mod bf16_common;
 mod model_common;
 
+use bf16_common::{
+    check_gradient, loss_curve, model, objective, random_batch, weights, GRAD_REL, LOSS_REL,
+};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cpu_bf16::{CpuBf16Backend, TaggedBuf};
 use mgkd::backend::precision::round_bf16;
-use mgkd::backend::{Backend, Float, Gemm, Mut, Precision, Ref};
-use mgkd::data::Batch;
-use mgkd::loss::{class_weights, student_objective, LossConfig, StudentLoss};
-use mgkd::model::{DeviceBatch, Model, ModelConfig, Role, Teacher};
+use mgkd::backend::{Backend, Gemm, Mut, Precision, Ref};
+use mgkd::loss::{student_objective, LossConfig, StudentLoss};
+use mgkd::model::{DeviceBatch, Role, Teacher};
 use mgkd::optim::{AdamWConfig, Optimizer};
-use model_common::{batch, random_values, schema};
+use model_common::schema;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-/// Bound on each tensor's relative gradient error (see the module documentation).
-const GRAD_REL: f64 = 5e-2;
-/// Bound on the relative error of the objective's value.
-const LOSS_REL: f64 = 1e-2;
-
-/// A model of `role` (d = 16, 2 heads, `blocks` blocks) on `be` with the randomised values
-/// of [`random_values`] (the same numbers on every backend).
-fn model<B: Backend>(be: &B, role: Role, blocks: usize, seed: u64) -> Model<B> {
-    let cfg = ModelConfig::new(role, &schema(), 16, 2, blocks, 3).expect("config");
-    let mut m = Model::new(be, cfg, seed).expect("model");
-    let v: Vec<B::F> = random_values(&m.params.table, seed)
-        .into_iter()
-        .map(<B::F as Float>::from_f64)
-        .collect();
-    m.params.set_values(be, &v).expect("values");
-    m
-}
-
-/// `rows` rows with random lengths (some empty sequences) and about 30 % positives.
-fn random_batch(seed: u64, rows: usize) -> Batch {
-    let s = schema();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let pre: Vec<u32> = (0..rows)
-        .map(|_| rng.gen_range(0..=s.pre_len as u32))
-        .collect();
-    let ins: Vec<u32> = (0..rows)
-        .map(|_| rng.gen_range(0..=s.in_len as u32))
-        .collect();
-    let labels: Vec<u8> = (0..rows).map(|_| rng.gen_bool(0.3) as u8).collect();
-    batch(seed ^ 0xb, &pre, &ins, &labels)
-}
-
-fn weights(b: &Batch) -> [f64; 2] {
-    let l = b.labels.as_ref().expect("labels");
-    let pos = l.iter().filter(|&&y| y == 1).count() as u64;
-    class_weights(l.len() as u64 - pos, pos, 0.5, true).expect("weights")
-}
-
-/// The student objective and its gradient (as f64) on `be`, teacher and student from seeds
-/// 3 and 4.
-fn objective<B: Backend>(be: &B, b: &Batch) -> (StudentLoss, Vec<f64>) {
-    let t = model(be, Role::Teacher, 2, 3);
-    let mut s = model(be, Role::Student, 2, 4);
-    let db = DeviceBatch::upload(be, b, &schema()).expect("upload");
-    s.params.zero_grads(be);
-    let cfg = LossConfig::spec_starting();
-    let l = student_objective(be, &cfg, weights(b), Teacher::live(&t), &mut s, &db, true)
-        .expect("objective");
-    let g = be.download(&s.params.grads).expect("grads");
-    (l, g.iter().map(|x| x.to_f64()).collect())
-}
-
-/// `‖a − b‖/‖b‖` over `r`, and `‖b‖` there.
-fn rel_err(a: &[f64], b: &[f64], r: std::ops::Range<usize>) -> (f64, f64) {
-    let num: f64 = a[r.clone()]
-        .iter()
-        .zip(&b[r.clone()])
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
-    let den: f64 = b[r].iter().map(|y| y * y).sum();
-    ((num / den.max(1e-300)).sqrt(), den.sqrt())
-}
 
 fn is_bf16(x: f32) -> bool {
     round_bf16(x) == x
@@ -176,61 +116,12 @@ fn student_objective_and_gradient_are_within_the_bf16_bounds_of_f64() {
     let table = model(&CpuBackend::<f64>::new(), Role::Student, 2, 4)
         .params
         .table;
-    let (_, whole_norm) = rel_err(&g64, &g64, 0..g64.len());
-    let (mut worst_bf, mut worst_32) = ((0.0f64, String::new()), 0.0f64);
-    let mut failures = Vec::new();
-    for e in table.entries() {
-        let r = e.offset..e.offset + e.numel();
-        let (rbf, norm) = rel_err(&gbf, &g64, r.clone());
-        let (r32, _) = rel_err(&g32, &g64, r);
-        // Tensors whose exact gradient is 0 (fine.k.bias: a shift of every key leaves the
-        // softmax unchanged) carry only rounding noise, of order u times the gradients it is
-        // computed from: an absolute floor of 1e-4 of the whole gradient's norm covers it.
-        if rbf * norm > GRAD_REL * norm + 1e-4 * whole_norm {
-            failures.push(format!(
-                "{}: relative error {rbf:.2e} (norm {norm:.2e})",
-                e.name
-            ));
-        }
-        if norm > 1e-3 {
-            if rbf > worst_bf.0 {
-                worst_bf = (rbf, e.name.clone());
-            }
-            worst_32 = worst_32.max(r32);
-        }
-    }
-    eprintln!(
-        "worst per-tensor relative gradient error: bf16 {:.2e} ({}), f32 {worst_32:.2e}",
-        worst_bf.0, worst_bf.1
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let (all_bf, _) = rel_err(&gbf, &g64, 0..g64.len());
-    let (all_32, _) = rel_err(&g32, &g64, 0..g64.len());
-    eprintln!("whole gradient: bf16 {all_bf:.2e}, f32 {all_32:.2e}");
+    let all_32 = check_gradient("f32", &table, &g32, &g64, GRAD_REL);
+    let all_bf = check_gradient("bf16", &table, &gbf, &g64, GRAD_REL);
     assert!(
         all_bf > 100.0 * all_32,
         "the bf16 gradient is as exact as f32's ({all_bf:e} vs {all_32:e}): nothing was rounded"
     );
-}
-
-/// The objective over `steps` AdamW steps on `be`, each on a fresh random batch (the same
-/// batches on every backend).
-fn loss_curve<B: Backend>(be: &B, steps: usize) -> Vec<f64> {
-    let t = model(be, Role::Teacher, 2, 3);
-    let mut s = model(be, Role::Student, 2, 4);
-    let cfg = LossConfig::spec_starting();
-    let mut opt = Optimizer::new(AdamWConfig::default());
-    (0..steps)
-        .map(|k| {
-            let b = random_batch(1000 + k as u64, 32);
-            let db = DeviceBatch::upload(be, &b, &schema()).expect("upload");
-            s.params.zero_grads(be);
-            let l = student_objective(be, &cfg, weights(&b), Teacher::live(&t), &mut s, &db, true)
-                .expect("objective");
-            opt.step(be, &mut s.params, 3e-3).expect("step");
-            l.total
-        })
-        .collect()
 }
 
 #[test]

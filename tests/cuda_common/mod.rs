@@ -32,7 +32,7 @@ pub fn gpu() -> Option<&'static CudaBackend> {
         Ok(b) => Some(b),
         Err(e) => {
             if selftest() {
-                println!("no usable CUDA device: harness self-test (CPU f32 against CPU f64)");
+                println!("no usable CUDA device: harness self-test (a CPU backend in the device's place)");
             } else {
                 crate::skip::skip(&format!(
                     "no usable CUDA device ({e}); on a GPU machine: tools/gpu-check"
