@@ -409,49 +409,29 @@ impl CudaBackend {
         DevPtr::new(s.device_ptr(&self.stream).0)
     }
 
-    /// Device address of a read window of `len` elements (checked against the buffer).
+    /// Device address of a read window of `len` f32 elements (checked against the buffer).
+    ///
+    /// # Panics
+    /// When the window does not fit, or the buffer is bf16 (a backend bug: the kernel
+    /// taking it has only an f32 instance).
     fn rp(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> DevPtr<f32> {
-        assert!(
-            r.off + len <= r.buf.len(),
-            "{what}: window of {len} at {} exceeds the buffer of {}",
-            r.off,
-            r.buf.len()
-        );
-        r.buf.ptr().offset(r.off)
+        f32_only(self.rt(r, len, what), what)
     }
 
-    /// Device address of a write window of `len` elements (checked against the buffer).
+    /// Device address of a write window of `len` f32 elements (see [`CudaBackend::rp`]).
     fn mp(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> DevPtr<f32> {
-        assert!(
-            m.off + len <= m.buf.len(),
-            "{what}: window of {len} at {} exceeds the buffer of {}",
-            m.off,
-            m.buf.len()
-        );
-        m.buf.ptr().offset(m.off)
+        f32_only(self.mt(m, len, what), what)
     }
 
     /// Typed device address of a read window of `len` elements (checked against the buffer).
     fn rt(&self, r: Ref<CudaBuf>, len: usize, what: &str) -> TypedPtr {
-        assert!(
-            r.off + len <= r.buf.len(),
-            "{what}: window of {len} at {} exceeds the buffer of {}",
-            r.off,
-            r.buf.len()
-        );
-        r.buf.typed().offset(r.off)
+        window(r.buf, r.off, len, what)
     }
 
     /// Typed device address of a write window of `len` elements (checked against the
     /// buffer).
     fn mt(&self, m: Mut<CudaBuf>, len: usize, what: &str) -> TypedPtr {
-        assert!(
-            m.off + len <= m.buf.len(),
-            "{what}: window of {len} at {} exceeds the buffer of {}",
-            m.off,
-            m.buf.len()
-        );
-        m.buf.typed().offset(m.off)
+        window(m.buf, m.off, len, what)
     }
 
     /// Records that `op` has no kernel instance for its buffers' types (`types`), a backend
@@ -1038,6 +1018,28 @@ impl CudaBackend {
             .map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
         Ok(buf)
     }
+}
+
+/// The address of elements `[off, off + len)` of `buf`.
+///
+/// # Panics
+/// When they exceed the buffer (a caller bug, as on the CPU backend).
+fn window(buf: &CudaBuf, off: usize, len: usize, what: &str) -> TypedPtr {
+    assert!(
+        off + len <= buf.len(),
+        "{what}: window of {len} at {off} exceeds the buffer of {}",
+        buf.len()
+    );
+    buf.typed().offset(off)
+}
+
+/// `p` as an f32 address.
+///
+/// # Panics
+/// When `p` addresses bf16 elements (see [`CudaBackend::rp`]).
+fn f32_only(p: TypedPtr, what: &str) -> DevPtr<f32> {
+    p.f32()
+        .unwrap_or_else(|| panic!("{what}: a bf16 buffer where the kernel takes f32"))
 }
 
 /// cuBLAS's data type of elements of `dtype`.
