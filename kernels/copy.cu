@@ -3,10 +3,15 @@
 // gradient that sums over rows (bias, LayerNorm γ/β): pass 1 writes one partial sum per
 // (fixed-size row chunk, column), pass 2 adds the chunks in chunk order.
 
-extern "C" __global__ void fill_f32(float* x, i64 n, float v) {
+template <typename T>
+__device__ __forceinline__ void fill(T* x, i64 n, float v) {
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    x[i] = v;
+    st(x, i, v);
 }
+
+extern "C" __global__ void fill_f32(float* x, i64 n, float v) { fill(x, n, v); }
+
+extern "C" __global__ void fill_bf16(bf16* x, i64 n, float v) { fill(x, n, v); }
 
 // dst[r·dst_ld + c] (+)= src[r·src_ld + c] for r < rows, c < cols.
 template <typename TS, typename TD>

@@ -1,10 +1,26 @@
 // Bias and GELU family: y += bias per row; exact GELU (erf form) and its derivative.
 
 // y[r, :] += bias for r < rows; y is rows×n.
-extern "C" __global__ void add_bias_f32(int rows, int n, const float* __restrict__ bias, float* __restrict__ y) {
+template <typename TB, typename TY>
+__device__ __forceinline__ void add_bias(int rows, int n, const TB* __restrict__ bias, TY* __restrict__ y) {
   const i64 total = (i64)rows * n;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x)
-    y[i] += bias[i % n];
+    st(y, i, ld(y, i) + ld(bias, i % n));
+}
+
+extern "C" __global__ void add_bias_f32(int rows, int n, const float* __restrict__ bias, float* __restrict__ y) {
+  add_bias(rows, n, bias, y);
+}
+
+// Bias (the weights' copy) bf16, y bf16.
+extern "C" __global__ void add_bias_bf16(int rows, int n, const bf16* __restrict__ bias, bf16* __restrict__ y) {
+  add_bias(rows, n, bias, y);
+}
+
+// Bias bf16, y f32 (a map into the residual stream).
+extern "C" __global__ void add_bias_bf16_f32(int rows, int n, const bf16* __restrict__ bias,
+                                             float* __restrict__ y) {
+  add_bias(rows, n, bias, y);
 }
 
 // y = x·Φ(x) = x·(1 + erf(x/√2))/2.

@@ -150,6 +150,7 @@ macro_rules! kernel_table {
 kernel_table! {
     "copy.cu" {
         fn fill_f32(x: DevPtr<f32>, n: i64, v: f32);
+        fn fill_bf16(x: DevPtr<bf16>, n: i64, v: f32);
         fn copy_2d_f32(rows: i32, cols: i32, src: DevPtr<f32>, src_ld: i64, dst: DevPtr<f32>, dst_ld: i64, accumulate: i32);
         fn copy_2d_bf16(rows: i32, cols: i32, src: DevPtr<bf16>, src_ld: i64, dst: DevPtr<bf16>, dst_ld: i64, accumulate: i32);
         fn copy_2d_f32_bf16(rows: i32, cols: i32, src: DevPtr<f32>, src_ld: i64, dst: DevPtr<bf16>, dst_ld: i64, accumulate: i32);
@@ -166,6 +167,8 @@ kernel_table! {
     }
     "gelu.cu" {
         fn add_bias_f32(rows: i32, n: i32, bias: DevPtr<f32>, y: DevPtr<f32>);
+        fn add_bias_bf16(rows: i32, n: i32, bias: DevPtr<bf16>, y: DevPtr<bf16>);
+        fn add_bias_bf16_f32(rows: i32, n: i32, bias: DevPtr<bf16>, y: DevPtr<f32>);
         fn gelu_f32(n: i64, x: DevPtr<f32>, y: DevPtr<f32>);
         fn gelu_bf16(n: i64, x: DevPtr<bf16>, y: DevPtr<bf16>);
         fn gelu_backward_f32(n: i64, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>);

@@ -125,8 +125,16 @@ impl LtLinear {
         type P = sys::cublasLtMatmulPreferenceAttributes_t;
         let ws = self.workspace_bytes as u64;
         // No in-place (atomic) split-K reduction: the sum order must not depend on timing.
-        let schemes = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32
-            | sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE as u32;
+        // A bf16 output reduces its split-K partial sums in the compute type (f32), so that
+        // the product is rounded once, as the CPU reference rounds it.
+        type R = sys::cublasLtReductionScheme_t;
+        let schemes = match output {
+            Precision::F32 => {
+                R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32
+                    | R::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE as u32
+            }
+            Precision::Bf16 => R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32,
+        };
         let picked = (|| {
             // SAFETY: a live preference; the attributes are a u64 and a u32.
             unsafe {
@@ -196,7 +204,12 @@ impl LtLinear {
         (operands, output): (Precision, Precision),
     ) -> Result<(), String> {
         let accumulate = residual.is_some();
-        let align = alignment(&[x, w, b, residual.unwrap_or(y), y]);
+        // f32 plans keep the heuristic's default (256), as measured on the GPU; bf16 plans
+        // are told the addresses' alignment.
+        let align = match operands {
+            Precision::F32 => 256,
+            Precision::Bf16 => alignment(&[x, w, b, residual.unwrap_or(y), y]),
+        };
         let key = (rows, inp, out, accumulate, operands, output, align);
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let p = match plans.entry(key) {

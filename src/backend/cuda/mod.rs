@@ -746,6 +746,27 @@ impl CudaBackend {
                 }
                 (p, Precision::F32) => (None, p.addr()),
             };
+            // The bias epilogue of a bf16 product loads the bias vectorised: an address off
+            // 16 bytes (a tensor of the flat parameter store) is copied to a scratch window
+            // (256-byte aligned) first.
+            let bias = match bias {
+                (held, addr) if operands == Precision::F32 || addr.is_multiple_of(16) => {
+                    (held, addr)
+                }
+                (_held, addr) => {
+                    let aligned = self.scratch_typed(out, output)?;
+                    let to = aligned.typed().addr();
+                    match output {
+                        Precision::F32 => {
+                            self.dtod(DevPtr::<f32>::new(to), DevPtr::new(addr), out, "bias copy")
+                        }
+                        Precision::Bf16 => {
+                            self.dtod(DevPtr::<bf16>::new(to), DevPtr::new(addr), out, "bias copy")
+                        }
+                    }
+                    (Some(aligned), to)
+                }
+            };
             Ok((x, w, bias))
         })();
         let ((_hx, xa), (_hw, wa), (_hb, ba)) = match staged {
@@ -1342,8 +1363,10 @@ impl Backend for CudaBackend {
         if len == 0 {
             return;
         }
-        let p = self.mp(x, len, "fill");
-        self.k().fill_f32(grid1(len), p, long(len), value);
+        match self.mt(x, len, "fill") {
+            TypedPtr::F32(p) => self.k().fill_f32(grid1(len), p, long(len), value),
+            TypedPtr::Bf16(p) => self.k().fill_bf16(grid1(len), p, long(len), value),
+        }
     }
 
     fn copy(&self, len: usize, src: Ref<CudaBuf>, dst: Mut<CudaBuf>) {
@@ -1358,7 +1381,9 @@ impl Backend for CudaBackend {
             (TypedPtr::F32(s), TypedPtr::Bf16(d)) => {
                 self.k().convert_f32_bf16(grid1(len), long(len), s, d)
             }
-            (s, d) => self.no_instance("copy", &[s, d]),
+            (TypedPtr::Bf16(s), TypedPtr::F32(d)) => {
+                self.k().convert_bf16_f32(grid1(len), long(len), s, d)
+            }
         }
     }
 
@@ -1544,6 +1569,22 @@ impl Backend for CudaBackend {
         if m == 0 || n == 0 {
             return;
         }
+        // cuBLAS cannot see the addresses of a pointer array: bf16 products need each one
+        // 16-byte aligned (it checks a strided batch's base and stride itself, so a shape
+        // whose products are not aligned goes through the per-head strided calls).
+        if a.buf.dtype() == Precision::Bf16 {
+            let fits = |buf: &CudaBuf, off: usize, strides: [usize; 3]| {
+                let bytes = elem_bytes(buf.dtype());
+                buf.typed().offset(off).addr().is_multiple_of(16)
+                    && strides.iter().all(|&x| (x * bytes).is_multiple_of(16))
+            };
+            let aligned = fits(a.buf, a.off, [outer.stride_a, s.stride_a, s.lda])
+                && fits(b.buf, b.off, [outer.stride_b, s.stride_b, s.ldb])
+                && fits(c.buf, c.off, [outer.stride_c, s.stride_c, s.ldc]);
+            if !aligned {
+                return super::gemm_outer_composed(self, s, outer, alpha, a, b, beta, c);
+            }
+        }
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
         let ((ar, ac), (br, bc)) = s.stored_shapes();
         let (lo, li) = (outer.count - 1, s.batch - 1);
@@ -1680,10 +1721,15 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return;
         }
-        let bp = self.rp(bias, n, "add_bias bias");
-        let yp = self.mp(y, rows * n, "add_bias y");
-        self.k()
-            .add_bias_f32(grid1(rows * n), int(rows, "rows"), int(n, "n"), bp, yp);
+        let bp = self.rt(bias, n, "add_bias bias");
+        let yp = self.mt(y, rows * n, "add_bias y");
+        let (cfg, r, ni) = (grid1(rows * n), int(rows, "rows"), int(n, "n"));
+        match (bp, yp) {
+            (TypedPtr::F32(b), TypedPtr::F32(y)) => self.k().add_bias_f32(cfg, r, ni, b, y),
+            (TypedPtr::Bf16(b), TypedPtr::Bf16(y)) => self.k().add_bias_bf16(cfg, r, ni, b, y),
+            (TypedPtr::Bf16(b), TypedPtr::F32(y)) => self.k().add_bias_bf16_f32(cfg, r, ni, b, y),
+            (b, y) => self.no_instance("add_bias", &[b, y]),
+        }
     }
 
     fn bias_backward(&self, rows: usize, n: usize, dy: Ref<CudaBuf>, db: Mut<CudaBuf>) {
