@@ -494,52 +494,36 @@ impl CudaBackend {
 
     /// A buffer of its own of `len` elements of `dtype`, not initialised.
     fn own_uninit(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
-        let buf = match dtype {
-            Precision::F32 => {
-                let s = if len == 0 {
-                    self.stream.null()
-                } else {
-                    // SAFETY: f32 has no invalid bit patterns; the caller writes every
-                    // element before reading any (the trait's contract, checked by the CPU
-                    // backend's NaN fill).
-                    unsafe { self.stream.alloc::<f32>(len) }
-                };
-                s.map(|s| CudaBuf::own(s, dtype, &self.stream))
-            }
-            Precision::Bf16 => {
-                let s = if len == 0 {
-                    self.stream.null()
-                } else {
-                    // SAFETY: as above (bf16 has no invalid bit patterns either).
-                    unsafe { self.stream.alloc::<bf16>(len) }
-                };
-                s.map(|s| CudaBuf::own(s, dtype, &self.stream))
-            }
-        };
-        buf.map_err(|e| self.dev_err(e))
+        match dtype {
+            Precision::F32 => self.own_alloc::<f32>(len, dtype, false),
+            Precision::Bf16 => self.own_alloc::<bf16>(len, dtype, false),
+        }
     }
 
     /// A zeroed buffer of its own of `len` elements of `dtype`.
     fn own_zeros(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
-        let buf = match (dtype, len) {
-            (Precision::F32, 0) => self
-                .stream
-                .null::<f32>()
-                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
-            (Precision::F32, _) => self
-                .stream
-                .alloc_zeros::<f32>(len)
-                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
-            (Precision::Bf16, 0) => self
-                .stream
-                .null::<bf16>()
-                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
-            (Precision::Bf16, _) => self
-                .stream
-                .alloc_zeros::<bf16>(len)
-                .map(|s| CudaBuf::own(s, dtype, &self.stream)),
+        match dtype {
+            Precision::F32 => self.own_alloc::<f32>(len, dtype, true),
+            Precision::Bf16 => self.own_alloc::<bf16>(len, dtype, true),
+        }
+    }
+
+    /// A pool allocation of `len` elements of `T` (the storage of `dtype`), zeroed or not.
+    fn own_alloc<T>(&self, len: usize, dtype: Precision, zeroed: bool) -> Result<CudaBuf>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static,
+        CudaSlice<T>: Send + Sync,
+    {
+        let s = match (len, zeroed) {
+            (0, _) => self.stream.null::<T>(),
+            (_, true) => self.stream.alloc_zeros::<T>(len),
+            // SAFETY: f32 and bf16 have no invalid bit patterns; the caller writes every
+            // element before reading any (the trait's contract, checked by the CPU backend's
+            // NaN fill).
+            (_, false) => unsafe { self.stream.alloc::<T>(len) },
         };
-        buf.map_err(|e| self.dev_err(e))
+        s.map(|s| CudaBuf::own(s, dtype, &self.stream))
+            .map_err(|e| self.dev_err(e))
     }
 
     /// Waits for queued work, then copies `len` elements of type `T` at `addr` to the host.
