@@ -1047,6 +1047,19 @@ fn f32_only(p: TypedPtr, what: &str) -> DevPtr<f32> {
         .unwrap_or_else(|| panic!("{what}: a bf16 buffer where the kernel takes f32"))
 }
 
+/// The fine loss's addresses (q, k, v, t_in, then dq, dk, dv when there are gradients),
+/// all of one element type.
+enum FineAddrs {
+    F32(Vec<DevPtr<f32>>),
+    Bf16(Vec<DevPtr<bf16>>),
+}
+
+/// Gradient `i` of the fine loss's addresses (q, k, v, t_in, then dq, dk, dv when there are
+/// gradients), or null without gradients.
+fn grad_or_null<T>(ptrs: &[DevPtr<T>], i: usize) -> DevPtr<T> {
+    ptrs.get(4 + i).copied().unwrap_or(DevPtr::null())
+}
+
 /// cuBLAS's data type of elements of `dtype`.
 fn cuda_type(dtype: Precision) -> blas_sys::cudaDataType {
     match dtype {
@@ -2502,22 +2515,24 @@ impl Backend for CudaBackend {
         let terms = self.dscratch(&mut st, n)?.offset(1);
         let coef_over_n = coef * (1.0 / n as f32);
         let (cfg, ni, di, cs) = (rows_cfg(n), int(n, "n"), int(d, "d"), cosine as i32);
-        let same =
-            |t: Precision| pp.dtype() == t && tp.dtype() == t && gp.is_none_or(|g| g.dtype() == t);
-        if same(Precision::F32) {
-            let (p, t) = (pp.f32().unwrap(), tp.f32().unwrap());
-            let g = gp.and_then(TypedPtr::f32).unwrap_or(DevPtr::null());
-            self.k()
-                .coarse_f32(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms);
-        } else if same(Precision::Bf16) {
-            let (p, t) = (pp.bf16().unwrap(), tp.bf16().unwrap());
-            let g = gp.and_then(TypedPtr::bf16).unwrap_or(DevPtr::null());
-            self.k()
-                .coarse_bf16(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms);
-        } else {
-            let mut types = vec![pp, tp];
-            types.extend(gp);
-            self.no_instance("coarse_loss", &types);
+        // The gradient's address in the inputs' type (null when there is none), or `None`
+        // when its type differs.
+        let g32 = gp.map_or(Some(DevPtr::null()), TypedPtr::f32);
+        let g16 = gp.map_or(Some(DevPtr::null()), TypedPtr::bf16);
+        match (pp, tp, g32, g16) {
+            (TypedPtr::F32(p), TypedPtr::F32(t), Some(g), _) => {
+                self.k()
+                    .coarse_f32(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms)
+            }
+            (TypedPtr::Bf16(p), TypedPtr::Bf16(t), _, Some(g)) => {
+                self.k()
+                    .coarse_bf16(cfg, ni, di, p, t, wp, cs, coef_over_n, g, terms)
+            }
+            _ => {
+                let mut types = vec![pp, tp];
+                types.extend(gp);
+                self.no_instance("coarse_loss", &types);
+            }
         }
         self.reduce_terms_into(&mut st, n, 1.0 / n as f64, None, op_)
     }
@@ -2573,13 +2588,19 @@ impl Backend for CudaBackend {
             ],
             _ => Vec::new(),
         };
+        // q, k, v, t_in, then the gradients if any, all of one type.
         let mut all = vec![qp, kp, vp, tp];
-        all.extend(grads.iter().copied());
-        let dtype = qp.dtype();
-        if all.iter().any(|p| p.dtype() != dtype) {
-            self.no_instance("fine_loss", &all);
-            return Ok(());
-        }
+        all.extend(grads);
+        let as_f32: Option<Vec<_>> = all.iter().map(|p| p.f32()).collect();
+        let as_bf16: Option<Vec<_>> = all.iter().map(|p| p.bf16()).collect();
+        let typed = match (as_f32, as_bf16) {
+            (Some(p), _) => FineAddrs::F32(p),
+            (_, Some(p)) => FineAddrs::Bf16(p),
+            _ => {
+                self.no_instance("fine_loss", &all);
+                return Ok(());
+            }
+        };
         let qlp = self.base(q_lens);
         let klp = self.base(k_lens);
         let mut st = self.lock_state();
@@ -2601,30 +2622,49 @@ impl Backend for CudaBackend {
             int(d, "d"),
         );
         let ti = int(tile, "tile");
-        match dtype {
-            Precision::F32 => {
-                let [q, k, v, t] = [qp, kp, vp, tp].map(|p| p.f32().unwrap());
-                let g = |i: usize| grads.get(i).and_then(|p| p.f32()).unwrap_or(DevPtr::null());
-                let (dq, dk, dv) = (g(0), g(1), g(2));
-                self.k().fine_f32(
-                    cfg, bi, lqi, lki, di, ti, q, k, v, t, qlp, klp, wp, coef, dq, dk, dv, terms,
-                    err,
-                );
-            }
-            Precision::Bf16 => {
-                let [q, k, v, t] = [qp, kp, vp, tp].map(|p| p.bf16().unwrap());
-                let g = |i: usize| {
-                    grads
-                        .get(i)
-                        .and_then(|p| p.bf16())
-                        .unwrap_or(DevPtr::null())
-                };
-                let (dq, dk, dv) = (g(0), g(1), g(2));
-                self.k().fine_bf16(
-                    cfg, bi, lqi, lki, di, ti, q, k, v, t, qlp, klp, wp, coef, dq, dk, dv, terms,
-                    err,
-                );
-            }
+        match typed {
+            FineAddrs::F32(p) => self.k().fine_f32(
+                cfg,
+                bi,
+                lqi,
+                lki,
+                di,
+                ti,
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                qlp,
+                klp,
+                wp,
+                coef,
+                grad_or_null(&p, 0),
+                grad_or_null(&p, 1),
+                grad_or_null(&p, 2),
+                terms,
+                err,
+            ),
+            FineAddrs::Bf16(p) => self.k().fine_bf16(
+                cfg,
+                bi,
+                lqi,
+                lki,
+                di,
+                ti,
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                qlp,
+                klp,
+                wp,
+                coef,
+                grad_or_null(&p, 0),
+                grad_or_null(&p, 1),
+                grad_or_null(&p, 2),
+                terms,
+                err,
+            ),
         }
         self.reduce_terms_into(&mut st, batch, 1.0, Some((klp, batch)), op_)
     }
