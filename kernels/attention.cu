@@ -30,15 +30,6 @@
 // attn_backward_kv: per warp the key and value rows (2·dh), p and ds rows (2·len); and the
 // rows' m, inv and D (3·len).
 
-__device__ __forceinline__ u32 attn_len(const u32* lens, int b, int len, u32* err) {
-  u32 l = lens[b];
-  if (l > (u32)len) {
-    if (threadIdx.x == 0) atomicOr(err, MGKD_ERR_LEN);
-    l = len;
-  }
-  return l;
-}
-
 // Copies rows 0..rows of one head's column block (row stride `ld`) into a [rows, dh+1] table.
 template <typename T>
 __device__ __forceinline__ void attn_stage(float* __restrict__ dst, const T* __restrict__ src,
@@ -66,7 +57,7 @@ __device__ __forceinline__ void attn_forward(int heads, int len, int dh, const u
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const u32 l = attn_len(lens, b, len, err);
+  const u32 l = seq_len(lens, b, len, err);
   const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* ks = sm;
   float* vs = ks + len * (dh + 1);
@@ -137,7 +128,7 @@ __device__ __forceinline__ void attn_backward_q(int heads, int len, int dh, cons
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const u32 l = attn_len(lens, b, len, err);
+  const u32 l = seq_len(lens, b, len, err);
   const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* ks = sm;
   float* vs = ks + len * (dh + 1);
@@ -214,7 +205,7 @@ __device__ __forceinline__ void attn_backward_kv(int heads, int len, int dh, con
   extern __shared__ float sm[];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const int d = heads * dh, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const u32 l = attn_len(lens, b, len, err);
+  const u32 l = seq_len(lens, b, len, err);
   const T* base = qkv + (i64)b * len * 3 * d + h * dh;
   float* qs = sm;
   float* gs = qs + len * (dh + 1);

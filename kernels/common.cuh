@@ -43,6 +43,17 @@ __device__ __forceinline__ double block_sum_d(double v, double* sh) {
   return r;
 }
 
+// Sequence b's length lens[b], clamped to its padded extent `len`; a length beyond it
+// raises MGKD_ERR_LEN (one thread of the block reports it).
+__device__ __forceinline__ u32 seq_len(const u32* lens, int b, int len, u32* err) {
+  u32 l = lens[b];
+  if (l > (u32)len) {
+    if (threadIdx.x == 0) atomicOr(err, MGKD_ERR_LEN);
+    l = len;
+  }
+  return l;
+}
+
 // Stable log(1 + e^x).
 __device__ __forceinline__ float softplusf(float x) {
   return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
