@@ -208,12 +208,12 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         }
     }
     println!(
-        "{:<13} {:<6} {:<28} {:>5} {:>6} {:>6} {:>6} {:>6}",
+        "{:<16} {:<6} {:<32} {:>5} {:>6} {:>6} {:>6} {:>6}",
         "file", "arch", "kernel", "regs", "stack", "spillS", "spillL", "smem"
     );
     for (file, arch, name, r, allowed) in &rows {
         println!(
-            "{:<13} {:<6} {:<28} {:>5} {:>6} {:>6} {:>6} {:>6}{}",
+            "{:<16} {:<6} {:<32} {:>5} {:>6} {:>6} {:>6} {:>6}{}",
             file,
             arch,
             name,

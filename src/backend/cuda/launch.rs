@@ -206,6 +206,11 @@ kernel_table! {
         fn attn_backward_kv_f32(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<f32>, saved: DevPtr<f32>, dctx: DevPtr<f32>, dsum: DevPtr<f32>, dqkv: DevPtr<f32>, err: DevPtr<u32>);
         fn attn_backward_kv_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, saved: DevPtr<f32>, dctx: DevPtr<bf16>, dsum: DevPtr<f32>, dqkv: DevPtr<bf16>, err: DevPtr<u32>);
     }
+    "attention_mma.cu" {
+        fn attn_mma_forward_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, ctx: DevPtr<bf16>, saved: DevPtr<f32>, err: DevPtr<u32>);
+        fn attn_mma_backward_q_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, saved: DevPtr<f32>, dctx: DevPtr<bf16>, dqkv: DevPtr<bf16>, dsum: DevPtr<f32>, err: DevPtr<u32>);
+        fn attn_mma_backward_kv_bf16(heads: i32, len: i32, dh: i32, lens: DevPtr<u32>, scale: f32, qkv: DevPtr<bf16>, saved: DevPtr<f32>, dctx: DevPtr<bf16>, dsum: DevPtr<f32>, dqkv: DevPtr<bf16>, err: DevPtr<u32>);
+    }
     "softmax.cu" {
         fn masked_softmax_f32(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, s: DevPtr<f32>, err: DevPtr<u32>);
         fn masked_softmax_bf16(rows: i32, per_b: i32, lk: i32, key_lens: DevPtr<u32>, scale: f32, s: DevPtr<bf16>, err: DevPtr<u32>);
@@ -246,13 +251,17 @@ mod tests {
     use crate::backend::cuda::nvrtc::SOURCES;
 
     /// `(name, parameter C types)` of every `extern "C" __global__` kernel in `src`, with
-    /// `const`, `__restrict__`, the parameter names and spaces removed.
+    /// `const`, `__restrict__`, the parameter names, spaces and a `__launch_bounds__(..)`
+    /// before the name removed.
     fn declared(src: &str) -> Vec<(String, Vec<String>)> {
         let mut out = Vec::new();
         let key = "extern \"C\" __global__ void ";
         let mut rest = src;
         while let Some(at) = rest.find(key) {
-            rest = &rest[at + key.len()..];
+            rest = rest[at + key.len()..].trim_start();
+            if let Some(bounds) = rest.strip_prefix("__launch_bounds__") {
+                rest = &bounds[bounds.find(')').expect("closed launch bounds") + 1..];
+            }
             let open = rest.find('(').expect("a parameter list");
             let close = rest.find(')').expect("a closed parameter list");
             let name = rest[..open].trim().to_string();
@@ -302,12 +311,16 @@ mod tests {
 
     #[test]
     fn the_parser_reads_pointers_names_and_qualifiers() {
-        let src = "extern \"C\" __global__ void k(int n, const float* __restrict__ x,\n  u32 *e, EmbFields f, unsigned long long a) {}";
+        let src = "extern \"C\" __global__ void k(int n, const float* __restrict__ x,\n  u32 *e, EmbFields f, unsigned long long a) {}\n\
+                   extern \"C\" __global__ void __launch_bounds__(32 * W)\n    k2(const bf16* q) {}";
         let got = declared(src);
         let want = ["int", "float*", "u32*", "EmbFields", "unsignedlonglong"];
         assert_eq!(
             got,
-            vec![("k".to_string(), want.map(String::from).to_vec())]
+            vec![
+                ("k".to_string(), want.map(String::from).to_vec()),
+                ("k2".to_string(), vec!["bf16*".to_string()])
+            ]
         );
     }
 

@@ -2183,7 +2183,7 @@ impl Backend for CudaBackend {
         saved: Mut<CudaBuf>,
     ) {
         match self.fused_attention(s) {
-            Some(smem) => self.attention_fused(s, smem, lens, scale, qkv, ctx, saved),
+            Some(plan) => self.attention_fused(s, plan, lens, scale, qkv, ctx, saved),
             None => attention_composed(self, s, lens, scale, qkv, ctx, saved),
         }
     }
@@ -2199,8 +2199,8 @@ impl Backend for CudaBackend {
         dqkv: Mut<CudaBuf>,
     ) -> Result<()> {
         match self.fused_attention(s) {
-            Some(smem) => {
-                self.attention_backward_fused(s, smem, lens, scale, qkv, saved, dctx, dqkv)
+            Some(plan) => {
+                self.attention_backward_fused(s, plan, lens, scale, qkv, saved, dctx, dqkv)
             }
             None => attention_backward_composed(self, s, lens, scale, qkv, saved, dctx, dqkv),
         }

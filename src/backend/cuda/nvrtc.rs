@@ -50,6 +50,10 @@ pub const SOURCES: &[KernelSource] = &[
         src: include_str!("../../../kernels/attention.cu"),
     },
     KernelSource {
+        file: "attention_mma.cu",
+        src: include_str!("../../../kernels/attention_mma.cu"),
+    },
+    KernelSource {
         file: "softmax.cu",
         src: include_str!("../../../kernels/softmax.cu"),
     },
