@@ -1,0 +1,429 @@
+//! The tensor-core attention kernels (`kernels/attention_mma.cu`) run on the CPU: their own
+//! source, compiled by g++ against the CUDA emulation of `tests/kernel_emu/shim.h` (one block
+//! at a time, threads as fibers, barriers, shuffles, and `mma.sync.m16n8k16` rebuilt from the
+//! fragment layouts of the PTX ISA), on random bf16 inputs, against the f64 CPU composition
+//! of [`Backend::attention`] on the same (bf16-exact) inputs. It checks what a GPU run checks
+//! of the kernels' indexing, masking, chunking and statistics, without a GPU; it cannot check
+//! the hardware (its mma layouts are the ones the kernel's header states, its products are
+//! summed in f64). `tests/cuda_bf16_parity.rs` runs the same kernels on a GPU.
+//!
+//! Bounds (u = 2⁻⁸, bf16's unit roundoff; inputs are bf16 values, so both sides start from
+//! the same numbers). The kernels round each probability once (relative error ≤ u/2) before
+//! P·V, each ds once before dS·K and dSᵀ·Q, and each output once; scores, sums and
+//! statistics stay in f32. An output is a sum of terms with one or two such roundings, and is
+//! rounded itself: its error is of order u ≈ 3.9e-3 in norm, and the bound, 1e-2, leaves room
+//! for the cancellation in ds = p·(dp − D) (the rounded p also moves D). Measured here: 0.6e-3
+//! to 2.9e-3. The statistics: m (the max of f32 scores) and 1/Σ within 1e-5 relative of f64
+//! (f32 exponentials and sums of ≤ 128 terms).
+
+mod skip;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use half::bf16;
+use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::{AttnShape, Backend, Mut, Ref};
+
+/// Norm-wise relative bound on ctx, dQ, dK, dV and D against f64 (module documentation).
+const REL: f64 = 1e-2;
+/// Relative bound on the saved statistics m and 1/Σ.
+const STAT_REL: f64 = 1e-5;
+
+/// MGKD_ERR_LEN (kernels/common.cuh).
+const ERR_LEN: u32 = 2;
+
+/// The emulator binary, built once per process; `None` (after saying so through `skip`, or
+/// failing under `CI`) where g++ cannot be run.
+fn emulator() -> Option<&'static Path> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        if let Err(e) = Command::new("g++").arg("--version").output() {
+            skip::skip_unless_ci(&format!("g++ cannot be run ({e}): the emulation needs it"));
+            return None;
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let read =
+            |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        let source = [
+            read("tests/kernel_emu/shim.h"),
+            read("kernels/common.cuh"),
+            emulable(&read("kernels/attention_mma.cu")),
+            read("tests/kernel_emu/attention_mma_driver.cpp"),
+        ]
+        .join("\n");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_mma_emu");
+        std::fs::create_dir_all(&dir).expect("emulator directory");
+        let (src, bin) = (dir.join("emu.cpp"), dir.join("emu"));
+        std::fs::write(&src, source).expect("emulator source");
+        let out = Command::new("g++")
+            .args(["-std=c++20", "-O2", "-w", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .output()
+            .expect("g++ runs");
+        assert!(
+            out.status.success(),
+            "g++ failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(bin)
+    });
+    if bin.is_none() {
+        // Said once per test.
+        skip::skip_unless_ci("g++ cannot be run: the emulation needs it");
+    }
+    bin.as_deref()
+}
+
+/// The kernel source with the two things the emulation replaces: the inline PTX of the mma
+/// (by `emu_mma`) and the `extern __shared__` declarations (by the emulated shared memory).
+/// Each must be found where expected, so a change to the kernel that moves them fails here.
+fn emulable(src: &str) -> String {
+    let start = src
+        .find("#if __CUDA_ARCH__ >= 800")
+        .expect("the mma's architecture guard");
+    let end = start + src[start..].find("#endif").expect("its #endif") + "#endif".len();
+    assert!(
+        src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+        "the guarded block is the mma"
+    );
+    assert_eq!(src.matches("#if __CUDA_ARCH__").count(), 1);
+    let src = format!("{}emu_mma(c, a, b0, b1);{}", &src[..start], &src[end..]);
+    let decl = "extern __shared__ float mma_sm[];";
+    assert_eq!(src.matches(decl).count(), 3, "one per kernel");
+    src.replace(decl, "float* mma_sm = emu_shared();")
+}
+
+/// One attention case: shape, key lengths, scale, and bf16 inputs.
+struct Case {
+    s: AttnShape,
+    lens: Vec<u32>,
+    scale: f32,
+    qkv: Vec<bf16>,
+    dctx: Vec<bf16>,
+}
+
+/// What the kernels wrote (bf16 outputs widened).
+struct Emulated {
+    ctx: Vec<f64>,
+    saved: Vec<f64>,
+    dqkv: Vec<f64>,
+    dsum: Vec<f64>,
+    err: u32,
+}
+
+/// A small xorshift generator (the cases are fixed by their seeds).
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn values(&mut self, n: usize, scale: f64) -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f64(scale * (2.0 * self.uniform() - 1.0)))
+            .collect()
+    }
+}
+
+impl Case {
+    fn new(seed: u64, batch: usize, len: usize, heads: usize, dh: usize, lens: Vec<u32>) -> Case {
+        assert_eq!(lens.len(), batch);
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let d = heads * dh;
+        Case {
+            s: AttnShape {
+                batch,
+                len,
+                heads,
+                d,
+            },
+            lens,
+            scale: 1.0 / (dh as f32).sqrt(),
+            // Scores of a few units: softmax rows neither flat nor one-hot.
+            qkv: r.values(batch * len * 3 * d, 2.0),
+            dctx: r.values(batch * len * d, 1.0),
+        }
+    }
+
+    fn label(&self) -> String {
+        let s = &self.s;
+        format!(
+            "b={} l={} h={} dh={} lens={:?}",
+            s.batch,
+            s.len,
+            s.heads,
+            s.dh(),
+            self.lens
+        )
+    }
+
+    /// Runs the emulated kernels (`None`: no emulator here).
+    fn emulate(&self) -> Option<Emulated> {
+        let s = &self.s;
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_mma_emu");
+        let tag = format!(
+            "{}-{}-{}-{}-{}",
+            s.batch,
+            s.len,
+            s.heads,
+            s.dh(),
+            self.lens
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join("_")
+        );
+        let (input, output) = (
+            dir.join(format!("{tag}.in")),
+            dir.join(format!("{tag}.out")),
+        );
+        let mut bytes = Vec::new();
+        for v in [s.batch, s.heads, s.len, s.dh()] {
+            bytes.extend((v as i32).to_le_bytes());
+        }
+        bytes.extend(self.scale.to_le_bytes());
+        for l in &self.lens {
+            bytes.extend(l.to_le_bytes());
+        }
+        for v in self.qkv.iter().chain(&self.dctx) {
+            bytes.extend(v.to_bits().to_le_bytes());
+        }
+        let bin = emulator()?;
+        std::fs::write(&input, bytes).expect("emulator input");
+        let out = Command::new(bin)
+            .arg(&input)
+            .arg(&output)
+            .output()
+            .expect("the emulator runs");
+        assert!(
+            out.status.success(),
+            "{}: emulator failed: {}",
+            self.label(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&output).expect("emulator output");
+        let mut at = 0;
+        let mut take = |n: usize, size: usize| {
+            let chunk = &data[at..at + n * size];
+            at += n * size;
+            chunk
+        };
+        let tokens = s.batch * s.len;
+        let rows = s.batch * s.heads * s.len;
+        let halves = |b: &[u8]| -> Vec<f64> {
+            b.chunks(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+                .collect()
+        };
+        let floats = |b: &[u8]| -> Vec<f64> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect()
+        };
+        let ctx = halves(take(tokens * s.d, 2));
+        let saved = floats(take(rows * 2, 4));
+        let dqkv = halves(take(tokens * 3 * s.d, 2));
+        let dsum = floats(take(rows, 4));
+        let err = u32::from_le_bytes(take(1, 4).try_into().expect("4 bytes"));
+        assert_eq!(at, data.len(), "output size");
+        Some(Emulated {
+            ctx,
+            saved,
+            dqkv,
+            dsum,
+            err,
+        })
+    }
+
+    /// The f64 CPU composition on the same inputs: (ctx, dqkv).
+    fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let be = CpuBackend::<f64>::new();
+        let s = &self.s;
+        let widen = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+        let lens = be.upload_ids(&self.lens).expect("lens");
+        let qkv = be.upload(&widen(&self.qkv)).expect("qkv");
+        let dctx = be.upload(&widen(&self.dctx)).expect("dctx");
+        let mut ctx = be.zeros(s.batch * s.len * s.d).expect("ctx");
+        let mut saved = be.attention_saved(s).expect("saved");
+        let mut dqkv = be.zeros(s.batch * s.len * 3 * s.d).expect("dqkv");
+        let scale = self.scale as f64;
+        be.attention(
+            s,
+            &lens,
+            scale,
+            Ref::whole(&qkv),
+            Mut::whole(&mut ctx),
+            Mut::whole(&mut saved),
+        );
+        be.attention_backward(
+            s,
+            &lens,
+            scale,
+            Ref::whole(&qkv),
+            Ref::whole(&saved),
+            Ref::whole(&dctx),
+            Mut::whole(&mut dqkv),
+        )
+        .expect("backward");
+        (
+            be.download(&ctx).expect("ctx"),
+            be.download(&dqkv).expect("dqkv"),
+        )
+    }
+
+    /// Per query row (b, h, i), in f64 from the inputs: the softmax's max m of s·scale, 1/Σ,
+    /// and D = Σ_j p_j·dp_j (zeros for a row without keys).
+    fn statistics(&self) -> Vec<[f64; 3]> {
+        let s = &self.s;
+        let (d, dh) = (s.d, s.dh());
+        let q = |b: usize, i: usize, h: usize, part: usize, c: usize| {
+            self.qkv[(b * s.len + i) * 3 * d + part * d + h * dh + c].to_f64()
+        };
+        let mut out = Vec::new();
+        for b in 0..s.batch {
+            let l = (self.lens[b] as usize).min(s.len);
+            for h in 0..s.heads {
+                for i in 0..s.len {
+                    if l == 0 {
+                        out.push([0.0; 3]);
+                        continue;
+                    }
+                    let scores: Vec<f64> = (0..l)
+                        .map(|j| {
+                            (0..dh)
+                                .map(|c| q(b, i, h, 0, c) * q(b, j, h, 1, c))
+                                .sum::<f64>()
+                                * self.scale as f64
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                    let dsum: f64 = (0..l)
+                        .map(|j| {
+                            let dp: f64 = (0..dh)
+                                .map(|c| {
+                                    self.dctx[(b * s.len + i) * d + h * dh + c].to_f64()
+                                        * q(b, j, h, 2, c)
+                                })
+                                .sum();
+                            (scores[j] - m).exp() / sum * dp
+                        })
+                        .sum();
+                    out.push([m, 1.0 / sum, dsum]);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `‖a − b‖/‖b‖` over the elements `pick` selects.
+fn rel_err(a: &[f64], b: &[f64], pick: impl Fn(usize) -> bool) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        if pick(k) {
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Runs `case` and checks every output against f64 within the module's bounds (nothing
+/// without the emulator).
+fn check(case: &Case) {
+    let label = case.label();
+    let Some(got) = case.emulate() else {
+        return;
+    };
+    assert_eq!(got.err, 0, "{label}: error flag");
+    for (name, v) in [
+        ("ctx", &got.ctx),
+        ("saved", &got.saved),
+        ("dqkv", &got.dqkv),
+        ("dsum", &got.dsum),
+    ] {
+        if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+            panic!(
+                "{label}: {name}[{k}] = {} (not written, or not finite)",
+                v[k]
+            );
+        }
+    }
+    let (ctx, dqkv) = case.reference();
+    let d = case.s.d;
+    let part = |p: usize| move |k: usize| (k % (3 * d)) / d == p;
+    let [c, dq, dk, dv, dd] = [
+        rel_err(&got.ctx, &ctx, |_| true),
+        rel_err(&got.dqkv, &dqkv, part(0)),
+        rel_err(&got.dqkv, &dqkv, part(1)),
+        rel_err(&got.dqkv, &dqkv, part(2)),
+        {
+            let stats = case.statistics();
+            let want: Vec<f64> = stats.iter().map(|r| r[2]).collect();
+            for (row, r) in stats.iter().enumerate() {
+                let (m, inv) = (got.saved[2 * row], got.saved[2 * row + 1]);
+                for (name, g, w) in [("m", m, r[0]), ("1/Σ", inv, r[1])] {
+                    assert!(
+                        (g - w).abs() <= STAT_REL * w.abs().max(1.0),
+                        "{label}: row {row}: {name} {g}, f64 {w}"
+                    );
+                }
+            }
+            rel_err(&got.dsum, &want, |_| true)
+        },
+    ];
+    println!(
+        "{label}: relative error vs f64: ctx {c:.2e}, dQ {dq:.2e}, dK {dk:.2e}, dV {dv:.2e}, \
+         D {dd:.2e}"
+    );
+    for (name, e) in [("ctx", c), ("dQ", dq), ("dK", dk), ("dV", dv), ("D", dd)] {
+        assert!(e <= REL, "{label}: {name} {e:e}");
+    }
+    // Rows of keys past a sequence's length get exactly zero dK and dV.
+    for (b, &l) in case.lens.iter().enumerate() {
+        for j in (l as usize).min(case.s.len)..case.s.len {
+            let row = &got.dqkv[(b * case.s.len + j) * 3 * d + d..(b * case.s.len + j + 1) * 3 * d];
+            assert!(
+                row.iter().all(|x| *x == 0.0),
+                "{label}: key {j} of row {b} is past its length: dK, dV must be 0"
+            );
+        }
+    }
+}
+
+/// Shapes: every head width the kernels take (16 to 64), lengths not a multiple of 16, one
+/// past a 64-key chunk, the §8 teacher shape (len 128, dh 32); key lengths of 0, 1, full,
+/// and in between.
+#[test]
+fn tensor_core_attention_matches_the_f64_composition() {
+    let cases = [
+        Case::new(1, 3, 19, 2, 16, vec![19, 0, 7]),
+        Case::new(2, 2, 70, 2, 32, vec![70, 65]),
+        Case::new(3, 2, 33, 1, 64, vec![1, 33]),
+        Case::new(4, 2, 40, 3, 48, vec![17, 40]),
+        Case::new(5, 1, 128, 2, 32, vec![101]),
+    ];
+    for case in &cases {
+        check(case);
+    }
+}
+
+/// A key length past the padded extent raises MGKD_ERR_LEN and is clamped, as in the
+/// CUDA-core kernels.
+#[test]
+fn a_key_length_past_the_padding_raises_the_length_error() {
+    let mut case = Case::new(6, 1, 16, 1, 16, vec![16]);
+    case.lens = vec![17];
+    if let Some(got) = case.emulate() {
+        assert_eq!(got.err, ERR_LEN);
+    }
+}

@@ -1,0 +1,200 @@
+// A CUDA execution model on the CPU, for checking a kernel's indexing and algorithm without a
+// GPU (tests/attention_mma_emulated.rs). Not a simulator of the hardware: it runs the kernel's
+// own source, compiled by g++, with
+// - one block at a time, its threads as cooperative fibers (ucontext) on one OS thread, so
+//   the schedule is deterministic and a barrier costs a context switch;
+// - __syncthreads and __syncwarp as barriers of the block and of the warp, __shfl_xor_sync
+//   through a per-warp exchange between two warp barriers (every lane must take part, as
+//   the kernels' fixed shuffle patterns do);
+// - dynamic shared memory as one buffer filled with 0xff bytes (NaN as f32 and as bf16)
+//   before each block, so a read of a word the block did not write shows up as NaN;
+// - emu_mma: mma.sync.m16n8k16 (bf16 × bf16 + f32) as the PTX ISA lays out its fragments
+//   (see kernels/attention_mma.cu's header): the warp's lanes deposit their registers, each
+//   lane rebuilds the two 16×16 and 16×8 matrices, computes its four results (products
+//   summed in f64, added to the accumulator in f32), and the warp meets again.
+// The test substitutes emu_mma for the kernel's inline PTX and `float* name = emu_shared();`
+// for its `extern __shared__` declaration; everything else compiles as written.
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <functional>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(n)
+
+namespace emu {
+
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kSharedBytes = 228 * 1024;
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+};
+
+struct Barrier {
+  int n = 0, count = 0;
+  unsigned gen = 0;
+};
+
+static ucontext_t scheduler;
+static std::vector<Fiber> fibers;
+static int current = 0;
+static std::function<void()> body;
+static Barrier block_barrier;
+static Barrier warp_barrier[kMaxThreads / 32];
+static uint64_t exchange[kMaxThreads / 32][32];
+static uint32_t mma_a[kMaxThreads / 32][32][4];
+static uint32_t mma_b[kMaxThreads / 32][32][2];
+static std::vector<unsigned char> shared(kSharedBytes);
+
+// Back to the scheduler; it resumes the fibers in a fixed round-robin order.
+inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+
+// Waits until `b.n` threads have arrived (the last to arrive goes on at once).
+inline void wait(Barrier& b) {
+  const unsigned gen = b.gen;
+  if (++b.count == b.n) {
+    b.count = 0;
+    ++b.gen;
+    return;
+  }
+  while (b.gen == gen) yield();
+}
+
+inline void trampoline() {
+  body();
+  fibers[current].done = true;
+}
+
+// Runs `kernel` for blocks 0..grid with `threads` threads each (a multiple of 32).
+inline void launch(int grid, int threads, std::function<void()> kernel) {
+  if (threads % 32 != 0 || threads > kMaxThreads) abort();
+  body = std::move(kernel);
+  gridDim.x = grid;
+  blockDim.x = threads;
+  fibers.assign(threads, Fiber{});
+  for (Fiber& f : fibers) f.stack.resize(kStack);
+  for (int b = 0; b < grid; ++b) {
+    blockIdx.x = b;
+    memset(shared.data(), 0xff, shared.size());
+    block_barrier = Barrier{threads};
+    for (int w = 0; w < threads / 32; ++w) warp_barrier[w] = Barrier{32};
+    for (Fiber& f : fibers) {
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = &scheduler;
+      makecontext(&f.ctx, trampoline, 0);
+      f.done = false;
+    }
+    for (int left = threads; left > 0;) {
+      left = 0;
+      for (int i = 0; i < threads; ++i) {
+        if (fibers[i].done) continue;
+        current = i;
+        threadIdx.x = i;
+        swapcontext(&scheduler, &fibers[i].ctx);
+        left += fibers[i].done ? 0 : 1;
+      }
+    }
+  }
+}
+
+inline float bf16_value(uint32_t reg, int half) {
+  const uint32_t bits = half ? (reg >> 16) : (reg & 0xffffu);
+  const uint32_t u = bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace emu
+
+inline float* emu_shared() { return reinterpret_cast<float*>(emu::shared.data()); }
+
+inline void __syncthreads() { emu::wait(emu::block_barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::warp_barrier[threadIdx.x / 32]); }
+inline void __trap() { abort(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) <= 8, "a shuffled value fits 8 bytes");
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  uint64_t word = 0;
+  memcpy(&word, &v, sizeof(T));
+  emu::exchange[w][lane] = word;
+  __syncwarp();
+  word = emu::exchange[w][lane ^ mask];
+  __syncwarp();
+  T out;
+  memcpy(&out, &word, sizeof(T));
+  return out;
+}
+
+inline float __int_as_float(int i) {
+  float f;
+  memcpy(&f, &i, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+
+// c += A·B for the warp (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
+inline void emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  for (int r = 0; r < 4; ++r) emu::mma_a[w][lane][r] = a[r];
+  emu::mma_b[w][lane][0] = b0;
+  emu::mma_b[w][lane][1] = b1;
+  __syncwarp();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = emu::bf16_value(emu::mma_a[w][l][0], e);
+      A[g + 8][2 * t + e] = emu::bf16_value(emu::mma_a[w][l][1], e);
+      A[g][2 * t + 8 + e] = emu::bf16_value(emu::mma_a[w][l][2], e);
+      A[g + 8][2 * t + 8 + e] = emu::bf16_value(emu::mma_a[w][l][3], e);
+      B[2 * t + e][g] = emu::bf16_value(emu::mma_b[w][l][0], e);
+      B[2 * t + 8 + e][g] = emu::bf16_value(emu::mma_b[w][l][1], e);
+    }
+  }
+  __syncwarp();
+  const int g = lane >> 2, t = lane & 3;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r >> 1), col = 2 * t + (r & 1);
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)B[k][col];
+    c[r] = (float)((double)c[r] + s);
+  }
+}
