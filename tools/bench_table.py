@@ -6,8 +6,9 @@
 For each stage and batching it lists the engine rows, then the PyTorch rows of the same stage
 and batching, with samples/s, ms/step, TFLOP/s, peak memory and device operations per step
 (the engine's `launches_per_step`; "-" where a file has none, as the twin's); each PyTorch row also gets
-"engine ÷ this": the engine's best padded f32 samples/s for the same stage (its fastest mode
-over every engine file) divided by that row's samples/s, so > 1 means the engine is faster.
+"engine ÷ this": the engine's best padded samples/s for the same stage in the same precision
+(its fastest mode and attention over every engine file) divided by that row's samples/s, so
+> 1 means the engine is faster; "-" where the engine has no such row.
 Files that cannot be read and rows that failed are printed as errors; a warning is printed
 when the engine and the twin count different parameters or ran different configurations.
 Stdlib only.
@@ -57,12 +58,12 @@ def cells(row, source, ratio):
     ]
 
 
-def engine_reference(engines, stage):
-    """The best samples/s among the engine rows of `stage`, padded batching, f32, without
-    error, over every engine file and mode (eager, graphs)."""
+def engine_reference(engines, stage, precision):
+    """The best samples/s among the engine rows of `stage`, padded batching, `precision`,
+    without error, over every engine file and mode (eager, graphs)."""
     best = [r["samples_per_s"] for _, doc in engines for r in doc["results"]
             if r.get("stage") == stage and r.get("batching") == "padded"
-            and r.get("precision") == "f32" and "error" not in r
+            and r.get("precision") == precision and "error" not in r
             and isinstance(r.get("samples_per_s"), (int, float))]
     return max(best) if best else None
 
@@ -94,7 +95,8 @@ def build_rows(engines, twin):
                     continue
                 ratio = ""
                 if is_twin and "error" not in r:
-                    ref, mine = engine_reference(engines, key[0]), r.get("samples_per_s")
+                    ref = engine_reference(engines, key[0], r.get("precision"))
+                    mine = r.get("samples_per_s")
                     ratio = f"{ref / mine:.2f}" if ref and mine else "-"
                 out.append(cells(r, source, ratio))
     return out
