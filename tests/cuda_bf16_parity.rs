@@ -367,8 +367,8 @@ fn attention_errors<B: Backend<F = f32>>(
 /// score or probability, a stored ds; relative ≤ u/2 each, u = 2⁻⁸) and is rounded once
 /// itself, so its error is of order u ≈ 3.9e-3 in norm; 1e-2 leaves room for the
 /// cancellation in ds = p·(dp − D). Measured: the CPU reference's composition (this test's
-/// self-test) 0.5e-3 to 2.8e-3, the tensor-core kernels under emulation 0.6e-3 to 2.9e-3
-/// (tests/attention_mma_emulated.rs).
+/// self-test) 0.5e-3 to 2.8e-3, the tensor-core kernels under emulation 0.6e-3 to 3.0e-3
+/// (tests/attention_emulated.rs).
 #[test]
 fn attention_on_bf16_inputs_is_within_the_bf16_bound() {
     let gpus = bf16_gpus();

@@ -1,5 +1,5 @@
 // A CUDA execution model on the CPU, for checking a kernel's indexing and algorithm without a
-// GPU (tests/attention_mma_emulated.rs). Not a simulator of the hardware: it runs the kernel's
+// GPU (tests/attention_emulated.rs). Not a simulator of the hardware: it runs the kernel's
 // own source, compiled by g++, with
 // - one block at a time, its threads as cooperative fibers (ucontext) on one OS thread, so
 //   the schedule is deterministic and a barrier costs a context switch;

@@ -1,100 +1,183 @@
-//! The tensor-core attention kernels (`kernels/attention_mma.cu`) run on the CPU: their own
-//! source, compiled by g++ against the CUDA emulation of `tests/kernel_emu/shim.h` (one block
-//! at a time, threads as fibers, barriers, shuffles, and `mma.sync.m16n8k16` rebuilt from the
-//! fragment layouts of the PTX ISA), on random bf16 inputs, against the f64 CPU composition
-//! of [`Backend::attention`] on the same (bf16-exact) inputs. It checks what a GPU run checks
-//! of the kernels' indexing, masking, chunking and statistics, without a GPU; it cannot check
-//! the hardware (its mma layouts are the ones the kernel's header states, its products are
-//! summed in f64). `tests/cuda_bf16_parity.rs` runs the same kernels on a GPU.
+//! The fused attention kernels run on the CPU: their own source, compiled by g++ against the
+//! CUDA emulation of `tests/kernel_emu/shim.h` (one block at a time, threads as fibers,
+//! barriers, shuffles, and `mma.sync.m16n8k16` rebuilt from the fragment layouts of the PTX
+//! ISA), on random bf16-exact inputs, against the f64 CPU composition of
+//! [`Backend::attention`] on the same inputs. It checks what a GPU run checks of the kernels'
+//! indexing, masking, chunking and statistics, without a GPU; it cannot check the hardware
+//! (the emulated mma lays out its fragments as the kernel's header states and sums its
+//! products in f64). `tests/cuda_parity.rs` and `tests/cuda_bf16_parity.rs` run the same
+//! kernels on a GPU.
 //!
-//! Bounds (u = 2⁻⁸, bf16's unit roundoff; inputs are bf16 values, so both sides start from
-//! the same numbers). The kernels round each probability once (relative error ≤ u/2) before
-//! P·V, each ds once before dS·K and dSᵀ·Q, and each output once; scores, sums and
-//! statistics stay in f32. An output is a sum of terms with one or two such roundings, and is
-//! rounded itself: its error is of order u ≈ 3.9e-3 in norm, and the bound, 1e-2, leaves room
-//! for the cancellation in ds = p·(dp − D) (the rounded p also moves D). Measured here: 0.6e-3
-//! to 2.9e-3. The statistics: m (the max of f32 scores) and 1/Σ within 1e-5 relative of f64
-//! (f32 exponentials and sums of ≤ 128 terms).
+//! Three kernel sets ([`VARIANTS`]): the tensor-core kernels (`kernels/attention_mma.cu`,
+//! bf16), and the CUDA-core kernels (`kernels/attention.cu`) in bf16 and in f32. The f32 ones
+//! passed on a GPU (H200, 2026-12-04): the emulation must reproduce them to f32's accuracy,
+//! a check of the emulation itself.
+//!
+//! Bounds (u = 2⁻⁸, bf16's unit roundoff). The tensor-core kernels round each probability
+//! once (relative error ≤ u/2) before P·V, each ds once before dS·K and dSᵀ·Q, and each output
+//! once; scores, sums and statistics stay in f32. An output is a sum of terms with one or two
+//! such roundings, and is rounded itself: its error is of order u ≈ 3.9e-3 in norm, and the
+//! bound, 1e-2, leaves room for the cancellation in ds = p·(dp − D) (the rounded p also moves
+//! D). Measured here: 0.6e-3 to 3.0e-3. The CUDA-core kernels in bf16 round only their
+//! outputs (same bound; measured 0.5e-3 to 1.7e-3); in f32, 1e-5 as tests/cuda_parity.rs
+//! (measured 0.4e-7 to 2.3e-7). The statistics: m (the max of
+//! f32 scores) and 1/Σ within 1e-5 relative of f64 (f32 exponentials and sums of ≤ 272 terms).
 
 mod skip;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use half::bf16;
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::{AttnShape, Backend, Mut, Ref};
 
-/// Norm-wise relative bound on ctx, dQ, dK, dV and D against f64 (module documentation).
-const REL: f64 = 1e-2;
 /// Relative bound on the saved statistics m and 1/Σ.
 const STAT_REL: f64 = 1e-5;
 
 /// MGKD_ERR_LEN (kernels/common.cuh).
 const ERR_LEN: u32 = 2;
 
-/// The emulator binary, built once per process; `None` (after saying so through `skip`, or
-/// failing under `CI`) where g++ cannot be run.
-fn emulator() -> Option<&'static Path> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let bin = BIN.get_or_init(|| {
-        if let Err(e) = Command::new("g++").arg("--version").output() {
-            skip::skip_unless_ci(&format!("g++ cannot be run ({e}): the emulation needs it"));
-            return None;
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let read =
-            |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
-        let source = [
-            read("tests/kernel_emu/shim.h"),
-            read("kernels/common.cuh"),
-            emulable(&read("kernels/attention_mma.cu")),
-            read("tests/kernel_emu/attention_mma_driver.cpp"),
-        ]
-        .join("\n");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_mma_emu");
-        std::fs::create_dir_all(&dir).expect("emulator directory");
-        let (src, bin) = (dir.join("emu.cpp"), dir.join("emu"));
-        std::fs::write(&src, source).expect("emulator source");
-        let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-w", "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .output()
-            .expect("g++ runs");
-        assert!(
-            out.status.success(),
-            "g++ failed on {}:\n{}",
-            src.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(bin)
-    });
-    if bin.is_none() {
-        // Said once per test.
-        skip::skip_unless_ci("g++ cannot be run: the emulation needs it");
-    }
-    bin.as_deref()
+/// One set of fused attention kernels as the emulation builds it.
+struct Variant {
+    /// Name of the emulator binary and of the variant in messages.
+    name: &'static str,
+    /// Kernel file in `kernels/`.
+    file: &'static str,
+    /// Its `extern __shared__` declaration (one per kernel, three in all).
+    shared: &'static str,
+    /// The three kernels: forward, query pass, key pass.
+    kernels: [&'static str; 3],
+    /// Whether the element type is bf16 (else f32).
+    bf16: bool,
+    /// Norm-wise relative bound on ctx, dQ, dK, dV and D against f64.
+    rel: f64,
 }
 
-/// The kernel source with the two things the emulation replaces: the inline PTX of the mma
-/// (by `emu_mma`) and the `extern __shared__` declarations (by the emulated shared memory).
-/// Each must be found where expected, so a change to the kernel that moves them fails here.
-fn emulable(src: &str) -> String {
-    let start = src
-        .find("#if __CUDA_ARCH__ >= 800")
-        .expect("the mma's architecture guard");
-    let end = start + src[start..].find("#endif").expect("its #endif") + "#endif".len();
-    assert!(
-        src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-        "the guarded block is the mma"
+/// The kernel sets this test runs (module documentation).
+const VARIANTS: [Variant; 3] = [
+    Variant {
+        name: "tensor cores, bf16",
+        file: "attention_mma.cu",
+        shared: "extern __shared__ float mma_sm[];",
+        kernels: [
+            "attn_mma_forward_bf16",
+            "attn_mma_backward_q_bf16",
+            "attn_mma_backward_kv_bf16",
+        ],
+        bf16: true,
+        rel: 1e-2,
+    },
+    Variant {
+        name: "CUDA cores, bf16",
+        file: "attention.cu",
+        shared: "extern __shared__ float sm[];",
+        kernels: [
+            "attn_forward_bf16",
+            "attn_backward_q_bf16",
+            "attn_backward_kv_bf16",
+        ],
+        bf16: true,
+        rel: 1e-2,
+    },
+    Variant {
+        name: "CUDA cores, f32",
+        file: "attention.cu",
+        shared: "extern __shared__ float sm[];",
+        kernels: [
+            "attn_forward_f32",
+            "attn_backward_q_f32",
+            "attn_backward_kv_f32",
+        ],
+        bf16: false,
+        rel: 1e-5,
+    },
+];
+
+/// The directory of the emulators and their inputs.
+fn work_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_emu");
+    std::fs::create_dir_all(&dir).expect("emulator directory");
+    dir
+}
+
+/// The emulator of `v`, built once per process; `None` (after saying so through `skip`, or
+/// failing under `CI`) where g++ cannot be run.
+fn emulator(v: &Variant) -> Option<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<&'static str, PathBuf>>> = OnceLock::new();
+    if let Err(e) = Command::new("g++").arg("--version").output() {
+        skip::skip_unless_ci(&format!("g++ cannot be run ({e}): the emulation needs it"));
+        return None;
+    }
+    let mut built = BUILT.get_or_init(Default::default).lock().expect("lock");
+    if let Some(bin) = built.get(v.name) {
+        return Some(bin.clone());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let source = [
+        read("tests/kernel_emu/shim.h"),
+        read("kernels/common.cuh"),
+        emulable(&read(&format!("kernels/{}", v.file)), v.shared),
+        read("tests/kernel_emu/attention_driver.cpp"),
+    ]
+    .join("\n");
+    let stem: String = v
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let (src, bin) = (
+        work_dir().join(format!("{stem}.cpp")),
+        work_dir().join(&stem),
     );
-    assert_eq!(src.matches("#if __CUDA_ARCH__").count(), 1);
-    let src = format!("{}emu_mma(c, a, b0, b1);{}", &src[..start], &src[end..]);
-    let decl = "extern __shared__ float mma_sm[];";
-    assert_eq!(src.matches(decl).count(), 3, "one per kernel");
-    src.replace(decl, "float* mma_sm = emu_shared();")
+    std::fs::write(&src, source).expect("emulator source");
+    let out = Command::new("g++")
+        .args(["-std=c++20", "-O2", "-w"])
+        .arg(format!("-DELEM={}", if v.bf16 { "bf16" } else { "float" }))
+        .arg(format!("-DATTN_FORWARD={}", v.kernels[0]))
+        .arg(format!("-DATTN_BACKWARD_Q={}", v.kernels[1]))
+        .arg(format!("-DATTN_BACKWARD_KV={}", v.kernels[2]))
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("g++ runs");
+    assert!(
+        out.status.success(),
+        "g++ failed on {}:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    built.insert(v.name, bin.clone());
+    Some(bin)
+}
+
+/// The kernel source with what the emulation replaces: the inline PTX of an mma (by
+/// `emu_mma`), where there is one, and the `extern __shared__` declarations (by the emulated
+/// shared memory). Each must be found where expected, so a change to the kernel that moves
+/// them fails here.
+fn emulable(src: &str, shared: &str) -> String {
+    let src = match src.find("#if __CUDA_ARCH__ >= 800") {
+        None => src.to_string(),
+        Some(start) => {
+            let end = start + src[start..].find("#endif").expect("its #endif") + "#endif".len();
+            assert!(
+                src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+                "the guarded block is the mma"
+            );
+            assert_eq!(src.matches("#if __CUDA_ARCH__").count(), 1);
+            format!("{}emu_mma(c, a, b0, b1);{}", &src[..start], &src[end..])
+        }
+    };
+    assert_eq!(src.matches(shared).count(), 3, "one per kernel");
+    let name = shared
+        .trim_start_matches("extern __shared__ float ")
+        .trim_end_matches("[];");
+    src.replace(shared, &format!("float* {name} = emu_shared();"))
 }
 
 /// One attention case: shape, key lengths, scale, and bf16 inputs.
@@ -106,7 +189,7 @@ struct Case {
     dctx: Vec<bf16>,
 }
 
-/// What the kernels wrote (bf16 outputs widened).
+/// What the kernels wrote (widened to f64).
 struct Emulated {
     ctx: Vec<f64>,
     saved: Vec<f64>,
@@ -165,12 +248,13 @@ impl Case {
         )
     }
 
-    /// Runs the emulated kernels (`None`: no emulator here).
-    fn emulate(&self) -> Option<Emulated> {
+    /// Runs the emulated kernels of `v` (`None`: no emulator here).
+    fn emulate(&self, v: &Variant) -> Option<Emulated> {
         let s = &self.s;
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_mma_emu");
+        let bin = emulator(v)?;
         let tag = format!(
-            "{}-{}-{}-{}-{}",
+            "{}-{}-{}-{}-{}-{}",
+            bin.file_name().expect("a name").to_string_lossy(),
             s.batch,
             s.len,
             s.heads,
@@ -181,32 +265,37 @@ impl Case {
                 .collect::<Vec<_>>()
                 .join("_")
         );
+        let dir = work_dir();
         let (input, output) = (
             dir.join(format!("{tag}.in")),
             dir.join(format!("{tag}.out")),
         );
         let mut bytes = Vec::new();
-        for v in [s.batch, s.heads, s.len, s.dh()] {
-            bytes.extend((v as i32).to_le_bytes());
+        for n in [s.batch, s.heads, s.len, s.dh()] {
+            bytes.extend((n as i32).to_le_bytes());
         }
         bytes.extend(self.scale.to_le_bytes());
         for l in &self.lens {
             bytes.extend(l.to_le_bytes());
         }
-        for v in self.qkv.iter().chain(&self.dctx) {
-            bytes.extend(v.to_bits().to_le_bytes());
+        for x in self.qkv.iter().chain(&self.dctx) {
+            if v.bf16 {
+                bytes.extend(x.to_bits().to_le_bytes());
+            } else {
+                bytes.extend(x.to_f32().to_le_bytes());
+            }
         }
-        let bin = emulator()?;
         std::fs::write(&input, bytes).expect("emulator input");
-        let out = Command::new(bin)
+        let out = Command::new(&bin)
             .arg(&input)
             .arg(&output)
             .output()
             .expect("the emulator runs");
         assert!(
             out.status.success(),
-            "{}: emulator failed: {}",
+            "{} ({}): emulator failed: {}",
             self.label(),
+            v.name,
             String::from_utf8_lossy(&out.stderr)
         );
         let data = std::fs::read(&output).expect("emulator output");
@@ -228,9 +317,11 @@ impl Case {
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
                 .collect()
         };
-        let ctx = halves(take(tokens * s.d, 2));
+        let elems = |b: &[u8]| if v.bf16 { halves(b) } else { floats(b) };
+        let size = if v.bf16 { 2 } else { 4 };
+        let ctx = elems(take(tokens * s.d, size));
         let saved = floats(take(rows * 2, 4));
-        let dqkv = halves(take(tokens * 3 * s.d, 2));
+        let dqkv = elems(take(tokens * 3 * s.d, size));
         let dsum = floats(take(rows, 4));
         let err = u32::from_le_bytes(take(1, 4).try_into().expect("4 bytes"));
         assert_eq!(at, data.len(), "output size");
@@ -337,11 +428,11 @@ fn rel_err(a: &[f64], b: &[f64], pick: impl Fn(usize) -> bool) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-/// Runs `case` and checks every output against f64 within the module's bounds (nothing
-/// without the emulator).
-fn check(case: &Case) {
-    let label = case.label();
-    let Some(got) = case.emulate() else {
+/// Runs `case` on the kernels of `v` and checks every output against f64 within `v`'s bound
+/// (nothing without the emulator).
+fn check(case: &Case, v: &Variant) {
+    let label = format!("{} ({})", case.label(), v.name);
+    let Some(got) = case.emulate(v) else {
         return;
     };
     assert_eq!(got.err, 0, "{label}: error flag");
@@ -386,7 +477,7 @@ fn check(case: &Case) {
          D {dd:.2e}"
     );
     for (name, e) in [("ctx", c), ("dQ", dq), ("dK", dk), ("dV", dv), ("D", dd)] {
-        assert!(e <= REL, "{label}: {name} {e:e}");
+        assert!(e <= v.rel, "{label}: {name} {e:e}");
     }
     // Rows of keys past a sequence's length get exactly zero dK and dV.
     for (b, &l) in case.lens.iter().enumerate() {
@@ -400,30 +491,57 @@ fn check(case: &Case) {
     }
 }
 
-/// Shapes: every head width the kernels take (16 to 64), lengths not a multiple of 16, one
-/// past a 64-key chunk, the §8 teacher shape (len 128, dh 32); key lengths of 0, 1, full,
-/// and in between.
-#[test]
-fn tensor_core_attention_matches_the_f64_composition() {
-    let cases = [
+/// Shapes every kernel set takes: head widths 16 to 64, lengths not a multiple of 16, one past
+/// a 64-key chunk, the §8 teacher shape (len 128, dh 32); key lengths of 0, 1, full, and in
+/// between.
+fn cases() -> Vec<Case> {
+    vec![
         Case::new(1, 3, 19, 2, 16, vec![19, 0, 7]),
         Case::new(2, 2, 70, 2, 32, vec![70, 65]),
         Case::new(3, 2, 33, 1, 64, vec![1, 33]),
         Case::new(4, 2, 40, 3, 48, vec![17, 40]),
         Case::new(5, 1, 128, 2, 32, vec![101]),
-    ];
-    for case in &cases {
-        check(case);
+    ]
+}
+
+#[test]
+fn tensor_core_kernels_match_the_f64_composition() {
+    let mut all = cases();
+    // Too long for the CUDA-core kernels' tables, not for these: four 64-key chunks.
+    all.push(Case::new(7, 1, 200, 1, 32, vec![197]));
+    for case in &all {
+        check(case, &VARIANTS[0]);
     }
 }
 
-/// A key length past the padded extent raises MGKD_ERR_LEN and is clamped, as in the
-/// CUDA-core kernels.
+#[test]
+fn cuda_core_kernels_in_bf16_match_the_f64_composition() {
+    let mut all = cases();
+    // A head narrower than the tensor-core kernels take.
+    all.push(Case::new(8, 5, 11, 3, 8, vec![11, 3, 0, 9, 1]));
+    for case in &all {
+        check(case, &VARIANTS[1]);
+    }
+}
+
+/// The kernels that passed on a GPU: the emulation reproduces them to f32's accuracy.
+#[test]
+fn cuda_core_kernels_in_f32_match_the_f64_composition_as_on_the_gpu() {
+    let mut all = cases();
+    all.push(Case::new(8, 5, 11, 3, 8, vec![11, 3, 0, 9, 1]));
+    for case in &all {
+        check(case, &VARIANTS[2]);
+    }
+}
+
+/// A key length past the padded extent raises MGKD_ERR_LEN (and is clamped), in every set.
 #[test]
 fn a_key_length_past_the_padding_raises_the_length_error() {
-    let mut case = Case::new(6, 1, 16, 1, 16, vec![16]);
-    case.lens = vec![17];
-    if let Some(got) = case.emulate() {
-        assert_eq!(got.err, ERR_LEN);
+    for v in &VARIANTS {
+        let mut case = Case::new(6, 1, 16, 1, 16, vec![16]);
+        case.lens = vec![17];
+        if let Some(got) = case.emulate(v) {
+            assert_eq!(got.err, ERR_LEN, "{}", v.name);
+        }
     }
 }
