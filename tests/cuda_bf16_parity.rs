@@ -9,9 +9,11 @@
 //! reference the GPU performs the same roundings in another summation order, which moves a
 //! stored value by one bf16 ulp only where its f32 value lies within f32 noise of a rounding
 //! boundary, but it also stores a few values the reference keeps in f32 inside one operation:
-//! the composed attention rounds its scores and probabilities (two more stores on a chain
-//! of ≈ 40, each of relative error ≤ u), and `fine_bf16` rounds dK once per tile of query
-//! tokens. Those extra roundings give an error of order √3·u/√3 = u ≈ 4e-3 on a gradient;
+//! the composed attention stores its scores, its probabilities before P·V, and in the
+//! backward dP and dS in bf16 (four more stores on a chain of ≈ 40, each of relative error
+//! ≤ u; the reference runs the composition in f32 and rounds only the saved probabilities and
+//! the outputs), and `fine_bf16` rounds dK once per tile of query tokens. Those extra
+//! roundings give an error of order u ≈ 4e-3 on a gradient;
 //! the tests allow 2e-2 per tensor and 5e-3 on the objective. Device and host must round
 //! identically (to nearest, ties to even): that is checked bit for bit.
 //!

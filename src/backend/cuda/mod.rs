@@ -466,6 +466,31 @@ impl CudaBackend {
         }
     }
 
+    /// `addr` itself when it is 16-byte aligned, else a copy of its `len` elements of `dtype`
+    /// in a scratch window (256-byte aligned), held by the returned buffer.
+    fn aligned16(&self, addr: u64, len: usize, dtype: Precision) -> Result<(Option<CudaBuf>, u64)> {
+        if addr.is_multiple_of(16) {
+            return Ok((None, addr));
+        }
+        let aligned = self.scratch_typed(len, dtype)?;
+        let to = aligned.typed().addr();
+        match dtype {
+            Precision::F32 => self.dtod(
+                DevPtr::<f32>::new(to),
+                DevPtr::new(addr),
+                len,
+                "aligned copy",
+            ),
+            Precision::Bf16 => self.dtod(
+                DevPtr::<bf16>::new(to),
+                DevPtr::new(addr),
+                len,
+                "aligned copy",
+            ),
+        }
+        Ok((Some(aligned), to))
+    }
+
     /// A scratch window of `len` elements of `dtype` (see [`Backend::scratch`]).
     fn scratch_typed(&self, len: usize, dtype: Precision) -> Result<CudaBuf> {
         if len == 0 {
@@ -699,8 +724,13 @@ impl CudaBackend {
             (Precision::F32, Precision::F32) => Precision::F32,
             _ => Precision::Bf16,
         };
+        // Not instantiated (and not used by the model): a residual in another type than the
+        // output; two f32 operands into a bf16 output, or an f32 bias added to one (the
+        // reference computes both in f32 and rounds once; the epilogue takes the bias in the
+        // output's type).
         if rp.is_some_and(|r| r.dtype() != output)
-            || (operands == Precision::F32 && output == Precision::Bf16)
+            || (output == Precision::Bf16
+                && (operands == Precision::F32 || bp.dtype() == Precision::F32))
         {
             let mut types = vec![xp, wp, bp, yp];
             types.extend(rp);
@@ -714,7 +744,14 @@ impl CudaBackend {
                 Precision::Bf16 => {
                     let (hx, x) = self.as_bf16(xp, rows * inp)?;
                     let (hw, w) = self.as_bf16(wp, out * inp)?;
-                    ((hx, x.addr()), (hw, w.addr()))
+                    // The weights are tensors of the flat parameter store, packed without
+                    // padding: one at an address off 16 bytes is copied to an aligned window
+                    // so that the heuristic is offered the vectorised bf16 kernels.
+                    let w = match hw {
+                        Some(held) => (Some(held), w.addr()),
+                        None => self.aligned16(w.addr(), out * inp, Precision::Bf16)?,
+                    };
+                    ((hx, x.addr()), w)
                 }
             };
             let bias = match (bp, output) {
@@ -724,32 +761,15 @@ impl CudaBackend {
                     self.k().convert_bf16_f32(grid1(out), long(out), p, dst);
                     (Some(wide), dst.addr())
                 }
-                (p, Precision::Bf16) => {
-                    let (hb, p) = self.as_bf16(p, out)?;
-                    (hb, p.addr())
-                }
-                (p, Precision::F32) => (None, p.addr()),
+                (p, _) => (None, p.addr()),
             };
             // The bias epilogue of a bf16 product loads the bias vectorised: an address off
-            // 16 bytes (a tensor of the flat parameter store) is copied to a scratch window
-            // (256-byte aligned) first.
+            // 16 bytes is copied to an aligned window first.
             let bias = match bias {
                 (held, addr) if operands == Precision::F32 || addr.is_multiple_of(16) => {
                     (held, addr)
                 }
-                (_held, addr) => {
-                    let aligned = self.scratch_typed(out, output)?;
-                    let to = aligned.typed().addr();
-                    match output {
-                        Precision::F32 => {
-                            self.dtod(DevPtr::<f32>::new(to), DevPtr::new(addr), out, "bias copy")
-                        }
-                        Precision::Bf16 => {
-                            self.dtod(DevPtr::<bf16>::new(to), DevPtr::new(addr), out, "bias copy")
-                        }
-                    }
-                    (Some(aligned), to)
-                }
+                (_held, addr) => self.aligned16(addr, out, output)?,
             };
             Ok((x, w, bias))
         })();
@@ -1482,6 +1502,11 @@ impl Backend for CudaBackend {
         let ap = self.rt(a, a_len, "gemm A");
         let bp = self.rt(b, b_len, "gemm B");
         let (TypedPtr::F32(ap), TypedPtr::F32(bp), TypedPtr::F32(cp)) = (ap, bp, cp) else {
+            // Two f32 operands stay f32 (docs/model.md §7): rounding them for a bf16 C would
+            // not be the reference's product, and nothing computes one.
+            if ap.dtype() == Precision::F32 && bp.dtype() == Precision::F32 {
+                return self.no_instance("gemm", &[ap, bp, cp]);
+            }
             return self.gemm_bf16(s, alpha, (ap, a_len), (bp, b_len), beta, cp);
         };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's buffer is
