@@ -23,14 +23,11 @@
 //! (measured 0.4e-7 to 2.3e-7). The statistics: m (the max of
 //! f32 scores) and 1/Σ within 1e-5 relative of f64 (f32 exponentials and sums of ≤ 272 terms).
 
+mod kernel_emu;
 mod skip;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
-
 use half::bf16;
+use kernel_emu::{Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::{AttnShape, Backend, Mut, Ref};
 
@@ -40,14 +37,12 @@ const STAT_REL: f64 = 1e-5;
 /// MGKD_ERR_LEN (kernels/common.cuh).
 const ERR_LEN: u32 = 2;
 
-/// One set of fused attention kernels as the emulation builds it.
+/// One set of fused attention kernels.
 struct Variant {
-    /// Name of the emulator binary and of the variant in messages.
+    /// The set, in messages.
     name: &'static str,
     /// Kernel file in `kernels/`.
     file: &'static str,
-    /// Its `extern __shared__` declaration (one per kernel, three in all).
-    shared: &'static str,
     /// The three kernels: forward, query pass, key pass.
     kernels: [&'static str; 3],
     /// Whether the element type is bf16 (else f32).
@@ -61,7 +56,6 @@ const VARIANTS: [Variant; 3] = [
     Variant {
         name: "tensor cores, bf16",
         file: "attention_mma.cu",
-        shared: "extern __shared__ float mma_sm[];",
         kernels: [
             "attn_mma_forward_bf16",
             "attn_mma_backward_q_bf16",
@@ -73,7 +67,6 @@ const VARIANTS: [Variant; 3] = [
     Variant {
         name: "CUDA cores, bf16",
         file: "attention.cu",
-        shared: "extern __shared__ float sm[];",
         kernels: [
             "attn_forward_bf16",
             "attn_backward_q_bf16",
@@ -85,7 +78,6 @@ const VARIANTS: [Variant; 3] = [
     Variant {
         name: "CUDA cores, f32",
         file: "attention.cu",
-        shared: "extern __shared__ float sm[];",
         kernels: [
             "attn_forward_f32",
             "attn_backward_q_f32",
@@ -96,88 +88,24 @@ const VARIANTS: [Variant; 3] = [
     },
 ];
 
-/// The directory of the emulators and their inputs.
-fn work_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attention_emu");
-    std::fs::create_dir_all(&dir).expect("emulator directory");
-    dir
-}
-
-/// The emulator of `v`, built once per process; `None` (after saying so through `skip`, or
-/// failing under `CI`) where g++ cannot be run.
-fn emulator(v: &Variant) -> Option<PathBuf> {
-    static BUILT: OnceLock<Mutex<HashMap<&'static str, PathBuf>>> = OnceLock::new();
-    if let Err(e) = Command::new("g++").arg("--version").output() {
-        skip::skip_unless_ci(&format!("g++ cannot be run ({e}): the emulation needs it"));
-        return None;
-    }
-    let mut built = BUILT.get_or_init(Default::default).lock().expect("lock");
-    if let Some(bin) = built.get(v.name) {
-        return Some(bin.clone());
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let read =
-        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let source = [
-        read("tests/kernel_emu/shim.h"),
-        read("kernels/common.cuh"),
-        emulable(&read(&format!("kernels/{}", v.file)), v.shared),
-        read("tests/kernel_emu/attention_driver.cpp"),
-    ]
-    .join("\n");
-    let stem: String = v
-        .name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let (src, bin) = (
-        work_dir().join(format!("{stem}.cpp")),
-        work_dir().join(&stem),
-    );
-    std::fs::write(&src, source).expect("emulator source");
-    let out = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-w"])
-        .arg(format!("-DELEM={}", if v.bf16 { "bf16" } else { "float" }))
-        .arg(format!("-DATTN_FORWARD={}", v.kernels[0]))
-        .arg(format!("-DATTN_BACKWARD_Q={}", v.kernels[1]))
-        .arg(format!("-DATTN_BACKWARD_KV={}", v.kernels[2]))
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .expect("g++ runs");
-    assert!(
-        out.status.success(),
-        "g++ failed on {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    built.insert(v.name, bin.clone());
-    Some(bin)
-}
-
-/// The kernel source with what the emulation replaces: the inline PTX of an mma (by
-/// `emu_mma`), where there is one, and the `extern __shared__` declarations (by the emulated
-/// shared memory). Each must be found where expected, so a change to the kernel that moves
-/// them fails here.
-fn emulable(src: &str, shared: &str) -> String {
-    let src = match src.find("#if __CUDA_ARCH__ >= 800") {
-        None => src.to_string(),
-        Some(start) => {
-            let end = start + src[start..].find("#endif").expect("its #endif") + "#endif".len();
-            assert!(
-                src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-                "the guarded block is the mma"
-            );
-            assert_eq!(src.matches("#if __CUDA_ARCH__").count(), 1);
-            format!("{}emu_mma(c, a, b0, b1);{}", &src[..start], &src[end..])
-        }
+/// Dynamic shared memory of the forward, query pass and key pass of `v` for shape `s`, in
+/// bytes, as src/backend/cuda/attention.rs gives them (`mma_smem`, `cores_smem`).
+fn smem(v: &Variant, s: &AttnShape) -> [u32; 3] {
+    let (len, dh) = (s.len, s.dh());
+    let b = if v.file == "attention_mma.cu" {
+        let lenp = len.next_multiple_of(16);
+        let tables = 2 * lenp * (dh + 8) * 2;
+        [tables, tables, tables + 3 * lenp * 4]
+    } else {
+        let tables = 2 * len * (dh + 1);
+        [
+            tables + 4 * (dh + len),
+            tables + 4 * (2 * dh + 2 * len),
+            tables + 4 * (2 * dh + 2 * len) + 3 * len,
+        ]
+        .map(|f| f * 4)
     };
-    assert_eq!(src.matches(shared).count(), 3, "one per kernel");
-    let name = shared
-        .trim_start_matches("extern __shared__ float ")
-        .trim_end_matches("[];");
-    src.replace(shared, &format!("float* {name} = emu_shared();"))
+    b.map(|x| x as u32)
 }
 
 /// One attention case: shape, key lengths, scale, and bf16 inputs.
@@ -248,89 +176,69 @@ impl Case {
         )
     }
 
-    /// Runs the emulated kernels of `v` (`None`: no emulator here).
+    /// Runs the emulated kernels of `v`, launched as the backend launches them (`None`: no
+    /// emulator here).
     fn emulate(&self, v: &Variant) -> Option<Emulated> {
         let s = &self.s;
-        let bin = emulator(v)?;
-        let tag = format!(
-            "{}-{}-{}-{}-{}-{}",
-            bin.file_name().expect("a name").to_string_lossy(),
-            s.batch,
-            s.len,
-            s.heads,
-            s.dh(),
-            self.lens
-                .iter()
-                .map(|l| l.to_string())
-                .collect::<Vec<_>>()
-                .join("_")
-        );
-        let dir = work_dir();
-        let (input, output) = (
-            dir.join(format!("{tag}.in")),
-            dir.join(format!("{tag}.out")),
-        );
-        let mut bytes = Vec::new();
-        for n in [s.batch, s.heads, s.len, s.dh()] {
-            bytes.extend((n as i32).to_le_bytes());
-        }
-        bytes.extend(self.scale.to_le_bytes());
-        for l in &self.lens {
-            bytes.extend(l.to_le_bytes());
-        }
-        for x in self.qkv.iter().chain(&self.dctx) {
-            if v.bf16 {
-                bytes.extend(x.to_bits().to_le_bytes());
-            } else {
-                bytes.extend(x.to_f32().to_le_bytes());
-            }
-        }
-        std::fs::write(&input, bytes).expect("emulator input");
-        let out = Command::new(&bin)
-            .arg(&input)
-            .arg(&output)
-            .output()
-            .expect("the emulator runs");
-        assert!(
-            out.status.success(),
-            "{} ({}): emulator failed: {}",
-            self.label(),
-            v.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let data = std::fs::read(&output).expect("emulator output");
-        let mut at = 0;
-        let mut take = |n: usize, size: usize| {
-            let chunk = &data[at..at + n * size];
-            at += n * size;
-            chunk
-        };
+        let emu = Emulator::of(v.file)?;
         let tokens = s.batch * s.len;
         let rows = s.batch * s.heads * s.len;
-        let halves = |b: &[u8]| -> Vec<f64> {
-            b.chunks(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-                .collect()
+        let elems = |x: &[bf16]| {
+            if v.bf16 {
+                Data::Bf16(x.iter().map(|y| y.to_bits()).collect())
+            } else {
+                Data::F32(x.iter().map(|y| y.to_f32()).collect())
+            }
         };
-        let floats = |b: &[u8]| -> Vec<f64> {
-            b.chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect()
+        let poisoned = |n: usize| {
+            if v.bf16 {
+                Data::bf16_nan(n)
+            } else {
+                Data::f32_nan(n)
+            }
         };
-        let elems = |b: &[u8]| if v.bf16 { halves(b) } else { floats(b) };
-        let size = if v.bf16 { 2 } else { 4 };
-        let ctx = elems(take(tokens * s.d, size));
-        let saved = floats(take(rows * 2, 4));
-        let dqkv = elems(take(tokens * 3 * s.d, size));
-        let dsum = floats(take(rows, 4));
-        let err = u32::from_le_bytes(take(1, 4).try_into().expect("4 bytes"));
-        assert_eq!(at, data.len(), "output size");
+        // 0 lens, 1 qkv, 2 ctx, 3 saved, 4 dctx, 5 dqkv, 6 dsum, 7 err.
+        let mut bufs = vec![
+            Data::U32(self.lens.clone()),
+            elems(&self.qkv),
+            poisoned(tokens * s.d),
+            Data::f32_nan(rows * 2),
+            elems(&self.dctx),
+            poisoned(tokens * 3 * s.d),
+            Data::f32_nan(rows),
+            Data::U32(vec![0]),
+        ];
+        let shape = [s.heads, s.len, s.dh()].map(|x| Arg::Int(x as i64));
+        let [sf, sq, sk] = smem(v, s);
+        let launch = |kernel, smem, tail: &[usize]| Launch {
+            kernel,
+            grid: (s.batch * s.heads) as u32,
+            block: 128,
+            smem,
+            args: shape
+                .iter()
+                .copied()
+                .chain([Arg::Buf(0), Arg::F32(self.scale)])
+                .chain(tail.iter().map(|&i| Arg::Buf(i)))
+                .collect(),
+        };
+        emu.run(
+            &mut bufs,
+            &[
+                launch(v.kernels[0], sf, &[1, 2, 3, 7]),
+                launch(v.kernels[1], sq, &[1, 3, 4, 5, 6, 7]),
+                launch(v.kernels[2], sk, &[1, 3, 4, 6, 5, 7]),
+            ],
+        );
+        let Data::U32(err) = &bufs[7] else {
+            unreachable!("the error word")
+        };
         Some(Emulated {
-            ctx,
-            saved,
-            dqkv,
-            dsum,
-            err,
+            ctx: bufs[2].to_f64(),
+            saved: bufs[3].to_f64(),
+            dqkv: bufs[5].to_f64(),
+            dsum: bufs[6].to_f64(),
+            err: err[0],
         })
     }
 

@@ -12,8 +12,13 @@
 //   (see kernels/attention_mma.cu's header): the warp's lanes deposit their registers, each
 //   lane rebuilds the two 16×16 and 16×8 matrices, computes its four results (products
 //   summed in f64, added to the accumulator in f32), and the warp meets again.
-// The test substitutes emu_mma for the kernel's inline PTX and `float* name = emu_shared();`
-// for its `extern __shared__` declaration; everything else compiles as written.
+// - static `__shared__` variables as function-local statics (one copy, which the block's
+//   fibers share; blocks run one after another);
+// - atomics as plain read-modify-writes (one OS thread), warp votes and matches through the
+//   same exchange as the shuffles.
+// The test harness (tests/kernel_emu/mod.rs) substitutes emu_mma for a kernel's inline PTX
+// and `T* name = (T*)emu_shared();` for its `extern __shared__` declarations; everything else
+// compiles as written.
 
 #include <math.h>
 #include <stdint.h>
@@ -23,6 +28,7 @@
 #include <ucontext.h>
 
 #include <functional>
+#include <string>
 #include <vector>
 
 struct dim3 {
@@ -36,12 +42,25 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(n)
+#define __shared__ static
+
+template <typename A, typename B>
+inline auto min(A a, B b) -> decltype(a + b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> decltype(a + b) {
+  return a < b ? b : a;
+}
 
 namespace emu {
 
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kSharedBytes = 228 * 1024;
+// Bytes 0xa5 past a launch's dynamic shared memory: still there after each block, or the
+// kernel wrote past what it was given.
+constexpr unsigned char kCanary = 0xa5;
 
 struct Fiber {
   ucontext_t ctx;
@@ -84,9 +103,13 @@ inline void trampoline() {
   fibers[current].done = true;
 }
 
-// Runs `kernel` for blocks 0..grid with `threads` threads each (a multiple of 32).
-inline void launch(int grid, int threads, std::function<void()> kernel) {
-  if (threads % 32 != 0 || threads > kMaxThreads) abort();
+// Runs `kernel` for blocks 0..grid with `threads` threads each (a multiple of 32) and
+// `smem` bytes of dynamic shared memory. Exits with a message when a block writes past them.
+inline void launch(int grid, int threads, size_t smem, std::function<void()> kernel) {
+  if (threads % 32 != 0 || threads > kMaxThreads || smem > kSharedBytes) {
+    fprintf(stderr, "bad launch: %d threads, %zu bytes of shared memory\n", threads, smem);
+    exit(3);
+  }
   body = std::move(kernel);
   gridDim.x = grid;
   blockDim.x = threads;
@@ -94,7 +117,8 @@ inline void launch(int grid, int threads, std::function<void()> kernel) {
   for (Fiber& f : fibers) f.stack.resize(kStack);
   for (int b = 0; b < grid; ++b) {
     blockIdx.x = b;
-    memset(shared.data(), 0xff, shared.size());
+    memset(shared.data(), 0xff, smem);
+    memset(shared.data() + smem, kCanary, shared.size() - smem);
     block_barrier = Barrier{threads};
     for (int w = 0; w < threads / 32; ++w) warp_barrier[w] = Barrier{32};
     for (Fiber& f : fibers) {
@@ -113,6 +137,12 @@ inline void launch(int grid, int threads, std::function<void()> kernel) {
         threadIdx.x = i;
         swapcontext(&scheduler, &fibers[i].ctx);
         left += fibers[i].done ? 0 : 1;
+      }
+    }
+    for (size_t k = smem; k < shared.size(); ++k) {
+      if (shared[k] != kCanary) {
+        fprintf(stderr, "block %d wrote shared memory byte %zu, past its %zu bytes\n", b, k, smem);
+        exit(3);
       }
     }
   }
@@ -169,6 +199,27 @@ inline unsigned atomicOr(unsigned* p, unsigned v) {
   *p = old | v;
   return old;
 }
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// Round-to-nearest addition, never contracted (g++ without -ffast-math does not contract
+// across a call).
+inline float __fadd_rn(float a, float b) { return a + b; }
+
+// The lanes of the warp holding the same value as this one (full warp taking part).
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  emu::exchange[w][lane] = v;
+  __syncwarp();
+  unsigned mask = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((unsigned)emu::exchange[w][l] == v) mask |= 1u << l;
+  __syncwarp();
+  return mask;
+}
 
 // c += A·B for the warp (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
 inline void emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -198,3 +249,16 @@ inline void emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     c[r] = (float)((double)c[r] + s);
   }
 }
+
+// One kernel argument as the runner (runner.cpp) reads it: a buffer's address, an integer,
+// or a float; the generated dispatcher casts it to the parameter's type.
+struct EmuArg {
+  void* p;
+  long long i;
+  float f;
+  double d;
+};
+
+// Calls kernel `name` with `a` (generated from the launch table); false when the file has no
+// such kernel.
+bool emu_dispatch(const char* name, const EmuArg* a);
