@@ -212,7 +212,7 @@ impl Case {
         let [sf, sq, sk] = smem(v, s);
         let launch = |kernel, smem, tail: &[usize]| Launch {
             kernel,
-            grid: (s.batch * s.heads) as u32,
+            grid: ((s.batch * s.heads) as u32, 1),
             block: 128,
             smem,
             args: shape

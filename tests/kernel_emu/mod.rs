@@ -142,6 +142,8 @@ impl Data {
 pub enum Arg {
     /// A pointer to buffer `i` of the run (or, for a struct parameter, the struct it holds).
     Buf(usize),
+    /// The null pointer (an absent optional buffer).
+    Null,
     /// An `int`, `i64`, `u32` or `unsigned long long`.
     Int(i64),
     /// A `float`.
@@ -150,12 +152,12 @@ pub enum Arg {
     F64(f64),
 }
 
-/// One kernel launch: name, one-dimensional grid and block, dynamic shared memory in bytes,
-/// arguments in the kernel's order.
+/// One kernel launch: name, grid (x, y), one-dimensional block, dynamic shared memory in
+/// bytes, arguments in the kernel's order.
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub kernel: &'static str,
-    pub grid: u32,
+    pub grid: (u32, u32),
     pub block: u32,
     pub smem: u32,
     pub args: Vec<Arg>,
@@ -319,7 +321,7 @@ impl Emulator {
             );
             input.extend((l.kernel.len() as u32).to_le_bytes());
             input.extend(l.kernel.as_bytes());
-            for v in [l.grid, l.block, l.smem, l.args.len() as u32] {
+            for v in [l.grid.0, l.grid.1, l.block, l.smem, l.args.len() as u32] {
                 input.extend(v.to_le_bytes());
             }
             for (k, (a, c)) in l.args.iter().zip(decl.params).enumerate() {
@@ -329,6 +331,14 @@ impl Emulator {
                         let got = bufs.get(i).map(Data::pointer_type);
                         assert_eq!(got, Some(want), "{}: argument {k} ({c})", l.kernel);
                         (0, i as u64)
+                    }
+                    Arg::Null => {
+                        assert!(
+                            c.ends_with('*'),
+                            "{}: argument {k} is null, the parameter {c}",
+                            l.kernel
+                        );
+                        (4, 0)
                     }
                     Arg::Int(v) => {
                         assert!(

@@ -4,9 +4,10 @@
 //
 // Input file (little-endian):
 //   u32 buffers; per buffer: u32 element bytes, u64 elements, the bytes;
-//   u32 launches; per launch: u32 name length, the name, u32 grid, u32 block, u32 shared
-//   bytes, u32 arguments; per argument: u32 kind (0 buffer, 1 integer, 2 f32, 3 f64), u64
-//   payload (the buffer's index, the integer, or the float's bits).
+//   u32 launches; per launch: u32 name length, the name, u32 grid x, u32 grid y, u32 block,
+//   u32 shared bytes, u32 arguments; per argument: u32 kind (0 buffer, 1 integer, 2 f32,
+//   3 f64, 4 null pointer), u64 payload (the buffer's index, the integer, or the float's
+//   bits).
 // Output file: every buffer's bytes, in order. Exit status 3 with a message on stderr when a
 // launch is malformed or a block writes past its shared memory, 4 for an unknown kernel.
 
@@ -47,7 +48,8 @@ int main(int argc, char** argv) {
   for (uint32_t l = 0; l < launches; ++l) {
     std::string name(emu_get<uint32_t>(in), '\0');
     emu_read(in, name.data(), name.size());
-    const uint32_t grid = emu_get<uint32_t>(in), block = emu_get<uint32_t>(in);
+    const uint32_t grid_x = emu_get<uint32_t>(in), grid_y = emu_get<uint32_t>(in);
+    const uint32_t block = emu_get<uint32_t>(in);
     const uint32_t smem = emu_get<uint32_t>(in);
     std::vector<EmuArg> args(emu_get<uint32_t>(in));
     for (EmuArg& a : args) {
@@ -74,13 +76,15 @@ int main(int argc, char** argv) {
         case 3:
           memcpy(&a.d, &payload, 8);
           break;
+        case 4:
+          break;
         default:
           fprintf(stderr, "%s: argument kind %u\n", name.c_str(), kind);
           return 3;
       }
     }
     bool found = true;
-    emu::launch((int)grid, (int)block, smem, [&] { found = emu_dispatch(name.c_str(), args.data()); });
+    emu::launch((int)grid_x, (int)grid_y, (int)block, smem, [&] { found = emu_dispatch(name.c_str(), args.data()); });
     if (!found) {
       fprintf(stderr, "no kernel %s in this file\n", name.c_str());
       return 4;

@@ -103,20 +103,23 @@ inline void trampoline() {
   fibers[current].done = true;
 }
 
-// Runs `kernel` for blocks 0..grid with `threads` threads each (a multiple of 32) and
-// `smem` bytes of dynamic shared memory. Exits with a message when a block writes past them.
-inline void launch(int grid, int threads, size_t smem, std::function<void()> kernel) {
+// Runs `kernel` for blocks (0..grid_x) × (0..grid_y), x fastest, with `threads` threads each
+// (a multiple of 32) and `smem` bytes of dynamic shared memory. Exits with a message when a
+// block writes past them.
+inline void launch(int grid_x, int grid_y, int threads, size_t smem, std::function<void()> kernel) {
   if (threads % 32 != 0 || threads > kMaxThreads || smem > kSharedBytes) {
     fprintf(stderr, "bad launch: %d threads, %zu bytes of shared memory\n", threads, smem);
     exit(3);
   }
   body = std::move(kernel);
-  gridDim.x = grid;
+  gridDim.x = grid_x;
+  gridDim.y = grid_y;
   blockDim.x = threads;
   fibers.assign(threads, Fiber{});
   for (Fiber& f : fibers) f.stack.resize(kStack);
-  for (int b = 0; b < grid; ++b) {
-    blockIdx.x = b;
+  for (int b = 0; b < grid_x * grid_y; ++b) {
+    blockIdx.x = b % grid_x;
+    blockIdx.y = b / grid_x;
     memset(shared.data(), 0xff, smem);
     memset(shared.data() + smem, kCanary, shared.size() - smem);
     block_barrier = Barrier{threads};

@@ -1,0 +1,518 @@
+//! The bf16 instances of the kernels, run on the CPU through the kernel lab
+//! (`tests/kernel_emu`: their own source compiled by g++ against an emulation of the CUDA
+//! execution model), launched as `src/backend/cuda/mod.rs` launches them, against the
+//! scheme's CPU reference ([`CpuBf16Backend`]) on the same bf16 inputs. Both compute in f32
+//! and round the same stores; the emulated kernels sum in the device's order (warp shuffles,
+//! column chunks), so a stored value may differ by one bf16 ulp where its f32 value lies
+//! within f32 noise of a rounding boundary: each output within 4e-3 (u = 2⁻⁸) in norm, and
+//! the share of bit-identical elements printed. What runs on a GPU is checked there
+//! (`tests/cuda_bf16_ops.rs`); this checks the kernels' logic before a GPU is available.
+
+mod kernel_emu;
+mod skip;
+
+use kernel_emu::{Arg, Data, Emulator, Launch};
+use mgkd::backend::cpu_bf16::CpuBf16Backend;
+use mgkd::backend::{Backend, FineGrads, FineShape, Mut, Ref};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Bound on each output's distance from the reference, in norm (module documentation).
+const REL: f64 = 4e-3;
+
+/// `THREADS`, `ROW_WARPS` and `COL_CHUNK_ROWS` of the CUDA backend.
+const THREADS: u32 = 256;
+const ROW_WARPS: u32 = 4;
+const COL_CHUNK_ROWS: usize = 128;
+/// `FINE_WARPS` and `FINE_SMEM_FLOATS` of the CUDA backend.
+const FINE_WARPS: usize = 8;
+const FINE_SMEM_FLOATS: usize = (48 * 1024 - 64) / 4;
+
+/// A warp-per-row launch (`rows_cfg`).
+fn rows_grid(rows: usize) -> ((u32, u32), u32) {
+    (
+        ((rows as u32).div_ceil(ROW_WARPS).max(1), 1),
+        32 * ROW_WARPS,
+    )
+}
+
+/// One thread per element (`grid1`).
+fn elems_grid(n: usize) -> ((u32, u32), u32) {
+    (((n as u32).div_ceil(THREADS).max(1), 1), THREADS)
+}
+
+/// Rows per chunk and chunks of a column sum (`col_chunks`).
+fn col_chunks(rows: usize) -> (usize, usize) {
+    let per = COL_CHUNK_ROWS.max(rows.div_ceil(65_535));
+    (per, rows.div_ceil(per))
+}
+
+/// Pass 1 of a column sum over `cols` columns in `chunks` chunks (`chunk_grid`).
+fn chunk_grid(cols: usize, chunks: usize) -> ((u32, u32), u32) {
+    (((cols as u32).div_ceil(128), chunks as u32), 128)
+}
+
+fn launch(
+    kernel: &'static str,
+    (grid, block): ((u32, u32), u32),
+    smem: u32,
+    args: Vec<Arg>,
+) -> Launch {
+    Launch {
+        kernel,
+        grid,
+        block,
+        smem,
+        args,
+    }
+}
+
+fn int(x: usize) -> Arg {
+    Arg::Int(x as i64)
+}
+
+/// `n` values uniform in (−scale, scale), rounded to bf16 (the inputs every side sees).
+fn bf16_values(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(scale * r.gen_range(-1.0f32..1.0)).to_f32())
+        .collect()
+}
+
+fn f32_values(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| scale * r.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// A bf16 buffer of the reference holding `v` (exact: already bf16 values).
+fn act(be: &CpuBf16Backend, v: &[f32]) -> <CpuBf16Backend as Backend>::Buf {
+    let mut b = be.scratch(v.len()).expect("scratch");
+    be.write(v, Mut::whole(&mut b)).expect("write");
+    b
+}
+
+/// An f32 buffer of the reference holding `v`.
+fn full(be: &CpuBf16Backend, v: &[f32]) -> <CpuBf16Backend as Backend>::Buf {
+    let mut b = be.scratch_full(v.len()).expect("scratch");
+    be.write(v, Mut::whole(&mut b)).expect("write");
+    b
+}
+
+fn down(be: &CpuBf16Backend, b: &<CpuBf16Backend as Backend>::Buf) -> Vec<f64> {
+    be.download(b)
+        .expect("download")
+        .iter()
+        .map(|&x| x as f64)
+        .collect()
+}
+
+/// Checks an emulated output against the reference's.
+fn check(label: &str, got: &Data, want: &[f64]) {
+    let got = got.to_f64();
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+        panic!(
+            "{label}: element {i} = {} (not written?), reference {}",
+            got[i], want[i]
+        );
+    }
+    let (mut num, mut den, mut same) = (0.0f64, 0.0f64, 0usize);
+    for (g, w) in got.iter().zip(want) {
+        num += (g - w) * (g - w);
+        den += w * w;
+        same += (g.to_bits() == w.to_bits()) as usize;
+    }
+    assert!(
+        den > 0.0,
+        "{label}: the reference is all zeros (a case that checks nothing)"
+    );
+    let e = (num / den).sqrt();
+    println!(
+        "{label}: {e:.2e} from the reference, {same} of {} elements bit-identical",
+        want.len()
+    );
+    assert!(e <= REL, "{label}: {e:e} from the reference");
+}
+
+fn bf16_data(v: &[f32]) -> Data {
+    Data::bf16(v)
+}
+
+/// LayerNorm of the f32 stream with bf16 γ|β into bf16 (f32 statistics), and its backward from
+/// bf16 dy accumulated into the f32 stream gradient and dγ|dβ (two-pass column sums).
+#[test]
+fn layernorm_bf16() {
+    let Some(emu) = Emulator::of("layernorm.cu") else {
+        return;
+    };
+    let copy = Emulator::of("copy.cu").expect("the emulator of copy.cu");
+    for (rows, d) in [(37, 40), (300, 128)] {
+        let mut r = ChaCha8Rng::seed_from_u64(rows as u64);
+        let x = f32_values(&mut r, rows * d, 2.0);
+        let mut gb = bf16_values(&mut r, 2 * d, 0.5);
+        for v in &mut gb[..d] {
+            *v = half::bf16::from_f32(1.0 + *v).to_f32();
+        }
+        let dy = bf16_values(&mut r, rows * d, 1.0);
+        let dx0 = f32_values(&mut r, rows * d, 1.0);
+        let dgb0 = f32_values(&mut r, 2 * d, 1.0);
+
+        let be = CpuBf16Backend::new();
+        let (xb, gbb) = (full(&be, &x), act(&be, &gb));
+        let mut y = be.scratch(rows * d).expect("y");
+        let mut stats = be.scratch_full(2 * rows).expect("stats");
+        be.layernorm(
+            rows,
+            d,
+            Ref::whole(&xb),
+            Ref::whole(&gbb),
+            Mut::whole(&mut y),
+            Mut::whole(&mut stats),
+        );
+        let (mut dx, mut dgb) = (full(&be, &dx0), full(&be, &dgb0));
+        be.layernorm_backward(
+            rows,
+            d,
+            Ref::whole(&xb),
+            Ref::whole(&gbb),
+            Ref::whole(&stats),
+            Ref::whole(&act(&be, &dy)),
+            Mut::whole(&mut dx),
+            Mut::whole(&mut dgb),
+        );
+
+        // 0 x, 1 γβ, 2 y, 3 stats, 4 dy, 5 dx, 6 partial.
+        let (per, chunks) = col_chunks(rows);
+        let mut bufs = vec![
+            Data::F32(x),
+            bf16_data(&gb),
+            Data::bf16_nan(rows * d),
+            Data::f32_nan(2 * rows),
+            bf16_data(&dy),
+            Data::F32(dx0),
+            Data::f32_nan(chunks * 2 * d),
+        ];
+        emu.run(
+            &mut bufs,
+            &[
+                launch(
+                    "layernorm_bf16",
+                    rows_grid(rows),
+                    0,
+                    vec![
+                        int(rows),
+                        int(d),
+                        Arg::Buf(0),
+                        Arg::Buf(1),
+                        Arg::Buf(2),
+                        Arg::Buf(3),
+                    ],
+                ),
+                launch(
+                    "layernorm_backward_dx_bf16",
+                    rows_grid(rows),
+                    0,
+                    vec![
+                        int(rows),
+                        int(d),
+                        Arg::Buf(0),
+                        Arg::Buf(1),
+                        Arg::Buf(3),
+                        Arg::Buf(4),
+                        Arg::Buf(5),
+                    ],
+                ),
+                launch(
+                    "layernorm_param_partial_bf16",
+                    chunk_grid(d, chunks),
+                    0,
+                    vec![
+                        int(rows),
+                        int(d),
+                        int(per),
+                        Arg::Buf(0),
+                        Arg::Buf(3),
+                        Arg::Buf(4),
+                        Arg::Buf(6),
+                    ],
+                ),
+            ],
+        );
+        let mut fin = vec![bufs[6].clone(), Data::F32(dgb0)];
+        copy.run(
+            &mut fin,
+            &[launch(
+                "col_finish_f32",
+                chunk_grid(2 * d, 1),
+                0,
+                vec![int(2 * d), int(chunks), Arg::Buf(0), Arg::Buf(1)],
+            )],
+        );
+        let label = format!("layernorm {rows}×{d}");
+        check(&format!("{label}: y"), &bufs[2], &down(&be, &y));
+        check(&format!("{label}: stats"), &bufs[3], &down(&be, &stats));
+        check(&format!("{label}: dx"), &bufs[5], &down(&be, &dx));
+        check(&format!("{label}: dγ|dβ"), &fin[1], &down(&be, &dgb));
+    }
+}
+
+/// GELU on bf16 and its backward fused with the first pass of the bias gradient, then the
+/// second pass (the bias gradient f32, accumulated).
+#[test]
+fn gelu_bf16() {
+    let Some(emu) = Emulator::of("gelu.cu") else {
+        return;
+    };
+    let copy = Emulator::of("copy.cu").expect("the emulator of copy.cu");
+    for (rows, n) in [(3, 7), (300, 96)] {
+        let mut r = ChaCha8Rng::seed_from_u64(n as u64);
+        let x = bf16_values(&mut r, rows * n, 3.0);
+        let dy = bf16_values(&mut r, rows * n, 1.0);
+        let db0 = f32_values(&mut r, n, 1.0);
+        let be = CpuBf16Backend::new();
+        let xb = act(&be, &x);
+        let mut y = be.scratch(rows * n).expect("y");
+        be.gelu(rows * n, Ref::whole(&xb), Mut::whole(&mut y));
+        let mut dx = be.scratch(rows * n).expect("dx");
+        let mut db = full(&be, &db0);
+        be.gelu_bias_backward(
+            rows,
+            n,
+            Ref::whole(&xb),
+            Ref::whole(&act(&be, &dy)),
+            Mut::whole(&mut dx),
+            Mut::whole(&mut db),
+        );
+
+        let (per, chunks) = col_chunks(rows);
+        // 0 x, 1 y, 2 dy, 3 dx, 4 partial.
+        let mut bufs = vec![
+            bf16_data(&x),
+            Data::bf16_nan(rows * n),
+            bf16_data(&dy),
+            Data::bf16_nan(rows * n),
+            Data::f32_nan(chunks * n),
+        ];
+        emu.run(
+            &mut bufs,
+            &[
+                launch(
+                    "gelu_bf16",
+                    elems_grid(rows * n),
+                    0,
+                    vec![Arg::Int((rows * n) as i64), Arg::Buf(0), Arg::Buf(1)],
+                ),
+                launch(
+                    "gelu_backward_bias_partial_bf16",
+                    chunk_grid(n, chunks),
+                    0,
+                    vec![
+                        int(rows),
+                        int(n),
+                        int(per),
+                        Arg::Buf(0),
+                        Arg::Buf(2),
+                        Arg::Buf(3),
+                        Arg::Buf(4),
+                    ],
+                ),
+            ],
+        );
+        let mut fin = vec![bufs[4].clone(), Data::F32(db0)];
+        copy.run(
+            &mut fin,
+            &[launch(
+                "col_finish_f32",
+                chunk_grid(n, 1),
+                0,
+                vec![int(n), int(chunks), Arg::Buf(0), Arg::Buf(1)],
+            )],
+        );
+        let label = format!("gelu {rows}×{n}");
+        check(&format!("{label}: y"), &bufs[1], &down(&be, &y));
+        check(&format!("{label}: dx"), &bufs[3], &down(&be, &dx));
+        check(&format!("{label}: db"), &fin[1], &down(&be, &db));
+    }
+}
+
+/// The composed attention's masked softmax on bf16 scores, in place, and its backward.
+#[test]
+fn masked_softmax_bf16() {
+    let Some(emu) = Emulator::of("softmax.cu") else {
+        return;
+    };
+    for (batch, heads, l) in [(3, 2, 5), (4, 4, 33)] {
+        let mut r = ChaCha8Rng::seed_from_u64(l as u64);
+        let rows = batch * heads * l;
+        let mut lens: Vec<u32> = (0..batch).map(|_| r.gen_range(0..=l as u32)).collect();
+        lens[0] = l as u32;
+        lens[1] = 0;
+        let s = bf16_values(&mut r, rows * l, 8.0);
+        let dp = bf16_values(&mut r, rows * l, 1.0);
+        let scale = 0.25f32;
+        let be = CpuBf16Backend::new();
+        let ids = be.upload_ids(&lens).expect("lens");
+        let mut p = act(&be, &s);
+        be.masked_softmax(batch, heads, l, l, &ids, scale, Mut::whole(&mut p));
+        let mut ds = be.scratch(rows * l).expect("ds");
+        be.masked_softmax_backward(
+            batch,
+            heads,
+            l,
+            l,
+            &ids,
+            scale,
+            Ref::whole(&p),
+            Ref::whole(&act(&be, &dp)),
+            Mut::whole(&mut ds),
+        );
+
+        // 0 lens, 1 scores → p, 2 dp, 3 ds, 4 err.
+        let mut bufs = vec![
+            Data::U32(lens),
+            bf16_data(&s),
+            bf16_data(&dp),
+            Data::bf16_nan(rows * l),
+            Data::U32(vec![0]),
+        ];
+        let head = vec![
+            int(rows),
+            int(heads * l),
+            int(l),
+            Arg::Buf(0),
+            Arg::F32(scale),
+        ];
+        emu.run(
+            &mut bufs,
+            &[
+                launch(
+                    "masked_softmax_bf16",
+                    rows_grid(rows),
+                    0,
+                    [head.clone(), vec![Arg::Buf(1), Arg::Buf(4)]].concat(),
+                ),
+                launch(
+                    "masked_softmax_backward_bf16",
+                    rows_grid(rows),
+                    0,
+                    [
+                        head,
+                        vec![Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4)],
+                    ]
+                    .concat(),
+                ),
+            ],
+        );
+        assert_eq!(bufs[4], Data::U32(vec![0]), "error flag");
+        let label = format!("masked softmax b={batch} h={heads} l={l}");
+        check(&format!("{label}: p"), &bufs[1], &down(&be, &p));
+        check(&format!("{label}: ds"), &bufs[3], &down(&be, &ds));
+    }
+}
+
+/// The fine alignment loss on bf16 tokens (gradients accumulated into bf16 windows, dK
+/// rounded once per tile of query tokens) and its value, through the loss terms' reduction.
+#[test]
+fn fine_loss_bf16() {
+    let Some(emu) = Emulator::of("losses.cu") else {
+        return;
+    };
+    for (batch, lq, lk, d) in [(3, 5, 9, 8), (4, 80, 128, 128)] {
+        let mut r = ChaCha8Rng::seed_from_u64(lq as u64);
+        let mut ql: Vec<u32> = (0..batch).map(|_| r.gen_range(0..=lq as u32)).collect();
+        let mut kl: Vec<u32> = (0..batch).map(|_| r.gen_range(0..=lk as u32)).collect();
+        ql[0] = lq as u32;
+        kl[0] = lk as u32;
+        kl[1] = 0;
+        ql[2] = 0;
+        let (nq, nk) = (batch * lq * d, batch * lk * d);
+        let q = bf16_values(&mut r, nq, 2.0);
+        let k = bf16_values(&mut r, nk, 2.0);
+        let v = bf16_values(&mut r, nq, 1.0);
+        let t = bf16_values(&mut r, nk, 1.0);
+        let w: Vec<f32> = (0..batch).map(|_| r.gen_range(0.2f32..2.0)).collect();
+        let (dq0, dk0, dv0) = (
+            bf16_values(&mut r, nq, 1e-4),
+            bf16_values(&mut r, nk, 1e-4),
+            bf16_values(&mut r, nq, 1e-4),
+        );
+        let coef = 0.9f32;
+        let be = CpuBf16Backend::new();
+        let (qb, kb, vb, tb) = (act(&be, &q), act(&be, &k), act(&be, &v), act(&be, &t));
+        let (mut dq, mut dk, mut dv) = (act(&be, &dq0), act(&be, &dk0), act(&be, &dv0));
+        let (qli, kli) = (
+            be.upload_ids(&ql).expect("ql"),
+            be.upload_ids(&kl).expect("kl"),
+        );
+        let value = be
+            .fine_loss(
+                FineShape { batch, lq, lk, d },
+                Ref::whole(&qb),
+                Ref::whole(&kb),
+                Ref::whole(&vb),
+                Ref::whole(&tb),
+                &qli,
+                &kli,
+                Ref::whole(&full(&be, &w)),
+                coef,
+                Some(FineGrads {
+                    dq: Mut::whole(&mut dq),
+                    dk: Mut::whole(&mut dk),
+                    dv: Mut::whole(&mut dv),
+                }),
+            )
+            .expect("fine");
+
+        let fixed = FINE_WARPS * (lk + d);
+        let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
+        let smem = (4 * (fixed + tile * lk + tile)) as u32;
+        // 0 q, 1 k, 2 v, 3 t, 4 q_lens, 5 k_lens, 6 w, 7 dq, 8 dk, 9 dv, 10 terms, 11 err, 12 out.
+        let mut bufs = vec![
+            bf16_data(&q),
+            bf16_data(&k),
+            bf16_data(&v),
+            bf16_data(&t),
+            Data::U32(ql),
+            Data::U32(kl),
+            Data::F32(w),
+            bf16_data(&dq0),
+            bf16_data(&dk0),
+            bf16_data(&dv0),
+            Data::F64(vec![f64::NAN; batch]),
+            Data::U32(vec![0]),
+            Data::f32_nan(1),
+        ];
+        let mut args: Vec<Arg> = [batch, lq, lk, d, tile].into_iter().map(int).collect();
+        args.extend((0..7).map(Arg::Buf));
+        args.push(Arg::F32(coef));
+        args.extend([7, 8, 9, 10, 11].map(Arg::Buf));
+        emu.run(
+            &mut bufs,
+            &[
+                launch(
+                    "fine_bf16",
+                    (((batch as u32), 1), (32 * FINE_WARPS) as u32),
+                    smem,
+                    args,
+                ),
+                launch(
+                    "reduce_terms",
+                    ((1, 1), THREADS),
+                    0,
+                    vec![
+                        int(batch),
+                        Arg::Buf(10),
+                        Arg::F64(1.0),
+                        Arg::Buf(5),
+                        int(batch),
+                        Arg::Buf(12),
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(bufs[11], Data::U32(vec![0]), "error flag");
+        let label = format!("fine b={batch} lq={lq} lk={lk} d={d} (tile {tile})");
+        check(&format!("{label}: value"), &bufs[12], &[value as f64]);
+        check(&format!("{label}: dq"), &bufs[7], &down(&be, &dq));
+        check(&format!("{label}: dk"), &bufs[8], &down(&be, &dk));
+        check(&format!("{label}: dv"), &bufs[9], &down(&be, &dv));
+    }
+}
