@@ -516,3 +516,341 @@ fn fine_loss_bf16() {
         check(&format!("{label}: dv"), &bufs[9], &down(&be, &dv));
     }
 }
+
+/// The masked mean over bf16 sequences (the learned empty vector for rows without tokens), its
+/// backward (bf16 dx; the empty vector's f32 gradient in two passes over chunks of rows), and
+/// the empty-row substitution of the fine loss.
+#[test]
+fn pooling_bf16() {
+    let Some(emu) = Emulator::of("pooling.cu") else {
+        return;
+    };
+    let copy = Emulator::of("copy.cu").expect("the emulator of copy.cu");
+    for (batch, l, d) in [(3, 4, 8), (70, 32, 128)] {
+        let mut r = ChaCha8Rng::seed_from_u64(batch as u64);
+        let mut lens: Vec<u32> = (0..batch).map(|_| r.gen_range(0..=l as u32)).collect();
+        lens[0] = l as u32;
+        lens[1] = 0;
+        let x = bf16_values(&mut r, batch * l * d, 1.0);
+        let empty = bf16_values(&mut r, d, 1.0);
+        let dout = bf16_values(&mut r, batch * d, 1.0);
+        let dempty0 = f32_values(&mut r, d, 1.0);
+        let vec_ = bf16_values(&mut r, batch * d, 1.0);
+        let seq0 = bf16_values(&mut r, batch * l * d, 1.0);
+        let be = CpuBf16Backend::new();
+        let ids = be.upload_ids(&lens).expect("lens");
+        let mut out = be.scratch(batch * d).expect("out");
+        be.masked_mean(
+            batch,
+            l,
+            d,
+            &ids,
+            Ref::whole(&act(&be, &x)),
+            Ref::whole(&act(&be, &empty)),
+            Mut::whole(&mut out),
+        );
+        let mut dx = be.scratch(batch * l * d).expect("dx");
+        let mut dempty = full(&be, &dempty0);
+        be.masked_mean_backward(
+            batch,
+            l,
+            d,
+            &ids,
+            Ref::whole(&act(&be, &dout)),
+            Mut::whole(&mut dx),
+            Mut::whole(&mut dempty),
+        );
+        let mut seq = act(&be, &seq0);
+        be.put_empty_rows(
+            batch,
+            l,
+            d,
+            &ids,
+            Ref::whole(&act(&be, &vec_)),
+            Mut::whole(&mut seq),
+        );
+
+        // The host's two-pass chunks over batch rows (`row_chunks(batch, 32)`).
+        let per = 32usize.max(batch.div_ceil(65_535));
+        let chunks = batch.div_ceil(per);
+        // 0 lens, 1 x, 2 empty, 3 out, 4 err, 5 dout, 6 dx, 7 partial, 8 vec, 9 seq.
+        let mut bufs = vec![
+            Data::U32(lens),
+            bf16_data(&x),
+            bf16_data(&empty),
+            Data::bf16_nan(batch * d),
+            Data::U32(vec![0]),
+            bf16_data(&dout),
+            Data::bf16_nan(batch * l * d),
+            Data::f32_nan(chunks * d),
+            bf16_data(&vec_),
+            bf16_data(&seq0),
+        ];
+        let shape = vec![int(batch), int(l), int(d), Arg::Buf(0)];
+        emu.run(
+            &mut bufs,
+            &[
+                launch(
+                    "masked_mean_bf16",
+                    elems_grid(batch * d),
+                    0,
+                    [
+                        shape.clone(),
+                        vec![Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4)],
+                    ]
+                    .concat(),
+                ),
+                launch(
+                    "masked_mean_backward_bf16",
+                    elems_grid(batch * l * d),
+                    0,
+                    [shape.clone(), vec![Arg::Buf(5), Arg::Buf(6), Arg::Buf(4)]].concat(),
+                ),
+                launch(
+                    "masked_mean_dempty_partial_bf16",
+                    chunk_grid(d, chunks),
+                    0,
+                    vec![
+                        int(batch),
+                        int(d),
+                        int(per),
+                        Arg::Buf(0),
+                        Arg::Buf(5),
+                        Arg::Buf(7),
+                    ],
+                ),
+                launch(
+                    "put_empty_rows_bf16",
+                    elems_grid(batch * d),
+                    0,
+                    [shape, vec![Arg::Buf(8), Arg::Buf(9)]].concat(),
+                ),
+            ],
+        );
+        assert_eq!(bufs[4], Data::U32(vec![0]), "error flag");
+        let mut fin = vec![bufs[7].clone(), Data::F32(dempty0)];
+        copy.run(
+            &mut fin,
+            &[launch(
+                "col_finish_f32",
+                chunk_grid(d, 1),
+                0,
+                vec![int(d), int(chunks), Arg::Buf(0), Arg::Buf(1)],
+            )],
+        );
+        let label = format!("pooling b={batch} l={l} d={d}");
+        check(&format!("{label}: mean"), &bufs[3], &down(&be, &out));
+        check(&format!("{label}: dx"), &bufs[6], &down(&be, &dx));
+        check(&format!("{label}: dempty"), &fin[1], &down(&be, &dempty));
+        check(&format!("{label}: seq"), &bufs[9], &down(&be, &seq));
+    }
+}
+
+/// The coarse loss (MSE and cosine) on bf16 representations, gradient accumulated into a bf16
+/// window, and its value through the terms' reduction.
+#[test]
+fn coarse_loss_bf16() {
+    let Some(emu) = Emulator::of("losses.cu") else {
+        return;
+    };
+    for (n, d) in [(3, 8), (200, 128)] {
+        for cosine in [false, true] {
+            let mut r = ChaCha8Rng::seed_from_u64(n as u64);
+            let p = bf16_values(&mut r, n * d, 1.0);
+            let t = bf16_values(&mut r, n * d, 1.0);
+            let w: Vec<f32> = (0..n).map(|_| r.gen_range(0.2f32..2.0)).collect();
+            let dp0 = bf16_values(&mut r, n * d, 1e-3);
+            let coef = 0.7f32;
+            let be = CpuBf16Backend::new();
+            let mut dp = act(&be, &dp0);
+            let value = be
+                .coarse_loss(
+                    n,
+                    d,
+                    Ref::whole(&act(&be, &p)),
+                    Ref::whole(&act(&be, &t)),
+                    Ref::whole(&full(&be, &w)),
+                    cosine,
+                    coef,
+                    Some(Mut::whole(&mut dp)),
+                )
+                .expect("coarse");
+            // 0 p, 1 t, 2 w, 3 dp, 4 terms, 5 out.
+            let mut bufs = vec![
+                bf16_data(&p),
+                bf16_data(&t),
+                Data::F32(w),
+                bf16_data(&dp0),
+                Data::F64(vec![f64::NAN; n]),
+                Data::f32_nan(1),
+            ];
+            emu.run(
+                &mut bufs,
+                &[
+                    launch(
+                        "coarse_bf16",
+                        rows_grid(n),
+                        0,
+                        vec![
+                            int(n),
+                            int(d),
+                            Arg::Buf(0),
+                            Arg::Buf(1),
+                            Arg::Buf(2),
+                            Arg::Int(cosine as i64),
+                            Arg::F32(coef * (1.0 / n as f32)),
+                            Arg::Buf(3),
+                            Arg::Buf(4),
+                        ],
+                    ),
+                    launch(
+                        "reduce_terms",
+                        ((1, 1), THREADS),
+                        0,
+                        vec![
+                            int(n),
+                            Arg::Buf(4),
+                            Arg::F64(1.0 / n as f64),
+                            Arg::Null,
+                            int(0),
+                            Arg::Buf(5),
+                        ],
+                    ),
+                ],
+            );
+            let label = format!("coarse n={n} d={d} cosine={cosine}");
+            check(&format!("{label}: value"), &bufs[5], &[value as f64]);
+            check(&format!("{label}: dpred"), &bufs[3], &down(&be, &dp));
+        }
+    }
+}
+
+/// Conversions and copies of the bf16 scheme: f32 → bf16 (rounding), bf16 → f32, a bf16 bias
+/// added to bf16 and to f32 rows, a 2-D copy (and accumulation) of bf16 windows.
+#[test]
+fn conversions_and_copies_bf16() {
+    let (Some(copy), Some(gelu)) = (Emulator::of("copy.cu"), Emulator::of("gelu.cu")) else {
+        return;
+    };
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    let (rows, n) = (37, 24);
+    let x = f32_values(&mut r, rows * n, 3.0);
+    let b = bf16_values(&mut r, n, 1.0);
+    let ya = bf16_values(&mut r, rows * n, 1.0);
+    let yf = f32_values(&mut r, rows * n, 1.0);
+    let be = CpuBf16Backend::new();
+    // f32 → bf16 and back, through the reference's copy.
+    let mut xr = be.scratch(rows * n).expect("x");
+    be.copy(rows * n, Ref::whole(&full(&be, &x)), Mut::whole(&mut xr));
+    let mut back = be.scratch_full(rows * n).expect("back");
+    be.copy(rows * n, Ref::whole(&xr), Mut::whole(&mut back));
+    let (mut ya_r, mut yf_r) = (act(&be, &ya), full(&be, &yf));
+    be.add_bias(rows, n, Ref::whole(&act(&be, &b)), Mut::whole(&mut ya_r));
+    be.add_bias(rows, n, Ref::whole(&act(&be, &b)), Mut::whole(&mut yf_r));
+
+    // 0 x, 1 x as bf16, 2 back as f32, 3 b, 4 ya, 5 yf, 6 a 2-D copy, 7 a 2-D accumulation.
+    let acc0 = bf16_values(&mut r, rows * n, 1.0);
+    let mut bufs = vec![
+        Data::F32(x.clone()),
+        Data::bf16_nan(rows * n),
+        Data::f32_nan(rows * n),
+        bf16_data(&b),
+        bf16_data(&ya),
+        Data::F32(yf),
+        Data::bf16_nan(rows * n),
+        bf16_data(&acc0),
+    ];
+    let len = (rows * n) as i64;
+    copy.run(
+        &mut bufs,
+        &[
+            launch(
+                "convert_f32_bf16",
+                elems_grid(rows * n),
+                0,
+                vec![Arg::Int(len), Arg::Buf(0), Arg::Buf(1)],
+            ),
+            launch(
+                "convert_bf16_f32",
+                elems_grid(rows * n),
+                0,
+                vec![Arg::Int(len), Arg::Buf(1), Arg::Buf(2)],
+            ),
+            // Rows of the first n − 5 columns, row stride n on both sides.
+            launch(
+                "copy_2d_bf16",
+                elems_grid(rows * (n - 5)),
+                0,
+                vec![
+                    int(rows),
+                    int(n - 5),
+                    Arg::Buf(1),
+                    int(n),
+                    Arg::Buf(6),
+                    int(n),
+                    Arg::Int(0),
+                ],
+            ),
+            launch(
+                "copy_2d_bf16",
+                elems_grid(rows * (n - 5)),
+                0,
+                vec![
+                    int(rows),
+                    int(n - 5),
+                    Arg::Buf(1),
+                    int(n),
+                    Arg::Buf(7),
+                    int(n),
+                    Arg::Int(1),
+                ],
+            ),
+        ],
+    );
+    gelu.run(
+        &mut bufs,
+        &[
+            launch(
+                "add_bias_bf16",
+                elems_grid(rows * n),
+                0,
+                vec![int(rows), int(n), Arg::Buf(3), Arg::Buf(4)],
+            ),
+            launch(
+                "add_bias_bf16_f32",
+                elems_grid(rows * n),
+                0,
+                vec![int(rows), int(n), Arg::Buf(3), Arg::Buf(5)],
+            ),
+        ],
+    );
+    let rounded = down(&be, &xr);
+    check("convert f32 → bf16", &bufs[1], &rounded);
+    // Bit for bit: rounding is exact arithmetic.
+    assert_eq!(
+        bufs[1].to_f64(),
+        rounded,
+        "f32 → bf16 rounds as the host does"
+    );
+    check("convert bf16 → f32", &bufs[2], &down(&be, &back));
+    check("bias into bf16", &bufs[4], &down(&be, &ya_r));
+    check("bias into f32", &bufs[5], &down(&be, &yf_r));
+    // The 2-D copy: the window's columns, NaN elsewhere; the accumulation: sums there.
+    let (copied, summed) = (bufs[6].to_f64(), bufs[7].to_f64());
+    for i in 0..rows {
+        for j in 0..n {
+            let k = i * n + j;
+            if j < n - 5 {
+                assert_eq!(copied[k], rounded[k], "copy ({i}, {j})");
+                let want = half::bf16::from_f64(acc0[k] as f64 + rounded[k]).to_f64();
+                assert_eq!(summed[k], want, "accumulation ({i}, {j})");
+            } else {
+                assert!(copied[k].is_nan(), "copy ({i}, {j}) outside the window");
+                assert_eq!(
+                    summed[k], acc0[k] as f64,
+                    "accumulation ({i}, {j}) outside the window"
+                );
+            }
+        }
+    }
+}
