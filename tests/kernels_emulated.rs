@@ -13,7 +13,8 @@ mod skip;
 
 use kernel_emu::{Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
-use mgkd::backend::{Backend, FineGrads, FineShape, Mut, Ref};
+use mgkd::backend::cuda::embedding::EmbFields;
+use mgkd::backend::{Backend, EmbMode, EmbTable, FineGrads, FineShape, Mut, Ref};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -853,4 +854,168 @@ fn conversions_and_copies_bf16() {
             }
         }
     }
+}
+
+/// `EmbFields` as embedding.cu lays it out: two ints, 33 u32, 4 bytes of padding, 32 i64,
+/// 32 ints.
+fn emb_fields_bytes(g: &EmbFields) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(g.count.to_le_bytes());
+    b.extend(g.first.to_le_bytes());
+    for k in g.key0 {
+        b.extend(k.to_le_bytes());
+    }
+    b.extend([0u8; 4]);
+    for o in g.offset {
+        b.extend(o.to_le_bytes());
+    }
+    for c in g.col0 {
+        b.extend(c.to_le_bytes());
+    }
+    assert_eq!(b.len(), std::mem::size_of::<EmbFields>());
+    b
+}
+
+/// Gathers from bf16 tables (the weights' copy, at an element offset off 16 bytes): summed
+/// into the f32 residual stream (one launch per group of fields, the later ones accumulating)
+/// and concatenated into a bf16 row; bf16 positions added to the f32 stream.
+#[test]
+fn embedding_gather_and_positions_bf16() {
+    let Some(emu) = Emulator::of("embedding.cu") else {
+        return;
+    };
+    // 35 fields: two groups of at most 32.
+    let (n, width) = (37, 8);
+    let mut r = ChaCha8Rng::seed_from_u64(12);
+    let vocabs: Vec<usize> = (0..35).map(|f| 2 + (f * 7) % 13).collect();
+    let mut tables = Vec::new();
+    let mut off = 3;
+    for &v in &vocabs {
+        tables.push(EmbTable {
+            offset: off,
+            vocab: v,
+        });
+        off += v * width;
+    }
+    let params = bf16_values(&mut r, off, 1.0);
+    let fields = vocabs.len();
+    let ids: Vec<u32> = (0..n * fields)
+        .map(|k| r.gen_range(0..vocabs[k % fields] as u32))
+        .collect();
+    let be = CpuBf16Backend::new();
+    let (pb, idb) = (act(&be, &params), be.upload_ids(&ids).expect("ids"));
+    let mut sum = be.scratch_full(n * width).expect("sum");
+    be.embedding(
+        n,
+        width,
+        &tables,
+        &idb,
+        &pb,
+        EmbMode::Sum,
+        Mut::whole(&mut sum),
+        width,
+    );
+    let cw = fields * width;
+    let mut cat = be.scratch(n * cw).expect("cat");
+    be.embedding(
+        n,
+        width,
+        &tables,
+        &idb,
+        &pb,
+        EmbMode::Concat,
+        Mut::whole(&mut cat),
+        cw,
+    );
+
+    // 0 ids, 1 params, 2 sum (f32), 3 concat (bf16), 4 err, 5.. the groups' descriptors.
+    let mut bufs = vec![
+        Data::U32(ids),
+        bf16_data(&params),
+        Data::f32_nan(n * width),
+        Data::bf16_nan(n * cw),
+        Data::U32(vec![0]),
+    ];
+    let mut launches = Vec::new();
+    for (mode, out, ld, kernel) in [
+        (EmbMode::Sum, 2, width, "emb_gather_bf16_f32"),
+        (EmbMode::Concat, 3, cw, "emb_gather_bf16"),
+    ] {
+        let sum = mode == EmbMode::Sum;
+        for (gi, g) in EmbFields::groups(&tables, width, mode, false)
+            .iter()
+            .enumerate()
+        {
+            let per_token = if sum { width } else { g.count as usize * width };
+            bufs.push(Data::Bytes(emb_fields_bytes(g)));
+            launches.push(launch(
+                kernel,
+                elems_grid(n * per_token),
+                0,
+                vec![
+                    int(n),
+                    int(width),
+                    int(fields),
+                    Arg::Buf(bufs.len() - 1),
+                    Arg::Buf(0),
+                    Arg::Buf(1),
+                    Arg::Buf(out),
+                    int(ld),
+                    Arg::Int(sum as i64),
+                    Arg::Int((sum && gi > 0) as i64),
+                    Arg::Buf(4),
+                ],
+            ));
+        }
+    }
+    assert_eq!(launches.len(), 4, "two groups in each mode");
+    emu.run(&mut bufs, &launches);
+    assert_eq!(bufs[4], Data::U32(vec![0]), "error flag");
+    check(
+        "embedding sum (bf16 tables → f32)",
+        &bufs[2],
+        &down(&be, &sum),
+    );
+    check("embedding concat (bf16)", &bufs[3], &down(&be, &cat));
+
+    // Positions: bf16 table into the f32 stream, rows of lengths 0..=max_len.
+    let (batch, max_len, d) = (5, 7, 16);
+    let lens: Vec<u32> = vec![7, 0, 3, 1, 6];
+    let pos = bf16_values(&mut r, max_len * d, 1.0);
+    let x = f32_values(&mut r, batch * max_len * d, 1.0);
+    let lid = be.upload_ids(&lens).expect("lens");
+    let mut xr = full(&be, &x);
+    be.add_positions(
+        batch,
+        max_len,
+        d,
+        &lid,
+        Ref::whole(&act(&be, &pos)),
+        Mut::whole(&mut xr),
+    );
+    let mut pbufs = vec![
+        Data::U32(lens),
+        bf16_data(&pos),
+        Data::F32(x),
+        Data::U32(vec![0]),
+    ];
+    emu.run(
+        &mut pbufs,
+        &[launch(
+            "add_positions_bf16",
+            elems_grid(batch * max_len * d),
+            0,
+            vec![
+                int(batch),
+                int(max_len),
+                int(d),
+                Arg::Buf(0),
+                Arg::Buf(1),
+                Arg::Buf(2),
+                Arg::Buf(3),
+            ],
+        )],
+    );
+    assert_eq!(pbufs[3], Data::U32(vec![0]), "error flag");
+    check("positions (bf16 into f32)", &pbufs[2], &down(&be, &xr));
 }
