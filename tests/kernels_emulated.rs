@@ -53,6 +53,28 @@ fn chunk_grid(cols: usize, chunks: usize) -> ((u32, u32), u32) {
     (((cols as u32).div_ceil(128), chunks as u32), 128)
 }
 
+/// Pass 2 of a column sum (`col_finish_f32` in copy.cu): `out0 + Σ_c partial[c·n + j]`, as
+/// the backend finishes every two-pass sum.
+fn finish_columns(
+    copy: &Emulator,
+    partial: &Data,
+    out0: Vec<f32>,
+    n: usize,
+    chunks: usize,
+) -> Data {
+    let mut bufs = vec![partial.clone(), Data::F32(out0)];
+    copy.run(
+        &mut bufs,
+        &[launch(
+            "col_finish_f32",
+            chunk_grid(n, 1),
+            0,
+            vec![int(n), int(chunks), Arg::Buf(0), Arg::Buf(1)],
+        )],
+    );
+    bufs.pop().expect("the output")
+}
+
 fn launch(
     kernel: &'static str,
     (grid, block): ((u32, u32), u32),
@@ -237,21 +259,12 @@ fn layernorm_bf16() {
                 ),
             ],
         );
-        let mut fin = vec![bufs[6].clone(), Data::F32(dgb0)];
-        copy.run(
-            &mut fin,
-            &[launch(
-                "col_finish_f32",
-                chunk_grid(2 * d, 1),
-                0,
-                vec![int(2 * d), int(chunks), Arg::Buf(0), Arg::Buf(1)],
-            )],
-        );
+        let fin = finish_columns(&copy, &bufs[6], dgb0, 2 * d, chunks);
         let label = format!("layernorm {rows}×{d}");
         check(&format!("{label}: y"), &bufs[2], &down(&be, &y));
         check(&format!("{label}: stats"), &bufs[3], &down(&be, &stats));
         check(&format!("{label}: dx"), &bufs[5], &down(&be, &dx));
-        check(&format!("{label}: dγ|dβ"), &fin[1], &down(&be, &dgb));
+        check(&format!("{label}: dγ|dβ"), &fin, &down(&be, &dgb));
     }
 }
 
@@ -317,20 +330,11 @@ fn gelu_bf16() {
                 ),
             ],
         );
-        let mut fin = vec![bufs[4].clone(), Data::F32(db0)];
-        copy.run(
-            &mut fin,
-            &[launch(
-                "col_finish_f32",
-                chunk_grid(n, 1),
-                0,
-                vec![int(n), int(chunks), Arg::Buf(0), Arg::Buf(1)],
-            )],
-        );
+        let fin = finish_columns(&copy, &bufs[4], db0, n, chunks);
         let label = format!("gelu {rows}×{n}");
         check(&format!("{label}: y"), &bufs[1], &down(&be, &y));
         check(&format!("{label}: dx"), &bufs[3], &down(&be, &dx));
-        check(&format!("{label}: db"), &fin[1], &down(&be, &db));
+        check(&format!("{label}: db"), &fin, &down(&be, &db));
     }
 }
 
@@ -629,20 +633,11 @@ fn pooling_bf16() {
             ],
         );
         assert_eq!(bufs[4], Data::U32(vec![0]), "error flag");
-        let mut fin = vec![bufs[7].clone(), Data::F32(dempty0)];
-        copy.run(
-            &mut fin,
-            &[launch(
-                "col_finish_f32",
-                chunk_grid(d, 1),
-                0,
-                vec![int(d), int(chunks), Arg::Buf(0), Arg::Buf(1)],
-            )],
-        );
+        let fin = finish_columns(&copy, &bufs[7], dempty0, d, chunks);
         let label = format!("pooling b={batch} l={l} d={d}");
         check(&format!("{label}: mean"), &bufs[3], &down(&be, &out));
         check(&format!("{label}: dx"), &bufs[6], &down(&be, &dx));
-        check(&format!("{label}: dempty"), &fin[1], &down(&be, &dempty));
+        check(&format!("{label}: dempty"), &fin, &down(&be, &dempty));
         check(&format!("{label}: seq"), &bufs[9], &down(&be, &seq));
     }
 }
