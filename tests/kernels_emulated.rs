@@ -11,7 +11,7 @@
 mod kernel_emu;
 mod skip;
 
-use kernel_emu::{Arg, Data, Emulator, Launch};
+use kernel_emu::{emulable, Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
 use mgkd::backend::cuda::embedding::EmbFields;
 use mgkd::backend::{Backend, EmbMode, EmbTable, FineGrads, FineShape, Mut, Ref};
@@ -155,10 +155,6 @@ fn check(label: &str, got: &Data, want: &[f64]) {
     assert!(e <= REL, "{label}: {e:e} from the reference");
 }
 
-fn bf16_data(v: &[f32]) -> Data {
-    Data::bf16(v)
-}
-
 /// LayerNorm of the f32 stream with bf16 γ|β into bf16 (f32 statistics), and its backward from
 /// bf16 dy accumulated into the f32 stream gradient and dγ|dβ (two-pass column sums).
 #[test]
@@ -206,10 +202,10 @@ fn layernorm_bf16() {
         let (per, chunks) = col_chunks(rows);
         let mut bufs = vec![
             Data::F32(x),
-            bf16_data(&gb),
+            Data::bf16(&gb),
             Data::bf16_nan(rows * d),
             Data::f32_nan(2 * rows),
-            bf16_data(&dy),
+            Data::bf16(&dy),
             Data::F32(dx0),
             Data::f32_nan(chunks * 2 * d),
         ];
@@ -299,9 +295,9 @@ fn gelu_bf16() {
         let (per, chunks) = col_chunks(rows);
         // 0 x, 1 y, 2 dy, 3 dx, 4 partial.
         let mut bufs = vec![
-            bf16_data(&x),
+            Data::bf16(&x),
             Data::bf16_nan(rows * n),
-            bf16_data(&dy),
+            Data::bf16(&dy),
             Data::bf16_nan(rows * n),
             Data::f32_nan(chunks * n),
         ];
@@ -373,8 +369,8 @@ fn masked_softmax_bf16() {
         // 0 lens, 1 scores → p, 2 dp, 3 ds, 4 err.
         let mut bufs = vec![
             Data::U32(lens),
-            bf16_data(&s),
-            bf16_data(&dp),
+            Data::bf16(&s),
+            Data::bf16(&dp),
             Data::bf16_nan(rows * l),
             Data::U32(vec![0]),
         ];
@@ -471,16 +467,16 @@ fn fine_loss_bf16() {
         let smem = (4 * (fixed + tile * lk + tile)) as u32;
         // 0 q, 1 k, 2 v, 3 t, 4 q_lens, 5 k_lens, 6 w, 7 dq, 8 dk, 9 dv, 10 terms, 11 err, 12 out.
         let mut bufs = vec![
-            bf16_data(&q),
-            bf16_data(&k),
-            bf16_data(&v),
-            bf16_data(&t),
+            Data::bf16(&q),
+            Data::bf16(&k),
+            Data::bf16(&v),
+            Data::bf16(&t),
             Data::U32(ql),
             Data::U32(kl),
             Data::F32(w),
-            bf16_data(&dq0),
-            bf16_data(&dk0),
-            bf16_data(&dv0),
+            Data::bf16(&dq0),
+            Data::bf16(&dk0),
+            Data::bf16(&dv0),
             Data::F64(vec![f64::NAN; batch]),
             Data::U32(vec![0]),
             Data::f32_nan(1),
@@ -581,15 +577,15 @@ fn pooling_bf16() {
         // 0 lens, 1 x, 2 empty, 3 out, 4 err, 5 dout, 6 dx, 7 partial, 8 vec, 9 seq.
         let mut bufs = vec![
             Data::U32(lens),
-            bf16_data(&x),
-            bf16_data(&empty),
+            Data::bf16(&x),
+            Data::bf16(&empty),
             Data::bf16_nan(batch * d),
             Data::U32(vec![0]),
-            bf16_data(&dout),
+            Data::bf16(&dout),
             Data::bf16_nan(batch * l * d),
             Data::f32_nan(chunks * d),
-            bf16_data(&vec_),
-            bf16_data(&seq0),
+            Data::bf16(&vec_),
+            Data::bf16(&seq0),
         ];
         let shape = vec![int(batch), int(l), int(d), Arg::Buf(0)];
         emu.run(
@@ -673,10 +669,10 @@ fn coarse_loss_bf16() {
                 .expect("coarse");
             // 0 p, 1 t, 2 w, 3 dp, 4 terms, 5 out.
             let mut bufs = vec![
-                bf16_data(&p),
-                bf16_data(&t),
+                Data::bf16(&p),
+                Data::bf16(&t),
                 Data::F32(w),
-                bf16_data(&dp0),
+                Data::bf16(&dp0),
                 Data::F64(vec![f64::NAN; n]),
                 Data::f32_nan(1),
             ];
@@ -750,11 +746,11 @@ fn conversions_and_copies_bf16() {
         Data::F32(x.clone()),
         Data::bf16_nan(rows * n),
         Data::f32_nan(rows * n),
-        bf16_data(&b),
-        bf16_data(&ya),
+        Data::bf16(&b),
+        Data::bf16(&ya),
         Data::F32(yf),
         Data::bf16_nan(rows * n),
-        bf16_data(&acc0),
+        Data::bf16(&acc0),
     ];
     let len = (rows * n) as i64;
     copy.run(
@@ -926,7 +922,7 @@ fn embedding_gather_and_positions_bf16() {
     // 0 ids, 1 params, 2 sum (f32), 3 concat (bf16), 4 err, 5.. the groups' descriptors.
     let mut bufs = vec![
         Data::U32(ids),
-        bf16_data(&params),
+        Data::bf16(&params),
         Data::f32_nan(n * width),
         Data::bf16_nan(n * cw),
         Data::U32(vec![0]),
@@ -990,7 +986,7 @@ fn embedding_gather_and_positions_bf16() {
     );
     let mut pbufs = vec![
         Data::U32(lens),
-        bf16_data(&pos),
+        Data::bf16(&pos),
         Data::F32(x),
         Data::U32(vec![0]),
     ];
@@ -1013,4 +1009,24 @@ fn embedding_gather_and_positions_bf16() {
     );
     assert_eq!(pbufs[3], Data::U32(vec![0]), "error flag");
     check("positions (bf16 into f32)", &pbufs[2], &down(&be, &xr));
+}
+
+/// A kernel source the emulation cannot take is an error naming what, not a panic.
+#[test]
+fn unemulable_sources_are_errors() {
+    let ok = "extern __shared__ float sm[];\nvoid k() {}";
+    assert_eq!(
+        emulable(ok).as_deref(),
+        Ok("float* sm = (float*)emu_shared();\nvoid k() {}")
+    );
+    for (src, says) in [
+        ("#if __CUDA_ARCH__ >= 800\nasm(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32\");", "without its `#endif`"),
+        ("#if __CUDA_ARCH__ >= 800\nasm(\"wgmma\");\n#endif", "does not know"),
+        ("asm(\"nop;\");", "does not replace"),
+        ("extern __shared__ float sm[]", "without its `;`"),
+        ("extern __shared__ sm;", "a type and a name"),
+    ] {
+        let e = emulable(src).expect_err(src);
+        assert!(e.contains(says), "{src}: {e}");
+    }
 }

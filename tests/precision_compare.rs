@@ -107,4 +107,41 @@ fn within_beyond_and_incomparable() {
     );
     let (code, _) = compare(&a, &dir.path().join("missing.json").to_string_lossy(), &[]);
     assert_eq!(code, 2);
+
+    // Malformed files: an error naming the file and the run, never a traceback.
+    for (name, text, says) in [
+        (
+            "f.json",
+            "{\"data\": \"syn\", \"runs\": [1]}",
+            "runs[0]: not an object",
+        ),
+        (
+            "g.json",
+            r#"{"data": "syn", "runs": [{"variant": "plain", "seed": "0", "test_auc": 0.6}]}"#,
+            "runs[0]: `variant`",
+        ),
+        (
+            "h.json",
+            r#"{"data": "syn", "runs": [{"variant": "plain", "seed": 0, "test_auc": "x"}]}"#,
+            "`test_auc` is not a number",
+        ),
+        (
+            "i.json",
+            r#"{"data": "syn", "runs": [{"variant": "plain", "seed": 0, "test_auc": 0.6465, "config": 3}]}"#,
+            "",
+        ),
+        ("j.json", "[1, 2]", "no `runs` list"),
+        ("k.json", "{not json", "error"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        let (code, out) = compare(&a, &path.to_string_lossy(), &[]);
+        if says.is_empty() {
+            // A `config` that is not an object: the run still counts, its precision unknown.
+            assert_eq!(code, 0, "{name}: {out}");
+        } else {
+            assert_eq!(code, 2, "{name}: {out}");
+            assert!(out.contains(says) && out.contains(name), "{name}: {out}");
+        }
+    }
 }

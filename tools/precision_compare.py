@@ -17,13 +17,31 @@ import sys
 
 
 def load(path):
+    """(document, {(variant, seed): test AUC}, precisions); ValueError naming the file and
+    the run for anything else than an ablation's results.json."""
     with open(path) as f:
-        doc = json.load(f)
-    runs = doc.get("runs")
+        try:
+            doc = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+    runs = doc.get("runs") if isinstance(doc, dict) else None
     if not isinstance(runs, list):
         raise ValueError(f"{path}: no `runs` list")
-    precisions = {r.get("config", {}).get("precision") for r in runs}
-    table = {(r["variant"], r["seed"]): r["test_auc"] for r in runs if "test_auc" in r}
+    precisions, table = set(), {}
+    for k, r in enumerate(runs):
+        where = f"{path}: runs[{k}]"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: not an object")
+        variant, seed, auc = r.get("variant"), r.get("seed"), r.get("test_auc")
+        if not isinstance(variant, str) or not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"{where}: `variant` (a string) and `seed` (an integer) expected")
+        if auc is None:
+            continue  # a run that failed has no test AUC
+        if not isinstance(auc, (int, float)) or isinstance(auc, bool):
+            raise ValueError(f"{where}: `test_auc` is not a number")
+        config = r.get("config", {})
+        precisions.add(config.get("precision") if isinstance(config, dict) else None)
+        table[(variant, seed)] = float(auc)
     return doc, table, precisions
 
 
@@ -38,7 +56,7 @@ def main(argv=None):
     try:
         doc_a, ta, pa = load(a.a)
         doc_b, tb, pb = load(a.b)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}")
         return 2
     if doc_a.get("data") != doc_b.get("data"):

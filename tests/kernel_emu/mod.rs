@@ -76,26 +76,30 @@ impl Data {
         }
     }
 
+    /// Replaces the elements by those `b` holds (exactly `len · elem_bytes` bytes, which the
+    /// caller checked).
     fn set_bytes(&mut self, b: &[u8]) {
         match self {
             Data::F32(v) => {
                 for (x, c) in v.iter_mut().zip(b.chunks_exact(4)) {
-                    *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
             Data::Bf16(v) => {
                 for (x, c) in v.iter_mut().zip(b.chunks_exact(2)) {
-                    *x = u16::from_le_bytes(c.try_into().expect("2 bytes"));
+                    *x = u16::from_le_bytes([c[0], c[1]]);
                 }
             }
             Data::U32(v) => {
                 for (x, c) in v.iter_mut().zip(b.chunks_exact(4)) {
-                    *x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+                    *x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
             Data::F64(v) => {
                 for (x, c) in v.iter_mut().zip(b.chunks_exact(8)) {
-                    *x = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    *x = f64::from_le_bytes(w);
                 }
             }
             Data::Bytes(v) => v.copy_from_slice(b),
@@ -172,38 +176,47 @@ pub struct Emulator {
 /// Where the emulators and their inputs live.
 fn work_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emu");
-    std::fs::create_dir_all(&dir).expect("emulator directory");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     dir
 }
 
 /// The kernel source with what the emulation replaces: the inline PTX of an mma (by
 /// `emu_mma`), where there is one, and each `extern __shared__ T name[];` (by a pointer to
-/// the emulated dynamic shared memory). An mma block that is not the expected one fails here.
-pub fn emulable(src: &str) -> String {
+/// the emulated dynamic shared memory). An error says what in the source it cannot take: an
+/// unclosed or unknown architecture guard, other inline PTX, a malformed declaration.
+pub fn emulable(src: &str) -> Result<String, String> {
     let mut src = src.to_string();
     while let Some(start) = src.find("#if __CUDA_ARCH__ >= 800") {
-        let end = start + src[start..].find("#endif").expect("its #endif") + "#endif".len();
-        assert!(
-            src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-            "an architecture guard the emulation does not know:\n{}",
-            &src[start..end]
-        );
+        let len = src[start..]
+            .find("#endif")
+            .ok_or("an `#if __CUDA_ARCH__` without its `#endif`")?;
+        let end = start + len + "#endif".len();
+        if !src[start..end].contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") {
+            return Err(format!(
+                "an architecture guard the emulation does not know:\n{}",
+                &src[start..end]
+            ));
+        }
         src.replace_range(start..end, "emu_mma(c, a, b0, b1);");
     }
-    assert!(
-        !src.contains("__CUDA_ARCH__") && !src.contains("asm("),
-        "architecture-specific code the emulation does not replace"
-    );
+    if src.contains("__CUDA_ARCH__") || src.contains("asm(") {
+        return Err("architecture-specific code the emulation does not replace".into());
+    }
     let key = "extern __shared__ ";
     while let Some(at) = src.find(key) {
-        let end = at + src[at..].find(';').expect("a declaration") + 1;
+        let len = src[at..]
+            .find(';')
+            .ok_or("an `extern __shared__` declaration without its `;`")?;
+        let end = at + len + 1;
         let decl = &src[at + key.len()..end];
-        let (ty, rest) = decl.split_once(' ').expect("type and name");
+        let (ty, rest) = decl
+            .split_once(' ')
+            .ok_or_else(|| format!("`extern __shared__ {decl}`: expected a type and a name"))?;
         let name = rest.trim_end_matches("[];").trim();
         let with = format!("{ty}* {name} = ({ty}*)emu_shared();");
         src.replace_range(at..end, &with);
     }
-    src
+    Ok(src)
 }
 
 /// The C++ expression passing argument `k` as a parameter of C type `c` (launch-table
@@ -266,7 +279,8 @@ impl Emulator {
         let source = [
             read("tests/kernel_emu/shim.h"),
             read("kernels/common.cuh"),
-            emulable(&read(&format!("kernels/{file}"))),
+            emulable(&read(&format!("kernels/{file}")))
+                .unwrap_or_else(|e| panic!("kernels/{file}: {e}")),
             dispatcher(file),
             read("tests/kernel_emu/runner.cpp"),
         ]
@@ -276,13 +290,13 @@ impl Emulator {
             work_dir().join(format!("{stem}.cpp")),
             work_dir().join(stem),
         );
-        std::fs::write(&src, source).expect("emulator source");
+        std::fs::write(&src, source).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         let out = Command::new("g++")
             .args(["-std=c++20", "-O2", "-w", "-o"])
             .arg(&bin)
             .arg(&src)
             .output()
-            .expect("g++ runs");
+            .unwrap_or_else(|e| panic!("g++ on {}: {e}", src.display()));
         assert!(
             out.status.success(),
             "g++ failed on {}:\n{}",
@@ -367,12 +381,12 @@ impl Emulator {
             work_dir().join(format!("{tag}.in")),
             work_dir().join(format!("{tag}.out")),
         );
-        std::fs::write(&inp, input).expect("emulator input");
+        std::fs::write(&inp, input).unwrap_or_else(|e| panic!("{}: {e}", inp.display()));
         let out = Command::new(&self.bin)
             .arg(&inp)
             .arg(&outp)
             .output()
-            .expect("the emulator runs");
+            .unwrap_or_else(|e| panic!("{}: {e}", self.bin.display()));
         assert!(
             out.status.success(),
             "emulator of {} failed ({}): {}",
@@ -380,14 +394,21 @@ impl Emulator {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let data = std::fs::read(&outp).expect("emulator output");
+        let data = std::fs::read(&outp).unwrap_or_else(|e| panic!("{}: {e}", outp.display()));
+        let want: usize = bufs.iter().map(|b| b.len() * b.elem_bytes()).sum();
+        assert_eq!(
+            data.len(),
+            want,
+            "{}: {} bytes, the buffers hold {want}",
+            outp.display(),
+            data.len()
+        );
         let mut at = 0;
         for b in bufs.iter_mut() {
             let bytes = b.len() * b.elem_bytes();
             b.set_bytes(&data[at..at + bytes]);
             at += bytes;
         }
-        assert_eq!(at, data.len(), "output size");
         let _ = std::fs::remove_file(&inp);
         let _ = std::fs::remove_file(&outp);
     }
