@@ -29,6 +29,7 @@ mod skip;
 use half::bf16;
 use kernel_emu::{Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::cuda::attention::{cores_smem, mma_smem};
 use mgkd::backend::{AttnShape, Backend, Mut, Ref};
 
 /// Relative bound on the saved statistics m and 1/Σ.
@@ -89,23 +90,16 @@ const VARIANTS: [Variant; 3] = [
 ];
 
 /// Dynamic shared memory of the forward, query pass and key pass of `v` for shape `s`, in
-/// bytes, as src/backend/cuda/attention.rs gives them (`mma_smem`, `cores_smem`).
+/// bytes: what the backend gives them (`mma_smem`, `cores_smem`).
 fn smem(v: &Variant, s: &AttnShape) -> [u32; 3] {
-    let (len, dh) = (s.len, s.dh());
-    let b = if v.file == "attention_mma.cu" {
-        let lenp = len.next_multiple_of(16);
-        let tables = 2 * lenp * (dh + 8) * 2;
-        [tables, tables, tables + 3 * lenp * 4]
+    let bytes = if v.file == "attention_mma.cu" {
+        mma_smem(s)
     } else {
-        let tables = 2 * len * (dh + 1);
-        [
-            tables + 4 * (dh + len),
-            tables + 4 * (2 * dh + 2 * len),
-            tables + 4 * (2 * dh + 2 * len) + 3 * len,
-        ]
-        .map(|f| f * 4)
+        cores_smem(s)
     };
-    b.map(|x| x as u32)
+    bytes
+        .unwrap_or_else(|| panic!("{}: the backend does not run shape {s:?}", v.name))
+        .map(|x| x as u32)
 }
 
 /// One attention case: shape, key lengths, scale, and bf16 inputs.

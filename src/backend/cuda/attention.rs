@@ -87,7 +87,7 @@ fn fusable(s: &AttnShape) -> bool {
 /// Shared memory of the CUDA-core kernels for shape `s` (bytes): two `[len, dh+1]` f32
 /// tables and per-warp rows (attention.cu's header); `None` when a block would need more
 /// than [`ATTN_SMEM_BYTES`].
-pub(super) fn cores_smem(s: &AttnShape) -> Option<[usize; 3]> {
+pub fn cores_smem(s: &AttnShape) -> Option<[usize; 3]> {
     if !fusable(s) {
         return None;
     }
@@ -106,7 +106,7 @@ pub(super) fn cores_smem(s: &AttnShape) -> Option<[usize; 3]> {
 /// bf16 tables (lenp = len rounded up to 16), and in the key pass three f32 rows of lenp;
 /// `None` unless dh is a multiple of 16 up to [`MMA_DH_MAX`] and a block fits in
 /// [`ATTN_SMEM_BYTES`].
-pub(super) fn mma_smem(s: &AttnShape) -> Option<[usize; 3]> {
+pub fn mma_smem(s: &AttnShape) -> Option<[usize; 3]> {
     if !fusable(s) || !s.dh().is_multiple_of(16) || s.dh() > MMA_DH_MAX {
         return None;
     }
