@@ -11,47 +11,19 @@
 mod kernel_emu;
 mod skip;
 
+use cudarc::driver::LaunchConfig;
 use kernel_emu::{emulable, Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
 use mgkd::backend::cuda::embedding::EmbFields;
+use mgkd::backend::cuda::{
+    chunk_grid, col_chunks, fine_cfg, grid1, reduce_cfg, row_chunks, rows_cfg, ROW_CHUNK_ROWS,
+};
 use mgkd::backend::{Backend, EmbMode, EmbTable, FineGrads, FineShape, Mut, Ref};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Bound on each output's distance from the reference, in norm (module documentation).
 const REL: f64 = 4e-3;
-
-/// `THREADS`, `ROW_WARPS` and `COL_CHUNK_ROWS` of the CUDA backend.
-const THREADS: u32 = 256;
-const ROW_WARPS: u32 = 4;
-const COL_CHUNK_ROWS: usize = 128;
-/// `FINE_WARPS` and `FINE_SMEM_FLOATS` of the CUDA backend.
-const FINE_WARPS: usize = 8;
-const FINE_SMEM_FLOATS: usize = (48 * 1024 - 64) / 4;
-
-/// A warp-per-row launch (`rows_cfg`).
-fn rows_grid(rows: usize) -> ((u32, u32), u32) {
-    (
-        ((rows as u32).div_ceil(ROW_WARPS).max(1), 1),
-        32 * ROW_WARPS,
-    )
-}
-
-/// One thread per element (`grid1`).
-fn elems_grid(n: usize) -> ((u32, u32), u32) {
-    (((n as u32).div_ceil(THREADS).max(1), 1), THREADS)
-}
-
-/// Rows per chunk and chunks of a column sum (`col_chunks`).
-fn col_chunks(rows: usize) -> (usize, usize) {
-    let per = COL_CHUNK_ROWS.max(rows.div_ceil(65_535));
-    (per, rows.div_ceil(per))
-}
-
-/// Pass 1 of a column sum over `cols` columns in `chunks` chunks (`chunk_grid`).
-fn chunk_grid(cols: usize, chunks: usize) -> ((u32, u32), u32) {
-    (((cols as u32).div_ceil(128), chunks as u32), 128)
-}
 
 /// Pass 2 of a column sum (`col_finish_f32` in copy.cu): `out0 + Σ_c partial[c·n + j]`, as
 /// the backend finishes every two-pass sum.
@@ -68,24 +40,20 @@ fn finish_columns(
         &[launch(
             "col_finish_f32",
             chunk_grid(n, 1),
-            0,
             vec![int(n), int(chunks), Arg::Buf(0), Arg::Buf(1)],
         )],
     );
     bufs.pop().expect("the output")
 }
 
-fn launch(
-    kernel: &'static str,
-    (grid, block): ((u32, u32), u32),
-    smem: u32,
-    args: Vec<Arg>,
-) -> Launch {
+/// A launch of `kernel` with the backend's configuration `cfg` (grid x and y, block x, shared
+/// memory).
+fn launch(kernel: &'static str, cfg: LaunchConfig, args: Vec<Arg>) -> Launch {
     Launch {
         kernel,
-        grid,
-        block,
-        smem,
+        grid: (cfg.grid_dim.0, cfg.grid_dim.1),
+        block: cfg.block_dim.0,
+        smem: cfg.shared_mem_bytes,
         args,
     }
 }
@@ -214,8 +182,7 @@ fn layernorm_bf16() {
             &[
                 launch(
                     "layernorm_bf16",
-                    rows_grid(rows),
-                    0,
+                    rows_cfg(rows),
                     vec![
                         int(rows),
                         int(d),
@@ -227,8 +194,7 @@ fn layernorm_bf16() {
                 ),
                 launch(
                     "layernorm_backward_dx_bf16",
-                    rows_grid(rows),
-                    0,
+                    rows_cfg(rows),
                     vec![
                         int(rows),
                         int(d),
@@ -242,7 +208,6 @@ fn layernorm_bf16() {
                 launch(
                     "layernorm_param_partial_bf16",
                     chunk_grid(d, chunks),
-                    0,
                     vec![
                         int(rows),
                         int(d),
@@ -306,14 +271,12 @@ fn gelu_bf16() {
             &[
                 launch(
                     "gelu_bf16",
-                    elems_grid(rows * n),
-                    0,
+                    grid1(rows * n),
                     vec![Arg::Int((rows * n) as i64), Arg::Buf(0), Arg::Buf(1)],
                 ),
                 launch(
                     "gelu_backward_bias_partial_bf16",
                     chunk_grid(n, chunks),
-                    0,
                     vec![
                         int(rows),
                         int(n),
@@ -386,14 +349,12 @@ fn masked_softmax_bf16() {
             &[
                 launch(
                     "masked_softmax_bf16",
-                    rows_grid(rows),
-                    0,
+                    rows_cfg(rows),
                     [head.clone(), vec![Arg::Buf(1), Arg::Buf(4)]].concat(),
                 ),
                 launch(
                     "masked_softmax_backward_bf16",
-                    rows_grid(rows),
-                    0,
+                    rows_cfg(rows),
                     [
                         head,
                         vec![Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4)],
@@ -462,9 +423,7 @@ fn fine_loss_bf16() {
             )
             .expect("fine");
 
-        let fixed = FINE_WARPS * (lk + d);
-        let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
-        let smem = (4 * (fixed + tile * lk + tile)) as u32;
+        let (cfg, tile) = fine_cfg(batch, lq, lk, d).expect("a shape the fine kernel takes");
         // 0 q, 1 k, 2 v, 3 t, 4 q_lens, 5 k_lens, 6 w, 7 dq, 8 dk, 9 dv, 10 terms, 11 err, 12 out.
         let mut bufs = vec![
             Data::bf16(&q),
@@ -488,16 +447,10 @@ fn fine_loss_bf16() {
         emu.run(
             &mut bufs,
             &[
-                launch(
-                    "fine_bf16",
-                    (((batch as u32), 1), (32 * FINE_WARPS) as u32),
-                    smem,
-                    args,
-                ),
+                launch("fine_bf16", cfg, args),
                 launch(
                     "reduce_terms",
-                    ((1, 1), THREADS),
-                    0,
+                    reduce_cfg(),
                     vec![
                         int(batch),
                         Arg::Buf(10),
@@ -571,9 +524,7 @@ fn pooling_bf16() {
             Mut::whole(&mut seq),
         );
 
-        // The host's two-pass chunks over batch rows (`row_chunks(batch, 32)`).
-        let per = 32usize.max(batch.div_ceil(65_535));
-        let chunks = batch.div_ceil(per);
+        let (per, chunks) = row_chunks(batch, ROW_CHUNK_ROWS);
         // 0 lens, 1 x, 2 empty, 3 out, 4 err, 5 dout, 6 dx, 7 partial, 8 vec, 9 seq.
         let mut bufs = vec![
             Data::U32(lens),
@@ -593,8 +544,7 @@ fn pooling_bf16() {
             &[
                 launch(
                     "masked_mean_bf16",
-                    elems_grid(batch * d),
-                    0,
+                    grid1(batch * d),
                     [
                         shape.clone(),
                         vec![Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4)],
@@ -603,14 +553,12 @@ fn pooling_bf16() {
                 ),
                 launch(
                     "masked_mean_backward_bf16",
-                    elems_grid(batch * l * d),
-                    0,
+                    grid1(batch * l * d),
                     [shape.clone(), vec![Arg::Buf(5), Arg::Buf(6), Arg::Buf(4)]].concat(),
                 ),
                 launch(
                     "masked_mean_dempty_partial_bf16",
                     chunk_grid(d, chunks),
-                    0,
                     vec![
                         int(batch),
                         int(d),
@@ -622,8 +570,7 @@ fn pooling_bf16() {
                 ),
                 launch(
                     "put_empty_rows_bf16",
-                    elems_grid(batch * d),
-                    0,
+                    grid1(batch * d),
                     [shape, vec![Arg::Buf(8), Arg::Buf(9)]].concat(),
                 ),
             ],
@@ -681,8 +628,7 @@ fn coarse_loss_bf16() {
                 &[
                     launch(
                         "coarse_bf16",
-                        rows_grid(n),
-                        0,
+                        rows_cfg(n),
                         vec![
                             int(n),
                             int(d),
@@ -697,8 +643,7 @@ fn coarse_loss_bf16() {
                     ),
                     launch(
                         "reduce_terms",
-                        ((1, 1), THREADS),
-                        0,
+                        reduce_cfg(),
                         vec![
                             int(n),
                             Arg::Buf(4),
@@ -758,21 +703,18 @@ fn conversions_and_copies_bf16() {
         &[
             launch(
                 "convert_f32_bf16",
-                elems_grid(rows * n),
-                0,
+                grid1(rows * n),
                 vec![Arg::Int(len), Arg::Buf(0), Arg::Buf(1)],
             ),
             launch(
                 "convert_bf16_f32",
-                elems_grid(rows * n),
-                0,
+                grid1(rows * n),
                 vec![Arg::Int(len), Arg::Buf(1), Arg::Buf(2)],
             ),
             // Rows of the first n − 5 columns, row stride n on both sides.
             launch(
                 "copy_2d_bf16",
-                elems_grid(rows * (n - 5)),
-                0,
+                grid1(rows * (n - 5)),
                 vec![
                     int(rows),
                     int(n - 5),
@@ -785,8 +727,7 @@ fn conversions_and_copies_bf16() {
             ),
             launch(
                 "copy_2d_bf16",
-                elems_grid(rows * (n - 5)),
-                0,
+                grid1(rows * (n - 5)),
                 vec![
                     int(rows),
                     int(n - 5),
@@ -804,14 +745,12 @@ fn conversions_and_copies_bf16() {
         &[
             launch(
                 "add_bias_bf16",
-                elems_grid(rows * n),
-                0,
+                grid1(rows * n),
                 vec![int(rows), int(n), Arg::Buf(3), Arg::Buf(4)],
             ),
             launch(
                 "add_bias_bf16_f32",
-                elems_grid(rows * n),
-                0,
+                grid1(rows * n),
                 vec![int(rows), int(n), Arg::Buf(3), Arg::Buf(5)],
             ),
         ],
@@ -941,8 +880,7 @@ fn embedding_gather_and_positions_bf16() {
             bufs.push(Data::Bytes(emb_fields_bytes(g)));
             launches.push(launch(
                 kernel,
-                elems_grid(n * per_token),
-                0,
+                grid1(n * per_token),
                 vec![
                     int(n),
                     int(width),
@@ -994,8 +932,7 @@ fn embedding_gather_and_positions_bf16() {
         &mut pbufs,
         &[launch(
             "add_positions_bf16",
-            elems_grid(batch * max_len * d),
-            0,
+            grid1(batch * max_len * d),
             vec![
                 int(batch),
                 int(max_len),

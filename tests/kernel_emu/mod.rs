@@ -8,8 +8,9 @@
 //! What it checks is the kernel's own logic (indexing, masking, reductions, roundings, the
 //! use of shared memory, which is NaN-filled before each block and fenced past the launch's
 //! dynamic size); not the hardware, its timing, or the host code that launches the kernel
-//! (the test states the launch). Without g++ a test says it skipped (`skip`), except under
-//! `CI`, where it fails.
+//! (a test builds each launch from the backend's public launch shapes: `grid1`, `rows_cfg`,
+//! `chunk_grid`, `fine_cfg`, the attention's `mma_smem`, …). Without g++ a test says it
+//! skipped (`skip`), except under `CI`, where it fails.
 #![allow(dead_code)]
 
 use std::collections::HashMap;

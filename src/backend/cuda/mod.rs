@@ -73,7 +73,7 @@ const ROW_WARPS: u32 = 4;
 const COL_CHUNK_ROWS: usize = 128;
 /// Batch rows per chunk (at least) of the two-pass sums over batch rows (the position
 /// gradient, the empty-sequence vector's gradient).
-const ROW_CHUNK_ROWS: usize = 32;
+pub const ROW_CHUNK_ROWS: usize = 32;
 /// Warps per block of the fine-alignment kernel.
 const FINE_WARPS: usize = 8;
 /// Dynamic shared memory the fine-alignment kernel may use, in floats: 48 KiB (a block's
@@ -151,8 +151,42 @@ fn long(x: usize) -> i64 {
     i64::try_from(x).unwrap_or(i64::MAX)
 }
 
+// The launch shapes below are public so that the kernel lab (tests/kernel_emu) launches a
+// kernel exactly as the backend does.
+
+/// The fine-alignment kernel's launch for a batch of `batch` rows, `lq` student and `lk`
+/// teacher tokens of width `d`, and its tile of student tokens per pass: one block of
+/// `FINE_WARPS` warps per row, `FINE_WARPS·(lk + d)` floats of shared memory and
+/// `lk + 1` per student token of the tile; `None` when not one token fits.
+pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchConfig, usize)> {
+    let fixed = FINE_WARPS * (lk + d);
+    if fixed + lk + 1 > FINE_SMEM_FLOATS {
+        return None;
+    }
+    let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32::try_from(batch).expect("batch within the grid limit"),
+            1,
+            1,
+        ),
+        block_dim: (32 * FINE_WARPS as u32, 1, 1),
+        shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
+    };
+    Some((cfg, tile))
+}
+
+/// The launch of the one-block reduction of a loss's terms (`reduce_terms`).
+pub fn reduce_cfg() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A 1-D grid-stride launch over `n` items.
-fn grid1(n: usize) -> LaunchConfig {
+pub fn grid1(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_GRID);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -162,7 +196,7 @@ fn grid1(n: usize) -> LaunchConfig {
 }
 
 /// A warp-per-row launch over `rows` rows.
-fn rows_cfg(rows: usize) -> LaunchConfig {
+pub fn rows_cfg(rows: usize) -> LaunchConfig {
     let blocks = rows.div_ceil(ROW_WARPS as usize).max(1);
     LaunchConfig {
         grid_dim: (
@@ -177,21 +211,21 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
 
 /// Rows per chunk and chunk count of a column reduction over `rows` rows (shape-only, so
 /// the summation order is fixed; at most 65535 chunks, the grid's y limit).
-fn col_chunks(rows: usize) -> (usize, usize) {
+pub fn col_chunks(rows: usize) -> (usize, usize) {
     row_chunks(rows, COL_CHUNK_ROWS)
 }
 
 /// Rows per chunk and chunk count of a two-pass sum over `rows` rows in chunks of at least
 /// `min_per` rows (shape-only, so the summation order is fixed; at most 65535 chunks, the
 /// grid's y and z limit).
-fn row_chunks(rows: usize, min_per: usize) -> (usize, usize) {
+pub fn row_chunks(rows: usize, min_per: usize) -> (usize, usize) {
     let per = min_per.max(rows.div_ceil(65_535));
     (per, rows.div_ceil(per))
 }
 
 /// The launch of a column-wise pass: 128 threads per block over `cols` columns (x) and
 /// `chunks` chunks (y; 1 for the second pass).
-fn chunk_grid(cols: usize, chunks: usize) -> LaunchConfig {
+pub fn chunk_grid(cols: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (cols.div_ceil(128) as u32, chunks as u32, 1),
         block_dim: (128, 1, 1),
@@ -895,11 +929,7 @@ impl CudaBackend {
         out: DevPtr<f32>,
     ) -> Result<()> {
         let base = self.dscratch(st, count)?;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = reduce_cfg();
         let (lp, ln) = count_lens.unwrap_or((DevPtr::null(), 0));
         self.k().reduce_terms(
             cfg,
@@ -2590,16 +2620,14 @@ impl Backend for CudaBackend {
         }
         // |R| and the length checks happen on the device (a length beyond its padded extent
         // raises the fault flag), so nothing waits here.
-        let fixed = FINE_WARPS * (lk + d);
-        if fixed + lk + 1 > FINE_SMEM_FLOATS {
+        let Some((cfg, tile)) = fine_cfg(batch, lq, lk, d) else {
             return Err(Error::invalid(format!(
                 "fine_loss: lk = {lk}, d = {d} is too large for the CUDA kernel: it needs \
                  {FINE_WARPS}·(lk + d) + lk + 1 = {} floats of shared memory, at most \
                  {FINE_SMEM_FLOATS}",
-                fixed + lk + 1
+                FINE_WARPS * (lk + d) + lk + 1
             )));
-        }
-        let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
+        };
         let qp = self.rt(q, batch * lq * d, "fine_loss q");
         let kp = self.rt(k, batch * lk * d, "fine_loss k");
         let vp = self.rt(v, batch * lq * d, "fine_loss v");
@@ -2631,15 +2659,6 @@ impl Backend for CudaBackend {
         let mut st = self.lock_state();
         let terms = self.dscratch(&mut st, batch)?.offset(1);
         let err = self.base(&st.err_flag);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(batch).expect("batch within the grid limit"),
-                1,
-                1,
-            ),
-            block_dim: (32 * FINE_WARPS as u32, 1, 1),
-            shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
-        };
         let (bi, lqi, lki, di) = (
             int(batch, "batch"),
             int(lq, "lq"),
