@@ -626,7 +626,8 @@ fn losses(b: &mut Bench) {
     );
 }
 
-/// AdamW with the clipping factor on the device, at the §8 student's parameter count.
+/// AdamW with the clipping factor on the device, over the §8 student's flat parameter buffer
+/// (its parameters and alignment gaps: the length one optimiser step runs over).
 fn optimizer(b: &mut Bench) {
     let schema = reference_schema(L, LP);
     let cfg = ModelConfig::with_defaults(Role::Student, &schema).expect("§8 student");

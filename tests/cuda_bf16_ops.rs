@@ -186,7 +186,7 @@ fn check<C: Case>(label: &str, case: &C) {
 // ---- linear maps (cuBLASLt) ------------------------------------------------------------
 
 /// `y = x·Wᵀ + b` with x, W and b bf16 (W and b at element offsets 1 and 3 of the weights'
-/// copy: addresses off 16 bytes, as tensors of the flat store are), into a bf16 output
+/// copy: addresses off 16 bytes, which the backend copies to aligned windows), into a bf16 output
 /// (overwritten, and accumulated), into an f32 output (the logits), and with an f32 residual
 /// (the residual stream).
 struct LinearCase {
@@ -536,7 +536,7 @@ impl Case for EmbCase {
         let mut g = rng(7);
         let vocabs = [5usize, 64, 3];
         let mut tables = Vec::new();
-        let mut off = 1; // off 16 bytes, as in the flat store
+        let mut off = 1; // off 16 bytes: the gathers take any element offset
         for &v in &vocabs {
             tables.push(EmbTable {
                 offset: off,

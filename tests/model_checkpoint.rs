@@ -397,3 +397,111 @@ fn grad_norm_clipping_and_step_count() {
         );
     }
 }
+
+/// The flat elements no tensor owns (the gaps that align each tensor to `TENSOR_ALIGN`).
+fn gaps(table: &ParamTable) -> Vec<usize> {
+    let mut owned = vec![false; table.total()];
+    for e in table.entries() {
+        owned[e.offset..e.offset + e.numel()].fill(true);
+    }
+    (0..table.total()).filter(|&i| !owned[i]).collect()
+}
+
+#[test]
+fn tensors_start_aligned_and_the_gaps_stay_zero_through_training() {
+    use mgkd::loss::{student_objective, LossConfig};
+    use mgkd::model::params::TENSOR_ALIGN;
+    use mgkd::optim::{AdamWConfig, Optimizer};
+    // Odd widths everywhere: d 12 (3 heads), d_cat 3, a 1-wide head.
+    let cfg = ModelConfig::new(Role::Student, &schema(), 12, 3, 2, 3).unwrap();
+    let t = ParamTable::new(&cfg);
+    let mut prev: Option<&mgkd::model::params::ParamEntry> = None;
+    for e in t.entries() {
+        let ln_shift = e.name.ends_with(".bias")
+            && (e.name.contains(".ln") || e.name.starts_with("encoder.ln_f"));
+        if ln_shift {
+            let w = prev.unwrap();
+            assert_eq!(
+                e.offset,
+                w.offset + w.numel(),
+                "{} follows its scale",
+                e.name
+            );
+        } else {
+            assert_eq!(e.offset % TENSOR_ALIGN, 0, "{} at {}", e.name, e.offset);
+        }
+        prev = Some(e);
+    }
+    let count: usize = t.entries().iter().map(|e| e.numel()).sum();
+    assert_eq!(t.count(), count);
+    let g = gaps(&t);
+    assert!(!g.is_empty() && t.total() == count + g.len());
+    let (init, mask) = (t.init_values::<f64>(3), t.decay_mask::<f64>());
+    assert!(g.iter().all(|&i| init[i] == 0.0 && mask[i] == 0.0));
+
+    // Three optimiser steps of the whole student objective with random
+    // parameters: the gaps' gradients, moments and values stay exactly 0.
+    let (be, teacher) = model::<f64>(Role::Teacher, 2, 1);
+    let (_, mut s) = model::<f64>(Role::Student, 2, 2);
+    let g = gaps(&s.params.table);
+    assert!(!g.is_empty());
+    // No operation reads a gap: with NaN there, the objective and every gradient are finite.
+    let clean = be.download(&s.params.values).unwrap();
+    let mut poisoned = clean.clone();
+    g.iter().for_each(|&i| poisoned[i] = f64::NAN);
+    s.params.set_values(&be, &poisoned).unwrap();
+    s.params.zero_grads(&be);
+    let db = upload(&be, &batch5(19));
+    let l = student_objective(
+        &be,
+        &LossConfig::default(),
+        [0.8, 1.6],
+        Teacher::live(&teacher),
+        &mut s,
+        &db,
+        true,
+    )
+    .unwrap();
+    assert!(l.total.is_finite());
+    assert!(be
+        .download(&s.params.grads)
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite()));
+    s.params.set_values(&be, &clean).unwrap();
+
+    let mut opt = Optimizer::new(AdamWConfig::default());
+    for step in 0..3 {
+        let db = upload(&be, &batch5(20 + step));
+        s.params.zero_grads(&be);
+        let cfg = LossConfig::default();
+        student_objective(
+            &be,
+            &cfg,
+            [0.8, 1.6],
+            Teacher::live(&teacher),
+            &mut s,
+            &db,
+            true,
+        )
+        .unwrap();
+        let grads = be.download(&s.params.grads).unwrap();
+        assert!(grads.iter().any(|&x| x != 0.0));
+        assert!(
+            g.iter().all(|&i| grads[i] == 0.0),
+            "step {step}: a gap's gradient"
+        );
+        opt.step(&be, &mut s.params, 1e-2).unwrap();
+        for (what, buf) in [
+            ("value", &s.params.values),
+            ("first moment", &s.params.m),
+            ("second moment", &s.params.v),
+        ] {
+            let host = be.download(buf).unwrap();
+            assert!(
+                g.iter().all(|&i| host[i] == 0.0),
+                "step {step}: a gap's {what}"
+            );
+        }
+    }
+}

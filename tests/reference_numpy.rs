@@ -130,8 +130,7 @@ fn random_model(be: &Be, role: Role, blocks: usize, seed: u64) -> Model<Be> {
     let cfg = ModelConfig::new(role, &schema(), 16, 2, blocks, 4).expect("config");
     let mut m = Model::new(be, cfg, seed).expect("model");
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa11ce);
-    let mut v = Vec::with_capacity(m.params.table.total());
-    for e in m.params.table.entries() {
+    let v = m.params.table.flat(|e, w: &mut [f64]| {
         let (mean, sd) = match e.init {
             Init::Normal if e.name.starts_with("encoder.embed.") => (0.0, 0.15),
             Init::Normal => (0.0, 0.4),
@@ -139,8 +138,8 @@ fn random_model(be: &Be, role: Role, blocks: usize, seed: u64) -> Model<Be> {
             Init::Ones => (1.0, 0.3),
         };
         let nd = Normal::new(mean, sd).expect("normal");
-        v.extend((0..e.numel()).map(|_| nd.sample(&mut rng)));
-    }
+        w.iter_mut().for_each(|x| *x = nd.sample(&mut rng));
+    });
     m.params.set_values(be, &v).expect("values");
     m
 }

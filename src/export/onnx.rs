@@ -702,7 +702,7 @@ pub fn export_student(ck: &Checkpoint, vocab: Option<&str>) -> Result<Exported> 
     Ok(Exported {
         bytes,
         graph_params,
-        left_out_params: table.total() - graph_params,
+        left_out_params: table.count() - graph_params,
         nodes,
     })
 }

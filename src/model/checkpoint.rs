@@ -144,13 +144,14 @@ pub(crate) fn verify_data(
     }
 }
 
-/// A checkpoint read from disk: its configuration, parameter values (f32, table order) and
+/// A checkpoint read from disk: its configuration, parameter values (f32, in the flat layout) and
 /// every metadata key.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     /// The model configuration.
     pub config: ModelConfig,
-    /// The values in the order of `ParamTable::new(&config)`.
+    /// The values laid out as the flat buffers of `ParamTable::new(&config)` (its alignment
+    /// gaps zero).
     pub values: Vec<f32>,
     /// All metadata keys, the `mgkd.*` ones included.
     pub metadata: BTreeMap<String, String>,
@@ -234,7 +235,8 @@ pub fn read(path: &Path) -> Result<Checkpoint> {
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, format!("truncated or damaged safetensors file: {e}")))?;
     let table = ParamTable::new(&config);
-    let mut values = Vec::with_capacity(table.total());
+    // Laid out by the table: the gaps that align each tensor stay zero.
+    let mut values = vec![0f32; table.total()];
     for e in table.entries() {
         let t = st
             .tensor(&e.name)
@@ -256,12 +258,11 @@ pub fn read(path: &Path) -> Result<Checkpoint> {
                 ),
             ));
         }
-        let data = t.data();
-        values.extend(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
-        if let Some(i) = values[e.offset..].iter().position(|x| !x.is_finite()) {
+        let window = &mut values[e.offset..e.offset + e.numel()];
+        for (x, c) in window.iter_mut().zip(t.data().chunks_exact(4)) {
+            *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        if let Some(i) = window.iter().position(|x| !x.is_finite()) {
             return Err(Error::format(
                 path,
                 format!("tensor {}: element {i} is not finite", e.name),

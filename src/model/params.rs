@@ -16,6 +16,15 @@ use crate::{Error, Result};
 /// Standard deviation of the normal initialisation of matrices and embeddings (docs/model.md §4.7).
 pub const INIT_STD: f64 = 0.02;
 
+/// Every tensor of the flat buffers starts at a multiple of this many elements (32 bytes in
+/// f32, 16 in bf16; the buffers themselves are allocated at least 256-byte aligned), so that
+/// a weight or bias read by a tensor-core GEMM, in the f32 values or in their bf16 compute
+/// copy, meets the 16-byte alignment of the vectorised kernels without a staging copy. The
+/// gap before a tensor holds zeros that no operation reads: its gradient stays 0, and AdamW
+/// leaves it 0. The one exception is a LayerNorm's shift, which follows its scale directly
+/// (the LayerNorm kernels take `[γ ; β]` as one window).
+pub const TENSOR_ALIGN: usize = 8;
+
 /// How a tensor is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
@@ -34,7 +43,8 @@ pub struct ParamEntry {
     pub name: String,
     /// Shape (PyTorch convention: a linear weight is `[out, in]`).
     pub shape: Vec<usize>,
-    /// Element offset in the flat buffers.
+    /// Element offset in the flat buffers (a multiple of [`TENSOR_ALIGN`], except a
+    /// LayerNorm's shift, which follows its scale).
     pub offset: usize,
     /// Whether AdamW's weight decay applies (weights of linear maps only).
     pub decay: bool,
@@ -54,7 +64,10 @@ impl ParamEntry {
 pub struct ParamTable {
     entries: Vec<ParamEntry>,
     index: HashMap<String, usize>,
+    /// Length of the flat buffers, alignment gaps included.
     total: usize,
+    /// Number of parameters, the sum of the entries' sizes.
+    count: usize,
 }
 
 impl ParamTable {
@@ -66,6 +79,7 @@ impl ParamTable {
             entries: Vec::new(),
             index: HashMap::new(),
             total: 0,
+            count: 0,
         };
         let d = cfg.d;
         for (k, &v) in cfg.event_vocabs.iter().enumerate() {
@@ -117,7 +131,14 @@ impl ParamTable {
         t
     }
 
+    /// Appends the tensor `name` at the next multiple of [`TENSOR_ALIGN`].
     fn push(&mut self, name: String, shape: &[usize], init: Init, decay: bool) {
+        self.total = self.total.next_multiple_of(TENSOR_ALIGN);
+        self.push_packed(name, shape, init, decay);
+    }
+
+    /// Appends the tensor `name` directly after the previous one.
+    fn push_packed(&mut self, name: String, shape: &[usize], init: Init, decay: bool) {
         let e = ParamEntry {
             name: name.clone(),
             shape: shape.to_vec(),
@@ -126,6 +147,7 @@ impl ParamTable {
             init,
         };
         self.total += e.numel();
+        self.count += e.numel();
         self.index.insert(name, self.entries.len());
         self.entries.push(e);
     }
@@ -135,9 +157,10 @@ impl ParamTable {
         self.push(format!("{prefix}.bias"), &[out], Init::Zeros, false);
     }
 
+    /// Scale and shift, adjacent: the LayerNorm kernels read and write them as one window.
     fn layernorm(&mut self, prefix: &str, d: usize) {
         self.push(format!("{prefix}.weight"), &[d], Init::Ones, false);
-        self.push(format!("{prefix}.bias"), &[d], Init::Zeros, false);
+        self.push_packed(format!("{prefix}.bias"), &[d], Init::Zeros, false);
     }
 
     /// The entries, in table order.
@@ -145,9 +168,25 @@ impl ParamTable {
         &self.entries
     }
 
-    /// Total number of scalars (length of each flat buffer).
+    /// Length of each flat buffer: the parameters and the zero gaps that align each tensor
+    /// ([`TENSOR_ALIGN`]).
     pub fn total(&self) -> usize {
         self.total
+    }
+
+    /// Number of parameters (the sum of the tensors' sizes, gaps excluded).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// A flat buffer laid out by the table: zeros, then `fill` called on each tensor's window
+    /// in table order.
+    pub fn flat<F: Float>(&self, mut fill: impl FnMut(&ParamEntry, &mut [F])) -> Vec<F> {
+        let mut v = vec![<F as num_traits::Zero>::zero(); self.total];
+        for e in &self.entries {
+            fill(e, &mut v[e.offset..e.offset + e.numel()]);
+        }
+        v
     }
 
     /// The entry named `name`.
@@ -165,11 +204,11 @@ impl ParamTable {
 
     /// The decay mask on the host: 1 on the elements of tensors with `decay`, 0 elsewhere.
     pub fn decay_mask<F: Float>(&self) -> Vec<F> {
-        let mut m = vec![<F as num_traits::Zero>::zero(); self.total];
-        for e in self.entries.iter().filter(|e| e.decay) {
-            m[e.offset..e.offset + e.numel()].fill(<F as num_traits::One>::one());
-        }
-        m
+        self.flat(|e, w: &mut [F]| {
+            if e.decay {
+                w.fill(<F as num_traits::One>::one())
+            }
+        })
     }
 
     /// Seeded initial values (docs/model.md §4.7): a ChaCha8 stream from `seed`, tensors drawn in
@@ -178,18 +217,13 @@ impl ParamTable {
     pub fn init_values<F: Float>(&self, seed: u64) -> Vec<F> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0, INIT_STD).expect("INIT_STD is a valid standard deviation");
-        let mut v = Vec::with_capacity(self.total);
-        for e in &self.entries {
-            let n = e.numel();
-            match e.init {
-                Init::Normal => {
-                    v.extend((0..n).map(|_| <F as Float>::from_f64(normal.sample(&mut rng))))
-                }
-                Init::Zeros => v.extend(std::iter::repeat_n(<F as num_traits::Zero>::zero(), n)),
-                Init::Ones => v.extend(std::iter::repeat_n(<F as num_traits::One>::one(), n)),
-            }
-        }
-        v
+        self.flat(|e, w: &mut [F]| match e.init {
+            Init::Normal => w
+                .iter_mut()
+                .for_each(|x| *x = <F as Float>::from_f64(normal.sample(&mut rng))),
+            Init::Zeros => w.fill(<F as num_traits::Zero>::zero()),
+            Init::Ones => w.fill(<F as num_traits::One>::one()),
+        })
     }
 }
 

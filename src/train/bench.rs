@@ -368,7 +368,7 @@ pub fn param_counts(cfg: &BenchConfig) -> Result<(usize, usize)> {
     let s = reference_schema(cfg.in_len, cfg.pre_len);
     let count = |role| -> Result<usize> {
         let c = ModelConfig::new(role, &s, cfg.d, cfg.heads, cfg.blocks, cfg.d_cat)?;
-        Ok(crate::model::ParamTable::new(&c).total())
+        Ok(crate::model::ParamTable::new(&c).count())
     };
     Ok((count(Role::Teacher)?, count(Role::Student)?))
 }

@@ -727,7 +727,9 @@ pub fn train_distributed<B: Backend>(
             return Err(Error::format(
                 &r.path,
                 format!(
-                    "{} parameters at epoch {}, for a model of {} parameters trained {} epochs",
+                    "{} stored values at epoch {}, for a model whose flat parameter buffer holds {} \
+                     trained {} epochs (a resume checkpoint of another model, or of another \
+                     version of mgkd)",
                     snap.values.len(),
                     snap.progress.epoch,
                     model.params.table.total(),

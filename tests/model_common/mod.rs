@@ -89,17 +89,16 @@ pub fn batch5(seed: u64) -> Batch {
 /// rounded through f32 so that f32 and f64 copies hold the same numbers.
 pub fn random_values(table: &ParamTable, seed: u64) -> Vec<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let mut v = Vec::with_capacity(table.total());
-    for e in table.entries() {
+    table.flat(|e, w: &mut [f64]| {
         let (mean, sd) = match e.init {
             Init::Normal => (0.0, 0.35),
             Init::Zeros => (0.0, 0.1),
             Init::Ones => (1.0, 0.2),
         };
         let nd = Normal::new(mean, sd).expect("normal");
-        v.extend((0..e.numel()).map(|_| nd.sample(&mut rng) as f32 as f64));
-    }
-    v
+        w.iter_mut()
+            .for_each(|x| *x = nd.sample(&mut rng) as f32 as f64);
+    })
 }
 
 /// A model of `role` (d = 8, 2 heads) with the parameters of [`random_values`].

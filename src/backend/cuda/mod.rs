@@ -778,9 +778,9 @@ impl CudaBackend {
                 Precision::Bf16 => {
                     let (hx, x) = self.as_bf16(xp, rows * inp)?;
                     let (hw, w) = self.as_bf16(wp, out * inp)?;
-                    // The weights are tensors of the flat parameter store, packed without
-                    // padding: one at an address off 16 bytes is copied to an aligned window
-                    // so that the heuristic is offered the vectorised bf16 kernels.
+                    // The model's weights start 16-byte aligned in the flat parameter store
+                    // (`TENSOR_ALIGN`); a window off 16 bytes (another caller's) is copied to
+                    // an aligned one so that the heuristic is offered the vectorised kernels.
                     let w = match hw {
                         Some(held) => (Some(held), w.addr()),
                         None => self.aligned16(w.addr(), out * inp, Precision::Bf16)?,
@@ -798,7 +798,8 @@ impl CudaBackend {
                 (p, _) => (None, p.addr()),
             };
             // The bias epilogue of a bf16 product loads the bias vectorised: an address off
-            // 16 bytes is copied to an aligned window first.
+            // 16 bytes (never the model's, see `TENSOR_ALIGN`) is copied to an aligned window
+            // first.
             let bias = match bias {
                 (held, addr) if operands == Precision::F32 || addr.is_multiple_of(16) => {
                     (held, addr)
