@@ -445,46 +445,27 @@ fn tensors_start_aligned_and_the_gaps_stay_zero_through_training() {
     let (_, mut s) = model::<f64>(Role::Student, 2, 2);
     let g = gaps(&s.params.table);
     assert!(!g.is_empty());
+    // The objective's gradient for batch `seed`, into zeroed gradients; returns the loss.
+    let objective = |s: &mut mgkd::model::Model<_>, seed: u64| {
+        s.params.zero_grads(&be);
+        let db = upload(&be, &batch5(seed));
+        let t = Teacher::live(&teacher);
+        let l = student_objective(&be, &LossConfig::default(), [0.8, 1.6], t, s, &db, true);
+        l.unwrap().total
+    };
     // No operation reads a gap: with NaN there, the objective and every gradient are finite.
     let clean = be.download(&s.params.values).unwrap();
     let mut poisoned = clean.clone();
     g.iter().for_each(|&i| poisoned[i] = f64::NAN);
     s.params.set_values(&be, &poisoned).unwrap();
-    s.params.zero_grads(&be);
-    let db = upload(&be, &batch5(19));
-    let l = student_objective(
-        &be,
-        &LossConfig::default(),
-        [0.8, 1.6],
-        Teacher::live(&teacher),
-        &mut s,
-        &db,
-        true,
-    )
-    .unwrap();
-    assert!(l.total.is_finite());
-    assert!(be
-        .download(&s.params.grads)
-        .unwrap()
-        .iter()
-        .all(|x| x.is_finite()));
+    assert!(objective(&mut s, 19).is_finite());
+    let grads = be.download(&s.params.grads).unwrap();
+    assert!(grads.iter().all(|x| x.is_finite()));
     s.params.set_values(&be, &clean).unwrap();
 
     let mut opt = Optimizer::new(AdamWConfig::default());
     for step in 0..3 {
-        let db = upload(&be, &batch5(20 + step));
-        s.params.zero_grads(&be);
-        let cfg = LossConfig::default();
-        student_objective(
-            &be,
-            &cfg,
-            [0.8, 1.6],
-            Teacher::live(&teacher),
-            &mut s,
-            &db,
-            true,
-        )
-        .unwrap();
+        objective(&mut s, 20 + step);
         let grads = be.download(&s.params.grads).unwrap();
         assert!(grads.iter().any(|&x| x != 0.0));
         assert!(
