@@ -34,6 +34,9 @@ enum Command {
     Eval(mgkd::cli::eval::EvalArgs),
     /// Score a dataset with a checkpoint into a CSV (user_id, probability, logit).
     Predict(mgkd::cli::predict::PredictArgs),
+    /// Compare two score files (predict's CSV) on a split's rows: both AUCs and DeLong's
+    /// paired test of their difference.
+    Compare(mgkd::cli::compare::CompareArgs),
     /// Export a student as an ONNX model (opset 17) for scoring outside the engine
     /// (docs/deploy.md).
     Export(mgkd::cli::export::ExportArgs),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Student(args) => mgkd::cli::train::run_student(&args),
         Command::Eval(args) => mgkd::cli::eval::run(&args),
         Command::Predict(args) => mgkd::cli::predict::run(&args),
+        Command::Compare(args) => mgkd::cli::compare::run(&args),
         Command::Export(args) => mgkd::cli::export::run(&args),
         Command::Monitor(args) => mgkd::cli::monitor::run(&args),
         Command::Ablation(args) => mgkd::cli::ablation::run(&args),

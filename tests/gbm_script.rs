@@ -2,7 +2,7 @@
 //! a row-by-row recomputation from the shards (`tests/fixtures/gbm_features_check.py`, needs
 //! numpy and safetensors), and end to end it writes a result file that the ablation's
 //! `--gbm` check accepts for this dataset, with in-service aggregates that separate the
-//! planted signal (needs lightgbm).
+//! planted signal, and a score CSV that `mgkd-train compare` reads (needs lightgbm).
 //!
 //! The interpreter is `$MGKD_PYTHON`, else `python3`. Without the modules the tests say they
 //! skipped and pass, except under `$CI` (whose `.ci/run` installs them): then they fail.
@@ -86,6 +86,7 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = synth(tmp.path(), "3000");
     let file = tmp.path().join("gbm.json");
+    let scores = tmp.path().join("gbm.csv");
     run(Command::new(python())
         .arg(root().join("tools/gbm.py"))
         .args([
@@ -98,6 +99,8 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
         ])
         .arg("--out")
         .arg(&file)
+        .arg("--predictions")
+        .arg(&scores)
         .env("OMP_NUM_THREADS", "2"));
     let ds = Dataset::open(&data).expect("open");
     let g = GbmResults::read(&file, &ds).expect("the ablation's check accepts it");
@@ -107,6 +110,19 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
     for r in &g.runs {
         assert!(r.test_auc > 0.8 && r.trees > 0, "{r:?}");
     }
+    // Every row scored, in `predict`'s format: `compare` joins it to the test rows (against
+    // itself: no difference), and its AUC there is the trees'.
+    let csv = std::fs::read_to_string(&scores).expect("scores");
+    assert!(csv.starts_with("row,probability,logit\n"), "{}", &csv[..40]);
+    assert_eq!(csv.lines().count() as u64, ds.rows() + 1);
+    let s = scores.to_str().unwrap();
+    let out = cli_run::ok(&["compare", "--data", data.to_str().unwrap(), s, s, "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (j["diff"].as_f64(), j["p"].as_f64()),
+        (Some(0.0), Some(1.0))
+    );
+    assert!(j["auc_a"].as_f64().unwrap() > 0.8, "{j}");
     // Another dataset's file is refused.
     let dir = tmp.path().join("other");
     std::fs::create_dir_all(&dir).expect("mkdir");

@@ -1,11 +1,11 @@
 //! Tests of `mgkd::metrics`: hand-derived small cases (with ties), invariances, brute-force
-//! cross-checks on random small inputs, agreement with scikit-learn on the committed fixture
+//! cross-checks on random small inputs (DeLong's paired comparison among them), agreement with scikit-learn on the committed fixture
 //! `tests/fixtures/metrics_sklearn.json` (made by `tools/make_metrics_fixture.py`), and the
 //! speed of `auc` on a million scores.
 
 use mgkd::metrics::{
     approval_bad_rates, auc, decile_lift, evaluate, ks, ks_curve, log_loss, log_loss_from_logits,
-    pr_auc, roc_curve, APPROVAL_RATES_PCT,
+    paired_auc, pr_auc, roc_curve, APPROVAL_RATES_PCT,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -455,4 +455,137 @@ fn auc_on_a_million_scores_is_fast_and_exact() {
     let c: Vec<f64> = (0..n).map(|i| s[i] + rng.gen::<f64>() * 1e-3).collect();
     let a = auc(&c, &y).unwrap();
     assert!(a > 0.6 && a < 0.8);
+}
+
+// ---------------------------------------------------------------------------------------
+// Paired AUC comparison (DeLong)
+// ---------------------------------------------------------------------------------------
+
+/// DeLong's variance of `AUC_a − AUC_b` by its definition, in O(P·N): the kernel
+/// ψ(x, y) = 1, ½, 0 for x >, =, < y; per positive the mean of ψ over the negatives, per
+/// negative the mean over the positives; the covariance matrices of those, over each class.
+fn delong_brute(a: &[f64], b: &[f64], y: &[u8]) -> (f64, f64, f64) {
+    let psi = |x: f64, z: f64| match x.partial_cmp(&z).unwrap() {
+        std::cmp::Ordering::Greater => 1.0,
+        std::cmp::Ordering::Equal => 0.5,
+        std::cmp::Ordering::Less => 0.0,
+    };
+    let pos: Vec<usize> = (0..y.len()).filter(|&i| y[i] == 1).collect();
+    let neg: Vec<usize> = (0..y.len()).filter(|&i| y[i] == 0).collect();
+    let comps = |s: &[f64]| {
+        let v10: Vec<f64> = pos
+            .iter()
+            .map(|&i| neg.iter().map(|&j| psi(s[i], s[j])).sum::<f64>() / neg.len() as f64)
+            .collect();
+        let v01: Vec<f64> = neg
+            .iter()
+            .map(|&j| pos.iter().map(|&i| psi(s[i], s[j])).sum::<f64>() / pos.len() as f64)
+            .collect();
+        (v10, v01)
+    };
+    let ((a10, a01), (b10, b01)) = (comps(a), comps(b));
+    let cov = |x: &[f64], z: &[f64]| {
+        let (mx, mz) = (
+            x.iter().sum::<f64>() / x.len() as f64,
+            z.iter().sum::<f64>() / z.len() as f64,
+        );
+        x.iter()
+            .zip(z)
+            .map(|(p, q)| (p - mx) * (q - mz))
+            .sum::<f64>()
+            / (x.len() - 1) as f64
+    };
+    let (p, n) = (pos.len() as f64, neg.len() as f64);
+    let var = (cov(&a10, &a10) + cov(&b10, &b10) - 2.0 * cov(&a10, &b10)) / p
+        + (cov(&a01, &a01) + cov(&b01, &b01) - 2.0 * cov(&a01, &b01)) / n;
+    let auc_a = a10.iter().sum::<f64>() / p;
+    let auc_b = b10.iter().sum::<f64>() / p;
+    (auc_a, auc_b, var.sqrt())
+}
+
+#[test]
+fn paired_auc_matches_delong_by_definition_on_random_tied_inputs() {
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    for case in 0..40 {
+        let n = rng.gen_range(6..300);
+        let y: Vec<u8> = (0..n)
+            .map(|i| u8::from(i % 3 == 0 || rng.gen_bool(0.2)))
+            .collect();
+        // Coarse scores so that ties within and across classes are frequent; b partly
+        // follows a, as two models of the same rows do.
+        let a: Vec<f64> = (0..n)
+            .map(|i| {
+                (f64::from(y[i]) + rng.gen_range(-1.5..1.5f64))
+                    .mul_add(4.0, 0.0)
+                    .round()
+            })
+            .collect();
+        let b: Vec<f64> = (0..n)
+            .map(|i| (0.5 * a[i] + rng.gen_range(-3.0..3.0f64)).round())
+            .collect();
+        let r = paired_auc(&a, &b, &y).unwrap();
+        let (aa, ab, se) = delong_brute(&a, &b, &y);
+        assert!(
+            close(r.auc_a, aa, 1e-12) && close(r.auc_b, ab, 1e-12),
+            "case {case}"
+        );
+        assert_eq!(r.auc_a, auc(&a, &y).unwrap());
+        assert!(close(r.se, se, 1e-12), "case {case}: se {} vs {se}", r.se);
+        assert!(se > 0.0);
+        assert!(close(r.z, (aa - ab) / se, 1e-9), "case {case}");
+        assert!(close(r.ci95[1] - r.ci95[0], 2.0 * 1.959964 * se, 1e-6));
+        // Swapping the two scorings negates the difference, keeps the error.
+        let s = paired_auc(&b, &a, &y).unwrap();
+        assert_eq!((s.diff, s.se, s.p), (-r.diff, r.se, r.p));
+    }
+}
+
+#[test]
+fn paired_auc_p_values_and_invariances() {
+    let (a, y) = six();
+    // A scoring against itself: nothing to tell apart.
+    let r = paired_auc(&a, &a, &y).unwrap();
+    assert_eq!((r.diff, r.se, r.z, r.p), (0.0, 0.0, 0.0, 1.0));
+    // A strictly increasing transform of either scoring changes nothing.
+    let b = [0.3, -1.0, 2.0, 0.1, 0.2, 0.9];
+    let r = paired_auc(&a, &b, &y).unwrap();
+    let a2: Vec<f64> = a.iter().map(|x| (3.0 * x).exp()).collect();
+    assert_eq!(paired_auc(&a2, &b, &y).unwrap(), r);
+    // The p-value is the two-sided normal tail of z (the reference is checked at 1.959964,
+    // where the tail is 0.05).
+    assert!(close(
+        normal_two_sided_tail(1.959_963_984_540_054),
+        0.05,
+        1e-12
+    ));
+    assert!(r.z.abs() > 0.1);
+    assert!(close(r.p, normal_two_sided_tail(r.z), 1e-10));
+}
+
+/// `2·(1 − Φ(|z|))` by Simpson's rule on the normal density: a reference independent of the
+/// `erfc` that `paired_auc` uses.
+fn normal_two_sided_tail(z: f64) -> f64 {
+    let z = z.abs();
+    let steps = 20_000;
+    let h = z / steps as f64;
+    let phi = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    let mut s = phi(0.0) + phi(z);
+    for k in 1..steps {
+        s += if k % 2 == 1 { 4.0 } else { 2.0 } * phi(k as f64 * h);
+    }
+    1.0 - 2.0 * s * h / 3.0
+}
+
+#[test]
+fn paired_auc_refuses_what_it_cannot_measure() {
+    let err = |a: &[f64], b: &[f64], y: &[u8]| paired_auc(a, b, y).unwrap_err().to_string();
+    assert!(err(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0], &[1, 0, 0]).contains("at least 2 of each"));
+    assert!(err(&[1.0, 2.0], &[1.0, 2.0, 3.0], &[1, 0]).contains("length mismatch"));
+    assert!(err(
+        &[1.0, 2.0, 3.0, 4.0],
+        &[1.0, f64::NAN, 3.0, 4.0],
+        &[1, 0, 1, 0]
+    )
+    .contains("paired_auc (b): scores[1] = NaN is not finite"));
+    assert!(err(&[1.0, 2.0], &[1.0, 2.0], &[1, 2]).contains("labels[1] = 2"));
 }

@@ -6,6 +6,12 @@ test split (the same rows the engine's ablation uses).
     python3 tools/gbm.py --data DIR --inputs student --seeds 5 --out gbm-student.json
     python3 tools/gbm.py --data DIR --inputs in-service --seeds 5 --out gbm-in-service.json
     mgkd-train ablation --data DIR --out REPORT --gbm gbm-student.json --gbm gbm-in-service.json
+    python3 tools/gbm.py --data DIR --inputs student --out gbm.json --predictions gbm.csv
+    mgkd-train compare --data DIR --split test student.csv gbm.csv   # a student's predict CSV
+
+`--predictions` also writes the score of every row, the mean probability of the seeds' models,
+in the CSV format of `mgkd-train predict` (`user_id` or `row`, `probability`, `logit`), so that
+`mgkd-train compare` can test a model against the GBM on the same rows (DeLong's paired test).
 
 `--inputs student` reads what the student reads: the profile and the pre-service events (the
 most recent `pre_len` of them, as the engine keeps). `--inputs in-service` reads the profile
@@ -17,7 +23,7 @@ ids and the most frequent one; per numeric event field, mean, std, min, max, sum
 recent value and the mean of the 3 most recent; per event type (the first categorical field,
 when its vocabulary is at most 64) the sum of each numeric field; the most recent event's
 categorical ids. The dataset is read with safetensors (shards as `safetensors.numpy`
-dictionaries); nothing is written but `--out`.
+dictionaries); nothing is written but `--out` (and `--predictions`).
 
 Needs numpy, safetensors and lightgbm. LightGBM's settings (learning rate 0.02, 7 leaves, at
 least 200 rows per leaf, half the features and 80 % of the rows per tree, early stopping after
@@ -213,6 +219,53 @@ def ks(scores, labels):
     return float(np.max(np.abs(tp[cut] / tp[-1] - fp[cut] / fp[-1])))
 
 
+def row_keys(data, manifest):
+    """Each row's key as `mgkd-train predict` writes it: the user id when the dataset has
+    them, else the dataset row index. Returns (column name, keys)."""
+    from safetensors.numpy import load_file
+
+    if not manifest.get("has_user_id"):
+        rows = sum(int(sh["rows"]) for sh in manifest["shards"])
+        return "row", [str(r) for r in range(rows)]
+    keys = []
+    for sh in manifest["shards"]:
+        path = os.path.join(data, sh["file"])
+        shard = load_file(path)
+        try:
+            off, raw = shard["user_id_offsets"], shard["user_id_bytes"].tobytes()
+            keys += [raw[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+        except (KeyError, IndexError, UnicodeDecodeError) as e:
+            fail(f"{path}: the user ids cannot be read ({e!r})")
+    return "user_id", keys
+
+
+def write_scores(f, keyed, probs):
+    """The CSV of `mgkd-train predict`: key, probability, logit (log p − log(1 − p))."""
+    column, keys = keyed
+    if len(keys) != len(probs):
+        fail(f"{len(keys)} row keys for {len(probs)} scores")
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs) - np.log1p(-probs)
+    f.write(f"{column},probability,logit\n")
+    for k, p, z in zip(keys, probs, logits):
+        f.write(f"{k},{float(p)!r},{float(z)!r}\n")
+
+
+def write_atomic(path, write):
+    """Writes `path` through a temporary file in its directory, renamed when complete."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".gbm-",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="mgkd dataset directory")
@@ -222,15 +275,23 @@ def main():
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 [default: 5]")
     ap.add_argument("--rounds", type=int, default=3000, help="most boosting rounds [default: 3000]")
     ap.add_argument("--out", required=True, help="JSON result file (written atomically)")
+    ap.add_argument("--predictions", help="also write every row's score (the seeds' mean "
+                    "probability) as a CSV in `mgkd-train predict`'s format (written atomically)")
     args = ap.parse_args()
     if args.seeds < 1:
         fail("--seeds must be at least 1")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        fail(f"--out {args.out}: the directory {out_dir} does not exist")
     data_dir = os.path.realpath(args.data)
-    if os.path.commonpath([os.path.realpath(out_dir), data_dir]) == data_dir:
-        fail(f"--out {args.out} lies inside the dataset {args.data}: choose another place")
+    outputs = [("--out", args.out)]
+    if args.predictions:
+        outputs.append(("--predictions", args.predictions))
+    for flag, path in outputs:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            fail(f"{flag} {path}: the directory {parent} does not exist")
+        if os.path.commonpath([os.path.realpath(parent), data_dir]) == data_dir:
+            fail(f"{flag} {path} lies inside the dataset {args.data}: choose another place")
+    if args.predictions and os.path.abspath(args.predictions) == os.path.abspath(args.out):
+        fail("--predictions and --out name the same file")
     try:
         import lightgbm as lgb
     except ImportError:
@@ -243,6 +304,7 @@ def main():
         if len(np.unique(y[m])) < 2:
             fail(f"{args.data}: the {k} split needs both classes")
     runs = []
+    score_sum = np.zeros(len(y))
     for seed in range(args.seeds):
         params = dict(objective="binary", learning_rate=0.02, num_leaves=7, min_data_in_leaf=200,
                       feature_fraction=0.5, bagging_fraction=0.8, bagging_freq=1, seed=seed,
@@ -253,6 +315,8 @@ def main():
         model = lgb.train(params, tr, num_boost_round=args.rounds, valid_sets=[va],
                           callbacks=[lgb.early_stopping(200, verbose=False)])
         res = {"seed": seed, "trees": int(model.best_iteration)}
+        if args.predictions:
+            score_sum += model.predict(x, num_iteration=model.best_iteration)
         for k in ("valid", "test"):
             p = model.predict(x[parts[k]], num_iteration=model.best_iteration)
             res[f"{k}_auc"] = auc(p, y[parts[k]])
@@ -271,12 +335,10 @@ def main():
         "seconds": time.time() - t0,
         "runs": runs,
     }
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".gbm-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.out)
+    if args.predictions:
+        write_atomic(args.predictions, lambda f: write_scores(f, row_keys(args.data, manifest),
+                                                               score_sum / args.seeds))
+    write_atomic(args.out, lambda f: json.dump(out, f, indent=1))
     a = np.array([r["test_auc"] for r in runs])
     print(f"{args.inputs} inputs: test AUC {a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f} "
           f"over {len(a)} seeds; {len(names)} features; {out['seconds']:.1f} s", file=sys.stderr)

@@ -3,6 +3,7 @@
 pub mod ablation;
 pub mod bench;
 pub mod bounds;
+pub mod compare;
 pub mod devices;
 pub mod eval;
 pub mod export;
