@@ -406,6 +406,79 @@ fn sizes_beyond_their_bounds_are_refused_naming_the_flag() {
     assert_eq!(left.len(), 2, "{left:?}"); // data and c.toml
 }
 
+/// The config file's `[teacher]` section: its keys set the teacher's optimisation and class
+/// weighting over `[train]` and `[loss]` (the record in the checkpoint says so), a flag sets
+/// both, a key it does not take (a width) or a bad value in it is refused by name.
+#[test]
+fn the_teacher_section_sets_the_teachers_own_settings() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(&data, Spec::labelled(200, 33));
+    let cfg = tmp.path().join("c.toml");
+    let out = tmp.path().join("t.safetensors");
+    let args = |extra: &'static [&'static str]| {
+        let mut a = vec![
+            "teacher",
+            "--data",
+            p(&data),
+            "--out",
+            p(&out),
+            "--config",
+            p(&cfg),
+        ];
+        a.extend([
+            "--quiet", "--d", "8", "--heads", "2", "--blocks", "1", "--d-cat", "4",
+        ]);
+        a.extend(extra);
+        a
+    };
+    // Trains a teacher with `text` as the config file; its training record.
+    let train_with = |text: &str, extra: &'static [&'static str]| {
+        std::fs::write(&cfg, text).expect("write");
+        ok(&args(extra));
+        let ck = mgkd::model::checkpoint::read(&out).expect("checkpoint");
+        let r = mgkd::train::TrainingRecord::from_metadata(&out, &ck.metadata)
+            .expect("record")
+            .expect("present");
+        std::fs::remove_file(&out).expect("remove the checkpoint");
+        r
+    };
+    let base =
+        "[train]\nepochs = 2\nbatch = 64\nlr = 2e-3\nweight_decay = 0.05\n[loss]\nrho = 0.25\n";
+    let r = train_with(
+        &format!(
+            "{base}[teacher]\nepochs = 3\nlr = 4e-3\nbucket = false\nwarmup = 0.1\nclip = 0.5\n\
+             rho = 0.75\nreweight = false\n"
+        ),
+        &["--batch", "32"],
+    );
+    // [teacher] over [train] and [loss], the flag over both, the rest from [train].
+    assert_eq!((r.train.epochs, r.train.lr, r.train.batch), (3, 4e-3, 32));
+    assert_eq!(
+        (r.train.bucket, r.train.warmup, r.train.clip),
+        (false, 0.1, 0.5)
+    );
+    assert_eq!(r.train.weight_decay, 0.05);
+    assert_eq!((r.loss.rho, r.loss.reweight), (0.75, false));
+    // Without [teacher] the teacher takes [train] and [loss].
+    let r = train_with(base, &[]);
+    assert_eq!((r.train.epochs, r.train.batch, r.train.lr), (2, 64, 2e-3));
+    assert_eq!((r.train.bucket, r.train.weight_decay), (true, 0.05));
+    assert_eq!((r.loss.rho, r.loss.reweight), (0.25, true));
+    // Widths are shared: `[teacher] d` is an unknown key; a bad value names the section.
+    for (text, needles) in [
+        ("[teacher]\nd = 16\n", ["c.toml", "unknown field `d`"]),
+        ("[teacher]\nlr = -1.0\n", ["[teacher]", "lr = -1"]),
+        (
+            "[teacher]\nepochs = 0\n",
+            ["[teacher] epochs", "--config file"],
+        ),
+    ] {
+        std::fs::write(&cfg, text).expect("write");
+        refused(&args(&[]), &needles);
+    }
+}
+
 #[test]
 fn mismatched_schemas_and_bad_options_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -1,6 +1,7 @@
 //! `mgkd-train tune` end to end on a tiny synthetic cohort: the chosen settings, written as
 //! `tuned.toml`, reproduce the best trial's validation AUC to the last bit when `student`
-//! trains with them under the kept teacher; a resumed search keeps its finished trials and
+//! trains with them under the kept teacher, and when `ablation` trains its own teacher with
+//! them (the same as the search's); a resumed search keeps its finished trials and
 //! teachers and ends as an uninterrupted one; a trial's draw does not depend on the others;
 //! bad settings are refused by name.
 
@@ -122,6 +123,51 @@ fn the_tuned_config_reproduces_the_best_trial() {
         report.contains("validation split only") && !report.contains("test"),
         "{report}"
     );
+    // `ablation --config tuned.toml` trains the search's teacher (the file's `[teacher]`
+    // holds the settings the search trained it with, not the trial's lr and epochs), so its
+    // seed-0 full student is the trial's too.
+    let abl = tmp.path().join("abl");
+    ok(&[
+        "ablation",
+        "--data",
+        &data,
+        "--out",
+        abl.to_str().unwrap(),
+        "--config",
+        dir.join("tuned.toml").to_str().unwrap(),
+        "--variants",
+        "full",
+        "--seeds",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
+    let values = |p: &Path| mgkd::model::checkpoint::read(p).expect("checkpoint").values;
+    assert!(
+        values(&abl.join("checkpoints/seed0-teacher.safetensors")) == values(&teacher),
+        "the ablation's teacher differs from the search's"
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(abl.join("results.json")).expect("json"))
+            .expect("results.json");
+    let full = results["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .find(|r| r["variant"] == "full")
+        .expect("the full run");
+    let best = full["valid_auc"]
+        .as_array()
+        .expect("valid_auc")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(
+        best.to_bits(),
+        t.full_valid_auc[0].to_bits(),
+        "{best} vs {t:?}"
+    );
 }
 
 #[test]
@@ -238,4 +284,35 @@ fn bad_settings_are_refused_by_name() {
             "{extra:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_search_resumed_with_other_teacher_settings_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = synth(tmp.path());
+    let dir = tmp.path().join("tune");
+    let out = tune(&data, &dir, "1", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `--lr` sets the teachers' learning rate too: a kept teacher no longer fits the search.
+    let out = tune(&data, &dir, "6", &["--resume", "--lr", "5e-3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("teachers/d")
+            && err.contains("train.lr: 0.001 → 0.005")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    // With the search's own settings it goes on.
+    let out = tune(&data, &dir, "2", &["--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(trials(&dir).len(), 2);
 }

@@ -15,7 +15,9 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::gbm::{gbm_markdown, GbmResults};
-use crate::cli::train::{in_pool, resolve, CoefArgs, FileConfig, HyperArgs, SwitchArgs, Widths};
+use crate::cli::train::{
+    in_pool, resolve, CoefArgs, FileConfig, HyperArgs, Resolved, SwitchArgs, Widths,
+};
 use crate::data::writer::write_atomic;
 use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
@@ -129,10 +131,8 @@ pub fn command_line() -> String {
 }
 
 /// The resolved settings: the same defaults ← file ← flags rules as `teacher`/`student`.
-fn settings(
-    args: &AblationArgs,
-) -> Result<(Widths, crate::train::TrainConfig, crate::loss::LossConfig)> {
-    let r = resolve(
+fn settings(args: &AblationArgs) -> Result<Resolved> {
+    resolve(
         &FileConfig::from_flag(args.hyper.config.as_deref())?,
         &args.hyper,
         None,
@@ -140,8 +140,7 @@ fn settings(
         SwitchArgs::default(),
         &args.coefs,
         Widths::defaults(),
-    )?;
-    Ok((r.widths, r.train, r.loss))
+    )
 }
 
 fn fmt_pm(mean: f64, std: f64) -> String {
@@ -384,7 +383,7 @@ fn write_plots(dir: &Path, outcome: &AblationOutcome) -> Result<()> {
 /// Runs the ablation and writes the report (library entry of `mgkd-train ablation`).
 pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let start = Instant::now();
-    let (w, train, loss) = settings(args)?;
+    let r = settings(args)?;
     crate::cli::bounds::check("--seeds", args.seeds, 1..=crate::cli::bounds::MAX_SEEDS, "")?;
     let seeds: Vec<u64> = (0..args.seeds)
         .map(|k| {
@@ -405,9 +404,11 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
     let cfg = AblationConfig {
         seeds: seeds.clone(),
         variants,
-        widths: w,
-        train,
-        loss,
+        widths: r.widths,
+        train: r.train,
+        loss: r.loss,
+        teacher_train: r.teacher_train,
+        teacher_loss: r.teacher_loss,
         checkpoints: ck,
         data: args.data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),

@@ -108,6 +108,8 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         widths: w,
         train,
         loss,
+        teacher_train,
+        teacher_loss,
     } = settings(args)?;
     synth.validate()?;
     let t = Instant::now();
@@ -127,6 +129,8 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
         widths: w,
         train,
         loss,
+        teacher_train,
+        teacher_loss,
         checkpoints: Some(checkpoints),
         data: data.clone(),
         progress: !args.quiet && std::io::stderr().is_terminal(),

@@ -101,7 +101,8 @@ macro_rules! with_backend {
 /// Model and training flags shared by `teacher`, `student` and `ablation`.
 #[derive(Debug, Clone, Args)]
 pub struct HyperArgs {
-    /// TOML file with every hyper-parameter (`[model]`, `[train]`, `[loss]`); flags override it.
+    /// TOML file with every hyper-parameter (`[model]`, `[train]`, `[loss]`, and `[teacher]` for
+    /// the teacher's own optimisation and ρ); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Maximum epochs.
@@ -341,6 +342,34 @@ pub struct LossSection {
     pub coarse_cosine: Option<bool>,
 }
 
+/// `[teacher]` section of the config file: the teacher stage's own optimisation and class
+/// weighting, over `[train]` and `[loss]` (a key it leaves out is theirs). Widths are shared:
+/// the student's alignment terms compare its vectors with the teacher's at the same d.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    /// Maximum epochs.
+    pub epochs: Option<usize>,
+    /// Rows per batch.
+    pub batch: Option<usize>,
+    /// Peak learning rate.
+    pub lr: Option<f64>,
+    /// Early-stopping patience.
+    pub patience: Option<usize>,
+    /// Length-bucketed batches.
+    pub bucket: Option<bool>,
+    /// Warm-up share of the steps.
+    pub warmup: Option<f64>,
+    /// AdamW weight decay.
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping threshold.
+    pub clip: Option<f64>,
+    /// Class re-weighting exponent ρ.
+    pub rho: Option<f64>,
+    /// Re-weighting on.
+    pub reweight: Option<bool>,
+}
+
 /// The `--config` file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +383,9 @@ pub struct FileConfig {
     /// Loss coefficients and switches.
     #[serde(default)]
     pub loss: LossSection,
+    /// The teacher's own settings, over `[train]` and `[loss]`.
+    #[serde(default)]
+    pub teacher: TeacherSection,
 }
 
 impl FileConfig {
@@ -379,10 +411,17 @@ impl FileConfig {
 pub struct Resolved {
     /// Model widths.
     pub widths: Widths,
-    /// Optimisation.
+    /// Optimisation (the student's; the teacher's where `[teacher]` is silent).
     pub train: TrainConfig,
-    /// Loss.
+    /// Loss (the student's; the teacher reads its `rho` and `reweight` where `[teacher]` is
+    /// silent).
     pub loss: LossConfig,
+    /// The teacher stage's optimisation: `[train]` with `[teacher]`'s keys over it, flags
+    /// over both.
+    pub teacher_train: TrainConfig,
+    /// The teacher stage's loss settings: `loss` with `[teacher]`'s `rho` and `reweight`
+    /// over it, flags over both.
+    pub teacher_loss: LossConfig,
 }
 
 /// Resolves defaults ← `file` ← flags (`hyper.config` is not read here: pass
@@ -398,7 +437,7 @@ pub fn resolve(
     base: Widths,
 ) -> Result<Resolved> {
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
-    let (m, t, l) = (&file.model, &file.train, &file.loss);
+    let (m, t, l, th) = (&file.model, &file.train, &file.loss, &file.teacher);
     // Sizes that could exhaust the machine, named by where they came from.
     use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
     use crate::train::{MAX_BATCH, MAX_EPOCHS};
@@ -416,6 +455,27 @@ pub fn resolve(
             "[train] patience",
             hyper.patience,
             t.patience,
+            MAX_EPOCHS,
+        ),
+        (
+            "--epochs",
+            "[teacher] epochs",
+            hyper.epochs,
+            th.epochs,
+            MAX_EPOCHS,
+        ),
+        (
+            "--batch",
+            "[teacher] batch",
+            hyper.batch,
+            th.batch,
+            MAX_BATCH,
+        ),
+        (
+            "--patience",
+            "[teacher] patience",
+            hyper.patience,
+            th.patience,
             MAX_EPOCHS,
         ),
         ("--d", "[model] d", hyper.d, m.d, MAX_D),
@@ -476,12 +536,43 @@ pub fn resolve(
         reweight: off(no_reweight, l.reweight, ld.reweight),
         coarse_cosine: coefs.coarse_cosine || l.coarse_cosine.unwrap_or(ld.coarse_cosine),
     };
-    train.validate()?;
-    loss.validate()?;
+    // The teacher: defaults ← [train]/[loss] ← [teacher] ← flags.
+    let over = |flag: Option<usize>, teacher: Option<usize>, file: Option<usize>, def: usize| {
+        flag.or(teacher).or(file).unwrap_or(def)
+    };
+    let teacher_train = TrainConfig {
+        epochs: over(hyper.epochs, th.epochs, t.epochs, td.epochs),
+        batch: over(hyper.batch, th.batch, t.batch, td.batch),
+        lr: hyper.lr.or(th.lr).or(t.lr).unwrap_or(td.lr),
+        patience: over(hyper.patience, th.patience, t.patience, td.patience),
+        bucket: !hyper.no_bucket && th.bucket.or(t.bucket).unwrap_or(td.bucket),
+        warmup: th.warmup.or(t.warmup).unwrap_or(td.warmup),
+        weight_decay: th
+            .weight_decay
+            .or(t.weight_decay)
+            .unwrap_or(td.weight_decay),
+        clip: th.clip.or(t.clip).unwrap_or(td.clip),
+        ..train.clone()
+    };
+    let teacher_loss = LossConfig {
+        rho: hyper.rho.or(th.rho).or(l.rho).unwrap_or(ld.rho),
+        reweight: !no_reweight && th.reweight.or(l.reweight).unwrap_or(ld.reweight),
+        ..loss.clone()
+    };
+    for (what, train, loss) in [
+        ("", &train, &loss),
+        ("[teacher]: ", &teacher_train, &teacher_loss),
+    ] {
+        let named = |e: Error| Error::invalid(format!("{what}{e}"));
+        train.validate().map_err(named)?;
+        loss.validate().map_err(named)?;
+    }
     Ok(Resolved {
         widths,
         train,
         loss,
+        teacher_train,
+        teacher_loss,
     })
 }
 
@@ -621,19 +712,20 @@ pub fn teacher_on<B: Backend>(
     require_in_service(&ds, "training a teacher")?;
     let w = r.widths;
     let cfg = ModelConfig::new(Role::Teacher, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
-    let mut model = Model::new(be, cfg, r.train.seed)?;
+    let (train, loss) = (&r.teacher_train, &r.teacher_loss);
+    let mut model = Model::new(be, cfg, train.seed)?;
     let rec = TrainingRecord::of_run(
         &ds,
         &c.data,
         Role::Teacher,
-        &r.train,
-        &r.loss,
+        train,
+        loss,
         None,
         be.precision(),
     )?;
     let opts = run_options(c, &rec)?;
     let stage = Stage::Teacher;
-    train_distributed(be, &ds, &mut model, &stage, &r.loss, &r.train, &opts, comm)
+    train_distributed(be, &ds, &mut model, &stage, loss, train, &opts, comm)
 }
 
 /// Trains a student under the teacher of `args.teacher` on `be` as one rank of `comm` (a

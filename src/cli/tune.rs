@@ -112,9 +112,18 @@ fn pair<T: std::str::FromStr>(flag: &str, s: &str) -> Result<(T, T)> {
 }
 
 /// The TOML `student`/`ablation --config` read: the base widths with `d`, the base
-/// training settings with the trial's lr and epochs, the trial's coefficients.
-pub fn config_toml(w: &Widths, train: &TrainConfig, loss: &LossConfig, comment: &str) -> String {
-    format!(
+/// training settings with the trial's lr and epochs, the trial's coefficients, and in
+/// `[teacher]` the settings the search trained its teachers with (`teacher`: optimisation and
+/// loss), so that `ablation --config` trains the same teachers.
+pub fn config_toml(
+    w: &Widths,
+    train: &TrainConfig,
+    loss: &LossConfig,
+    teacher: (&TrainConfig, &LossConfig),
+    comment: &str,
+) -> String {
+    let (tt, tl) = teacher;
+    let student = format!(
         "# {comment}\n\
          [model]\nd = {}\nheads = {}\nblocks = {}\nd_cat = {}\n\n\
          [train]\nepochs = {}\nbatch = {}\nlr = {:?}\npatience = {}\nbucket = {}\nwarmup = {:?}\n\
@@ -140,6 +149,21 @@ pub fn config_toml(w: &Widths, train: &TrainConfig, loss: &LossConfig, comment: 
         loss.tau,
         loss.rho,
         loss.coarse_cosine
+    );
+    format!(
+        "{student}\n# The settings this search trained its teachers with.\n\
+         [teacher]\nepochs = {}\nbatch = {}\nlr = {:?}\npatience = {}\nbucket = {}\n\
+         warmup = {:?}\nweight_decay = {:?}\nclip = {:?}\nrho = {:?}\nreweight = {}\n",
+        tt.epochs,
+        tt.batch,
+        tt.lr,
+        tt.patience,
+        tt.bucket,
+        tt.warmup,
+        tt.weight_decay,
+        tt.clip,
+        tl.rho,
+        tl.reweight
     )
 }
 
@@ -278,6 +302,8 @@ pub fn run(args: &TuneArgs) -> Result<()> {
         widths: r.widths,
         train: r.train.clone(),
         loss: r.loss.clone(),
+        teacher_train: r.teacher_train.clone(),
+        teacher_loss: r.teacher_loss.clone(),
         teachers,
         data: args.data.clone(),
         teacher_cache: crate::cli::train::mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?,
@@ -347,7 +373,8 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
             },
             t.seeds.len()
         );
-        let text = config_toml(&w, &train, &loss, &comment);
+        let teacher = (&cfg.teacher_train, &cfg.teacher_loss);
+        let text = config_toml(&w, &train, &loss, teacher, &comment);
         write_atomic(&args.out.join(name), text.as_bytes())
     };
     write_config("tuned.toml", &file.trials[full], Variant::Full)?;

@@ -129,10 +129,14 @@ pub struct AblationConfig {
     pub variants: Vec<Variant>,
     /// Widths of every model.
     pub widths: Widths,
-    /// Optimisation (its `seed` is replaced by each seed in turn).
+    /// The students' optimisation (its `seed` is replaced by each seed in turn).
     pub train: TrainConfig,
-    /// Coefficients (the switches are set per variant; the teacher uses `rho`, `reweight`).
+    /// The students' coefficients (the switches are set per variant).
     pub loss: LossConfig,
+    /// The teachers' optimisation (its `seed` is replaced by each seed in turn).
+    pub teacher_train: TrainConfig,
+    /// The teachers' loss settings (the teacher stage reads `rho` and `reweight`).
+    pub teacher_loss: LossConfig,
     /// Keep each run's best checkpoint in this directory (`seed{S}-{variant}.safetensors`).
     pub checkpoints: Option<PathBuf>,
     /// The dataset directory as given (recorded in checkpoints).
@@ -284,10 +288,6 @@ pub fn run_ablation<B: Backend>(
         models: Vec::new(),
     };
     for (k, &seed) in cfg.seeds.iter().enumerate() {
-        let tc = TrainConfig {
-            seed,
-            ..cfg.train.clone()
-        };
         let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
         // The teacher's outputs, cached when its first student needs them.
         let mut cache: Option<Option<TeacherCache<B>>> = None;
@@ -301,9 +301,18 @@ pub fn run_ablation<B: Backend>(
             .collect();
         for &variant in &stages {
             let t0 = Instant::now();
-            let (role, loss, name) = match variant {
-                None => (Role::Teacher, cfg.loss.clone(), TEACHER),
-                Some(v) => (Role::Student, v.loss(&cfg.loss), v.name()),
+            let (role, loss, name, train_cfg) = match variant {
+                None => (
+                    Role::Teacher,
+                    cfg.teacher_loss.clone(),
+                    TEACHER,
+                    &cfg.teacher_train,
+                ),
+                Some(v) => (Role::Student, v.loss(&cfg.loss), v.name(), &cfg.train),
+            };
+            let tc = TrainConfig {
+                seed,
+                ..train_cfg.clone()
             };
             let mc = ModelConfig::new(role, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
             let file = cfg

@@ -12,7 +12,7 @@
 //! the test split.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -248,12 +248,15 @@ pub struct TuneConfig {
     /// Heads, blocks and d_cat of every model (d is drawn).
     pub widths: Widths,
     /// The students' other optimisation settings (batch, patience, bucketing, warm-up,
-    /// weight decay, clipping; lr, epochs and seed are set per trial) and the teachers'
-    /// settings (with each seed).
+    /// weight decay, clipping; lr, epochs and seed are set per trial).
     pub train: TrainConfig,
-    /// Base loss settings (the teachers' ρ and re-weighting; the students' switches and
-    /// `coarse_cosine`; the coefficients and ρ are drawn).
+    /// Base loss settings (the students' switches and `coarse_cosine`; the coefficients and
+    /// ρ are drawn).
     pub loss: LossConfig,
+    /// The teachers' optimisation settings (with each seed); the same in every trial.
+    pub teacher_train: TrainConfig,
+    /// The teachers' loss settings (the teacher stage reads `rho` and `reweight`).
+    pub teacher_loss: LossConfig,
     /// Where the teachers' checkpoints are kept (`d{d}-seed{s}.safetensors`, `…-bf16.safetensors` for
     /// a bf16 run's).
     pub teachers: PathBuf,
@@ -406,7 +409,8 @@ pub fn run_tune<B: Backend>(
 }
 
 /// The teacher of width `d` and `seed`: read from its checkpoint under `cfg.teachers` when
-/// an earlier search finished it, else trained with the base settings (to a temporary file,
+/// an earlier search finished it (one trained with other teacher settings is an error), else
+/// trained with `cfg.teacher_train` and `cfg.teacher_loss` (to a temporary file,
 /// renamed when training ends, so that an interrupted one is trained again); with the cache
 /// of its outputs for the full student.
 fn teacher<B: Backend>(
@@ -426,19 +430,20 @@ fn teacher<B: Backend>(
     let path = cfg
         .teachers
         .join(format!("d{d}-seed{seed}{tag}.safetensors"));
+    let tc = TrainConfig {
+        seed,
+        ..cfg.teacher_train.clone()
+    };
     let model = if path.exists() {
+        check_teacher_settings(&path, &tc, &cfg.teacher_loss)?;
         checkpoint::load(be, &path, Some(&mc))?
     } else {
-        let tc = TrainConfig {
-            seed,
-            ..cfg.train.clone()
-        };
         let record = TrainingRecord::of_run(
             ds,
             &cfg.data,
             Role::Teacher,
             &tc,
-            &cfg.loss,
+            &cfg.teacher_loss,
             None,
             be.precision(),
         )?;
@@ -450,11 +455,43 @@ fn teacher<B: Backend>(
             ..RunOptions::default()
         };
         let mut model = Model::new(be, mc, seed)?;
-        train(be, ds, &mut model, &Stage::Teacher, &cfg.loss, &tc, &opts)?;
+        train(
+            be,
+            ds,
+            &mut model,
+            &Stage::Teacher,
+            &cfg.teacher_loss,
+            &tc,
+            &opts,
+        )?;
         std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
         model
     };
     let full = Variant::Full.loss(&cfg.loss);
     let (cache, _) = cache_teacher(be, &model, ds, [&full], cfg.train.batch, cfg.teacher_cache)?;
     Ok((model, cache))
+}
+
+/// Checks that the kept teacher at `path` was trained with `train` and with `loss`'s class
+/// weighting (ρ, re-weighting), as its training record says; an error lists what differs.
+fn check_teacher_settings(path: &Path, train: &TrainConfig, loss: &LossConfig) -> Result<()> {
+    let ck = checkpoint::read(path)?;
+    let record = TrainingRecord::from_metadata(path, &ck.metadata)?
+        .ok_or_else(|| Error::format(path, "no training record: not a teacher of a search"))?;
+    let settings = |t: &TrainConfig, l: &LossConfig| serde_json::json!({ "train": t, "rho": l.rho, "reweight": l.reweight });
+    let diff = crate::train::resume::differences(
+        &settings(&record.train, &record.loss),
+        &settings(train, loss),
+    );
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(Error::format(
+        path,
+        format!(
+            "this teacher was trained with other settings than this search's teachers \
+             (kept → now): {}; resume with the earlier settings, or choose another --out",
+            diff.join("; ")
+        ),
+    ))
 }
