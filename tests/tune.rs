@@ -57,6 +57,12 @@ fn tune(data: &str, out: &Path, trials: &str, extra: &[&str]) -> Output {
     bin(&args)
 }
 
+/// [`tune`], which must succeed.
+fn tune_ok(data: &str, out: &Path, trials: &str, extra: &[&str]) {
+    let o = tune(data, out, trials, extra);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn trials(dir: &Path) -> Vec<TrialResult> {
     std::fs::read_to_string(dir.join("trials.jsonl"))
         .expect("trials.jsonl")
@@ -70,12 +76,7 @@ fn the_tuned_config_reproduces_the_best_trial() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = synth(tmp.path());
     let dir = tmp.path().join("tune");
-    let out = tune(&data, &dir, "3", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tune_ok(&data, &dir, "3", &[]);
     let all = trials(&dir);
     assert_eq!(all.len(), 3);
     let file: Value =
@@ -291,12 +292,7 @@ fn a_search_resumed_with_other_teacher_settings_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = synth(tmp.path());
     let dir = tmp.path().join("tune");
-    let out = tune(&data, &dir, "1", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tune_ok(&data, &dir, "1", &[]);
     // `--lr` sets the teachers' learning rate too: a kept teacher no longer fits the search.
     let out = tune(&data, &dir, "6", &["--resume", "--lr", "5e-3"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -308,11 +304,6 @@ fn a_search_resumed_with_other_teacher_settings_is_refused() {
         "{err}"
     );
     // With the search's own settings it goes on.
-    let out = tune(&data, &dir, "2", &["--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tune_ok(&data, &dir, "2", &["--resume"]);
     assert_eq!(trials(&dir).len(), 2);
 }
