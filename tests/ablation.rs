@@ -429,3 +429,60 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
     std::fs::write(&junk, "{\"format\": \"mgkd-gbm\"").expect("write");
     refused(&junk, "not a tools/gbm.py result file");
 }
+
+/// A config file's `[teacher]` section reaches the teachers alone: results.json records the
+/// teachers' settings apart from the students', and report.md states both.
+#[test]
+fn the_teacher_section_trains_the_teachers_and_the_report_says_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "600",
+        "--seed",
+        "4",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "16",
+        "--pre-len",
+        "8",
+    ]);
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[train]\nlr = 2e-3\n[loss]\nrho = 0.25\n[teacher]\nlr = 4e-3\nrho = 0.75\n",
+    )
+    .expect("write");
+    let rep = tmp.path().join("rep");
+    let extra = ["--variants", "full", "--config", cfg.to_str().unwrap()];
+    ablation(&data, &rep, "1", &extra);
+    for r in runs(&rep) {
+        let (lr, rho) = match r["variant"].as_str() {
+            Some("teacher") => (4e-3, 0.75),
+            _ => (2e-3, 0.25),
+        };
+        assert_eq!(r["config"]["train"]["lr"].as_f64(), Some(lr), "{r}");
+        assert_eq!(r["config"]["loss"]["rho"].as_f64(), Some(rho), "{r}");
+        assert_eq!(r["config"]["train"]["epochs"].as_u64(), Some(2), "{r}");
+    }
+    let report = std::fs::read_to_string(rep.join("report.md")).expect("report");
+    let line = |start: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in\n{report}"))
+            .to_string()
+    };
+    let t = line("- teachers: train");
+    assert!(t.contains("\"lr\":0.004") && t.contains("ρ 0.75"), "{t}");
+    let s = line("- students: train");
+    assert!(
+        s.contains("\"lr\":0.002") && s.contains("\"rho\":0.25"),
+        "{s}"
+    );
+    assert!(s.contains("the full student's"), "{s}");
+}

@@ -200,15 +200,43 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
         file.seeds,
         file.seconds
     );
-    if let Some(r) = file.runs.first() {
+    // The teachers' settings and the students' (the last student of the first seed: its
+    // switches are that variant's).
+    fn json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap_or_default()
+    }
+    let first_seed: Vec<&RunResult> = file
+        .runs
+        .iter()
+        .filter(|r| file.runs.first().is_some_and(|f| f.seed == r.seed))
+        .collect();
+    let teacher = first_seed.iter().find(|r| r.variant == TEACHER);
+    let student = first_seed.iter().rev().find(|r| r.variant != TEACHER);
+    if let Some(r) = teacher.or(student) {
         let _ = writeln!(
             s,
-            "Settings (every run; seed per run): model {}, train {}, loss coefficients {}; \
-             activations in {} (docs/model.md §7).\n",
-            serde_json::to_string(&r.config.model).unwrap_or_default(),
-            serde_json::to_string(&r.config.train).unwrap_or_default(),
-            serde_json::to_string(&r.config.loss).unwrap_or_default(),
+            "Settings (seed per run): model {}; activations in {} (docs/model.md §7).\n",
+            json(&r.config.model),
             r.config.precision,
+        );
+    }
+    if let Some(t) = teacher {
+        let _ = writeln!(
+            s,
+            "- teachers: train {}, ρ {}, re-weighting {};",
+            json(&t.config.train),
+            t.config.loss.rho,
+            if t.config.loss.reweight { "on" } else { "off" },
+        );
+    }
+    if let Some(r) = student {
+        let _ = writeln!(
+            s,
+            "- students: train {}, loss {} (the {} student's; the switches are set per \
+             variant).\n",
+            json(&r.config.train),
+            json(&r.config.loss),
+            r.variant,
         );
     }
     s.push_str(
