@@ -62,25 +62,6 @@ fn ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
     ok(&args)
 }
 
-/// A synthetic cohort of `users` users (20 % defaults, lengths 16 and 8) into `data`.
-fn synth(data: &Path, users: &str, seed: &str) {
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        users,
-        "--seed",
-        seed,
-        "--default-rate",
-        "0.2",
-        "--in-len",
-        "16",
-        "--pre-len",
-        "8",
-    ]);
-}
-
 fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
@@ -105,8 +86,7 @@ fn metric(runs: &[Value], variant: &str, seed: u64, key: &str) -> f64 {
 #[test]
 fn ablation_report_is_paired_complete_and_deterministic() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    synth(&data, "1200", "3");
+    let data = cli_run::synth(tmp.path(), "1200", "16", "8");
     let rep = tmp.path().join("rep");
     let out = ablation(&data, &rep, "2", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -440,8 +420,7 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
 #[test]
 fn the_teacher_section_trains_the_teachers_and_the_report_says_so() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    synth(&data, "600", "4");
+    let data = cli_run::synth(tmp.path(), "600", "16", "8");
     let cfg = tmp.path().join("c.toml");
     std::fs::write(
         &cfg,
