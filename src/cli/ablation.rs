@@ -205,11 +205,8 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
     fn json<T: Serialize>(v: &T) -> String {
         serde_json::to_string(v).unwrap_or_default()
     }
-    let first_seed: Vec<&RunResult> = file
-        .runs
-        .iter()
-        .filter(|r| file.runs.first().is_some_and(|f| f.seed == r.seed))
-        .collect();
+    let seed = file.runs.first().map(|r| r.seed);
+    let first_seed: Vec<&RunResult> = file.runs.iter().filter(|r| Some(r.seed) == seed).collect();
     let teacher = first_seed.iter().find(|r| r.variant == TEACHER);
     let student = first_seed.iter().rev().find(|r| r.variant != TEACHER);
     if let Some(r) = teacher.or(student) {

@@ -370,6 +370,23 @@ pub struct TeacherSection {
     pub reweight: Option<bool>,
 }
 
+impl TeacherSection {
+    /// The `[train]` section `t` with this section's keys over it.
+    fn over(&self, t: &TrainSection) -> TrainSection {
+        TrainSection {
+            epochs: self.epochs.or(t.epochs),
+            batch: self.batch.or(t.batch),
+            lr: self.lr.or(t.lr),
+            seed: t.seed,
+            patience: self.patience.or(t.patience),
+            bucket: self.bucket.or(t.bucket),
+            warmup: self.warmup.or(t.warmup),
+            weight_decay: self.weight_decay.or(t.weight_decay),
+            clip: self.clip.or(t.clip),
+        }
+    }
+}
+
 /// The `--config` file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -507,7 +524,8 @@ pub fn resolve(
         d_cat: pick(hyper.d_cat, m.d_cat, base.d_cat),
     };
     let td = TrainConfig::default();
-    let train = TrainConfig {
+    // Defaults ← a `[train]` section ← flags (the teacher's: `[teacher]` over `[train]`).
+    let train_config = |t: &TrainSection| TrainConfig {
         epochs: pick(hyper.epochs, t.epochs, td.epochs),
         batch: pick(hyper.batch, t.batch, td.batch),
         lr: hyper.lr.or(t.lr).unwrap_or(td.lr),
@@ -518,6 +536,8 @@ pub fn resolve(
         weight_decay: t.weight_decay.unwrap_or(td.weight_decay),
         clip: t.clip.unwrap_or(td.clip),
     };
+    let train = train_config(t);
+    let teacher_train = train_config(&th.over(t));
     let ld = LossConfig::default();
     let f = |flag: Option<f64>, file: Option<f64>, def: f64| flag.or(file).unwrap_or(def);
     let off = |flag: bool, file: Option<bool>, def: bool| !flag && file.unwrap_or(def);
@@ -536,24 +556,7 @@ pub fn resolve(
         reweight: off(no_reweight, l.reweight, ld.reweight),
         coarse_cosine: coefs.coarse_cosine || l.coarse_cosine.unwrap_or(ld.coarse_cosine),
     };
-    // The teacher: defaults ← [train]/[loss] ← [teacher] ← flags.
-    let over = |flag: Option<usize>, teacher: Option<usize>, file: Option<usize>, def: usize| {
-        flag.or(teacher).or(file).unwrap_or(def)
-    };
-    let teacher_train = TrainConfig {
-        epochs: over(hyper.epochs, th.epochs, t.epochs, td.epochs),
-        batch: over(hyper.batch, th.batch, t.batch, td.batch),
-        lr: hyper.lr.or(th.lr).or(t.lr).unwrap_or(td.lr),
-        patience: over(hyper.patience, th.patience, t.patience, td.patience),
-        bucket: !hyper.no_bucket && th.bucket.or(t.bucket).unwrap_or(td.bucket),
-        warmup: th.warmup.or(t.warmup).unwrap_or(td.warmup),
-        weight_decay: th
-            .weight_decay
-            .or(t.weight_decay)
-            .unwrap_or(td.weight_decay),
-        clip: th.clip.or(t.clip).unwrap_or(td.clip),
-        ..train.clone()
-    };
+    // The teacher's ρ and re-weighting: defaults ← [loss] ← [teacher] ← flags.
     let teacher_loss = LossConfig {
         rho: hyper.rho.or(th.rho).or(l.rho).unwrap_or(ld.rho),
         reweight: !no_reweight && th.reweight.or(l.reweight).unwrap_or(ld.reweight),

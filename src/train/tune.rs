@@ -11,7 +11,7 @@
 //! split picks the epoch); the paired gain is full − plain seed by seed. Nothing here reads
 //! the test split.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -435,8 +435,10 @@ fn teacher<B: Backend>(
         ..cfg.teacher_train.clone()
     };
     let model = if path.exists() {
-        check_teacher_settings(&path, &tc, &cfg.teacher_loss)?;
-        checkpoint::load(be, &path, Some(&mc))?
+        checkpoint::check_config(&path, &mc)?;
+        let kept = checkpoint::read(&path)?;
+        check_teacher_settings(&path, &kept.metadata, &tc, &cfg.teacher_loss)?;
+        kept.into_model(be)?
     } else {
         let record = TrainingRecord::of_run(
             ds,
@@ -472,11 +474,16 @@ fn teacher<B: Backend>(
     Ok((model, cache))
 }
 
-/// Checks that the kept teacher at `path` was trained with `train` and with `loss`'s class
-/// weighting (ρ, re-weighting), as its training record says; an error lists what differs.
-fn check_teacher_settings(path: &Path, train: &TrainConfig, loss: &LossConfig) -> Result<()> {
-    let ck = checkpoint::read(path)?;
-    let record = TrainingRecord::from_metadata(path, &ck.metadata)?
+/// Checks that the kept teacher at `path` (its checkpoint `metadata`) was trained with `train`
+/// and with `loss`'s class weighting (ρ, re-weighting), as its training record says; an error
+/// lists what differs.
+fn check_teacher_settings(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+    train: &TrainConfig,
+    loss: &LossConfig,
+) -> Result<()> {
+    let record = TrainingRecord::from_metadata(path, metadata)?
         .ok_or_else(|| Error::format(path, "no training record: not a teacher of a search"))?;
     let settings = |t: &TrainConfig, l: &LossConfig| serde_json::json!({ "train": t, "rho": l.rho, "reweight": l.reweight });
     let diff = crate::train::resume::differences(
