@@ -287,6 +287,7 @@ fn bad_settings_are_refused_by_name() {
     }
 }
 
+/// A resumed search refuses a kept teacher trained with other settings, or damaged.
 #[test]
 fn a_search_resumed_with_other_teacher_settings_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -303,6 +304,30 @@ fn a_search_resumed_with_other_teacher_settings_is_refused() {
             && !err.contains("panicked"),
         "{err}"
     );
+    // A damaged kept teacher is an error naming it, not a panic.
+    let kept: Vec<_> = std::fs::read_dir(dir.join("teachers"))
+        .expect("teachers")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let saved: Vec<Vec<u8>> = kept
+        .iter()
+        .map(|p| std::fs::read(p).expect("read"))
+        .collect();
+    for p in &kept {
+        std::fs::write(p, b"not a checkpoint").expect("write");
+    }
+    let out = tune(&data, &dir, "6", &["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("teachers/d")
+            && err.contains("not a readable safetensors file")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    for (p, bytes) in kept.iter().zip(&saved) {
+        std::fs::write(p, bytes).expect("restore");
+    }
     // With the search's own settings it goes on.
     tune_ok(&data, &dir, "2", &["--resume"]);
     assert_eq!(trials(&dir).len(), 2);
