@@ -459,3 +459,103 @@ fn a_shifted_cohort_keeps_the_schema_and_moves_risk_and_activity() {
     assert!((moved - 0.6).abs() < 0.05, "txn_count_90d moved by {moved}");
     assert_eq!(mb.schema.profile_num[18].name, "txn_count_90d");
 }
+
+/// Rank AUC of `score` for the positive `label`s (ties count half).
+fn rank_auc(score: &[f32], label: &[u8]) -> f64 {
+    let mut order: Vec<usize> = (0..score.len()).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+    let (mut rank_sum, mut i) = (0.0f64, 0usize);
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && score[order[j + 1]] == score[order[i]] {
+            j += 1;
+        }
+        let mid = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += (i..=j).filter(|&k| label[order[k]] == 1).count() as f64 * mid;
+        i = j + 1;
+    }
+    let pos = label.iter().filter(|&&y| y == 1).count() as f64;
+    let neg = label.len() as f64 - pos;
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+}
+
+#[test]
+fn the_latents_file_holds_each_rows_hidden_truth_and_leaves_the_data_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (with, without) = (tmp.path().join("with"), tmp.path().join("without"));
+    let latents = tmp.path().join("latents.csv");
+    let args = ["--users", "6000", "--seed", "5", "--default-rate", "0.1"];
+    let lat = latents.to_str().unwrap();
+    let mut with_args = args.to_vec();
+    with_args.extend(["--latents", lat, "--shard-rows", "2500"]);
+    let mut without_args = args.to_vec();
+    without_args.extend(["--shard-rows", "2500"]);
+    for (dir, extra) in [(&with, &with_args), (&without, &without_args)] {
+        let out = run_bin(dir, "2", extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The dataset is the same with or without the latents file.
+    let manifest = Manifest::load(&with).unwrap();
+    for shard in &manifest.shards {
+        assert_eq!(
+            fs::read(with.join(&shard.file)).unwrap(),
+            fs::read(without.join(&shard.file)).unwrap(),
+            "{}",
+            shard.file
+        );
+    }
+    let (_, rows) = load(&with);
+    let text = fs::read_to_string(&latents).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("row,split,label,risk,style,activity,default_probability")
+    );
+    let bias = solve_bias(LABEL_SLOPE, 0.1).unwrap() as f32;
+    let (mut risk, mut prob) = (Vec::new(), Vec::new());
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 7, "line {}: {line}", i + 2);
+        assert_eq!(f[0], i.to_string());
+        assert_eq!(f[1], ["train", "valid", "test"][rows.split[i] as usize]);
+        assert_eq!(f[2], rows.label[i].to_string());
+        let v: Vec<f32> = f[3..].iter().map(|x| x.parse().unwrap()).collect();
+        assert!(v.iter().all(|x| x.is_finite()), "line {}: {line}", i + 2);
+        let expect = 1.0 / (1.0 + (-(LABEL_SLOPE as f32 * v[0] + bias)).exp());
+        assert_eq!(v[3], expect, "line {}: σ(A·r + b)", i + 2);
+        risk.push(v[0]);
+        prob.push(v[3]);
+    }
+    assert_eq!(risk.len(), rows.label.len());
+    // The risk is what drives the label: the mean probability is the default rate, and
+    // the risk ranks defaulters far better than any input can (Bayes AUC ≈ 0.93).
+    let mean = prob.iter().map(|&p| p as f64).sum::<f64>() / prob.len() as f64;
+    assert!((mean - 0.1).abs() < 0.01, "mean default probability {mean}");
+    let auc = rank_auc(&risk, &rows.label);
+    assert!(auc > 0.88 && auc < 0.97, "AUC of the latent risk {auc}");
+}
+
+#[test]
+fn a_latents_file_inside_the_dataset_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let inside = dir.join("latents.csv");
+    let out = run_bin(
+        &dir,
+        "2",
+        &["--users", "100", "--latents", inside.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--latents") && stderr.contains("inside"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.join(MANIFEST_FILE).exists());
+    assert!(!inside.exists());
+}

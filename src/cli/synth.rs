@@ -7,8 +7,9 @@ use std::time::Instant;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::data::synth::{synthesize_with_progress, SynthConfig};
-use crate::io::output::{OutputKind, OutputPath};
+use crate::data::synth::{synthesize_with_latents, synthesize_with_progress, SynthConfig};
+use crate::data::writer::write_atomic;
+use crate::io::output::{resolve, OutputKind, OutputPath};
 use crate::{Error, Result};
 
 /// Arguments of `mgkd-train synth`.
@@ -51,6 +52,13 @@ pub struct SynthArgs {
     /// and more volume for > 0), as `--risk-shift`.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub activity_shift: f64,
+    /// Also write the generator's hidden truth to this CSV, one line per dataset row: the
+    /// row, its split, its label, the latent risk r, style s and activity a, and the true
+    /// default probability σ(A·r + b) (docs/synth.md). No model reads it; it is for
+    /// analysis, e.g. what a perfect teacher's soft labels would give (`tools/gbm.py
+    /// --soft-labels`). Written atomically, outside the dataset directory.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
 }
 
 impl SynthArgs {
@@ -86,6 +94,25 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     let cfg = args.config()?;
     cfg.validate()?;
     let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &[])?;
+    let _latents = match &args.latents {
+        Some(path) => {
+            if resolve(path)?.starts_with(resolve(&args.out)?) {
+                return Err(Error::invalid(format!(
+                    "--latents {}: lies inside the dataset directory --out {}; write it \
+                     outside the dataset",
+                    path.display(),
+                    args.out.display()
+                )));
+            }
+            Some(OutputPath::prepare(
+                "--latents",
+                path,
+                OutputKind::File,
+                &[],
+            )?)
+        }
+        None => None,
+    };
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(Some(cfg.users), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
@@ -98,7 +125,15 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         ProgressBar::hidden()
     };
     let start = Instant::now();
-    let manifest = synthesize_with_progress(&args.out, &cfg, &|done| bar.set_position(done))?;
+    let progress = |done| bar.set_position(done);
+    let manifest = match &args.latents {
+        Some(path) => {
+            let (manifest, table) = synthesize_with_latents(&args.out, &cfg, &progress)?;
+            write_atomic(path, table.as_bytes())?;
+            manifest
+        }
+        None => synthesize_with_progress(&args.out, &cfg, &progress)?,
+    };
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let rates: Vec<String> = manifest

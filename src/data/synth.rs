@@ -86,6 +86,7 @@
 //! user has its own random stream and the rows are pushed in user order, the shards are
 //! byte-identical for a given seed whatever `RAYON_NUM_THREADS`.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -94,7 +95,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use super::manifest::Manifest;
+use super::manifest::{Manifest, SPLIT_NAMES};
 use super::schema::{CatField, NumField, Schema};
 use super::writer::{DatasetWriter, RowData, WriterOptions, DEFAULT_SHARD_BYTES};
 use crate::{Error, Result};
@@ -549,6 +550,21 @@ pub struct UserChunk {
     pub in_cat: Vec<u32>,
     /// In-service event numbers (standardised), `[events, 2]`.
     pub in_num: Vec<f32>,
+    /// The latents each user was drawn from, one per user (never written to the dataset).
+    pub latents: Vec<Latents>,
+}
+
+/// One user's latent variables (docs/synth.md, "Latents"): what the generator knows and
+/// no model sees. Kept for analysis (`mgkd-train synth --latents`), e.g. to train a model
+/// on the true default probability instead of the label.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latents {
+    /// Latent risk `r`.
+    pub risk: f32,
+    /// Behaviour style `s = ρ·r + √(1−ρ²)·ε_s`.
+    pub style: f32,
+    /// Activity `a`.
+    pub activity: f32,
 }
 
 impl UserChunk {
@@ -648,6 +664,12 @@ impl Generator {
         self.bias as f64
     }
 
+    /// The true default probability of a user of latent risk `r`: `σ(A·r + b)`, in the
+    /// arithmetic (f32) the label is drawn with, so `y = [u < default_probability(r)]`.
+    pub fn default_probability(&self, risk: f32) -> f32 {
+        sigmoid32(LABEL_SLOPE as f32 * risk + self.bias)
+    }
+
     /// Generates users `first_user .. first_user + n` (each from its own random stream, so
     /// the result does not depend on how users are grouped into chunks).
     pub fn generate_chunk(&self, first_user: u64, n: usize) -> UserChunk {
@@ -661,6 +683,7 @@ impl Generator {
     pub fn fill_chunk(&self, first_user: u64, n: usize, c: &mut UserChunk) {
         c.first_user = first_user;
         c.labels.clear();
+        c.latents.clear();
         for v in [&mut c.profile_num, &mut c.pre_num, &mut c.in_num] {
             v.clear();
         }
@@ -687,9 +710,14 @@ impl Generator {
         let r = shifted(normal(rng), self.risk_shift);
         let s = rho * r + (1.0 - rho * rho).sqrt() * normal(rng);
         let a = shifted(normal(rng), self.activity_shift);
-        let y = u8::from(unif(rng) < sigmoid32(LABEL_SLOPE as f32 * r + self.bias));
+        let y = u8::from(unif(rng) < self.default_probability(r));
         let d = r + DISTRESS_LABEL_WEIGHT * y as f32;
         c.labels.push(y);
+        c.latents.push(Latents {
+            risk: r,
+            style: s,
+            activity: a,
+        });
 
         // Profile numbers: exact mean 0, variance 1.
         let q = (r * r - 1.0) * std::f32::consts::FRAC_1_SQRT_2;
@@ -903,6 +931,37 @@ pub fn synthesize_with_progress(
     cfg: &SynthConfig,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Manifest> {
+    write_cohort(dir, cfg, progress, None)
+}
+
+/// Header of the latents table ([`synthesize_with_latents`]).
+pub const LATENTS_HEADER: &str = "row,split,label,risk,style,activity,default_probability";
+
+/// As [`synthesize_with_progress`], also returning the latents table: a CSV with the header
+/// [`LATENTS_HEADER`] and one line per dataset row, in row order: the row index, its split
+/// (`train`, `valid`, `test`), its label, the user's [`Latents`] and its true default
+/// probability [`Generator::default_probability`] (f32 values written in full precision).
+/// The table is held in memory (about 60 bytes per user).
+pub fn synthesize_with_latents(
+    dir: &Path,
+    cfg: &SynthConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Manifest, String)> {
+    let mut table = String::with_capacity(64 * cfg.users.min(1 << 24) as usize);
+    table += LATENTS_HEADER;
+    table.push('\n');
+    let manifest = write_cohort(dir, cfg, progress, Some(&mut table))?;
+    Ok((manifest, table))
+}
+
+/// The body of [`synthesize_with_progress`] and [`synthesize_with_latents`]: appends the
+/// latents table's lines to `latents` when given.
+fn write_cohort(
+    dir: &Path,
+    cfg: &SynthConfig,
+    progress: &(dyn Fn(u64) + Sync),
+    mut latents: Option<&mut String>,
+) -> Result<Manifest> {
     let gen = Generator::new(cfg)?;
     let options = WriterOptions {
         shard_bytes: cfg.shard_bytes,
@@ -937,12 +996,27 @@ pub fn synthesize_with_progress(
     // come back for reuse.
     let (to_writer, from_gen) = mpsc::sync_channel::<(Vec<UserChunk>, usize)>(QUEUE_WAVES);
     let (recycle, recycled) = mpsc::channel::<Vec<UserChunk>>();
+    let generator = &gen;
     std::thread::scope(|scope| {
         let write = scope.spawn(move || -> Result<Manifest> {
             for (wave, used) in from_gen {
                 for ch in &wave[..used] {
                     for i in 0..ch.len() {
                         let split = splits.next(ch.labels[i]);
+                        if let Some(table) = latents.as_deref_mut() {
+                            let l = &ch.latents[i];
+                            let _ = writeln!(
+                                table,
+                                "{},{},{},{},{},{},{}",
+                                writer.rows(),
+                                SPLIT_NAMES[split as usize],
+                                ch.labels[i],
+                                l.risk,
+                                l.style,
+                                l.activity,
+                                generator.default_probability(l.risk)
+                            );
+                        }
                         writer.push(&ch.row(i, split))?;
                     }
                     progress(writer.rows());
