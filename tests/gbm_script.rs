@@ -131,3 +131,129 @@ fn the_gbm_script_writes_a_file_the_ablation_accepts() {
     let err = GbmResults::read(&file, &other).expect_err("refused");
     assert!(err.to_string().contains("made on another dataset"), "{err}");
 }
+
+/// `tools/gbm.py --data DATA --inputs in-service --seeds 1 --out OUT extra…`.
+fn gbm(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(python())
+        .arg(root().join("tools/gbm.py"))
+        .arg("--data")
+        .arg(data)
+        .args(["--inputs", "in-service", "--seeds", "1", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .expect("run gbm.py")
+}
+
+#[test]
+fn the_gbm_trains_on_soft_labels_and_refuses_bad_ones() {
+    if !has("numpy, safetensors, lightgbm") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let latents = tmp.path().join("latents.csv");
+    let (d, l) = (data.to_str().unwrap(), latents.to_str().unwrap());
+    cli_run::ok(&[
+        "synth",
+        "--out",
+        d,
+        "--users",
+        "3000",
+        "--default-rate",
+        "0.2",
+        "--in-len",
+        "16",
+        "--pre-len",
+        "8",
+        "--latents",
+        l,
+    ]);
+    let ds = Dataset::open(&data).expect("open");
+
+    // The generator's true probabilities: the trees learn the risk from them.
+    let file = tmp.path().join("gbm-true.json");
+    let out = gbm(
+        &data,
+        &file,
+        &["--soft-labels", l, "--soft-column", "default_probability"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g = GbmResults::read(&file, &ds).expect("the ablation's check accepts it");
+    let soft = g
+        .soft_labels
+        .as_ref()
+        .expect("the soft labels are recorded");
+    assert_eq!(
+        (soft.file.as_str(), soft.column.as_str()),
+        (l, "default_probability")
+    );
+    assert_eq!(soft.sha256.len(), 64);
+    assert!(g.label().contains("soft labels"), "{}", g.label());
+    assert!(g.runs[0].test_auc > 0.8, "{:?}", g.runs);
+
+    // The targets are what the trees fit: the same probability for every train row leaves
+    // nothing to learn, whatever the labels say (the labels alone give > 0.8, above).
+    let flat = tmp.path().join("flat.csv");
+    let rows: String = (0..ds.rows()).map(|r| format!("{r},0.5\n")).collect();
+    std::fs::write(&flat, format!("row,probability\n{rows}")).expect("write");
+    let file = tmp.path().join("gbm-flat.json");
+    let out = gbm(&data, &file, &["--soft-labels", flat.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g = GbmResults::read(&file, &ds).expect("read");
+    assert_eq!(
+        (g.runs[0].valid_auc, g.runs[0].test_auc),
+        (0.5, 0.5),
+        "{:?}",
+        g.runs
+    );
+
+    // Bad files: a clear error naming the file and line, nothing written.
+    let train_row = ds.rows_of_split(mgkd::train::TRAIN)[0];
+    let cases: Vec<(String, &str)> = vec![
+        ("key,probability\n0,0.5\n".into(), "no column 'row'"),
+        (format!("row,probability\n{rows}{}\n", "0,0.5"), "line 3002"),
+        (
+            format!("row,probability\n{rows}").replace(
+                &format!("\n{train_row},0.5\n"),
+                &format!("\n{train_row},1.5\n"),
+            ),
+            "is not a probability",
+        ),
+        (
+            format!("row,probability\n{rows}").replace(&format!("\n{train_row},0.5\n"), "\n"),
+            "train rows have no value",
+        ),
+        (
+            format!("row,probability\n{rows}99999,0.5\n"),
+            "not a row of the dataset",
+        ),
+        (
+            format!("row,probability\n{rows}").replace(",0.5\n", ",nan\n"),
+            "line 2",
+        ),
+    ];
+    let target = tmp.path().join("gbm-bad.json");
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let bad = tmp.path().join(format!("bad{i}.csv"));
+        std::fs::write(&bad, text).expect("write");
+        let out = gbm(&data, &target, &["--soft-labels", bad.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(
+            stderr.contains(bad.to_str().unwrap()) && stderr.contains(want),
+            "case {i}: expected {want:?} in {stderr}"
+        );
+        assert!(!stderr.contains("Traceback"), "case {i}: {stderr}");
+        assert!(!target.exists(), "case {i}: an output was written");
+    }
+}

@@ -13,6 +13,16 @@ test split (the same rows the engine's ablation uses).
 in the CSV format of `mgkd-train predict` (`user_id` or `row`, `probability`, `logit`), so that
 `mgkd-train compare` can test a model against the GBM on the same rows (DeLong's paired test).
 
+`--soft-labels CSV` trains the trees on probabilities instead of the labels (LightGBM's
+cross-entropy objective, which takes targets in [0, 1]): a teacher's scores from `mgkd-train
+predict`, which makes the GBM a student distilled from that teacher's soft labels, or the
+`default_probability` column of `mgkd-train synth --latents`, the generator's true
+probability, i.e. a perfect teacher. Only the train rows' values are read; early stopping,
+AUC and KS still use the labels, and the output records the file and its SHA-256:
+
+    mgkd-train predict --data DIR --model teacher.safetensors --split train --out t.csv
+    python3 tools/gbm.py --data DIR --inputs student --soft-labels t.csv --out gbm-soft.json
+
 `--inputs student` reads what the student reads: the profile and the pre-service events (the
 most recent `pre_len` of them, as the engine keeps). `--inputs in-service` reads the profile
 and the in-service events (the most recent `in_len`), what the teacher reads. Features per
@@ -239,6 +249,59 @@ def row_keys(data, manifest):
     return "user_id", keys
 
 
+def read_soft_labels(path, column, keyed, train):
+    """The soft label of every train row from the CSV `path`, keyed like `mgkd-train
+    predict`'s output (`user_id` or `row`), read from `column`. Rows outside the train split
+    may be absent (they are never trained on); a train row without a value, a key that is
+    not in the dataset, a repeated key, or a value that is not a probability is an error
+    naming the file and line. Returns (values, SHA-256 of the file)."""
+    import csv
+
+    key_column, keys = keyed
+    index = {k: i for i, k in enumerate(keys)}
+    values = np.full(len(keys), np.nan)
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        fail(f"--soft-labels {path}: {e.strerror}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"--soft-labels {path}: not UTF-8 text ({e})")
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if header is None:
+        fail(f"--soft-labels {path}: the file is empty")
+    for need in (key_column, column):
+        if need not in header:
+            fail(f"--soft-labels {path}: line 1: no column {need!r} (the header is "
+                 f"{','.join(header)}); the dataset's rows are keyed by {key_column!r}")
+    ki, vi = header.index(key_column), header.index(column)
+    for line, fields in enumerate(reader, start=2):
+        if len(fields) != len(header):
+            fail(f"--soft-labels {path}: line {line}: {len(fields)} fields, the header has "
+                 f"{len(header)}")
+        row = index.get(fields[ki])
+        if row is None:
+            fail(f"--soft-labels {path}: line {line}: {key_column} {fields[ki]!r} is not a "
+                 f"row of the dataset")
+        if not np.isnan(values[row]):
+            fail(f"--soft-labels {path}: line {line}: {key_column} {fields[ki]!r} repeated")
+        try:
+            v = float(fields[vi])
+        except ValueError:
+            v = float("nan")
+        if not 0.0 <= v <= 1.0:
+            fail(f"--soft-labels {path}: line {line}: {column} {fields[vi]!r} is not a "
+                 f"probability in [0, 1]")
+        values[row] = v
+    missing = np.flatnonzero(train & np.isnan(values))
+    if len(missing):
+        fail(f"--soft-labels {path}: {len(missing)} train rows have no value, the first "
+             f"{key_column} {keys[missing[0]]}")
+    return values, hashlib.sha256(raw).hexdigest()
+
+
 def write_scores(f, keyed, probs):
     """The CSV of `mgkd-train predict`: key, probability, logit (log p − log(1 − p))."""
     column, keys = keyed
@@ -277,6 +340,13 @@ def main():
     ap.add_argument("--out", required=True, help="JSON result file (written atomically)")
     ap.add_argument("--predictions", help="also write every row's score (the seeds' mean "
                     "probability) as a CSV in `mgkd-train predict`'s format (written atomically)")
+    ap.add_argument("--soft-labels", metavar="CSV",
+                    help="train on these probabilities instead of the labels (cross-entropy "
+                         "against soft targets): a CSV keyed like `mgkd-train predict`'s, "
+                         "e.g. a teacher's scores or `synth --latents`' true probabilities; "
+                         "early stopping and every metric still use the labels")
+    ap.add_argument("--soft-column", default="probability",
+                    help="the --soft-labels column to read [default: probability]")
     args = ap.parse_args()
     if args.seeds < 1:
         fail("--seeds must be at least 1")
@@ -292,6 +362,10 @@ def main():
             fail(f"{flag} {path} lies inside the dataset {args.data}: choose another place")
     if args.predictions and os.path.abspath(args.predictions) == os.path.abspath(args.out):
         fail("--predictions and --out name the same file")
+    if args.soft_labels:
+        for flag, path in outputs:
+            if os.path.abspath(path) == os.path.abspath(args.soft_labels):
+                fail(f"{flag} {path} is the --soft-labels input: choose another output")
     try:
         import lightgbm as lgb
     except ImportError:
@@ -303,13 +377,20 @@ def main():
     for k, m in parts.items():
         if len(np.unique(y[m])) < 2:
             fail(f"{args.data}: the {k} split needs both classes")
+    keyed = row_keys(args.data, manifest) if args.soft_labels or args.predictions else None
+    target, soft = y, None
+    if args.soft_labels:
+        target, soft_sha = read_soft_labels(args.soft_labels, args.soft_column, keyed,
+                                            parts["train"])
+        soft = {"file": args.soft_labels, "column": args.soft_column, "sha256": soft_sha}
     runs = []
     score_sum = np.zeros(len(y))
     for seed in range(args.seeds):
-        params = dict(objective="binary", learning_rate=0.02, num_leaves=7, min_data_in_leaf=200,
+        objective = "cross_entropy" if soft else "binary"
+        params = dict(objective=objective, learning_rate=0.02, num_leaves=7, min_data_in_leaf=200,
                       feature_fraction=0.5, bagging_fraction=0.8, bagging_freq=1, seed=seed,
                       metric="auc", verbose=-1, deterministic=True, force_col_wise=True)
-        tr = lgb.Dataset(x[parts["train"]], y[parts["train"]], feature_name=names,
+        tr = lgb.Dataset(x[parts["train"]], target[parts["train"]], feature_name=names,
                          categorical_feature=[], free_raw_data=False)
         va = lgb.Dataset(x[parts["valid"]], y[parts["valid"]], reference=tr)
         model = lgb.train(params, tr, num_boost_round=args.rounds, valid_sets=[va],
@@ -335,9 +416,10 @@ def main():
         "seconds": time.time() - t0,
         "runs": runs,
     }
+    if soft:
+        out["soft_labels"] = soft
     if args.predictions:
-        write_atomic(args.predictions, lambda f: write_scores(f, row_keys(args.data, manifest),
-                                                               score_sum / args.seeds))
+        write_atomic(args.predictions, lambda f: write_scores(f, keyed, score_sum / args.seeds))
     write_atomic(args.out, lambda f: json.dump(out, f, indent=1))
     a = np.array([r["test_auc"] for r in runs])
     print(f"{args.inputs} inputs: test AUC {a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f} "

@@ -42,6 +42,20 @@ pub struct GbmRows {
     pub test: u64,
 }
 
+/// The probabilities a GBM was trained on instead of the labels (`tools/gbm.py
+/// --soft-labels`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GbmSoftLabels {
+    /// The CSV as the script was given it.
+    pub file: String,
+    /// The column read (`probability` for a `predict` CSV, `default_probability` for
+    /// `synth --latents`).
+    pub column: String,
+    /// SHA-256 of the CSV.
+    pub sha256: String,
+}
+
 /// The content of a `tools/gbm.py` result file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +78,9 @@ pub struct GbmResults {
     pub seconds: f64,
     /// One entry per seed.
     pub runs: Vec<GbmRun>,
+    /// The soft labels the trees were trained on, when not the labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels: Option<GbmSoftLabels>,
 }
 
 impl GbmResults {
@@ -123,9 +140,16 @@ impl GbmResults {
 
     /// The row label in the report.
     pub fn label(&self) -> String {
-        match self.inputs.as_str() {
-            "student" => "LightGBM (student's inputs)".into(),
-            _ => "LightGBM (in-service inputs)".into(),
+        let inputs = match self.inputs.as_str() {
+            "student" => "student's inputs",
+            _ => "in-service inputs",
+        };
+        match &self.soft_labels {
+            None => format!("LightGBM ({inputs})"),
+            Some(soft) => format!(
+                "LightGBM ({inputs}, trained on the soft labels {}:{})",
+                soft.file, soft.column
+            ),
         }
     }
 }
