@@ -886,3 +886,182 @@ fn bf16_precision_trains_is_recorded_and_benched() {
         &["fp16", "f32 or bf16"],
     );
 }
+
+/// The tensors of a checkpoint, by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).expect("checkpoint");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect()
+}
+
+/// `student --data D --teacher T --out O --epochs 3` with the tiny settings, then `extra`.
+fn student_args(data: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let a: Vec<String> = [
+        "student",
+        "--data",
+        p(data),
+        "--teacher",
+        p(teacher),
+        "--out",
+        p(out),
+    ]
+    .iter()
+    .chain(&["--epochs", "3"])
+    .chain(&TINY[8..])
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    a
+}
+
+/// `args` as the `&str` slice the helpers take.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn soft_labels_from_a_file_take_the_place_of_the_teachers_logits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    train_common::write(
+        &data,
+        Spec {
+            user_ids: true,
+            ..Spec::labelled(600, 33)
+        },
+    );
+    let t = tmp.path().join("teacher.safetensors");
+    teacher(&data, &t, &[]);
+    let scores = tmp.path().join("teacher.csv");
+    ok(&[
+        "predict",
+        "--data",
+        p(&data),
+        "--model",
+        p(&t),
+        "--out",
+        p(&scores),
+    ]);
+    let student = |out: &Path, extra: &[&str]| student_args(&data, &t, out, extra);
+
+    // The teacher's own scores as the file: the same student, tensor for tensor (predict's
+    // logits round-trip exactly), and the checkpoint records the file.
+    let (a, b) = (
+        tmp.path().join("a.safetensors"),
+        tmp.path().join("b.safetensors"),
+    );
+    ok(&strs(&student(&a, &[])));
+    let said = text(&run(&strs(&student(&b, &["--soft-labels", p(&scores)]))));
+    assert!(said.contains("L_soft's targets: the logits of"), "{said}");
+    assert_eq!(tensors(&a), tensors(&b));
+    let ck = mgkd::model::checkpoint::read(&b).expect("read");
+    let record: serde_json::Value =
+        serde_json::from_str(&ck.metadata[mgkd::train::KEY_TRAINING]).expect("record");
+    assert_eq!(record["soft_labels"], p(&scores));
+    assert_eq!(
+        record["soft_labels_sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    let ck = mgkd::model::checkpoint::read(&a).expect("read");
+    assert!(!ck.metadata[mgkd::train::KEY_TRAINING].contains("soft_labels"));
+
+    // The file's logits are the targets: a constant +3 for every row pulls the student's
+    // scores up, a constant −3 down, against the same hard labels (L_soft weighted 20).
+    let ds = Dataset::open(&data).expect("open");
+    let keys: Vec<String> = (0..ds.rows())
+        .map(|r| ds.user_id(r).expect("id").expect("ids").to_string())
+        .collect();
+    let constant = |name: &str, logit: f64| {
+        let path = tmp.path().join(name);
+        let rows: String = keys.iter().map(|k| format!("{k},0.5,{logit}\n")).collect();
+        std::fs::write(&path, format!("user_id,probability,logit\n{rows}")).expect("write");
+        path
+    };
+    let mean_probability = |soft: &Path, name: &str| {
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        ok(&strs(&student(
+            &out,
+            &["--soft-labels", p(soft), "--alpha", "20"],
+        )));
+        let csv = tmp.path().join(format!("{name}.csv"));
+        ok(&[
+            "predict",
+            "--data",
+            p(&data),
+            "--model",
+            p(&out),
+            "--split",
+            "train",
+            "--out",
+            p(&csv),
+        ]);
+        let (_, probs, _) = read_scores(&csv);
+        probs.iter().sum::<f64>() / probs.len() as f64
+    };
+    let up = mean_probability(&constant("up.csv", 3.0), "up");
+    let down = mean_probability(&constant("down.csv", -3.0), "down");
+    assert!(
+        up > down + 0.2,
+        "mean probability {up} (+3) against {down} (−3)"
+    );
+
+    // Bad files and settings: an error naming the file (and line), no checkpoint.
+    let good = std::fs::read_to_string(&scores).expect("scores");
+    let mut lines: Vec<&str> = good.lines().collect();
+    let first_train = ds.rows_of_split(mgkd::train::TRAIN)[0] as usize;
+    let without_train_row = {
+        lines.remove(first_train + 1);
+        lines.join("\n") + "\n"
+    };
+    let cases = [
+        (good.replace("logit", "score"), "no `logit` column"),
+        (good.replacen("user_id", "row", 1), "no `user_id` column"),
+        (without_train_row, "train rows have no logit"),
+        (
+            format!("{good}nobody,0.5,0.0\n"),
+            "user_id nobody is not a row of",
+        ),
+        (
+            format!("{good}{},0.5,0.0\n", keys[0]),
+            "again (first on line 2)",
+        ),
+        (
+            good.replacen(
+                &format!("\n{},", keys[0]),
+                &format!("\n{},0.5,nan\nx,", keys[0]),
+                1,
+            ),
+            "line 2: logit `nan` is not a finite number",
+        ),
+    ];
+    let out = tmp.path().join("never.safetensors");
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let bad = tmp.path().join(format!("bad{i}.csv"));
+        std::fs::write(&bad, text).expect("write");
+        refused(
+            &strs(&student(&out, &["--soft-labels", p(&bad)])),
+            &[p(&bad), want],
+        );
+        assert!(!out.exists(), "case {i}");
+    }
+    refused(
+        &strs(&student(&out, &["--soft-labels", p(&scores), "--no-soft"])),
+        &["L_soft is off"],
+    );
+    refused(
+        &strs(&student(
+            &out,
+            &["--soft-labels", p(&scores), "--teacher-cache-mib", "0"],
+        )),
+        &["raise --teacher-cache-mib"],
+    );
+    refused(
+        &strs(&student(&scores, &["--soft-labels", p(&scores)])),
+        &["--soft-labels"],
+    );
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_to_string(&scores).expect("kept"), good);
+}

@@ -21,6 +21,7 @@ use crate::loss::LossConfig;
 pub use crate::model::config::Widths;
 use crate::model::{checkpoint, Model, ModelConfig, Role, Teacher};
 use crate::train::resume::{self, Every, ResumeOptions};
+use crate::train::soft_labels::SoftLabels;
 use crate::train::{
     cache_teacher, train_distributed, CacheOutcome, RunOptions, Stage, TrainConfig, TrainReport,
     TrainingRecord,
@@ -272,6 +273,13 @@ pub struct StudentArgs {
     /// 0 turns the cache off (results are the same either way).
     #[arg(long, value_name = "MIB", default_value_t = crate::train::teacher_cache::DEFAULT_BUDGET_MIB)]
     pub teacher_cache_mib: u64,
+    /// L_soft's targets from this CSV instead of the teacher's logits: another model's
+    /// scores in `predict`'s format (`row` or `user_id`, and `logit`), every train row
+    /// scored; e.g. an ensemble of teachers, or the generator's true probability of `synth
+    /// --latents`. The teacher still gives the coarse and fine targets; its outputs must be
+    /// cached (--teacher-cache-mib). The checkpoint records the file and its SHA-256.
+    #[arg(long, value_name = "CSV")]
+    pub soft_labels: Option<PathBuf>,
 }
 
 /// `[model]` section of the config file.
@@ -778,7 +786,7 @@ pub fn student_on<B: Backend>(
     let cfg = ModelConfig::new(Role::Student, ds.schema(), w.d, w.heads, w.blocks, w.d_cat)?;
     let mut model = Model::new(be, cfg, r.train.seed)?;
     let from = Some((args.teacher.as_path(), sha));
-    let rec = TrainingRecord::of_run(
+    let mut rec = TrainingRecord::of_run(
         &ds,
         &c.data,
         Role::Student,
@@ -787,11 +795,44 @@ pub fn student_on<B: Backend>(
         from,
         be.precision(),
     )?;
+    let soft = match &args.soft_labels {
+        None => None,
+        Some(path) => {
+            if !r.loss.soft {
+                return Err(Error::invalid(format!(
+                    "--soft-labels {}: L_soft is off (--no-soft or the config's soft = \
+                     false), so nothing would read them",
+                    path.display()
+                )));
+            }
+            let soft = SoftLabels::read(path, &ds)?;
+            rec.soft_labels = Some(path.display().to_string());
+            rec.soft_labels_sha256 = Some(soft.sha256.clone());
+            Some(soft)
+        }
+    };
     let opts = run_options(c, &rec)?;
     let budget = mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?;
-    let (cache, outcome) = cache_teacher(be, &teacher, &ds, [&r.loss], r.train.batch, budget)?;
+    let (mut cache, outcome) = cache_teacher(be, &teacher, &ds, [&r.loss], r.train.batch, budget)?;
     if outcome != CacheOutcome::Off {
         crate::noteln!("{outcome}");
+    }
+    if let Some(soft) = &soft {
+        let Some(cache) = cache.as_mut() else {
+            return Err(Error::invalid(format!(
+                "--soft-labels replaces the teacher's logits in its cache, and the cache was \
+                 not built ({outcome}): raise --teacher-cache-mib"
+            )));
+        };
+        soft.apply(be, cache)?;
+        crate::noteln!(
+            "L_soft's targets: the logits of {} (SHA-256 {}), not the teacher's",
+            args.soft_labels
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display(),
+            &soft.sha256[..12]
+        );
     }
     let stage = Stage::Student(Teacher {
         model: &teacher,
@@ -808,11 +849,19 @@ pub fn mib_bytes(flag: &str, mib: u64) -> Result<u64> {
 
 /// Checks and locks the outputs of a training run: the checkpoint `--out` and the log
 /// (`--log`, default `<out>.log.jsonl`), neither inside the dataset `--data` nor equal to the
-/// `--teacher` checkpoint (see [`crate::io::output`]). The locks hold while the result lives.
-pub fn prepare_outputs(c: &CommonArgs, teacher: Option<&Path>) -> Result<Vec<OutputPath>> {
+/// `--teacher` checkpoint or the `--soft-labels` file (see [`crate::io::output`]). The locks
+/// hold while the result lives.
+pub fn prepare_outputs(
+    c: &CommonArgs,
+    teacher: Option<&Path>,
+    soft_labels: Option<&Path>,
+) -> Result<Vec<OutputPath>> {
     let mut inputs = vec![Input::dataset("--data", &c.data)];
     if let Some(t) = teacher {
         inputs.push(Input::file("--teacher", t));
+    }
+    if let Some(f) = soft_labels {
+        inputs.push(Input::file("--soft-labels", f));
     }
     let log = c.log.clone().unwrap_or_else(|| default_log(&c.out));
     if crate::io::output::resolve(&log)? == crate::io::output::resolve(&c.out)? {
@@ -894,7 +943,7 @@ pub fn run_teacher(args: &TeacherArgs) -> Result<()> {
 fn teacher_job(args: &TeacherArgs, comm: &Comm) -> Result<TrainReport> {
     let c = &args.common;
     let _outputs = match comm.rank() {
-        0 => prepare_outputs(c, None)?,
+        0 => prepare_outputs(c, None, None)?,
         _ => Vec::new(),
     };
     let r = resolve(
@@ -921,7 +970,7 @@ pub fn run_student(args: &StudentArgs) -> Result<()> {
 fn student_job(args: &StudentArgs, comm: &Comm) -> Result<TrainReport> {
     let c = &args.common;
     let _outputs = match comm.rank() {
-        0 => prepare_outputs(c, Some(&args.teacher))?,
+        0 => prepare_outputs(c, Some(&args.teacher), args.soft_labels.as_deref())?,
         _ => Vec::new(),
     };
     let base = Widths::of(&checkpoint::read_config(&args.teacher)?);

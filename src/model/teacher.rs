@@ -172,6 +172,15 @@ impl TeacherIndex {
         self.lens.len()
     }
 
+    /// The dataset row of every slot, in slot order.
+    pub fn rows_by_slot(&self) -> Vec<u64> {
+        let mut rows = vec![0u64; self.slots()];
+        for (&row, &slot) in &self.slot_of_row {
+            rows[slot as usize] = row;
+        }
+        rows
+    }
+
     /// Number of valid tokens cached (0 when tokens are not).
     pub fn tokens(&self) -> usize {
         if self.starts.is_some() {

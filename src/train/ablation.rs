@@ -381,6 +381,8 @@ pub fn run_ablation<B: Backend>(
                         .and_then(|(_, f)| f.as_ref())
                         .map(|(_, s)| s.clone()),
                     precision: be.precision(),
+                    soft_labels: None,
+                    soft_labels_sha256: None,
                 }
                 .to_metadata()?,
             };

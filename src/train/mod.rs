@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod record;
 pub mod resume;
 pub mod schedule;
+pub mod soft_labels;
 pub mod teacher_cache;
 pub mod trainer;
 pub mod tune;

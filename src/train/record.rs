@@ -39,6 +39,13 @@ pub struct TrainingRecord {
     /// checkpoints written before the precision scheme, which ran in f32.
     #[serde(default)]
     pub precision: Precision,
+    /// Student stage with `--soft-labels`: the file L_soft's targets were read from, as given
+    /// (absent when they were the teacher's logits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels: Option<String>,
+    /// Lower-case hex SHA-256 of that file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels_sha256: Option<String>,
 }
 
 impl TrainingRecord {
@@ -68,6 +75,8 @@ impl TrainingRecord {
             teacher: teacher.as_ref().map(|(p, _)| p.display().to_string()),
             teacher_sha256: teacher.map(|(_, s)| s),
             precision,
+            soft_labels: None,
+            soft_labels_sha256: None,
         })
     }
 
