@@ -497,6 +497,12 @@ fn the_latents_file_holds_each_rows_hidden_truth_and_leaves_the_data_unchanged()
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            said.contains("latents in"),
+            extra.contains(&"--latents"),
+            "{said}"
+        );
     }
     // The dataset is the same with or without the latents file.
     let manifest = Manifest::load(&with).unwrap();

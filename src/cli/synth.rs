@@ -141,8 +141,12 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .iter()
         .map(|s| format!("{} {:.4} ({} rows)", s.name, s.default_rate, s.rows))
         .collect();
+    let latents = match &args.latents {
+        Some(path) => format!("; latents in {}", path.display()),
+        None => String::new(),
+    };
     crate::outln!(
-        "synth: {} users in {:.2} s ({:.0} users/s), {} shards in {}; default rate {}",
+        "synth: {} users in {:.2} s ({:.0} users/s), {} shards in {}; default rate {}{latents}",
         manifest.rows,
         secs,
         manifest.rows as f64 / secs.max(1e-9),
