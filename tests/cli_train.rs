@@ -1019,7 +1019,7 @@ fn soft_labels_from_a_file_take_the_place_of_the_teachers_logits() {
     let cases = [
         (good.replace("logit", "score"), "no `logit` column"),
         (good.replacen("user_id", "row", 1), "no `user_id` column"),
-        (without_train_row, "train rows have no logit"),
+        (without_train_row, "rows of the train split are not scored"),
         (
             format!("{good}nobody,0.5,0.0\n"),
             "user_id nobody is not a row of",

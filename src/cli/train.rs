@@ -808,7 +808,7 @@ pub fn student_on<B: Backend>(
             let soft = SoftLabels::read(path, &ds)?;
             rec.soft_labels = Some(path.display().to_string());
             rec.soft_labels_sha256 = Some(soft.sha256.clone());
-            Some(soft)
+            Some((path, soft))
         }
     };
     let opts = run_options(c, &rec)?;
@@ -817,7 +817,7 @@ pub fn student_on<B: Backend>(
     if outcome != CacheOutcome::Off {
         crate::noteln!("{outcome}");
     }
-    if let Some(soft) = &soft {
+    if let Some((path, soft)) = &soft {
         let Some(cache) = cache.as_mut() else {
             return Err(Error::invalid(format!(
                 "--soft-labels replaces the teacher's logits in its cache, and the cache was \
@@ -827,10 +827,7 @@ pub fn student_on<B: Backend>(
         soft.apply(be, cache)?;
         crate::noteln!(
             "L_soft's targets: the logits of {} (SHA-256 {}), not the teacher's",
-            args.soft_labels
-                .as_deref()
-                .unwrap_or(Path::new(""))
-                .display(),
+            path.display(),
             &soft.sha256[..12]
         );
     }

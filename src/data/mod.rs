@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod import;
 pub mod manifest;
 pub mod schema;
+pub mod scores;
 pub mod shard;
 pub mod synth;
 pub mod writer;
