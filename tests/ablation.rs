@@ -456,3 +456,150 @@ fn the_teacher_section_trains_the_teachers_and_the_report_says_so() {
     );
     assert!(s.contains("the full student's"), "{s}");
 }
+
+/// `--plain-config` trains the plain student with its own file's settings (here another
+/// width, depth, schedule and ρ than the teacher's): its runs are those of an ablation of that
+/// file alone, the teachers and full students those of an ablation without the flag, every
+/// number to the last bit; the paired differences are against it, and the report says where
+/// its settings came from.
+#[test]
+fn a_plain_config_gives_the_plain_student_its_own_settings() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = cli_run::synth(tmp.path(), "600", "16", "8");
+    let full_cfg = tmp.path().join("full.toml");
+    let plain_cfg = tmp.path().join("plain.toml");
+    std::fs::write(
+        &full_cfg,
+        "[model]\nd = 8\nheads = 2\nblocks = 2\nd_cat = 4\n[train]\nepochs = 2\nbatch = 64\n\
+         lr = 2e-3\n[loss]\nrho = 0.25\n",
+    )
+    .expect("write");
+    std::fs::write(
+        &plain_cfg,
+        "[model]\nd = 12\nheads = 2\nblocks = 1\nd_cat = 4\n[train]\nepochs = 3\nbatch = 64\n\
+         lr = 1e-3\n[loss]\nrho = 0.75\n",
+    )
+    .expect("write");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "ablation",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--seeds",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--no-checkpoints",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        runs(out)
+    };
+    let (f, p) = (full_cfg.to_str().unwrap(), plain_cfg.to_str().unwrap());
+    let both = tmp.path().join("both");
+    let paired = run(
+        &both,
+        &["--config", f, "--plain-config", p, "--variants", "full"],
+    );
+    let alone = run(
+        &tmp.path().join("plain"),
+        &["--config", p, "--variants", "plain"],
+    );
+    let without = run(
+        &tmp.path().join("full"),
+        &["--config", f, "--variants", "full"],
+    );
+    // Every run but its wall time and throughput.
+    let same = |a: &Value, b: &Value| {
+        for key in [
+            "test_auc",
+            "test_ks",
+            "test_log_loss",
+            "valid_auc",
+            "best_epoch",
+            "config",
+        ] {
+            assert!(!a[key].is_null(), "{key} missing in {a}");
+            assert_eq!(a[key], b[key], "{key}: {a} against {b}");
+        }
+    };
+    for seed in 0..2u64 {
+        let find = |runs: &[Value], variant: &str| {
+            runs.iter()
+                .find(|r| r["variant"] == variant && r["seed"] == seed)
+                .unwrap_or_else(|| panic!("no {variant} seed {seed}"))
+                .clone()
+        };
+        let plain = find(&paired, "plain");
+        same(&plain, &find(&alone, "plain"));
+        assert_eq!(plain["config"]["model"]["d"], 12);
+        assert_eq!(plain["config"]["loss"]["rho"], 0.75);
+        for variant in ["teacher", "full"] {
+            same(&find(&paired, variant), &find(&without, variant));
+        }
+        assert_eq!(find(&paired, "teacher")["config"]["model"]["d"], 8);
+    }
+    let text = std::fs::read_to_string(both.join("results.json")).expect("results.json");
+    let file: Value = serde_json::from_str(&text).expect("parses");
+    assert_eq!(file["plain_config"], p);
+    let summary = file["summary"].as_array().expect("summary");
+    let full = summary
+        .iter()
+        .find(|v| v["variant"] == "full")
+        .expect("full row");
+    let diffs: Vec<f64> = (0..2)
+        .map(|s| metric(&paired, "full", s, "test_auc") - metric(&paired, "plain", s, "test_auc"))
+        .collect();
+    let (m, _) = mean_std(&diffs);
+    let got = full["auc"]["diff_mean"].as_f64().expect("diff_mean");
+    assert!((got - m).abs() < 1e-12, "{got} against {m}");
+    let report = std::fs::read_to_string(both.join("report.md")).expect("report");
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("- the plain student, from"))
+        .unwrap_or_else(|| panic!("no plain line in\n{report}"));
+    assert!(
+        line.contains(p) && line.contains("\"d\":12") && line.contains("ρ 0.75"),
+        "{line}"
+    );
+    assert!(report.contains("trained with its own settings"), "{report}");
+}
+
+/// A `--plain-config` that cannot be read, or that asks for a width out of range, is refused
+/// before any training, naming the file.
+#[test]
+fn a_bad_plain_config_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = cli_run::synth(tmp.path(), "300", "16", "8");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[model]\nd = 0\n").expect("write");
+    let missing = tmp.path().join("missing.toml");
+    for (file, why) in [(&bad, "out of range"), (&missing, "missing.toml")] {
+        let out_dir = tmp.path().join("rep");
+        let out = cli_run::bin(&[
+            "ablation",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--plain-config",
+            file.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} accepted", file.display());
+        assert!(
+            err.contains(file.to_str().unwrap()) && err.contains(why),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out_dir.exists(), "{err}");
+    }
+}

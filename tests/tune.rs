@@ -124,9 +124,14 @@ fn the_tuned_config_reproduces_the_best_trial() {
         report.contains("validation split only") && !report.contains("test"),
         "{report}"
     );
+    assert!(
+        report.contains("--config") && report.contains("--plain-config"),
+        "no ablation command in {report}"
+    );
     // `ablation --config tuned.toml` trains the search's teacher (the file's `[teacher]`
     // holds the settings the search trained it with, not the trial's lr and epochs), so its
-    // seed-0 full student is the trial's too.
+    // seed-0 full student is the trial's too; with `--plain-config tuned-plain.toml` its
+    // plain student is the seed-0 plain student of the plain student's trial.
     let abl = tmp.path().join("abl");
     ok(&[
         "ablation",
@@ -136,6 +141,8 @@ fn the_tuned_config_reproduces_the_best_trial() {
         abl.to_str().unwrap(),
         "--config",
         dir.join("tuned.toml").to_str().unwrap(),
+        "--plain-config",
+        dir.join("tuned-plain.toml").to_str().unwrap(),
         "--variants",
         "full",
         "--seeds",
@@ -152,22 +159,31 @@ fn the_tuned_config_reproduces_the_best_trial() {
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(abl.join("results.json")).expect("json"))
             .expect("results.json");
-    let full = results["runs"]
-        .as_array()
-        .expect("runs")
-        .iter()
-        .find(|r| r["variant"] == "full")
-        .expect("the full run");
-    let best = full["valid_auc"]
-        .as_array()
-        .expect("valid_auc")
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .fold(f64::MIN, f64::max);
+    let best_of = |variant: &str| {
+        results["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .find(|r| r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {variant} run"))["valid_auc"]
+            .as_array()
+            .expect("valid_auc")
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max)
+    };
+    let best = best_of("full");
     assert_eq!(
         best.to_bits(),
         t.full_valid_auc[0].to_bits(),
         "{best} vs {t:?}"
+    );
+    let p = &all[file["best_plain"].as_u64().expect("best_plain") as usize];
+    let plain = best_of("plain");
+    assert_eq!(
+        plain.to_bits(),
+        p.plain_valid_auc[0].to_bits(),
+        "{plain} vs {p:?}"
     );
 }
 

@@ -23,8 +23,8 @@ use crate::data::Dataset;
 use crate::io::output::{Input, OutputKind, OutputPath};
 use crate::metrics;
 use crate::train::ablation::{
-    run_ablation, summarize, AblationConfig, AblationOutcome, AblationResume, RunResult, Variant,
-    VariantSummary, TEACHER,
+    run_ablation, summarize, AblationConfig, AblationOutcome, AblationResume, PlainSettings,
+    RunResult, Variant, VariantSummary, TEACHER,
 };
 use crate::{Error, Result};
 
@@ -71,6 +71,12 @@ pub struct AblationArgs {
     /// and results.json. Repeatable; checked before any training.
     #[arg(long, value_name = "FILE")]
     pub gbm: Vec<PathBuf>,
+    /// TOML file with the plain student's own settings (`[model]`, `[train]`, `[loss]` ρ),
+    /// e.g. `tune`'s `tuned-plain.toml` beside `--config tuned.toml`: every paired
+    /// difference is then against a plain student tuned on its own (same seeds and split).
+    /// Flags override it as they override --config; its `[teacher]` section is not read.
+    #[arg(long, value_name = "FILE")]
+    pub plain_config: Option<PathBuf>,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -111,21 +117,30 @@ pub struct ResultsFile {
     /// The `--gbm` result files shown beside the students.
     #[serde(default)]
     pub gbm: Vec<GbmResults>,
+    /// The `--plain-config` file the plain student's settings came from, as given (absent:
+    /// the plain student trained with the other students' settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_config: Option<String>,
+}
+
+/// `arg` as one POSIX shell word: unchanged when it is made of safe characters, else in
+/// single quotes.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+".contains(c))
+    {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
 }
 
 /// The command line, shell-quoted where needed.
 pub fn command_line() -> String {
     std::env::args()
-        .map(|a| {
-            if !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+".contains(c))
-            {
-                a
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
+        .map(|a| shell_quote(&a))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -141,6 +156,29 @@ fn settings(args: &AblationArgs) -> Result<Resolved> {
         &args.coefs,
         Widths::defaults(),
     )
+}
+
+/// The plain student's settings from `--plain-config`, by the same rules as [`settings`]
+/// (flags over the file over the defaults); `None` without the flag.
+fn plain_settings(args: &AblationArgs) -> Result<Option<PlainSettings>> {
+    let Some(path) = &args.plain_config else {
+        return Ok(None);
+    };
+    let r = resolve(
+        &FileConfig::load(path)?,
+        &args.hyper,
+        None,
+        false,
+        SwitchArgs::default(),
+        &args.coefs,
+        Widths::defaults(),
+    )
+    .map_err(|e| Error::invalid(format!("--plain-config {}: {e}", path.display())))?;
+    Ok(Some(PlainSettings {
+        widths: r.widths,
+        train: r.train,
+        loss: r.loss,
+    }))
 }
 
 fn fmt_pm(mean: f64, std: f64) -> String {
@@ -226,22 +264,49 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
             if t.config.loss.reweight { "on" } else { "off" },
         );
     }
+    let plain = first_seed
+        .iter()
+        .find(|r| r.variant == Variant::Plain.name());
     if let Some(r) = student {
         let _ = writeln!(
             s,
             "- students: train {}, loss {} (the {} student's; the switches are set per \
-             variant).\n",
+             variant){}",
             json(&r.config.train),
             json(&r.config.loss),
             r.variant,
+            if file.plain_config.is_some() {
+                ";"
+            } else {
+                ".\n"
+            },
         );
     }
-    s.push_str(
-        "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference to \
-         the plain student of the same seed (same split, teacher, initialisation seed and \
-         batch order), mean ± sample std over seeds, and in brackets the number of seeds on \
-         which the variant beat plain.\n\n",
-    );
+    if let (Some(path), Some(p)) = (&file.plain_config, plain) {
+        let _ = writeln!(
+            s,
+            "- the plain student, from `{path}`: model {}, train {}, ρ {}, re-weighting {}.\n",
+            json(&p.config.model),
+            json(&p.config.train),
+            p.config.loss.rho,
+            if p.config.loss.reweight { "on" } else { "off" },
+        );
+    }
+    s.push_str(match file.plain_config {
+        None => {
+            "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference \
+             to the plain student of the same seed (same split, teacher, initialisation seed \
+             and batch order), mean ± sample std over seeds, and in brackets the number of \
+             seeds on which the variant beat plain.\n\n"
+        }
+        Some(_) => {
+            "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference \
+             to the plain student of the same seed, trained with its own settings (above; same \
+             split and initialisation seed, and the same batch order where its batch size is \
+             the others'), mean ± sample std over seeds, and in brackets the number of seeds \
+             on which the variant beat plain.\n\n"
+        }
+    });
     s.push_str(&summary_markdown(&file.summary));
     s.push_str(&gbm_markdown(&file.gbm, &file.summary));
     s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -439,6 +504,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         progress: !args.quiet && std::io::stderr().is_terminal(),
         resume: None,
         teacher_cache: crate::cli::train::mib_bytes("--teacher-cache-mib", args.teacher_cache_mib)?,
+        plain: plain_settings(args)?,
     };
     cfg.validate()?;
     let ds = Dataset::open(&args.data)?;
@@ -515,6 +581,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
         summary: summarize(&outcome.runs)?,
         runs: outcome.runs.clone(),
         gbm,
+        plain_config: args.plain_config.as_ref().map(|p| p.display().to_string()),
     };
     let json = serde_json::to_string_pretty(&file)
         .map_err(|e| Error::invalid(format!("results to JSON: {e}")))?;
@@ -592,6 +659,11 @@ pub fn read_log_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec
 pub fn run(args: &AblationArgs) -> Result<()> {
     let mut inputs = vec![Input::dataset("--data", &args.data)];
     inputs.extend(args.gbm.iter().map(|f| Input::file("--gbm", f)));
+    inputs.extend(
+        args.plain_config
+            .iter()
+            .map(|f| Input::file("--plain-config", f)),
+    );
     let _out = OutputPath::prepare("--out", &args.out, OutputKind::Dir, &inputs)?;
     let file = ablation_in(args)?;
     if args.json {

@@ -139,6 +139,7 @@ pub fn quickstart_in(dir: &Path, args: &QuickstartArgs) -> Result<Vec<RunResult>
             "the teacher cache",
             crate::train::teacher_cache::DEFAULT_BUDGET_MIB,
         )?,
+        plain: None,
     };
     let be = CpuBackend::<f32>::new();
     let outcome = run_ablation(&be, &ds, &cfg, |r| {

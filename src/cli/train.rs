@@ -517,7 +517,7 @@ pub fn resolve(
         match (from_flag, from_file) {
             (Some(v), _) => bounds::check(flag, v, 1..=max, "")?,
             (None, Some(v)) => {
-                bounds::check(&format!("`{key}` ="), v, 1..=max, "in the --config file")?
+                bounds::check(&format!("`{key}` ="), v, 1..=max, "in the config file")?
             }
             (None, None) => {}
         }

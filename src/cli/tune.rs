@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -178,7 +178,22 @@ fn best_by(trials: &[TrialResult], score: impl Fn(&TrialResult) -> f64) -> usize
     best
 }
 
-fn report_markdown(file: &TuneFile, command: &str) -> String {
+/// The `ablation` command that measures the two chosen settings on the test split, the full
+/// student against the plain student tuned on its own, paired by seed (`out`: the tuning
+/// directory).
+fn ablation_command(data: &str, out: &Path) -> String {
+    let quote = |p: &Path| crate::cli::ablation::shell_quote(&p.display().to_string());
+    format!(
+        "mgkd-train ablation --data {} --out REPORT --variants full --config {} --plain-config {}",
+        crate::cli::ablation::shell_quote(data),
+        quote(&out.join("tuned.toml")),
+        quote(&out.join("tuned-plain.toml"))
+    )
+}
+
+/// `report.md` of a search in `out`: the command, every trial best first, and the
+/// ablation that measures the choice.
+fn report_markdown(file: &TuneFile, command: &str, out: &Path) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# MGKD tuning (validation split only)\n");
     let _ = writeln!(s, "Command:\n\n```sh\n{command}\n```\n");
@@ -216,6 +231,13 @@ fn report_markdown(file: &TuneFile, command: &str) -> String {
             t.seconds
         );
     }
+    let _ = writeln!(
+        s,
+        "\nThe two choices, measured by `ablation` on the rows this search never read: the \
+         full student against the plain student tuned on its own, paired by seed (add \
+         `--gbm` files of `tools/gbm.py` for the GBM rows):\n\n```sh\n{}\n```",
+        ablation_command(&file.data, out)
+    );
     s
 }
 
@@ -385,7 +407,7 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
     let command = command_line();
     write_atomic(
         &args.out.join("report.md"),
-        report_markdown(&file, &command).as_bytes(),
+        report_markdown(&file, &command, &args.out).as_bytes(),
     )?;
     let (f, p) = (&file.trials[full], &file.trials[plain]);
     if args.json {
@@ -394,7 +416,7 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
     } else {
         crate::outln!(
             "{} trials; full student: trial {} (valid AUC {:.4}) → {}; plain student: trial {} \
-             (valid AUC {:.4}) → {}; report in {}",
+             (valid AUC {:.4}) → {}; report in {}; measure them with: {}",
             file.trials.len(),
             f.trial,
             f.full_mean(),
@@ -402,7 +424,8 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
             p.trial,
             p.plain_mean(),
             args.out.join("tuned-plain.toml").display(),
-            args.out.join("report.md").display()
+            args.out.join("report.md").display(),
+            ablation_command(&file.data, &args.out)
         )?;
     }
     Ok(())

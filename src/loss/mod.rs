@@ -389,9 +389,12 @@ pub fn student_objective_queued<B: Backend>(
             "student objective needs a teacher and a student",
         ));
     }
-    if teacher.model.config.d != student.config.d {
+    // A student that reads no teacher output (the plain student) may have its own width.
+    let reads_teacher = cfg.soft || cfg.coarse || cfg.fine;
+    if reads_teacher && teacher.model.config.d != student.config.d {
         return Err(Error::invalid(format!(
-            "teacher width d = {} differs from the student's {}",
+            "teacher width d = {} differs from the student's {}: a student that reads the \
+             teacher (L_soft, L_coarse or L_fine) has its width",
             teacher.model.config.d, student.config.d
         )));
     }
@@ -402,7 +405,7 @@ pub fn student_objective_queued<B: Backend>(
     let w = scaled_w.as_ref().unwrap_or(&raw);
     // The teacher is read only when a term reads it (L_self and L_hard do not), its tokens
     // only for L_fine.
-    let t = if cfg.soft || cfg.coarse || cfg.fine {
+    let t = if reads_teacher {
         Some(teacher.outputs(be, batch, cfg.fine)?)
     } else {
         None

@@ -149,6 +149,25 @@ pub struct AblationConfig {
     /// Memory budget in bytes of each seed's teacher cache, shared by that seed's students
     /// ([`crate::train::teacher_cache`]; 0: the teacher runs on every batch).
     pub teacher_cache: u64,
+    /// The plain student's own settings, when they are not the other students'
+    /// (`ablation --plain-config`); `None`: the plain student trains with `widths`, `train`
+    /// and `loss` like every variant.
+    pub plain: Option<PlainSettings>,
+}
+
+/// Settings of a plain student trained apart from the other variants' (e.g. `tune`'s
+/// `tuned-plain.toml`), so that every paired difference is against a plain student tuned on
+/// its own: same seeds, split and initialisation seed; the same batches when `train.batch`
+/// is the variants' batch. The plain student reads no teacher output, so its width may
+/// differ from the teacher's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlainSettings {
+    /// Its widths.
+    pub widths: Widths,
+    /// Its optimisation (its `seed` is replaced by each seed in turn).
+    pub train: TrainConfig,
+    /// Its loss settings (ρ and re-weighting; the distillation switches are off).
+    pub loss: LossConfig,
 }
 
 /// Resuming an ablation: the runs that finished are kept, an unfinished one continues from
@@ -280,7 +299,6 @@ pub fn run_ablation<B: Backend>(
     let train_labels = labels_of(ds, &train_rows, "training")?;
     let n_pos = train_labels.iter().filter(|&&y| y == 1).count() as u64;
     let n_neg = train_labels.len() as u64 - n_pos;
-    let w = cfg.widths;
     let mut runs = Vec::new();
     let mut curves = CurveScores {
         seed: cfg.seeds[0],
@@ -301,14 +319,28 @@ pub fn run_ablation<B: Backend>(
             .collect();
         for &variant in &stages {
             let t0 = Instant::now();
-            let (role, loss, name, train_cfg) = match variant {
-                None => (
+            let (role, loss, name, train_cfg, w) = match (variant, &cfg.plain) {
+                (None, _) => (
                     Role::Teacher,
                     cfg.teacher_loss.clone(),
                     TEACHER,
                     &cfg.teacher_train,
+                    cfg.widths,
                 ),
-                Some(v) => (Role::Student, v.loss(&cfg.loss), v.name(), &cfg.train),
+                (Some(Variant::Plain), Some(p)) => (
+                    Role::Student,
+                    Variant::Plain.loss(&p.loss),
+                    Variant::Plain.name(),
+                    &p.train,
+                    p.widths,
+                ),
+                (Some(v), _) => (
+                    Role::Student,
+                    v.loss(&cfg.loss),
+                    v.name(),
+                    &cfg.train,
+                    cfg.widths,
+                ),
             };
             let tc = TrainConfig {
                 seed,
@@ -411,7 +443,7 @@ pub fn run_ablation<B: Backend>(
                         let losses: Vec<LossConfig> =
                             stages.iter().flatten().map(|v| v.loss(&cfg.loss)).collect();
                         let (c, outcome) =
-                            cache_teacher(be, t, ds, &losses, tc.batch, cfg.teacher_cache)?;
+                            cache_teacher(be, t, ds, &losses, cfg.train.batch, cfg.teacher_cache)?;
                         if cfg.progress && outcome != CacheOutcome::Off {
                             crate::noteln!("seed {seed}: {outcome}");
                         }
