@@ -182,6 +182,54 @@ fn ablation_report_is_paired_complete_and_deterministic() {
         }
     }
 
+    // Each student's DeLong comparison with the plain student of its seed: its difference is
+    // the two recorded test AUCs', and the report's last column counts the seeds above and
+    // below plain at p < 0.05.
+    for (name, label) in NAMES.iter().zip(LABELS) {
+        let mut counts = [0usize; 2];
+        for seed in [0u64, 1] {
+            let run = runs
+                .iter()
+                .find(|r| r["variant"] == *name && r["seed"] == seed)
+                .expect("run");
+            let c = &run["vs_plain"];
+            if *name == "teacher" || *name == "plain" {
+                assert!(c.is_null(), "{run}");
+                continue;
+            }
+            let (diff, se, p) = (
+                c["diff"].as_f64().expect("diff"),
+                c["se"].as_f64().expect("se"),
+                c["p"].as_f64().expect("p"),
+            );
+            let want =
+                metric(&runs, name, seed, "test_auc") - metric(&runs, "plain", seed, "test_auc");
+            assert!(
+                (diff - want).abs() < 1e-12,
+                "{name} seed {seed}: {diff} vs {want}"
+            );
+            assert!(
+                se.is_finite() && se >= 0.0 && (0.0..=1.0).contains(&p),
+                "{c}"
+            );
+            if p < 0.05 {
+                counts[usize::from(diff < 0.0)] += 1;
+            }
+        }
+        if *name == "teacher" || *name == "plain" {
+            continue;
+        }
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .expect("row");
+        let cell = format!("| {} / {} |", counts[0], counts[1]);
+        assert!(
+            line.ends_with(&cell),
+            "{label}: want {cell} at the end of {line}"
+        );
+    }
+
     // Same seed, same results (only the timings may differ), also when only some variants
     // run: a variant's run does not depend on which others are trained.
     let rep2 = tmp.path().join("rep2");

@@ -425,7 +425,9 @@ fn a_killed_ablation_resumes_keeping_its_finished_runs() {
     ok_in(&reference, &ablation_args(&data, &[]));
     let ck = |name: &str| interrupted.join(format!("rep/checkpoints/seed0-{name}.safetensors"));
     // Killed while the teacher trains, then while the plain student trains (the teacher
-    // finished and is kept), then resumed to the end.
+    // finished and is kept), then while the full student trains (the plain student finished:
+    // its scores, the baseline of the full student's DeLong test, are read back from its
+    // checkpoint), then resumed to the end.
     kill_at(
         &interrupted,
         &ablation_args(&data, &[]),
@@ -447,6 +449,20 @@ fn a_killed_ablation_resumes_keeping_its_finished_runs() {
         1,
         "the teacher's run is recorded as finished"
     );
+    kill_at(
+        &interrupted,
+        &ablation_args(&data, &["--resume"]),
+        &resume_path(&ck("full")),
+        KillAt::Step(20, 1),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs_file)
+            .expect("runs.jsonl")
+            .lines()
+            .count(),
+        2,
+        "the teacher's and the plain student's runs are recorded as finished"
+    );
     // A fresh ablation over the interrupted one is refused.
     let o = run_in(&interrupted, &ablation_args(&data, &[]));
     assert!(
@@ -457,7 +473,7 @@ fn a_killed_ablation_resumes_keeping_its_finished_runs() {
     let o = run_in(&interrupted, &ablation_args(&data, &["--resume"]));
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("1 run(s) finished earlier are kept"),
+        text(&o).contains("2 run(s) finished earlier are kept"),
         "{}",
         text(&o)
     );

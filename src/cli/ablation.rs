@@ -204,15 +204,21 @@ pub fn label_of(name: &str) -> &str {
     }
 }
 
-/// The summary table as Markdown.
+/// The summary table as Markdown; its last column counts the seeds on which a student's
+/// test AUC is above / below the plain student's by DeLong's paired test.
 pub fn summary_markdown(summary: &[VariantSummary]) -> String {
     let mut s = String::new();
-    s.push_str("| model | seeds | test AUC | ΔAUC vs plain (improved) | test KS | ΔKS vs plain (improved) |\n");
-    s.push_str("|---|---|---|---|---|---|\n");
+    s.push_str("| model | seeds | test AUC | ΔAUC vs plain (improved) | test KS | ΔKS vs plain (improved) | seeds above / below plain, DeLong p < 0.05 |\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
     for v in summary {
+        let significant = match (v.variant == Variant::Plain.name(), v.significant) {
+            (true, _) => "baseline".to_string(),
+            (false, Some([above, below])) => format!("{above} / {below}"),
+            (false, None) => "—".to_string(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {significant} |",
             label_of(&v.variant),
             v.seeds,
             fmt_pm(v.auc.mean, v.auc.std),
@@ -307,13 +313,21 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
              on which the variant beat plain.\n\n"
         }
     });
+    s.push_str(
+        "The last column tests each seed's difference on the test rows themselves: DeLong's \
+         paired test of the two AUCs (the student's and the plain student's scores of the \
+         same rows), two-sided, p < 0.05; per run below.\n\n",
+    );
     s.push_str(&summary_markdown(&file.summary));
     s.push_str(&gbm_markdown(&file.gbm, &file.summary));
-    s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s |\n|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s | AUC − plain ± SE (DeLong), p |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &file.runs {
+        let vs_plain = r.vs_plain.map_or("—".to_string(), |c| {
+            format!("{:+.4} ± {:.4}, p {:.3}", c.diff, c.se, c.p)
+        });
         let _ = writeln!(
             s,
-            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {:.1} |",
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {:.1} | {vs_plain} |",
             r.variant,
             r.seed,
             r.test_auc,

@@ -250,7 +250,27 @@ pub struct RunResult {
     pub samples_per_s: f64,
     /// Settings of the run.
     pub config: RunConfig,
+    /// A student's test AUC against the plain student's of the same seed, on the same rows,
+    /// by DeLong's paired test (absent for the teacher and the plain student, and in results
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_plain: Option<VsPlain>,
 }
+
+/// DeLong's paired comparison of a student's test AUC with the plain student's of the same
+/// seed ([`metrics::paired_auc`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VsPlain {
+    /// Test AUC of the student − test AUC of the plain student.
+    pub diff: f64,
+    /// DeLong's standard error of that difference.
+    pub se: f64,
+    /// Two-sided p-value (normal approximation).
+    pub p: f64,
+}
+
+/// Significance level of [`VariantSummary::significant`].
+pub const SIGNIFICANCE: f64 = 0.05;
 
 /// The test scores of the first seed's teacher, plain and full students (for the curves).
 #[derive(Debug, Clone, PartialEq)]
@@ -288,9 +308,10 @@ pub fn run_ablation<B: Backend>(
     let test_rows = ds.rows_of_split(TEST);
     let test_labels = labels_of(ds, &test_rows, "the ablation's test evaluation")?;
     let pos = test_labels.iter().filter(|&&y| y == 1).count();
-    if pos == 0 || pos == test_labels.len() {
+    if pos < 2 || test_labels.len() - pos < 2 {
         return Err(Error::invalid(format!(
-            "the test split of {} has {} rows and {pos} defaults: test AUC needs both classes",
+            "the test split of {} has {} rows and {pos} defaults: the paired comparison of \
+             test AUCs needs at least 2 rows of each class",
             ds.dir().display(),
             test_labels.len()
         )));
@@ -309,6 +330,8 @@ pub fn run_ablation<B: Backend>(
         let mut teacher: Option<(Model<B>, Option<TeacherFile>)> = None;
         // The teacher's outputs, cached when its first student needs them.
         let mut cache: Option<Option<TeacherCache<B>>> = None;
+        // The plain student's test probabilities, the baseline of the paired tests.
+        let mut plain_scores: Option<Vec<f64>> = None;
         let stages: Vec<Option<Variant>> = std::iter::once(None)
             .chain(
                 Variant::ALL
@@ -376,13 +399,25 @@ pub fn run_ablation<B: Backend>(
                 }
                 let curve =
                     k == 0 && matches!(variant, None | Some(Variant::Plain | Variant::Full));
-                if variant.is_none() || curve {
+                // The plain student's scores, where a student of this seed still trains.
+                let baseline = variant == Some(Variant::Plain)
+                    && stages.iter().flatten().any(|v| {
+                        !cfg.resume
+                            .iter()
+                            .flat_map(|r| &r.finished)
+                            .any(|r| r.variant == v.name() && r.seed == seed)
+                    });
+                if variant.is_none() || curve || baseline {
                     let model = checkpoint::load(be, path, Some(&mc))?;
-                    if curve {
+                    if curve || baseline {
                         let z = score_rows(be, ds, &model, &test_rows)?;
-                        curves
-                            .models
-                            .push((name.to_string(), z.iter().map(|&z| sigmoid(z)).collect()));
+                        let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
+                        if baseline {
+                            plain_scores = Some(p.clone());
+                        }
+                        if curve {
+                            curves.models.push((name.to_string(), p));
+                        }
                     }
                     if variant.is_none() {
                         let sha = crate::data::writer::sha256_hex(
@@ -467,6 +502,24 @@ pub fn run_ablation<B: Backend>(
             };
             let z = score_rows(be, ds, &model, &test_rows)?;
             let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
+            let vs_plain = match variant {
+                None => None,
+                Some(Variant::Plain) => {
+                    plain_scores = Some(p.clone());
+                    None
+                }
+                Some(_) => {
+                    let base = plain_scores.as_ref().ok_or_else(|| {
+                        Error::invalid(format!("ablation: seed {seed} has no plain student"))
+                    })?;
+                    let c = metrics::paired_auc(&p, base, &test_labels)?;
+                    Some(VsPlain {
+                        diff: c.diff,
+                        se: c.se,
+                        p: c.p,
+                    })
+                }
+            };
             let result = RunResult {
                 variant: name.to_string(),
                 seed,
@@ -480,6 +533,7 @@ pub fn run_ablation<B: Backend>(
                 seconds: t0.elapsed().as_secs_f64(),
                 samples_per_s: report.samples_per_s,
                 config: run_config,
+                vs_plain,
             };
             on_run(&result)?;
             runs.push(result);
@@ -543,6 +597,11 @@ pub struct VariantSummary {
     pub auc: MetricSummary,
     /// Test KS.
     pub ks: MetricSummary,
+    /// Seeds on which the student's test AUC is above / below the plain student's by
+    /// DeLong's paired test at p < [`SIGNIFICANCE`] (`None` for the teacher and the plain
+    /// student, and where a run has no [`RunResult::vs_plain`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub significant: Option<[usize; 2]>,
 }
 
 /// The summary of `runs`: the teacher, then each variant present, in table order. The
@@ -588,11 +647,21 @@ pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
                 improved: Some(diffs.iter().filter(|&&d| d > 0.0).count()),
             })
         };
+        let tests: Option<Vec<VsPlain>> = rows.iter().map(|r| r.vs_plain).collect();
+        let significant = tests.filter(|t| !t.is_empty()).map(|t| {
+            let count = |above: bool| {
+                t.iter()
+                    .filter(|c| c.p < SIGNIFICANCE && (c.diff > 0.0) == above)
+                    .count()
+            };
+            [count(true), count(false)]
+        });
         out.push(VariantSummary {
             variant: name.to_string(),
             seeds: rows.len(),
             auc: metric(|r| r.test_auc)?,
             ks: metric(|r| r.test_ks)?,
+            significant,
         });
     }
     Ok(out)
