@@ -335,7 +335,15 @@ fn ablation_adds_plain_and_refuses_unknown_variants() {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ablation:")).collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines.iter().all(|l| l.ends_with("samples/s")), "{err}");
+    assert!(lines.iter().all(|l| l.contains(" samples/s")), "{err}");
+    // The full student's line ends with its DeLong comparison with plain; the others do not.
+    for l in &lines {
+        assert_eq!(
+            l.contains("full"),
+            l.contains("− plain") && l.ends_with(')'),
+            "{l}"
+        );
+    }
     let out = bin(&[
         "ablation",
         "--data",

@@ -181,6 +181,15 @@ fn plain_settings(args: &AblationArgs) -> Result<Option<PlainSettings>> {
     }))
 }
 
+/// A p-value to three decimals, or in scientific notation below 0.001.
+fn fmt_p(p: f64) -> String {
+    if p >= 1e-3 {
+        format!("{p:.3}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
 fn fmt_pm(mean: f64, std: f64) -> String {
     format!("{mean:.4} ± {std:.4}")
 }
@@ -323,7 +332,7 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
     s.push_str("\nPer run:\n\n| model | seed | AUC | KS | log-loss | PR-AUC | best epoch | epochs | s | AUC − plain ± SE (DeLong), p |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &file.runs {
         let vs_plain = r.vs_plain.map_or("—".to_string(), |c| {
-            format!("{:+.4} ± {:.4}, p {:.3}", c.diff, c.se, c.p)
+            format!("{:+.4} ± {:.4}, p {}", c.diff, c.se, fmt_p(c.p))
         });
         let _ = writeln!(
             s,
@@ -574,7 +583,7 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
                     .map_err(|e| Error::io(&runs_file, e))?;
             }
             crate::noteln!(
-                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s, {:.0} samples/s",
+                "ablation: seed {} {:<18} test AUC {:.4} KS {:.4} (best epoch {}/{}) {:.1} s, {:.0} samples/s{}",
                 r.seed,
                 r.variant,
                 r.test_auc,
@@ -582,7 +591,13 @@ pub fn ablation_in(args: &AblationArgs) -> Result<ResultsFile> {
                 r.best_epoch,
                 r.epochs_run,
                 r.seconds,
-                r.samples_per_s
+                r.samples_per_s,
+                r.vs_plain.map_or(String::new(), |c| format!(
+                    "; − plain {:+.4} ± {:.4} (DeLong p {})",
+                    c.diff,
+                    c.se,
+                    fmt_p(c.p)
+                ))
             );
             Ok(())
         }))
