@@ -62,6 +62,26 @@ fn ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
     ok(&args)
 }
 
+/// `ablation` on the CPU with `extra` and no model flags (the settings come from the config
+/// files `extra` names), quiet, without checkpoints.
+fn bare_ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "ablation",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seeds",
+        seeds,
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-checkpoints",
+    ];
+    args.extend_from_slice(extra);
+    bin(&args)
+}
+
 fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
@@ -537,21 +557,8 @@ fn a_plain_config_gives_the_plain_student_its_own_settings() {
     )
     .expect("write");
     let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "ablation",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--seeds",
-            "2",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--no-checkpoints",
-        ];
-        args.extend_from_slice(extra);
-        ok(&args);
+        let o = bare_ablation(&data, out, "2", extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         runs(out)
     };
     let (f, p) = (full_cfg.to_str().unwrap(), plain_cfg.to_str().unwrap());
@@ -635,20 +642,12 @@ fn a_bad_plain_config_is_refused_by_name() {
     let missing = tmp.path().join("missing.toml");
     for (file, why) in [(&bad, "out of range"), (&missing, "missing.toml")] {
         let out_dir = tmp.path().join("rep");
-        let out = cli_run::bin(&[
-            "ablation",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--seeds",
+        let out = bare_ablation(
+            &data,
+            &out_dir,
             "1",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--plain-config",
-            file.to_str().unwrap(),
-        ]);
+            &["--plain-config", file.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} accepted", file.display());
         assert!(

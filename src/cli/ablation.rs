@@ -147,8 +147,13 @@ pub fn command_line() -> String {
 
 /// The resolved settings: the same defaults ← file ← flags rules as `teacher`/`student`.
 fn settings(args: &AblationArgs) -> Result<Resolved> {
+    settings_of(&FileConfig::from_flag(args.hyper.config.as_deref())?, args)
+}
+
+/// `file`'s settings under the command line's flags (flags over the file over the defaults).
+fn settings_of(file: &FileConfig, args: &AblationArgs) -> Result<Resolved> {
     resolve(
-        &FileConfig::from_flag(args.hyper.config.as_deref())?,
+        file,
         &args.hyper,
         None,
         false,
@@ -158,22 +163,14 @@ fn settings(args: &AblationArgs) -> Result<Resolved> {
     )
 }
 
-/// The plain student's settings from `--plain-config`, by the same rules as [`settings`]
-/// (flags over the file over the defaults); `None` without the flag.
+/// The plain student's settings from `--plain-config`, by the same rules as [`settings`];
+/// `None` without the flag.
 fn plain_settings(args: &AblationArgs) -> Result<Option<PlainSettings>> {
     let Some(path) = &args.plain_config else {
         return Ok(None);
     };
-    let r = resolve(
-        &FileConfig::load(path)?,
-        &args.hyper,
-        None,
-        false,
-        SwitchArgs::default(),
-        &args.coefs,
-        Widths::defaults(),
-    )
-    .map_err(|e| Error::invalid(format!("--plain-config {}: {e}", path.display())))?;
+    let r = settings_of(&FileConfig::load(path)?, args)
+        .map_err(|e| Error::invalid(format!("--plain-config {}: {e}", path.display())))?;
     Ok(Some(PlainSettings {
         widths: r.widths,
         train: r.train,
