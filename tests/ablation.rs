@@ -169,19 +169,29 @@ fn ablation_report_is_paired_complete_and_deterministic() {
         metric(&runs, "full", 0, "test_log_loss")
     );
 
-    // The report's rows equal the statistics recomputed here from results.json.
+    // The report's rows equal the statistics recomputed here from results.json (the
+    // validation columns: the validation AUC of each run's best epoch).
     let report = std::fs::read_to_string(rep.join("report.md")).unwrap();
     assert!(report.contains("mgkd-train") && report.contains("ablation --data"));
+    let value = |name: &str, seed: u64, key: &str| {
+        if key != "best_valid" {
+            return metric(&runs, name, seed, key);
+        }
+        let r = runs
+            .iter()
+            .find(|r| r["variant"] == name && r["seed"] == seed)
+            .expect("run");
+        r["valid_auc"][r["best_epoch"].as_u64().unwrap() as usize - 1]
+            .as_f64()
+            .unwrap()
+    };
     for (name, label) in NAMES.iter().zip(LABELS) {
         let line = report
             .lines()
             .find(|l| l.starts_with(&format!("| {label} |")))
             .unwrap_or_else(|| panic!("no report row for {label}:\n{report}"));
-        for key in ["test_auc", "test_ks"] {
-            let xs: Vec<f64> = [0u64, 1]
-                .iter()
-                .map(|&s| metric(&runs, name, s, key))
-                .collect();
+        for key in ["test_auc", "test_ks", "best_valid"] {
+            let xs: Vec<f64> = [0u64, 1].iter().map(|&s| value(name, s, key)).collect();
             let (m, s) = mean_std(&xs);
             let cell = format!("{m:.4} ± {s:.4}");
             assert!(line.contains(&cell), "{label} {key}: want {cell} in {line}");
@@ -190,7 +200,7 @@ fn ablation_report_is_paired_complete_and_deterministic() {
             }
             let d: Vec<f64> = [0u64, 1]
                 .iter()
-                .map(|&s| metric(&runs, name, s, key) - metric(&runs, "plain", s, key))
+                .map(|&s| value(name, s, key) - value("plain", s, key))
                 .collect();
             let (dm, ds) = mean_std(&d);
             let k = d.iter().filter(|&&x| x > 0.0).count();
@@ -244,10 +254,7 @@ fn ablation_report_is_paired_complete_and_deterministic() {
             .find(|l| l.starts_with(&format!("| {label} |")))
             .expect("row");
         let cell = format!("| {} / {} |", counts[0], counts[1]);
-        assert!(
-            line.ends_with(&cell),
-            "{label}: want {cell} at the end of {line}"
-        );
+        assert!(line.contains(&cell), "{label}: want {cell} in {line}");
     }
 
     // Same seed, same results (only the timings may differ), also when only some variants
@@ -412,10 +419,10 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
     };
     let m: Value = serde_json::from_slice(&manifest).expect("manifest JSON");
     let rows = |s: usize| m["splits"][s]["rows"].as_u64().expect("rows");
-    let gbm_file = |name: &str, sha: &str, auc: f64| {
+    let gbm_file_of = |name: &str, sha: &str, auc: f64, inputs: &str| {
         let path = tmp.path().join(name);
         let v = serde_json::json!({
-            "format": "mgkd-gbm", "version": 1, "inputs": "student", "dataset_sha256": sha,
+            "format": "mgkd-gbm", "version": 1, "inputs": inputs, "dataset_sha256": sha,
             "data": "x", "features": 42,
             "rows": {"train": rows(0), "valid": rows(1), "test": rows(2)}, "seconds": 1.0,
             "runs": [
@@ -426,7 +433,9 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
         std::fs::write(&path, v.to_string()).expect("write");
         path
     };
+    let gbm_file = |name: &str, sha: &str, auc: f64| gbm_file_of(name, sha, auc, "student");
     let good = gbm_file("gbm.json", &sha, 0.7);
+    let in_service = gbm_file_of("gbm-in.json", &sha, 0.9, "in-service");
     let rep = tmp.path().join("rep");
     let out = ablation(
         &data,
@@ -438,6 +447,8 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
             "full",
             "--gbm",
             good.to_str().unwrap(),
+            "--gbm",
+            in_service.to_str().unwrap(),
         ],
     );
     let report = std::fs::read_to_string(rep.join("report.md")).expect("report");
@@ -449,8 +460,40 @@ fn ablation_shows_a_gbm_row_and_refuses_a_foreign_one() {
         row.contains("| 2 | 42 | 0.6000 ± 0.1414 | 0.2000 ± 0.0707 | 0.6100 ± 0.0141 |"),
         "{row}"
     );
-    let full = metric(&runs(&rep), "full", 0, "test_auc");
-    assert!(row.contains(&format!("| {:+.4} |", full - 0.6)), "{row}");
+    // Students against the trees on their inputs, on test and at their best epoch on
+    // validation (the trees' test AUC: mean of 0.7 and 0.5; valid: of 0.6 and 0.62).
+    let all = runs(&rep);
+    let best_valid = |variant: &str| {
+        let r = all.iter().find(|r| r["variant"] == variant).expect("run");
+        r["valid_auc"][r["best_epoch"].as_u64().unwrap() as usize - 1]
+            .as_f64()
+            .unwrap()
+    };
+    let test_cell = format!(
+        "| full {:+.4}, plain {:+.4} |",
+        metric(&all, "full", 0, "test_auc") - 0.6,
+        metric(&all, "plain", 0, "test_auc") - 0.6
+    );
+    let valid_cell = format!(
+        "| full {:+.4}, plain {:+.4} |",
+        best_valid("full") - 0.61,
+        best_valid("plain") - 0.61
+    );
+    assert!(
+        row.contains(&test_cell) && row.ends_with(&valid_cell),
+        "{row}"
+    );
+    // The teacher against the trees on in-service inputs.
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| LightGBM (in-service inputs) |"))
+        .unwrap_or_else(|| panic!("no in-service GBM row in\n{report}"));
+    let cells = format!(
+        "| teacher {:+.4} | teacher {:+.4} |",
+        metric(&all, "teacher", 0, "test_auc") - 0.7,
+        best_valid("teacher") - 0.61
+    );
+    assert!(row.ends_with(&cells), "{row}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("LightGBM (student's inputs)"), "{stdout}");
     let results: Value =

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::writer::sha256_hex;
-use crate::train::ablation::{mean_std, Variant, VariantSummary};
+use crate::train::ablation::{mean_std, Variant, VariantSummary, TEACHER};
 use crate::{Error, Result};
 
 /// One LightGBM seed's metrics.
@@ -162,19 +162,21 @@ pub fn gbm_markdown(gbm: &[GbmResults], summary: &[VariantSummary]) -> String {
     if gbm.is_empty() {
         return s;
     }
-    let mean_auc = |v: Variant| {
+    // Mean test and validation AUC of a model of the ablation.
+    let means = |name: &str| {
         summary
             .iter()
-            .find(|x| x.variant == v.name())
-            .map(|x| x.auc.mean)
+            .find(|x| x.variant == name)
+            .map(|x| (x.auc.mean, x.valid_auc.as_ref().map(|v| v.mean)))
     };
-    let (full, plain) = (mean_auc(Variant::Full), mean_auc(Variant::Plain));
     s.push_str(
         "\nBeside gradient-boosted trees on per-user aggregates of the same split \
          (`tools/gbm.py`; mean ± sample std over its own seeds, so the differences in the last \
-         columns are of means, unpaired):\n\n",
+         columns are of means, unpaired): the students against trees on the student's \
+         inputs, the teacher against trees on in-service inputs; the validation columns \
+         compare each model's best epoch with the trees' early-stopped score.\n\n",
     );
-    s.push_str("| model | seeds | features | test AUC | test KS | valid AUC | full − it (test AUC) | plain − it (test AUC) |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| model | seeds | features | test AUC | test KS | valid AUC | − it, test AUC | − it, valid AUC |\n|---|---|---|---|---|---|---|---|\n");
     for g in gbm {
         let col = |f: fn(&GbmRun) -> f64| mean_std(&g.runs.iter().map(f).collect::<Vec<_>>());
         let (auc, ks, vauc) = (
@@ -182,7 +184,30 @@ pub fn gbm_markdown(gbm: &[GbmResults], summary: &[VariantSummary]) -> String {
             col(|r| r.test_ks),
             col(|r| r.valid_auc),
         );
-        let diff = |m: Option<f64>| m.map_or("—".to_string(), |m| format!("{:+.4}", m - auc.0));
+        let against = if g.inputs == "in-service" {
+            vec![TEACHER]
+        } else {
+            vec![Variant::Full.name(), Variant::Plain.name()]
+        };
+        let diffs = |valid: bool| {
+            let cells: Vec<String> = against
+                .iter()
+                .filter_map(|&name| {
+                    let (test, valid_mean) = means(name)?;
+                    let m = if valid {
+                        valid_mean? - vauc.0
+                    } else {
+                        test - auc.0
+                    };
+                    Some(format!("{name} {m:+.4}"))
+                })
+                .collect();
+            if cells.is_empty() {
+                "—".to_string()
+            } else {
+                cells.join(", ")
+            }
+        };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.4} ± {:.4} | {} | {} |",
@@ -195,8 +220,8 @@ pub fn gbm_markdown(gbm: &[GbmResults], summary: &[VariantSummary]) -> String {
             ks.1,
             vauc.0,
             vauc.1,
-            diff(full),
-            diff(plain)
+            diffs(false),
+            diffs(true)
         );
     }
     s

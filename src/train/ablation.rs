@@ -257,6 +257,23 @@ pub struct RunResult {
     pub vs_plain: Option<VsPlain>,
 }
 
+impl RunResult {
+    /// The validation AUC of its best epoch (the one early stopping kept); an error when
+    /// the run records none.
+    pub fn best_valid_auc(&self) -> Result<f64> {
+        self.best_epoch
+            .checked_sub(1)
+            .and_then(|e| self.valid_auc.get(e))
+            .copied()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "seed {} {}: no validation AUC recorded for its best epoch {}",
+                    self.seed, self.variant, self.best_epoch
+                ))
+            })
+    }
+}
+
 /// DeLong's paired comparison of a student's test AUC with the plain student's of the same
 /// seed ([`metrics::paired_auc`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -602,6 +619,10 @@ pub struct VariantSummary {
     /// student, and where a run has no [`RunResult::vs_plain`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub significant: Option<[usize; 2]>,
+    /// Validation AUC of the best epoch (the early-stopping pick, so a little optimistic;
+    /// absent in summaries written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_auc: Option<MetricSummary>,
 }
 
 /// The summary of `runs`: the teacher, then each variant present, in table order. The
@@ -619,8 +640,9 @@ pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
         if rows.is_empty() {
             continue;
         }
-        let metric = |get: fn(&RunResult) -> f64| -> Result<MetricSummary> {
-            let (mean, std) = mean_std(&rows.iter().map(|r| get(r)).collect::<Vec<_>>());
+        let metric = |get: fn(&RunResult) -> Result<f64>| -> Result<MetricSummary> {
+            let values = rows.iter().map(|r| get(r)).collect::<Result<Vec<f64>>>()?;
+            let (mean, std) = mean_std(&values);
             if name == TEACHER {
                 return Ok(MetricSummary {
                     mean,
@@ -633,9 +655,10 @@ pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
             let diffs = rows
                 .iter()
                 .map(|r| {
-                    plain_of(r.seed).map(|p| get(r) - get(p)).ok_or_else(|| {
+                    let p = plain_of(r.seed).ok_or_else(|| {
                         Error::invalid(format!("seed {} has no plain student", r.seed))
-                    })
+                    })?;
+                    Ok(get(r)? - get(p)?)
                 })
                 .collect::<Result<Vec<f64>>>()?;
             let (dm, ds) = mean_std(&diffs);
@@ -659,9 +682,10 @@ pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
         out.push(VariantSummary {
             variant: name.to_string(),
             seeds: rows.len(),
-            auc: metric(|r| r.test_auc)?,
-            ks: metric(|r| r.test_ks)?,
+            auc: metric(|r| Ok(r.test_auc))?,
+            ks: metric(|r| Ok(r.test_ks))?,
             significant,
+            valid_auc: Some(metric(RunResult::best_valid_auc)?),
         });
     }
     Ok(out)
