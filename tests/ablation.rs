@@ -683,7 +683,14 @@ fn a_bad_plain_config_is_refused_by_name() {
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "[model]\nd = 0\n").expect("write");
     let missing = tmp.path().join("missing.toml");
-    for (file, why) in [(&bad, "out of range"), (&missing, "missing.toml")] {
+    let cases = [
+        (
+            &bad,
+            "`[model] d` = 0 is out of range: it must be 1 to 4096 (in the --plain-config file)",
+        ),
+        (&missing, "missing.toml"),
+    ];
+    for (file, why) in cases {
         let out_dir = tmp.path().join("rep");
         let out = bare_ablation(
             &data,
@@ -693,10 +700,7 @@ fn a_bad_plain_config_is_refused_by_name() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} accepted", file.display());
-        assert!(
-            err.contains(file.to_str().unwrap()) && err.contains(why),
-            "{err}"
-        );
+        assert!(err.contains(why), "{err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out_dir.exists(), "{err}");
     }

@@ -169,8 +169,11 @@ fn plain_settings(args: &AblationArgs) -> Result<Option<PlainSettings>> {
     let Some(path) = &args.plain_config else {
         return Ok(None);
     };
-    let r = settings_of(&FileConfig::load(path)?, args)
-        .map_err(|e| Error::invalid(format!("--plain-config {}: {e}", path.display())))?;
+    let file = FileConfig {
+        flag: Some("--plain-config"),
+        ..FileConfig::load(path)?
+    };
+    let r = settings_of(&file, args)?;
     Ok(Some(PlainSettings {
         widths: r.widths,
         train: r.train,

@@ -395,7 +395,7 @@ impl TeacherSection {
     }
 }
 
-/// The `--config` file.
+/// A settings file (`--config`, or `ablation --plain-config`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -411,6 +411,9 @@ pub struct FileConfig {
     /// The teacher's own settings, over `[train]` and `[loss]`.
     #[serde(default)]
     pub teacher: TeacherSection,
+    /// The flag that named the file, for messages (`None`: `--config`).
+    #[serde(skip)]
+    pub flag: Option<&'static str>,
 }
 
 impl FileConfig {
@@ -463,6 +466,7 @@ pub fn resolve(
 ) -> Result<Resolved> {
     let pick = |flag: Option<usize>, file: Option<usize>, def: usize| flag.or(file).unwrap_or(def);
     let (m, t, l, th) = (&file.model, &file.train, &file.loss, &file.teacher);
+    let in_file = format!("in the {} file", file.flag.unwrap_or("--config"));
     // Sizes that could exhaust the machine, named by where they came from.
     use crate::model::config::{MAX_BLOCKS, MAX_D, MAX_D_CAT, MAX_HEADS};
     use crate::train::{MAX_BATCH, MAX_EPOCHS};
@@ -516,9 +520,7 @@ pub fn resolve(
     ] {
         match (from_flag, from_file) {
             (Some(v), _) => bounds::check(flag, v, 1..=max, "")?,
-            (None, Some(v)) => {
-                bounds::check(&format!("`{key}` ="), v, 1..=max, "in the config file")?
-            }
+            (None, Some(v)) => bounds::check(&format!("`{key}` ="), v, 1..=max, &in_file)?,
             (None, None) => {}
         }
     }
