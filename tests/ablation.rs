@@ -674,8 +674,8 @@ fn a_plain_config_gives_the_plain_student_its_own_settings() {
     assert!(report.contains("trained with its own settings"), "{report}");
 }
 
-/// A `--plain-config` that cannot be read, or that asks for a width out of range, is refused
-/// before any training, naming the file.
+/// A `--plain-config` that cannot be read (named by its path), or whose file asks for a width
+/// out of range (named by the key and the flag), is refused before any training.
 #[test]
 fn a_bad_plain_config_is_refused_by_name() {
     let tmp = tempfile::tempdir().expect("tempdir");
