@@ -505,17 +505,13 @@ fn the_latents_file_holds_each_rows_hidden_truth_and_leaves_the_data_unchanged()
         );
     }
     // The dataset is the same with or without the latents file.
-    let manifest = Manifest::load(&with).unwrap();
+    let manifest = Manifest::load(&with).expect("the manifest written with --latents");
     for shard in &manifest.shards {
-        assert_eq!(
-            fs::read(with.join(&shard.file)).unwrap(),
-            fs::read(without.join(&shard.file)).unwrap(),
-            "{}",
-            shard.file
-        );
+        let read = |dir: &Path| fs::read(dir.join(&shard.file)).expect("a shard synth wrote");
+        assert_eq!(read(&with), read(&without), "{}", shard.file);
     }
     let (_, rows) = load(&with);
-    let text = fs::read_to_string(&latents).unwrap();
+    let text = fs::read_to_string(&latents).expect("the --latents file");
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
@@ -529,7 +525,13 @@ fn the_latents_file_holds_each_rows_hidden_truth_and_leaves_the_data_unchanged()
         assert_eq!(f[0], i.to_string());
         assert_eq!(f[1], ["train", "valid", "test"][rows.split[i] as usize]);
         assert_eq!(f[2], rows.label[i].to_string());
-        let v: Vec<f32> = f[3..].iter().map(|x| x.parse().unwrap()).collect();
+        let v: Vec<f32> = f[3..]
+            .iter()
+            .map(|x| {
+                x.parse()
+                    .unwrap_or_else(|e| panic!("line {}: {x}: {e}", i + 2))
+            })
+            .collect();
         assert!(v.iter().all(|x| x.is_finite()), "line {}: {line}", i + 2);
         let expect = 1.0 / (1.0 + (-(LABEL_SLOPE as f32 * v[0] + bias)).exp());
         assert_eq!(v[3], expect, "line {}: σ(A·r + b)", i + 2);

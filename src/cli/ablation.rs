@@ -311,21 +311,19 @@ fn report_markdown(file: &ResultsFile, ds: &Dataset) -> String {
             if p.config.loss.reweight { "on" } else { "off" },
         );
     }
-    s.push_str(match file.plain_config {
-        None => {
-            "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference \
-             to the plain student of the same seed (same split, teacher, initialisation seed \
-             and batch order), mean ± sample std over seeds, and in brackets the number of \
-             seeds on which the variant beat plain.\n\n"
-        }
+    let baseline = match file.plain_config {
+        None => "same split, teacher, initialisation seed and batch order",
         Some(_) => {
-            "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference \
-             to the plain student of the same seed, trained with its own settings (above; same \
-             split and initialisation seed, and the same batch order where its batch size is \
-             the others'), mean ± sample std over seeds, and in brackets the number of seeds \
-             on which the variant beat plain.\n\n"
+            "trained with its own settings, given above; same split and initialisation seed, \
+             and the same batch order where its batch size is the others'"
         }
-    });
+    };
+    let _ = writeln!(
+        s,
+        "Test-split metrics, mean ± sample std over seeds. Δ columns: the paired difference to \
+         the plain student of the same seed ({baseline}), mean ± sample std over seeds, and in \
+         brackets the number of seeds on which the variant beat plain.\n"
+    );
     s.push_str(
         "The last column tests each seed's difference on the test rows themselves: DeLong's \
          paired test of the two AUCs (the student's and the plain student's scores of the \

@@ -191,9 +191,9 @@ fn ablation_command(data: &str, out: &Path) -> String {
     )
 }
 
-/// `report.md` of a search in `out`: the command, every trial best first, and the
-/// ablation that measures the choice.
-fn report_markdown(file: &TuneFile, command: &str, out: &Path) -> String {
+/// `report.md` of a search: the command, every trial best first, and the `ablation` command
+/// that measures the choice.
+fn report_markdown(file: &TuneFile, command: &str, ablation: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# MGKD tuning (validation split only)\n");
     let _ = writeln!(s, "Command:\n\n```sh\n{command}\n```\n");
@@ -235,8 +235,7 @@ fn report_markdown(file: &TuneFile, command: &str, out: &Path) -> String {
         s,
         "\nThe two choices, measured by `ablation` on the rows this search never read: the \
          full student against the plain student tuned on its own, paired by seed (add \
-         `--gbm` files of `tools/gbm.py` for the GBM rows):\n\n```sh\n{}\n```",
-        ablation_command(&file.data, out)
+         `--gbm` files of `tools/gbm.py` for the GBM rows):\n\n```sh\n{ablation}\n```"
     );
     s
 }
@@ -405,9 +404,10 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
         .map_err(|e| Error::invalid(format!("tune results to JSON: {e}")))?;
     write_atomic(&args.out.join("tune.json"), json.as_bytes())?;
     let command = command_line();
+    let ablation = ablation_command(&file.data, &args.out);
     write_atomic(
         &args.out.join("report.md"),
-        report_markdown(&file, &command, &args.out).as_bytes(),
+        report_markdown(&file, &command, &ablation).as_bytes(),
     )?;
     let (f, p) = (&file.trials[full], &file.trials[plain]);
     if args.json {
@@ -425,7 +425,7 @@ fn write_outputs(args: &TuneArgs, cfg: &TuneConfig, trials: Vec<TrialResult>) ->
             p.plain_mean(),
             args.out.join("tuned-plain.toml").display(),
             args.out.join("report.md").display(),
-            ablation_command(&file.data, &args.out)
+            ablation
         )?;
     }
     Ok(())

@@ -35,22 +35,27 @@ impl<'a> SplitKeys<'a> {
     /// The keys of the rows of `split` of `ds`, in the order of [`Dataset::rows_of_split`].
     pub fn of_split(ds: &'a Dataset, split: u8) -> Result<Self> {
         let ids = ds.manifest().has_user_id;
-        let rows = ds.rows_of_split(split);
-        let mut position = HashMap::with_capacity(rows.len());
-        for (i, &row) in rows.iter().enumerate() {
-            let key = match ds.user_id(row)? {
-                Some(u) if ids => u.to_string(),
-                _ => row.to_string(),
-            };
-            position.insert(key, i);
-        }
+        // A row's key: its user id where the dataset has them, else its index.
+        let key_of = |row: u64| -> Result<String> {
+            if !ids {
+                return Ok(row.to_string());
+            }
+            ds.user_id(row)?.map(str::to_string).ok_or_else(|| {
+                Error::format(
+                    ds.dir(),
+                    format!("row {row} has no user id, though the manifest says rows have them"),
+                )
+            })
+        };
+        let position = ds
+            .rows_of_split(split)
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| Ok((key_of(row)?, i)))
+            .collect::<Result<HashMap<_, _>>>()?;
         // Rows of other splits may be in the files; keys the dataset lacks may not.
         let user_ids = ids
-            .then(|| {
-                (0..ds.rows())
-                    .map(|r| Ok(ds.user_id(r)?.unwrap_or_default().to_string()))
-                    .collect::<Result<_>>()
-            })
+            .then(|| (0..ds.rows()).map(key_of).collect::<Result<HashSet<_>>>())
             .transpose()?;
         Ok(SplitKeys {
             column: if ids { "user_id" } else { "row" },
@@ -106,13 +111,18 @@ impl<'a> SplitKeys<'a> {
         for rec in r.records() {
             let rec = rec.map_err(|e| fail(format!("{e}")))?;
             let line = rec.position().map_or(0, |p| p.line());
-            let key = rec.get(key_at).unwrap_or_default();
+            // The reader refuses a record whose field count differs from the header's.
+            let field_at = |at: usize| {
+                rec.get(at)
+                    .ok_or_else(|| fail(format!("line {line}: fewer fields than the header")))
+            };
+            let key = field_at(key_at)?;
             if let Some(first) = seen.insert(key.to_string(), line) {
                 return Err(fail(format!(
                     "line {line}: {key_column} {key} again (first on line {first})"
                 )));
             }
-            let field = rec.get(logit_at).unwrap_or_default();
+            let field = field_at(logit_at)?;
             let logit: f64 = field
                 .parse()
                 .ok()

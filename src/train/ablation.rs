@@ -337,6 +337,13 @@ pub fn run_ablation<B: Backend>(
     let train_labels = labels_of(ds, &train_rows, "training")?;
     let n_pos = train_labels.iter().filter(|&&y| y == 1).count() as u64;
     let n_neg = train_labels.len() as u64 - n_pos;
+    // The run of `name` and `seed` an interrupted ablation finished, if any.
+    let finished = |name: &str, seed: u64| {
+        cfg.resume
+            .iter()
+            .flat_map(|r| &r.finished)
+            .find(|r| r.variant == name && r.seed == seed)
+    };
     let mut runs = Vec::new();
     let mut curves = CurveScores {
         seed: cfg.seeds[0],
@@ -397,12 +404,7 @@ pub fn run_ablation<B: Backend>(
                 loss: loss.clone(),
                 precision: be.precision(),
             };
-            let earlier = cfg
-                .resume
-                .iter()
-                .flat_map(|r| &r.finished)
-                .find(|r| r.variant == name && r.seed == seed);
-            if let (Some(done), Some(path)) = (earlier, &file) {
+            if let (Some(done), Some(path)) = (finished(name, seed), &file) {
                 if done.config != run_config {
                     let diff = resume::differences(
                         &serde_json::to_value(&done.config).unwrap_or_default(),
@@ -418,12 +420,10 @@ pub fn run_ablation<B: Backend>(
                     k == 0 && matches!(variant, None | Some(Variant::Plain | Variant::Full));
                 // The plain student's scores, where a student of this seed still trains.
                 let baseline = variant == Some(Variant::Plain)
-                    && stages.iter().flatten().any(|v| {
-                        !cfg.resume
-                            .iter()
-                            .flat_map(|r| &r.finished)
-                            .any(|r| r.variant == v.name() && r.seed == seed)
-                    });
+                    && stages
+                        .iter()
+                        .flatten()
+                        .any(|v| finished(v.name(), seed).is_none());
                 if variant.is_none() || curve || baseline {
                     let model = checkpoint::load(be, path, Some(&mc))?;
                     if curve || baseline {
@@ -670,8 +670,9 @@ pub fn summarize(runs: &[RunResult]) -> Result<Vec<VariantSummary>> {
                 improved: Some(diffs.iter().filter(|&&d| d > 0.0).count()),
             })
         };
+        // `rows` is not empty, so `None` here means a run without a test.
         let tests: Option<Vec<VsPlain>> = rows.iter().map(|r| r.vs_plain).collect();
-        let significant = tests.filter(|t| !t.is_empty()).map(|t| {
+        let significant = tests.map(|t| {
             let count = |above: bool| {
                 t.iter()
                     .filter(|c| c.p < SIGNIFICANCE && (c.diff > 0.0) == above)
