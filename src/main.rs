@@ -54,6 +54,9 @@ enum Command {
     Bench(mgkd::cli::bench::BenchArgs),
     /// List the compute devices (CPU, CUDA) and why a CUDA device cannot be used.
     Devices(mgkd::cli::devices::DevicesArgs),
+    /// Compile the CUDA kernels for an architecture into the on-disk kernel cache (needs NVRTC,
+    /// not a GPU), so that later starts load them instead of compiling them.
+    Kernels(mgkd::cli::kernels::KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Tune(args) => mgkd::cli::tune::run(&args),
         Command::Bench(args) => mgkd::cli::bench::run(&args),
         Command::Devices(args) => mgkd::cli::devices::run(&args),
+        Command::Kernels(args) => mgkd::cli::kernels::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -261,3 +261,132 @@ ptxas info    : Used 32 registers, used 1 barriers, 256 bytes smem
     assert!(may_spill(src, "a"));
     assert!(!may_spill(src, "b"));
 }
+
+/// `mgkd-train kernels` run with NVRTC on the loader path (the library's directory, found as
+/// [`preload_nvrtc`] finds it, put before `LD_LIBRARY_PATH`).
+fn kernels_cmd(args: &[&str]) -> std::process::Output {
+    let root = repo_root();
+    let nvrtc = std::env::var_os("MGKD_NVRTC_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".ci-tools/cuda/nvidia/cu13/lib/libnvrtc.so.13"));
+    let mut path = nvrtc
+        .parent()
+        .map(|d| d.as_os_str().to_owned())
+        .unwrap_or_default();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.push(":");
+        path.push(old);
+    }
+    std::process::Command::new(env!("CARGO_BIN_EXE_mgkd-train"))
+        .arg("kernels")
+        .args(args)
+        .env("LD_LIBRARY_PATH", path)
+        .output()
+        .expect("mgkd-train runs")
+}
+
+/// The origin column of each file's row for `arch`, by file.
+fn origins(stdout: &str, arch: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[1] == arch).then(|| (f[0].to_string(), f[3].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_kernel_cache_is_filled_then_served_and_a_damaged_entry_is_compiled_again() {
+    preload_nvrtc();
+    if let Err(why) = nvrtc::nvrtc_version() {
+        skip::skip_unless_ci(&format!(
+            "NVRTC is unavailable ({why}); .ci/run installs it, or set MGKD_NVRTC_LIB"
+        ));
+        return;
+    }
+    use mgkd::backend::cuda::kernel_cache::KernelCache;
+    use mgkd::backend::cuda::nvrtc::{cached_image, Origin};
+    let dir = std::env::temp_dir().join(format!("mgkd-kernels-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().expect("utf-8 temp path");
+    let every = |origin: &str| -> BTreeMap<String, String> {
+        nvrtc::SOURCES
+            .iter()
+            .map(|k| (k.file.to_string(), origin.to_string()))
+            .collect()
+    };
+
+    // First run: every file compiled and stored.
+    let out = kernels_cmd(&["--arch", "sm_90", "--cache", d]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(origins(&stdout, "sm_90"), every("compiled"), "{stdout}");
+    let n = nvrtc::SOURCES.len();
+    assert!(
+        stdout.contains(&format!("sm_90: {n} files, {n} compiled, 0 already")),
+        "{stdout}"
+    );
+
+    // What the cache serves is what NVRTC makes of the same source, byte for byte.
+    let cache = KernelCache::new(&dir);
+    let gelu = nvrtc::SOURCES
+        .iter()
+        .find(|k| k.file == "gelu.cu")
+        .expect("gelu.cu");
+    let served = cached_image(gelu, "sm_90", Some(&cache)).expect("cache readable");
+    assert_eq!(served.origin, Origin::Cached);
+    let fresh = nvrtc::compile(gelu, "sm_90", &[]).expect("gelu.cu compiles");
+    assert_eq!(
+        served.cubin, fresh.cubin,
+        "cached image differs from a fresh compile"
+    );
+
+    // Second run: every file from the cache.
+    let out = kernels_cmd(&["--arch", "sm_90", "--cache", d]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(origins(&stdout, "sm_90"), every("cached"), "{stdout}");
+
+    // A damaged entry is refused with its reason, compiled again and replaced.
+    let entry = std::fs::read_dir(&dir)
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("gelu.cu.sm_90."))
+        })
+        .expect("gelu.cu's entry");
+    let mut bytes = std::fs::read(&entry).expect("entry readable");
+    *bytes.last_mut().expect("non-empty") ^= 0x40;
+    std::fs::write(&entry, &bytes).expect("entry writable");
+    let out = kernels_cmd(&["--arch", "sm_90", "--cache", d]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let mut want = every("cached");
+    want.insert("gelu.cu".into(), "replaced".into());
+    assert_eq!(origins(&stdout, "sm_90"), want, "{stdout}");
+    assert!(stderr.contains("digest does not match"), "{stderr}");
+    assert!(stderr.contains(&entry.display().to_string()), "{stderr}");
+    let served = cached_image(gelu, "sm_90", Some(&cache)).expect("cache readable");
+    assert_eq!((served.origin, served.cubin), (Origin::Cached, fresh.cubin));
+    std::fs::remove_dir_all(&dir).expect("temp dir removable");
+
+    // A cache path that is a file: an error naming it, nothing written.
+    let file = std::env::temp_dir().join(format!("mgkd-kernels-file-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").expect("temp file");
+    let out = kernels_cmd(&["--arch", "sm_90", "--cache", file.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert_eq!(
+        std::fs::read(&file).expect("still there"),
+        b"not a directory"
+    );
+    std::fs::remove_file(&file).expect("temp file removable");
+}

@@ -1,6 +1,7 @@
 //! `mgkd-train devices`: what compute devices this machine offers, and why a CUDA device
 //! cannot be used when it cannot.
 
+use crate::backend::cuda::kernel_cache::{KernelCache, CACHE_ENV};
 use crate::backend::cuda::nvrtc::nvrtc_version;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::device::{cuda_device_count, probe_cuda, resolve, DeviceChoice, Resolved};
@@ -14,14 +15,18 @@ pub struct DevicesArgs {
     pub require: Option<DeviceChoice>,
 }
 
-/// Prints the CPU, every CUDA device (usable, or the reason it is not; for a usable one, the
-/// kernels are compiled and loaded as a check), NVRTC's version and what `--device auto`
-/// would pick; then fails if `--require` names a device that cannot be used.
+/// Prints the CPU, NVRTC's version, the kernel cache in effect, every CUDA device (usable, or
+/// the reason it is not; for a usable one, the kernels are compiled or read from the cache and
+/// loaded, as a check) and what `--device auto` would pick; then fails if `--require` names a device that cannot be used.
 pub fn run(args: &DevicesArgs) -> Result<()> {
     crate::outln!("cpu: available ({} threads)", rayon::current_num_threads())?;
     match nvrtc_version() {
         Ok((major, minor)) => crate::outln!("nvrtc: {major}.{minor}")?,
         Err(why) => crate::outln!("nvrtc: unavailable: {why}")?,
+    }
+    match KernelCache::from_env() {
+        Some(cache) => crate::outln!("kernel cache: {}", cache.dir().display())?,
+        None => crate::outln!("kernel cache: off ({CACHE_ENV})")?,
     }
     match cuda_device_count() {
         Err(why) => crate::outln!("cuda: unavailable: {why}")?,
@@ -34,7 +39,8 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
                         let t0 = std::time::Instant::now();
                         match CudaBackend::new(i) {
                             Ok(_) => crate::outln!(
-                                "{info}: usable (kernels compiled and loaded in {:.2} s)",
+                                "{info}: usable (kernels compiled or read from the cache, and \
+                                 loaded, in {:.2} s)",
                                 t0.elapsed().as_secs_f64()
                             )?,
                             Err(e) => crate::outln!("cuda:{i}: unusable: {e}")?,

@@ -10,6 +10,7 @@ pub mod export;
 pub mod gbm;
 pub mod import;
 pub mod inspect;
+pub mod kernels;
 pub mod monitor;
 pub mod predict;
 pub mod quickstart;

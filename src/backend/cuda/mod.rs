@@ -31,6 +31,7 @@
 pub mod arena;
 pub mod attention;
 pub mod embedding;
+pub mod kernel_cache;
 pub mod launch;
 pub mod lt;
 pub mod nvrtc;

@@ -3,7 +3,8 @@
 //! Every kernel file is compiled on its own, with the shared prelude `kernels/common.cuh`
 //! prepended (so NVRTC needs no include path), straight to a CUBIN for one real architecture
 //! (`--gpu-architecture=sm_XX`): what the tests compile is exactly what the backend loads.
-//! Compiled images are cached for the process per architecture.
+//! Compiled images are kept for the process per architecture, and on disk across processes
+//! (`kernel_cache`).
 //!
 //! NVRTC is loaded dynamically; cudarc panics when the library is missing, so every entry
 //! point here first checks for the library and runs inside `catch_unwind`, turning each
@@ -14,6 +15,8 @@ use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::nvrtc::{result as nv, sys as nvsys};
+
+use super::kernel_cache::{KernelCache, CACHE_ENV};
 
 /// One kernel source file of `kernels/`.
 #[derive(Debug, Clone, Copy)]
@@ -146,11 +149,9 @@ pub fn full_source(k: &KernelSource) -> String {
     format!("{PRELUDE}\n#line 1 \"{}\"\n{}", k.file, k.src)
 }
 
-/// Compiles one kernel file for `arch` (`"sm_90"`), with `extra` options appended (e.g.
-/// `--ptxas-options=-v`). On failure the error holds NVRTC's log.
-pub fn compile(k: &KernelSource, arch: &str, extra: &[String]) -> Result<Compiled, String> {
-    let src = CString::new(full_source(k)).map_err(|_| format!("{}: NUL in source", k.file))?;
-    let name = CString::new(k.file).map_err(|_| format!("{}: NUL in name", k.file))?;
+/// NVRTC's options for `arch` with `extra` appended: the architecture, C++17, and the
+/// include path of [`INCLUDE_ENV`] when it is set.
+fn compile_options(arch: &str, extra: &[String]) -> Vec<String> {
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
@@ -159,6 +160,15 @@ pub fn compile(k: &KernelSource, arch: &str, extra: &[String]) -> Result<Compile
         opts.push(format!("--include-path={}", dir.to_string_lossy()));
     }
     opts.extend(extra.iter().cloned());
+    opts
+}
+
+/// Compiles one kernel file for `arch` (`"sm_90"`), with `extra` options appended (e.g.
+/// `--ptxas-options=-v`). On failure the error holds NVRTC's log.
+pub fn compile(k: &KernelSource, arch: &str, extra: &[String]) -> Result<Compiled, String> {
+    let src = CString::new(full_source(k)).map_err(|_| format!("{}: NUL in source", k.file))?;
+    let name = CString::new(k.file).map_err(|_| format!("{}: NUL in name", k.file))?;
+    let opts = compile_options(arch, extra);
     let file = k.file;
     nvrtc_version()?;
     quietly("NVRTC", move || {
@@ -202,10 +212,70 @@ pub fn compile(k: &KernelSource, arch: &str, extra: &[String]) -> Result<Compile
     })
 }
 
+/// Where a kernel file's image came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The on-disk cache held it.
+    Cached,
+    /// Compiled: no cache, or no entry for these inputs yet.
+    Compiled,
+    /// Compiled because the cache's entry was refused (the reason).
+    Replaced(String),
+}
+
+/// One kernel file's image for an architecture, and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The CUBIN.
+    pub cubin: Vec<u8>,
+    /// From the cache, or compiled.
+    pub origin: Origin,
+    /// Why a freshly compiled image could not be stored in the cache, if it could not.
+    pub store_error: Option<String>,
+}
+
+/// The image of `k` for `arch` (default options): from `cache` when it holds a usable
+/// entry, else compiled by NVRTC and stored there (`kernel_cache` module).
+pub fn cached_image(
+    k: &KernelSource,
+    arch: &str,
+    cache: Option<&KernelCache>,
+) -> Result<Image, String> {
+    let Some(cache) = cache else {
+        let cubin = compile(k, arch, &[])?.cubin;
+        return Ok(Image {
+            cubin,
+            origin: Origin::Compiled,
+            store_error: None,
+        });
+    };
+    let key = KernelCache::key(k, arch, &compile_options(arch, &[]), nvrtc_version()?);
+    let origin = match cache.load(k, arch, &key) {
+        Ok(Some(cubin)) => {
+            return Ok(Image {
+                cubin,
+                origin: Origin::Cached,
+                store_error: None,
+            })
+        }
+        Ok(None) => Origin::Compiled,
+        Err(why) => Origin::Replaced(why),
+    };
+    let cubin = compile(k, arch, &[])?.cubin;
+    let store_error = cache.store(k, arch, &key, &cubin).err();
+    Ok(Image {
+        cubin,
+        origin,
+        store_error,
+    })
+}
+
 /// The CUBIN image of every kernel file (file name, image) for one architecture.
 pub type Images = Arc<Vec<(&'static str, Vec<u8>)>>;
 
-/// CUBIN images of every kernel file for `arch`, compiled once per process and architecture.
+/// CUBIN images of every kernel file for `arch`, once per process and architecture, through
+/// the on-disk cache the environment chooses ([`KernelCache::from_env`]). A refused cache
+/// entry or a cache that cannot be written is said on stderr, and the kernels are compiled.
 pub fn images(arch: &str) -> Result<Images, String> {
     type Cache = Mutex<HashMap<String, Images>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -214,9 +284,22 @@ pub fn images(arch: &str) -> Result<Images, String> {
     if let Some(hit) = map.get(arch) {
         return Ok(hit.clone());
     }
+    let disk = KernelCache::from_env();
     let mut out = Vec::with_capacity(SOURCES.len());
+    let mut store_failed = false;
     for k in SOURCES {
-        out.push((k.file, compile(k, arch, &[])?.cubin));
+        let image = cached_image(k, arch, disk.as_ref())?;
+        if let Origin::Replaced(why) = &image.origin {
+            crate::noteln!("warning: kernel cache: {why}; compiled again");
+        }
+        if let (Some(e), false) = (&image.store_error, store_failed) {
+            store_failed = true;
+            crate::noteln!(
+                "warning: kernel cache: cannot store a compiled kernel ({e}); kernels are \
+                 compiled at every start ({CACHE_ENV}=off turns the cache off)"
+            );
+        }
+        out.push((k.file, image.cubin));
     }
     let out = Arc::new(out);
     map.insert(arch.to_string(), out.clone());
