@@ -19,8 +19,10 @@ the two with tools/bench_table.py.
     python3 tools/torch_twin.py --device cpu --batch 16 --d 16 --heads 2 \\
         --in-len 8 --pre-len 4 --steps 3 --warmup 1           # a CPU smoke test
 
-Each (stage, mode, precision) row runs on fresh seeded models; a row that fails is written
-as {"error": ...} and the others go on (exit status 1 only when every row failed). CPU
+Each (stage, mode, precision) row runs on fresh seeded models, in the order --rows gives
+(default: every stage, mode and precision asked for); a row that fails is written as
+{"error": ...} and the others go on (exit status 1 only when every row failed). The JSON file
+is rewritten after every row, so a run stopped by a time limit keeps the rows it finished. CPU
 timings are a smoke test only: on a small machine the OpenMP pools of ATen and of the
 compiled kernels contend, and OMP_NUM_THREADS=1 gives steadier numbers there.
 
@@ -32,6 +34,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -660,6 +663,22 @@ def csv_choice(allowed):
     return parse
 
 
+def row_list(text):
+    """`stage:mode:precision` triples, comma-separated, each checked; order kept."""
+    allowed = (("student", "teacher"), ("eager", "compile", "graphs"), ("f32", "bf16"))
+    rows = []
+    for item in (x.strip() for x in text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 3 or any(p not in a for p, a in zip(parts, allowed)):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not stage:mode:precision with stage in {'/'.join(allowed[0])}, "
+                f"mode in {'/'.join(allowed[1])}, precision in {'/'.join(allowed[2])}")
+        if tuple(parts) in rows:
+            raise argparse.ArgumentTypeError(f"{item!r} is given twice")
+        rows.append(tuple(parts))
+    return rows
+
+
 def positive(text):
     v = int(text)
     if v < 1:
@@ -688,6 +707,9 @@ def parse_args(argv):
                     help="eager; torch.compile; torch.compile(mode='reduce-overhead') = CUDA graphs")
     ap.add_argument("--precisions", type=csv_choice(("f32", "bf16")), default="f32,bf16",
                     help="f32, or bf16 autocast with f32 master weights (no TF32 either way)")
+    ap.add_argument("--rows", type=row_list, metavar="STAGE:MODE:PRECISION,...",
+                    help="the rows to run, in this order (e.g. student:graphs:bf16,"
+                    "teacher:eager:f32); replaces --stages, --modes and --precisions")
     ap.add_argument("--batch", type=positive, default=1024, help="rows per batch")
     ap.add_argument("--d", type=positive, default=128, help="model width")
     ap.add_argument("--heads", type=positive, default=4, help="attention heads")
@@ -743,21 +765,8 @@ def main(argv=None):
     print(f"{'stage':<8} {'mode':<8} {'prec':<5} {'ms/step':>9} {'p10':>8} {'p90':>8} "
           f"{'samples/s':>11} {'TFLOP/s':>7} {'peak MiB':>9} {'loss':>9} {'warmup s':>8}  "
           "compiled")
-    results = []
-    for stage in args.stages:
-        for mode in args.modes:
-            for precision in args.precisions:
-                row = {"stage": stage, "batching": "padded", "mode": mode,
-                       "precision": precision}
-                try:
-                    row.update(run_row(args, shape, stage, mode, precision, host_pool, pool,
-                                       device))
-                except Exception as e:
-                    traceback.print_exc(file=sys.stderr)
-                    row["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
-                free(device)
-                results.append(row)
-                print(fmt_row(row), flush=True)
+    plan = args.rows or [(stage, mode, precision) for stage in args.stages
+                         for mode in args.modes for precision in args.precisions]
     out = {
         "engine": "pytorch",
         "version": torch.__version__,
@@ -767,13 +776,32 @@ def main(argv=None):
                    "pre_len": args.pre_len, "steps": args.steps, "warmup": args.warmup,
                    "seed": args.seed, "pool": POOL_BATCHES},
         "params": params,
-        "results": results,
+        "results": [],
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
-    return 1 if all("error" in r for r in results) else 0
+    for stage, mode, precision in plan:
+        row = {"stage": stage, "batching": "padded", "mode": mode, "precision": precision}
+        try:
+            row.update(run_row(args, shape, stage, mode, precision, host_pool, pool, device))
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            row["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
+        free(device)
+        out["results"].append(row)
+        print(fmt_row(row), flush=True)
+        if args.json:
+            # After every row, whole or not at all: a run stopped by a time limit keeps the
+            # rows it finished.
+            write_json_atomically(args.json, out)
+    return 1 if all("error" in r for r in out["results"]) else 0
+
+
+def write_json_atomically(path, obj):
+    """Writes `obj` as JSON to a temporary file beside `path`, then renames it over `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
