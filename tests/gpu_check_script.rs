@@ -209,6 +209,7 @@ fn every_step_is_run_in_order_named_with_its_outcome_and_its_logs_come_back() {
         "bench_engine.json",
         "bench_bf16_fused.json",
         "bench_torch.json",
+        "bench_torch_more.json",
         "ncu.csv",
         "ncu_summary.txt",
         "summary.txt",
@@ -233,15 +234,16 @@ fn every_step_is_run_in_order_named_with_its_outcome_and_its_logs_come_back() {
         "bench: f32 eager",
         "bench: f32 graphs",
         "bench: bf16 eager and graphs",
-        "bench: PyTorch twin (tools/torch_twin.py)",
+        "bench: PyTorch twin, the targets' anchors (tools/torch_twin.py)",
+        "profile: ncu, one f32 student step",
         "CUDA training (graphs vs eager, resume)",
         "CUDA bf16 parity (against the CPU reference and f64)",
         "CUDA bf16 parity, op by op",
-        "profile: ncu, one f32 student step",
         "bench: f32 graphs, fused attention",
         "bench: bf16 graphs, fused (tensor-core) attention",
         "profile: ncu, one bf16 student step, fused attention",
         "CUDA whole-model parity, fused attention",
+        "bench: PyTorch twin, the other rows",
         "CUDA activation arena",
         "teacher cache (CPU exactness, GPU graphs)",
         "kernel check (NVRTC)",
@@ -317,13 +319,13 @@ fn every_step_is_run_in_order_named_with_its_outcome_and_its_logs_come_back() {
         called("cuda_model_parity --nocapture --test-threads=1", &fused),
         "{calls}"
     );
-    assert!(
-        called(
-            "python-with-torch tools/torch_twin.py --device cuda --rows student:eager:f32,student:graphs:f32,student:graphs:bf16,",
-            &plain
-        ),
-        "{calls}"
-    );
+    let twin = "python-with-torch tools/torch_twin.py --device cuda --rows";
+    let first = "student:eager:f32,student:graphs:f32,student:graphs:bf16,teacher:eager:f32,\
+                 teacher:graphs:bf16 ";
+    assert!(called(&format!("{twin} {first}"), &plain), "{calls}");
+    assert!(called(&format!("{twin} teacher:graphs:f32,"), &plain), "{calls}");
+    // Both twin files in the table: 12 PyTorch rows, each once.
+    assert_eq!(summary.matches("  pytorch ").count(), 12, "{summary}");
     assert!(called("ncu --clock-control none", &fused), "{calls}");
     fs::remove_dir_all(&dir).expect("scratch removable");
 }

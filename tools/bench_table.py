@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One table from the engine's benchmark JSON and the PyTorch twin's (tools/torch_twin.py).
 
-    python3 tools/bench_table.py ENGINE.json [ENGINE2.json ...] --torch TWIN.json [--markdown]
+    python3 tools/bench_table.py ENGINE.json [ENGINE2.json ...] --torch TWIN.json [--torch TWIN2.json]
+                                 [--markdown]
 
 For each stage and batching it lists the engine rows, then the PyTorch rows of the same stage
 and batching, with samples/s, ms/step, TFLOP/s, peak memory and device operations per step
@@ -139,10 +140,30 @@ def warnings(engines, twin):
     return out
 
 
+def merge_twins(twins):
+    """One twin document from several files: the first file's fields, every file's rows in
+    order; a warning for each file whose configuration or parameters differ from the
+    first's. (None, []) when there is none."""
+    if not twins:
+        return None, []
+    first_path, first = twins[0]
+    merged = dict(first)
+    merged["results"] = [r for _, doc in twins for r in doc["results"]]
+    out = []
+    for path, doc in twins[1:]:
+        for key in ("config", "params"):
+            if doc.get(key) != first.get(key):
+                out.append(f"warning: {path} and {first_path} differ in {key}: "
+                           f"{json.dumps(doc.get(key))} vs {json.dumps(first.get(key))}")
+    return merged, out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("engine", nargs="+", help="JSON written by `mgkd-train bench --json`")
-    ap.add_argument("--torch", metavar="TWIN.json", help="JSON written by tools/torch_twin.py")
+    ap.add_argument("--torch", metavar="TWIN.json", action="append", default=[],
+                    help="JSON written by tools/torch_twin.py; several (runs of the same "
+                    "configuration, e.g. its rows in two parts) are read as one")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     a = ap.parse_args(argv)
     engines, errors = [], []
@@ -152,15 +173,18 @@ def main(argv=None):
             errors.append(f"error: {err}")
         else:
             engines.append((path, doc))
-    twin = None
-    if a.torch:
-        twin, err = load(a.torch)
+    twins = []
+    for path in a.torch:
+        doc, err = load(path)
         if err:
             errors.append(f"error: {err}")
-    for path, doc in engines + ([(a.torch, twin)] if twin else []):
+        else:
+            twins.append((path, doc))
+    twin, merge_warnings = merge_twins(twins)
+    for path, doc in engines + twins:
         print(f"{path}: {doc.get('engine', '?')} {doc.get('version', '')} on "
               f"{doc.get('device', '?')}, config {json.dumps(doc.get('config', {}))}")
-    for line in errors + warnings(engines, twin):
+    for line in errors + merge_warnings + warnings(engines, twin):
         print(line)
     rows = build_rows(engines, twin)
     if rows:
