@@ -323,7 +323,10 @@ fn every_step_is_run_in_order_named_with_its_outcome_and_its_logs_come_back() {
     let first = "student:eager:f32,student:graphs:f32,student:graphs:bf16,teacher:eager:f32,\
                  teacher:graphs:bf16 ";
     assert!(called(&format!("{twin} {first}"), &plain), "{calls}");
-    assert!(called(&format!("{twin} teacher:graphs:f32,"), &plain), "{calls}");
+    assert!(
+        called(&format!("{twin} teacher:graphs:f32,"), &plain),
+        "{calls}"
+    );
     // Both twin files in the table: 12 PyTorch rows, each once.
     assert_eq!(summary.matches("  pytorch ").count(), 12, "{summary}");
     assert!(called("ncu --clock-control none", &fused), "{calls}");
