@@ -126,14 +126,92 @@ extern "C" __global__ void coarse_bf16(int n, int d, const bf16* __restrict__ p,
   coarse(n, d, p, t, w, cosine, coef_over_n, dp, terms);
 }
 
-// Behaviour-level alignment (L_fine, docs/model.md §5.6), one block per batch row b, one warp per
-// student token j (per tile of J tokens). For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
+// Query tokens a warp of the fine kernel handles at once (FINE_GROUP in src/backend/cuda/mod.rs):
+// every key and teacher-token load is reused for all of them.
+#define FINE_G 4
+
+// One stage of warp_reduce_scatter32: lanes H apart exchange halves of their first 2H values;
+// each keeps the half its lane bit H selects, own value + the partner's.
+template <int H>
+__device__ __forceinline__ void reduce_scatter_stage(float (&v)[32], int lane) {
+  const bool hi = (lane & H) != 0;
+#pragma unroll
+  for (int i = 0; i < H; ++i) {
+    const float send = hi ? v[i] : v[i + H];
+    const float keep = hi ? v[i + H] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, H);
+  }
+}
+
+// Sums of 32 values over the warp, in one reduce-scatter: lane l returns Σ_lanes v[l]. Each sum
+// is formed by the same butterfly as warp_sum (partners 16, 8, 4, 2, 1 apart, own value + the
+// partner's), so it is bit-identical to warp_sum of that value, with 31 shuffles for the 32
+// sums instead of 160.
+__device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32]) {
+  const int lane = threadIdx.x & 31;
+  reduce_scatter_stage<16>(v, lane);
+  reduce_scatter_stage<8>(v, lane);
+  reduce_scatter_stage<4>(v, lane);
+  reduce_scatter_stage<2>(v, lane);
+  reduce_scatter_stage<1>(v, lane);
+  return v[0];
+}
+
+// out[t·lk + k] = scale · Σ_c x[t·d + c]·M[k·d + c] for the warp's FINE_G vectors x (shared
+// memory, slots t ≥ nt hold zeros and are not stored) and the rows k < nk of M (global).
+// Lanes split c as warp_sum's callers do (c = lane, lane + 32, …, in order); eight rows of M
+// at a time, their FINE_G·8 dot products reduced together.
+template <typename E>
+__device__ __forceinline__ void fine_products(int d, u32 nk, int nt, const float* __restrict__ x,
+                                              const E* __restrict__ M, float scale, float* out, int lk) {
+  const int lane = threadIdx.x & 31;
+  for (u32 k0 = 0; k0 < nk; k0 += 8) {
+    float p[FINE_G * 8];
+#pragma unroll
+    for (int i = 0; i < FINE_G * 8; ++i) p[i] = 0.0f;
+    for (int c = lane; c < d; c += 32) {
+      float m[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) m[u] = k0 + u < nk ? ld(M, (i64)(k0 + u) * d + c) : 0.0f;
+#pragma unroll
+      for (int t = 0; t < FINE_G; ++t) {
+        const float xv = x[t * d + c];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) p[t * 8 + u] += xv * m[u];
+      }
+    }
+    const float s = warp_reduce_scatter32(p);
+    const int t = lane >> 3, u = lane & 7;
+    if (t < nt && k0 + u < nk) out[t * lk + k0 + u] = scale * s;
+  }
+}
+
+// acc[t] = Σ_{k<nk} a[t·lk + k]·M[k·d + c] for column c and the first nt of the warp's FINE_G
+// rows of a (shared memory), keys in increasing order; acc[t ≥ nt] = 0.
+template <typename E>
+__device__ __forceinline__ void fine_mix(int c, int d, u32 nk, int nt, const float* __restrict__ a,
+                                         int lk, const E* __restrict__ M, float acc[FINE_G]) {
+#pragma unroll
+  for (int t = 0; t < FINE_G; ++t) acc[t] = 0.0f;
+  for (u32 kk = 0; kk < nk; ++kk) {
+    const float mv = ld(M, (i64)kk * d + c);
+#pragma unroll
+    for (int t = 0; t < FINE_G; ++t)
+      if (t < nt) acc[t] += a[t * lk + kk] * mv;
+  }
+}
+
+// Behaviour-level alignment (L_fine, docs/model.md §5.6), one block per batch row b; each warp
+// takes FINE_G student tokens j at a time (of a tile of J tokens). For ℓq = q_lens[b] > 0 and
+// ℓk = k_lens[b] > 0:
 //   A_j = softmax_k(q_j·k_k/√d), r_j = v_j − Σ_k A_jk·t_k, e_j = ‖r_j‖²/d,
 //   term_b = w_b·mean_j e_j (0 for a row with no query or no key).
 // Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R| (|R| counted here from k_lens): dv_j += G·r_j; dA_jk = −G·r_j·t_k;
 // dS = A⊙(dA − Σ_k A·dA); dq_j += dS_j·K/√d; dk += dSᵀ·Q/√d (added tile by tile, tokens in
 // order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
-// never read. Dynamic shared memory: warps·(lk + d) + J·lk + J floats.
+// never read. Every sum has the order and the rounding it had when each warp took one token
+// (lanes over columns, warp_sum trees, keys and tokens in increasing order); only the reuse
+// of the loads changed. Dynamic shared memory: warps·FINE_G·(lk + d) + J·lk + J floats.
 template <typename E>
 __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, const E* __restrict__ q,
                                      const E* __restrict__ k, const E* __restrict__ v, const E* __restrict__ tin,
@@ -161,73 +239,87 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
   const E* K = k + (i64)b * lk * d;
   const E* V = v + (i64)b * lq * d;
   const E* T = tin + (i64)b * lk * d;
-  float* ss = sm + warp * (lk + d);  // this warp's scores / probabilities
-  float* sv = ss + lk;               // this warp's q_j, then r_j
-  float* dS = sm + nw * (lk + d);    // J×lk score gradients of the tile
-  float* es = dS + J * lk;           // J token errors of the tile
+  float* ss = sm + warp * FINE_G * (lk + d);  // this warp's FINE_G rows of scores / probabilities
+  float* sv = ss + FINE_G * lk;               // this warp's FINE_G vectors: q_j, then r_j
+  float* dS = sm + nw * FINE_G * (lk + d);    // J×lk score gradients of the tile
+  float* es = dS + J * lk;                    // J token errors of the tile
   const float inv_sqrt_d = 1.0f / sqrtf((float)d);
   const float inv_d = 1.0f / (float)d;
   const float G = 2.0f * (f * w[b]) * inv_d / (float)Lq;
   double loss = 0.0;
   for (u32 j0 = 0; j0 < Lq; j0 += J) {
     const u32 tj = min((u32)J, Lq - j0);
-    for (u32 jj = warp; jj < tj; jj += nw) {
-      const u32 j = j0 + jj;
-      for (int c = lane; c < d; c += 32) sv[c] = ld(Q, (i64)j * d + c);
+    for (u32 g0 = warp * FINE_G; g0 < tj; g0 += nw * FINE_G) {
+      const int nt = (int)min((u32)FINE_G, tj - g0);  // the group's tokens: j0 + g0 + t, t < nt
+      for (int t = 0; t < FINE_G; ++t)
+        for (int c = lane; c < d; c += 32)
+          sv[t * d + c] = t < nt ? ld(Q, (i64)(j0 + g0 + t) * d + c) : 0.0f;
       __syncwarp();
-      for (u32 kk = 0; kk < Lk; ++kk) {
-        float s = 0.0f;
-        for (int c = lane; c < d; c += 32) s += sv[c] * ld(K, (i64)kk * d + c);
-        s = warp_sum(s);
-        if (lane == 0) ss[kk] = inv_sqrt_d * s;
+      fine_products(d, Lk, nt, sv, K, inv_sqrt_d, ss, lk);
+      __syncwarp();
+      for (int t = 0; t < nt; ++t) {
+        float* st_ = ss + t * lk;
+        float mx = -MGKD_INF;
+        for (u32 kk = lane; kk < Lk; kk += 32) mx = fmaxf(mx, st_[kk]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (u32 kk = lane; kk < Lk; kk += 32) {
+          const float e = expf(st_[kk] - mx);
+          st_[kk] = e;
+          sum += e;
+        }
+        const float inv = 1.0f / warp_sum(sum);
+        for (u32 kk = lane; kk < Lk; kk += 32) st_[kk] *= inv;
       }
       __syncwarp();
-      float mx = -MGKD_INF;
-      for (u32 kk = lane; kk < Lk; kk += 32) mx = fmaxf(mx, ss[kk]);
-      mx = warp_max(mx);
-      float sum = 0.0f;
-      for (u32 kk = lane; kk < Lk; kk += 32) {
-        const float e = expf(ss[kk] - mx);
-        ss[kk] = e;
-        sum += e;
-      }
-      const float inv = 1.0f / warp_sum(sum);
-      for (u32 kk = lane; kk < Lk; kk += 32) ss[kk] *= inv;
-      __syncwarp();
-      float e2 = 0.0f;
+      float e2[FINE_G];
+#pragma unroll
+      for (int t = 0; t < FINE_G; ++t) e2[t] = 0.0f;
       for (int c = lane; c < d; c += 32) {
-        float acc = 0.0f;
-        for (u32 kk = 0; kk < Lk; ++kk) acc += ss[kk] * ld(T, (i64)kk * d + c);
-        const float r = ld(V, (i64)j * d + c) - acc;
-        sv[c] = r;
-        e2 += r * r;
+        float acc[FINE_G];
+        fine_mix(c, d, Lk, nt, ss, lk, T, acc);
+#pragma unroll
+        for (int t = 0; t < FINE_G; ++t) {
+          if (t < nt) {
+            const float r = ld(V, (i64)(j0 + g0 + t) * d + c) - acc[t];
+            sv[t * d + c] = r;
+            e2[t] += r * r;
+          } else {
+            sv[t * d + c] = 0.0f;
+          }
+        }
       }
-      e2 = warp_sum(e2);
-      if (lane == 0) es[jj] = e2 * inv_d;
+#pragma unroll
+      for (int t = 0; t < FINE_G; ++t) {
+        const float e = warp_sum(e2[t]);
+        if (lane == 0 && t < nt) es[g0 + t] = e * inv_d;
+      }
       __syncwarp();
       if (grad) {
-        for (int c = lane; c < d; c += 32) {
-          const i64 o = ((i64)b * lq + j) * d + c;
-          st(dv, o, ld(dv, o) + G * sv[c]);
-        }
-        float* dsr = dS + jj * lk;
-        for (u32 kk = 0; kk < Lk; ++kk) {
-          float s = 0.0f;
-          for (int c = lane; c < d; c += 32) s += sv[c] * ld(T, (i64)kk * d + c);
-          s = warp_sum(s);
-          if (lane == 0) dsr[kk] = -G * s;
+        for (int t = 0; t < nt; ++t)
+          for (int c = lane; c < d; c += 32) {
+            const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
+            st(dv, o, ld(dv, o) + G * sv[t * d + c]);
+          }
+        float* dsr = dS + g0 * lk;  // the group's rows of the tile's score gradients
+        fine_products(d, Lk, nt, sv, T, -G, dsr, lk);
+        __syncwarp();
+        for (int t = 0; t < nt; ++t) {
+          const float* pt = ss + t * lk;
+          float* dt = dsr + t * lk;
+          float dot = 0.0f;
+          for (u32 kk = lane; kk < Lk; kk += 32) dot += pt[kk] * dt[kk];
+          dot = warp_sum(dot);
+          for (u32 kk = lane; kk < Lk; kk += 32) dt[kk] = pt[kk] * (dt[kk] - dot);
         }
         __syncwarp();
-        float dot = 0.0f;
-        for (u32 kk = lane; kk < Lk; kk += 32) dot += ss[kk] * dsr[kk];
-        dot = warp_sum(dot);
-        for (u32 kk = lane; kk < Lk; kk += 32) dsr[kk] = ss[kk] * (dsr[kk] - dot);
-        __syncwarp();
         for (int c = lane; c < d; c += 32) {
-          float acc = 0.0f;
-          for (u32 kk = 0; kk < Lk; ++kk) acc += dsr[kk] * ld(K, (i64)kk * d + c);
-          const i64 o = ((i64)b * lq + j) * d + c;
-          st(dq, o, ld(dq, o) + inv_sqrt_d * acc);
+          float acc[FINE_G];
+          fine_mix(c, d, Lk, nt, dsr, lk, K, acc);
+          for (int t = 0; t < nt; ++t) {
+            const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
+            st(dq, o, ld(dq, o) + inv_sqrt_d * acc[t]);
+          }
         }
       }
       __syncwarp();
@@ -236,13 +328,29 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
     if (threadIdx.x == 0)
       for (u32 jj = 0; jj < tj; ++jj) loss += (double)es[jj];
     if (grad) {
-      for (i64 idx = threadIdx.x; idx < (i64)Lk * d; idx += blockDim.x) {
-        const i64 kk = idx / d;
+      // dk[k, c] += Σ_jj dS[jj, k]·Q[j0 + jj, c] / √d: a thread per column c and 8 keys, so
+      // that each Q element read serves 8 sums.
+      const u32 kb = (Lk + 7) / 8;
+      for (i64 idx = threadIdx.x; idx < (i64)kb * d; idx += blockDim.x) {
+        const u32 k0 = 8 * (u32)(idx / d);
         const int c = (int)(idx % d);
-        float acc = 0.0f;
-        for (u32 jj = 0; jj < tj; ++jj) acc += dS[jj * lk + kk] * ld(Q, (i64)(j0 + jj) * d + c);
-        const i64 o = ((i64)b * lk + kk) * d + c;
-        st(dk, o, ld(dk, o) + inv_sqrt_d * acc);
+        float acc[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc[u] = 0.0f;
+        for (u32 jj = 0; jj < tj; ++jj) {
+          const float qv = ld(Q, (i64)(j0 + jj) * d + c);
+          const float* row = dS + jj * lk + k0;
+#pragma unroll
+          for (int u = 0; u < 8; ++u)
+            if (k0 + u < Lk) acc[u] += row[u] * qv;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (k0 + u < Lk) {
+            const i64 o = ((i64)b * lk + k0 + u) * d + c;
+            st(dk, o, ld(dk, o) + inv_sqrt_d * acc[u]);
+          }
+        }
       }
     }
     __syncthreads();

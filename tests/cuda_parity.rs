@@ -1796,11 +1796,12 @@ fn fine_alignment() {
         (110, 1, 1, 1, 1),
         (111, 5, 7, 13, 37),
         (112, 16, 32, 128, 128),
-        (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (71 + 9)
+        (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (47 + 33)
         (114, 4, 0, 6, 8),      // no student token anywhere
-        // The largest lk accepted at d = 64: 8·(lk + d) + lk + 1 = 12267 of the 12272 floats
-        // of dynamic shared memory, a tile of one token (5 tiles per row).
-        (115, 3, 5, 1306, 64),
+        (116, 2, 11, 700, 64),  // keys too many for 4 warps: 2 warps, tiles of 8 tokens
+        // The largest lk accepted at d = 64: one warp, 4·(lk + d) + lk + 1 = 12272 of the
+        // 12272 floats of dynamic shared memory, a tile of one token (5 tiles per row).
+        (115, 3, 5, 2403, 64),
     ] {
         parity(
             &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
@@ -1837,9 +1838,9 @@ fn fine_rejects_lengths_beyond_padding() {
 #[test]
 fn fine_refuses_shapes_beyond_shared_memory() {
     let Some(g) = gpu() else { return };
-    // lk = 1307 at d = 64 is the first shape past 12272 floats (12276); see fine_alignment
-    // for lk = 1306, the last one accepted.
-    for lk in [1307, 1500] {
+    // lk = 2404 at d = 64 is the first shape past 12272 floats with one warp (12277); see
+    // fine_alignment for lk = 2403, the last one accepted.
+    for lk in [2404, 3000] {
         let shape = FineShape {
             batch: 1,
             lq: 1,

@@ -75,8 +75,10 @@ const COL_CHUNK_ROWS: usize = 128;
 /// Batch rows per chunk (at least) of the two-pass sums over batch rows (the position
 /// gradient, the empty-sequence vector's gradient).
 pub const ROW_CHUNK_ROWS: usize = 32;
-/// Warps per block of the fine-alignment kernel.
-const FINE_WARPS: usize = 8;
+/// Warps per block of the fine-alignment kernel (at most; a power of two).
+const FINE_WARPS: usize = 4;
+/// Student tokens a warp of the fine-alignment kernel takes at once (`FINE_G` in losses.cu).
+const FINE_GROUP: usize = 4;
 /// Dynamic shared memory the fine-alignment kernel may use, in floats: 48 KiB (a block's
 /// limit without opting in) less 64 bytes kept for its static shared memory (16 bytes today,
 /// as `tests/kernels_compile.rs` prints).
@@ -156,14 +158,16 @@ fn long(x: usize) -> i64 {
 // kernel exactly as the backend does.
 
 /// The fine-alignment kernel's launch for a batch of `batch` rows, `lq` student and `lk`
-/// teacher tokens of width `d`, and its tile of student tokens per pass: one block of
-/// `FINE_WARPS` warps per row, `FINE_WARPS·(lk + d)` floats of shared memory and
-/// `lk + 1` per student token of the tile; `None` when not one token fits.
+/// teacher tokens of width `d`, and its tile of student tokens per pass: one block per row
+/// of `FINE_WARPS` warps (fewer where the shared memory would not hold them),
+/// `warps·FINE_GROUP·(lk + d)` floats of shared memory and `lk + 1` per student token of the
+/// tile; `None` when not one token fits beside one warp.
 pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchConfig, usize)> {
-    let fixed = FINE_WARPS * (lk + d);
-    if fixed + lk + 1 > FINE_SMEM_FLOATS {
-        return None;
-    }
+    let warps = (0..=FINE_WARPS.ilog2())
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|w| w * FINE_GROUP * (lk + d) + lk < FINE_SMEM_FLOATS)?;
+    let fixed = warps * FINE_GROUP * (lk + d);
     let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
     let cfg = LaunchConfig {
         grid_dim: (
@@ -171,7 +175,7 @@ pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchC
             1,
             1,
         ),
-        block_dim: (32 * FINE_WARPS as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
     };
     Some((cfg, tile))
@@ -2625,9 +2629,9 @@ impl Backend for CudaBackend {
         let Some((cfg, tile)) = fine_cfg(batch, lq, lk, d) else {
             return Err(Error::invalid(format!(
                 "fine_loss: lk = {lk}, d = {d} is too large for the CUDA kernel: it needs \
-                 {FINE_WARPS}·(lk + d) + lk + 1 = {} floats of shared memory, at most \
+                 {FINE_GROUP}·(lk + d) + lk + 1 = {} floats of shared memory, at most \
                  {FINE_SMEM_FLOATS}",
-                FINE_WARPS * (lk + d) + lk + 1
+                FINE_GROUP * (lk + d) + lk + 1
             )));
         };
         let qp = self.rt(q, batch * lq * d, "fine_loss q");
@@ -2809,5 +2813,30 @@ impl Backend for CudaBackend {
             hp.eps as f32,
             hp.weight_decay as f32,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fine_cfg;
+
+    /// (warps, tile, shared-memory floats) of the fine kernel's launch.
+    fn fine(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(u32, usize, u32)> {
+        fine_cfg(batch, lq, lk, d)
+            .map(|(cfg, tile)| (cfg.block_dim.0 / 32, tile, cfg.shared_mem_bytes / 4))
+    }
+
+    #[test]
+    fn the_fine_kernel_takes_fewer_warps_before_it_refuses_a_shape() {
+        // §8: 4 warps, every student token in one tile.
+        assert_eq!(fine(1024, 32, 128, 128), Some((4, 32, 16 * 256 + 32 * 129)));
+        assert_eq!(fine(2, 80, 128, 256).map(|f| f.1), Some(47));
+        // Past 601 keys at d = 128, 4 warps do not fit: 2, then 1.
+        assert_eq!(fine(1, 8, 601, 128).map(|f| f.0), Some(4));
+        assert_eq!(fine(1, 8, 602, 128).map(|f| f.0), Some(2));
+        assert_eq!(fine(2, 11, 700, 64).map(|f| (f.0, f.1)), Some((2, 8)));
+        // The last shape at d = 64: one warp, one token per tile, all 12272 floats.
+        assert_eq!(fine(3, 5, 2403, 64), Some((1, 1, 12272)));
+        assert_eq!(fine(3, 5, 2404, 64), None);
     }
 }
