@@ -211,7 +211,9 @@ __device__ __forceinline__ void fine_mix(int c, int d, u32 nk, int nt, const flo
 // order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
 // never read. Every sum has the order and the rounding it had when each warp took one token
 // (lanes over columns, warp_sum trees, keys and tokens in increasing order); only the reuse
-// of the loads changed. Dynamic shared memory: warps·FINE_G·(lk + d) + J·lk + J floats.
+// of the loads changed, so within a tile of J tokens the results are those of that kernel
+// (dk, added once per tile, also depends on where the tiles fall). Dynamic shared memory:
+// warps·FINE_G·(lk + d) + J·lk + J floats.
 template <typename E>
 __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, const E* __restrict__ q,
                                      const E* __restrict__ k, const E* __restrict__ v, const E* __restrict__ tin,
@@ -316,9 +318,12 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
         for (int c = lane; c < d; c += 32) {
           float acc[FINE_G];
           fine_mix(c, d, Lk, nt, dsr, lk, K, acc);
-          for (int t = 0; t < nt; ++t) {
-            const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
-            st(dq, o, ld(dq, o) + inv_sqrt_d * acc[t]);
+#pragma unroll
+          for (int t = 0; t < FINE_G; ++t) {
+            if (t < nt) {
+              const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
+              st(dq, o, ld(dq, o) + inv_sqrt_d * acc[t]);
+            }
           }
         }
       }

@@ -2818,7 +2818,17 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::fine_cfg;
+    use super::{fine_cfg, FINE_GROUP};
+
+    #[test]
+    fn the_fine_group_is_the_kernels() {
+        let src = include_str!("../../../kernels/losses.cu");
+        assert!(
+            src.lines()
+                .any(|l| l == format!("#define FINE_G {FINE_GROUP}")),
+            "kernels/losses.cu does not define FINE_G as FINE_GROUP = {FINE_GROUP}"
+        );
+    }
 
     /// (warps, tile, shared-memory floats) of the fine kernel's launch.
     fn fine(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(u32, usize, u32)> {
