@@ -96,6 +96,8 @@ __device__ __forceinline__ void layernorm_param_partial(int rows, int d, int chu
   const int r0 = blockIdx.y * chunk_rows;
   const int r1 = min(rows, r0 + chunk_rows);
   float ag = 0.0f, ab = 0.0f;
+  // Unrolled so that many rows' loads are in flight at once; the sums keep their order.
+#pragma unroll 8
   for (int r = r0; r < r1; ++r) {
     const float g = ld(dy, (i64)r * d + j);
     ag += g * (ld(x, (i64)r * d + j) - stats[2 * (i64)r]) * stats[2 * (i64)r + 1];
