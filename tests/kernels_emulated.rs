@@ -14,7 +14,7 @@ mod skip;
 use cudarc::driver::LaunchConfig;
 use kernel_emu::{emulable, Arg, Data, Emulator, Launch};
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
-use mgkd::backend::cuda::embedding::EmbFields;
+use mgkd::backend::cuda::embedding::{EmbBackwardPlan, EmbFields};
 use mgkd::backend::cuda::{
     chunk_grid, col_chunks, fine_cfg, grid1, reduce_cfg, row_chunks, rows_cfg, ROW_CHUNK_ROWS,
 };
@@ -1070,6 +1070,191 @@ fn embedding_gather_and_positions_bf16() {
     );
     assert_eq!(pbufs[3], Data::U32(vec![0]), "error flag");
     check("positions (bf16 into f32)", &pbufs[2], &down(&be, &xr));
+}
+
+/// The embedding backward, all five passes of its counting sort as the backend launches them
+/// (`EmbBackwardPlan`), for f32 and bf16 gradients of the output into the f32 tables'
+/// gradient, in both modes, over padded rows (only valid tokens count) and over every token.
+/// Each gradient element receives its tokens' terms in token order, the CPU reference's
+/// order, so the result must equal the reference's bit for bit. Three fields, one with 3
+/// ids (hundreds of tokens per id, past the row loop's unrolling) and one sharing no table.
+#[test]
+fn embedding_backward_counting_sort() {
+    let Some(emu) = Emulator::of("embedding.cu") else {
+        return;
+    };
+    let (batch, max_len, width) = (40, 30, 20);
+    let n = batch * max_len;
+    let mut r = ChaCha8Rng::seed_from_u64(31);
+    let vocabs = [3usize, 40, 7];
+    let mut tables = Vec::new();
+    let mut off = 5;
+    for &v in &vocabs {
+        tables.push(EmbTable {
+            offset: off,
+            vocab: v,
+        });
+        off += v * width + 3;
+    }
+    let fields = vocabs.len();
+    let ids: Vec<u32> = (0..n * fields)
+        .map(|k| r.gen_range(0..vocabs[k % fields] as u32))
+        .collect();
+    let lens: Vec<u32> = (0..batch)
+        .map(|_| r.gen_range(0..=max_len as u32))
+        .collect();
+    let grads0 = f32_values(&mut r, off, 1.0);
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    for mode in [EmbMode::Sum, EmbMode::Concat] {
+        let ld = mode.row_width(fields, width);
+        let dout = round(f32_values(&mut r, n * ld, 1.0));
+        for valid in [true, false] {
+            for bf16 in [false, true] {
+                let label = format!(
+                    "embedding backward {mode:?}, {} tokens, dout {}",
+                    if valid { "valid" } else { "all" },
+                    if bf16 { "bf16" } else { "f32" }
+                );
+                // The reference: the f32 CPU backend (the bf16 one differs only in how dout is
+                // stored, and these values are bf16-exact).
+                let be = mgkd::backend::cpu::CpuBackend::<f32>::new();
+                let (idb, lb) = (
+                    be.upload_ids(&ids).expect("ids"),
+                    be.upload_ids(&lens).expect("lens"),
+                );
+                let mut g = be.upload(&grads0).expect("grads");
+                let vt = valid.then_some(mgkd::backend::ValidTokens { lens: &lb, max_len });
+                be.embedding_backward(
+                    n,
+                    width,
+                    &tables,
+                    &idb,
+                    mode,
+                    Ref::whole(&be.upload(&dout).expect("dout")),
+                    ld,
+                    &mut g,
+                    vt,
+                );
+                let want: Vec<f64> = be
+                    .download(&g)
+                    .expect("download")
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+
+                // 0 ids, 1 lens, 2 dout, 3 grads, 4 err; per group: descriptor, scratch.
+                let mut bufs = vec![
+                    Data::U32(ids.clone()),
+                    Data::U32(lens.clone()),
+                    if bf16 {
+                        Data::bf16(&dout)
+                    } else {
+                        Data::F32(dout.clone())
+                    },
+                    Data::F32(grads0.clone()),
+                    Data::U32(vec![0]),
+                ];
+                let (vl, vlen) = if valid {
+                    (Arg::Buf(1), int(max_len))
+                } else {
+                    (Arg::Null, int(1))
+                };
+                let mut launches = Vec::new();
+                let groups = EmbFields::groups(&tables, width, mode, true);
+                for group in &groups {
+                    let plan = EmbBackwardPlan::new(group, n, width);
+                    bufs.push(Data::Bytes(emb_fields_bytes(group)));
+                    let gi = bufs.len() - 1;
+                    bufs.push(Data::U32(vec![0xDEAD_BEEF; plan.scratch]));
+                    let sc = bufs.len() - 1;
+                    let (hist, starts) = (Arg::Buf(sc), plan.chunks * plan.keys);
+                    let sorted = starts + plan.keys + 1;
+                    let (ni, fi, ci) = (int(n), int(fields), int(plan.chunk));
+                    launches.push(launch(
+                        "emb_hist",
+                        plan.hist,
+                        vec![
+                            ni,
+                            fi,
+                            Arg::Buf(gi),
+                            Arg::Buf(0),
+                            vl,
+                            vlen,
+                            ci,
+                            hist,
+                            Arg::Buf(4),
+                        ],
+                    ));
+                    launches.push(launch(
+                        "emb_col_scan",
+                        plan.col_scan,
+                        vec![
+                            int(plan.chunks),
+                            int(plan.keys),
+                            hist,
+                            Arg::BufAt(sc, starts + 1),
+                        ],
+                    ));
+                    launches.push(launch(
+                        "emb_key_scan",
+                        plan.key_scan,
+                        vec![int(plan.keys), Arg::BufAt(sc, starts)],
+                    ));
+                    launches.push(launch(
+                        "emb_place",
+                        plan.place,
+                        vec![
+                            ni,
+                            fi,
+                            Arg::Buf(gi),
+                            Arg::Buf(0),
+                            vl,
+                            vlen,
+                            ci,
+                            hist,
+                            Arg::BufAt(sc, starts),
+                            Arg::BufAt(sc, sorted),
+                        ],
+                    ));
+                    launches.push(launch(
+                        if bf16 {
+                            "emb_rows_bf16"
+                        } else {
+                            "emb_rows_f32"
+                        },
+                        plan.rows,
+                        vec![
+                            int(width),
+                            Arg::Buf(gi),
+                            Arg::BufAt(sc, starts),
+                            Arg::BufAt(sc, sorted),
+                            Arg::Buf(2),
+                            Arg::Int(ld as i64),
+                            Arg::Buf(3),
+                        ],
+                    ));
+                }
+                emu.run(&mut bufs, &launches);
+                assert_eq!(bufs[4], Data::U32(vec![0]), "{label}: error flag");
+                let got = bufs[3].to_f64();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() == b.to_bits())
+                    .count();
+                println!(
+                    "{label}: {} group(s), {same} of {} gradient elements bit-identical",
+                    groups.len(),
+                    want.len()
+                );
+                assert_eq!(same, want.len(), "{label}: not bit-identical to the CPU");
+            }
+        }
+    }
 }
 
 /// A kernel source the emulation cannot take is an error naming what, not a panic.

@@ -147,6 +147,8 @@ impl Data {
 pub enum Arg {
     /// A pointer to buffer `i` of the run (or, for a struct parameter, the struct it holds).
     Buf(usize),
+    /// A pointer to element `k` of buffer `i` (a window the backend passes as `base + k`).
+    BufAt(usize, usize),
     /// The null pointer (an absent optional buffer).
     Null,
     /// An `int`, `i64`, `u32` or `unsigned long long`.
@@ -346,6 +348,26 @@ impl Emulator {
                         let got = bufs.get(i).map(Data::pointer_type);
                         assert_eq!(got, Some(want), "{}: argument {k} ({c})", l.kernel);
                         (0, i as u64)
+                    }
+                    Arg::BufAt(i, at) => {
+                        assert!(c.ends_with('*'), "{}: argument {k} ({c})", l.kernel);
+                        let b = bufs.get(i);
+                        assert_eq!(
+                            b.map(Data::pointer_type),
+                            Some(*c),
+                            "{}: argument {k} ({c})",
+                            l.kernel
+                        );
+                        let b = b.expect("checked above");
+                        assert!(
+                            at <= b.len(),
+                            "{}: argument {k}: element {at} of {}",
+                            l.kernel,
+                            b.len()
+                        );
+                        let bytes = (at * b.elem_bytes()) as u64;
+                        assert!(i < 1 << 16 && bytes < 1 << 48, "{}: argument {k}", l.kernel);
+                        (5, i as u64 | bytes << 16)
                     }
                     Arg::Null => {
                         assert!(

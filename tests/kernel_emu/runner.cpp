@@ -6,8 +6,8 @@
 //   u32 buffers; per buffer: u32 element bytes, u64 elements, the bytes;
 //   u32 launches; per launch: u32 name length, the name, u32 grid x, u32 grid y, u32 block,
 //   u32 shared bytes, u32 arguments; per argument: u32 kind (0 buffer, 1 integer, 2 f32,
-//   3 f64, 4 null pointer), u64 payload (the buffer's index, the integer, or the float's
-//   bits).
+//   3 f64, 4 null pointer, 5 buffer at a byte offset), u64 payload (the buffer's index, the
+//   integer, the float's bits, or index | byte offset << 16).
 // Output file: every buffer's bytes, in order. Exit status 3 with a message on stderr when a
 // launch is malformed or a block writes past its shared memory, 4 for an unknown kernel.
 
@@ -78,6 +78,16 @@ int main(int argc, char** argv) {
           break;
         case 4:
           break;
+        case 5: {
+          const uint64_t idx = payload & 0xffffu, off = payload >> 16;
+          if (idx >= bufs.size() || off > bufs[idx].size()) {
+            fprintf(stderr, "%s: buffer %llu at byte %llu\n", name.c_str(), (unsigned long long)idx,
+                    (unsigned long long)off);
+            return 3;
+          }
+          a.p = bufs[idx].data() + off;
+          break;
+        }
         default:
           fprintf(stderr, "%s: argument kind %u\n", name.c_str(), kind);
           return 3;

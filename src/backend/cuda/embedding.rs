@@ -1,7 +1,7 @@
 //! Host side of the embedding kernels (`kernels/embedding.cu`): the field-group descriptor
 //! passed by value to every launch, and the sizes of the backward's counting sort.
 
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use crate::backend::{EmbMode, EmbTable};
 
@@ -87,6 +87,69 @@ impl EmbFields {
             groups.push(g);
         }
         groups
+    }
+}
+
+/// The launches of the embedding backward for one field group (`kernels/embedding.cu`,
+/// passes 1–5), public so that the kernel lab launches exactly what the backend does.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbBackwardPlan {
+    /// Items (token × field) per chunk of the counting sort.
+    pub chunk: usize,
+    /// Chunks of the counting sort.
+    pub chunks: usize,
+    /// Keys of the group (rows of all its tables).
+    pub keys: usize,
+    /// `u32` scratch: the chunk × key histogram, the `keys + 1` starts, the sorted items.
+    pub scratch: usize,
+    /// Pass 1 (`emb_hist`): a block per chunk.
+    pub hist: LaunchConfig,
+    /// Pass 2 (`emb_col_scan`): a thread per key.
+    pub col_scan: LaunchConfig,
+    /// Pass 3 (`emb_key_scan`): one block.
+    pub key_scan: LaunchConfig,
+    /// Pass 4 (`emb_place`): a warp per chunk.
+    pub place: LaunchConfig,
+    /// Pass 5 (`emb_rows_*`): a block per key and column tile.
+    pub rows: LaunchConfig,
+}
+
+impl EmbBackwardPlan {
+    /// The plan for `group` over `n` tokens with rows of `width`.
+    pub fn new(group: &EmbFields, n: usize, width: usize) -> EmbBackwardPlan {
+        let keys = group.key0[group.count as usize] as usize;
+        let items = n * group.count as usize;
+        let chunk = EMB_CHUNK.max((items * keys).div_ceil(EMB_HIST_MAX));
+        let chunks = items.div_ceil(chunk);
+        let per_chunk = |threads: u32| LaunchConfig {
+            grid_dim: (u32::try_from(chunks).expect("chunks within the grid"), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let tx = width.next_multiple_of(32).min(128);
+        EmbBackwardPlan {
+            chunk,
+            chunks,
+            keys,
+            scratch: chunks * keys + keys + 1 + items,
+            hist: per_chunk(super::THREADS),
+            col_scan: super::grid1(keys),
+            key_scan: LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (EMB_SCAN_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            place: per_chunk(32),
+            rows: LaunchConfig {
+                grid_dim: (
+                    u32::try_from(keys).expect("keys within u32"),
+                    width.div_ceil(tx) as u32,
+                    1,
+                ),
+                block_dim: (tx as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        }
     }
 }
 

@@ -49,7 +49,7 @@ use half::bf16;
 use self::arena::{elem_bytes, Arena};
 pub use self::arena::{CudaBuf, RecordedGraph, TypedPtr};
 pub use self::attention::{AttentionKernels, ATTENTION_ENV};
-use self::embedding::{check_tables, EmbFields, EMB_CHUNK, EMB_HIST_MAX, EMB_SCAN_THREADS};
+use self::embedding::{check_tables, EmbBackwardPlan, EmbFields};
 use self::launch::Kernels;
 pub use self::launch::{DevPtr, KernelDecl, KERNELS};
 use super::device::{probe_cuda, CudaDeviceInfo};
@@ -2074,72 +2074,30 @@ impl Backend for CudaBackend {
         let gbase = grads.ptr();
         // Tables that share elements go one field at a time, in field order (the CPU's order).
         for group in EmbFields::groups(tables, width, mode, true) {
-            let keys = group.key0[group.count as usize] as usize;
-            let items = n * group.count as usize;
-            let chunk = EMB_CHUNK.max((items * keys).div_ceil(EMB_HIST_MAX));
-            let chunks = items.div_ceil(chunk);
+            let plan = EmbBackwardPlan::new(&group, n, width);
             let mut st = self.lock_state();
             let err = self.base(&st.err_flag);
-            let hist = match self.uscratch(&mut st, chunks * keys + keys + 1 + items) {
+            let hist = match self.uscratch(&mut st, plan.scratch) {
                 Ok(p) => p,
                 Err(e) => return self.note(Err(e), "embedding_backward scratch"),
             };
-            let starts = hist.offset(chunks * keys);
-            let sorted = starts.offset(keys + 1);
-            let (ni, fi, ci) = (int(n, "n"), int(fields, "fields"), int(chunk, "chunk"));
-            let per_chunk = |threads: u32| LaunchConfig {
-                grid_dim: (u32::try_from(chunks).expect("chunks within the grid"), 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.k().emb_hist(
-                per_chunk(THREADS),
-                ni,
-                fi,
-                group,
-                idp,
-                vlp,
-                vl,
-                ci,
-                hist,
-                err,
-            );
-            if keys == 0 {
+            let starts = hist.offset(plan.chunks * plan.keys);
+            let sorted = starts.offset(plan.keys + 1);
+            let (ni, fi, ci) = (int(n, "n"), int(fields, "fields"), int(plan.chunk, "chunk"));
+            self.k()
+                .emb_hist(plan.hist, ni, fi, group, idp, vlp, vl, ci, hist, err);
+            if plan.keys == 0 {
                 continue;
             }
-            let ku = u32::try_from(keys).expect("keys within u32");
-            self.k().emb_col_scan(
-                grid1(keys),
-                int(chunks, "chunks"),
-                ku,
-                hist,
-                starts.offset(1),
-            );
-            let one_block = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (EMB_SCAN_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.k().emb_key_scan(one_block, ku, starts);
+            let ku = u32::try_from(plan.keys).expect("keys within u32");
+            let chunks = int(plan.chunks, "chunks");
+            self.k()
+                .emb_col_scan(plan.col_scan, chunks, ku, hist, starts.offset(1));
+            self.k().emb_key_scan(plan.key_scan, ku, starts);
             self.k().emb_place(
-                per_chunk(32),
-                ni,
-                fi,
-                group,
-                idp,
-                vlp,
-                vl,
-                ci,
-                hist,
-                starts,
-                sorted,
+                plan.place, ni, fi, group, idp, vlp, vl, ci, hist, starts, sorted,
             );
-            let tx = width.next_multiple_of(32).min(128);
-            let cfg = LaunchConfig {
-                grid_dim: (ku, width.div_ceil(tx) as u32, 1),
-                block_dim: (tx as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = plan.rows;
             let (wi, ld) = (int(width, "width"), long(dout_ld));
             match gp {
                 TypedPtr::F32(g) => self
