@@ -137,7 +137,20 @@ extern "C" __global__ void emb_col_scan(int chunks, u32 keys, u32* __restrict__ 
   const u32 key = blockIdx.x * blockDim.x + threadIdx.x;
   if (key >= keys) return;
   u32 run = 0;
-  for (int c = 0; c < chunks; ++c) {
+  int c = 0;
+  // 16 chunks' counts loaded before any is overwritten: the compiler cannot tell that a store
+  // does not feed the next load, so one at a time each would wait a full memory round trip.
+  for (; c + 16 <= chunks; c += 16) {
+    u32 t[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) t[u] = hist[(i64)(c + u) * keys + key];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      hist[(i64)(c + u) * keys + key] = run;
+      run += t[u];
+    }
+  }
+  for (; c < chunks; ++c) {
     const u32 t = hist[(i64)c * keys + key];
     hist[(i64)c * keys + key] = run;
     run += t;

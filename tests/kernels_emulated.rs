@@ -1077,13 +1077,14 @@ fn embedding_gather_and_positions_bf16() {
 /// gradient, in both modes, over padded rows (only valid tokens count) and over every token.
 /// Each gradient element receives its tokens' terms in token order, the CPU reference's
 /// order, so the result must equal the reference's bit for bit. Three fields, one with 3
-/// ids (hundreds of tokens per id, past the row loop's unrolling) and one sharing no table.
+/// ids (thousands of tokens per id, past the row loop's unrolling); 18 chunks of the sort
+/// (past the chunk scan's batches of 16).
 #[test]
 fn embedding_backward_counting_sort() {
     let Some(emu) = Emulator::of("embedding.cu") else {
         return;
     };
-    let (batch, max_len, width) = (40, 30, 20);
+    let (batch, max_len, width) = (200, 30, 20);
     let n = batch * max_len;
     let mut r = ChaCha8Rng::seed_from_u64(31);
     let vocabs = [3usize, 40, 7];
@@ -1247,8 +1248,10 @@ fn embedding_backward_counting_sort() {
                     .filter(|(a, b)| a.to_bits() == b.to_bits())
                     .count();
                 println!(
-                    "{label}: {} group(s), {same} of {} gradient elements bit-identical",
+                    "{label}: {} group(s), {} chunks, {same} of {} gradient elements \
+                     bit-identical",
                     groups.len(),
+                    EmbBackwardPlan::new(&groups[0], n, width).chunks,
                     want.len()
                 );
                 assert_eq!(same, want.len(), "{label}: not bit-identical to the CPU");
