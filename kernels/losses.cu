@@ -298,11 +298,19 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
       }
       __syncwarp();
       if (grad) {
-        for (int t = 0; t < nt; ++t)
-          for (int c = lane; c < d; c += 32) {
-            const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
-            st(dv, o, ld(dv, o) + G * sv[t * d + c]);
-          }
+        // Each read-modify-write of a gradient loads every old value it will need before it
+        // stores any: the compiler cannot tell the stores from the next loads, so one at a
+        // time each load would wait for the previous store.
+        const i64 row = (i64)b * lq + j0 + g0;
+        for (int c = lane; c < d; c += 32) {
+          float old[FINE_G];
+#pragma unroll
+          for (int t = 0; t < FINE_G; ++t)
+            if (t < nt) old[t] = ld(dv, (row + t) * d + c);
+#pragma unroll
+          for (int t = 0; t < FINE_G; ++t)
+            if (t < nt) st(dv, (row + t) * d + c, old[t] + G * sv[t * d + c]);
+        }
         float* dsr = dS + g0 * lk;  // the group's rows of the tile's score gradients
         fine_products(d, Lk, nt, sv, T, -G, dsr, lk);
         __syncwarp();
@@ -316,15 +324,14 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
         }
         __syncwarp();
         for (int c = lane; c < d; c += 32) {
-          float acc[FINE_G];
+          float old[FINE_G], acc[FINE_G];
+#pragma unroll
+          for (int t = 0; t < FINE_G; ++t)
+            if (t < nt) old[t] = ld(dq, (row + t) * d + c);
           fine_mix(c, d, Lk, nt, dsr, lk, K, acc);
 #pragma unroll
-          for (int t = 0; t < FINE_G; ++t) {
-            if (t < nt) {
-              const i64 o = ((i64)b * lq + j0 + g0 + t) * d + c;
-              st(dq, o, ld(dq, o) + inv_sqrt_d * acc[t]);
-            }
-          }
+          for (int t = 0; t < FINE_G; ++t)
+            if (t < nt) st(dq, (row + t) * d + c, old[t] + inv_sqrt_d * acc[t]);
         }
       }
       __syncwarp();
@@ -339,9 +346,13 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
       for (i64 idx = threadIdx.x; idx < (i64)kb * d; idx += blockDim.x) {
         const u32 k0 = 8 * (u32)(idx / d);
         const int c = (int)(idx % d);
-        float acc[8];
+        const i64 o = ((i64)b * lk + k0) * d + c;
+        float old[8], acc[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) acc[u] = 0.0f;
+        for (int u = 0; u < 8; ++u) {
+          acc[u] = 0.0f;
+          if (k0 + u < Lk) old[u] = ld(dk, o + (i64)u * d);
+        }
         for (u32 jj = 0; jj < tj; ++jj) {
           const float qv = ld(Q, (i64)(j0 + jj) * d + c);
           const float* row = dS + jj * lk + k0;
@@ -350,12 +361,8 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
             if (k0 + u < Lk) acc[u] += row[u] * qv;
         }
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          if (k0 + u < Lk) {
-            const i64 o = ((i64)b * lk + k0 + u) * d + c;
-            st(dk, o, ld(dk, o) + inv_sqrt_d * acc[u]);
-          }
-        }
+        for (int u = 0; u < 8; ++u)
+          if (k0 + u < Lk) st(dk, o + (i64)u * d, old[u] + inv_sqrt_d * acc[u]);
       }
     }
     __syncthreads();
