@@ -559,13 +559,7 @@ fn the_teacher_section_trains_the_teachers_and_the_report_says_so() {
         assert_eq!(r["config"]["train"]["epochs"].as_u64(), Some(2), "{r}");
     }
     let report = std::fs::read_to_string(rep.join("report.md")).expect("report");
-    let line = |start: &str| {
-        report
-            .lines()
-            .find(|l| l.starts_with(start))
-            .unwrap_or_else(|| panic!("no line {start:?} in\n{report}"))
-            .to_string()
-    };
+    let line = |start: &str| line_starting(&report, start);
     let t = line("- teachers: train");
     assert!(t.contains("\"lr\":0.004") && t.contains("ρ 0.75"), "{t}");
     let s = line("- students: train");
@@ -574,6 +568,15 @@ fn the_teacher_section_trains_the_teachers_and_the_report_says_so() {
         "{s}"
     );
     assert!(s.contains("the full student's"), "{s}");
+}
+
+/// The first line of `report` that starts with `start` (the test fails without one).
+fn line_starting(report: &str, start: &str) -> String {
+    report
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("no line {start:?} in\n{report}"))
+        .to_string()
 }
 
 /// `--plain-config` trains the plain student with its own file's settings (here another
@@ -663,10 +666,7 @@ fn a_plain_config_gives_the_plain_student_its_own_settings() {
     let got = full["auc"]["diff_mean"].as_f64().expect("diff_mean");
     assert!((got - m).abs() < 1e-12, "{got} against {m}");
     let report = std::fs::read_to_string(both.join("report.md")).expect("report");
-    let line = report
-        .lines()
-        .find(|l| l.starts_with("- the plain student, from"))
-        .unwrap_or_else(|| panic!("no plain line in\n{report}"));
+    let line = line_starting(&report, "- the plain student, from");
     assert!(
         line.contains(p) && line.contains("\"d\":12") && line.contains("ρ 0.75"),
         "{line}"

@@ -930,6 +930,21 @@ fn emb_fields_bytes(g: &EmbFields) -> Vec<u8> {
     b
 }
 
+/// Embedding tables of `vocabs` rows of `width` laid out from element `first` with `gap`
+/// elements between them, and the elements they span with their gaps.
+fn tables_of(vocabs: &[usize], width: usize, first: usize, gap: usize) -> (Vec<EmbTable>, usize) {
+    let mut off = first;
+    let tables = vocabs
+        .iter()
+        .map(|&vocab| {
+            let t = EmbTable { offset: off, vocab };
+            off += vocab * width + gap;
+            t
+        })
+        .collect();
+    (tables, off)
+}
+
 /// Gathers from bf16 tables (the weights' copy, at an element offset off 16 bytes): summed
 /// into the f32 residual stream (one launch per group of fields, the later ones accumulating)
 /// and concatenated into a bf16 row; bf16 positions added to the f32 stream.
@@ -942,15 +957,7 @@ fn embedding_gather_and_positions_bf16() {
     let (n, width) = (37, 8);
     let mut r = ChaCha8Rng::seed_from_u64(12);
     let vocabs: Vec<usize> = (0..35).map(|f| 2 + (f * 7) % 13).collect();
-    let mut tables = Vec::new();
-    let mut off = 3;
-    for &v in &vocabs {
-        tables.push(EmbTable {
-            offset: off,
-            vocab: v,
-        });
-        off += v * width;
-    }
+    let (tables, off) = tables_of(&vocabs, width, 3, 0);
     let params = bf16_values(&mut r, off, 1.0);
     let fields = vocabs.len();
     let ids: Vec<u32> = (0..n * fields)
@@ -1088,15 +1095,7 @@ fn embedding_backward_counting_sort() {
     let n = batch * max_len;
     let mut r = ChaCha8Rng::seed_from_u64(31);
     let vocabs = [3usize, 40, 7];
-    let mut tables = Vec::new();
-    let mut off = 5;
-    for &v in &vocabs {
-        tables.push(EmbTable {
-            offset: off,
-            vocab: v,
-        });
-        off += v * width + 3;
-    }
+    let (tables, off) = tables_of(&vocabs, width, 5, 3);
     let fields = vocabs.len();
     let ids: Vec<u32> = (0..n * fields)
         .map(|k| r.gen_range(0..vocabs[k % fields] as u32))

@@ -170,28 +170,28 @@ fn encode(key: &CacheKey, image: &[u8]) -> Vec<u8> {
 
 /// The image of an entry's bytes, checked against `key` and its own digest.
 fn decode(bytes: &[u8], key: &CacheKey) -> Result<Vec<u8>, String> {
-    if bytes.len() < HEADER {
-        return Err(format!(
+    let short = || {
+        format!(
             "{} bytes, shorter than the {HEADER}-byte header",
             bytes.len()
-        ));
-    }
-    let (magic, rest) = bytes.split_at(MAGIC.len());
+        )
+    };
+    let (magic, rest) = bytes.split_at_checked(MAGIC.len()).ok_or_else(short)?;
     if magic != MAGIC {
         return Err("not a kernel cache entry (wrong magic bytes)".into());
     }
-    let (format, rest) = rest.split_at(4);
-    let format = u32::from_le_bytes(format.try_into().expect("4 bytes"));
+    let (format, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+    let format = u32::from_le_bytes(*format);
     if format != FORMAT {
         return Err(format!("entry format {format}, expected {FORMAT}"));
     }
-    let (stored_key, rest) = rest.split_at(32);
+    let (stored_key, rest) = rest.split_first_chunk::<32>().ok_or_else(short)?;
     if stored_key != key {
         return Err("entry made from other sources or options (key differs)".into());
     }
-    let (digest, rest) = rest.split_at(32);
-    let (len, image) = rest.split_at(8);
-    let len = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    let (digest, rest) = rest.split_first_chunk::<32>().ok_or_else(short)?;
+    let (len, image) = rest.split_first_chunk::<8>().ok_or_else(short)?;
+    let len = u64::from_le_bytes(*len);
     if len != image.len() as u64 {
         return Err(format!(
             "image of {} bytes, the header says {len}",

@@ -75,7 +75,7 @@ const COL_CHUNK_ROWS: usize = 128;
 /// Batch rows per chunk (at least) of the two-pass sums over batch rows (the position
 /// gradient, the empty-sequence vector's gradient).
 pub const ROW_CHUNK_ROWS: usize = 32;
-/// Warps per block of the fine-alignment kernel (at most; a power of two).
+/// Warps per block of the fine-alignment kernel (at most).
 const FINE_WARPS: usize = 4;
 /// Student tokens a warp of the fine-alignment kernel takes at once (`FINE_G` in losses.cu).
 const FINE_GROUP: usize = 4;
@@ -163,9 +163,8 @@ fn long(x: usize) -> i64 {
 /// `warps·FINE_GROUP·(lk + d)` floats of shared memory and `lk + 1` per student token of the
 /// tile; `None` when not one token fits beside one warp.
 pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchConfig, usize)> {
-    let warps = (0..=FINE_WARPS.ilog2())
-        .rev()
-        .map(|p| 1usize << p)
+    // FINE_WARPS, then half as many, down to one.
+    let warps = std::iter::successors(Some(FINE_WARPS), |&w| (w > 1).then_some(w / 2))
         .find(|w| w * FINE_GROUP * (lk + d) + lk < FINE_SMEM_FLOATS)?;
     let fixed = warps * FINE_GROUP * (lk + d);
     let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
