@@ -351,14 +351,10 @@ impl Emulator {
                     }
                     Arg::BufAt(i, at) => {
                         assert!(c.ends_with('*'), "{}: argument {k} ({c})", l.kernel);
-                        let b = bufs.get(i);
-                        assert_eq!(
-                            b.map(Data::pointer_type),
-                            Some(*c),
-                            "{}: argument {k} ({c})",
-                            l.kernel
-                        );
-                        let b = b.expect("checked above");
+                        let b = bufs
+                            .get(i)
+                            .unwrap_or_else(|| panic!("{}: argument {k}: no buffer {i}", l.kernel));
+                        assert_eq!(b.pointer_type(), *c, "{}: argument {k}", l.kernel);
                         assert!(
                             at <= b.len(),
                             "{}: argument {k}: element {at} of {}",
