@@ -33,53 +33,47 @@ const LABELS: [&str; 8] = [
     "full, no re-weighting",
 ];
 
+/// `ablation` with the tests' small model (d 8, 2 blocks, 2 epochs, batch 64) and `extra`;
+/// it must succeed.
 fn ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
     let mut args = vec![
-        "ablation",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--seeds",
-        seeds,
-        "--epochs",
-        "2",
-        "--d",
-        "8",
-        "--heads",
-        "2",
-        "--blocks",
-        "2",
-        "--d-cat",
-        "4",
-        "--batch",
+        "--epochs", "2", "--d", "8", "--heads", "2", "--blocks", "2", "--d-cat", "4", "--batch",
         "64",
-        "--device",
-        "cpu",
-        "--quiet",
     ];
     args.extend_from_slice(extra);
-    ok(&args)
+    ok(&ablation_args(data, out, seeds, &args))
 }
 
 /// `ablation` on the CPU with `extra` and no model flags (the settings come from the config
 /// files `extra` names), quiet, without checkpoints.
 fn bare_ablation(data: &Path, out: &Path, seeds: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["--no-checkpoints"];
+    args.extend_from_slice(extra);
+    bin(&ablation_args(data, out, seeds, &args))
+}
+
+/// The arguments of `ablation` on the CPU, quiet, over `data` into `out` with `seeds`, then
+/// `extra`.
+fn ablation_args<'a>(
+    data: &'a Path,
+    out: &'a Path,
+    seeds: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "ablation",
         "--data",
-        data.to_str().unwrap(),
+        data.to_str().expect("utf-8 path"),
         "--out",
-        out.to_str().unwrap(),
+        out.to_str().expect("utf-8 path"),
         "--seeds",
         seeds,
         "--device",
         "cpu",
         "--quiet",
-        "--no-checkpoints",
     ];
     args.extend_from_slice(extra);
-    bin(&args)
+    args
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
