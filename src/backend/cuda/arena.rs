@@ -13,7 +13,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 
 use super::launch::DevPtr;
-use crate::backend::arena::{ArenaPlan, ArenaStats};
+use crate::backend::arena::{ArenaPlan, ArenaStats, Window};
 use crate::backend::Precision;
 
 /// The slab: one device allocation, shared by the windows carved from it and by the graphs
@@ -32,11 +32,17 @@ pub(super) struct Arena {
 }
 
 /// A held window of the arena: gives it back when dropped (the last one ends the round).
-struct Lease(Arc<Mutex<ArenaState>>);
+struct Lease {
+    state: Arc<Mutex<ArenaState>>,
+    /// Always `Some` until dropped.
+    window: Option<Window>,
+}
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        lock(&self.0).plan.give_back();
+        if let Some(w) = self.window.take() {
+            lock(&self.state).plan.give_back(w);
+        }
     }
 }
 
@@ -221,8 +227,7 @@ impl Arena {
     }
 
     /// A window of `len` elements of `dtype` for one step. When no window is held and an
-    /// earlier round
-    /// asked for more than the slab holds, the slab is first replaced by one of that size
+    /// earlier round reached above the slab, the slab is first replaced by one of that size
     /// (not while `recording`: a graph cannot own memory the backend keeps; the request then
     /// misses and the graph records an allocation of its own). A request that does not fit
     /// is served by an allocation of its own (a miss).
@@ -238,8 +243,12 @@ impl Arena {
         if !recording {
             Self::resize(&mut st, stream)?;
         }
-        let at = st.plan.take(bytes);
-        let lease = Lease(self.state.clone());
+        let window = st.plan.take(bytes);
+        let at = window.slab_offset();
+        let lease = Lease {
+            state: self.state.clone(),
+            window: Some(window),
+        };
         match (at, st.slab.clone()) {
             (Some(off), Some(slab)) => {
                 let ptr = slab.device_ptr(stream).0 + off as u64;
@@ -266,8 +275,8 @@ impl Arena {
         }
     }
 
-    /// Replaces the slab by a larger one now if a finished round asked for more than it
-    /// holds and no window is held (before a graph is recorded, so that the recording
+    /// Replaces the slab by a larger one now if a finished round reached above it and no
+    /// window is held (before a graph is recorded, so that the recording
     /// addresses the slab its steps need).
     pub(super) fn settle(
         &self,
