@@ -255,7 +255,7 @@ fn logits<B: Backend>(
     for chunk in apps.chunks(CHUNK) {
         let batch = pack(schema, chunk);
         let dev = DeviceBatch::upload(be, &batch, schema)?;
-        let fwd = model.forward(be, &dev)?;
+        let fwd = model.infer(be, &dev)?;
         out.extend(be.download(&fwd.logits)?.into_iter().map(Float::to_f64));
     }
     Ok(out)

@@ -5,8 +5,8 @@
 //! stream.
 
 use crate::backend::{AttnShape, Backend, Float, Mut, Ref};
-use crate::model::layers::{uninit, Linear, SeqShape};
-use crate::Result;
+use crate::model::layers::{uninit, uninit_full, Linear, SeqShape};
+use crate::{Error, Result};
 
 /// Multi-head self-attention with a key-padding mask:
 /// `[Q K V] = x·W_inᵀ + b_in`, per head `P = softmax_mask(Q_h·K_hᵀ/√dh)`, `C_h = P·V_h`,
@@ -21,8 +21,10 @@ pub struct Attention {
     pub heads: usize,
 }
 
-/// What [`Attention`]'s backward needs.
+/// What [`Attention`]'s backward needs: its input (the LayerNorm output), the projected
+/// `[Q K V]`, what the attention saved for its backward, and the context `C`.
 pub struct AttentionCache<B: Backend> {
+    x: B::Buf,
     qkv: B::Buf,
     saved: B::Buf,
     ctx: B::Buf,
@@ -44,25 +46,57 @@ impl Attention {
         <F as Float>::from_f64(1.0 / ((d / self.heads) as f64).sqrt())
     }
 
-    /// Forward: `x` is the LayerNorm output (`tokens×d`); writes
-    /// `out = resid + out_proj(MHSA(x))` (`resid` is the residual stream). `lens` masks the
-    /// keys.
-    #[allow(clippy::too_many_arguments)]
+    /// Forward: `x` is the LayerNorm output (`tokens×d`); returns
+    /// `out = resid + out_proj(MHSA(x))` (`resid` is the residual stream, `tokens×d`, and
+    /// `out` is in full precision like it) and what the backward needs (`x` included).
+    /// `lens` masks the keys.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         sh: SeqShape,
         lens: &B::Ids,
-        x: Ref<B::Buf>,
+        x: B::Buf,
         resid: Ref<B::Buf>,
-        out: Mut<B::Buf>,
-    ) -> Result<AttentionCache<B>> {
+    ) -> Result<(B::Buf, AttentionCache<B>)> {
+        let (out, cache) = self.run(be, params, sh, lens, x, resid, true)?;
+        let cache = cache.ok_or_else(|| Error::invalid("attention: no cache was kept"))?;
+        Ok((out, cache))
+    }
+
+    /// [`Attention::forward`] for inference: `out` only. `x` is given back once projected,
+    /// and `[Q K V]` and the attention's saved state before `out` is taken, so that at most
+    /// `resid`, `[Q K V]` and the context are held at once.
+    pub fn infer<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        x: B::Buf,
+        resid: Ref<B::Buf>,
+    ) -> Result<B::Buf> {
+        Ok(self.run(be, params, sh, lens, x, resid, false)?.0)
+    }
+
+    /// The forward, keeping the backward's cache when `keep`.
+    #[allow(clippy::too_many_arguments)]
+    fn run<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        x: B::Buf,
+        resid: Ref<B::Buf>,
+        keep: bool,
+    ) -> Result<(B::Buf, Option<AttentionCache<B>>)> {
         let (n, d) = (sh.tokens(), sh.d);
         let s = self.shape(sh);
         let mut qkv = uninit(be, n * 3 * d)?;
         self.in_proj
-            .forward(be, params, n, x, Mut::whole(&mut qkv), false);
+            .forward(be, params, n, Ref::whole(&x), Mut::whole(&mut qkv), false);
+        let x = keep.then_some(x);
         let mut saved = be.attention_saved(&s)?;
         let mut ctx = uninit(be, n * d)?;
         be.attention(
@@ -73,9 +107,18 @@ impl Attention {
             Mut::whole(&mut ctx),
             Mut::whole(&mut saved),
         );
-        self.out_proj
-            .forward_residual(be, params, n, Ref::whole(&ctx), resid, out);
-        Ok(AttentionCache { qkv, saved, ctx })
+        let kept = x.map(|x| (x, qkv, saved));
+        let mut out = uninit_full(be, n * d)?;
+        self.out_proj.forward_residual(
+            be,
+            params,
+            n,
+            Ref::whole(&ctx),
+            resid,
+            Mut::whole(&mut out),
+        );
+        let cache = kept.map(|(x, qkv, saved)| AttentionCache { x, qkv, saved, ctx });
+        Ok((out, cache))
     }
 
     /// Backward: `dout` is the gradient of the attention output (the residual stream's);
@@ -89,7 +132,6 @@ impl Attention {
         grads: &mut B::Buf,
         sh: SeqShape,
         lens: &B::Ids,
-        x: Ref<B::Buf>,
         cache: &AttentionCache<B>,
         dout: Ref<B::Buf>,
     ) -> Result<B::Buf> {
@@ -123,7 +165,7 @@ impl Attention {
             params,
             grads,
             n,
-            x,
+            Ref::whole(&cache.x),
             Ref::whole(&dqkv),
             Some(Mut::whole(&mut dx)),
             false,

@@ -107,21 +107,15 @@ impl SeqEncoder {
         Ok(Pooled { tokens, stats, s })
     }
 
-    /// Forward over `seq`; with `aux` also pools the outputs of blocks `0 … N−2`.
-    pub fn forward<B: Backend>(
+    /// The block input `h_0 = e` (`tokens×d`): embeddings, numeric map and positions.
+    fn embed<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         rows: usize,
         seq: &DeviceSeq<B>,
-        aux: bool,
-    ) -> Result<EncoderCache<B>> {
-        let sh = SeqShape {
-            batch: rows,
-            len: seq.len,
-            d: self.d,
-        };
-        let n = sh.tokens();
+    ) -> Result<B::Buf> {
+        let n = rows * seq.len;
         // The embedding writes every token (the numeric map then adds to it); without
         // categorical fields the sum starts from zero.
         let mut h = if self.cat.is_empty() {
@@ -147,7 +141,30 @@ impl SeqEncoder {
             .forward(be, params, n, num, Mut::whole(&mut h), true);
         let pos = Ref::at(params, self.pos);
         be.add_positions(rows, seq.len, self.d, &seq.lens, pos, Mut::whole(&mut h));
-        let mut hs = vec![h];
+        Ok(h)
+    }
+
+    /// The padded shape of `seq` over `rows` rows.
+    fn shape<B: Backend>(&self, rows: usize, seq: &DeviceSeq<B>) -> SeqShape {
+        SeqShape {
+            batch: rows,
+            len: seq.len,
+            d: self.d,
+        }
+    }
+
+    /// Forward over `seq`, keeping what the backward needs; with `aux` also pools the
+    /// outputs of blocks `0 … N−2`.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        seq: &DeviceSeq<B>,
+        aux: bool,
+    ) -> Result<EncoderCache<B>> {
+        let sh = self.shape(rows, seq);
+        let mut hs = vec![self.embed(be, params, rows, seq)?];
         let mut caches = Vec::with_capacity(self.blocks.len());
         let mut pooled = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -167,6 +184,25 @@ impl SeqEncoder {
             out,
             aux: pooled,
         })
+    }
+
+    /// Forward over `seq` for inference: the final tokens `T` and `s` only, as
+    /// [`SeqEncoder::forward`] computes them ([`Block::infer`] per block, its feed-forward
+    /// network over `ffn_tokens` tokens at a time), keeping no block's activations.
+    pub fn infer<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        seq: &DeviceSeq<B>,
+        ffn_tokens: usize,
+    ) -> Result<Pooled<B>> {
+        let sh = self.shape(rows, seq);
+        let mut h = self.embed(be, params, rows, seq)?;
+        for block in &self.blocks {
+            h = block.infer(be, params, sh, &seq.lens, h, ffn_tokens)?;
+        }
+        self.pool(be, params, sh, seq, &h)
     }
 
     /// Backward of `pool`: `dh += LN_f'ᵀ·masked_mean'ᵀ·ds (+ dtokens)`.

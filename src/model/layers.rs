@@ -250,10 +250,10 @@ pub struct Block {
     pub fc2: Linear,
 }
 
-/// What [`Block`]'s backward needs (its input is kept by the encoder).
+/// What [`Block`]'s backward needs (its input is kept by the encoder; the attention keeps
+/// the first LayerNorm's output).
 pub struct BlockCache<B: Backend> {
     stats1: B::Buf,
-    xn1: B::Buf,
     attn: AttentionCache<B>,
     h_mid: B::Buf,
     stats2: B::Buf,
@@ -278,7 +278,24 @@ impl Block {
         })
     }
 
-    /// Forward of `h` (`tokens×d`); returns the output `h_out` and the cache.
+    /// `LN(h)` over `n` tokens of `ln` and its statistics.
+    fn normed<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        ln: &LayerNorm,
+        n: usize,
+        d: usize,
+        h: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let mut xn = uninit(be, n * d)?;
+        let mut stats = uninit_full(be, n * 2)?;
+        let (y, st) = (Mut::whole(&mut xn), Mut::whole(&mut stats));
+        ln.forward(be, params, n, Ref::whole(h), y, st);
+        Ok((xn, stats))
+    }
+
+    /// Forward of `h` (`tokens×d`), keeping what the backward needs: returns the output
+    /// `h_out` and the cache.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -288,49 +305,22 @@ impl Block {
         h: &B::Buf,
     ) -> Result<(B::Buf, BlockCache<B>)> {
         let (n, d) = (sh.tokens(), sh.d);
-        let mut xn1 = uninit(be, n * d)?;
-        let mut stats1 = uninit_full(be, n * 2)?;
-        let hr = Ref::whole(h);
-        self.ln1.forward(
-            be,
-            params,
-            n,
-            hr,
-            Mut::whole(&mut xn1),
-            Mut::whole(&mut stats1),
-        );
-        let mut h_mid = uninit_full(be, n * d)?;
-        let attn = self.attn.forward(
-            be,
-            params,
-            sh,
-            lens,
-            Ref::whole(&xn1),
-            hr,
-            Mut::whole(&mut h_mid),
-        )?;
-        let mut xn2 = uninit(be, n * d)?;
-        let mut stats2 = uninit_full(be, n * 2)?;
-        let hm = Ref::whole(&h_mid);
-        self.ln2.forward(
-            be,
-            params,
-            n,
-            hm,
-            Mut::whole(&mut xn2),
-            Mut::whole(&mut stats2),
-        );
+        let (xn1, stats1) = Self::normed(be, params, &self.ln1, n, d, h)?;
+        let (h_mid, attn) = self
+            .attn
+            .forward(be, params, sh, lens, xn1, Ref::whole(h))?;
+        let (xn2, stats2) = Self::normed(be, params, &self.ln2, n, d, &h_mid)?;
         let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
         let mut out = uninit_full(be, n * d)?;
+        let hm = Ref::whole(&h_mid);
         self.fc2
             .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
         let cache = BlockCache {
             stats1,
-            xn1,
             attn,
             h_mid,
             stats2,
@@ -339,6 +329,47 @@ impl Block {
             g,
         };
         Ok((out, cache))
+    }
+
+    /// Forward of `h` for inference: the output `h_out` of [`Block::forward`] (the same
+    /// operations, so the same bits where a product's rounding does not depend on its
+    /// number of rows, as on the CPU), keeping nothing. Every intermediate is given back as
+    /// soon as it has been read, `h` once `h_mid` exists, and the feed-forward network runs
+    /// over `ffn_tokens` tokens at a time, so its two `tokens×4d` buffers are never held for
+    /// the whole batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn infer<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        h: B::Buf,
+        ffn_tokens: usize,
+    ) -> Result<B::Buf> {
+        let (n, d) = (sh.tokens(), sh.d);
+        let (xn1, stats1) = Self::normed(be, params, &self.ln1, n, d, &h)?;
+        drop(stats1);
+        let h_mid = self.attn.infer(be, params, sh, lens, xn1, Ref::whole(&h))?;
+        drop(h);
+        let (xn2, stats2) = Self::normed(be, params, &self.ln2, n, d, &h_mid)?;
+        drop(stats2);
+        let mut out = uninit_full(be, n * d)?;
+        let step = ffn_tokens.max(1);
+        for t0 in (0..n).step_by(step) {
+            let c = step.min(n - t0);
+            let mut f1 = uninit(be, c * 4 * d)?;
+            let x = Ref::at(&xn2, t0 * d);
+            self.fc1
+                .forward(be, params, c, x, Mut::whole(&mut f1), false);
+            let mut g = uninit(be, c * 4 * d)?;
+            be.gelu(c * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
+            drop(f1);
+            let (hm, y) = (Ref::at(&h_mid, t0 * d), Mut::at(&mut out, t0 * d));
+            self.fc2
+                .forward_residual(be, params, c, Ref::whole(&g), hm, y);
+        }
+        Ok(out)
     }
 
     /// Backward in place: `dh` holds ∂L/∂h_out on entry and ∂L/∂h (the block input `h`)
@@ -377,18 +408,19 @@ impl Block {
             Mut::whole(&mut df1),
             Mut::at(grads, self.fc1.b),
         );
+        drop(dg);
         let mut dxn2 = uninit(be, n * d)?;
-        let (xn2, df1) = (Ref::whole(&c.xn2), Ref::whole(&df1));
         self.fc1.backward_weight_and_input(
             be,
             params,
             grads,
             n,
-            xn2,
-            df1,
+            Ref::whole(&c.xn2),
+            Ref::whole(&df1),
             Some(Mut::whole(&mut dxn2)),
             false,
         );
+        drop(df1);
         self.ln2.backward(
             be,
             params,
@@ -399,16 +431,9 @@ impl Block {
             Ref::whole(&dxn2),
             Mut::whole(dh),
         );
-        let dxn1 = self.attn.backward(
-            be,
-            params,
-            grads,
-            sh,
-            lens,
-            Ref::whole(&c.xn1),
-            &c.attn,
-            Ref::whole(dh),
-        )?;
+        let dxn1 = self
+            .attn
+            .backward(be, params, grads, sh, lens, &c.attn, Ref::whole(dh))?;
         self.ln1.backward(
             be,
             params,

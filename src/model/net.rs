@@ -105,6 +105,30 @@ pub struct Forward<B: Backend> {
     aux_cat: Vec<B::Buf>,
 }
 
+/// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
+/// ([`Model::infer`]) computes at once: 2²³, so its two hidden buffers take 64 MiB in f32
+/// (32 MiB in bf16) whatever the batch, in chunks of 16 384 tokens at d = 128 (eight
+/// for the §8 teacher's batch of 1 024 × 128).
+pub const INFER_FFN_ELEMS: usize = 1 << 23;
+
+/// The outputs of an inference pass ([`Model::infer`]).
+pub struct Inference<B: Backend> {
+    /// Logits `z`, `rows`.
+    pub logits: B::Buf,
+    /// Fused representation `H` (H_in or H_pre), `rows×d`.
+    pub hidden: B::Buf,
+    /// Final tokens `T` (T_in or T_pre), `rows×len×d` (`len` the batch's padded length).
+    pub tokens: B::Buf,
+}
+
+/// The fusion's and the head's outputs ([`Model::fuse_and_score`]).
+struct Head<B: Backend> {
+    cat: B::Buf,
+    hpre: B::Buf,
+    hidden: B::Buf,
+    logits: B::Buf,
+}
+
 /// Gradients of the loss with respect to a forward pass's outputs (the inputs of
 /// [`Model::backward`]); `None` means zero.
 pub struct OutputGrads<B: Backend> {
@@ -176,10 +200,9 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Forward pass to the logits (and the student's auxiliary logits).
-    pub fn forward(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Forward<B>> {
-        let (rows, d, lay) = (batch.rows, self.config.d, &self.layout);
-        let params = self.params.compute();
+    /// The sequence of `batch` this model reads, after checking that the batch's fields and
+    /// vocabularies are the model's and its length is within the model's limit.
+    fn checked_sequence<'a>(&self, batch: &'a DeviceBatch<B>) -> Result<&'a DeviceSeq<B>> {
         let (bs, ms) = (&batch.schema, &self.config.schema);
         let vocabs = |s: &crate::data::Schema| {
             let v = |f: &[crate::data::CatField]| f.iter().map(|c| c.vocab).collect::<Vec<_>>();
@@ -198,12 +221,14 @@ impl<B: Backend> Model<B> {
                 seq.len, self.config.role, self.config.len_limit
             )));
         }
-        let aux = !lay.aux.is_empty();
-        let encoder = lay.encoder.forward(be, params, rows, seq, aux)?;
-        let profile =
-            lay.profile
-                .forward(be, params, rows, &batch.profile_num, &batch.profile_cat)?;
-        let cat = concat(be, rows, d, &encoder.out.s, &profile.p)?;
+        Ok(seq)
+    }
+
+    /// The fusion and the head on `s` and `p` (`rows×d` each): `[s ; p]`, its projection
+    /// before and after GELU (`H`), and the logits.
+    fn fuse_and_score(&self, be: &B, rows: usize, s: &B::Buf, p: &B::Buf) -> Result<Head<B>> {
+        let (d, lay, params) = (self.config.d, &self.layout, self.params.compute());
+        let cat = concat(be, rows, d, s, p)?;
         let mut hpre = uninit(be, rows * d)?;
         lay.fuse.forward(
             be,
@@ -224,6 +249,26 @@ impl<B: Backend> Model<B> {
             Mut::whole(&mut logits),
             false,
         );
+        Ok(Head {
+            cat,
+            hpre,
+            hidden,
+            logits,
+        })
+    }
+
+    /// Forward pass to the logits (and the student's auxiliary logits), keeping what
+    /// [`Model::backward`] needs.
+    pub fn forward(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Forward<B>> {
+        let (rows, d, lay) = (batch.rows, self.config.d, &self.layout);
+        let params = self.params.compute();
+        let seq = self.checked_sequence(batch)?;
+        let aux = !lay.aux.is_empty();
+        let encoder = lay.encoder.forward(be, params, rows, seq, aux)?;
+        let profile =
+            lay.profile
+                .forward(be, params, rows, &batch.profile_num, &batch.profile_cat)?;
+        let head = self.fuse_and_score(be, rows, &encoder.out.s, &profile.p)?;
         let mut aux_cat = Vec::new();
         let mut aux_logits = Vec::new();
         for (head, pooled) in lay.aux.iter().zip(&encoder.aux) {
@@ -235,14 +280,49 @@ impl<B: Backend> Model<B> {
         }
         Ok(Forward {
             rows,
-            logits,
+            logits: head.logits,
             aux_logits,
-            hidden,
+            hidden: head.hidden,
             encoder,
             profile,
-            cat,
-            hpre,
+            cat: head.cat,
+            hpre: head.hpre,
             aux_cat,
+        })
+    }
+
+    /// Forward pass for inference (scoring, a frozen teacher): the logits `z`, the
+    /// representation `H` and the tokens `T`, as [`Model::forward`] computes them (the same
+    /// operations in the same order), without keeping anything for a backward: each
+    /// block's activations are given back as the pass goes on, and the feed-forward
+    /// networks run over [`INFER_FFN_ELEMS`] hidden elements at a time, so it needs far
+    /// less memory than a training forward. On the CPU the results are the same bits; on
+    /// CUDA a product over fewer rows may round differently in the last bits.
+    pub fn infer(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Inference<B>> {
+        let ffn_tokens = (INFER_FFN_ELEMS / (4 * self.config.d)).max(1);
+        self.infer_in_chunks(be, batch, ffn_tokens)
+    }
+
+    /// [`Model::infer`] with the feed-forward networks run over `ffn_tokens` tokens at a
+    /// time.
+    pub fn infer_in_chunks(
+        &self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        ffn_tokens: usize,
+    ) -> Result<Inference<B>> {
+        let (rows, lay) = (batch.rows, &self.layout);
+        let params = self.params.compute();
+        let seq = self.checked_sequence(batch)?;
+        let out = lay.encoder.infer(be, params, rows, seq, ffn_tokens)?;
+        let profile =
+            lay.profile
+                .forward(be, params, rows, &batch.profile_num, &batch.profile_cat)?;
+        let head = self.fuse_and_score(be, rows, &out.s, &profile.p)?;
+        Ok(Inference {
+            logits: head.logits,
+            hidden: head.hidden,
+            tokens: out.tokens,
         })
     }
 

@@ -89,11 +89,11 @@ impl<'a, B: Backend> Teacher<'a, B> {
         match self.cache {
             Some(c) if !tokens || c.tokens.is_some() => c.gather(be, batch, tokens),
             _ => {
-                let f = self.model.forward(be, batch)?;
+                let f = self.model.infer(be, batch)?;
                 Ok(TeacherOutputs {
                     logits: f.logits,
                     hidden: f.hidden,
-                    tokens: tokens.then_some(f.encoder.out.tokens),
+                    tokens: tokens.then_some(f.tokens),
                 })
             }
         }

@@ -123,7 +123,7 @@ pub fn cache_teacher<'a, B: Backend>(
     let mut pipeline = Pipeline::new(be, ds.schema(), batch.max(1))?;
     let (mut slot, mut token) = (0usize, 0usize);
     pipeline.run(be, ds, &batches, None, |_, dev| {
-        let f = teacher.forward(be, &dev)?;
+        let f = teacher.infer(be, &dev)?;
         let n = dev.rows;
         be.copy(n, Ref::whole(&f.logits), Mut::at(&mut cache.logits, slot));
         be.copy(
@@ -146,7 +146,7 @@ pub fn cache_teacher<'a, B: Backend>(
                 };
                 let ids_dev = be.upload_ids(&ids)?;
                 let out = Mut::at(table, token * d);
-                let src = &f.encoder.out.tokens;
+                let src = &f.tokens;
                 be.embedding(
                     ids.len(),
                     d,

@@ -313,7 +313,7 @@ fn logits_of<B: Backend>(be: &B, ds: &Dataset, model: &Model<B>, rows: &[u64]) -
     let mut sorted = be.zeros(rows.len())?;
     let mut pipeline = Pipeline::new(be, ds.schema(), SCORE_BATCH.min(rows.len()).max(1))?;
     pipeline.run(be, ds, &batches, None, |k, batch| {
-        let fwd = model.forward(be, &batch)?;
+        let fwd = model.infer(be, &batch)?;
         be.copy(
             batch.rows,
             Ref::whole(&fwd.logits),

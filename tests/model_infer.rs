@@ -1,0 +1,70 @@
+//! The inference pass (`Model::infer`: scoring, the frozen teacher's live outputs) against
+//! the training forward (`Model::forward`): the same operations in the same order, so on
+//! the CPU the logits, the representation `H` and the tokens `T` must be the same bits, for
+//! teacher and student, one and two blocks, on the f32, f64 and bf16-scheme CPU backends,
+//! with the feed-forward networks run whole and in chunks of tokens that do not divide the
+//! batch's (padded token slots included: they hold whatever the forward wrote there and
+//! must match too).
+
+mod model_common;
+use model_common as common;
+
+use common::{batch5, random_values, schema};
+use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::cpu_bf16::CpuBf16Backend;
+use mgkd::backend::{Backend, Float};
+use mgkd::model::{DeviceBatch, Model, ModelConfig, Role};
+
+/// The bit patterns of `buf`'s elements (as f64, which holds every f32 and bf16 exactly).
+fn bits<B: Backend>(be: &B, buf: &B::Buf) -> Vec<u64> {
+    be.download(buf)
+        .expect("download")
+        .iter()
+        .map(|x| x.to_f64().to_bits())
+        .collect()
+}
+
+/// Checks `infer` against `forward` for `role` with `blocks` blocks on `be`.
+fn check<B: Backend>(be: &B, role: Role, blocks: usize, seed: u64) {
+    let cfg = ModelConfig::new(role, &schema(), 8, 2, blocks, 3).expect("config");
+    let mut m = Model::new(be, cfg, seed).expect("model");
+    let v: Vec<B::F> = random_values(&m.params.table, seed)
+        .into_iter()
+        .map(<B::F as Float>::from_f64)
+        .collect();
+    m.params.set_values(be, &v).expect("values");
+    let batch = DeviceBatch::upload(be, &batch5(seed), &schema()).expect("upload");
+    let what = format!("{} {role} with {blocks} block(s)", be.name());
+    let train = m.forward(be, &batch).expect("forward");
+    let tokens = bits(be, &train.encoder.out.tokens);
+    // Not a comparison of two empty or constant buffers.
+    let distinct: std::collections::BTreeSet<u64> = tokens.iter().copied().collect();
+    assert!(
+        distinct.len() > tokens.len() / 2,
+        "{what}: T is nearly constant"
+    );
+    // batch5 has 5 rows of in-service length 6 and pre-service length 4: 30 and 20 tokens.
+    let whole = m.infer(be, &batch).expect("infer");
+    let parts = [1, 7, 13].map(|c| m.infer_in_chunks(be, &batch, c).expect("infer"));
+    for (inf, how) in std::iter::once((&whole, "whole")).chain(parts.iter().zip(["1", "7", "13"])) {
+        let what = format!("{what}, FFN chunks of {how} tokens");
+        assert_eq!(
+            bits(be, &inf.logits),
+            bits(be, &train.logits),
+            "{what}: logits"
+        );
+        assert_eq!(bits(be, &inf.hidden), bits(be, &train.hidden), "{what}: H");
+        assert_eq!(bits(be, &inf.tokens), tokens, "{what}: T");
+    }
+}
+
+#[test]
+fn inference_gives_the_training_forwards_bits() {
+    for role in [Role::Teacher, Role::Student] {
+        for blocks in [1, 2] {
+            check(&CpuBackend::<f32>::new(), role, blocks, 7);
+            check(&CpuBackend::<f64>::new(), role, blocks, 8);
+            check(&CpuBf16Backend::new(), role, blocks, 9);
+        }
+    }
+}
