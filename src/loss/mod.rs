@@ -487,6 +487,9 @@ pub fn student_objective_queued<B: Backend>(
             dp = Some(dpp);
         }
     }
+    // No term reads the teacher after L_fine: give its outputs (T_in the largest) back
+    // before the student's backward.
+    drop(t);
     let mut daux = Vec::new();
     if cfg.self_distill && !s.aux_logits.is_empty() {
         let coef = f(cfg.delta / s.aux_logits.len() as f64);
