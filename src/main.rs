@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The system allocator, counting the bytes of large allocations so that the CPU backends
+/// can report their peak memory (`mgkd-train bench`).
+#[global_allocator]
+static HOST_MEMORY: mgkd::backend::host_memory::CountingAllocator =
+    mgkd::backend::host_memory::CountingAllocator;
+
 /// Multi-Granularity Knowledge Distillation for credit-default risk models.
 ///
 /// Typical flow: `synth` or `import` a dataset, `inspect` it, then train a teacher on

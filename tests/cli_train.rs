@@ -887,6 +887,48 @@ fn bf16_precision_trains_is_recorded_and_benched() {
     );
 }
 
+/// `bench` on the CPU reports the peak memory its steps held (the binary's counting
+/// allocator): present, and growing with the batch by at least 20 buffers of a student
+/// row's `Lp×d` floats per row (a training block alone keeps about 18 of them).
+#[test]
+fn cpu_bench_reports_peak_memory_growing_with_the_batch() {
+    let peak = |batch: &str| {
+        let out = ok(&[
+            "bench",
+            "--device",
+            "cpu",
+            "--json",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--pool",
+            "1",
+            "--batch",
+            batch,
+            "--d",
+            "32",
+            "--heads",
+            "2",
+            "--stages",
+            "student",
+            "--batching",
+            "padded",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("bench JSON");
+        v["results"][0]["peak_mem_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no peak memory: {out}"))
+    };
+    let (small, large) = (peak("8"), peak("64"));
+    let (pre_len, d) = (32, 32);
+    let per_row = (large.saturating_sub(small)) / 56;
+    assert!(
+        small > 0 && per_row >= 20 * pre_len * d * 4,
+        "peak {small} bytes at batch 8, {large} at batch 64: {per_row} per row"
+    );
+}
+
 /// The tensors of a checkpoint, by name.
 fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let bytes = std::fs::read(path).expect("checkpoint");

@@ -448,10 +448,12 @@ impl<F: Float> Backend for CpuBackend<F> {
     }
 
     fn peak_memory(&self) -> Option<u64> {
-        None
+        super::host_memory::peak_bytes()
     }
 
-    fn reset_peak_memory(&self) {}
+    fn reset_peak_memory(&self) {
+        super::host_memory::reset_peak();
+    }
 
     fn fill(&self, len: usize, value: F, x: Mut<Vec<F>>) {
         wr(x, len).fill(value);

@@ -270,10 +270,12 @@ impl Backend for CpuBf16Backend {
     }
 
     fn peak_memory(&self) -> Option<u64> {
-        None
+        self.inner.peak_memory()
     }
 
-    fn reset_peak_memory(&self) {}
+    fn reset_peak_memory(&self) {
+        self.inner.reset_peak_memory();
+    }
 
     fn fill(&self, len: usize, value: f32, x: Mut<TaggedBuf>) {
         w(x, len, |x| self.inner.fill(len, value, x))

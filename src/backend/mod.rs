@@ -22,6 +22,7 @@ pub mod cpu_bf16;
 pub mod cuda;
 pub mod device;
 pub mod float;
+pub mod host_memory;
 pub mod precision;
 
 pub use arena::ArenaStats;
@@ -497,7 +498,9 @@ pub trait Backend: Send + Sync {
     /// `dst[0..len] = src[0..len]` for id buffers.
     fn copy_ids(&self, len: usize, src: &Self::Ids, dst: &mut Self::Ids);
     /// Peak bytes held by this backend's device buffers since the last
-    /// [`Backend::reset_peak_memory`], where the backend can tell (`None` on the CPU).
+    /// [`Backend::reset_peak_memory`], where the backend can tell. On the CPU: the peak of
+    /// the process's large heap allocations ([`host_memory`]), where its counting allocator
+    /// is installed (the `mgkd-train` binary), else `None`.
     fn peak_memory(&self) -> Option<u64>;
     /// Starts a new window for [`Backend::peak_memory`] at the bytes held now.
     fn reset_peak_memory(&self);

@@ -688,6 +688,7 @@ mod tests {
                 assert!(r.ms_per_step > 0.0 && r.samples_per_s > 0.0 && r.tflops > 0.0);
                 assert!(r.loss.is_finite());
                 assert!((0.0..1.0).contains(&r.padding));
+                // The counting allocator is not installed in the unit tests.
                 assert_eq!(r.peak_mem_bytes, None);
                 assert_eq!((r.arena_bytes, r.arena_misses), (None, None));
                 assert_eq!(r.launches_per_step, None);
