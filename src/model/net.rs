@@ -106,10 +106,13 @@ pub struct Forward<B: Backend> {
 }
 
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
-/// ([`Model::infer`]) computes at once: 2²³, so its two hidden buffers take 64 MiB in f32
-/// (32 MiB in bf16) whatever the batch, in chunks of 16 384 tokens at d = 128 (eight
-/// for the §8 teacher's batch of 1 024 × 128).
-pub const INFER_FFN_ELEMS: usize = 1 << 23;
+/// ([`Model::infer`]) computes at once: 2²⁵, so its two hidden buffers take at most
+/// 256 MiB in f32 (128 MiB in bf16) whatever the batch. That is 65 536 tokens at d = 128:
+/// the §8 teacher's batch of 1 024 × 128 runs in two chunks, so three more launches per
+/// block (the FFN's two products and GELU), and its FFN then holds less than its attention
+/// (whose probabilities alone are 4 `tokens×d` buffers). Smaller chunks would save memory
+/// that the student's training activations need anyway, for more launches.
+pub const INFER_FFN_ELEMS: usize = 1 << 25;
 
 /// The outputs of an inference pass ([`Model::infer`]).
 pub struct Inference<B: Backend> {
