@@ -844,33 +844,11 @@ fn bf16_precision_trains_is_recorded_and_benched() {
     let v: serde_json::Value = serde_json::from_str(&eval).expect("eval JSON");
     assert!(v["auc"].as_f64().is_some_and(|a| a > 0.6), "{eval}");
 
-    let bench = ok(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--precision",
-        "bf16",
-        "--json",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--batch",
-        "4",
-        "--d",
-        "8",
-        "--heads",
-        "2",
-        "--stages",
-        "student",
-        "--batching",
-        "padded",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&bench).expect("bench JSON");
+    let v = student_bench_json(&["--precision", "bf16", "--batch", "4", "--d", "8"]);
     let rows = v["results"].as_array().expect("results");
     assert!(
         !rows.is_empty() && rows.iter().all(|r| r["precision"] == "bf16"),
-        "{bench}"
+        "{v}"
     );
 
     refused(
@@ -887,38 +865,40 @@ fn bf16_precision_trains_is_recorded_and_benched() {
     );
 }
 
+/// `bench --json` on the CPU: one timed step, no warm-up, the student step on padded
+/// batches, 2 heads, then `extra`.
+fn student_bench_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "bench",
+        "--device",
+        "cpu",
+        "--json",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--heads",
+        "2",
+        "--stages",
+        "student",
+        "--batching",
+        "padded",
+    ];
+    args.extend_from_slice(extra);
+    let out = ok(&args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench JSON: {e}\n{out}"))
+}
+
 /// `bench` on the CPU reports the peak memory its steps held (the binary's counting
 /// allocator): present, and growing with the batch by at least 20 buffers of a student
 /// row's `Lp×d` floats per row (a training block alone keeps about 18 of them).
 #[test]
 fn cpu_bench_reports_peak_memory_growing_with_the_batch() {
     let peak = |batch: &str| {
-        let out = ok(&[
-            "bench",
-            "--device",
-            "cpu",
-            "--json",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--pool",
-            "1",
-            "--batch",
-            batch,
-            "--d",
-            "32",
-            "--heads",
-            "2",
-            "--stages",
-            "student",
-            "--batching",
-            "padded",
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("bench JSON");
+        let v = student_bench_json(&["--pool", "1", "--batch", batch, "--d", "32"]);
         v["results"][0]["peak_mem_bytes"]
             .as_u64()
-            .unwrap_or_else(|| panic!("no peak memory: {out}"))
+            .unwrap_or_else(|| panic!("no peak memory: {v}"))
     };
     let (small, large) = (peak("8"), peak("64"));
     let (pre_len, d) = (32, 32);

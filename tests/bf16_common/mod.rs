@@ -1,5 +1,5 @@
 //! Shared by the bf16 tests (`precision_bf16` on the CPU reference, `cuda_bf16_parity` on a
-//! GPU): the bounds of the scheme (derived in tests/precision_bf16.rs), a randomised student
+//! GPU) and by `model_infer` (its models and batches): the bounds of the scheme (derived in tests/precision_bf16.rs), a randomised student
 //! and teacher, random batches, the student objective and its gradient on any backend, the
 //! per-tensor gradient check and a loss curve over training steps.
 #![allow(dead_code)]
