@@ -107,6 +107,48 @@ fn a_bad_batch_stops_the_run_with_its_error_and_the_pipeline_runs_again() {
     assert_eq!(steps, 4);
 }
 
+/// With slow steps the next batch is always staged before a step is queued, so its upload
+/// is queued ahead of the step: batches still arrive in order, equal to direct uploads, and
+/// a bad batch received ahead stops the run only after the step before it has run.
+#[test]
+fn batches_uploaded_ahead_of_slow_steps_arrive_in_order_and_errors_after_the_step_before() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    train_common::write(tmp.path(), Spec::labelled(120, 8));
+    let ds = Dataset::open(tmp.path()).expect("open");
+    let be = Be::new();
+    let mut pipeline = Pipeline::new(&be, ds.schema(), 32).expect("pipeline");
+    let mut batches: Vec<Vec<u64>> = (0..4).map(|k| (k * 30..k * 30 + 30).collect()).collect();
+    let slow = std::time::Duration::from_millis(30);
+    let mut seen = Vec::new();
+    pipeline
+        .run(&be, &ds, &batches, None, |k, got| {
+            std::thread::sleep(slow);
+            let direct = DeviceBatch::upload(&be, &ds.gather(&batches[k])?, ds.schema())?;
+            assert!(
+                batch_eq(&got, &direct),
+                "batch {k} differs from a direct upload"
+            );
+            seen.push(k);
+            Ok(())
+        })
+        .expect("run");
+    assert_eq!(seen, [0, 1, 2, 3]);
+    batches[3][0] = ds.rows() + 9;
+    let mut steps = 0;
+    let err = pipeline
+        .run(&be, &ds, &batches, None, |_, _| {
+            std::thread::sleep(slow);
+            steps += 1;
+            Ok(())
+        })
+        .expect_err("a row beyond the dataset");
+    assert_eq!(steps, 3, "the three batches before the bad one ran");
+    assert!(
+        err.to_string().contains(&format!("{}", ds.rows() + 9)),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_failing_step_stops_the_run() {
     let tmp = tempfile::tempdir().expect("tempdir");

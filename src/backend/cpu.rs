@@ -375,6 +375,7 @@ impl<F: Float> Backend for CpuBackend<F> {
     type Ids = Vec<u32>;
     type Graph = std::convert::Infallible;
     type Staging = CpuStaging<F>;
+    type Fence = ();
 
     fn name(&self) -> String {
         format!("cpu-{}", std::any::type_name::<F>())
@@ -420,6 +421,14 @@ impl<F: Float> Backend for CpuBackend<F> {
         len: usize,
     ) -> Result<Vec<u32>> {
         Ok(staged_range(&staging.ids, off, len, "ids")?.to_vec())
+    }
+
+    fn upload_fence(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_upload(&self, _fence: &()) -> Result<()> {
+        Ok(())
     }
 
     fn len(&self, buf: &Vec<F>) -> usize {

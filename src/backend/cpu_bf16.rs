@@ -172,6 +172,7 @@ impl Backend for CpuBf16Backend {
     type Ids = Vec<u32>;
     type Graph = std::convert::Infallible;
     type Staging = CpuStaging<f32>;
+    type Fence = ();
 
     fn name(&self) -> String {
         "cpu-bf16".into()
@@ -243,6 +244,14 @@ impl Backend for CpuBf16Backend {
         len: usize,
     ) -> Result<Vec<u32>> {
         self.inner.upload_staged_ids(staging, off, len)
+    }
+
+    fn upload_fence(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_upload(&self, _fence: &()) -> Result<()> {
+        Ok(())
     }
 
     fn len(&self, buf: &TaggedBuf) -> usize {

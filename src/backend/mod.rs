@@ -369,6 +369,10 @@ pub trait Backend: Send + Sync {
     /// that the upload is an asynchronous DMA that neither waits for the device nor makes it
     /// wait; plain vectors on the CPU.
     type Staging: HostStaging<Self::F>;
+    /// Marks the staged uploads queued before it ([`Backend::upload_fence`]); work queued
+    /// after [`Backend::wait_upload`] on it reads their data. Nothing on the CPU, whose
+    /// uploads are done when they return.
+    type Fence: Send;
 
     /// A short human-readable name ("cpu-f64", "cuda:0 NVIDIA H100 …").
     fn name(&self) -> String;
@@ -440,9 +444,11 @@ pub trait Backend: Send + Sync {
     /// Host staging memory for `floats` floats and `ids` ids (allocated once and reused: it
     /// is slow to allocate on CUDA).
     fn alloc_staging(&self, floats: usize, ids: usize) -> Result<Self::Staging>;
-    /// A new buffer holding `staging`'s floats `[off, off + len)`; queued after the work
-    /// before it. The staging region must not be rewritten until the copy is made, which
-    /// [`HostStaging::regions`] waits for.
+    /// A new buffer holding `staging`'s floats `[off, off + len)`. The copy may run beside
+    /// the work queued before it (CUDA: on a copy stream): work reads the buffer only after
+    /// [`Backend::wait_upload`] on a fence taken after it ([`Backend::upload_fence`]), and
+    /// must not read it before. The staging region must not be rewritten until the copy is
+    /// made, which [`HostStaging::regions`] waits for.
     fn upload_staged(&self, staging: &Self::Staging, off: usize, len: usize) -> Result<Self::Buf>;
     /// A new id buffer holding `staging`'s ids `[off, off + len)`, as
     /// [`Backend::upload_staged`].
@@ -452,6 +458,13 @@ pub trait Backend: Send + Sync {
         off: usize,
         len: usize,
     ) -> Result<Self::Ids>;
+    /// A fence after every staged upload queued so far ([`Backend::upload_staged`],
+    /// [`Backend::upload_staged_ids`]).
+    fn upload_fence(&self) -> Result<Self::Fence>;
+    /// Makes the work queued from now on wait until the uploads before `fence` are done
+    /// (queued: the host does not wait). A fence dropped unwaited is waited for then, so
+    /// that the buffers it covers are never given back while their copies may still run.
+    fn wait_upload(&self, fence: &Self::Fence) -> Result<()>;
     /// Number of elements of `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Waits until every queued operation has finished and reports an error a device kept

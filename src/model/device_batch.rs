@@ -344,13 +344,45 @@ fn upload_seq<B: Backend>(
     })
 }
 
+/// A batch whose upload is queued and may still be running beside the work queued before
+/// it ([`DeviceBatch::queue_upload`]): [`PendingBatch::ready`] gives the batch once the work
+/// queued after it will read the data.
+pub struct PendingBatch<B: Backend> {
+    // Dropped first: an unwaited fence makes the device wait for the copies before the
+    // batch's buffers are given back.
+    fence: B::Fence,
+    batch: DeviceBatch<B>,
+}
+
+impl<B: Backend> PendingBatch<B> {
+    /// The batch, for work queued from now on (the device waits for its copies; the host
+    /// does not).
+    pub fn ready(self, be: &B) -> Result<DeviceBatch<B>> {
+        let PendingBatch { fence, batch } = self;
+        be.wait_upload(&fence)?;
+        Ok(batch)
+    }
+}
+
 impl<B: Backend> DeviceBatch<B> {
-    /// Queues the upload of `staged`, laid out in `staging` by [`StagedBatch::stage`]. The
-    /// copies are asynchronous where the backend can make them so: `staging` may be handed
-    /// back to the thread that fills it at once ([`HostStaging::regions`] waits for them).
+    /// Queues the upload of `staged`, laid out in `staging` by [`StagedBatch::stage`], and
+    /// returns the batch for the work queued after it. The copies are asynchronous where the
+    /// backend can make them so: `staging` may be handed back to the thread that fills it at
+    /// once ([`HostStaging::regions`] waits for them).
     pub fn from_staged(be: &B, staging: &B::Staging, staged: &StagedBatch) -> Result<Self> {
+        Self::queue_upload(be, staging, staged)?.ready(be)
+    }
+
+    /// [`DeviceBatch::from_staged`] without making the work queued next wait for it: on
+    /// CUDA the copies run on the copy stream beside the steps already queued, so the next
+    /// batch's upload overlaps the step before it.
+    pub fn queue_upload(
+        be: &B,
+        staging: &B::Staging,
+        staged: &StagedBatch,
+    ) -> Result<PendingBatch<B>> {
         let (rows, s) = (staged.rows, &staged.schema);
-        Ok(DeviceBatch {
+        let batch = DeviceBatch {
             rows,
             profile_num: be.upload_staged(staging, staged.profile_num, rows * s.f_num())?,
             profile_cat: be.upload_staged_ids(staging, staged.profile_cat, rows * s.f_cat())?,
@@ -375,6 +407,10 @@ impl<B: Backend> DeviceBatch<B> {
                 }),
                 None => None,
             },
+        };
+        Ok(PendingBatch {
+            fence: be.upload_fence()?,
+            batch,
         })
     }
 

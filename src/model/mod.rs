@@ -18,7 +18,7 @@ pub mod params;
 pub mod teacher;
 
 pub use config::{ModelConfig, Role};
-pub use device_batch::{DeviceBatch, DeviceSeq, StagedBatch};
+pub use device_batch::{DeviceBatch, DeviceSeq, PendingBatch, StagedBatch};
 pub use net::{Forward, Inference, Model, OutputGrads};
 pub use params::{ParamEntry, ParamStore, ParamTable};
 pub use teacher::{Teacher, TeacherCache, TeacherIds, TeacherIndex, TeacherOutputs};

@@ -1,8 +1,10 @@
 //! The input pipeline: batches are gathered from the shards, checked and laid out in the
 //! backend's host staging memory on a background thread, while the calling thread queues the
-//! device work of the batches before them. On CUDA the staging is page-locked, so a batch's
-//! upload is a DMA queued behind the previous step and neither side waits for the other:
-//! the steps wait for data only when the gathering thread falls behind.
+//! device work of the batches before them. On CUDA the staging is page-locked and the
+//! uploads run on a copy stream of their own: when batch `k + 1` is staged by the time step
+//! `k` is to be queued, its upload is queued first and its copy runs beside step `k`
+//! (double buffering on the device); step `k + 1` waits for it on the device, never on the
+//! host. The steps wait for data only when the gathering thread falls behind.
 //!
 //! The wait is measured where it happens: the time the calling thread is blocked for a
 //! batch, less the part of it in which the gathering thread was itself waiting for the device
@@ -18,7 +20,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, HostStaging};
 use crate::data::{Dataset, Schema};
-use crate::model::{DeviceBatch, StagedBatch, TeacherIndex};
+use crate::model::{DeviceBatch, PendingBatch, StagedBatch, TeacherIndex};
 use crate::{Error, Result};
 
 /// Stagings in circulation: double buffering plus one batch of slack for the gathering
@@ -112,20 +114,43 @@ impl<B: Backend> Pipeline<B> {
                 }
                 free_rx
             });
-            let outcome = (|| {
-                for k in 0..batches.len() {
-                    let (t, device0) = (Instant::now(), device_ns.load(Ordering::Relaxed));
-                    let (staging, staged) = full_rx.recv().map_err(|_| {
+            // The next batch off the gathering thread, its upload queued: waiting for it
+            // when `block`, else only if it is there already (`None` if not). The time
+            // blocked counts as waiting for data, less the time the gathering thread spent
+            // waiting for the device.
+            let mut next = |block: bool| -> Option<Result<PendingBatch<B>>> {
+                let (t, device0) = (Instant::now(), device_ns.load(Ordering::Relaxed));
+                let received = if block {
+                    full_rx.recv().map_err(|_| {
                         Error::invalid("the batch-gathering thread stopped unexpectedly")
-                    })??;
-                    let device = device_ns.load(Ordering::Relaxed) - device0;
-                    let blocked = nanos(t).saturating_sub(device);
-                    let t = Instant::now();
-                    let batch = DeviceBatch::from_staged(be, &staging, &staged);
+                    })
+                } else {
+                    full_rx.try_recv().ok().map(Ok)?
+                };
+                let device = device_ns.load(Ordering::Relaxed) - device0;
+                let blocked = nanos(t).saturating_sub(device);
+                let t = Instant::now();
+                let pending = received.and_then(|r| r).and_then(|(staging, staged)| {
+                    let pending = DeviceBatch::queue_upload(be, &staging, &staged);
                     // The thread that fills it again waits for the copies just queued.
                     let _ = free_tx.send(staging);
-                    stats.wait_seconds += (blocked + nanos(t)) as f64 * 1e-9;
-                    step(k, batch?)?;
+                    pending
+                });
+                stats.wait_seconds += (blocked + nanos(t)) as f64 * 1e-9;
+                Some(pending)
+            };
+            let outcome = (|| {
+                // Batch k + 1 when it was there before step k was queued: its upload then
+                // runs beside step k (an error of it is reported after step k).
+                let mut ahead = None;
+                for k in 0..batches.len() {
+                    let pending = ahead.take().or_else(|| next(true)).unwrap_or_else(|| {
+                        Err(Error::invalid("the batch-gathering thread sent no batch"))
+                    })?;
+                    if k + 1 < batches.len() {
+                        ahead = next(false);
+                    }
+                    step(k, pending.ready(be)?)?;
                 }
                 Ok(())
             })();

@@ -1,5 +1,6 @@
 //! The CUDA backend: [`CudaBackend`], `F = f32`, buffers [`CudaBuf`], ids
-//! `CudaSlice<u32>`, everything on one stream of one device.
+//! `CudaSlice<u32>`, all work on one stream of one device but the staged batch uploads,
+//! which run on a copy stream beside it ([`staging`]).
 //!
 //! - Memory: buffers that outlive a step come from the stream-ordered pool; a step's
 //!   activations, gradients and scratch ([`Backend::scratch`]) are windows of one activation
@@ -109,6 +110,12 @@ struct State {
 pub struct CudaBackend {
     info: CudaDeviceInfo,
     stream: Arc<CudaStream>,
+    /// The staged uploads' stream ([`Backend::upload_staged`]): their copies run beside
+    /// the steps queued on `stream`.
+    copy_stream: Arc<CudaStream>,
+    /// Recorded on `stream` after each staged upload's allocation, for `copy_stream` to
+    /// wait for before it writes there.
+    allocated: cudarc::driver::CudaEvent,
     blas: CudaBlas,
     /// Linear maps with the bias in the product's epilogue (shares the workspace below).
     lt: lt::LtLinear,
@@ -261,10 +268,14 @@ impl CudaBackend {
     ) -> std::result::Result<CudaBackend, String> {
         let attention = AttentionKernels::from_env()?;
         let ctx = CudaContext::new(info.index).map_err(|e| format!("context: {e}"))?;
-        // One stream only: cudarc's cross-stream event tracking is not needed.
-        // SAFETY: called before any allocation, and all work goes to one stream.
+        // The streams are ordered by the backend's own events (the copy stream only writes
+        // staged uploads, between two explicit waits): cudarc's event tracking is not needed.
+        // SAFETY: called before any allocation; every cross-stream use is ordered by the
+        // events of `upload_pinned`, `upload_fence` and `wait_upload`.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
+        let copy_stream = ctx.new_stream().map_err(|e| format!("copy stream: {e}"))?;
+        let allocated = ctx.new_event(None).map_err(|e| format!("event: {e}"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
         let workspace: CudaSlice<u8> = stream
             .alloc_zeros(BLAS_WORKSPACE_BYTES)
@@ -306,6 +317,8 @@ impl CudaBackend {
         let backend = CudaBackend {
             info,
             stream,
+            copy_stream,
+            allocated,
             blas,
             lt,
             _blas_workspace: workspace,
@@ -389,6 +402,8 @@ impl CudaBackend {
     /// Synchronises the stream, then reports a kept error or a raised fault flag (clearing
     /// the flag).
     fn sync_check(&self, st: &mut State) -> Result<()> {
+        let synced = self.copy_stream.synchronize();
+        self.note(synced, "synchronize the copy stream");
         let synced = self.stream.synchronize();
         self.note(synced, "synchronize");
         if let Some(e) = self
@@ -1037,8 +1052,30 @@ impl CudaBackend {
     }
 
     /// A new buffer holding `staged[off..off + len]` (page-locked memory of `from`), copied
-    /// by a DMA queued on the stream; `from`'s event is recorded after it.
+    /// by a DMA queued on the copy stream, beside the work queued before it; `from`'s event
+    /// is recorded after it. Kernels may read the buffer after `wait_upload` on a fence taken
+    /// after this call. On failure the compute stream first waits for every copy queued so
+    /// far: the buffers of the batch uploaded before are dropped unfenced with the error.
     fn upload_pinned<T: cudarc::driver::DeviceRepr>(
+        &self,
+        from: &staging::CudaStaging,
+        staged: &[T],
+        off: usize,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.copy_on_the_side(from, staged, off, len)
+            .inspect_err(|_| self.copies_before_frees())
+    }
+
+    /// Makes the compute stream wait (queued) for every copy queued on the copy stream so
+    /// far, so that buffers freed after this are freed after their copies.
+    fn copies_before_frees(&self) {
+        let r = self.stream.join(&self.copy_stream);
+        self.note(r, "ordering the copy stream before frees");
+    }
+
+    /// [`CudaBackend::upload_pinned`] without the wait on failure.
+    fn copy_on_the_side<T: cudarc::driver::DeviceRepr>(
         &self,
         from: &staging::CudaStaging,
         staged: &[T],
@@ -1057,25 +1094,28 @@ impl CudaBackend {
         if host.is_empty() {
             return self.stream.null().map_err(|e| self.dev_err(e));
         }
+        // Allocated in the compute stream's order (and freed in it when dropped, after the
+        // work that reads it); the copy stream writes it once that allocation is reached.
         // SAFETY: the buffer is written in full by the copy below before any kernel reads it
-        // (both are queued on the one stream).
+        // (kernels read it only after `wait_upload` on a fence taken after this copy).
         let buf = unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.dev_err(e))?;
+        let err = |e| self.dev_err(format!("staged upload: {e}"));
+        self.allocated.record(&self.stream).map_err(err)?;
+        self.copy_stream.wait(&self.allocated).map_err(err)?;
         self.note(self.ctx.bind_to_thread(), "bind context");
         // SAFETY: `host` is page-locked and is not rewritten before the event recorded
         // below has completed (`HostStaging::regions` waits for it); `buf` holds `len`
-        // elements.
+        // elements, allocated before the point of `stream` that `copy_stream` waits for.
         let r = unsafe {
             cudarc::driver::result::memcpy_htod_async(
                 self.base(&buf).addr(),
                 host,
-                self.stream.cu_stream(),
+                self.copy_stream.cu_stream(),
             )
         };
         self.count_launches(1);
-        r.map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
-        from.copied()
-            .record(&self.stream)
-            .map_err(|e| self.dev_err(format!("staged upload: {e}")))?;
+        r.map_err(err)?;
+        from.copied().record(&self.copy_stream).map_err(err)?;
         Ok(buf)
     }
 }
@@ -1138,6 +1178,7 @@ impl Backend for CudaBackend {
     type Ids = CudaSlice<u32>;
     type Graph = RecordedGraph;
     type Staging = staging::CudaStaging;
+    type Fence = staging::CudaFence;
 
     fn name(&self) -> String {
         format!(
@@ -1251,6 +1292,19 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> Result<CudaSlice<u32>> {
         self.upload_pinned(staging, staging.ids(), off, len)
+    }
+
+    fn upload_fence(&self) -> Result<staging::CudaFence> {
+        staging::CudaFence::after(&self.copy_stream, &self.stream).map_err(|e| {
+            self.copies_before_frees();
+            self.dev_err(format!("upload fence: {e}"))
+        })
+    }
+
+    fn wait_upload(&self, fence: &staging::CudaFence) -> Result<()> {
+        fence
+            .wait(&self.stream)
+            .map_err(|e| self.dev_err(format!("waiting for an upload: {e}")))
     }
 
     fn attach_comm(&self, comm: &Comm) -> Result<()> {

@@ -1,15 +1,29 @@
-//! Page-locked host staging for batch uploads ([`crate::backend::Backend::Staging`]).
+//! Page-locked host staging for batch uploads ([`crate::backend::Backend::Staging`]), and
+//! the fences that order the uploads' copy stream with the compute stream
+//! ([`crate::backend::Backend::Fence`]).
 //!
 //! A copy from pageable memory goes through the driver's own bounce buffer, and a copy
 //! larger than that buffer waits for the work queued before it: every batch upload then
 //! stalls the host until the device has finished the previous step. From page-locked memory
-//! the copy is a DMA queued on the stream like a kernel, and the host goes on at once. The
+//! the copy is a DMA queued on a stream like a kernel, and the host goes on at once. The
 //! memory is reused batch after batch; an event recorded after each copy out of it tells the
 //! thread that writes the next batch when it may.
+//!
+//! The copies run on a stream of their own, so that the next batch's upload overlaps the
+//! step before it instead of waiting for it and then making the next step wait in turn:
+//! - each uploaded buffer is allocated in the compute stream's order, and the copy stream
+//!   waits for that point before writing it (so the allocation never reuses memory that
+//!   work queued before it still reads);
+//! - the compute stream waits for a [`CudaFence`] recorded on the copy stream after a
+//!   batch's copies before the first work that reads the batch;
+//! - the buffers are freed in the compute stream's order after that work; a fence dropped
+//!   unwaited is waited for then, so a batch dropped unused is never freed while its copies
+//!   may still run.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaContext, CudaEvent};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
 use crate::backend::HostStaging;
 use crate::Result;
@@ -121,5 +135,48 @@ impl Drop for CudaStaging {
         // The memory is freed after this: no copy may still be reading it.
         let _ = self.ctx.bind_to_thread();
         let _ = self.copied.synchronize();
+    }
+}
+
+/// A fence after the staged uploads queued so far: an event recorded on the copy stream.
+pub struct CudaFence {
+    event: CudaEvent,
+    /// The compute stream, which waits for the fence when it is dropped unwaited.
+    compute: Arc<CudaStream>,
+    waited: AtomicBool,
+}
+
+impl CudaFence {
+    /// A fence after everything queued on `copies` so far, for `compute` to wait for.
+    pub(super) fn after(
+        copies: &Arc<CudaStream>,
+        compute: &Arc<CudaStream>,
+    ) -> std::result::Result<CudaFence, cudarc::driver::DriverError> {
+        Ok(CudaFence {
+            event: copies.record_event(None)?,
+            compute: compute.clone(),
+            waited: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes `compute` wait (queued) for the copies before the fence.
+    pub(super) fn wait(
+        &self,
+        compute: &CudaStream,
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
+        compute.wait(&self.event)?;
+        self.waited.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for CudaFence {
+    fn drop(&mut self) {
+        // Unwaited, the buffers it covers may be freed next (in the compute stream's
+        // order): the compute stream waits for their copies first. A failure cannot be
+        // reported from a destructor; the next synchronisation waits for both streams.
+        if !self.waited.load(Ordering::Relaxed) {
+            let _ = self.compute.wait(&self.event);
+        }
     }
 }
