@@ -1115,7 +1115,11 @@ impl CudaBackend {
         };
         self.count_launches(1);
         r.map_err(err)?;
-        from.copied().record(&self.copy_stream).map_err(err)?;
+        // The copy into `buf` is queued: on failure `buf` is freed (on return) only after it.
+        from.copied().record(&self.copy_stream).map_err(|e| {
+            self.copies_before_frees();
+            err(e)
+        })?;
         Ok(buf)
     }
 }
