@@ -1,6 +1,7 @@
 //! The input pipeline (`mgkd::train::pipeline`): batches gathered, checked and staged on a
-//! background thread reach the step function in order and equal to a direct upload; a bad
-//! batch or a failing step stops the run with its error, and the pipeline can run again.
+//! background thread reach the step function in order and equal to a direct upload, also
+//! when each is uploaded ahead of the step before it; a bad batch or a failing step stops
+//! the run with its error, and the pipeline can run again.
 
 mod train_common;
 
@@ -50,15 +51,22 @@ fn uneven_batches(rows: u64) -> Vec<Vec<u64>> {
     out
 }
 
-#[test]
-fn batches_arrive_in_order_and_equal_to_a_direct_upload() {
+/// A labelled dataset of `rows` rows (seed `seed`) in a temporary directory, and a pipeline
+/// for batches of at most `batch` rows on the CPU backend.
+fn setup(rows: usize, seed: u64, batch: usize) -> (tempfile::TempDir, Dataset, Be, Pipeline<Be>) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    train_common::write(tmp.path(), Spec::labelled(300, 3));
+    train_common::write(tmp.path(), Spec::labelled(rows, seed));
     let ds = Dataset::open(tmp.path()).expect("open");
     let be = Be::new();
+    let pipeline = Pipeline::new(&be, ds.schema(), batch).expect("pipeline");
+    (tmp, ds, be, pipeline)
+}
+
+#[test]
+fn batches_arrive_in_order_and_equal_to_a_direct_upload() {
+    let (_tmp, ds, be, mut pipeline) = setup(300, 3, 64);
     let batches = uneven_batches(ds.rows());
     assert!(batches.len() > 6);
-    let mut pipeline = Pipeline::new(&be, ds.schema(), 64).expect("pipeline");
     for pass in 0..2 {
         let mut seen = Vec::new();
         let stats = pipeline
@@ -77,11 +85,7 @@ fn batches_arrive_in_order_and_equal_to_a_direct_upload() {
 
 #[test]
 fn a_bad_batch_stops_the_run_with_its_error_and_the_pipeline_runs_again() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    train_common::write(tmp.path(), Spec::labelled(120, 5));
-    let ds = Dataset::open(tmp.path()).expect("open");
-    let be = Be::new();
-    let mut pipeline = Pipeline::new(&be, ds.schema(), 32).expect("pipeline");
+    let (_tmp, ds, be, mut pipeline) = setup(120, 5, 32);
     let mut batches: Vec<Vec<u64>> = (0..4).map(|k| (k * 30..k * 30 + 30).collect()).collect();
     batches[2][7] = ds.rows() + 5;
     let mut steps = 0;
@@ -112,11 +116,7 @@ fn a_bad_batch_stops_the_run_with_its_error_and_the_pipeline_runs_again() {
 /// a bad batch received ahead stops the run only after the step before it has run.
 #[test]
 fn batches_uploaded_ahead_of_slow_steps_arrive_in_order_and_errors_after_the_step_before() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    train_common::write(tmp.path(), Spec::labelled(120, 8));
-    let ds = Dataset::open(tmp.path()).expect("open");
-    let be = Be::new();
-    let mut pipeline = Pipeline::new(&be, ds.schema(), 32).expect("pipeline");
+    let (_tmp, ds, be, mut pipeline) = setup(120, 8, 32);
     let mut batches: Vec<Vec<u64>> = (0..4).map(|k| (k * 30..k * 30 + 30).collect()).collect();
     let slow = std::time::Duration::from_millis(30);
     let mut seen = Vec::new();
@@ -151,11 +151,7 @@ fn batches_uploaded_ahead_of_slow_steps_arrive_in_order_and_errors_after_the_ste
 
 #[test]
 fn a_failing_step_stops_the_run() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    train_common::write(tmp.path(), Spec::labelled(120, 6));
-    let ds = Dataset::open(tmp.path()).expect("open");
-    let be = Be::new();
-    let mut pipeline = Pipeline::new(&be, ds.schema(), 16).expect("pipeline");
+    let (_tmp, ds, be, mut pipeline) = setup(120, 6, 16);
     let batches: Vec<Vec<u64>> = (0..7).map(|k| (k * 16..k * 16 + 16).collect()).collect();
     let mut steps = 0;
     let err = pipeline
@@ -173,11 +169,7 @@ fn a_failing_step_stops_the_run() {
 
 #[test]
 fn a_batch_larger_than_the_pipeline_is_refused() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    train_common::write(tmp.path(), Spec::labelled(60, 7));
-    let ds = Dataset::open(tmp.path()).expect("open");
-    let be = Be::new();
-    let mut pipeline = Pipeline::new(&be, ds.schema(), 8).expect("pipeline");
+    let (_tmp, ds, be, mut pipeline) = setup(60, 7, 8);
     let err = pipeline
         .run(&be, &ds, &[(0..9).collect()], None, |_, _| Ok(()))
         .expect_err("9 rows > 8");
