@@ -35,6 +35,13 @@ pub struct EmbFields {
     pub col0: [i32; EMB_MAX_FIELDS],
 }
 
+impl EmbFields {
+    /// Number of keys of the group's key space (rows of all its tables), `key0[count]`.
+    pub fn keys(&self) -> u32 {
+        self.key0[self.count as usize]
+    }
+}
+
 // Same size as the C struct: 2 ints, 33 u32, 4 bytes of padding, 32 i64, 32 ints.
 const _: () = assert!(std::mem::size_of::<EmbFields>() == 8 + 4 * 33 + 4 + 8 * 32 + 4 * 32);
 
@@ -117,7 +124,7 @@ pub struct EmbBackwardPlan {
 impl EmbBackwardPlan {
     /// The plan for `group` over `n` tokens with rows of `width`.
     pub fn new(group: &EmbFields, n: usize, width: usize) -> EmbBackwardPlan {
-        let keys = group.key0[group.count as usize] as usize;
+        let keys = group.keys() as usize;
         let items = n * group.count as usize;
         let chunk = EMB_CHUNK.max((items * keys).div_ceil(EMB_HIST_MAX));
         let chunks = items.div_ceil(chunk);
@@ -141,11 +148,7 @@ impl EmbBackwardPlan {
             },
             place: per_chunk(32),
             rows: LaunchConfig {
-                grid_dim: (
-                    u32::try_from(keys).expect("keys within u32"),
-                    width.div_ceil(tx) as u32,
-                    1,
-                ),
+                grid_dim: (group.keys(), width.div_ceil(tx) as u32, 1),
                 block_dim: (tx as u32, 1, 1),
                 shared_mem_bytes: 0,
             },

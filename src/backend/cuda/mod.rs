@@ -2146,7 +2146,7 @@ impl Backend for CudaBackend {
             if plan.keys == 0 {
                 continue;
             }
-            let ku = u32::try_from(plan.keys).expect("keys within u32");
+            let ku = group.keys();
             let chunks = int(plan.chunks, "chunks");
             self.k()
                 .emb_col_scan(plan.col_scan, chunks, ku, hist, starts.offset(1));
