@@ -1173,22 +1173,11 @@ fn embedding_backward_counting_sort() {
                     let sc = bufs.len() - 1;
                     let (hist, starts) = (Arg::Buf(sc), plan.chunks * plan.keys);
                     let sorted = starts + plan.keys + 1;
+                    // The arguments emb_hist and emb_place share (their signatures' start).
                     let (ni, fi, ci) = (int(n), int(fields), int(plan.chunk));
-                    launches.push(launch(
-                        "emb_hist",
-                        plan.hist,
-                        vec![
-                            ni,
-                            fi,
-                            Arg::Buf(gi),
-                            Arg::Buf(0),
-                            vl,
-                            vlen,
-                            ci,
-                            hist,
-                            Arg::Buf(4),
-                        ],
-                    ));
+                    let items = [ni, fi, Arg::Buf(gi), Arg::Buf(0), vl, vlen, ci, hist];
+                    let with = |rest: &[Arg]| [&items[..], rest].concat();
+                    launches.push(launch("emb_hist", plan.hist, with(&[Arg::Buf(4)])));
                     launches.push(launch(
                         "emb_col_scan",
                         plan.col_scan,
@@ -1204,22 +1193,8 @@ fn embedding_backward_counting_sort() {
                         plan.key_scan,
                         vec![int(plan.keys), Arg::BufAt(sc, starts)],
                     ));
-                    launches.push(launch(
-                        "emb_place",
-                        plan.place,
-                        vec![
-                            ni,
-                            fi,
-                            Arg::Buf(gi),
-                            Arg::Buf(0),
-                            vl,
-                            vlen,
-                            ci,
-                            hist,
-                            Arg::BufAt(sc, starts),
-                            Arg::BufAt(sc, sorted),
-                        ],
-                    ));
+                    let placed = [Arg::BufAt(sc, starts), Arg::BufAt(sc, sorted)];
+                    launches.push(launch("emb_place", plan.place, with(&placed)));
                     launches.push(launch(
                         if bf16 {
                             "emb_rows_bf16"
