@@ -114,41 +114,49 @@ impl<B: Backend> Pipeline<B> {
                 }
                 free_rx
             });
-            // The next batch off the gathering thread, its upload queued: waiting for it
-            // when `block`, else only if it is there already (`None` if not). The time
-            // blocked counts as waiting for data, less the time the gathering thread spent
-            // waiting for the device.
-            let mut next = |block: bool| -> Option<Result<PendingBatch<B>>> {
-                let (t, device0) = (Instant::now(), device_ns.load(Ordering::Relaxed));
-                let received = if block {
-                    full_rx.recv().map_err(|_| {
-                        Error::invalid("the batch-gathering thread stopped unexpectedly")
-                    })
-                } else {
-                    full_rx.try_recv().ok().map(Ok)?
-                };
+            // Queues the upload of a batch received from the gathering thread (which waited
+            // for it from `t`, the gathering thread having spent `device0` ns waiting for the
+            // device by then). The time blocked counts as waiting for data, less the time
+            // the gathering thread spent waiting for the device, and so does queuing.
+            let mut upload = |received: Result<(B::Staging, StagedBatch)>,
+                              t: Instant,
+                              device0: u64|
+             -> Result<PendingBatch<B>> {
                 let device = device_ns.load(Ordering::Relaxed) - device0;
                 let blocked = nanos(t).saturating_sub(device);
                 let t = Instant::now();
-                let pending = received.and_then(|r| r).and_then(|(staging, staged)| {
+                let pending = received.and_then(|(staging, staged)| {
                     let pending = DeviceBatch::queue_upload(be, &staging, &staged);
                     // The thread that fills it again waits for the copies just queued.
                     let _ = free_tx.send(staging);
                     pending
                 });
                 stats.wait_seconds += (blocked + nanos(t)) as f64 * 1e-9;
-                Some(pending)
+                pending
             };
+            let started = || (Instant::now(), device_ns.load(Ordering::Relaxed));
             let outcome = (|| {
                 // Batch k + 1 when it was there before step k was queued: its upload then
                 // runs beside step k (an error of it is reported after step k).
                 let mut ahead = None;
                 for k in 0..batches.len() {
-                    let pending = ahead.take().or_else(|| next(true)).unwrap_or_else(|| {
-                        Err(Error::invalid("the batch-gathering thread sent no batch"))
-                    })?;
+                    let pending = match ahead.take() {
+                        Some(pending) => pending,
+                        None => {
+                            let (t, device0) = started();
+                            let received = full_rx.recv().unwrap_or_else(|_| {
+                                Err(Error::invalid(
+                                    "the batch-gathering thread stopped unexpectedly",
+                                ))
+                            });
+                            upload(received, t, device0)
+                        }
+                    }?;
                     if k + 1 < batches.len() {
-                        ahead = next(false);
+                        let (t, device0) = started();
+                        if let Ok(received) = full_rx.try_recv() {
+                            ahead = Some(upload(received, t, device0));
+                        }
                     }
                     step(k, pending.ready(be)?)?;
                 }
