@@ -87,11 +87,7 @@ impl SeqEncoder {
         seq: &DeviceSeq<B>,
         h: &B::Buf,
     ) -> Result<Pooled<B>> {
-        let n = sh.tokens();
-        let mut tokens = uninit(be, n * self.d)?;
-        let mut stats = uninit_full(be, n * 2)?;
-        let (t, st) = (Mut::whole(&mut tokens), Mut::whole(&mut stats));
-        self.ln_f.forward(be, params, n, Ref::whole(h), t, st);
+        let (tokens, stats) = self.ln_f.normed(be, params, sh.tokens(), h)?;
         let mut s = uninit(be, sh.batch * self.d)?;
         let empty = Ref::at(params, self.empty);
         let tr = Ref::whole(&tokens);

@@ -197,6 +197,22 @@ impl LayerNorm {
         be.layernorm(rows, self.d, x, Ref::at(params, self.gb), y, stats);
     }
 
+    /// [`LayerNorm::forward`] of `h` on `rows` rows into new buffers: the output (in the
+    /// activation precision) and the statistics (in full precision).
+    pub fn normed<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        h: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let mut y = uninit(be, rows * self.d)?;
+        let mut stats = uninit_full(be, rows * 2)?;
+        let (ym, st) = (Mut::whole(&mut y), Mut::whole(&mut stats));
+        self.forward(be, params, rows, Ref::whole(h), ym, st);
+        Ok((y, stats))
+    }
+
     /// Backward: `dx += ∂L/∂x` (accumulates into the residual stream's gradient) and
     /// `dγ, dβ +=` into `grads`.
     #[allow(clippy::too_many_arguments)]
@@ -278,22 +294,6 @@ impl Block {
         })
     }
 
-    /// `LN(h)` over `n` tokens of `ln` and its statistics.
-    fn normed<B: Backend>(
-        be: &B,
-        params: &B::Buf,
-        ln: &LayerNorm,
-        n: usize,
-        d: usize,
-        h: &B::Buf,
-    ) -> Result<(B::Buf, B::Buf)> {
-        let mut xn = uninit(be, n * d)?;
-        let mut stats = uninit_full(be, n * 2)?;
-        let (y, st) = (Mut::whole(&mut xn), Mut::whole(&mut stats));
-        ln.forward(be, params, n, Ref::whole(h), y, st);
-        Ok((xn, stats))
-    }
-
     /// Forward of `h` (`tokens×d`), keeping what the backward needs: returns the output
     /// `h_out` and the cache.
     pub fn forward<B: Backend>(
@@ -305,11 +305,11 @@ impl Block {
         h: &B::Buf,
     ) -> Result<(B::Buf, BlockCache<B>)> {
         let (n, d) = (sh.tokens(), sh.d);
-        let (xn1, stats1) = Self::normed(be, params, &self.ln1, n, d, h)?;
+        let (xn1, stats1) = self.ln1.normed(be, params, n, h)?;
         let (h_mid, attn) = self
             .attn
             .forward(be, params, sh, lens, xn1, Ref::whole(h))?;
-        let (xn2, stats2) = Self::normed(be, params, &self.ln2, n, d, &h_mid)?;
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
         let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
@@ -348,11 +348,11 @@ impl Block {
         ffn_tokens: usize,
     ) -> Result<B::Buf> {
         let (n, d) = (sh.tokens(), sh.d);
-        let (xn1, stats1) = Self::normed(be, params, &self.ln1, n, d, &h)?;
+        let (xn1, stats1) = self.ln1.normed(be, params, n, &h)?;
         drop(stats1);
         let h_mid = self.attn.infer(be, params, sh, lens, xn1, Ref::whole(&h))?;
         drop(h);
-        let (xn2, stats2) = Self::normed(be, params, &self.ln2, n, d, &h_mid)?;
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
         drop(stats2);
         let mut out = uninit_full(be, n * d)?;
         let step = ffn_tokens.max(1);
