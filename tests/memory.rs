@@ -1,8 +1,9 @@
 //! What a training step holds in memory, measured through the CPU backend, whose every
 //! buffer is one heap allocation made when the model asks for it ([`Backend::scratch`] and
 //! the rest) and freed when the model drops it: a counting allocator sees the buffers'
-//! lifetimes as a device's activation arena does. (Small allocations, under 4 KiB, are the
-//! host's own bookkeeping and are not counted.)
+//! lifetimes as a device's activation arena does. The counting is the engine's own
+//! (`mgkd::backend::host_memory`, what `mgkd-train bench` reports on the CPU); small
+//! allocations, under 4 KiB, are the host's own bookkeeping and are not counted.
 //!
 //! Checked: the measurement sees a training forward's per-block activations (the teacher
 //! step's peak grows with the teacher's depth); the frozen teacher inside the student step
@@ -14,12 +15,13 @@
 //! One test function: the counters are process-wide, and the test harness runs test
 //! functions on parallel threads.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use mgkd::backend::arena::{ArenaPlan, Window};
 use mgkd::backend::cpu::CpuBackend;
+use mgkd::backend::host_memory::{self, CountingAllocator, COUNTED_BYTES};
 use mgkd::backend::{Backend, Mut};
 use mgkd::loss::{
     class_weights, student_objective_queued, teacher_objective_queued, LossConfig, StudentSlots,
@@ -27,66 +29,71 @@ use mgkd::loss::{
 use mgkd::model::{DeviceBatch, Model, ModelConfig, Role, Teacher};
 use mgkd::train::bench::{draw_batches, reference_schema, Batching, BenchConfig, BenchStage};
 
-/// Allocations of at least this many bytes are counted.
-const COUNTED: usize = 4096;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
 static RECORDING: AtomicBool = AtomicBool::new(false);
 /// The recorded requests: (address, bytes, allocated (true) or freed).
 static EVENTS: Mutex<Vec<(usize, usize, bool)>> = Mutex::new(Vec::new());
-
-/// The system allocator, counting the live bytes of large allocations and their peak.
-struct Counting;
 
 thread_local! {
     /// Set while this thread records an event (the event list's own growth is not one).
     static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn note(addr: usize, bytes: usize, alloc: bool) {
-    if alloc {
-        let now = LIVE.fetch_add(bytes, Relaxed) + bytes;
-        PEAK.fetch_max(now, Relaxed);
-    } else {
-        LIVE.fetch_sub(bytes, Relaxed);
-    }
-    if RECORDING.load(Relaxed) && !INSIDE.with(|c| c.replace(true)) {
+/// Records a counted request while recording is on.
+fn record(addr: *mut u8, bytes: usize, alloc: bool) {
+    if bytes >= COUNTED_BYTES
+        && !addr.is_null()
+        && RECORDING.load(Relaxed)
+        && !INSIDE.with(|c| c.replace(true))
+    {
         EVENTS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((addr, bytes, alloc));
+            .push((addr as usize, bytes, alloc));
         INSIDE.with(|c| c.set(false));
     }
 }
 
-// SAFETY: every call is forwarded to the system allocator unchanged; the counting reads
-// only the layout and the address.
-unsafe impl GlobalAlloc for Counting {
+/// The engine's counting allocator (what `mgkd-train bench` reports on the CPU), with the
+/// requests recorded for the arena replay.
+struct Recording;
+
+// SAFETY: every call is forwarded to `CountingAllocator` (the system allocator) unchanged;
+// the recording reads only addresses and sizes.
+unsafe impl GlobalAlloc for Recording {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if l.size() >= COUNTED && !p.is_null() {
-            note(p as usize, l.size(), true);
-        }
+        let p = CountingAllocator.alloc(l);
+        record(p, l.size(), true);
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = CountingAllocator.alloc_zeroed(l);
+        record(p, l.size(), true);
         p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if l.size() >= COUNTED {
-            note(p as usize, l.size(), false);
+        record(p, l.size(), false);
+        CountingAllocator.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        let q = CountingAllocator.realloc(p, l, new_size);
+        if !q.is_null() {
+            record(p, l.size(), false);
+            record(q, new_size, true);
         }
-        System.dealloc(p, l)
+        q
     }
 }
 
 #[global_allocator]
-static COUNTING: Counting = Counting;
+static RECORDING_ALLOCATOR: Recording = Recording;
 
 /// Bytes `f` held at its peak beyond what was live when it started.
 fn peak_of(f: impl FnOnce()) -> usize {
-    let base = LIVE.load(Relaxed);
-    PEAK.store(base, Relaxed);
+    let base = host_memory::live_bytes().expect("the counting allocator is installed");
+    host_memory::reset_peak();
     f();
-    PEAK.load(Relaxed) - base
+    let peak = host_memory::peak_bytes().expect("the counting allocator is installed");
+    (peak - base) as usize
 }
 
 type Cpu = CpuBackend<f32>;

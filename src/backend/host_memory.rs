@@ -86,6 +86,12 @@ pub fn peak_bytes() -> Option<u64> {
     INSTALLED.load(Relaxed).then(|| PEAK.load(Relaxed))
 }
 
+/// Bytes of counted allocations held now, or `None` where [`CountingAllocator`] is not the
+/// global allocator.
+pub fn live_bytes() -> Option<u64> {
+    INSTALLED.load(Relaxed).then(|| LIVE.load(Relaxed))
+}
+
 /// Starts a new window for [`peak_bytes`] at the bytes held now.
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Relaxed), Relaxed);
