@@ -109,9 +109,11 @@ pub struct Forward<B: Backend> {
 /// ([`Model::infer`]) computes at once: 2²⁵, so its two hidden buffers take at most
 /// 256 MiB in f32 (128 MiB in bf16) whatever the batch. That is 65 536 tokens at d = 128:
 /// the §8 teacher's batch of 1 024 × 128 runs in two chunks, so three more launches per
-/// block (the FFN's two products and GELU), and its FFN then holds less than its attention
-/// (whose probabilities alone are 4 `tokens×d` buffers). Smaller chunks would save memory
-/// that the student's training activations need anyway, for more launches.
+/// block (the FFN's two products and GELU). In f32 with the composed attention its FFN then
+/// holds less than its attention (whose probabilities alone are 4 `tokens×d` buffers). The
+/// student step's peak is the student's own training activations (measured in f32 on the
+/// CPU, counted buffer by buffer in bf16), so smaller chunks would cost launches and save
+/// nothing at that peak.
 pub const INFER_FFN_ELEMS: usize = 1 << 25;
 
 /// The outputs of an inference pass ([`Model::infer`]).
