@@ -6,7 +6,8 @@
 //! allocations, under 4 KiB, are the host's own bookkeeping and are not counted.
 //!
 //! Checked: the measurement sees a training forward's per-block activations (the teacher
-//! step's peak grows with the teacher's depth); the frozen teacher inside the student step
+//! step's peak grows with the teacher's depth); a training forward keeps per block only
+//! what its backward cannot recompute cheaply (no LayerNorm or GELU output); the frozen teacher inside the student step
 //! keeps none of its blocks' activations (the student step's peak does not grow with the
 //! teacher's depth); an inference pass holds a fraction of a training forward; and the
 //! arena's placement ([`ArenaPlan`]), replayed on the student step's requests, needs little
@@ -164,6 +165,18 @@ fn student_step_peak(be: &Cpu, blocks: usize, record: bool) -> usize {
     })
 }
 
+/// Bytes a training forward of a teacher of `blocks` blocks keeps for its backward (the
+/// live bytes while its result is held).
+fn forward_kept(be: &Cpu, blocks: usize) -> usize {
+    let t = model(be, Role::Teacher, blocks);
+    let b = batch(be, BenchStage::Teacher);
+    let base = host_memory::live_bytes().expect("the counting allocator is installed");
+    let f = t.forward(be, &b).expect("forward");
+    let kept = host_memory::live_bytes().expect("the counting allocator is installed") - base;
+    drop(f);
+    kept as usize
+}
+
 /// Peaks of a training forward and of an inference pass of a teacher of `blocks` blocks.
 fn forward_and_inference_peaks(be: &Cpu, blocks: usize) -> (usize, usize) {
     let t = model(be, Role::Teacher, blocks);
@@ -177,10 +190,24 @@ fn forward_and_inference_peaks(be: &Cpu, blocks: usize) -> (usize, usize) {
 fn step_memory() {
     let be = Cpu::new();
     let c = bench_cfg();
-    // One f32 buffer of the teacher's n×d: 64·64·32·4 bytes = 512 KiB. A training block
-    // keeps about 20 of them (LN outputs, Q/K/V, probabilities, context, FFN hidden ×2 …).
+    // One f32 buffer of the teacher's n×d: 64·64·32·4 bytes = 512 KiB.
     let nd = c.batch * c.in_len * c.d * std::mem::size_of::<f32>();
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
+
+    // A training block keeps its input h (1 n×d), Q/K/V (3), the attention's probabilities
+    // (batch·heads·L² = 4 n×d here), the context (1), h_mid (1) and the FFN's pre-activation
+    // (4): 14. Keeping the two LayerNorm outputs and GELU's output as well would be 20.
+    let (k1, k3) = (forward_kept(&be, 1), forward_kept(&be, 3));
+    let per_block = (k3 - k1) / 2;
+    println!(
+        "training forward keeps {:.2} MiB per block ({:.2} n×d buffers)",
+        mib(per_block),
+        per_block as f64 / nd as f64
+    );
+    assert!(
+        per_block <= 14 * nd + nd / 8,
+        "a training block should keep ≤ 14 n×d buffers: {per_block} bytes ({k1} → {k3})"
+    );
 
     let (t1, t3) = (teacher_step_peak(&be, 1), teacher_step_peak(&be, 3));
     println!(

@@ -21,10 +21,9 @@ pub struct Attention {
     pub heads: usize,
 }
 
-/// What [`Attention`]'s backward needs: its input (the LayerNorm output), the projected
-/// `[Q K V]`, what the attention saved for its backward, and the context `C`.
+/// What [`Attention`]'s backward needs besides its input (which the block recomputes): the
+/// projected `[Q K V]`, what the attention saved for its backward, and the context `C`.
 pub struct AttentionCache<B: Backend> {
-    x: B::Buf,
     qkv: B::Buf,
     saved: B::Buf,
     ctx: B::Buf,
@@ -48,8 +47,10 @@ impl Attention {
 
     /// Forward: `x` is the LayerNorm output (`tokens×d`); returns
     /// `out = resid + out_proj(MHSA(x))` (`resid` is the residual stream, `tokens×d`, and
-    /// `out` is in full precision like it) and what the backward needs (`x` included).
-    /// `lens` masks the keys.
+    /// `out` is in full precision like it) and what the backward needs. `x` is given back
+    /// once projected: the backward takes it again (the block recomputes it, which costs a
+    /// LayerNorm instead of holding a `tokens×d` buffer per block from the forward to the
+    /// backward). `lens` masks the keys.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -96,7 +97,7 @@ impl Attention {
         let mut qkv = uninit(be, n * 3 * d)?;
         self.in_proj
             .forward(be, params, n, Ref::whole(&x), Mut::whole(&mut qkv), false);
-        let x = keep.then_some(x);
+        drop(x);
         let mut saved = be.attention_saved(&s)?;
         let mut ctx = uninit(be, n * d)?;
         be.attention(
@@ -107,7 +108,7 @@ impl Attention {
             Mut::whole(&mut ctx),
             Mut::whole(&mut saved),
         );
-        let kept = x.map(|x| (x, qkv, saved));
+        let kept = keep.then_some((qkv, saved));
         let mut out = uninit_full(be, n * d)?;
         self.out_proj.forward_residual(
             be,
@@ -117,13 +118,14 @@ impl Attention {
             resid,
             Mut::whole(&mut out),
         );
-        let cache = kept.map(|(x, qkv, saved)| AttentionCache { x, qkv, saved, ctx });
+        let cache = kept.map(|(qkv, saved)| AttentionCache { qkv, saved, ctx });
         Ok((out, cache))
     }
 
-    /// Backward: `dout` is the gradient of the attention output (the residual stream's);
-    /// returns `dx` (`tokens×d`, the gradient of the LayerNorm output) and accumulates every
-    /// parameter gradient into `grads`.
+    /// Backward: `x` is the forward's input (the LayerNorm output, recomputed by the caller),
+    /// `dout` the gradient of the attention output (the residual stream's); returns `dx`
+    /// (`tokens×d`, the gradient of the LayerNorm output) and accumulates every parameter
+    /// gradient into `grads`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -132,6 +134,7 @@ impl Attention {
         grads: &mut B::Buf,
         sh: SeqShape,
         lens: &B::Ids,
+        x: Ref<B::Buf>,
         cache: &AttentionCache<B>,
         dout: Ref<B::Buf>,
     ) -> Result<B::Buf> {
@@ -165,7 +168,7 @@ impl Attention {
             params,
             grads,
             n,
-            Ref::whole(&cache.x),
+            x,
             Ref::whole(&dqkv),
             Some(Mut::whole(&mut dx)),
             false,

@@ -266,16 +266,16 @@ pub struct Block {
     pub fc2: Linear,
 }
 
-/// What [`Block`]'s backward needs (its input is kept by the encoder; the attention keeps
-/// the first LayerNorm's output).
+/// What [`Block`]'s backward keeps from the forward (its input `h` is kept by the encoder):
+/// the attention's cache, `h_mid` and the FFN's pre-activation `f1`. The two LayerNorm
+/// outputs and GELU's output are recomputed in the backward, from `h`, `h_mid` and `f1`
+/// with the forward's kernels (so with its bits): per block that is two `tokens×d` and one
+/// `tokens×4d` buffer fewer held from the forward to the backward, for two LayerNorms and
+/// one GELU more.
 pub struct BlockCache<B: Backend> {
-    stats1: B::Buf,
     attn: AttentionCache<B>,
     h_mid: B::Buf,
-    stats2: B::Buf,
-    xn2: B::Buf,
     f1: B::Buf,
-    g: B::Buf,
 }
 
 impl Block {
@@ -305,29 +305,22 @@ impl Block {
         h: &B::Buf,
     ) -> Result<(B::Buf, BlockCache<B>)> {
         let (n, d) = (sh.tokens(), sh.d);
-        let (xn1, stats1) = self.ln1.normed(be, params, n, h)?;
+        let (xn1, _) = self.ln1.normed(be, params, n, h)?;
         let (h_mid, attn) = self
             .attn
             .forward(be, params, sh, lens, xn1, Ref::whole(h))?;
-        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
+        let (xn2, _) = self.ln2.normed(be, params, n, &h_mid)?;
         let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
+        drop(xn2);
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
         let mut out = uninit_full(be, n * d)?;
         let hm = Ref::whole(&h_mid);
         self.fc2
             .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
-        let cache = BlockCache {
-            stats1,
-            attn,
-            h_mid,
-            stats2,
-            xn2,
-            f1,
-            g,
-        };
+        let cache = BlockCache { attn, h_mid, f1 };
         Ok((out, cache))
     }
 
@@ -387,18 +380,21 @@ impl Block {
         dh: &mut B::Buf,
     ) -> Result<()> {
         let (n, d) = (sh.tokens(), sh.d);
+        let mut g = uninit(be, n * 4 * d)?;
+        be.gelu(n * 4 * d, Ref::whole(&c.f1), Mut::whole(&mut g));
         let mut dg = uninit(be, n * 4 * d)?;
-        let (g, dhr) = (Ref::whole(&c.g), Ref::whole(dh));
+        let dhr = Ref::whole(dh);
         self.fc2.backward(
             be,
             params,
             grads,
             n,
-            g,
+            Ref::whole(&g),
             dhr,
             Some(Mut::whole(&mut dg)),
             false,
         );
+        drop(g);
         let mut df1 = uninit(be, n * 4 * d)?;
         be.gelu_bias_backward(
             n,
@@ -409,38 +405,49 @@ impl Block {
             Mut::at(grads, self.fc1.b),
         );
         drop(dg);
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &c.h_mid)?;
         let mut dxn2 = uninit(be, n * d)?;
         self.fc1.backward_weight_and_input(
             be,
             params,
             grads,
             n,
-            Ref::whole(&c.xn2),
+            Ref::whole(&xn2),
             Ref::whole(&df1),
             Some(Mut::whole(&mut dxn2)),
             false,
         );
-        drop(df1);
+        drop((df1, xn2));
         self.ln2.backward(
             be,
             params,
             grads,
             n,
             Ref::whole(&c.h_mid),
-            Ref::whole(&c.stats2),
+            Ref::whole(&stats2),
             Ref::whole(&dxn2),
             Mut::whole(dh),
         );
-        let dxn1 = self
-            .attn
-            .backward(be, params, grads, sh, lens, &c.attn, Ref::whole(dh))?;
+        drop(dxn2);
+        let (xn1, stats1) = self.ln1.normed(be, params, n, h)?;
+        let dxn1 = self.attn.backward(
+            be,
+            params,
+            grads,
+            sh,
+            lens,
+            Ref::whole(&xn1),
+            &c.attn,
+            Ref::whole(dh),
+        )?;
+        drop(xn1);
         self.ln1.backward(
             be,
             params,
             grads,
             n,
             Ref::whole(h),
-            Ref::whole(&c.stats1),
+            Ref::whole(&stats1),
             Ref::whole(&dxn1),
             Mut::whole(dh),
         );
