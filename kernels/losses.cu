@@ -157,14 +157,22 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32]) {
   return v[0];
 }
 
-// out[t·lk + k] = scale · Σ_c x[t·d + c]·M[k·d + c] for the warp's FINE_G vectors x (shared
-// memory, slots t ≥ nt hold zeros and are not stored) and the rows k < nk of M (global).
-// Lanes split c as warp_sum's callers do (c = lane, lane + 32, …, in order); eight rows of M
-// at a time, their FINE_G·8 dot products reduced together.
-template <typename E>
+// Products of the warp's FINE_G vectors x (shared memory, slots t ≥ nt hold zeros and are not
+// stored) with the rows k < nk of M (global): s_tk = scale · Σ_c x[t·d + c]·M[k·d + c], stored as
+// out[t·lk + k] = s_tk, or with SCALE_BY as out[t·lk + k] = out[t·lk + k]·(s_tk + shift[t]) (each
+// element read and rewritten by the lane that forms s_tk). Lanes split c as warp_sum's callers
+// do (c = lane, lane + 32, …, in order); eight rows of M at a time, their FINE_G·8 dot products
+// reduced together.
+template <bool SCALE_BY, typename E>
 __device__ __forceinline__ void fine_products(int d, u32 nk, int nt, const float* __restrict__ x,
-                                              const E* __restrict__ M, float scale, float* out, int lk) {
+                                              const E* __restrict__ M, float scale,
+                                              const float (&shift)[FINE_G], float* out, int lk) {
   const int lane = threadIdx.x & 31;
+  const int t = lane >> 3, u = lane & 7;
+  float my_shift = 0.0f;
+#pragma unroll
+  for (int i = 0; i < FINE_G; ++i)
+    if (i == t) my_shift = shift[i];
   for (u32 k0 = 0; k0 < nk; k0 += 8) {
     float p[FINE_G * 8];
 #pragma unroll
@@ -172,17 +180,19 @@ __device__ __forceinline__ void fine_products(int d, u32 nk, int nt, const float
     for (int c = lane; c < d; c += 32) {
       float m[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) m[u] = k0 + u < nk ? ld(M, (i64)(k0 + u) * d + c) : 0.0f;
+      for (int v = 0; v < 8; ++v) m[v] = k0 + v < nk ? ld(M, (i64)(k0 + v) * d + c) : 0.0f;
 #pragma unroll
-      for (int t = 0; t < FINE_G; ++t) {
-        const float xv = x[t * d + c];
+      for (int i = 0; i < FINE_G; ++i) {
+        const float xv = x[i * d + c];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) p[t * 8 + u] += xv * m[u];
+        for (int v = 0; v < 8; ++v) p[i * 8 + v] += xv * m[v];
       }
     }
     const float s = warp_reduce_scatter32(p);
-    const int t = lane >> 3, u = lane & 7;
-    if (t < nt && k0 + u < nk) out[t * lk + k0 + u] = scale * s;
+    if (t < nt && k0 + u < nk) {
+      float* o = out + t * lk + k0 + u;
+      *o = SCALE_BY ? *o * (scale * s + my_shift) : scale * s;
+    }
   }
 }
 
@@ -202,25 +212,23 @@ __device__ __forceinline__ void fine_mix(int c, int d, u32 nk, int nt, const flo
 }
 
 // Behaviour-level alignment (L_fine, docs/model.md §5.6), one block per batch row b; each warp
-// takes FINE_G student tokens j at a time (of a tile of J tokens). For ℓq = q_lens[b] > 0 and
-// ℓk = k_lens[b] > 0:
-//   A_j = softmax_k(q_j·k_k/√d), r_j = v_j − Σ_k A_jk·t_k, e_j = ‖r_j‖²/d,
+// takes FINE_G student tokens j at a time (of a tile of J tokens). The queries come in the
+// teacher tokens' space (q_j = W_kᵀ·(W_q·x_j + b_q), src/loss/mod.rs `fine_term`), so the keys are
+// the teacher tokens t_k themselves. For ℓq = q_lens[b] > 0 and ℓk = k_lens[b] > 0:
+//   A_j = softmax_k(q_j·t_k/√d), c_j = Σ_k A_jk·t_k, r_j = v_j − c_j, e_j = ‖r_j‖²/d,
 //   term_b = w_b·mean_j e_j (0 for a row with no query or no key).
-// Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R| (|R| counted here from k_lens): dv_j += G·r_j; dA_jk = −G·r_j·t_k;
-// dS = A⊙(dA − Σ_k A·dA); dq_j += dS_j·K/√d; dk += dSᵀ·Q/√d (added tile by tile, tokens in
-// order, by the block that owns the row — no atomics). Padded tokens (j ≥ ℓq, k ≥ ℓk) are
-// never read. Every sum has the order and the rounding it had when each warp took one token
-// (lanes over columns, warp_sum trees, keys and tokens in increasing order); only the reuse
-// of the loads changed, so within a tile of J tokens the results are those of that kernel
-// (dk, added once per tile, also depends on where the tiles fall). Dynamic shared memory:
-// warps·FINE_G·(lk + d) + J·lk + J floats.
+// Gradients, G = 2·f·w_b/(d·ℓq) with f = coef/|R| (|R| counted here from k_lens): dv_j += G·r_j;
+// dA_jk = −G·r_j·t_k, whose A-weighted sum over k is −G·r_j·c_j; dS_jk = A_jk·(dA_jk + G·r_j·c_j)
+// (written over A_j in shared memory); dq_j += Σ_k dS_jk·t_k/√d. Padded tokens (j ≥ ℓq,
+// k ≥ ℓk) are never read. Each sum has a fixed order (lanes over columns, warp_sum trees, keys
+// in increasing order; the row's loss over its tokens in order), so two runs are bit-identical.
+// Dynamic shared memory: warps·FINE_G·(lk + d) + J floats.
 template <typename E>
 __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, const E* __restrict__ q,
-                                     const E* __restrict__ k, const E* __restrict__ v, const E* __restrict__ tin,
+                                     const E* __restrict__ v, const E* __restrict__ tin,
                                      const u32* __restrict__ q_lens, const u32* __restrict__ k_lens,
                                      const float* __restrict__ w, float coef, E* __restrict__ dq,
-                                     E* __restrict__ dk, E* __restrict__ dv, double* __restrict__ terms,
-                                     u32* err) {
+                                     E* __restrict__ dv, double* __restrict__ terms, u32* err) {
   extern __shared__ float sm[];
   __shared__ u32 n_r;
   const int b = blockIdx.x;
@@ -238,16 +246,15 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
   }
   const bool grad = dq != nullptr;
   const E* Q = q + (i64)b * lq * d;
-  const E* K = k + (i64)b * lk * d;
   const E* V = v + (i64)b * lq * d;
   const E* T = tin + (i64)b * lk * d;
-  float* ss = sm + warp * FINE_G * (lk + d);  // this warp's FINE_G rows of scores / probabilities
+  float* ss = sm + warp * FINE_G * (lk + d);  // this warp's FINE_G rows: scores, A, then dS
   float* sv = ss + FINE_G * lk;               // this warp's FINE_G vectors: q_j, then r_j
-  float* dS = sm + nw * FINE_G * (lk + d);    // J×lk score gradients of the tile
-  float* es = dS + J * lk;                    // J token errors of the tile
+  float* es = sm + nw * FINE_G * (lk + d);    // J token errors of the tile
   const float inv_sqrt_d = 1.0f / sqrtf((float)d);
   const float inv_d = 1.0f / (float)d;
   const float G = 2.0f * (f * w[b]) * inv_d / (float)Lq;
+  const float no_shift[FINE_G] = {};
   double loss = 0.0;
   for (u32 j0 = 0; j0 < Lq; j0 += J) {
     const u32 tj = min((u32)J, Lq - j0);
@@ -257,7 +264,7 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
         for (int c = lane; c < d; c += 32)
           sv[t * d + c] = t < nt ? ld(Q, (i64)(j0 + g0 + t) * d + c) : 0.0f;
       __syncwarp();
-      fine_products(d, Lk, nt, sv, K, inv_sqrt_d, ss, lk);
+      fine_products<false>(d, Lk, nt, sv, T, inv_sqrt_d, no_shift, ss, lk);
       __syncwarp();
       for (int t = 0; t < nt; ++t) {
         float* st_ = ss + t * lk;
@@ -274,9 +281,9 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
         for (u32 kk = lane; kk < Lk; kk += 32) st_[kk] *= inv;
       }
       __syncwarp();
-      float e2[FINE_G];
+      float e2[FINE_G], rc[FINE_G];
 #pragma unroll
-      for (int t = 0; t < FINE_G; ++t) e2[t] = 0.0f;
+      for (int t = 0; t < FINE_G; ++t) e2[t] = rc[t] = 0.0f;
       for (int c = lane; c < d; c += 32) {
         float acc[FINE_G];
         fine_mix(c, d, Lk, nt, ss, lk, T, acc);
@@ -286,15 +293,18 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
             const float r = ld(V, (i64)(j0 + g0 + t) * d + c) - acc[t];
             sv[t * d + c] = r;
             e2[t] += r * r;
+            rc[t] += r * acc[t];
           } else {
             sv[t * d + c] = 0.0f;
           }
         }
       }
+      float shift[FINE_G];  // G·r_j·c_j: minus the A-weighted sum of dA_j
 #pragma unroll
       for (int t = 0; t < FINE_G; ++t) {
         const float e = warp_sum(e2[t]);
         if (lane == 0 && t < nt) es[g0 + t] = e * inv_d;
+        shift[t] = grad ? G * warp_sum(rc[t]) : 0.0f;
       }
       __syncwarp();
       if (grad) {
@@ -311,24 +321,15 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
           for (int t = 0; t < FINE_G; ++t)
             if (t < nt) st(dv, (row + t) * d + c, old[t] + G * sv[t * d + c]);
         }
-        float* dsr = dS + g0 * lk;  // the group's rows of the tile's score gradients
-        fine_products(d, Lk, nt, sv, T, -G, dsr, lk);
-        __syncwarp();
-        for (int t = 0; t < nt; ++t) {
-          const float* pt = ss + t * lk;
-          float* dt = dsr + t * lk;
-          float dot = 0.0f;
-          for (u32 kk = lane; kk < Lk; kk += 32) dot += pt[kk] * dt[kk];
-          dot = warp_sum(dot);
-          for (u32 kk = lane; kk < Lk; kk += 32) dt[kk] = pt[kk] * (dt[kk] - dot);
-        }
+        // dS over A, in place.
+        fine_products<true>(d, Lk, nt, sv, T, -G, shift, ss, lk);
         __syncwarp();
         for (int c = lane; c < d; c += 32) {
           float old[FINE_G], acc[FINE_G];
 #pragma unroll
           for (int t = 0; t < FINE_G; ++t)
             if (t < nt) old[t] = ld(dq, (row + t) * d + c);
-          fine_mix(c, d, Lk, nt, dsr, lk, K, acc);
+          fine_mix(c, d, Lk, nt, ss, lk, T, acc);
 #pragma unroll
           for (int t = 0; t < FINE_G; ++t)
             if (t < nt) st(dq, (row + t) * d + c, old[t] + inv_sqrt_d * acc[t]);
@@ -339,53 +340,24 @@ __device__ __forceinline__ void fine(int batch, int lq, int lk, int d, int J, co
     __syncthreads();
     if (threadIdx.x == 0)
       for (u32 jj = 0; jj < tj; ++jj) loss += (double)es[jj];
-    if (grad) {
-      // dk[k, c] += Σ_jj dS[jj, k]·Q[j0 + jj, c] / √d: a thread per column c and 8 keys, so
-      // that each Q element read serves 8 sums.
-      const u32 kb = (Lk + 7) / 8;
-      for (i64 idx = threadIdx.x; idx < (i64)kb * d; idx += blockDim.x) {
-        const u32 k0 = 8 * (u32)(idx / d);
-        const int c = (int)(idx % d);
-        const i64 o = ((i64)b * lk + k0) * d + c;
-        float old[8], acc[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          acc[u] = 0.0f;
-          if (k0 + u < Lk) old[u] = ld(dk, o + (i64)u * d);
-        }
-        for (u32 jj = 0; jj < tj; ++jj) {
-          const float qv = ld(Q, (i64)(j0 + jj) * d + c);
-          const float* row = dS + jj * lk + k0;
-#pragma unroll
-          for (int u = 0; u < 8; ++u)
-            if (k0 + u < Lk) acc[u] += row[u] * qv;
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (k0 + u < Lk) st(dk, o + (i64)u * d, old[u] + inv_sqrt_d * acc[u]);
-      }
-    }
     __syncthreads();
   }
   if (threadIdx.x == 0) terms[b] = (double)w[b] * (loss / (double)Lq);
 }
 
 extern "C" __global__ void fine_f32(int batch, int lq, int lk, int d, int J, const float* __restrict__ q,
-                                    const float* __restrict__ k, const float* __restrict__ v,
-                                    const float* __restrict__ tin, const u32* __restrict__ q_lens,
-                                    const u32* __restrict__ k_lens, const float* __restrict__ w,
-                                    float coef, float* __restrict__ dq, float* __restrict__ dk,
+                                    const float* __restrict__ v, const float* __restrict__ tin,
+                                    const u32* __restrict__ q_lens, const u32* __restrict__ k_lens,
+                                    const float* __restrict__ w, float coef, float* __restrict__ dq,
                                     float* __restrict__ dv, double* __restrict__ terms, u32* err) {
-  fine(batch, lq, lk, d, J, q, k, v, tin, q_lens, k_lens, w, coef, dq, dk, dv, terms, err);
+  fine(batch, lq, lk, d, J, q, v, tin, q_lens, k_lens, w, coef, dq, dv, terms, err);
 }
 
-// q, k, v, tin and their gradients bf16 (dk is stored after each tile of J tokens, so it is
-// rounded once per tile); w f32.
+// q, v, tin and their gradients bf16; w f32.
 extern "C" __global__ void fine_bf16(int batch, int lq, int lk, int d, int J, const bf16* __restrict__ q,
-                                     const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                     const bf16* __restrict__ tin, const u32* __restrict__ q_lens,
-                                     const u32* __restrict__ k_lens, const float* __restrict__ w,
-                                     float coef, bf16* __restrict__ dq, bf16* __restrict__ dk,
+                                     const bf16* __restrict__ v, const bf16* __restrict__ tin,
+                                     const u32* __restrict__ q_lens, const u32* __restrict__ k_lens,
+                                     const float* __restrict__ w, float coef, bf16* __restrict__ dq,
                                      bf16* __restrict__ dv, double* __restrict__ terms, u32* err) {
-  fine(batch, lq, lk, d, J, q, k, v, tin, q_lens, k_lens, w, coef, dq, dk, dv, terms, err);
+  fine(batch, lq, lk, d, J, q, v, tin, q_lens, k_lens, w, coef, dq, dv, terms, err);
 }

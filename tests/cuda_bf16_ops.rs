@@ -813,11 +813,9 @@ impl Case for LossCase {
         );
         let (nq, nk) = (b * lq * d, b * lk * d);
         let q = buf(be, Kind::Act, &values(&mut g, Kind::Act, nq, 2.0));
-        let k = buf(be, Kind::Act, &values(&mut g, Kind::Act, nk, 2.0));
         let v = buf(be, Kind::Act, &values(&mut g, Kind::Act, nq, 1.0));
         let t = buf(be, Kind::Act, &values(&mut g, Kind::Act, nk, 1.0));
         let mut dq = buf(be, Kind::Act, &values(&mut g, Kind::Act, nq, 1e-4));
-        let mut dk = buf(be, Kind::Act, &values(&mut g, Kind::Act, nk, 1e-4));
         let mut dv = buf(be, Kind::Act, &values(&mut g, Kind::Act, nq, 1e-4));
         let value = be
             .fine_loss(
@@ -828,7 +826,6 @@ impl Case for LossCase {
                     d,
                 },
                 Ref::whole(&q),
-                Ref::whole(&k),
                 Ref::whole(&v),
                 Ref::whole(&t),
                 &ql,
@@ -837,14 +834,12 @@ impl Case for LossCase {
                 f(0.9),
                 Some(FineGrads {
                     dq: Mut::whole(&mut dq),
-                    dk: Mut::whole(&mut dk),
                     dv: Mut::whole(&mut dv),
                 }),
             )
             .expect("fine");
         outs.push(("fine", vec![value.to_f64()]));
         outs.push(("fine dq", down(be, &dq)));
-        outs.push(("fine dk", down(be, &dk)));
         outs.push(("fine dv", down(be, &dv)));
         outs
     }

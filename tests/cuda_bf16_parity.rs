@@ -12,8 +12,7 @@
 //! the composed attention stores its scores, its probabilities before P·V, and in the
 //! backward dP and dS in bf16 (four more stores on a chain of ≈ 40, each of relative error
 //! ≤ u; the reference runs the composition in f32 and rounds only the saved probabilities and
-//! the outputs), and `fine_bf16` rounds dK once per tile of query tokens. Those extra
-//! roundings give an error of order u ≈ 4e-3 on a gradient;
+//! the outputs). Those extra roundings give an error of order u ≈ 4e-3 on a gradient;
 //! the tests allow 2e-2 per tensor and 5e-3 on the objective. Device and host must round
 //! identically (to nearest, ties to even): that is checked bit for bit.
 //!

@@ -1701,20 +1701,18 @@ fn coarse_mse_and_cosine() {
 struct FineCase {
     shape: FineShape,
     q: Vec<f64>,
-    k: Vec<f64>,
     v: Vec<f64>,
     t: Vec<f64>,
     ql: Vec<u32>,
     kl: Vec<u32>,
     w: Vec<f64>,
     gq: Vec<f64>,
-    gk: Vec<f64>,
+    gv: Vec<f64>,
 }
 
 impl Case for FineCase {
     fn run<B: Backend>(&self, be: &B) -> Outs {
         let q = up(be, &junk_padded(&self.q));
-        let k = up(be, &junk_padded(&self.k));
         let v = up(be, &junk_padded(&self.v));
         let t = up(be, &junk_padded(&self.t));
         let w = up(be, &junk_padded(&self.w));
@@ -1725,7 +1723,6 @@ impl Case for FineCase {
             .fine_loss(
                 self.shape,
                 Ref::at(&q, PAD),
-                Ref::at(&k, PAD),
                 Ref::at(&v, PAD),
                 Ref::at(&t, PAD),
                 &ql,
@@ -1736,13 +1733,11 @@ impl Case for FineCase {
             )
             .expect("fine");
         let mut dq = up(be, &padded(&self.gq));
-        let mut dk = up(be, &padded(&self.gk));
-        let mut dv = up(be, &padded(&self.gq));
+        let mut dv = up(be, &padded(&self.gv));
         let v1 = be
             .fine_loss(
                 self.shape,
                 Ref::at(&q, PAD),
-                Ref::at(&k, PAD),
                 Ref::at(&v, PAD),
                 Ref::at(&t, PAD),
                 &ql,
@@ -1751,7 +1746,6 @@ impl Case for FineCase {
                 coef,
                 Some(FineGrads {
                     dq: Mut::at(&mut dq, PAD),
-                    dk: Mut::at(&mut dk, PAD),
                     dv: Mut::at(&mut dv, PAD),
                 }),
             )
@@ -1760,7 +1754,6 @@ impl Case for FineCase {
             named("value (no grad)", vec![val::<B>(v0)]),
             named("value", vec![val::<B>(v1)]),
             named("dq", down(be, &dq)),
-            named("dk", down(be, &dk)),
             named("dv", down(be, &dv)),
         ]
     }
@@ -1777,7 +1770,6 @@ fn fine_case(seed: u64, batch: usize, lq: usize, lk: usize, d: usize) -> FineCas
     FineCase {
         shape: FineShape { batch, lq, lk, d },
         q: scaled(&mut r, nq, 2.0),
-        k: scaled(&mut r, nk, 2.0),
         v: randv(&mut r, nq),
         t: randv(&mut r, nk),
         ql,
@@ -1786,7 +1778,7 @@ fn fine_case(seed: u64, batch: usize, lq: usize, lk: usize, d: usize) -> FineCas
             .map(|_| r.gen_range(0.2f32..2.0) as f64)
             .collect(),
         gq: randv(&mut r, nq),
-        gk: randv(&mut r, nk),
+        gv: randv(&mut r, nq),
     }
 }
 
@@ -1796,12 +1788,13 @@ fn fine_alignment() {
         (110, 1, 1, 1, 1),
         (111, 5, 7, 13, 37),
         (112, 16, 32, 128, 128),
-        (113, 2, 80, 128, 256), // 80 student tokens: two shared-memory tiles (47 + 33)
+        (113, 2, 80, 128, 256), // 80 student tokens at d = 256: one tile
         (114, 4, 0, 6, 8),      // no student token anywhere
-        (116, 2, 11, 700, 64),  // keys too many for 4 warps: 2 warps, tiles of 8 tokens
-        // The largest lk accepted at d = 64: one warp, 4·(lk + d) + lk + 1 = 12272 of the
-        // 12272 floats of dynamic shared memory, a tile of one token (5 tiles per row).
-        (115, 3, 5, 2403, 64),
+        (116, 3, 100, 700, 64), // 4 warps, tiles of 48 student tokens (48 + 48 + 4)
+        (117, 2, 9, 1000, 128), // keys too many for 4 warps: 2 warps
+        // The largest lk accepted at d = 64: one warp, 4·(lk + d) + 4 = 12272 of the 12272
+        // floats of dynamic shared memory, tiles of 4 tokens (2 tiles per row).
+        (115, 3, 5, 3003, 64),
     ] {
         parity(
             &format!("fine b={batch} lq={lq} lk={lk} d={d}"),
@@ -1830,7 +1823,7 @@ fn fine_rejects_lengths_beyond_padding() {
     let kl = g.upload_ids(&[1, 1]).expect("k_lens");
     let x4 = Ref::whole(&x);
     let err = g
-        .fine_loss(shape, x4, x4, x4, x4, &ql, &kl, Ref::whole(&w), 1.0, None)
+        .fine_loss(shape, x4, x4, x4, &ql, &kl, Ref::whole(&w), 1.0, None)
         .expect_err("q_lens[1] = 3 > lq = 2");
     assert!(err.to_string().contains("padded length"), "{err}");
 }
@@ -1838,9 +1831,9 @@ fn fine_rejects_lengths_beyond_padding() {
 #[test]
 fn fine_refuses_shapes_beyond_shared_memory() {
     let Some(g) = gpu() else { return };
-    // lk = 2404 at d = 64 is the first shape past 12272 floats with one warp (12277); see
-    // fine_alignment for lk = 2403, the last one accepted.
-    for lk in [2404, 3000] {
+    // lk = 3004 at d = 64 leaves no room for a tile with one warp (4·(lk + d) = 12272 of the
+    // 12272 floats); see fine_alignment for lk = 3003, the last one accepted.
+    for lk in [3004, 4000] {
         let shape = FineShape {
             batch: 1,
             lq: 1,
@@ -1856,7 +1849,6 @@ fn fine_refuses_shapes_beyond_shared_memory() {
             .fine_loss(
                 shape,
                 Ref::whole(&q),
-                Ref::whole(&k),
                 Ref::whole(&q),
                 Ref::whole(&k),
                 &ql,

@@ -1809,32 +1809,31 @@ impl FineCase {
             d: self.d,
         }
     }
+    /// Elements of the queries (and of the values), then of the teacher tokens.
     fn sizes(&self) -> (usize, usize) {
         (self.batch * self.lq * self.d, self.batch * self.lk * self.d)
     }
+    /// The loss at `x = [q, v]` with the teacher tokens `t_in` as the keys.
     fn call<F: Float>(
         &self,
         x: &[f64],
         t_in: &[f64],
         coef: f64,
-        g: Option<&mut [Vec<F>; 3]>,
+        g: Option<&mut [Vec<F>; 2]>,
     ) -> f64 {
-        let (nq, nk) = self.sizes();
+        let (nq, _) = self.sizes();
         let q = up::<F>(&x[..nq]);
-        let k = up::<F>(&x[nq..nq + nk]);
-        let v = up::<F>(&x[nq + nk..]);
+        let v = up::<F>(&x[nq..]);
         let t = up::<F>(t_in);
         let w = up::<F>(&self.w);
-        let grads = g.map(|[dq, dk, dv]| FineGrads {
+        let grads = g.map(|[dq, dv]| FineGrads {
             dq: Mut::whole(dq),
-            dk: Mut::whole(dk),
             dv: Mut::whole(dv),
         });
         let l = be::<F>()
             .fine_loss(
                 self.shape(),
                 Ref::whole(&q),
-                Ref::whole(&k),
                 Ref::whole(&v),
                 Ref::whole(&t),
                 &ids(&self.qlens),
@@ -1848,8 +1847,8 @@ impl FineCase {
     }
     /// Reference value (straightforward f64 loops, test oracle).
     fn reference(&self, x: &[f64]) -> f64 {
-        let (nq, nk) = self.sizes();
-        let (q, k, v) = (&x[..nq], &x[nq..nq + nk], &x[nq + nk..]);
+        let (nq, _) = self.sizes();
+        let (q, v, k) = (&x[..nq], &x[nq..], &self.t_in);
         let d = self.d;
         let mut total = 0.0;
         let mut nr = 0;
@@ -1891,11 +1890,11 @@ impl FineCase {
 
 impl Case for FineCase {
     fn inputs(&self) -> Vec<f64> {
-        let (nq, nk) = self.sizes();
+        let (nq, _) = self.sizes();
         let mut rng = ChaCha8Rng::seed_from_u64(26);
-        let mut x = randv(&mut rng, 2 * nq + nk);
-        // Larger q, k: peaked attention.
-        for v in x[..nq + nk].iter_mut() {
+        let mut x = randv(&mut rng, 2 * nq);
+        // Larger q: peaked attention.
+        for v in x[..nq].iter_mut() {
             *v *= 2.0;
         }
         x
@@ -1904,14 +1903,10 @@ impl Case for FineCase {
         vec![self.call::<F>(x, &self.t_in, 1.0, None)]
     }
     fn bwd<F: Float>(&self, x: &[f64], r: &[f64]) -> Vec<f64> {
-        let (nq, nk) = self.sizes();
+        let (nq, _) = self.sizes();
         let mut rng = ChaCha8Rng::seed_from_u64(27);
-        let g0 = [
-            randv(&mut rng, nq),
-            randv(&mut rng, nk),
-            randv(&mut rng, nq),
-        ];
-        let mut g = [up::<F>(&g0[0]), up::<F>(&g0[1]), up::<F>(&g0[2])];
+        let g0 = [randv(&mut rng, nq), randv(&mut rng, nq)];
+        let mut g = [up::<F>(&g0[0]), up::<F>(&g0[1])];
         self.call::<F>(x, &self.t_in, r[0], Some(&mut g));
         let mut out = Vec::new();
         for (gi, g0i) in g.iter().zip(&g0) {
@@ -1921,22 +1916,16 @@ impl Case for FineCase {
         out
     }
     fn padded(&self) -> Vec<usize> {
-        let (nq, nk) = self.sizes();
+        let (nq, _) = self.sizes();
         let d = self.d;
         let mut v = Vec::new();
         for b in 0..self.batch {
             let (lq, lk) = (self.qlens[b], self.klens[b]);
             let qv_valid = if lk == 0 { 0 } else { lq };
-            let k_valid = if lq == 0 { 0 } else { lk };
             for j in qv_valid..self.lq {
                 for c in 0..d {
                     v.push((b * self.lq + j) * d + c);
-                    v.push(nq + nk + (b * self.lq + j) * d + c);
-                }
-            }
-            for kk in k_valid..self.lk {
-                for c in 0..d {
-                    v.push(nq + (b * self.lk + kk) * d + c);
+                    v.push(nq + (b * self.lq + j) * d + c);
                 }
             }
         }
@@ -1986,7 +1975,6 @@ fn gradcheck_fine_loss() {
     let r = bk.fine_loss(
         bad.shape(),
         Ref::whole(&q),
-        Ref::whole(&k),
         Ref::whole(&q),
         Ref::whole(&k),
         &ids(&bad.qlens),

@@ -212,17 +212,17 @@ impl<F: Float> CpuBackend<F> {
         lq: usize,
         lk: usize,
         q: &[F],
-        k: &[F],
         v: &[F],
         t: &[F],
         f: F,
-        grads: Option<(&mut [F], &mut [F], &mut [F])>,
+        grads: Option<(&mut [F], &mut [F])>,
     ) -> f64 {
         if lq == 0 || lk == 0 {
             return 0.0;
         }
         let inv_sqrt_d = F::one() / cst::<F>(d as f64).sqrt();
-        // S = Q·Kᵀ/√d, then row softmax (all keys < lk are valid).
+        // S = Q·Tᵀ/√d (the teacher tokens are the keys), then row softmax (all keys < lk are
+        // valid).
         let mut a = vec![F::zero(); lq * lk];
         gemm_slices(
             lq,
@@ -232,7 +232,7 @@ impl<F: Float> CpuBackend<F> {
             q,
             d,
             false,
-            k,
+            t,
             d,
             true,
             F::zero(),
@@ -273,7 +273,7 @@ impl<F: Float> CpuBackend<F> {
             loss += wide(e * inv_d);
         }
         loss /= lq as f64;
-        if let Some((dq, dk, dv)) = grads {
+        if let Some((dq, dv)) = grads {
             // ∂/∂v_j = g·r_j with g = 2f/(d·ℓq); ∂/∂c_j = −g·r_j.
             let g = cst::<F>(2.0) * f * inv_d / cst::<F>(lq as f64);
             for (dvx, &rx) in dv[..lq * d].iter_mut().zip(&r) {
@@ -303,7 +303,7 @@ impl<F: Float> CpuBackend<F> {
                     *dx = p * (*dx - dot);
                 }
             }
-            // dQ += dS·K/√d, dK += dSᵀ·Q/√d.
+            // dQ += dS·T/√d.
             gemm_slices(
                 lq,
                 d,
@@ -312,26 +312,11 @@ impl<F: Float> CpuBackend<F> {
                 &da,
                 lk,
                 false,
-                k,
+                t,
                 d,
                 false,
                 F::one(),
                 dq,
-                d,
-            );
-            gemm_slices(
-                lk,
-                d,
-                lq,
-                inv_sqrt_d,
-                &da,
-                lk,
-                true,
-                q,
-                d,
-                false,
-                F::one(),
-                dk,
                 d,
             );
         }
@@ -1393,7 +1378,6 @@ impl<F: Float> Backend for CpuBackend<F> {
         &self,
         shape: FineShape,
         q: Ref<Vec<F>>,
-        k: Ref<Vec<F>>,
         v: Ref<Vec<F>>,
         t_in: Ref<Vec<F>>,
         q_lens: &Vec<u32>,
@@ -1427,19 +1411,17 @@ impl<F: Float> Backend for CpuBackend<F> {
         }
         let (sq, sk) = (lq * d, lk * d);
         let q = rd(q, batch * sq);
-        let k = rd(k, batch * sk);
         let v = rd(v, batch * sq);
         let t = rd(t_in, batch * sk);
         let w = rd(weights, batch);
         let inv_r = F::one() / cst::<F>(n_r as f64);
-        let row = |b: usize, g: Option<(&mut [F], &mut [F], &mut [F])>| -> f64 {
+        let row = |b: usize, g: Option<(&mut [F], &mut [F])>| -> f64 {
             let (lqb, lkb) = lens[b];
             let rl = Self::fine_row(
                 d,
                 lqb,
                 lkb,
                 &q[b * sq..(b + 1) * sq],
-                &k[b * sk..(b + 1) * sk],
                 &v[b * sq..(b + 1) * sq],
                 &t[b * sk..(b + 1) * sk],
                 coef * w[b] * inv_r,
@@ -1448,12 +1430,11 @@ impl<F: Float> Backend for CpuBackend<F> {
             wide(w[b]) * rl
         };
         let parts: Vec<f64> = match grads {
-            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => wr(dq, batch * sq)
+            Some(FineGrads { dq, dv }) if lq > 0 && lk > 0 => wr(dq, batch * sq)
                 .par_chunks_mut(sq)
-                .zip(wr(dk, batch * sk).par_chunks_mut(sk))
                 .zip(wr(dv, batch * sq).par_chunks_mut(sq))
                 .enumerate()
-                .map(|(b, ((gq, gk), gv))| row(b, Some((gq, gk, gv))))
+                .map(|(b, (gq, gv))| row(b, Some((gq, gv))))
                 .collect(),
             _ => (0..batch).into_par_iter().map(|b| row(b, None)).collect(),
         };

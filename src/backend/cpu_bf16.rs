@@ -746,7 +746,6 @@ impl Backend for CpuBf16Backend {
         &self,
         shape: FineShape,
         q: Ref<TaggedBuf>,
-        k: Ref<TaggedBuf>,
         v: Ref<TaggedBuf>,
         t_in: Ref<TaggedBuf>,
         q_lens: &Vec<u32>,
@@ -756,12 +755,11 @@ impl Backend for CpuBf16Backend {
         grads: Option<FineGrads<'_, TaggedBuf>>,
         out: Mut<TaggedBuf>,
     ) -> Result<()> {
-        let Some(FineGrads { dq, dk, dv }) = grads else {
+        let Some(FineGrads { dq, dv }) = grads else {
             return w(out, REST, |o| {
                 self.inner.fine_loss_into(
                     shape,
                     r(q),
-                    r(k),
                     r(v),
                     r(t_in),
                     q_lens,
@@ -773,20 +771,15 @@ impl Backend for CpuBf16Backend {
                 )
             });
         };
-        let (mut pq, mut pk, mut pv) = (parts(Some(dq)), parts(Some(dk)), parts(Some(dv)));
+        let (mut pq, mut pv) = (parts(Some(dq)), parts(Some(dv)));
         let res = w(out, REST, |o| {
-            let grads = match (
-                f32_window(&mut pq),
-                f32_window(&mut pk),
-                f32_window(&mut pv),
-            ) {
-                (Some(dq), Some(dk), Some(dv)) => Some(FineGrads { dq, dk, dv }),
+            let grads = match (f32_window(&mut pq), f32_window(&mut pv)) {
+                (Some(dq), Some(dv)) => Some(FineGrads { dq, dv }),
                 _ => None,
             };
             self.inner.fine_loss_into(
                 shape,
                 r(q),
-                r(k),
                 r(v),
                 r(t_in),
                 q_lens,
@@ -797,7 +790,7 @@ impl Backend for CpuBf16Backend {
                 o,
             )
         });
-        for p in [pq, pk, pv] {
+        for p in [pq, pv] {
             settle(p);
         }
         res

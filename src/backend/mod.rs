@@ -956,13 +956,14 @@ pub trait Backend: Send + Sync {
             self.coarse_loss_into(n, d, pred, target, weights, cosine, coef, dpred, out)
         })
     }
-    /// Behaviour-level alignment (`L_fine`, docs/model.md §5.6), all `batch×l×d`: `q = W_q·T_pre`,
-    /// `k = W_k·T_in`, `v = W_v·T_pre` (projections done by the caller), `t_in` the teacher's
-    /// tokens. For row `b` with `ℓq = q_lens[b] > 0` student tokens and `ℓk = k_lens[b]`
-    /// teacher tokens: `A_j = softmax_k(q_j·k_k/√d)` over `k < ℓk`,
-    /// `e_j = ‖v_j − Σ_k A_jk·t_in,k‖²/d`, row loss `mean_{j<ℓq} e_j`;
+    /// Behaviour-level alignment (`L_fine`, docs/model.md §5.6), all `batch×l×d`, with the
+    /// teacher's tokens `t_in` as the keys: `q` are the queries in the teacher tokens' space
+    /// (`W_kᵀ·(W_q·T_pre + b_q)`, so that `q_j·t_k = (W_q·T_pre,j + b_q)·(W_k·t_k)`), `v =
+    /// W_v·T_pre + b_v` (projections done by the caller). For row `b` with `ℓq = q_lens[b] > 0`
+    /// student tokens and `ℓk = k_lens[b]` teacher tokens: `A_j = softmax_k(q_j·t_in,k/√d)`
+    /// over `k < ℓk`, `e_j = ‖v_j − Σ_k A_jk·t_in,k‖²/d`, row loss `mean_{j<ℓq} e_j`;
     /// `L = Σ_{b∈R} w_b·rowloss_b/|R|` with `R = {b : ℓk > 0}` (0 when R is empty).
-    /// Gradients (accumulated, scaled by `coef`) go to `q`, `k` and `v`, never to `t_in`.
+    /// Gradients (accumulated, scaled by `coef`) go to `q` and `v`, never to `t_in`.
     /// A length beyond its padded extent is an error (on a device, reported by the next
     /// synchronising call).
     #[allow(clippy::too_many_arguments)]
@@ -970,7 +971,6 @@ pub trait Backend: Send + Sync {
         &self,
         shape: FineShape,
         q: Ref<Self::Buf>,
-        k: Ref<Self::Buf>,
         v: Ref<Self::Buf>,
         t_in: Ref<Self::Buf>,
         q_lens: &Self::Ids,
@@ -986,7 +986,6 @@ pub trait Backend: Send + Sync {
         &self,
         shape: FineShape,
         q: Ref<Self::Buf>,
-        k: Ref<Self::Buf>,
         v: Ref<Self::Buf>,
         t_in: Ref<Self::Buf>,
         q_lens: &Self::Ids,
@@ -996,9 +995,7 @@ pub trait Backend: Send + Sync {
         grads: Option<FineGrads<'_, Self::Buf>>,
     ) -> Result<Self::F> {
         read_scalar(self, |out| {
-            self.fine_loss_into(
-                shape, q, k, v, t_in, q_lens, k_lens, weights, coef, grads, out,
-            )
+            self.fine_loss_into(shape, q, v, t_in, q_lens, k_lens, weights, coef, grads, out)
         })
     }
 
@@ -1058,13 +1055,11 @@ pub trait Backend: Send + Sync {
     );
 }
 
-/// Gradient windows of [`Backend::fine_loss`]: three distinct buffers.
+/// Gradient windows of [`Backend::fine_loss`]: two distinct buffers.
 #[derive(Debug)]
 pub struct FineGrads<'a, B> {
     /// Gradient of `q`.
     pub dq: Mut<'a, B>,
-    /// Gradient of `k`.
-    pub dk: Mut<'a, B>,
     /// Gradient of `v`.
     pub dv: Mut<'a, B>,
 }

@@ -546,7 +546,7 @@ fn fine_term<B: Backend>(
         .ok_or_else(|| Error::invalid("no fine projections"))?;
     let (n, d) = (batch.rows, student.config.d);
     let (lq, lk) = (batch.pre.len, batch.in_service.len);
-    let (nq, nk) = (n * lq, n * lk);
+    let nq = n * lq;
     let mut tok = uninit(be, nq * d)?;
     be.copy(
         nq * d,
@@ -564,15 +564,20 @@ fn fine_term<B: Backend>(
     );
     let (params, g) = student.params.weights_and_grads();
     let t_in = Ref::whole(t_in);
-    let (mut q, mut k, mut v) = (
+    // The scores (W_q·x_j + b_q)·(W_k·t_k + b_k) are q_j·(W_k·t_k) plus q_j·b_k, which is
+    // the same for every key k of token j, so the softmax does not see it: the queries go
+    // into the teacher tokens' space (qk_j = W_kᵀ·q_j) and the teacher tokens are the keys.
+    // No ℓk×d key buffer or its gradient exists, and b_k's gradient, exactly zero, is left
+    // untouched.
+    let (mut q, mut qk, mut v) = (
         uninit(be, nq * d)?,
-        uninit(be, nk * d)?,
+        uninit(be, nq * d)?,
         uninit(be, nq * d)?,
     );
     proj.q
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut q), false);
     proj.k
-        .forward(be, params, nk, t_in, Mut::whole(&mut k), false);
+        .transpose_forward(be, params, nq, Ref::whole(&q), Mut::whole(&mut qk));
     proj.v
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut v), false);
     let shape = FineShape {
@@ -581,16 +586,14 @@ fn fine_term<B: Backend>(
         lk,
         d,
     };
-    let (mut dq, mut dk, mut dv) = (zeros(be, nq * d)?, zeros(be, nk * d)?, zeros(be, nq * d)?);
+    let (mut dqk, mut dv) = (zeros(be, nq * d)?, zeros(be, nq * d)?);
     let grads = backward.then(|| FineGrads {
-        dq: Mut::whole(&mut dq),
-        dk: Mut::whole(&mut dk),
+        dq: Mut::whole(&mut dqk),
         dv: Mut::whole(&mut dv),
     });
     be.fine_loss_into(
         shape,
-        Ref::whole(&q),
-        Ref::whole(&k),
+        Ref::whole(&qk),
         Ref::whole(&v),
         t_in,
         &batch.pre.lens_or_one,
@@ -600,9 +603,21 @@ fn fine_term<B: Backend>(
         grads,
         out,
     )?;
+    drop((qk, v));
     if !backward {
         return Ok(None);
     }
+    let mut dq = uninit(be, nq * d)?;
+    proj.k.transpose_backward(
+        be,
+        params,
+        g,
+        nq,
+        Ref::whole(&q),
+        Ref::whole(&dqk),
+        Mut::whole(&mut dq),
+    );
+    drop((q, dqk));
     let mut dtok = uninit(be, nq * d)?;
     let tr = Ref::whole(&tok);
     proj.q.backward(
@@ -625,8 +640,6 @@ fn fine_term<B: Backend>(
         Some(Mut::whole(&mut dtok)),
         true,
     );
-    proj.k
-        .backward(be, params, g, nk, t_in, Ref::whole(&dk), None, false);
     let mut dp = zeros(be, n * d)?;
     be.put_empty_rows_backward(
         n,

@@ -160,6 +160,63 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The transpose of the map's weight applied on `rows` rows, no bias: `y = x·W` (`x`
+    /// packed `rows×out`, `y` packed `rows×in`). For a query `x`, `y·t = x·(W·t)`: the
+    /// product with the map's output of `t`, less its bias term `x·b`.
+    pub fn transpose_forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        y: Mut<B::Buf>,
+    ) {
+        let g = Gemm::new(rows, self.inp, self.out, false, false);
+        be.gemm(
+            &g,
+            one::<B::F>(),
+            x,
+            Ref::at(params, self.w),
+            zero::<B::F>(),
+            y,
+        );
+    }
+
+    /// Backward of [`Linear::transpose_forward`]: `dW += xᵀ·dy` and `dx = dy·Wᵀ` (`dy`
+    /// packed `rows×in`, `dx` packed `rows×out`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn transpose_backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+        dy: Ref<B::Buf>,
+        dx: Mut<B::Buf>,
+    ) {
+        let g = Gemm::new(self.out, self.inp, rows, true, false);
+        be.gemm(
+            &g,
+            one::<B::F>(),
+            x,
+            dy,
+            one::<B::F>(),
+            Mut::at(grads, self.w),
+        );
+        let g = Gemm::new(rows, self.out, self.inp, false, true);
+        be.gemm(
+            &g,
+            one::<B::F>(),
+            dy,
+            Ref::at(params, self.w),
+            zero::<B::F>(),
+            dx,
+        );
+    }
+}
+
 /// LayerNorm over width `d` with γ at `gb` and β right after it (ε = 1e-5):
 /// `y = (x − μ)/√(σ² + ε)·γ + β`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

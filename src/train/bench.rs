@@ -338,7 +338,11 @@ pub fn network_forward_flops(cfg: &BenchConfig, rows: usize, len: usize) -> f64 
 /// teacher step `3·F_T` (forward, and a backward counted as twice the forward); student step
 /// `F_T + 3·F_S`, where `F_S` adds to the student network's forward its auxiliary heads,
 /// the coarse projection, the fine projections (q, v on the student tokens, k on the
-/// teacher's) and the fine attention products. `tools/torch_twin.py` uses the same formula.
+/// teacher's) and the fine attention products. These are the FLOPs of the model as
+/// docs/model.md §5.6 writes it, the formula `tools/torch_twin.py` uses too, so that the two
+/// TFLOP/s figures compare the same work; the engine computes the fine term without the key
+/// projection of the teacher tokens (queries mapped by `W_kᵀ` instead, §5.6), which runs
+/// `6·rows·(in_len − pre_len)·d²` fewer FLOPs than counted here.
 pub fn step_flops(
     cfg: &BenchConfig,
     stage: BenchStage,

@@ -235,8 +235,8 @@ kernel_table! {
         fn bernoulli_kl_f32(n: i32, s: DevPtr<f32>, t: DevPtr<f32>, w: DevPtr<f32>, inv_tau: f32, f: f32, ds: DevPtr<f32>, terms: DevPtr<f64>);
         fn coarse_f32(n: i32, d: i32, p: DevPtr<f32>, t: DevPtr<f32>, w: DevPtr<f32>, cosine: i32, coef_over_n: f32, dp: DevPtr<f32>, terms: DevPtr<f64>);
         fn coarse_bf16(n: i32, d: i32, p: DevPtr<bf16>, t: DevPtr<bf16>, w: DevPtr<f32>, cosine: i32, coef_over_n: f32, dp: DevPtr<bf16>, terms: DevPtr<f64>);
-        fn fine_f32(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<f32>, k: DevPtr<f32>, v: DevPtr<f32>, tin: DevPtr<f32>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<f32>, dk: DevPtr<f32>, dv: DevPtr<f32>, terms: DevPtr<f64>, err: DevPtr<u32>);
-        fn fine_bf16(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<bf16>, k: DevPtr<bf16>, v: DevPtr<bf16>, tin: DevPtr<bf16>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<bf16>, dk: DevPtr<bf16>, dv: DevPtr<bf16>, terms: DevPtr<f64>, err: DevPtr<u32>);
+        fn fine_f32(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<f32>, v: DevPtr<f32>, tin: DevPtr<f32>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<f32>, dv: DevPtr<f32>, terms: DevPtr<f64>, err: DevPtr<u32>);
+        fn fine_bf16(batch: i32, lq: i32, lk: i32, d: i32, tile: i32, q: DevPtr<bf16>, v: DevPtr<bf16>, tin: DevPtr<bf16>, q_lens: DevPtr<u32>, k_lens: DevPtr<u32>, w: DevPtr<f32>, coef: f32, dq: DevPtr<bf16>, dv: DevPtr<bf16>, terms: DevPtr<f64>, err: DevPtr<u32>);
     }
     "adamw.cu" {
         fn sum_squares_partial(n: i64, x: DevPtr<f32>, partial: DevPtr<f64>);

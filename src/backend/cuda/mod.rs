@@ -24,10 +24,10 @@
 //!   buffers are caller bugs and panic with a message, as on the CPU backend.
 //! - Losses compute per-row terms in double, sum them in a fixed order on the device and
 //!   download one scalar.
-//! - `fine_loss` is one block per batch row (a warp per student token, the score-gradient
-//!   tile in shared memory), which bounds `8·(lk + d) + lk + 1` floats by 48 KiB of shared
-//!   memory (12272 floats, 64 bytes being kept for its static shared memory: lk ≤ 1249 at
-//!   d = 128); larger shapes are refused with an error.
+//! - `fine_loss` is one block per batch row (a warp per four student tokens, their scores
+//!   and their vectors in shared memory), which bounds `4·(lk + d) + 1` floats by 48 KiB of
+//!   shared memory (12272 floats, 64 bytes being kept for its static shared memory:
+//!   lk ≤ 2939 at d = 128); larger shapes are refused with an error.
 
 pub mod arena;
 pub mod attention;
@@ -165,16 +165,17 @@ fn long(x: usize) -> i64 {
 // kernel exactly as the backend does.
 
 /// The fine-alignment kernel's launch for a batch of `batch` rows, `lq` student and `lk`
-/// teacher tokens of width `d`, and its tile of student tokens per pass: one block per row
-/// of `FINE_WARPS` warps (fewer where the shared memory would not hold them),
-/// `warps·FINE_GROUP·(lk + d)` floats of shared memory and `lk + 1` per student token of the
-/// tile; `None` when not one token fits beside one warp.
+/// teacher tokens of width `d`, and its tile of student tokens per pass (whose errors are
+/// summed in order at the tile's end): one block per row of `FINE_WARPS` warps (fewer where
+/// the shared memory would not hold them), `warps·FINE_GROUP·(lk + d)` floats of shared
+/// memory and one per student token of the tile; `None` when not one token fits beside one
+/// warp.
 pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchConfig, usize)> {
     // FINE_WARPS, then half as many, down to one.
     let warps = std::iter::successors(Some(FINE_WARPS), |&w| (w > 1).then_some(w / 2))
-        .find(|w| w * FINE_GROUP * (lk + d) + lk < FINE_SMEM_FLOATS)?;
+        .find(|w| w * FINE_GROUP * (lk + d) < FINE_SMEM_FLOATS)?;
     let fixed = warps * FINE_GROUP * (lk + d);
-    let tile = ((FINE_SMEM_FLOATS - fixed) / (lk + 1)).clamp(1, lq.max(1));
+    let tile = (FINE_SMEM_FLOATS - fixed).clamp(1, lq.max(1));
     let cfg = LaunchConfig {
         grid_dim: (
             u32::try_from(batch).expect("batch within the grid limit"),
@@ -182,7 +183,7 @@ pub fn fine_cfg(batch: usize, lq: usize, lk: usize, d: usize) -> Option<(LaunchC
             1,
         ),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile * lk + tile)) as u32,
+        shared_mem_bytes: (std::mem::size_of::<f32>() * (fixed + tile)) as u32,
     };
     Some((cfg, tile))
 }
@@ -1146,17 +1147,17 @@ fn f32_only(p: TypedPtr, what: &str) -> DevPtr<f32> {
         .unwrap_or_else(|| panic!("{what}: a bf16 buffer where the kernel takes f32"))
 }
 
-/// The fine loss's addresses (q, k, v, t_in, then dq, dk, dv when there are gradients),
-/// all of one element type.
+/// The fine loss's addresses (q, v, t_in, then dq, dv when there are gradients), all of one
+/// element type.
 enum FineAddrs {
     F32(Vec<DevPtr<f32>>),
     Bf16(Vec<DevPtr<bf16>>),
 }
 
-/// Gradient `i` of the fine loss's addresses (q, k, v, t_in, then dq, dk, dv when there are
+/// Gradient `i` of the fine loss's addresses (q, v, t_in, then dq, dv when there are
 /// gradients), or null without gradients.
 fn grad_or_null<T>(ptrs: &[DevPtr<T>], i: usize) -> DevPtr<T> {
-    ptrs.get(4 + i).copied().unwrap_or(DevPtr::null())
+    ptrs.get(3 + i).copied().unwrap_or(DevPtr::null())
 }
 
 /// cuBLAS's data type of elements of `dtype`.
@@ -2617,7 +2618,6 @@ impl Backend for CudaBackend {
         &self,
         shape: FineShape,
         q: Ref<CudaBuf>,
-        k: Ref<CudaBuf>,
         v: Ref<CudaBuf>,
         t_in: Ref<CudaBuf>,
         q_lens: &CudaSlice<u32>,
@@ -2644,26 +2644,24 @@ impl Backend for CudaBackend {
         let Some((cfg, tile)) = fine_cfg(batch, lq, lk, d) else {
             return Err(Error::invalid(format!(
                 "fine_loss: lk = {lk}, d = {d} is too large for the CUDA kernel: it needs \
-                 {FINE_GROUP}·(lk + d) + lk + 1 = {} floats of shared memory, at most \
+                 {FINE_GROUP}·(lk + d) + 1 = {} floats of shared memory, at most \
                  {FINE_SMEM_FLOATS}",
-                FINE_GROUP * (lk + d) + lk + 1
+                FINE_GROUP * (lk + d) + 1
             )));
         };
         let qp = self.rt(q, batch * lq * d, "fine_loss q");
-        let kp = self.rt(k, batch * lk * d, "fine_loss k");
         let vp = self.rt(v, batch * lq * d, "fine_loss v");
         let tp = self.rt(t_in, batch * lk * d, "fine_loss t_in");
         let wp = self.rp(weights, batch, "fine_loss weights");
         let grads = match grads {
-            Some(FineGrads { dq, dk, dv }) if lq > 0 && lk > 0 => vec![
+            Some(FineGrads { dq, dv }) if lq > 0 && lk > 0 => vec![
                 self.mt(dq, batch * lq * d, "fine_loss dq"),
-                self.mt(dk, batch * lk * d, "fine_loss dk"),
                 self.mt(dv, batch * lq * d, "fine_loss dv"),
             ],
             _ => Vec::new(),
         };
-        // q, k, v, t_in, then the gradients if any, all of one type.
-        let mut all = vec![qp, kp, vp, tp];
+        // q, v, t_in, then the gradients if any, all of one type.
+        let mut all = vec![qp, vp, tp];
         all.extend(grads);
         let as_f32: Option<Vec<_>> = all.iter().map(|p| p.f32()).collect();
         let as_bf16: Option<Vec<_>> = all.iter().map(|p| p.bf16()).collect();
@@ -2698,14 +2696,12 @@ impl Backend for CudaBackend {
                 p[0],
                 p[1],
                 p[2],
-                p[3],
                 qlp,
                 klp,
                 wp,
                 coef,
                 grad_or_null(&p, 0),
                 grad_or_null(&p, 1),
-                grad_or_null(&p, 2),
                 terms,
                 err,
             ),
@@ -2719,14 +2715,12 @@ impl Backend for CudaBackend {
                 p[0],
                 p[1],
                 p[2],
-                p[3],
                 qlp,
                 klp,
                 wp,
                 coef,
                 grad_or_null(&p, 0),
                 grad_or_null(&p, 1),
-                grad_or_null(&p, 2),
                 terms,
                 err,
             ),
@@ -2854,14 +2848,15 @@ mod tests {
     #[test]
     fn the_fine_kernel_takes_fewer_warps_before_it_refuses_a_shape() {
         // §8: 4 warps, every student token in one tile.
-        assert_eq!(fine(1024, 32, 128, 128), Some((4, 32, 16 * 256 + 32 * 129)));
-        assert_eq!(fine(2, 80, 128, 256).map(|f| f.1), Some(47));
-        // Past 601 keys at d = 128, 4 warps do not fit: 2, then 1.
-        assert_eq!(fine(1, 8, 601, 128).map(|f| f.0), Some(4));
-        assert_eq!(fine(1, 8, 602, 128).map(|f| f.0), Some(2));
-        assert_eq!(fine(2, 11, 700, 64).map(|f| (f.0, f.1)), Some((2, 8)));
-        // The last shape at d = 64: one warp, one token per tile, all 12272 floats.
-        assert_eq!(fine(3, 5, 2403, 64), Some((1, 1, 12272)));
-        assert_eq!(fine(3, 5, 2404, 64), None);
+        assert_eq!(fine(1024, 32, 128, 128), Some((4, 32, 16 * 256 + 32)));
+        assert_eq!(fine(2, 80, 128, 256).map(|f| f.1), Some(80));
+        // Past 638 keys at d = 128, 4 warps do not fit: 2, then 1.
+        assert_eq!(fine(1, 8, 638, 128).map(|f| f.0), Some(4));
+        assert_eq!(fine(1, 8, 639, 128).map(|f| f.0), Some(2));
+        assert_eq!(fine(1, 8, 1406, 128).map(|f| f.0), Some(1));
+        assert_eq!(fine(2, 11, 700, 64).map(|f| (f.0, f.1)), Some((4, 11)));
+        // The last shape at d = 64: one warp, a tile of 4 tokens, all 12272 floats.
+        assert_eq!(fine(3, 5, 3003, 64), Some((1, 4, 12272)));
+        assert_eq!(fine(3, 5, 3004, 64), None);
     }
 }
