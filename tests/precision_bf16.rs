@@ -45,22 +45,25 @@ fn activations_are_bf16_and_what_the_scheme_keeps_in_f32_is_not_rounded() {
     let db = DeviceBatch::upload(&be, &b, &schema()).expect("upload");
     let fwd = s.forward(&be, &db).expect("forward");
     // The pooled representation is an activation: bf16.
-    assert_eq!(fwd.hidden.dtype, Precision::Bf16);
-    assert!(fwd.hidden.data.iter().all(|&x| is_bf16(x)));
+    assert_eq!(fwd.hidden.dtype(), Precision::Bf16);
+    assert!(fwd.hidden.values().iter().all(|&x| is_bf16(x)));
     // Logits are kept in f32, and they are not all bf16 numbers (a forward that rounded
     // them would make every one of them one).
-    assert_eq!(fwd.logits.dtype, Precision::F32);
-    let off = fwd.logits.data.iter().filter(|&&x| !is_bf16(x)).count();
-    assert!(off > fwd.logits.data.len() / 2, "{off} logits are not bf16");
+    assert_eq!(fwd.logits.dtype(), Precision::F32);
+    let off = fwd.logits.values().iter().filter(|&&x| !is_bf16(x)).count();
+    assert!(
+        off > fwd.logits.values().len() / 2,
+        "{off} logits are not bf16"
+    );
     // The weights' compute copy is the bf16 rounding of the f32 master weights, which keep
     // their full precision.
     let (values, copy) = (&s.params.values, s.params.compute());
     assert_eq!(
-        (values.dtype, copy.dtype),
+        (values.dtype(), copy.dtype()),
         (Precision::F32, Precision::Bf16)
     );
-    assert!(values.data.iter().any(|&x| !is_bf16(x)));
-    for (v, c) in values.data.iter().zip(&copy.data) {
+    assert!(values.values().iter().any(|&x| !is_bf16(x)));
+    for (v, c) in values.values().iter().zip(copy.values()) {
         assert_eq!(round_bf16(*v), *c);
     }
     // One optimizer step: the moments and the updated values are f32 (an update far below
@@ -70,22 +73,28 @@ fn activations_are_bf16_and_what_the_scheme_keeps_in_f32_is_not_rounded() {
     let cfg = LossConfig::spec_starting();
     student_objective(&be, &cfg, weights(&b), Teacher::live(&t), &mut s, &db, true)
         .expect("objective");
-    assert!(s.params.grads.data.iter().any(|&x| !is_bf16(x)));
+    assert!(s.params.grads.values().iter().any(|&x| !is_bf16(x)));
     let before = s.params.values.clone();
     let mut opt = Optimizer::new(AdamWConfig::default());
     opt.step(&be, &mut s.params, 1e-6).expect("step");
     let moved = before
-        .data
+        .values()
         .iter()
-        .zip(&s.params.values.data)
+        .zip(s.params.values.values())
         .filter(|(a, b)| a != b)
         .count();
     assert!(
-        moved > before.data.len() / 2,
+        moved > before.values().len() / 2,
         "a step of lr 1e-6 (far below bf16's resolution) moved only {moved} master weights"
     );
-    assert_eq!(s.params.m.dtype, Precision::F32);
-    for (v, c) in s.params.values.data.iter().zip(&s.params.compute().data) {
+    assert_eq!(s.params.m.dtype(), Precision::F32);
+    for (v, c) in s
+        .params
+        .values
+        .values()
+        .iter()
+        .zip(s.params.compute().values())
+    {
         assert_eq!(
             round_bf16(*v),
             *c,
@@ -162,10 +171,14 @@ fn two_hundred_bf16_training_steps_follow_the_f32_loss_curve() {
 fn tagged_buffers_round_on_construction_only_when_bf16() {
     let x = vec![1.0 + 1.0 / 150.0, -5.123_457, 1e-20];
     let f = TaggedBuf::f32(x.clone());
-    assert_eq!(f.data, x);
+    assert_eq!(f.values(), x);
     let h = TaggedBuf::bf16(x.clone());
-    assert!(h.data.iter().all(|&v| is_bf16(v)));
-    assert_eq!(h.data[0], 1.0 + 1.0 / 128.0, "nearest bf16 of 1 + 1/150");
+    assert!(h.values().iter().all(|&v| is_bf16(v)));
+    assert_eq!(
+        h.values()[0],
+        1.0 + 1.0 / 128.0,
+        "nearest bf16 of 1 + 1/150"
+    );
 }
 
 #[test]
@@ -202,8 +215,8 @@ fn a_product_takes_an_f32_operand_in_bf16_only_beside_a_bf16_one() {
             0.0,
             Mut::whole(&mut c),
         );
-        assert_eq!(c.dtype, Precision::F32);
-        c.data
+        assert_eq!(c.dtype(), Precision::F32);
+        c.values().to_vec()
     };
     assert_ne!(product(&a), product(&a_rounded), "the rounding must show");
     assert_eq!(run(&TaggedBuf::bf16(b.clone())), product(&a_rounded));
@@ -238,8 +251,8 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
     let (mut got, mut want) = (tag(&s0), s0.clone());
     be.masked_softmax(batch, heads, l, l, &lens, 0.5, Mut::whole(&mut got));
     cpu.masked_softmax(batch, heads, l, l, &lens_host, 0.5, Mut::whole(&mut want));
-    assert_eq!(got.data, rounded(want.clone()), "masked_softmax");
-    let (p, dp) = (got.data.clone(), bf16_values(2, n));
+    assert_eq!(got.values(), rounded(want.clone()), "masked_softmax");
+    let (p, dp) = (got.values().to_vec(), bf16_values(2, n));
     let (mut got_ds, mut want_ds) = (tag(&poison(n)), poison(n));
     be.masked_softmax_backward(
         batch,
@@ -263,7 +276,7 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
         Ref::whole(&dp),
         Mut::whole(&mut want_ds),
     );
-    assert_eq!(got_ds.data, rounded(want_ds), "masked_softmax_backward");
+    assert_eq!(got_ds.values(), rounded(want_ds), "masked_softmax_backward");
 
     // gemm_outer: heads outer, rows inner, as attention runs its products.
     let (m, k) = (l, d);
@@ -303,7 +316,7 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
         0.0,
         Mut::whole(&mut want_c),
     );
-    assert_eq!(got_c.data, rounded(want_c), "gemm_outer");
+    assert_eq!(got_c.values(), rounded(want_c), "gemm_outer");
 
     // add_bias (accumulates into y), gelu.
     let (rows, cols) = (3, 7);
@@ -311,11 +324,11 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
     let (mut got_y, mut want_y) = (tag(&y0), y0.clone());
     be.add_bias(rows, cols, Ref::whole(&tag(&bias)), Mut::whole(&mut got_y));
     cpu.add_bias(rows, cols, Ref::whole(&bias), Mut::whole(&mut want_y));
-    assert_eq!(got_y.data, rounded(want_y), "add_bias");
+    assert_eq!(got_y.values(), rounded(want_y), "add_bias");
     let (mut got_g, mut want_g) = (tag(&poison(rows * cols)), poison(rows * cols));
     be.gelu(rows * cols, Ref::whole(&tag(&y0)), Mut::whole(&mut got_g));
     cpu.gelu(rows * cols, Ref::whole(&y0), Mut::whole(&mut want_g));
-    assert_eq!(got_g.data, rounded(want_g), "gelu");
+    assert_eq!(got_g.values(), rounded(want_g), "gelu");
 
     // layernorm: y in bf16, the statistics in f32 (not rounded).
     let (x, gb) = (bf16_values(7, rows * cols), bf16_values(8, 2 * cols));
@@ -338,7 +351,7 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
         Mut::whole(&mut want_ln),
         Mut::whole(&mut want_st),
     );
-    assert_eq!(got_ln.data, rounded(want_ln), "layernorm output");
-    assert_eq!(got_st.data, want_st, "layernorm statistics stay f32");
-    assert!(got_st.data.iter().any(|&v| !is_bf16(v)));
+    assert_eq!(got_ln.values(), rounded(want_ln), "layernorm output");
+    assert_eq!(got_st.values(), want_st, "layernorm statistics stay f32");
+    assert!(got_st.values().iter().any(|&v| !is_bf16(v)));
 }

@@ -11,7 +11,11 @@
 //! logits' gradient into the head's) is rounded to bf16 first, as a tensor-core product needs.
 //!
 //! It exists to check the scheme, not to be fast: values are held as f32 that are exact
-//! bf16 numbers, so it saves no memory, and each write costs an extra rounding pass.
+//! bf16 numbers, so it saves no memory, and each write costs an extra rounding pass. What it
+//! reports as its memory ([`Backend::peak_memory`]) is therefore not the host's: it is the
+//! bytes its buffers occupy in their storage types (2 per bf16 element, 4 per f32 one), what
+//! a device running the scheme holds for them, counted by a ledger as buffers are made and
+//! dropped (id buffers, `u32` on every backend, are not counted).
 
 use super::cpu::{CpuBackend, CpuStaging};
 use super::precision::{round_bf16, Precision};
@@ -20,34 +24,59 @@ use super::{
     ValidTokens,
 };
 use crate::Result;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Bytes the live [`TaggedBuf`]s of the process occupy in their storage types.
+static SCHEME_LIVE: AtomicU64 = AtomicU64::new(0);
+/// The most [`SCHEME_LIVE`] bytes held at once since the last reset.
+static SCHEME_PEAK: AtomicU64 = AtomicU64::new(0);
 
 /// A host buffer of f32 values tagged with the type it stands for: with
-/// [`Precision::Bf16`] every element is an exact bfloat16 value.
-#[derive(Debug, Clone, PartialEq)]
+/// [`Precision::Bf16`] every element is an exact bfloat16 value. Its bytes in that type are
+/// on the scheme's ledger from its making to its drop.
+#[derive(Debug, PartialEq)]
 pub struct TaggedBuf {
-    /// The elements (exact bf16 values when `dtype` is bf16).
-    pub data: Vec<f32>,
+    /// The elements (exact bf16 values when `dtype` is bf16); private, so that its length,
+    /// which the ledger counts, is fixed at the making.
+    data: Vec<f32>,
     /// The storage type the buffer stands for.
-    pub dtype: Precision,
+    dtype: Precision,
 }
 
 impl TaggedBuf {
+    /// A buffer of type `dtype` holding `data` as given, entered on the ledger.
+    fn tagged(data: Vec<f32>, dtype: Precision) -> TaggedBuf {
+        let b = TaggedBuf { data, dtype };
+        let now = SCHEME_LIVE.fetch_add(b.stored_bytes(), Relaxed) + b.stored_bytes();
+        SCHEME_PEAK.fetch_max(now, Relaxed);
+        b
+    }
+
     /// An f32 buffer holding `data`.
     pub fn f32(data: Vec<f32>) -> TaggedBuf {
-        TaggedBuf {
-            data,
-            dtype: Precision::F32,
-        }
+        TaggedBuf::tagged(data, Precision::F32)
     }
 
     /// A bf16 buffer holding `data` rounded to bfloat16.
     pub fn bf16(data: Vec<f32>) -> TaggedBuf {
-        let mut b = TaggedBuf {
-            data,
-            dtype: Precision::Bf16,
-        };
+        let mut b = TaggedBuf::tagged(data, Precision::Bf16);
         b.settle();
         b
+    }
+
+    /// The elements, as f32 values (exact bf16 values in a bf16 buffer).
+    pub fn values(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The storage type the buffer stands for.
+    pub fn dtype(&self) -> Precision {
+        self.dtype
+    }
+
+    /// Bytes of the buffer in its storage type: `len · 2` for bf16, `len · 4` for f32.
+    pub fn stored_bytes(&self) -> u64 {
+        (self.data.len() * self.dtype.act_bytes(std::mem::size_of::<f32>())) as u64
     }
 
     /// Rounds every element to the buffer's type (a no-op for f32 buffers; idempotent).
@@ -66,6 +95,18 @@ impl TaggedBuf {
                 .iter_mut()
                 .for_each(|x| *x = round_bf16(*x));
         }
+    }
+}
+
+impl Clone for TaggedBuf {
+    fn clone(&self) -> TaggedBuf {
+        TaggedBuf::tagged(self.data.clone(), self.dtype)
+    }
+}
+
+impl Drop for TaggedBuf {
+    fn drop(&mut self) {
+        SCHEME_LIVE.fetch_sub(self.stored_bytes(), Relaxed);
     }
 }
 
@@ -95,7 +136,7 @@ fn r(x: Ref<TaggedBuf>) -> Ref<Vec<f32>> {
 /// so a device converts the f32 operand first); two f32 operands stay f32. `None` means
 /// the operand is read as it is.
 fn matrix_operands(a: &TaggedBuf, b: &TaggedBuf) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
-    let rounded = |x: &TaggedBuf| Some(TaggedBuf::bf16(x.data.clone()).data);
+    let rounded = |x: &TaggedBuf| Some(x.data.iter().map(|&v| round_bf16(v)).collect());
     match (a.dtype, b.dtype) {
         (Precision::F32, Precision::Bf16) => (rounded(a), None),
         (Precision::Bf16, Precision::F32) => (None, rounded(b)),
@@ -278,12 +319,15 @@ impl Backend for CpuBf16Backend {
         self.inner.copy_ids(len, src, dst)
     }
 
+    /// The most bytes the process's [`TaggedBuf`]s occupied at once in their storage types
+    /// since [`Backend::reset_peak_memory`] (the module documentation says why not the
+    /// host's bytes); shared by every instance in the process, as a device's pool is.
     fn peak_memory(&self) -> Option<u64> {
-        self.inner.peak_memory()
+        Some(SCHEME_PEAK.load(Relaxed))
     }
 
     fn reset_peak_memory(&self) {
-        self.inner.reset_peak_memory();
+        SCHEME_PEAK.store(SCHEME_LIVE.load(Relaxed), Relaxed);
     }
 
     fn fill(&self, len: usize, value: f32, x: Mut<TaggedBuf>) {

@@ -513,7 +513,8 @@ pub trait Backend: Send + Sync {
     /// Peak bytes held by this backend's device buffers since the last
     /// [`Backend::reset_peak_memory`], where the backend can tell. On the CPU: the peak of
     /// the process's large heap allocations ([`host_memory`]), where its counting allocator
-    /// is installed (the `mgkd-train` binary), else `None`.
+    /// is installed (the `mgkd-train` binary), else `None`; the bf16 scheme's CPU reference
+    /// counts its buffers' bytes in their storage types instead ([`cpu_bf16`]).
     fn peak_memory(&self) -> Option<u64>;
     /// Starts a new window for [`Backend::peak_memory`] at the bytes held now.
     fn reset_peak_memory(&self);
