@@ -61,45 +61,53 @@ extern "C" __global__ void gelu_backward_bf16(i64 n, const bf16* __restrict__ x,
   gelu_backward(n, x, dy, dx);
 }
 
-// dx = dy·GELU'(x) on a rows×n block, with pass 1 of the bias gradient in the same pass:
-// partial[k, j] = Σ dx[r, j] (as stored) over the rows r of chunk k (rows k·chunk_rows ..
-// +chunk_rows, in order), in f32; grid (⌈n/blockDim⌉, chunks). Pass 2 is col_finish_f32. The
-// same chunks, order and roundings as gelu_backward followed by col_partial (the sum is
-// __fadd_rn: never contracted with the product into an fma), so the two paths agree bit for
-// bit.
+// In place on a rows×n block: grad holds dy on entry and dx = dy·GELU'(x) on return, with
+// pass 1 of the bias gradient in the same pass: partial[k, j] = Σ dx[r, j] (as stored) over
+// the rows r of chunk k (rows k·chunk_rows .. +chunk_rows, in order), in f32; grid
+// (⌈n/blockDim⌉, chunks). Pass 2 is col_finish_f32. The same chunks, order and roundings as
+// gelu_backward followed by col_partial (the sum is __fadd_rn: never contracted with the
+// product into an fma), so the two paths agree bit for bit. Each thread loads GELU_ROWS
+// rows' dy and x before it stores any dx: grad is read and written through one pointer, so
+// the compiler could not move a load above an earlier store, and one row at a time each load
+// would wait for the previous store.
+constexpr int GELU_ROWS = 8;
 template <typename T>
 __device__ __forceinline__ void gelu_backward_bias_partial(int rows, int n, int chunk_rows,
-                                                           const T* __restrict__ x,
-                                                           const T* __restrict__ dy, T* __restrict__ dx,
+                                                           const T* __restrict__ x, T* grad,
                                                            float* __restrict__ partial) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= n) return;
   const int r0 = blockIdx.y * chunk_rows;
   const int r1 = min(rows, r0 + chunk_rows);
   float acc = 0.0f;
-  // Unrolled so that many rows' loads are in flight at once; the sum keeps its order.
-#pragma unroll 8
-  for (int r = r0; r < r1; ++r) {
-    const i64 i = (i64)r * n + j;
-    const float g = ld(dy, i) * gelu_grad(ld(x, i));
-    st(dx, i, g);
-    acc = __fadd_rn(acc, stored(dx, g));
+  for (int r = r0; r < r1; r += GELU_ROWS) {
+    float dy[GELU_ROWS], xv[GELU_ROWS];
+#pragma unroll
+    for (int u = 0; u < GELU_ROWS; ++u) {
+      const i64 i = (i64)(r + u) * n + j;
+      dy[u] = r + u < r1 ? ld(grad, i) : 0.0f;
+      xv[u] = r + u < r1 ? ld(x, i) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < GELU_ROWS; ++u) {
+      if (r + u < r1) {
+        const float g = dy[u] * gelu_grad(xv[u]);
+        st(grad, (i64)(r + u) * n + j, g);
+        acc = __fadd_rn(acc, stored(grad, g));
+      }
+    }
   }
   partial[(i64)blockIdx.y * n + j] = acc;
 }
 
 extern "C" __global__ void gelu_backward_bias_partial_f32(int rows, int n, int chunk_rows,
-                                                          const float* __restrict__ x,
-                                                          const float* __restrict__ dy,
-                                                          float* __restrict__ dx,
+                                                          const float* __restrict__ x, float* grad,
                                                           float* __restrict__ partial) {
-  gelu_backward_bias_partial(rows, n, chunk_rows, x, dy, dx, partial);
+  gelu_backward_bias_partial(rows, n, chunk_rows, x, grad, partial);
 }
 
 extern "C" __global__ void gelu_backward_bias_partial_bf16(int rows, int n, int chunk_rows,
-                                                           const bf16* __restrict__ x,
-                                                           const bf16* __restrict__ dy,
-                                                           bf16* __restrict__ dx,
+                                                           const bf16* __restrict__ x, bf16* grad,
                                                            float* __restrict__ partial) {
-  gelu_backward_bias_partial(rows, n, chunk_rows, x, dy, dx, partial);
+  gelu_backward_bias_partial(rows, n, chunk_rows, x, grad, partial);
 }

@@ -487,14 +487,13 @@ impl Case for GeluCase {
         let x = buf(be, Kind::Act, &values(&mut g, Kind::Act, r * n, 3.0));
         let mut y = poisoned(be, Kind::Act, r * n);
         be.gelu(r * n, Ref::whole(&x), Mut::whole(&mut y));
-        let dy = buf(be, Kind::Act, &values(&mut g, Kind::Act, r * n, 1.0));
-        let mut dx = poisoned(be, Kind::Act, r * n);
+        // dy, turned into dx in place.
+        let mut dx = buf(be, Kind::Act, &values(&mut g, Kind::Act, r * n, 1.0));
         let mut db = buf(be, Kind::Full, &values(&mut g, Kind::Full, n, 1.0)); // accumulates
         be.gelu_bias_backward(
             r,
             n,
             Ref::whole(&x),
-            Ref::whole(&dy),
             Mut::whole(&mut dx),
             Mut::whole(&mut db),
         );

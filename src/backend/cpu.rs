@@ -49,6 +49,20 @@ impl<F: Float> CpuBackend<F> {
     pub fn new() -> Self {
         CpuBackend { _f: PhantomData }
     }
+
+    /// `grad[i] = grad[i]·GELU'(x[i])` for `i < len`: [`Backend::gelu_backward`] with `dy`
+    /// and `dx` in one buffer (the same bits).
+    pub fn gelu_backward_in_place(&self, len: usize, x: Ref<Vec<F>>, grad: Mut<Vec<F>>) {
+        let x = rd(x, len);
+        wr(grad, len)
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(gc, xc)| {
+                for (g, &x) in gc.iter_mut().zip(xc) {
+                    *g *= gelu_slope(x);
+                }
+            });
+    }
 }
 
 /// `x` as an `F` (rounding for `f32`).
@@ -85,6 +99,15 @@ fn rows_per_task(width: usize) -> usize {
 #[inline]
 fn softplus<F: Float>(x: F) -> F {
     x.max(F::zero()) + (-x.abs()).exp().ln_1p()
+}
+
+/// GELU's derivative `Φ(x) + x·φ(x)` (exact, through erf).
+#[inline]
+fn gelu_slope<F: Float>(x: F) -> F {
+    let half = cst::<F>(0.5);
+    let cdf = half * (F::one() + (x * cst::<F>(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = cst::<F>(0.398_942_280_401_432_7) * (-half * x * x).exp();
+    cdf + x * pdf
 }
 
 /// Stable logistic sigmoid.
@@ -205,7 +228,7 @@ fn scale_rows<F: Float>(m: usize, n: usize, beta: F, c: &mut [F], ldc: usize) {
 
 impl<F: Float> CpuBackend<F> {
     /// Per-row part of [`Backend::fine_loss`]: returns `rowloss_b` and, with `grads`, adds
-    /// `f·∂rowloss/∂(q,k,v)` scaled so that `f = coef·w_b/|R|`.
+    /// `f·∂rowloss/∂(q,v)` scaled so that `f = coef·w_b/|R|`.
     #[allow(clippy::too_many_arguments)]
     fn fine_row(
         d: usize,
@@ -640,19 +663,26 @@ impl<F: Float> Backend for CpuBackend<F> {
     fn gelu_backward(&self, len: usize, x: Ref<Vec<F>>, dy: Ref<Vec<F>>, dx: Mut<Vec<F>>) {
         let x = rd(x, len);
         let dy = rd(dy, len);
-        let half = cst::<F>(0.5);
-        let inv_sqrt2 = cst::<F>(std::f64::consts::FRAC_1_SQRT_2);
-        let inv_sqrt_2pi = cst::<F>(0.398_942_280_401_432_7);
         wr(dx, len)
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(dc, (xc, gc))| {
                 for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                    let cdf = half * (F::one() + (x * inv_sqrt2).erf());
-                    let pdf = inv_sqrt_2pi * (-half * x * x).exp();
-                    *d = g * (cdf + x * pdf);
+                    *d = g * gelu_slope(x);
                 }
             });
+    }
+
+    fn gelu_bias_backward(
+        &self,
+        rows: usize,
+        n: usize,
+        x: Ref<Vec<F>>,
+        mut grad: Mut<Vec<F>>,
+        db: Mut<Vec<F>>,
+    ) {
+        self.gelu_backward_in_place(rows * n, x, grad.reborrow());
+        self.bias_backward(rows, n, Ref::at(&*grad.buf, grad.off), db);
     }
 
     fn layernorm(

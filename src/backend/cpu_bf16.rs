@@ -454,12 +454,14 @@ impl Backend for CpuBf16Backend {
         rows: usize,
         n: usize,
         x: Ref<TaggedBuf>,
-        dy: Ref<TaggedBuf>,
-        mut dx: Mut<TaggedBuf>,
+        mut grad: Mut<TaggedBuf>,
         db: Mut<TaggedBuf>,
     ) {
-        self.gelu_backward(rows * n, x, dy, dx.reborrow());
-        self.bias_backward(rows, n, Ref::at(&*dx.buf, dx.off), db);
+        let len = rows * n;
+        w(grad.reborrow(), len, |g| {
+            self.inner.gelu_backward_in_place(len, r(x), g)
+        });
+        self.bias_backward(rows, n, Ref::at(&*grad.buf, grad.off), db);
     }
 
     fn layernorm(

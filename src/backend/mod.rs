@@ -614,24 +614,19 @@ pub trait Backend: Send + Sync {
     fn gelu(&self, len: usize, x: Ref<Self::Buf>, y: Mut<Self::Buf>);
     /// `dx = dy·GELU'(x)`, `GELU'(x) = Φ(x) + x·φ(x)`.
     fn gelu_backward(&self, len: usize, x: Ref<Self::Buf>, dy: Ref<Self::Buf>, dx: Mut<Self::Buf>);
-    /// The backward of GELU after a biased linear map, `rows×n`: `dx = dy·GELU'(x)` and the
-    /// bias gradient `db += Σ_rows dx` (the map's pre-activation is `x`). The default is
-    /// [`Backend::gelu_backward`] then [`Backend::bias_backward`]; a backend may sum the
-    /// columns in the same pass.
-    #[allow(clippy::too_many_arguments)]
+    /// The backward of GELU after a biased linear map, `rows×n`, in place: `grad` holds
+    /// `dy` on entry and `dx = dy·GELU'(x)` on return (each element as
+    /// [`Backend::gelu_backward`] computes it), and the bias gradient `db += Σ_rows dx` (the
+    /// map's pre-activation is `x`), summed as [`Backend::bias_backward`] sums. In place, so
+    /// that a block's backward never holds `dy` and `dx` (`tokens×4d` each) at once.
     fn gelu_bias_backward(
         &self,
         rows: usize,
         n: usize,
         x: Ref<Self::Buf>,
-        dy: Ref<Self::Buf>,
-        mut dx: Mut<Self::Buf>,
+        grad: Mut<Self::Buf>,
         db: Mut<Self::Buf>,
-    ) {
-        self.gelu_backward(rows * n, x, dy, dx.reborrow());
-        let dx = Ref::at(&*dx.buf, dx.off);
-        self.bias_backward(rows, n, dx, db);
-    }
+    );
     /// LayerNorm over the last dimension, ε = 1e-5:
     /// `y = (x − μ)·rstd·γ + β`, `rstd = 1/√(σ² + ε)`. `gamma_beta` holds γ (d) then β (d).
     /// `stats` (`rows×2`) receives μ and rstd per row for the backward.

@@ -148,7 +148,23 @@ impl Linear {
                 Mut::at(grads, self.w),
             );
         }
-        if let (Some(dx), true) = (dx, self.inp > 0) {
+        if let Some(dx) = dx {
+            self.backward_input(be, params, rows, dy, dx, accumulate_dx);
+        }
+    }
+
+    /// The input's gradient alone: `dx = dy·W` (or `dx += dy·W` with `accumulate_dx`), the
+    /// product [`Linear::backward`] makes last.
+    pub fn backward_input<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        dy: Ref<B::Buf>,
+        dx: Mut<B::Buf>,
+        accumulate_dx: bool,
+    ) {
+        if self.inp > 0 {
             let beta = if accumulate_dx {
                 one::<B::F>()
             } else {
@@ -437,31 +453,31 @@ impl Block {
         dh: &mut B::Buf,
     ) -> Result<()> {
         let (n, d) = (sh.tokens(), sh.d);
+        // One `tokens×4d` buffer at a time: g for fc2's weight gradient, then dg, turned
+        // into df1 in place.
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&c.f1), Mut::whole(&mut g));
-        let mut dg = uninit(be, n * 4 * d)?;
-        let dhr = Ref::whole(dh);
         self.fc2.backward(
             be,
             params,
             grads,
             n,
             Ref::whole(&g),
-            dhr,
-            Some(Mut::whole(&mut dg)),
+            Ref::whole(dh),
+            None,
             false,
         );
         drop(g);
         let mut df1 = uninit(be, n * 4 * d)?;
+        self.fc2
+            .backward_input(be, params, n, Ref::whole(dh), Mut::whole(&mut df1), false);
         be.gelu_bias_backward(
             n,
             4 * d,
             Ref::whole(&c.f1),
-            Ref::whole(&dg),
             Mut::whole(&mut df1),
             Mut::at(grads, self.fc1.b),
         );
-        drop(dg);
         let (xn2, stats2) = self.ln2.normed(be, params, n, &c.h_mid)?;
         let mut dxn2 = uninit(be, n * d)?;
         self.fc1.backward_weight_and_input(

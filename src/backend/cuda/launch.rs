@@ -173,8 +173,8 @@ kernel_table! {
         fn gelu_bf16(n: i64, x: DevPtr<bf16>, y: DevPtr<bf16>);
         fn gelu_backward_f32(n: i64, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>);
         fn gelu_backward_bf16(n: i64, x: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>);
-        fn gelu_backward_bias_partial_f32(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>, partial: DevPtr<f32>);
-        fn gelu_backward_bias_partial_bf16(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>, partial: DevPtr<f32>);
+        fn gelu_backward_bias_partial_f32(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<f32>, grad: DevPtr<f32>, partial: DevPtr<f32>);
+        fn gelu_backward_bias_partial_bf16(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<bf16>, grad: DevPtr<bf16>, partial: DevPtr<f32>);
     }
     "layernorm.cu" {
         fn layernorm_f32(rows: i32, d: i32, x: DevPtr<f32>, gb: DevPtr<f32>, y: DevPtr<f32>, stats: DevPtr<f32>);

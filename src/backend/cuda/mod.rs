@@ -1897,16 +1897,14 @@ impl Backend for CudaBackend {
         rows: usize,
         n: usize,
         x: Ref<CudaBuf>,
-        dy: Ref<CudaBuf>,
-        dx: Mut<CudaBuf>,
+        grad: Mut<CudaBuf>,
         db: Mut<CudaBuf>,
     ) {
         if rows == 0 || n == 0 {
             return;
         }
         let xp = self.rt(x, rows * n, "gelu_bias_backward x");
-        let gp = self.rt(dy, rows * n, "gelu_bias_backward dy");
-        let dp = self.mt(dx, rows * n, "gelu_bias_backward dx");
+        let gp = self.mt(grad, rows * n, "gelu_bias_backward grad");
         let bp = self.mp(db, n, "gelu_bias_backward db");
         // The column chunks of `column_sum`, so that the bias gradient is the one the
         // unfused path gives.
@@ -1917,20 +1915,20 @@ impl Backend for CudaBackend {
             int(n, "n"),
             int(per, "chunk"),
         );
-        match (xp, gp, dp) {
-            (TypedPtr::F32(x), TypedPtr::F32(g), TypedPtr::F32(d)) => {
+        match (xp, gp) {
+            (TypedPtr::F32(x), TypedPtr::F32(g)) => {
                 self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
                     self.k()
-                        .gelu_backward_bias_partial_f32(cfg, r, ni, pi, x, g, d, part)
+                        .gelu_backward_bias_partial_f32(cfg, r, ni, pi, x, g, part)
                 })
             }
-            (TypedPtr::Bf16(x), TypedPtr::Bf16(g), TypedPtr::Bf16(d)) => {
+            (TypedPtr::Bf16(x), TypedPtr::Bf16(g)) => {
                 self.chunked_sum("gelu_bias_backward", n, chunks, bp, |part| {
                     self.k()
-                        .gelu_backward_bias_partial_bf16(cfg, r, ni, pi, x, g, d, part)
+                        .gelu_backward_bias_partial_bf16(cfg, r, ni, pi, x, g, part)
                 })
             }
-            (x, g, d) => self.no_instance("gelu_bias_backward", &[x, g, d]),
+            (x, g) => self.no_instance("gelu_bias_backward", &[x, g]),
         }
     }
 
