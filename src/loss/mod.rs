@@ -586,10 +586,14 @@ fn fine_term<B: Backend>(
         lk,
         d,
     };
-    let (mut dqk, mut dv) = (zeros(be, nq * d)?, zeros(be, nq * d)?);
-    let grads = backward.then(|| FineGrads {
-        dq: Mut::whole(&mut dqk),
-        dv: Mut::whole(&mut dv),
+    // The gradients' buffers exist only for a backward (a validation pass needs none).
+    let mut grad_bufs = match backward {
+        true => Some((zeros(be, nq * d)?, zeros(be, nq * d)?)),
+        false => None,
+    };
+    let grads = grad_bufs.as_mut().map(|(dqk, dv)| FineGrads {
+        dq: Mut::whole(dqk),
+        dv: Mut::whole(dv),
     });
     be.fine_loss_into(
         shape,
@@ -604,9 +608,9 @@ fn fine_term<B: Backend>(
         out,
     )?;
     drop((qk, v));
-    if !backward {
+    let Some((dqk, dv)) = grad_bufs else {
         return Ok(None);
-    }
+    };
     let mut dq = uninit(be, nq * d)?;
     proj.k.transpose_backward(
         be,
