@@ -52,7 +52,7 @@ impl<F: Float> CpuBackend<F> {
 
     /// `grad[i] = grad[i]·GELU'(x[i])` for `i < len`: [`Backend::gelu_backward`] with `dy`
     /// and `dx` in one buffer (the same bits).
-    pub fn gelu_backward_in_place(&self, len: usize, x: Ref<Vec<F>>, grad: Mut<Vec<F>>) {
+    pub(crate) fn gelu_backward_in_place(&self, len: usize, x: Ref<Vec<F>>, grad: Mut<Vec<F>>) {
         let x = rd(x, len);
         wr(grad, len)
             .par_chunks_mut(CHUNK)

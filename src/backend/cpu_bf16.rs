@@ -47,8 +47,8 @@ impl TaggedBuf {
     /// A buffer of type `dtype` holding `data` as given, entered on the ledger.
     fn tagged(data: Vec<f32>, dtype: Precision) -> TaggedBuf {
         let b = TaggedBuf { data, dtype };
-        let now = SCHEME_LIVE.fetch_add(b.stored_bytes(), Relaxed) + b.stored_bytes();
-        SCHEME_PEAK.fetch_max(now, Relaxed);
+        let bytes = b.stored_bytes();
+        SCHEME_PEAK.fetch_max(SCHEME_LIVE.fetch_add(bytes, Relaxed) + bytes, Relaxed);
         b
     }
 

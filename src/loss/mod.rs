@@ -577,7 +577,7 @@ fn fine_term<B: Backend>(
     proj.q
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut q), false);
     proj.k
-        .transpose_forward(be, params, nq, Ref::whole(&q), Mut::whole(&mut qk));
+        .backward_input(be, params, nq, Ref::whole(&q), Mut::whole(&mut qk), false);
     proj.v
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut v), false);
     let shape = FineShape {
@@ -587,9 +587,10 @@ fn fine_term<B: Backend>(
         d,
     };
     // The gradients' buffers exist only for a backward (a validation pass needs none).
-    let mut grad_bufs = match backward {
-        true => Some((zeros(be, nq * d)?, zeros(be, nq * d)?)),
-        false => None,
+    let mut grad_bufs = if backward {
+        Some((zeros(be, nq * d)?, zeros(be, nq * d)?))
+    } else {
+        None
     };
     let grads = grad_bufs.as_mut().map(|(dqk, dv)| FineGrads {
         dq: Mut::whole(dqk),

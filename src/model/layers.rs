@@ -154,7 +154,9 @@ impl Linear {
     }
 
     /// The input's gradient alone: `dx = dy·W` (or `dx += dy·W` with `accumulate_dx`), the
-    /// product [`Linear::backward`] makes last.
+    /// product [`Linear::backward`] makes last. The same product maps a query `q` (packed
+    /// `rows×out`) through the transpose of the weight: `(q·W)·t = q·(W·t)`, the product
+    /// with the map's output of `t` less its bias term `q·b`.
     pub fn backward_input<B: Backend>(
         &self,
         be: &B,
@@ -177,30 +179,9 @@ impl Linear {
 }
 
 impl Linear {
-    /// The transpose of the map's weight applied on `rows` rows, no bias: `y = x·W` (`x`
-    /// packed `rows×out`, `y` packed `rows×in`). For a query `x`, `y·t = x·(W·t)`: the
-    /// product with the map's output of `t`, less its bias term `x·b`.
-    pub fn transpose_forward<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buf,
-        rows: usize,
-        x: Ref<B::Buf>,
-        y: Mut<B::Buf>,
-    ) {
-        let g = Gemm::new(rows, self.inp, self.out, false, false);
-        be.gemm(
-            &g,
-            one::<B::F>(),
-            x,
-            Ref::at(params, self.w),
-            zero::<B::F>(),
-            y,
-        );
-    }
-
-    /// Backward of [`Linear::transpose_forward`]: `dW += xᵀ·dy` and `dx = dy·Wᵀ` (`dy`
-    /// packed `rows×in`, `dx` packed `rows×out`).
+    /// Backward of the transposed map `y = x·W` ([`Linear::backward_input`] used forward,
+    /// `x` packed `rows×out`): `dW += xᵀ·dy` and `dx = dy·Wᵀ` (`dy` packed `rows×in`, `dx`
+    /// packed `rows×out`).
     #[allow(clippy::too_many_arguments)]
     pub fn transpose_backward<B: Backend>(
         &self,
