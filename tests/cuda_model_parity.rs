@@ -86,8 +86,8 @@ const STEP_TOL: f64 = 1e-4;
 /// CPU's own f32-vs-f64 test (`model_gradcheck.rs`).
 const GRAD_TOL: f64 = 1e-4;
 /// Absolute floor of the gradient bound, ≈ 10 f32 ulps of an O(1) gradient: for tensors whose
-/// exact gradient is 0 ([`null_elements`]: the attention key biases, `fine.k.bias`), whose
-/// f32 value is rounding noise (≈ 1e-8 per element).
+/// exact gradient is 0 but computed as rounding noise ([`null_elements`]: the attention key
+/// biases; ≈ 1e-8 per element in f32).
 const GRAD_FLOOR: f64 = 1e-6;
 
 /// The batch: rows 0 (no pre-service event) and 1 (no in-service event), row 5 at both
@@ -396,7 +396,8 @@ fn compare_runs(label: &str, stage: Stage, dev: &Run, reference: &Run) {
 /// stage's objective at the initial parameters is below `1e-12·max|g|` (f64 rounding noise
 /// is ≈ 1e-16 relative). These are the attention key biases (adding a vector to every key
 /// adds the same amount to all scores of a query, which the softmax ignores), `fine.k.bias`
-/// likewise, and embedding rows of ids absent from the batch; the invariances hold at every
+/// (the same invariance; its gradient is exactly 0 on every backend, the fine loss never
+/// forming its keys, so it does not move at all), and embedding rows of ids absent from the batch; the invariances hold at every
 /// parameter value, so the elements stay gradient-free over the steps.
 fn null_elements(stage: Stage, table: &ParamTable) -> Vec<bool> {
     let (_, g, t) = gradient(&CpuBackend::<f64>::new(), stage);

@@ -403,30 +403,22 @@ fn rel_diff(a: &[f64], b: &[f64], skip: &[bool]) -> (f64, f64) {
 }
 
 /// The elements of `role`'s parameters whose gradient is 0 in exact arithmetic, at every
-/// parameter value: the key biases of self-attention (`attn.in_proj.bias[d..2d]`) and
-/// `fine.k.bias` (adding a vector to every key adds the same amount to all scores of a
-/// query, which the softmax ignores). Their computed gradient is rounding noise, which
-/// Adam's normalisation turns into steps of up to the learning rate, so their values
-/// depend on the summation order (as in `cuda_model_parity.rs`'s `null_elements`); in f64
-/// the noise (1e-17) stays far below Adam's ε and they do not move.
+/// parameter value, and computed as rounding noise: the key biases of self-attention
+/// (`attn.in_proj.bias[d..2d]`: adding a vector to every key adds the same amount to all
+/// scores of a query, which the softmax ignores). Adam's normalisation turns the noise into
+/// steps of up to the learning rate, so their values depend on the summation order (as in
+/// `cuda_model_parity.rs`'s `null_elements`); in f64 the noise (1e-17) stays far below
+/// Adam's ε and they do not move. `fine.k.bias` has the same invariance, but the fine loss
+/// never forms its keys, so its gradient is exactly 0 and it is held like every parameter.
 fn null_elements(ds: &Dataset, role: Role) -> (Vec<bool>, Vec<String>) {
     let cfg = ModelConfig::new(role, ds.schema(), 8, 2, 2, 4).expect("config");
     let table = mgkd::model::params::ParamTable::new(&cfg);
     let mut null = vec![false; table.total()];
     let mut names = Vec::new();
     for e in table.entries() {
-        let key_part = if e.name.ends_with("attn.in_proj.bias") {
-            Some(cfg.d..2 * cfg.d)
-        } else if e.name == "fine.k.bias" {
-            Some(0..cfg.d)
-        } else {
-            None
-        };
-        if let Some(r) = key_part {
+        if e.name.ends_with("attn.in_proj.bias") {
             names.push(e.name.clone());
-            for i in r {
-                null[e.offset + i] = true;
-            }
+            null[e.offset + cfg.d..e.offset + 2 * cfg.d].fill(true);
         }
     }
     (null, names)

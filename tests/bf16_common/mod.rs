@@ -98,9 +98,8 @@ pub fn loss_curve<B: Backend>(be: &B, steps: usize) -> Vec<f64> {
 
 /// Checks `got` (a gradient of the student of [`model`]) against `want` tensor by tensor:
 /// `‖got − want‖ ≤ bound·‖want‖ + 1e-4·‖want_whole‖` for each tensor (the absolute floor
-/// covers tensors whose exact gradient is 0, `fine.k.bias`: a shift of every key leaves the
-/// softmax unchanged, so they carry only rounding noise of order u times the gradients it is
-/// computed from). Prints the worst tensor and returns the whole gradient's relative error.
+/// covers tensors whose exact gradient is 0 but computed as rounding noise of order u times
+/// the gradients it is computed from). Prints the worst tensor and returns the whole gradient's relative error.
 pub fn check_gradient(
     label: &str,
     table: &ParamTable,
