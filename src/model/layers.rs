@@ -321,15 +321,14 @@ pub struct Block {
 }
 
 /// What [`Block`]'s backward keeps from the forward (its input `h` is kept by the encoder):
-/// the attention's cache, `h_mid` and the FFN's pre-activation `f1`. The two LayerNorm
-/// outputs and GELU's output are recomputed in the backward, from `h`, `h_mid` and `f1`
-/// with the forward's kernels (so with its bits): per block that is two `tokens×d` and one
-/// `tokens×4d` buffer fewer held from the forward to the backward, for two LayerNorms and
-/// one GELU more.
+/// the attention's cache and `h_mid`. The two LayerNorm outputs, the FFN's pre-activation
+/// `f1 = fc1(LN2(h_mid))` and GELU's output are recomputed in the backward from `h` and
+/// `h_mid` with the forward's kernels (so with its bits): per block that is two `tokens×d`
+/// and two `tokens×4d` buffers fewer held from the forward to the backward, for two
+/// LayerNorms, one GELU and one `fc1` product (`2·tokens·4d·d` FLOPs) more.
 pub struct BlockCache<B: Backend> {
     attn: AttentionCache<B>,
     h_mid: B::Buf,
-    f1: B::Buf,
 }
 
 impl Block {
@@ -370,11 +369,12 @@ impl Block {
         drop(xn2);
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
+        drop(f1);
         let mut out = uninit_full(be, n * d)?;
         let hm = Ref::whole(&h_mid);
         self.fc2
             .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
-        let cache = BlockCache { attn, h_mid, f1 };
+        let cache = BlockCache { attn, h_mid };
         Ok((out, cache))
     }
 
@@ -434,10 +434,14 @@ impl Block {
         dh: &mut B::Buf,
     ) -> Result<()> {
         let (n, d) = (sh.tokens(), sh.d);
-        // One `tokens×4d` buffer at a time: g for fc2's weight gradient, then dg, turned
-        // into df1 in place.
+        // The FFN's input and pre-activation again, then two `tokens×4d` buffers at a time:
+        // f1 with g for fc2's weight gradient, then f1 with dg, turned into df1 in place.
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &c.h_mid)?;
+        let mut f1 = uninit(be, n * 4 * d)?;
+        self.fc1
+            .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
         let mut g = uninit(be, n * 4 * d)?;
-        be.gelu(n * 4 * d, Ref::whole(&c.f1), Mut::whole(&mut g));
+        be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
         self.fc2.backward(
             be,
             params,
@@ -455,11 +459,11 @@ impl Block {
         be.gelu_bias_backward(
             n,
             4 * d,
-            Ref::whole(&c.f1),
+            Ref::whole(&f1),
             Mut::whole(&mut df1),
             Mut::at(grads, self.fc1.b),
         );
-        let (xn2, stats2) = self.ln2.normed(be, params, n, &c.h_mid)?;
+        drop(f1);
         let mut dxn2 = uninit(be, n * d)?;
         self.fc1.backward_weight_and_input(
             be,

@@ -342,7 +342,9 @@ pub fn network_forward_flops(cfg: &BenchConfig, rows: usize, len: usize) -> f64 
 /// docs/model.md §5.6 writes it, the formula `tools/torch_twin.py` uses too, so that the two
 /// TFLOP/s figures compare the same work; the engine computes the fine term without the key
 /// projection of the teacher tokens (queries mapped by `W_kᵀ` instead, §5.6), which runs
-/// `6·rows·(in_len − pre_len)·d²` fewer FLOPs than counted here.
+/// `6·rows·(in_len − pre_len)·d²` fewer FLOPs than counted here, and its block backward
+/// recomputes the FFN's pre-activation (`fc1` again, `8·tokens·d²` per trained block),
+/// which runs more.
 pub fn step_flops(
     cfg: &BenchConfig,
     stage: BenchStage,
