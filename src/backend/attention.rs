@@ -38,22 +38,17 @@ impl AttnShape {
         self.batch * self.heads * self.len * self.len
     }
 
-    /// The heads as the outer batch of an attention product: head `h`'s A, B and C
-    /// matrices start `h·stride_*` elements after head 0's.
-    fn heads(&self, stride_a: usize, stride_b: usize, stride_c: usize) -> Outer {
-        Outer {
-            count: self.heads,
-            stride_a,
-            stride_b,
-            stride_c,
-        }
-    }
-
     /// The product per (head, row) `[len × len] = [len × dh]·[len × dh]ᵀ` of two column
     /// blocks of row stride `lda` and `ldb` (scores `Q·Kᵀ`, or `dP = dC·Vᵀ`), into the
     /// probabilities' layout, as one [`Backend::gemm_outer`] call over heads × rows.
     pub fn scores_product(&self, lda: usize, ldb: usize) -> (Gemm, Outer) {
-        let (l, dh, h) = (self.len, self.dh(), self.heads);
+        self.scores_product_of(self.heads, lda, ldb)
+    }
+
+    /// [`AttnShape::scores_product`] for `h` consecutive heads, into probabilities laid out
+    /// `[batch, h, len, len]` (the whole layout when `h` is `heads`).
+    fn scores_product_of(&self, h: usize, lda: usize, ldb: usize) -> (Gemm, Outer) {
+        let (l, dh) = (self.len, self.dh());
         let g = Gemm {
             m: l,
             n: l,
@@ -68,7 +63,7 @@ impl AttnShape {
             stride_b: l * ldb,
             stride_c: h * l * l,
         };
-        (g, self.heads(dh, dh, l * l))
+        (g, heads_outer(h, dh, dh, l * l))
     }
 
     /// The product per (head, row) `[len × dh] = op(P)·[len × dh]` with `P` in the
@@ -76,7 +71,13 @@ impl AttnShape {
     /// result of row stride `ldc` (`C = P·V`, `dV = Pᵀ·dC`, `dQ = dS·K`, `dK = dSᵀ·Q`), as
     /// one [`Backend::gemm_outer`] call over heads × rows.
     pub fn probs_product(&self, trans: bool, ldb: usize, ldc: usize) -> (Gemm, Outer) {
-        let (l, dh, h) = (self.len, self.dh(), self.heads);
+        self.probs_product_of(self.heads, trans, ldb, ldc)
+    }
+
+    /// [`AttnShape::probs_product`] for `h` consecutive heads, with `P` laid out
+    /// `[batch, h, len, len]`.
+    fn probs_product_of(&self, h: usize, trans: bool, ldb: usize, ldc: usize) -> (Gemm, Outer) {
+        let (l, dh) = (self.len, self.dh());
         let g = Gemm {
             m: l,
             n: dh,
@@ -91,8 +92,78 @@ impl AttnShape {
             stride_b: l * ldb,
             stride_c: l * ldc,
         };
-        (g, self.heads(l * l, dh, dh))
+        (g, heads_outer(h, l * l, dh, dh))
     }
+}
+
+/// `count` heads as the outer batch of an attention product: head `h`'s A, B and C matrices
+/// start `h·stride_*` elements after head 0's.
+fn heads_outer(count: usize, stride_a: usize, stride_b: usize, stride_c: usize) -> Outer {
+    Outer {
+        count,
+        stride_a,
+        stride_b,
+        stride_c,
+    }
+}
+
+/// Elements of the probabilities that [`attention_infer_composed`] holds at once, at most
+/// (unless one head alone has more): 2²⁴, 64 MiB in f32. The §8 teacher (batch 1 024, L 128,
+/// 4 heads: 2²⁴ per head) runs one head at a time, the student (L 32) all four at once.
+pub const INFER_ATTN_ELEMS: usize = 1 << 24;
+
+/// How many consecutive heads [`attention_infer_composed`] runs at once: the most that
+/// divide `heads` and whose probabilities fit [`INFER_ATTN_ELEMS`], at least 1.
+pub fn infer_head_group(s: &AttnShape) -> usize {
+    let per_head = s.batch * s.len * s.len;
+    (1..=s.heads)
+        .rev()
+        .find(|&g| s.heads.is_multiple_of(g) && g * per_head <= INFER_ATTN_ELEMS)
+        .unwrap_or(1)
+}
+
+/// [`Backend::attention_infer`] from the primitives: [`attention_composed`]'s operations
+/// over [`infer_head_group`] heads at a time ([`attention_by_head_groups`]), so an
+/// inference pass never holds the whole `batch·heads·len²`.
+pub fn attention_infer_composed<B: Backend + ?Sized>(
+    be: &B,
+    s: &AttnShape,
+    lens: &B::Ids,
+    scale: B::F,
+    qkv: Ref<B::Buf>,
+    ctx: Mut<B::Buf>,
+) -> Result<()> {
+    attention_by_head_groups(be, s, infer_head_group(s), lens, scale, qkv, ctx)
+}
+
+/// [`attention_composed`]'s output, `group` consecutive heads at a time (`group` divides
+/// `s.heads`) in one scratch buffer of `batch·group·len²` probabilities. Each product and
+/// softmax row is the one [`attention_composed`] computes for the same head.
+#[allow(clippy::too_many_arguments)]
+fn attention_by_head_groups<B: Backend + ?Sized>(
+    be: &B,
+    s: &AttnShape,
+    group: usize,
+    lens: &B::Ids,
+    scale: B::F,
+    qkv: Ref<B::Buf>,
+    ctx: Mut<B::Buf>,
+) -> Result<()> {
+    let (one, zero) = (B::F::from_f64(1.0), B::F::from_f64(0.0));
+    let (d, dh) = (s.d, s.dh());
+    let mut probs = be.scratch(s.batch * group * s.len * s.len)?;
+    for h0 in (0..s.heads).step_by(group) {
+        let at = |off: usize| Ref::at(qkv.buf, qkv.off + off + h0 * dh);
+        let (g, heads) = s.scores_product_of(group, 3 * d, 3 * d);
+        let p = Mut::whole(&mut probs);
+        be.gemm_outer(&g, &heads, one, at(0), at(d), zero, p);
+        let p = Mut::whole(&mut probs);
+        be.masked_softmax(s.batch, group, s.len, s.len, lens, scale, p);
+        let (g, heads) = s.probs_product_of(group, false, 3 * d, d);
+        let c = Mut::at(&mut *ctx.buf, ctx.off + h0 * dh);
+        be.gemm_outer(&g, &heads, one, Ref::whole(&probs), at(2 * d), zero, c);
+    }
+    Ok(())
 }
 
 /// [`Backend::attention`] from the primitives: the scores as one [`Backend::gemm_outer`]
@@ -180,4 +251,88 @@ pub fn attention_backward_composed<B: Backend + ?Sized>(
         be.gemm_outer(&g, &heads, one, ds, at(src), zero, out);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use rand::{Rng, SeedableRng};
+
+    /// The §8 shapes take the heads one at a time (teacher) or all at once (student).
+    #[test]
+    fn head_groups_fit_the_budget() {
+        let shape = |batch, len| AttnShape {
+            batch,
+            len,
+            heads: 4,
+            d: 128,
+        };
+        assert_eq!(infer_head_group(&shape(1024, 128)), 1);
+        assert_eq!(infer_head_group(&shape(1024, 32)), 4);
+        assert_eq!(infer_head_group(&shape(512, 128)), 2);
+        // One head above the budget still runs, alone.
+        assert_eq!(infer_head_group(&shape(4096, 128)), 1);
+    }
+
+    /// The outputs of [`attention_composed`] and of every head grouping, as bit patterns,
+    /// after poisoning each output with NaN (every slot must be written, padded queries and
+    /// rows without keys included).
+    fn outputs<F: Float>(group_sizes: &[usize]) -> (Vec<u64>, Vec<Vec<u64>>) {
+        let be = CpuBackend::<F>::new();
+        let s = AttnShape {
+            batch: 5,
+            len: 7,
+            heads: 4,
+            d: 16,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let qkv: Vec<F> = (0..s.batch * s.len * 3 * s.d)
+            .map(|_| <F as Float>::from_f64(rng.gen_range(-2.0..2.0)))
+            .collect();
+        let qkv = be.upload(&qkv).expect("upload");
+        let lens = be.upload_ids(&[7, 0, 3, 1, 6]).expect("ids");
+        let scale = <F as Float>::from_f64(0.5);
+        let nan = vec![<F as Float>::from_f64(f64::NAN); s.batch * s.len * s.d];
+        let bits = |buf: &Vec<F>| -> Vec<u64> {
+            let v = be.download(buf).expect("download");
+            assert!(
+                v.iter().all(|x| Float::to_f64(*x).is_finite()),
+                "an output slot was not written"
+            );
+            v.iter().map(|x| Float::to_f64(*x).to_bits()).collect()
+        };
+        let mut ctx = be.upload(&nan).expect("upload");
+        let mut saved = be.scratch(s.probs_len()).expect("scratch");
+        let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
+        attention_composed(&be, &s, &lens, scale, q, c, Mut::whole(&mut saved));
+        let whole = bits(&ctx);
+        let grouped = group_sizes
+            .iter()
+            .map(|&g| {
+                let mut ctx = be.upload(&nan).expect("upload");
+                let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
+                attention_by_head_groups(&be, &s, g, &lens, scale, q, c).expect("attention");
+                bits(&ctx)
+            })
+            .collect();
+        (whole, grouped)
+    }
+
+    #[test]
+    fn head_groups_give_the_compositions_bits() {
+        fn check<F: Float>() {
+            let (whole, grouped) = outputs::<F>(&[1, 2, 4]);
+            let distinct: std::collections::BTreeSet<u64> = whole.iter().copied().collect();
+            assert!(distinct.len() > 100, "{} distinct outputs", distinct.len());
+            for (g, out) in [1, 2, 4].iter().zip(grouped) {
+                assert!(
+                    out == whole,
+                    "{g} heads at a time differ from the composition"
+                );
+            }
+        }
+        check::<f32>();
+        check::<f64>();
+    }
 }

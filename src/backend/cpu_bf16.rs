@@ -632,6 +632,21 @@ impl Backend for CpuBf16Backend {
         })
     }
 
+    /// One operation, as [`CpuBf16Backend::attention`]: the inner f32 composition a few
+    /// heads at a time, the output rounded once when stored.
+    fn attention_infer(
+        &self,
+        s: &AttnShape,
+        lens: &Vec<u32>,
+        scale: f32,
+        qkv: Ref<TaggedBuf>,
+        ctx: Mut<TaggedBuf>,
+    ) -> Result<()> {
+        w(ctx, REST, |c| {
+            self.inner.attention_infer(s, lens, scale, r(qkv), c)
+        })
+    }
+
     fn attention_backward(
         &self,
         s: &AttnShape,

@@ -26,7 +26,7 @@ pub mod host_memory;
 pub mod precision;
 
 pub use arena::ArenaStats;
-pub use attention::AttnShape;
+pub use attention::{AttnShape, INFER_ATTN_ELEMS};
 pub use float::Float;
 pub use precision::Precision;
 
@@ -776,6 +776,19 @@ pub trait Backend: Send + Sync {
         saved: Mut<Self::Buf>,
     ) {
         attention::attention_composed(self, s, lens, scale, qkv, ctx, saved)
+    }
+    /// [`Backend::attention`] for inference: `ctx` only, nothing saved for a backward. The
+    /// default is [`attention::attention_infer_composed`] (the composition a few heads at
+    /// a time); a backend may fuse it.
+    fn attention_infer(
+        &self,
+        s: &AttnShape,
+        lens: &Self::Ids,
+        scale: Self::F,
+        qkv: Ref<Self::Buf>,
+        ctx: Mut<Self::Buf>,
+    ) -> Result<()> {
+        attention::attention_infer_composed(self, s, lens, scale, qkv, ctx)
     }
     /// Backward of [`Backend::attention`]: `dqkv` (`[batch, len, 3d]`, overwritten) from
     /// the gradient of the output `dctx`, given the forward's `qkv` and `saved`. A query

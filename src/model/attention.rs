@@ -65,9 +65,10 @@ impl Attention {
         Ok((out, cache))
     }
 
-    /// [`Attention::forward`] for inference: `out` only. `x` is given back once projected,
-    /// and `[Q K V]` and the attention's saved state before `out` is taken, so that at most
-    /// `resid`, `[Q K V]` and the context are held at once.
+    /// [`Attention::forward`] for inference: `out` only, through
+    /// [`Backend::attention_infer`], which saves nothing (the composition holds a few heads'
+    /// probabilities at a time). `x` is given back once projected, and `[Q K V]` before
+    /// `out` is taken, so that at most `resid`, `[Q K V]` and the context are held at once.
     pub fn infer<B: Backend>(
         &self,
         be: &B,
@@ -98,17 +99,24 @@ impl Attention {
         self.in_proj
             .forward(be, params, n, Ref::whole(&x), Mut::whole(&mut qkv), false);
         drop(x);
-        let mut saved = be.attention_saved(&s)?;
         let mut ctx = uninit(be, n * d)?;
-        be.attention(
-            &s,
-            lens,
-            self.scale::<B::F>(d),
-            Ref::whole(&qkv),
-            Mut::whole(&mut ctx),
-            Mut::whole(&mut saved),
-        );
-        let kept = keep.then_some((qkv, saved));
+        let scale = self.scale::<B::F>(d);
+        let kept = if keep {
+            let mut saved = be.attention_saved(&s)?;
+            be.attention(
+                &s,
+                lens,
+                scale,
+                Ref::whole(&qkv),
+                Mut::whole(&mut ctx),
+                Mut::whole(&mut saved),
+            );
+            Some((qkv, saved))
+        } else {
+            be.attention_infer(&s, lens, scale, Ref::whole(&qkv), Mut::whole(&mut ctx))?;
+            drop(qkv);
+            None
+        };
         let mut out = uninit_full(be, n * d)?;
         self.out_proj.forward_residual(
             be,

@@ -106,15 +106,14 @@ pub struct Forward<B: Backend> {
 }
 
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
-/// ([`Model::infer`]) computes at once: 2²⁵, so its two hidden buffers take at most
-/// 256 MiB in f32 (128 MiB in bf16) whatever the batch. That is 65 536 tokens at d = 128:
-/// the §8 teacher's batch of 1 024 × 128 runs in two chunks, so three more launches per
-/// block (the FFN's two products and GELU). In f32 with the composed attention its FFN then
-/// holds less than its attention (whose probabilities alone are 4 `tokens×d` buffers). The
-/// student step's peak is the student's own training activations (measured in f32 on the
-/// CPU, counted buffer by buffer in bf16), so smaller chunks would cost launches and save
-/// nothing at that peak.
-pub const INFER_FFN_ELEMS: usize = 1 << 25;
+/// ([`Model::infer`]) computes at once: 2²⁴, so its two hidden buffers take at most
+/// 128 MiB in f32 (64 MiB in bf16) whatever the batch, no more than the attention's
+/// probabilities ([`crate::backend::INFER_ATTN_ELEMS`]). That is 32 768 tokens at d = 128:
+/// the §8 teacher's batch of 1 024 × 128 runs in four chunks, so nine more launches per
+/// block (the FFN's two products and GELU per chunk). The frozen teacher's inference is
+/// then below the student's own training peak in the student step (counted buffer by
+/// buffer in bf16: the FFN's chunks at 2²⁵ elements were its peak, 64 MiB above).
+pub const INFER_FFN_ELEMS: usize = 1 << 24;
 
 /// The outputs of an inference pass ([`Model::infer`]).
 pub struct Inference<B: Backend> {

@@ -55,7 +55,7 @@ use self::launch::Kernels;
 pub use self::launch::{DevPtr, KernelDecl, KERNELS};
 use super::device::{probe_cuda, CudaDeviceInfo};
 use super::{
-    attention::{attention_backward_composed, attention_composed},
+    attention::{attention_backward_composed, attention_composed, attention_infer_composed},
     extent, sched_values, AdamW, ArenaStats, AttnShape, Backend, EmbMode, EmbTable, FineGrads,
     FineShape, Gemm, Mut, Outer, Precision, Ref, ValidTokens,
 };
@@ -2260,6 +2260,27 @@ impl Backend for CudaBackend {
         match self.fused_attention(s) {
             Some(plan) => self.attention_fused(s, plan, lens, scale, qkv, ctx, saved),
             None => attention_composed(self, s, lens, scale, qkv, ctx, saved),
+        }
+    }
+
+    /// The fused forward with its row statistics in a step's scratch, or the composition a
+    /// few heads at a time.
+    fn attention_infer(
+        &self,
+        s: &AttnShape,
+        lens: &CudaSlice<u32>,
+        scale: f32,
+        qkv: Ref<CudaBuf>,
+        ctx: Mut<CudaBuf>,
+    ) -> Result<()> {
+        match self.fused_attention(s) {
+            Some(plan) => {
+                let mut stats = self.scratch_full(attention::fused_saved_len(s))?;
+                let saved = Mut::whole(&mut stats);
+                self.attention_fused(s, plan, lens, scale, qkv, ctx, saved);
+                Ok(())
+            }
+            None => attention_infer_composed(self, s, lens, scale, qkv, ctx),
         }
     }
 
