@@ -50,7 +50,16 @@ pub struct EncoderCache<B: Backend> {
     /// Final output (tokens `T`, sequence vector `s`).
     pub out: Pooled<B>,
     /// Pooled outputs of blocks `0 … N−2` (the student's auxiliary heads), when asked for.
-    pub aux: Vec<Pooled<B>>,
+    pub aux: Vec<AuxPooled<B>>,
+}
+
+/// An auxiliary head's pooled block output: its tokens `LN_f(h_{l+1})` are given back once
+/// pooled (no loss reads them, and the backward needs only the LN statistics).
+pub struct AuxPooled<B: Backend> {
+    /// LN statistics.
+    stats: B::Buf,
+    /// `s_l = masked_mean(LN_f(h_{l+1}))`, `batch×d`.
+    pub s: B::Buf,
 }
 
 impl SeqEncoder {
@@ -167,7 +176,8 @@ impl SeqEncoder {
             let (out, cache) = block.forward(be, params, sh, &seq.lens, &hs[l])?;
             caches.push(cache);
             if aux && l + 1 < self.blocks.len() {
-                pooled.push(self.pool(be, params, sh, seq, &out)?);
+                let Pooled { stats, s, .. } = self.pool(be, params, sh, seq, &out)?;
+                pooled.push(AuxPooled { stats, s });
             }
             hs.push(out);
         }
@@ -211,7 +221,7 @@ impl SeqEncoder {
         c: &EncoderCache<B>,
         seq: &DeviceSeq<B>,
         h: &B::Buf,
-        p: &Pooled<B>,
+        stats: &B::Buf,
         ds: Option<&B::Buf>,
         dtokens: Option<&B::Buf>,
         dh: &mut B::Buf,
@@ -238,7 +248,7 @@ impl SeqEncoder {
             grads,
             n,
             Ref::whole(h),
-            Ref::whole(&p.stats),
+            Ref::whole(stats),
             Ref::whole(&dt),
             Mut::whole(dh),
         );
@@ -271,7 +281,7 @@ impl SeqEncoder {
             c,
             seq,
             last,
-            &c.out,
+            &c.out.stats,
             Some(ds),
             dtokens,
             &mut dh,
@@ -279,7 +289,8 @@ impl SeqEncoder {
         for l in (0..nb).rev() {
             if let (Some(p), Some(d)) = (c.aux.get(l), daux.get(l)) {
                 let h = &c.hs[l + 1];
-                self.pool_backward(be, params, grads, c, seq, h, p, Some(d), None, &mut dh)?;
+                let st = &p.stats;
+                self.pool_backward(be, params, grads, c, seq, h, st, Some(d), None, &mut dh)?;
             }
             let (h, bc) = (&c.hs[l], &c.blocks[l]);
             self.blocks[l].backward(be, params, grads, sh, &seq.lens, h, bc, &mut dh)?;
