@@ -229,7 +229,7 @@ pub fn teacher_objective_queued<B: Backend>(
             tokens: None,
             p: None,
         };
-        teacher.backward(be, batch, &fwd, &g)?;
+        teacher.backward(be, batch, fwd, g)?;
     }
     Ok(())
 }
@@ -519,7 +519,7 @@ pub fn student_objective_queued<B: Backend>(
             tokens: dtokens,
             p: dp,
         };
-        student.backward(be, batch, &s, &g)?;
+        student.backward(be, batch, s, g)?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::model::layers::{
     one, uninit, uninit_full, zeros, zeros_full, Block, BlockCache, LayerNorm, Linear, SeqShape,
 };
 use crate::model::params::ParamTable;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Sequence encoder: `e_t = Σ_k Emb_k[cat_tk] + W_num·num_t + b_num + Pos[len−1−t]`,
 /// `h ← block_l(h)` for `l < N`, `T = LN_f(h_N)`, `s = masked_mean(T)` (or `s_∅`).
@@ -218,7 +218,7 @@ impl SeqEncoder {
         be: &B,
         params: &B::Buf,
         grads: &mut B::Buf,
-        c: &EncoderCache<B>,
+        sh: SeqShape,
         seq: &DeviceSeq<B>,
         h: &B::Buf,
         stats: &B::Buf,
@@ -226,7 +226,6 @@ impl SeqEncoder {
         dtokens: Option<&B::Buf>,
         dh: &mut B::Buf,
     ) -> Result<()> {
-        let sh = c.shape;
         let n = sh.tokens();
         let mut dt = zeros(be, n * self.d)?;
         if let Some(ds) = ds {
@@ -257,7 +256,10 @@ impl SeqEncoder {
 
     /// Backward: `ds` = ∂L/∂s (`batch×d`), `dtokens` = extra ∂L/∂T (`tokens×d`, zero on
     /// padded slots), `daux[l]` = ∂L/∂s_l for the pooled block outputs. Accumulates every
-    /// parameter gradient into `grads`.
+    /// parameter gradient into `grads`. The cache is consumed as the backward goes down:
+    /// `T`, `dtokens` and the last output once the final LayerNorm's backward has read them,
+    /// each block's output once the auxiliary head above it has, each block's cache once
+    /// its backward is done.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -265,35 +267,49 @@ impl SeqEncoder {
         params: &B::Buf,
         grads: &mut B::Buf,
         seq: &DeviceSeq<B>,
-        c: &EncoderCache<B>,
+        c: EncoderCache<B>,
         ds: &B::Buf,
-        dtokens: Option<&B::Buf>,
+        dtokens: Option<B::Buf>,
         daux: &[B::Buf],
     ) -> Result<()> {
-        let sh = c.shape;
+        let EncoderCache {
+            shape: sh,
+            mut hs,
+            blocks,
+            out,
+            aux,
+        } = c;
         let (n, nb) = (sh.tokens(), self.blocks.len());
+        if hs.len() != nb + 1 || blocks.len() != nb {
+            return Err(Error::invalid(
+                "encoder backward: the cache has another depth",
+            ));
+        }
         let mut dh = zeros_full(be, n * self.d)?;
-        let last = &c.hs[nb];
         self.pool_backward(
             be,
             params,
             grads,
-            c,
+            sh,
             seq,
-            last,
-            &c.out.stats,
+            &hs[nb],
+            &out.stats,
             Some(ds),
-            dtokens,
+            dtokens.as_ref(),
             &mut dh,
         )?;
-        for l in (0..nb).rev() {
-            if let (Some(p), Some(d)) = (c.aux.get(l), daux.get(l)) {
-                let h = &c.hs[l + 1];
+        drop((out, dtokens));
+        hs.truncate(nb);
+        // Block by block down, each cache given back at the end of its turn.
+        for (l, bc) in blocks.into_iter().enumerate().rev() {
+            // h_{l+1}, block l's output, is still held below the last block: the input of
+            // block l+1 (done), read here by the auxiliary head on block l.
+            if let (Some(p), Some(d), Some(h)) = (aux.get(l), daux.get(l), hs.get(l + 1)) {
                 let st = &p.stats;
-                self.pool_backward(be, params, grads, c, seq, h, st, Some(d), None, &mut dh)?;
+                self.pool_backward(be, params, grads, sh, seq, h, st, Some(d), None, &mut dh)?;
             }
-            let (h, bc) = (&c.hs[l], &c.blocks[l]);
-            self.blocks[l].backward(be, params, grads, sh, &seq.lens, h, bc, &mut dh)?;
+            hs.truncate(l + 1);
+            self.blocks[l].backward(be, params, grads, sh, &seq.lens, &hs[l], &bc, &mut dh)?;
         }
         if !self.cat.is_empty() {
             let dr = Ref::whole(&dh);

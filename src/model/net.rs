@@ -347,13 +347,16 @@ impl<B: Backend> Model<B> {
     }
 
     /// Backward pass: accumulates ∂L/∂θ into `self.params.grads` given the gradients of the
-    /// outputs of `fwd` (the forward of the same batch with the current parameters).
+    /// outputs of `fwd` (the forward of the same batch with the current parameters). Both
+    /// are consumed: each activation and output gradient is given back once read, so the
+    /// encoder's backward never holds the tokens `T`, their gradient or the last block's
+    /// output, and each block's cache goes once that block is done.
     pub fn backward(
         &mut self,
         be: &B,
         batch: &DeviceBatch<B>,
-        fwd: &Forward<B>,
-        g: &OutputGrads<B>,
+        fwd: Forward<B>,
+        g: OutputGrads<B>,
     ) -> Result<()> {
         let (rows, d) = (fwd.rows, self.config.d);
         if !g.aux_logits.is_empty() && g.aux_logits.len() != self.layout.aux.len() {
@@ -423,9 +426,9 @@ impl<B: Backend> Model<B> {
             );
             daux.push(Self::split_cat(be, rows, d, &dc, &mut dp)?);
         }
-        let enc = &fwd.encoder;
+        let (enc, dtokens) = (fwd.encoder, g.tokens);
         lay.encoder
-            .backward(be, params, grads, seq, enc, &ds, g.tokens.as_ref(), &daux)?;
+            .backward(be, params, grads, seq, enc, &ds, dtokens, &daux)?;
         let (ids, pc) = (&batch.profile_cat, &fwd.profile);
         lay.profile
             .backward(be, params, grads, rows, ids, pc, &dp)?;
