@@ -405,7 +405,7 @@ pub fn student_objective_queued<B: Backend>(
     let w = scaled_w.as_ref().unwrap_or(&raw);
     // The teacher is read only when a term reads it (L_self and L_hard do not), its tokens
     // only for L_fine.
-    let t = if reads_teacher {
+    let mut t = if reads_teacher {
         Some(teacher.outputs(be, batch, cfg.fine)?)
     } else {
         None
@@ -472,9 +472,11 @@ pub fn student_objective_queued<B: Backend>(
     }
     let (mut dtokens, mut dp) = (None, None);
     if cfg.fine {
-        let t_in = teacher_out()?
-            .tokens
-            .as_ref()
+        // L_fine is the last reader of the teacher's tokens: it gives them back once its
+        // kernel has run.
+        let t_in = t
+            .as_mut()
+            .and_then(|t| t.tokens.take())
             .ok_or_else(|| Error::invalid("teacher token outputs missing"))?;
         let o = Mut::at(&mut *slots, base + SLOT_FINE);
         // L_fine is a mean over the rows with in-service events: its own share.
@@ -525,7 +527,9 @@ pub fn student_objective_queued<B: Backend>(
 }
 
 /// `L_fine` (docs/model.md §5.6) with coefficient `gamma`: student tokens are `T_pre` (or `p` in
-/// slot 0 for rows with an empty pre-service sequence), teacher tokens `t_in` (detached). Stores
+/// slot 0 for rows with an empty pre-service sequence), teacher tokens `t_in` (detached; given
+/// back once the kernel has read them, and the student tokens and queries made again for the
+/// backward, so the kernel's moment holds four student-token buffers besides `t_in`). Stores
 /// the value at `out[0]` and returns, with `backward`, `(∂L/∂T_pre, ∂L/∂p)` (the W_q/W_k/W_v
 /// gradients are accumulated here).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -535,7 +539,7 @@ fn fine_term<B: Backend>(
     student: &mut Model<B>,
     batch: &DeviceBatch<B>,
     s: &crate::model::Forward<B>,
-    t_in: &B::Buf,
+    t_in: B::Buf,
     w: &B::Buf,
     backward: bool,
     out: Mut<B::Buf>,
@@ -547,39 +551,38 @@ fn fine_term<B: Backend>(
     let (n, d) = (batch.rows, student.config.d);
     let (lq, lk) = (batch.pre.len, batch.in_service.len);
     let nq = n * lq;
-    let mut tok = uninit(be, nq * d)?;
-    be.copy(
-        nq * d,
-        Ref::whole(&s.encoder.out.tokens),
-        Mut::whole(&mut tok),
-    );
     let pre_lens = &batch.pre.lens;
-    be.put_empty_rows(
-        n,
-        lq,
-        d,
-        pre_lens,
-        Ref::whole(&s.profile.p),
-        Mut::whole(&mut tok),
-    );
+    // The student's tokens: T_pre, with p in slot 0 of the rows without pre-service events.
+    let tokens = || -> Result<B::Buf> {
+        let mut tok = uninit(be, nq * d)?;
+        let t_pre = Ref::whole(&s.encoder.out.tokens);
+        be.copy(nq * d, t_pre, Mut::whole(&mut tok));
+        let (p, t) = (Ref::whole(&s.profile.p), Mut::whole(&mut tok));
+        be.put_empty_rows(n, lq, d, pre_lens, p, t);
+        Ok(tok)
+    };
     let (params, g) = student.params.weights_and_grads();
-    let t_in = Ref::whole(t_in);
+    let queries = |tok: &B::Buf| -> Result<B::Buf> {
+        let mut q = uninit(be, nq * d)?;
+        proj.q
+            .forward(be, params, nq, Ref::whole(tok), Mut::whole(&mut q), false);
+        Ok(q)
+    };
     // The scores (W_q·x_j + b_q)·(W_k·t_k + b_k) are q_j·(W_k·t_k) plus q_j·b_k, which is
     // the same for every key k of token j, so the softmax does not see it: the queries go
     // into the teacher tokens' space (qk_j = W_kᵀ·q_j) and the teacher tokens are the keys.
     // No ℓk×d key buffer or its gradient exists, and b_k's gradient, exactly zero, is left
     // untouched.
-    let (mut q, mut qk, mut v) = (
-        uninit(be, nq * d)?,
-        uninit(be, nq * d)?,
-        uninit(be, nq * d)?,
-    );
-    proj.q
-        .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut q), false);
+    let tok = tokens()?;
+    let q = queries(&tok)?;
+    let (mut qk, mut v) = (uninit(be, nq * d)?, uninit(be, nq * d)?);
     proj.k
         .backward_input(be, params, nq, Ref::whole(&q), Mut::whole(&mut qk), false);
     proj.v
         .forward(be, params, nq, Ref::whole(&tok), Mut::whole(&mut v), false);
+    // The kernel reads neither: the backward makes them again (the same operations, so
+    // the same bits), and the kernel's moment holds four student-token buffers, not six.
+    drop((tok, q));
     let shape = FineShape {
         batch: n,
         lq,
@@ -600,7 +603,7 @@ fn fine_term<B: Backend>(
         shape,
         Ref::whole(&qk),
         Ref::whole(&v),
-        t_in,
+        Ref::whole(&t_in),
         &batch.pre.lens_or_one,
         &batch.in_service.lens,
         Ref::whole(w),
@@ -608,10 +611,12 @@ fn fine_term<B: Backend>(
         grads,
         out,
     )?;
-    drop((qk, v));
+    drop((qk, v, t_in));
     let Some((dqk, dv)) = grad_bufs else {
         return Ok(None);
     };
+    let tok = tokens()?;
+    let q = queries(&tok)?;
     let mut dq = uninit(be, nq * d)?;
     proj.k.transpose_backward(
         be,
