@@ -23,18 +23,30 @@ extern "C" __global__ void add_bias_bf16_f32(int rows, int n, const bf16* __rest
   add_bias(rows, n, bias, y);
 }
 
-// y = x·Φ(x) = x·(1 + erf(x/√2))/2.
+// GELU(v) = v·Φ(v) = v·(1 + erf(v/√2))/2.
+__device__ __forceinline__ float gelu_value(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+// y = GELU(x).
 template <typename T>
 __device__ __forceinline__ void gelu(i64 n, const T* __restrict__ x, T* __restrict__ y) {
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const float v = ld(x, i);
-    st(y, i, 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
-  }
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    st(y, i, gelu_value(ld(x, i)));
 }
 
 extern "C" __global__ void gelu_f32(i64 n, const float* __restrict__ x, float* __restrict__ y) { gelu(n, x, y); }
 
 extern "C" __global__ void gelu_bf16(i64 n, const bf16* __restrict__ x, bf16* __restrict__ y) { gelu(n, x, y); }
+
+// xy = GELU(xy) in place: each thread reads and writes only its own elements.
+template <typename T>
+__device__ __forceinline__ void gelu_in_place(i64 n, T* __restrict__ xy) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+    st(xy, i, gelu_value(ld(xy, i)));
+}
+
+extern "C" __global__ void gelu_in_place_f32(i64 n, float* __restrict__ xy) { gelu_in_place(n, xy); }
+
+extern "C" __global__ void gelu_in_place_bf16(i64 n, bf16* __restrict__ xy) { gelu_in_place(n, xy); }
 
 // GELU'(x) = Φ(x) + x·φ(x).
 __device__ __forceinline__ float gelu_grad(float v) {

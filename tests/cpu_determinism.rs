@@ -367,3 +367,38 @@ fn bit_identical_across_thread_counts_f64() {
     let three = in_pool::<f64>(3);
     assert_same_bits(&one, &three);
 }
+
+/// GELU in place gives [`Backend::gelu`]'s bits on every CPU backend (the training forward
+/// and the inference pass run it in place; the backward recomputes with the out-of-place
+/// op and must see the same values).
+#[test]
+fn gelu_in_place_gives_gelus_bits() {
+    fn check<B: Backend>(be: &B) {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let n = 100_003;
+        let host: Vec<B::F> = (0..n)
+            .map(|_| <B::F as Float>::from_f64(rng.gen_range(-6.0..6.0)))
+            .collect();
+        let x = be.upload(&host).expect("upload");
+        let mut y = be
+            .upload(&vec![<B::F as Float>::from_f64(f64::NAN); n])
+            .expect("upload");
+        be.gelu(n, Ref::whole(&x), Mut::whole(&mut y));
+        let mut xy = be.upload(&host).expect("upload");
+        be.gelu_in_place(n, Mut::whole(&mut xy));
+        let bits = |b: &B::Buf| -> Vec<u64> {
+            let v = be.download(b).expect("download");
+            v.iter().map(|x| Float::to_f64(*x).to_bits()).collect()
+        };
+        let (want, got) = (bits(&y), bits(&xy));
+        assert!(want.iter().all(|b| !f64::from_bits(*b).is_nan()));
+        assert!(
+            got == want,
+            "{}: gelu_in_place differs from gelu",
+            be.name()
+        );
+    }
+    check(&CpuBackend::<f32>::new());
+    check(&CpuBackend::<f64>::new());
+    check(&mgkd::backend::cpu_bf16::CpuBf16Backend::new());
+}

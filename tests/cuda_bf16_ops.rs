@@ -484,9 +484,12 @@ impl Case for GeluCase {
     fn run<B: Backend>(&self, be: &B) -> Outs {
         let (r, n) = (self.rows, self.n);
         let mut g = rng(6);
-        let x = buf(be, Kind::Act, &values(&mut g, Kind::Act, r * n, 3.0));
+        let xh = values(&mut g, Kind::Act, r * n, 3.0);
+        let x = buf(be, Kind::Act, &xh);
         let mut y = poisoned(be, Kind::Act, r * n);
         be.gelu(r * n, Ref::whole(&x), Mut::whole(&mut y));
+        let mut xy = buf(be, Kind::Act, &xh);
+        be.gelu_in_place(r * n, Mut::whole(&mut xy));
         // dy, turned into dx in place.
         let mut dx = buf(be, Kind::Act, &values(&mut g, Kind::Act, r * n, 1.0));
         let mut db = buf(be, Kind::Full, &values(&mut g, Kind::Full, n, 1.0)); // accumulates
@@ -504,6 +507,7 @@ impl Case for GeluCase {
         be.add_bias(r, n, Ref::whole(&bias), Mut::whole(&mut yf));
         vec![
             ("gelu", down(be, &y)),
+            ("gelu in place", down(be, &xy)),
             ("dx", down(be, &dx)),
             ("db", down(be, &db)),
             ("y + b (bf16)", down(be, &ya)),

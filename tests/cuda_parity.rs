@@ -699,6 +699,9 @@ impl Case for GeluCase {
         let dy = up(be, &junk_padded(&self.dy));
         let mut y = poisoned(be, n);
         be.gelu(n, Ref::at(&x, PAD), Mut::at(&mut y, PAD));
+        // In place: x again, with junk around it that must stay.
+        let mut xy = up(be, &junk_padded(&self.x));
+        be.gelu_in_place(n, Mut::at(&mut xy, PAD));
         let mut dx = poisoned(be, n);
         be.gelu_backward(
             n,
@@ -708,6 +711,7 @@ impl Case for GeluCase {
         );
         vec![
             named("gelu", down(be, &y)),
+            named("gelu_in_place", down(be, &xy)),
             named("gelu_backward", down(be, &dx)),
         ]
     }

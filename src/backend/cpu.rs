@@ -660,6 +660,17 @@ impl<F: Float> Backend for CpuBackend<F> {
             });
     }
 
+    fn gelu_in_place(&self, len: usize, xy: Mut<Vec<F>>) {
+        let half = cst::<F>(0.5);
+        let inv_sqrt2 = cst::<F>(std::f64::consts::FRAC_1_SQRT_2);
+        wr(xy, len).par_chunks_mut(CHUNK).for_each(|c| {
+            for v in c.iter_mut() {
+                let x = *v;
+                *v = half * x * (F::one() + (x * inv_sqrt2).erf());
+            }
+        });
+    }
+
     fn gelu_backward(&self, len: usize, x: Ref<Vec<F>>, dy: Ref<Vec<F>>, dx: Mut<Vec<F>>) {
         let x = rd(x, len);
         let dy = rd(dy, len);

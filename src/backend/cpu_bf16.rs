@@ -443,6 +443,10 @@ impl Backend for CpuBf16Backend {
         w(y, len, |y| self.inner.gelu(len, r(x), y))
     }
 
+    fn gelu_in_place(&self, len: usize, xy: Mut<TaggedBuf>) {
+        w(xy, len, |v| self.inner.gelu_in_place(len, v))
+    }
+
     fn gelu_backward(&self, len: usize, x: Ref<TaggedBuf>, dy: Ref<TaggedBuf>, dx: Mut<TaggedBuf>) {
         w(dx, len, |dx| self.inner.gelu_backward(len, r(x), r(dy), dx))
     }

@@ -612,6 +612,11 @@ pub trait Backend: Send + Sync {
 
     /// Exact GELU `y = x·Φ(x) = x·(1 + erf(x/√2))/2` on `len` elements.
     fn gelu(&self, len: usize, x: Ref<Self::Buf>, y: Mut<Self::Buf>);
+    /// [`Backend::gelu`] in place: `xy` holds `x` on entry and `GELU(x)` on return (each
+    /// element as [`Backend::gelu`] computes it), so that a pass whose `x` is not needed
+    /// afterwards (a feed-forward network's pre-activation, when the backward recomputes it)
+    /// holds one buffer instead of two.
+    fn gelu_in_place(&self, len: usize, xy: Mut<Self::Buf>);
     /// `dx = dy·GELU'(x)`, `GELU'(x) = Φ(x) + x·φ(x)`.
     fn gelu_backward(&self, len: usize, x: Ref<Self::Buf>, dy: Ref<Self::Buf>, dx: Mut<Self::Buf>);
     /// The backward of GELU after a biased linear map, `rows×n`, in place: `grad` holds

@@ -363,13 +363,12 @@ impl Block {
             .attn
             .forward(be, params, sh, lens, xn1, Ref::whole(h))?;
         let (xn2, _) = self.ln2.normed(be, params, n, &h_mid)?;
-        let mut f1 = uninit(be, n * 4 * d)?;
-        self.fc1
-            .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
-        drop(xn2);
+        // f1, then GELU(f1) over it: the backward recomputes f1.
         let mut g = uninit(be, n * 4 * d)?;
-        be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
-        drop(f1);
+        self.fc1
+            .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut g), false);
+        drop(xn2);
+        be.gelu_in_place(n * 4 * d, Mut::whole(&mut g));
         let mut out = uninit_full(be, n * d)?;
         let hm = Ref::whole(&h_mid);
         self.fc2
@@ -382,8 +381,8 @@ impl Block {
     /// operations, so the same bits where a product's rounding does not depend on its
     /// number of rows, as on the CPU), keeping nothing. Every intermediate is given back as
     /// soon as it has been read, `h` once `h_mid` exists, and the feed-forward network runs
-    /// over `ffn_tokens` tokens at a time, so its two `tokens×4d` buffers are never held for
-    /// the whole batch.
+    /// over `ffn_tokens` tokens at a time, with GELU in place, so its one `tokens×4d`
+    /// buffer is never held for the whole batch.
     #[allow(clippy::too_many_arguments)]
     pub fn infer<B: Backend>(
         &self,
@@ -405,13 +404,11 @@ impl Block {
         let step = ffn_tokens.max(1);
         for t0 in (0..n).step_by(step) {
             let c = step.min(n - t0);
-            let mut f1 = uninit(be, c * 4 * d)?;
+            let mut g = uninit(be, c * 4 * d)?;
             let x = Ref::at(&xn2, t0 * d);
             self.fc1
-                .forward(be, params, c, x, Mut::whole(&mut f1), false);
-            let mut g = uninit(be, c * 4 * d)?;
-            be.gelu(c * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
-            drop(f1);
+                .forward(be, params, c, x, Mut::whole(&mut g), false);
+            be.gelu_in_place(c * 4 * d, Mut::whole(&mut g));
             let (hm, y) = (Ref::at(&h_mid, t0 * d), Mut::at(&mut out, t0 * d));
             self.fc2
                 .forward_residual(be, params, c, Ref::whole(&g), hm, y);

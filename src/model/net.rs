@@ -106,13 +106,12 @@ pub struct Forward<B: Backend> {
 }
 
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
-/// ([`Model::infer`]) computes at once: 2²⁴, so its two hidden buffers take at most
-/// 128 MiB in f32 (64 MiB in bf16) whatever the batch, no more than the attention's
-/// probabilities ([`crate::backend::INFER_ATTN_ELEMS`]). That is 32 768 tokens at d = 128:
-/// the §8 teacher's batch of 1 024 × 128 runs in four chunks, so nine more launches per
-/// block (the FFN's two products and GELU per chunk). The frozen teacher's inference is
-/// then below the student's own training peak in the student step (counted buffer by
-/// buffer in bf16: the FFN's chunks at 2²⁵ elements were its peak, 64 MiB above).
+/// ([`Model::infer`]) computes at once: 2²⁴, so its hidden buffer (GELU runs in place over
+/// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch, as much as the
+/// attention's probabilities ([`crate::backend::INFER_ATTN_ELEMS`]) or the block's `Q/K/V`
+/// at §8. That is 32 768 tokens at d = 128: the §8 teacher's batch of 1 024 × 128 runs in
+/// four chunks, so nine more launches per block (the FFN's two products and GELU per
+/// chunk). The frozen teacher's inference then holds no more than its attention does.
 pub const INFER_FFN_ELEMS: usize = 1 << 24;
 
 /// The outputs of an inference pass ([`Model::infer`]).

@@ -171,6 +171,8 @@ kernel_table! {
         fn add_bias_bf16_f32(rows: i32, n: i32, bias: DevPtr<bf16>, y: DevPtr<f32>);
         fn gelu_f32(n: i64, x: DevPtr<f32>, y: DevPtr<f32>);
         fn gelu_bf16(n: i64, x: DevPtr<bf16>, y: DevPtr<bf16>);
+        fn gelu_in_place_f32(n: i64, xy: DevPtr<f32>);
+        fn gelu_in_place_bf16(n: i64, xy: DevPtr<bf16>);
         fn gelu_backward_f32(n: i64, x: DevPtr<f32>, dy: DevPtr<f32>, dx: DevPtr<f32>);
         fn gelu_backward_bf16(n: i64, x: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>);
         fn gelu_backward_bias_partial_f32(rows: i32, n: i32, chunk_rows: i32, x: DevPtr<f32>, grad: DevPtr<f32>, partial: DevPtr<f32>);

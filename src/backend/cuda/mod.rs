@@ -1873,6 +1873,17 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn gelu_in_place(&self, len: usize, xy: Mut<CudaBuf>) {
+        if len == 0 {
+            return;
+        }
+        let (cfg, n) = (grid1(len), long(len));
+        match self.mt(xy, len, "gelu_in_place xy") {
+            TypedPtr::F32(v) => self.k().gelu_in_place_f32(cfg, n, v),
+            TypedPtr::Bf16(v) => self.k().gelu_in_place_bf16(cfg, n, v),
+        }
+    }
+
     fn gelu_backward(&self, len: usize, x: Ref<CudaBuf>, dy: Ref<CudaBuf>, dx: Mut<CudaBuf>) {
         if len == 0 {
             return;
