@@ -117,17 +117,38 @@ impl Attention {
             drop(qkv);
             None
         };
-        let mut out = uninit_full(be, n * d)?;
-        self.out_proj.forward_residual(
-            be,
-            params,
-            n,
-            Ref::whole(&ctx),
-            resid,
-            Mut::whole(&mut out),
-        );
+        let out = self.project(be, params, n, &ctx, resid)?;
         let cache = kept.map(|(qkv, saved)| AttentionCache { qkv, saved, ctx });
         Ok((out, cache))
+    }
+
+    /// `resid + out_proj(ctx)` over `n` tokens, in full precision.
+    fn project<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        n: usize,
+        ctx: &B::Buf,
+        resid: Ref<B::Buf>,
+    ) -> Result<B::Buf> {
+        let mut out = uninit_full(be, n * self.out_proj.out)?;
+        let c = Ref::whole(ctx);
+        self.out_proj
+            .forward_residual(be, params, n, c, resid, Mut::whole(&mut out));
+        Ok(out)
+    }
+
+    /// [`Attention::forward`]'s output again from its cache and the same `resid`: the same
+    /// product, so the same bits (the block backward recomputes `h_mid` rather than keep it).
+    pub fn output<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        cache: &AttentionCache<B>,
+        resid: Ref<B::Buf>,
+    ) -> Result<B::Buf> {
+        self.project(be, params, sh.tokens(), &cache.ctx, resid)
     }
 
     /// Backward: `x` is the forward's input (the LayerNorm output, recomputed by the caller),

@@ -321,14 +321,14 @@ pub struct Block {
 }
 
 /// What [`Block`]'s backward keeps from the forward (its input `h` is kept by the encoder):
-/// the attention's cache and `h_mid`. The two LayerNorm outputs, the FFN's pre-activation
-/// `f1 = fc1(LN2(h_mid))` and GELU's output are recomputed in the backward from `h` and
-/// `h_mid` with the forward's kernels (so with its bits): per block that is two `tokens×d`
-/// and two `tokens×4d` buffers fewer held from the forward to the backward, for two
-/// LayerNorms, one GELU and one `fc1` product (`2·tokens·4d·d` FLOPs) more.
+/// the attention's cache. The attention's output `h_mid = h + out_proj(C)`, the two
+/// LayerNorm outputs, the FFN's pre-activation `f1 = fc1(LN2(h_mid))` and GELU's output are
+/// recomputed in the backward from `h` and that cache with the forward's kernels (so with
+/// its bits): per block that is three `tokens×d` and two `tokens×4d` buffers fewer held
+/// from the forward to the backward, for two LayerNorms, one GELU and the `out_proj` and
+/// `fc1` products (`10·tokens·d²` FLOPs) more.
 pub struct BlockCache<B: Backend> {
     attn: AttentionCache<B>,
-    h_mid: B::Buf,
 }
 
 impl Block {
@@ -373,7 +373,7 @@ impl Block {
         let hm = Ref::whole(&h_mid);
         self.fc2
             .forward_residual(be, params, n, Ref::whole(&g), hm, Mut::whole(&mut out));
-        let cache = BlockCache { attn, h_mid };
+        let cache = BlockCache { attn };
         Ok((out, cache))
     }
 
@@ -433,7 +433,8 @@ impl Block {
         let (n, d) = (sh.tokens(), sh.d);
         // The FFN's input and pre-activation again, then two `tokens×4d` buffers at a time:
         // f1 with g for fc2's weight gradient, then f1 with dg, turned into df1 in place.
-        let (xn2, stats2) = self.ln2.normed(be, params, n, &c.h_mid)?;
+        let h_mid = self.attn.output(be, params, sh, &c.attn, Ref::whole(h))?;
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
         let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
@@ -478,12 +479,12 @@ impl Block {
             params,
             grads,
             n,
-            Ref::whole(&c.h_mid),
+            Ref::whole(&h_mid),
             Ref::whole(&stats2),
             Ref::whole(&dxn2),
             Mut::whole(dh),
         );
-        drop(dxn2);
+        drop((dxn2, h_mid));
         let (xn1, stats1) = self.ln1.normed(be, params, n, h)?;
         let dxn1 = self.attn.backward(
             be,
