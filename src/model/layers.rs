@@ -433,11 +433,14 @@ impl Block {
         let (n, d) = (sh.tokens(), sh.d);
         // The FFN's input and pre-activation again, then two `tokens×4d` buffers at a time:
         // f1 with g for fc2's weight gradient, then f1 with dg, turned into df1 in place.
+        // The FFN's input is made a second time for fc1's gradients rather than held beside
+        // them (a LayerNorm instead of a `tokens×d` buffer at the block's peak).
         let h_mid = self.attn.output(be, params, sh, &c.attn, Ref::whole(h))?;
-        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
+        let (xn2, _) = self.ln2.normed(be, params, n, &h_mid)?;
         let mut f1 = uninit(be, n * 4 * d)?;
         self.fc1
             .forward(be, params, n, Ref::whole(&xn2), Mut::whole(&mut f1), false);
+        drop(xn2);
         let mut g = uninit(be, n * 4 * d)?;
         be.gelu(n * 4 * d, Ref::whole(&f1), Mut::whole(&mut g));
         self.fc2.backward(
@@ -462,6 +465,7 @@ impl Block {
             Mut::at(grads, self.fc1.b),
         );
         drop(f1);
+        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
         let mut dxn2 = uninit(be, n * d)?;
         self.fc1.backward_weight_and_input(
             be,
