@@ -325,8 +325,9 @@ pub struct Block {
 /// LayerNorm outputs, the FFN's pre-activation `f1 = fc1(LN2(h_mid))` and GELU's output are
 /// recomputed in the backward from `h` and that cache with the forward's kernels (so with
 /// its bits): per block that is three `tokens×d` and two `tokens×4d` buffers fewer held
-/// from the forward to the backward, for two LayerNorms, one GELU and the `out_proj` and
-/// `fc1` products (`10·tokens·d²` FLOPs) more.
+/// from the forward to the backward, for three LayerNorms (LN2's output is made twice, so
+/// that it is not held beside the FFN's `tokens×4d` buffers), one GELU and the `out_proj`
+/// and `fc1` products (`10·tokens·d²` FLOPs) more.
 pub struct BlockCache<B: Backend> {
     attn: AttentionCache<B>,
 }
