@@ -147,28 +147,47 @@ fn attention_by_head_groups<B: Backend + ?Sized>(
     lens: &B::Ids,
     scale: B::F,
     qkv: Ref<B::Buf>,
-    ctx: Mut<B::Buf>,
+    mut ctx: Mut<B::Buf>,
 ) -> Result<()> {
-    let (one, zero) = (B::F::from_f64(1.0), B::F::from_f64(0.0));
-    let (d, dh) = (s.d, s.dh());
     let mut probs = be.scratch(s.batch * group * s.len * s.len)?;
     for h0 in (0..s.heads).step_by(group) {
-        let at = |off: usize| Ref::at(qkv.buf, qkv.off + off + h0 * dh);
-        let (g, heads) = s.scores_product_of(group, 3 * d, 3 * d);
         let p = Mut::whole(&mut probs);
-        be.gemm_outer(&g, &heads, one, at(0), at(d), zero, p);
-        let p = Mut::whole(&mut probs);
-        be.masked_softmax(s.batch, group, s.len, s.len, lens, scale, p);
-        let (g, heads) = s.probs_product_of(group, false, 3 * d, d);
-        let c = Mut::at(&mut *ctx.buf, ctx.off + h0 * dh);
-        be.gemm_outer(&g, &heads, one, Ref::whole(&probs), at(2 * d), zero, c);
+        heads_forward(be, s, h0, group, lens, scale, qkv, ctx.reborrow(), p);
     }
     Ok(())
 }
 
-/// [`Backend::attention`] from the primitives: the scores as one [`Backend::gemm_outer`]
-/// over heads × rows into `saved` (`probs_len` elements), [`Backend::masked_softmax`] in
-/// place, then `C = P·V`. `saved` keeps the probabilities.
+/// The composition for heads `h0 .. h0 + group`: the scores as one
+/// [`Backend::gemm_outer`] over those heads × rows into `probs` (laid out
+/// `[batch, group, len, len]`), [`Backend::masked_softmax`] in place, then their columns of
+/// `ctx` as `P·V`.
+#[allow(clippy::too_many_arguments)]
+fn heads_forward<B: Backend + ?Sized>(
+    be: &B,
+    s: &AttnShape,
+    h0: usize,
+    group: usize,
+    lens: &B::Ids,
+    scale: B::F,
+    qkv: Ref<B::Buf>,
+    ctx: Mut<B::Buf>,
+    mut probs: Mut<B::Buf>,
+) {
+    let (one, zero) = (B::F::from_f64(1.0), B::F::from_f64(0.0));
+    let (d, dh) = (s.d, s.dh());
+    let at = |off: usize| Ref::at(qkv.buf, qkv.off + off + h0 * dh);
+    let (g, heads) = s.scores_product_of(group, 3 * d, 3 * d);
+    be.gemm_outer(&g, &heads, one, at(0), at(d), zero, probs.reborrow());
+    let p = probs.reborrow();
+    be.masked_softmax(s.batch, group, s.len, s.len, lens, scale, p);
+    let (g, heads) = s.probs_product_of(group, false, 3 * d, d);
+    let p = Ref::at(&*probs.buf, probs.off);
+    let c = Mut::at(ctx.buf, ctx.off + h0 * dh);
+    be.gemm_outer(&g, &heads, one, p, at(2 * d), zero, c);
+}
+
+/// [`Backend::attention`] from the primitives: every head at once ([`heads_forward`]) with
+/// the probabilities in `saved` (`probs_len` elements), which keeps them for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_composed<B: Backend + ?Sized>(
     be: &B,
@@ -177,26 +196,9 @@ pub fn attention_composed<B: Backend + ?Sized>(
     scale: B::F,
     qkv: Ref<B::Buf>,
     ctx: Mut<B::Buf>,
-    mut saved: Mut<B::Buf>,
+    saved: Mut<B::Buf>,
 ) {
-    let (one, zero) = (B::F::from_f64(1.0), B::F::from_f64(0.0));
-    let d = s.d;
-    let (g, heads) = s.scores_product(3 * d, 3 * d);
-    let k = Ref::at(qkv.buf, qkv.off + d);
-    be.gemm_outer(&g, &heads, one, qkv, k, zero, saved.reborrow());
-    be.masked_softmax(
-        s.batch,
-        s.heads,
-        s.len,
-        s.len,
-        lens,
-        scale,
-        saved.reborrow(),
-    );
-    let (g, heads) = s.probs_product(false, 3 * d, d);
-    let p = Ref::at(&*saved.buf, saved.off);
-    let v = Ref::at(qkv.buf, qkv.off + 2 * d);
-    be.gemm_outer(&g, &heads, one, p, v, zero, ctx);
+    heads_forward(be, s, 0, s.heads, lens, scale, qkv, ctx, saved);
 }
 
 /// [`Backend::attention_backward`] from the primitives, with `saved` the probabilities:
