@@ -101,6 +101,13 @@ fn softplus<F: Float>(x: F) -> F {
     x.max(F::zero()) + (-x.abs()).exp().ln_1p()
 }
 
+/// GELU `x·Φ(x) = x·(1 + erf(x/√2))/2` (exact, through erf).
+#[inline]
+fn gelu_value<F: Float>(x: F) -> F {
+    let inv_sqrt2 = cst::<F>(std::f64::consts::FRAC_1_SQRT_2);
+    cst::<F>(0.5) * x * (F::one() + (x * inv_sqrt2).erf())
+}
+
 /// GELU's derivative `Φ(x) + x·φ(x)` (exact, through erf).
 #[inline]
 fn gelu_slope<F: Float>(x: F) -> F {
@@ -648,25 +655,20 @@ impl<F: Float> Backend for CpuBackend<F> {
 
     fn gelu(&self, len: usize, x: Ref<Vec<F>>, y: Mut<Vec<F>>) {
         let x = rd(x, len);
-        let half = cst::<F>(0.5);
-        let inv_sqrt2 = cst::<F>(std::f64::consts::FRAC_1_SQRT_2);
         wr(y, len)
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(yc, xc)| {
                 for (y, &x) in yc.iter_mut().zip(xc) {
-                    *y = half * x * (F::one() + (x * inv_sqrt2).erf());
+                    *y = gelu_value(x);
                 }
             });
     }
 
     fn gelu_in_place(&self, len: usize, xy: Mut<Vec<F>>) {
-        let half = cst::<F>(0.5);
-        let inv_sqrt2 = cst::<F>(std::f64::consts::FRAC_1_SQRT_2);
         wr(xy, len).par_chunks_mut(CHUNK).for_each(|c| {
             for v in c.iter_mut() {
-                let x = *v;
-                *v = half * x * (F::one() + (x * inv_sqrt2).erf());
+                *v = gelu_value(*v);
             }
         });
     }

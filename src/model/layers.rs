@@ -137,17 +137,7 @@ impl Linear {
         dx: Option<Mut<B::Buf>>,
         accumulate_dx: bool,
     ) {
-        if self.inp > 0 {
-            let g = Gemm::new(self.out, self.inp, rows, true, false);
-            be.gemm(
-                &g,
-                one::<B::F>(),
-                dy,
-                x,
-                one::<B::F>(),
-                Mut::at(grads, self.w),
-            );
-        }
+        self.weight_grad(be, grads, rows, dy, x);
         if let Some(dx) = dx {
             self.backward_input(be, params, rows, dy, dx, accumulate_dx);
         }
@@ -176,9 +166,31 @@ impl Linear {
             be.gemm(&g, one::<B::F>(), dy, Ref::at(params, self.w), beta, dx);
         }
     }
-}
 
-impl Linear {
+    /// `dW += aᵀ·b` over `rows` rows (`a` packed `rows×out`, `b` packed `rows×in`): the
+    /// weight gradient of the map (`a = dy`, `b = x`) and of its transpose (`a = x`,
+    /// `b = dy`).
+    fn weight_grad<B: Backend>(
+        &self,
+        be: &B,
+        grads: &mut B::Buf,
+        rows: usize,
+        a: Ref<B::Buf>,
+        b: Ref<B::Buf>,
+    ) {
+        if self.inp > 0 {
+            let g = Gemm::new(self.out, self.inp, rows, true, false);
+            be.gemm(
+                &g,
+                one::<B::F>(),
+                a,
+                b,
+                one::<B::F>(),
+                Mut::at(grads, self.w),
+            );
+        }
+    }
+
     /// Backward of the transposed map `y = x·W` ([`Linear::backward_input`] used forward,
     /// `x` packed `rows×out`): `dW += xᵀ·dy` and `dx = dy·Wᵀ` (`dy` packed `rows×in`, `dx`
     /// packed `rows×out`).
@@ -193,15 +205,7 @@ impl Linear {
         dy: Ref<B::Buf>,
         dx: Mut<B::Buf>,
     ) {
-        let g = Gemm::new(self.out, self.inp, rows, true, false);
-        be.gemm(
-            &g,
-            one::<B::F>(),
-            x,
-            dy,
-            one::<B::F>(),
-            Mut::at(grads, self.w),
-        );
+        self.weight_grad(be, grads, rows, x, dy);
         let g = Gemm::new(rows, self.out, self.inp, false, true);
         be.gemm(
             &g,

@@ -108,8 +108,8 @@ pub struct Forward<B: Backend> {
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
 /// ([`Model::infer`]) computes at once: 2²⁴, so its hidden buffer (GELU runs in place over
 /// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch, as much as the
-/// attention's probabilities ([`crate::backend::INFER_ATTN_ELEMS`]) or the block's `Q/K/V`
-/// at §8. That is 32 768 tokens at d = 128: the §8 teacher's batch of 1 024 × 128 runs in
+/// attention's probabilities ([`crate::backend::INFER_ATTN_ELEMS`]) and a third of the §8
+/// teacher's `Q/K/V`. That is 32 768 tokens at d = 128: the §8 teacher's batch of 1 024 × 128 runs in
 /// four chunks, so nine more launches per block (the FFN's two products and GELU per
 /// chunk). The frozen teacher's inference then holds no more than its attention does.
 pub const INFER_FFN_ELEMS: usize = 1 << 24;
