@@ -1,7 +1,9 @@
-//! The bf16 scheme's CPU reference reports as its memory the bytes its buffers occupy in
-//! their storage types (src/backend/cpu_bf16.rs): 2 per bf16 element, 4 per f32 one, from a
-//! buffer's making to its drop, clones included. One test in its own process, so that no
-//! other test's buffers move the process-wide ledger while it reads it.
+//! The bf16 scheme's CPU reference reports as its memory what a device running the scheme
+//! holds (src/backend/cpu_bf16.rs): a buffer of its own counts the bytes it occupies in its
+//! storage type, 2 per bf16 element and 4 per f32 one, from its making to its drop, clones
+//! included; a step's scratch goes to an emulated activation arena, where a window of the
+//! slab counts nothing and the slab counts its whole capacity. One test in its own process,
+//! so that no other test's buffers move the process-wide ledger while it reads it.
 
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
 use mgkd::backend::Backend;
@@ -30,4 +32,37 @@ fn peak_memory_counts_each_buffer_in_its_storage_type() {
     drop(upload);
     be.reset_peak_memory();
     assert_eq!(be.peak_memory(), Some(0), "every buffer was given back");
+
+    // The arena: `act` above was its first round, a miss (no slab yet) counted like a
+    // buffer of its own. The next request makes the slab that round needed (2 000 bytes,
+    // rounded up to one 2 MiB granule); windows in it count nothing.
+    let granule = 2u64 << 20;
+    let first = be.scratch_full(100).expect("f32 scratch");
+    assert!(first.in_arena());
+    assert_eq!(be.peak_memory(), Some(granule), "the slab, whole");
+    let second = be.scratch_zeros(100).expect("bf16 scratch");
+    assert!(second.in_arena() && second.values().iter().all(|&v| v == 0.0));
+    assert_eq!(be.peak_memory(), Some(granule));
+    let stats = be.arena_stats().expect("the emulated arena reports");
+    assert_eq!((stats.capacity as u64, stats.misses), (granule, 1));
+    // A request past the slab is a miss: its bytes count until it is dropped.
+    let big = be.scratch(granule as usize).expect("bf16 scratch");
+    assert!(!big.in_arena());
+    assert_eq!(be.peak_memory(), Some(granule + 2 * granule));
+    drop((first, second, big));
+    // That round needed more: the next request replaces the slab (the old one leaves the
+    // ledger; the new one, the round's 4 MiB + 768 bytes rounded up to 6 MiB, enters it).
+    be.reset_peak_memory();
+    let again = be.scratch(granule as usize).expect("bf16 scratch");
+    assert!(again.in_arena());
+    assert_eq!(be.peak_memory(), Some(3 * granule));
+    // The weights' compute copy outlives steps: a bf16 buffer of its own, not a window.
+    let weights = be.act_zeros(1000).expect("compute copy");
+    assert!(!weights.in_arena());
+    assert_eq!(be.peak_memory(), Some(3 * granule + 2000));
+    drop((again, weights));
+    // The slab is the backend's: it leaves the ledger with it.
+    drop(be);
+    CpuBf16Backend::new().reset_peak_memory();
+    assert_eq!(CpuBf16Backend::new().peak_memory(), Some(0));
 }

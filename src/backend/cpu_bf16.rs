@@ -12,11 +12,21 @@
 //!
 //! It exists to check the scheme, not to be fast: values are held as f32 that are exact
 //! bf16 numbers, so it saves no memory, and each write costs an extra rounding pass. What it
-//! reports as its memory ([`Backend::peak_memory`]) is therefore not the host's: it is the
-//! bytes its buffers occupy in their storage types (2 per bf16 element, 4 per f32 one), what
-//! a device running the scheme holds for them, counted by a ledger as buffers are made and
-//! dropped (id buffers, `u32` on every backend, are not counted).
+//! reports as its memory ([`Backend::peak_memory`]) is therefore not the host's: it is what
+//! a device running the scheme with the CUDA backend's memory layout holds, counted by a
+//! ledger as buffers are made and dropped (id buffers, `u32` on every backend, are not
+//! counted):
+//! - a buffer of its own (parameters, gradients, moments, uploads, the weights' compute
+//!   copy) counts its bytes in its storage type, 2 per bf16 element and 4 per f32 one;
+//! - a step's scratch ([`Backend::scratch`], [`Backend::scratch_full`] and their zeroed
+//!   forms) is placed in an emulated activation arena, the same [`ArenaPlan`] as the CUDA
+//!   backend's, resized at the same moments: a window in the slab counts nothing, the slab
+//!   counts its whole capacity from its making, and a request the slab cannot serve (a
+//!   miss) counts its bytes like a buffer of its own. So the ledger's peak includes the
+//!   arena's alignment, its fragmentation and the slab's rounding, and
+//!   [`Backend::arena_stats`] reports the slab and the misses a device would see.
 
+use super::arena::{ArenaPlan, ArenaStats, Window};
 use super::cpu::{CpuBackend, CpuStaging};
 use super::precision::{round_bf16, Precision};
 use super::{
@@ -25,30 +35,131 @@ use super::{
 };
 use crate::Result;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Bytes the live [`TaggedBuf`]s of the process occupy in their storage types.
+/// Bytes the process's live [`TaggedBuf`]s and emulated slabs count on the ledger (see the
+/// module documentation).
 static SCHEME_LIVE: AtomicU64 = AtomicU64::new(0);
 /// The most [`SCHEME_LIVE`] bytes held at once since the last reset.
 static SCHEME_PEAK: AtomicU64 = AtomicU64::new(0);
 
+/// Enters `bytes` on the ledger.
+fn ledger_add(bytes: u64) {
+    SCHEME_PEAK.fetch_max(SCHEME_LIVE.fetch_add(bytes, Relaxed) + bytes, Relaxed);
+}
+
+/// Takes `bytes` off the ledger.
+fn ledger_sub(bytes: u64) {
+    SCHEME_LIVE.fetch_sub(bytes, Relaxed);
+}
+
+/// The emulated activation arena of one [`CpuBf16Backend`]: the placement plan, whose
+/// capacity is the emulated slab's (on the ledger while the arena lives).
+#[derive(Debug, Default)]
+struct ArenaState {
+    plan: ArenaPlan,
+}
+
+impl ArenaState {
+    /// Replaces the slab by a larger one when a finished round reached above it and no
+    /// window is held, as the CUDA backend's arena does before placing a request: the old
+    /// slab leaves the ledger and the new one enters it.
+    fn resize(&mut self) {
+        if let Some(cap) = self.plan.wanted() {
+            ledger_sub(self.plan.stats().capacity as u64);
+            ledger_add(cap as u64);
+            self.plan.resized(cap);
+        }
+    }
+}
+
+impl Drop for ArenaState {
+    fn drop(&mut self) {
+        ledger_sub(self.plan.stats().capacity as u64);
+    }
+}
+
+/// Locks an arena, recovering from a panic elsewhere (the plan is updated in one step).
+fn lock(state: &Mutex<ArenaState>) -> MutexGuard<'_, ArenaState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A window of an emulated arena held by a [`TaggedBuf`]; given back when the buffer drops.
+#[derive(Debug)]
+struct Lease {
+    state: Arc<Mutex<ArenaState>>,
+    /// Always `Some` until dropped.
+    window: Option<Window>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(w) = self.window.take() {
+            lock(&self.state).plan.give_back(w);
+        }
+    }
+}
+
 /// A host buffer of f32 values tagged with the type it stands for: with
-/// [`Precision::Bf16`] every element is an exact bfloat16 value. Its bytes in that type are
-/// on the scheme's ledger from its making to its drop.
-#[derive(Debug, PartialEq)]
+/// [`Precision::Bf16`] every element is an exact bfloat16 value. From its making to its drop
+/// it is on the scheme's ledger: its bytes in that type, or nothing when it is a window of
+/// the emulated arena's slab (see the module documentation).
+#[derive(Debug)]
 pub struct TaggedBuf {
     /// The elements (exact bf16 values when `dtype` is bf16); private, so that its length,
     /// which the ledger counts, is fixed at the making.
     data: Vec<f32>,
     /// The storage type the buffer stands for.
     dtype: Precision,
+    /// The arena window it stands in, for a step's scratch.
+    lease: Option<Lease>,
+    /// The bytes it put on the ledger.
+    counted: u64,
+}
+
+impl PartialEq for TaggedBuf {
+    /// Equal values in the same storage type (where the buffer lives does not matter).
+    fn eq(&self, other: &TaggedBuf) -> bool {
+        self.dtype == other.dtype && self.data == other.data
+    }
 }
 
 impl TaggedBuf {
-    /// A buffer of type `dtype` holding `data` as given, entered on the ledger.
+    /// A buffer of its own of type `dtype` holding `data` as given, entered on the ledger.
     fn tagged(data: Vec<f32>, dtype: Precision) -> TaggedBuf {
-        let b = TaggedBuf { data, dtype };
-        let bytes = b.stored_bytes();
-        SCHEME_PEAK.fetch_max(SCHEME_LIVE.fetch_add(bytes, Relaxed) + bytes, Relaxed);
+        let mut b = TaggedBuf {
+            data,
+            dtype,
+            lease: None,
+            counted: 0,
+        };
+        b.counted = b.stored_bytes();
+        ledger_add(b.counted);
+        b
+    }
+
+    /// A step's scratch buffer of type `dtype` holding `data` (rounded to the type), placed
+    /// in `arena`: on the ledger only when the slab cannot serve it.
+    fn scratch(data: Vec<f32>, dtype: Precision, arena: &Arc<Mutex<ArenaState>>) -> TaggedBuf {
+        let mut b = TaggedBuf {
+            data,
+            dtype,
+            lease: None,
+            counted: 0,
+        };
+        let mut st = lock(arena);
+        st.resize();
+        let window = st.plan.take(b.stored_bytes() as usize);
+        drop(st);
+        if window.slab_offset().is_none() {
+            b.counted = b.stored_bytes();
+            ledger_add(b.counted);
+        }
+        b.lease = Some(Lease {
+            state: arena.clone(),
+            window: Some(window),
+        });
+        b.settle();
         b
     }
 
@@ -79,6 +190,12 @@ impl TaggedBuf {
         (self.data.len() * self.dtype.act_bytes(std::mem::size_of::<f32>())) as u64
     }
 
+    /// Whether the buffer is a window of the emulated arena's slab (so counts nothing on
+    /// the ledger).
+    pub fn in_arena(&self) -> bool {
+        self.lease.is_some() && self.counted == 0
+    }
+
     /// Rounds every element to the buffer's type (a no-op for f32 buffers; idempotent).
     fn settle(&mut self) {
         self.settle_window(0, usize::MAX);
@@ -99,6 +216,8 @@ impl TaggedBuf {
 }
 
 impl Clone for TaggedBuf {
+    /// A buffer of its own with the same values and type (a clone of a scratch window is
+    /// not placed in the arena).
     fn clone(&self) -> TaggedBuf {
         TaggedBuf::tagged(self.data.clone(), self.dtype)
     }
@@ -106,22 +225,35 @@ impl Clone for TaggedBuf {
 
 impl Drop for TaggedBuf {
     fn drop(&mut self) {
-        SCHEME_LIVE.fetch_sub(self.stored_bytes(), Relaxed);
+        ledger_sub(self.counted);
     }
 }
 
-/// The bf16 scheme's CPU reference (see the module documentation).
-#[derive(Debug, Clone, Copy, Default)]
+/// The bf16 scheme's CPU reference (see the module documentation). Clones share one
+/// emulated arena.
+#[derive(Debug, Clone, Default)]
 pub struct CpuBf16Backend {
     inner: CpuBackend<f32>,
+    arena: Arc<Mutex<ArenaState>>,
 }
 
 impl CpuBf16Backend {
-    /// A new backend (threads from rayon's pool, as [`CpuBackend`]).
+    /// A new backend (threads from rayon's pool, as [`CpuBackend`]) with an empty arena.
     pub fn new() -> Self {
-        CpuBf16Backend {
-            inner: CpuBackend::new(),
-        }
+        CpuBf16Backend::default()
+    }
+
+    /// A step's scratch buffer of `len` elements of `dtype`, `zeroed` or NaN-filled as the
+    /// f32 backend's, in the emulated arena. An empty request takes no window, as on CUDA.
+    fn scratch_typed(&self, len: usize, dtype: Precision, zeroed: bool) -> Result<TaggedBuf> {
+        let data = match zeroed {
+            true => self.inner.zeros(len)?,
+            false => self.inner.uninit(len)?,
+        };
+        Ok(match len {
+            0 => TaggedBuf::tagged(data, dtype),
+            _ => TaggedBuf::scratch(data, dtype, &self.arena),
+        })
     }
 }
 
@@ -234,23 +366,28 @@ impl Backend for CpuBf16Backend {
     }
 
     fn scratch(&self, len: usize) -> Result<TaggedBuf> {
-        Ok(TaggedBuf::bf16(self.inner.uninit(len)?))
+        self.scratch_typed(len, Precision::Bf16, false)
     }
 
     fn scratch_zeros(&self, len: usize) -> Result<TaggedBuf> {
-        Ok(TaggedBuf::bf16(self.inner.zeros(len)?))
+        self.scratch_typed(len, Precision::Bf16, true)
     }
 
     fn scratch_full(&self, len: usize) -> Result<TaggedBuf> {
-        self.uninit(len)
+        self.scratch_typed(len, Precision::F32, false)
     }
 
     fn scratch_full_zeros(&self, len: usize) -> Result<TaggedBuf> {
-        self.zeros(len)
+        self.scratch_typed(len, Precision::F32, true)
     }
 
     fn act_zeros(&self, len: usize) -> Result<TaggedBuf> {
-        self.scratch_zeros(len)
+        Ok(TaggedBuf::bf16(self.inner.zeros(len)?))
+    }
+
+    /// The emulated arena's slab and misses (see the module documentation).
+    fn arena_stats(&self) -> Option<ArenaStats> {
+        Some(lock(&self.arena).plan.stats())
     }
 
     fn upload(&self, host: &[f32]) -> Result<TaggedBuf> {
@@ -319,9 +456,10 @@ impl Backend for CpuBf16Backend {
         self.inner.copy_ids(len, src, dst)
     }
 
-    /// The most bytes the process's [`TaggedBuf`]s occupied at once in their storage types
-    /// since [`Backend::reset_peak_memory`] (the module documentation says why not the
-    /// host's bytes); shared by every instance in the process, as a device's pool is.
+    /// The most bytes the ledger held at once since [`Backend::reset_peak_memory`]: the
+    /// process's [`TaggedBuf`]s in their storage types and the emulated arenas' slabs (the
+    /// module documentation says why not the host's bytes); shared by every instance in the
+    /// process, as a device's pool is.
     fn peak_memory(&self) -> Option<u64> {
         Some(SCHEME_PEAK.load(Relaxed))
     }
