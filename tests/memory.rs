@@ -11,7 +11,8 @@
 //! keeps none of its blocks' activations (the student step's peak does not grow with the
 //! teacher's depth); an inference pass holds a fraction of a training forward; and the
 //! arena's placement ([`ArenaPlan`]), replayed on the student step's requests, needs little
-//! more than the bytes the step holds at its peak.
+//! more than the bytes the step holds at its peak, and a second step of the same requests
+//! is served from the slab the first sized.
 //!
 //! One test function: the counters are process-wide, and the test harness runs test
 //! functions on parallel threads.
@@ -254,16 +255,26 @@ fn step_memory() {
     let peak = student_step_peak(&be, 2, true);
     let events = std::mem::take(&mut *EVENTS.lock().unwrap());
     let mut plan = ArenaPlan::new();
-    let mut held: std::collections::HashMap<usize, Window> = Default::default();
-    for (addr, bytes, alloc) in events {
-        if alloc {
-            held.insert(addr, plan.take(bytes));
-        } else if let Some(w) = held.remove(&addr) {
+    for round in 0..2 {
+        let mut held: std::collections::HashMap<usize, Window> = Default::default();
+        for &(addr, bytes, alloc) in &events {
+            if alloc {
+                let w = plan.take(bytes);
+                assert!(
+                    round == 0 || w.slab_offset().is_some(),
+                    "a second-round miss"
+                );
+                held.insert(addr, w);
+            } else if let Some(w) = held.remove(&addr) {
+                plan.give_back(w);
+            }
+        }
+        for (_, w) in held {
             plan.give_back(w);
         }
-    }
-    for (_, w) in held {
-        plan.give_back(w);
+        if let Some(cap) = plan.wanted() {
+            plan.resized(cap);
+        }
     }
     let reach = plan.stats().high_water;
     println!(
@@ -277,9 +288,11 @@ fn step_memory() {
         reach * 20 >= peak * 19,
         "the replay missed buffers: reach {reach}, peak {peak}"
     );
-    // … and places them in little more than the peak.
+    // … and places them in little more than the peak (the kept placement, which knows
+    // every window's lifetime; online placement alone wasted about 13 % of the bf16 §8
+    // student step).
     assert!(
-        reach * 10 <= peak * 11,
-        "the arena's placement should waste under 10 %: reach {reach} for a peak of {peak}"
+        reach * 50 <= peak * 51,
+        "the arena's placement should waste under 2 %: reach {reach} for a peak of {peak}"
     );
 }
