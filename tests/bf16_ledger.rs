@@ -6,7 +6,8 @@
 //! so that no other test's buffers move the process-wide ledger while it reads it.
 
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
-use mgkd::backend::Backend;
+use mgkd::backend::cuda::AttentionKernels;
+use mgkd::backend::{AttnShape, Backend, Gemm, Mut, Ref};
 
 #[test]
 fn peak_memory_counts_each_buffer_in_its_storage_type() {
@@ -65,4 +66,50 @@ fn peak_memory_counts_each_buffer_in_its_storage_type() {
     drop(be);
     CpuBf16Backend::new().reset_peak_memory();
     assert_eq!(CpuBf16Backend::new().peak_memory(), Some(0));
+
+    // A product of an f32 operand with a bf16 one holds, while it runs, the bf16 copy a
+    // device makes of the f32 one (a miss here: the new backend has no slab yet).
+    let be = CpuBf16Backend::new();
+    let (m, n, k) = (4, 3, 5);
+    let a = be.upload(&[0.5; 20]).expect("f32 A");
+    let b = be.scratch(k * n).expect("bf16 B");
+    let mut c = be.uninit(m * n).expect("f32 C");
+    be.reset_peak_memory();
+    let held = be.peak_memory().expect("ledger");
+    let g = Gemm::new(m, n, k, false, false);
+    be.gemm(
+        &g,
+        1.0,
+        Ref::whole(&a),
+        Ref::whole(&b),
+        0.0,
+        Mut::whole(&mut c),
+    );
+    assert_eq!(be.peak_memory(), Some(held + 2 * (m * k) as u64));
+    drop((a, b, c));
+
+    // Emulating the fused attention kernels, the saved state of a training forward counts
+    // as their row statistics (f32, [batch, heads, len, 2]) rather than the probabilities
+    // (bf16, [batch, heads, len, len]) this reference keeps in it.
+    let s = AttnShape {
+        batch: 2,
+        len: 8,
+        heads: 2,
+        d: 32,
+    };
+    for (attention, bytes) in [
+        (AttentionKernels::Composed, 2 * 2 * 2 * 8 * 8),
+        (AttentionKernels::Fused, 4 * 2 * 2 * 8 * 2),
+    ] {
+        let be = CpuBf16Backend::emulating(attention);
+        be.reset_peak_memory();
+        let before = be.peak_memory().expect("ledger");
+        let saved = be.attention_saved(&s).expect("saved");
+        assert_eq!(
+            saved.values().len(),
+            2 * 2 * 8 * 8,
+            "the probabilities, either way"
+        );
+        assert_eq!(be.peak_memory(), Some(before + bytes), "{attention:?}");
+    }
 }

@@ -14,8 +14,7 @@
 //! bf16 numbers, so it saves no memory, and each write costs an extra rounding pass. What it
 //! reports as its memory ([`Backend::peak_memory`]) is therefore not the host's: it is what
 //! a device running the scheme with the CUDA backend's memory layout holds, counted by a
-//! ledger as buffers are made and dropped (id buffers, `u32` on every backend, are not
-//! counted):
+//! ledger as buffers are made and dropped:
 //! - a buffer of its own (parameters, gradients, moments, uploads, the weights' compute
 //!   copy) counts its bytes in its storage type, 2 per bf16 element and 4 per f32 one;
 //! - a step's scratch ([`Backend::scratch`], [`Backend::scratch_full`] and their zeroed
@@ -24,14 +23,31 @@
 //!   counts its whole capacity from its making, and a request the slab cannot serve (a
 //!   miss) counts its bytes like a buffer of its own. So the ledger's peak includes the
 //!   arena's alignment, its fragmentation and the slab's rounding, and
-//!   [`Backend::arena_stats`] reports the slab and the misses a device would see.
+//!   [`Backend::arena_stats`] reports the slab and the misses a device would see;
+//! - the scratch the CUDA backend takes inside an operation that this reference computes
+//!   without it is placed there too, for the operation's duration, with no host memory
+//!   ([`Held`]): the bf16 copy of an f32 operand beside a bf16 one in a matrix product,
+//!   and the attention's scratch, as the attention implementation the backend emulates
+//!   ([`CpuBf16Backend::emulating`]) takes it: the composition's probabilities
+//!   (inference) and their two gradients (backward), or the fused kernels' row statistics
+//!   (inference) and row sums (backward), where a shape fits them on a device with tensor
+//!   cores. With the fused kernels, the saved state of a training forward counts as their
+//!   row statistics (`[batch, heads, len, 2]` f32), although this reference keeps the
+//!   probabilities for its own backward.
+//!
+//! Not counted: what the CUDA backend keeps for its life outside the arena (the cuBLAS
+//! workspace, 32 MiB; its grow-only scratch for column sums, the embedding backward's sort
+//! and the products' pointer arrays), id buffers (`u32` on every backend), and the pool's
+//! own rounding.
 
 use super::arena::{ArenaPlan, ArenaStats, Window};
+use super::attention::infer_head_group;
 use super::cpu::{CpuBackend, CpuStaging};
+use super::cuda::attention::{fused_fits, fused_saved_len, AttentionKernels};
 use super::precision::{round_bf16, Precision};
 use super::{
-    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref,
-    ValidTokens,
+    extent, AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer,
+    Ref, ValidTokens,
 };
 use crate::Result;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -100,6 +116,42 @@ impl Drop for Lease {
     }
 }
 
+/// A window of `bytes` bytes of `arena`, with the bytes it put on the ledger (all of them
+/// for a miss, none in the slab): the slab first replaced when a finished round needs more,
+/// as the CUDA backend's arena does before placing a request.
+fn place(arena: &Arc<Mutex<ArenaState>>, bytes: u64) -> (Lease, u64) {
+    let mut st = lock(arena);
+    st.resize();
+    let window = st.plan.take(bytes as usize);
+    drop(st);
+    let counted = match window.slab_offset() {
+        Some(_) => 0,
+        None => bytes,
+    };
+    ledger_add(counted);
+    let lease = Lease {
+        state: arena.clone(),
+        window: Some(window),
+    };
+    (lease, counted)
+}
+
+/// Scratch that the CUDA backend takes inside one operation and this reference does not
+/// (its inner f32 backend computes in host memory of its own): a window of the emulated
+/// arena, on the ledger like a scratch buffer's, held until dropped; no host memory.
+struct Held {
+    /// Gives the window back when dropped (after [`Held`]'s own drop).
+    _lease: Lease,
+    /// The bytes it put on the ledger.
+    counted: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        ledger_sub(self.counted);
+    }
+}
+
 /// A host buffer of f32 values tagged with the type it stands for: with
 /// [`Precision::Bf16`] every element is an exact bfloat16 value. From its making to its drop
 /// it is on the scheme's ledger: its bytes in that type, or nothing when it is a window of
@@ -139,26 +191,22 @@ impl TaggedBuf {
     }
 
     /// A step's scratch buffer of type `dtype` holding `data` (rounded to the type), placed
-    /// in `arena`: on the ledger only when the slab cannot serve it.
-    fn scratch(data: Vec<f32>, dtype: Precision, arena: &Arc<Mutex<ArenaState>>) -> TaggedBuf {
+    /// in `arena` as `bytes` bytes of a device's storage: on the ledger only when the slab
+    /// cannot serve it.
+    fn scratch(
+        data: Vec<f32>,
+        dtype: Precision,
+        bytes: u64,
+        arena: &Arc<Mutex<ArenaState>>,
+    ) -> TaggedBuf {
         let mut b = TaggedBuf {
             data,
             dtype,
             lease: None,
             counted: 0,
         };
-        let mut st = lock(arena);
-        st.resize();
-        let window = st.plan.take(b.stored_bytes() as usize);
-        drop(st);
-        if window.slab_offset().is_none() {
-            b.counted = b.stored_bytes();
-            ledger_add(b.counted);
-        }
-        b.lease = Some(Lease {
-            state: arena.clone(),
-            window: Some(window),
-        });
+        let (lease, counted) = place(arena, bytes);
+        (b.lease, b.counted) = (Some(lease), counted);
         b.settle();
         b
     }
@@ -231,16 +279,54 @@ impl Drop for TaggedBuf {
 
 /// The bf16 scheme's CPU reference (see the module documentation). Clones share one
 /// emulated arena.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CpuBf16Backend {
     inner: CpuBackend<f32>,
     arena: Arc<Mutex<ArenaState>>,
+    /// The CUDA attention implementation whose memory the ledger counts.
+    attention: AttentionKernels,
+}
+
+impl Default for CpuBf16Backend {
+    fn default() -> Self {
+        CpuBf16Backend::emulating(AttentionKernels::Composed)
+    }
 }
 
 impl CpuBf16Backend {
-    /// A new backend (threads from rayon's pool, as [`CpuBackend`]) with an empty arena.
+    /// A new backend (threads from rayon's pool, as [`CpuBackend`]) with an empty arena,
+    /// counting the memory of CUDA's default attention (the composition).
     pub fn new() -> Self {
         CpuBf16Backend::default()
+    }
+
+    /// [`CpuBf16Backend::new`], counting the memory of the attention implementation
+    /// `attention` (the results are the same: only the ledger differs).
+    pub fn emulating(attention: AttentionKernels) -> Self {
+        CpuBf16Backend {
+            inner: CpuBackend::new(),
+            arena: Arc::default(),
+            attention,
+        }
+    }
+
+    /// [`CpuBf16Backend::emulating`] the implementation [`ATTENTION_ENV`](super::cuda::ATTENTION_ENV) names, as a CUDA
+    /// backend opened now would run; an error naming the variable for a value it does not
+    /// take.
+    pub fn from_env() -> Result<Self> {
+        let attention = AttentionKernels::from_env().map_err(crate::Error::invalid)?;
+        Ok(CpuBf16Backend::emulating(attention))
+    }
+
+    /// Whether the emulated device runs `s` with the fused kernels (as a bf16 CUDA backend
+    /// on a device with tensor cores would).
+    fn fused(&self, s: &AttnShape) -> bool {
+        self.attention == AttentionKernels::Fused && fused_fits(s, true)
+    }
+
+    /// [`Held`] scratch of `elems` f32 elements (none for 0).
+    fn held_f32(&self, elems: usize) -> Option<Held> {
+        self.held_bytes((elems * std::mem::size_of::<f32>()) as u64)
     }
 
     /// A step's scratch buffer of `len` elements of `dtype`, `zeroed` or NaN-filled as the
@@ -250,10 +336,40 @@ impl CpuBf16Backend {
             true => self.inner.zeros(len)?,
             false => self.inner.uninit(len)?,
         };
+        let bytes = (len * dtype.act_bytes(std::mem::size_of::<f32>())) as u64;
         Ok(match len {
             0 => TaggedBuf::tagged(data, dtype),
-            _ => TaggedBuf::scratch(data, dtype, &self.arena),
+            _ => TaggedBuf::scratch(data, dtype, bytes, &self.arena),
         })
+    }
+
+    /// [`Held`] scratch of `elems` bf16 elements (none for 0, as on CUDA).
+    fn held_bf16(&self, elems: usize) -> Option<Held> {
+        self.held_bytes((elems * Precision::Bf16.act_bytes(std::mem::size_of::<f32>())) as u64)
+    }
+
+    /// [`Held`] scratch of `bytes` bytes (none for 0).
+    fn held_bytes(&self, bytes: u64) -> Option<Held> {
+        (bytes > 0).then(|| {
+            let (lease, counted) = place(&self.arena, bytes);
+            Held {
+                _lease: lease,
+                counted,
+            }
+        })
+    }
+
+    /// The [`Held`] bf16 copies a device makes of the operands `copies` says are rounded
+    /// (see [`matrix_operands`]), of `a_len` and `b_len` elements: the first operand's,
+    /// then the second's.
+    fn held_operands(
+        &self,
+        copies: (&Option<Vec<f32>>, &Option<Vec<f32>>),
+        a_len: usize,
+        b_len: usize,
+    ) -> [Option<Held>; 2] {
+        let a = copies.0.as_ref().and_then(|_| self.held_bf16(a_len));
+        [a, copies.1.as_ref().and_then(|_| self.held_bf16(b_len))]
     }
 }
 
@@ -508,6 +624,13 @@ impl Backend for CpuBf16Backend {
         c: Mut<TaggedBuf>,
     ) {
         let (ac, bc) = matrix_operands(a.buf, b.buf);
+        // A device converts the extents it reads, for a product that reads them.
+        let ((ar, acols), (br, bcols)) = shape.stored_shapes();
+        let last = shape.batch.saturating_sub(1);
+        let a_len = last * shape.stride_a + extent(ar, acols, shape.lda);
+        let b_len = last * shape.stride_b + extent(br, bcols, shape.ldb);
+        let product = shape.m > 0 && shape.n > 0 && shape.k > 0 && shape.batch > 0;
+        let _held = product.then(|| self.held_operands((&ac, &bc), a_len, b_len));
         let (a, b) = (operand(a, &ac), operand(b, &bc));
         w(c, REST, |c| self.inner.gemm(shape, alpha, a, b, beta, c))
     }
@@ -541,6 +664,7 @@ impl Backend for CpuBf16Backend {
         accumulate: bool,
     ) {
         let (xc, wc) = matrix_operands(x.buf, wt.buf);
+        let _held = self.held_operands((&xc, &wc), rows * inp, out * inp);
         let (x, wt) = (operand(x, &xc), operand(wt, &wc));
         w(y, rows * out, |y| {
             self.inner
@@ -560,6 +684,7 @@ impl Backend for CpuBf16Backend {
         y: Mut<TaggedBuf>,
     ) {
         let (xc, wc) = matrix_operands(x.buf, wt.buf);
+        let _held = self.held_operands((&xc, &wc), rows * inp, out * inp);
         let (x, wt) = (operand(x, &xc), operand(wt, &wc));
         w(y, rows * out, |y| {
             self.inner
@@ -760,6 +885,24 @@ impl Backend for CpuBf16Backend {
 
     /// One operation, as a fused kernel runs it: Q·Kᵀ, the masked softmax and P·V in f32,
     /// the output (and the saved probabilities) rounded once when stored.
+    /// The probabilities, in bf16, for the inner composition's backward; under the fused
+    /// kernels ([`CpuBf16Backend::emulating`]) the ledger counts them as the fused
+    /// forward's row statistics, which is what a device keeps instead.
+    fn attention_saved(&self, s: &AttnShape) -> Result<TaggedBuf> {
+        let len = self.attention_saved_len(s);
+        if !self.fused(s) || len == 0 {
+            return self.scratch(len);
+        }
+        let bytes = (fused_saved_len(s) * std::mem::size_of::<f32>()) as u64;
+        let data = self.inner.uninit(len)?;
+        Ok(TaggedBuf::scratch(
+            data,
+            Precision::Bf16,
+            bytes,
+            &self.arena,
+        ))
+    }
+
     fn attention(
         &self,
         s: &AttnShape,
@@ -784,6 +927,12 @@ impl Backend for CpuBf16Backend {
         qkv: Ref<TaggedBuf>,
         ctx: Mut<TaggedBuf>,
     ) -> Result<()> {
+        // The fused forward's row statistics, or the composition's probabilities a group
+        // of heads at a time.
+        let _held = match self.fused(s) {
+            true => self.held_f32(fused_saved_len(s)),
+            false => self.held_bf16(infer_head_group(s) * s.batch * s.len * s.len),
+        };
         w(ctx, REST, |c| {
             self.inner.attention_infer(s, lens, scale, r(qkv), c)
         })
@@ -799,6 +948,17 @@ impl Backend for CpuBf16Backend {
         dctx: Ref<TaggedBuf>,
         dqkv: Mut<TaggedBuf>,
     ) -> Result<()> {
+        // The fused query pass's row sums; or the composition's dP, then dS, dP given back
+        // once dS is made.
+        let _held = match self.fused(s) {
+            true => [self.held_f32(s.batch * s.heads * s.len), None],
+            false => {
+                let dprobs = self.held_bf16(s.probs_len());
+                let dscores = self.held_bf16(s.probs_len());
+                drop(dprobs);
+                [dscores, None]
+            }
+        };
         w(dqkv, REST, |dq| {
             self.inner
                 .attention_backward(s, lens, scale, r(qkv), r(saved), r(dctx), dq)

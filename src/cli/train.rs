@@ -53,8 +53,13 @@ macro_rules! with_backend {
                         "precision: bf16 on the CPU, the scheme's reference (f32 arithmetic, \
                          bf16 storage): for checking, slower than f32"
                     );
-                    let $be = &$crate::backend::cpu_bf16::CpuBf16Backend::new();
-                    $body
+                    match $crate::backend::cpu_bf16::CpuBf16Backend::from_env() {
+                        Err(e) => Err(e),
+                        Ok(backend) => {
+                            let $be = &backend;
+                            $body
+                        }
+                    }
                 }
                 Ok($crate::backend::device::Resolved::Cuda(info)) => {
                     match $crate::backend::cuda::CudaBackend::with_precision(

@@ -126,8 +126,14 @@ pub(super) fn fused_plan(s: &AttnShape, tensor_cores: bool) -> Option<FusedPlan>
         .or_else(|| cores_smem(s).map(FusedPlan::Cores))
 }
 
+/// Whether the fused kernels run shape `s` when chosen, on a device that has the
+/// tensor-core ones when `tensor_cores` ([`fused_plan`]).
+pub fn fused_fits(s: &AttnShape, tensor_cores: bool) -> bool {
+    fused_plan(s, tensor_cores).is_some()
+}
+
 /// Elements of the fused forward's saved state, `[batch, heads, len, 2]`.
-pub(super) fn fused_saved_len(s: &AttnShape) -> usize {
+pub fn fused_saved_len(s: &AttnShape) -> usize {
     s.batch * s.heads * s.len * SAVED_PER_ROW
 }
 
