@@ -21,10 +21,10 @@ pub struct Attention {
     pub heads: usize,
 }
 
-/// What [`Attention`]'s backward needs besides its input (which the block recomputes): the
-/// projected `[Q K V]`, what the attention saved for its backward, and the context `C`.
+/// What [`Attention`]'s backward needs besides its input (which the block recomputes, and
+/// from it the projected `[Q K V]`): what the attention saved for its backward, and the
+/// context `C`.
 pub struct AttentionCache<B: Backend> {
-    qkv: B::Buf,
     saved: B::Buf,
     ctx: B::Buf,
 }
@@ -48,9 +48,10 @@ impl Attention {
     /// Forward: `x` is the LayerNorm output (`tokens×d`); returns
     /// `out = resid + out_proj(MHSA(x))` (`resid` is the residual stream, `tokens×d`, and
     /// `out` is in full precision like it) and what the backward needs. `x` is given back
-    /// once projected: the backward takes it again (the block recomputes it, which costs a
-    /// LayerNorm instead of holding a `tokens×d` buffer per block from the forward to the
-    /// backward). `lens` masks the keys.
+    /// once projected and `[Q K V]` once the attention has read it: the backward takes `x`
+    /// again (the block recomputes it, which costs a LayerNorm instead of holding a
+    /// `tokens×d` buffer per block from the forward to the backward) and projects it again
+    /// (a product instead of holding `tokens×3d`). `lens` masks the keys.
     pub fn forward<B: Backend>(
         &self,
         be: &B,
@@ -95,9 +96,7 @@ impl Attention {
     ) -> Result<(B::Buf, Option<AttentionCache<B>>)> {
         let (n, d) = (sh.tokens(), sh.d);
         let s = self.shape(sh);
-        let mut qkv = uninit(be, n * 3 * d)?;
-        self.in_proj
-            .forward(be, params, n, Ref::whole(&x), Mut::whole(&mut qkv), false);
+        let qkv = self.project_in(be, params, n, Ref::whole(&x))?;
         drop(x);
         let mut ctx = uninit(be, n * d)?;
         let scale = self.scale::<B::F>(d);
@@ -111,15 +110,29 @@ impl Attention {
                 Mut::whole(&mut ctx),
                 Mut::whole(&mut saved),
             );
-            Some((qkv, saved))
+            Some(saved)
         } else {
             be.attention_infer(&s, lens, scale, Ref::whole(&qkv), Mut::whole(&mut ctx))?;
-            drop(qkv);
             None
         };
+        drop(qkv);
         let out = self.project(be, params, n, &ctx, resid)?;
-        let cache = kept.map(|(qkv, saved)| AttentionCache { qkv, saved, ctx });
+        let cache = kept.map(|saved| AttentionCache { saved, ctx });
         Ok((out, cache))
+    }
+
+    /// `[Q K V] = x·W_inᵀ + b_in` over `n` tokens, in the activation precision.
+    fn project_in<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        n: usize,
+        x: Ref<B::Buf>,
+    ) -> Result<B::Buf> {
+        let mut qkv = uninit(be, n * self.in_proj.out)?;
+        self.in_proj
+            .forward(be, params, n, x, Mut::whole(&mut qkv), false);
+        Ok(qkv)
     }
 
     /// `resid + out_proj(ctx)` over `n` tokens, in full precision.
@@ -154,7 +167,8 @@ impl Attention {
     /// Backward: `x` is the forward's input (the LayerNorm output, recomputed by the caller),
     /// `dout` the gradient of the attention output (the residual stream's); returns `dx`
     /// (`tokens×d`, the gradient of the LayerNorm output) and accumulates every parameter
-    /// gradient into `grads`.
+    /// gradient into `grads`. `[Q K V]` is projected from `x` again, with the forward's
+    /// product, so it is the forward's bits (`6·tokens·d²` FLOPs).
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -180,17 +194,18 @@ impl Attention {
             Some(Mut::whole(&mut dctx)),
             false,
         );
+        let qkv = self.project_in(be, params, n, x)?;
         let mut dqkv = uninit(be, n * 3 * d)?;
         be.attention_backward(
             &self.shape(sh),
             lens,
             self.scale::<B::F>(d),
-            Ref::whole(&cache.qkv),
+            Ref::whole(&qkv),
             Ref::whole(&cache.saved),
             Ref::whole(&dctx),
             Mut::whole(&mut dqkv),
         )?;
-        drop(dctx);
+        drop((dctx, qkv));
         let mut dx = uninit(be, n * d)?;
         self.in_proj.backward(
             be,
