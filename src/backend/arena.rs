@@ -41,6 +41,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Alignment of every window, in bytes (cuBLAS and vector loads want 16; 256 keeps each
 /// window on its own cache-line group and is what `cudaMalloc` guarantees).
@@ -139,6 +140,49 @@ pub struct ArenaStats {
     pub misses: u64,
     /// How many times the slab was replaced by a larger one.
     pub generation: u64,
+    /// Request sequences whose placement is kept (at most [`MAX_PLANS`]): a round that
+    /// follows a kept sequence to its end adds none.
+    pub kept: usize,
+}
+
+/// A backend's arena state, shared by the backend and the windows it hands out: what holds
+/// the [`ArenaPlan`] the windows are given back to.
+pub trait HoldsPlan {
+    /// The plan.
+    fn plan_mut(&mut self) -> &mut ArenaPlan;
+}
+
+/// Locks an arena's state, recovering from a panic elsewhere (the plan is updated in one
+/// step).
+pub fn lock<S>(state: &Mutex<S>) -> MutexGuard<'_, S> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A held window of the arena whose state is `S`: gives it back to the plan when dropped
+/// (the last one ends the round).
+#[derive(Debug)]
+pub struct Lease<S: HoldsPlan> {
+    state: Arc<Mutex<S>>,
+    /// Always `Some` until dropped.
+    window: Option<Window>,
+}
+
+impl<S: HoldsPlan> Lease<S> {
+    /// `window`, taken from the plan of `state`, held until the lease drops.
+    pub fn new(state: Arc<Mutex<S>>, window: Window) -> Lease<S> {
+        Lease {
+            state,
+            window: Some(window),
+        }
+    }
+}
+
+impl<S: HoldsPlan> Drop for Lease<S> {
+    fn drop(&mut self) {
+        if let Some(w) = self.window.take() {
+            lock(&self.state).plan_mut().give_back(w);
+        }
+    }
 }
 
 /// `x` rounded up to a multiple of `m`.
@@ -369,6 +413,7 @@ impl ArenaPlan {
             high_water: self.wanted,
             misses: self.misses,
             generation: self.generation,
+            kept: self.plans.len(),
         }
     }
 }

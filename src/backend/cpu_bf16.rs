@@ -40,7 +40,7 @@
 //! and the products' pointer arrays), id buffers (`u32` on every backend), and the pool's
 //! own rounding.
 
-use super::arena::{ArenaPlan, ArenaStats, Window};
+use super::arena::{self, lock, ArenaPlan, ArenaStats, HoldsPlan};
 use super::attention::infer_head_group;
 use super::cpu::{CpuBackend, CpuStaging};
 use super::cuda::attention::{fused_fits, fused_saved_len, AttentionKernels};
@@ -51,7 +51,7 @@ use super::{
 };
 use crate::Result;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// Bytes the process's live [`TaggedBuf`]s and emulated slabs count on the ledger (see the
 /// module documentation).
@@ -95,26 +95,14 @@ impl Drop for ArenaState {
     }
 }
 
-/// Locks an arena, recovering from a panic elsewhere (the plan is updated in one step).
-fn lock(state: &Mutex<ArenaState>) -> MutexGuard<'_, ArenaState> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A window of an emulated arena held by a [`TaggedBuf`]; given back when the buffer drops.
-#[derive(Debug)]
-struct Lease {
-    state: Arc<Mutex<ArenaState>>,
-    /// Always `Some` until dropped.
-    window: Option<Window>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(w) = self.window.take() {
-            lock(&self.state).plan.give_back(w);
-        }
+impl HoldsPlan for ArenaState {
+    fn plan_mut(&mut self) -> &mut ArenaPlan {
+        &mut self.plan
     }
 }
+
+/// A window of an emulated arena held by a [`TaggedBuf`] or a [`Held`].
+type Lease = arena::Lease<ArenaState>;
 
 /// A window of `bytes` bytes of `arena`, with the bytes it put on the ledger (all of them
 /// for a miss, none in the slab): the slab first replaced when a finished round needs more,
@@ -129,11 +117,7 @@ fn place(arena: &Arc<Mutex<ArenaState>>, bytes: u64) -> (Lease, u64) {
         None => bytes,
     };
     ledger_add(counted);
-    let lease = Lease {
-        state: arena.clone(),
-        window: Some(window),
-    };
-    (lease, counted)
+    (Lease::new(arena.clone(), window), counted)
 }
 
 /// Scratch that the CUDA backend takes inside one operation and this reference does not

@@ -6,14 +6,14 @@
 //! or is a window of the arena's slab (a step's activations, gradients and scratch), which
 //! costs no driver call to hand out or to give back.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
 use half::bf16;
 
 use super::launch::DevPtr;
-use crate::backend::arena::{ArenaPlan, ArenaStats, Window};
+use crate::backend::arena::{self, lock, ArenaPlan, ArenaStats, HoldsPlan};
 use crate::backend::Precision;
 
 /// The slab: one device allocation, shared by the windows carved from it and by the graphs
@@ -31,25 +31,14 @@ pub(super) struct Arena {
     state: Arc<Mutex<ArenaState>>,
 }
 
-/// A held window of the arena: gives it back when dropped (the last one ends the round).
-struct Lease {
-    state: Arc<Mutex<ArenaState>>,
-    /// Always `Some` until dropped.
-    window: Option<Window>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(w) = self.window.take() {
-            lock(&self.state).plan.give_back(w);
-        }
+impl HoldsPlan for ArenaState {
+    fn plan_mut(&mut self) -> &mut ArenaPlan {
+        &mut self.plan
     }
 }
 
-/// Locks `state`, recovering from a panic elsewhere (the plan is updated in one step).
-fn lock(state: &Mutex<ArenaState>) -> MutexGuard<'_, ArenaState> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// A held window of this backend's arena.
+type Lease = arena::Lease<ArenaState>;
 
 /// What keeps a [`CudaBuf`]'s memory alive (its fields are only ever dropped).
 #[allow(dead_code)]
@@ -245,10 +234,7 @@ impl Arena {
         }
         let window = st.plan.take(bytes);
         let at = window.slab_offset();
-        let lease = Lease {
-            state: self.state.clone(),
-            window: Some(window),
-        };
+        let lease = Lease::new(self.state.clone(), window);
         match (at, st.slab.clone()) {
             (Some(off), Some(slab)) => {
                 let ptr = slab.device_ptr(stream).0 + off as u64;
