@@ -184,7 +184,16 @@ fn main() {
     let mut s = s0.clone();
     let t = best(3, || {
         s.copy_from_slice(&s0);
-        b.masked_softmax(batch, heads, l, l, &lens, 0.176_776_7, Mut::whole(&mut s));
+        b.masked_softmax(
+            batch,
+            heads,
+            l,
+            l,
+            &lens,
+            0,
+            0.176_776_7,
+            Mut::whole(&mut s),
+        );
     });
     let bytes = 8.0 * ns as f64;
     println!(

@@ -286,7 +286,7 @@ fn attention(b: &mut Bench) {
         let op = format!("{who} dV = Pᵀ·dC {B}x{H} of {l}x{dh}x{l}");
         b.push("attention", op, t, floats as f64, qk_flops);
         let t = b.time(|| {
-            b.be.masked_softmax(B, H, l, l, &lens, scale, Mut::whole(&mut probs))
+            b.be.masked_softmax(B, H, l, l, &lens, 0, scale, Mut::whole(&mut probs))
         });
         let n = products * l * l;
         b.push(

@@ -176,7 +176,7 @@ fn op_sequence<F: Float>() -> Vec<Vec<F>> {
     let n_s = batch * heads * len * len;
     let mut p = randv::<F>(&mut rng, n_s);
     let scale = <F as Float>::from_f64(0.25);
-    b.masked_softmax(batch, heads, len, len, &lens, scale, Mut::whole(&mut p));
+    b.masked_softmax(batch, heads, len, len, &lens, 0, scale, Mut::whole(&mut p));
     let dp = randv::<F>(&mut rng, n_s);
     let mut ds = vec![F::nan(); n_s];
     b.masked_softmax_backward(

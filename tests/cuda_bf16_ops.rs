@@ -662,7 +662,7 @@ impl Case for SoftmaxCase {
         let ids = be.upload_ids(&key_lens).expect("lens");
         let scale = B::F::from_f64(0.25);
         let mut p = buf(be, Kind::Act, &values(&mut g, Kind::Act, n, 8.0));
-        be.masked_softmax(b, h, l, l, &ids, scale, Mut::whole(&mut p));
+        be.masked_softmax(b, h, l, l, &ids, 0, scale, Mut::whole(&mut p));
         let dp = buf(be, Kind::Act, &values(&mut g, Kind::Act, n, 1.0));
         let mut ds = poisoned(be, Kind::Act, n);
         be.masked_softmax_backward(

@@ -1164,6 +1164,10 @@ struct SoftmaxCase {
 impl Case for SoftmaxCase {
     fn run<B: Backend>(&self, be: &B) -> Outs {
         let lens = be.upload_ids(&self.lens).expect("lens");
+        // The forward reads its rows' lengths from a window one row in: a length read from
+        // the row before it (poison, above every lk) is an error.
+        let shifted: Vec<u32> = std::iter::once(u32::MAX).chain(self.lens.clone()).collect();
+        let shifted = be.upload_ids(&shifted).expect("lens");
         let n = self.s.len();
         let mut p = up(be, &junk_padded(&self.s));
         be.masked_softmax(
@@ -1171,7 +1175,8 @@ impl Case for SoftmaxCase {
             self.heads,
             self.lq,
             self.lk,
-            &lens,
+            &shifted,
+            1,
             cst::<B>(self.scale),
             Mut::at(&mut p, PAD),
         );
@@ -1367,7 +1372,7 @@ fn key_length_beyond_padding_is_an_error() {
     let g = &CudaBackend::new(0).expect("a second backend on the same device");
     let lens = g.upload_ids(&[2, 5]).expect("lens"); // 5 > lk = 4
     let mut s = g.upload(&[0.5f32; 2 * 3 * 4]).expect("scores");
-    g.masked_softmax(2, 1, 3, 4, &lens, 1.0, Mut::whole(&mut s));
+    g.masked_softmax(2, 1, 3, 4, &lens, 0, 1.0, Mut::whole(&mut s));
     let err = g
         .download(&s)
         .expect_err("a key length > lk must be reported");

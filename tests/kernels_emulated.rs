@@ -319,7 +319,7 @@ fn masked_softmax_bf16() {
         let be = CpuBf16Backend::new();
         let ids = be.upload_ids(&lens).expect("lens");
         let mut p = act(&be, &s);
-        be.masked_softmax(batch, heads, l, l, &ids, scale, Mut::whole(&mut p));
+        be.masked_softmax(batch, heads, l, l, &ids, 0, scale, Mut::whole(&mut p));
         let mut ds = be.scratch(rows * l).expect("ds");
         be.masked_softmax_backward(
             batch,

@@ -1060,6 +1060,7 @@ impl SoftmaxCase {
             self.lq,
             self.lk,
             &ids(&self.lens),
+            0,
             <F as Float>::from_f64(self.scale),
             Mut::whole(&mut s),
         );

@@ -249,8 +249,17 @@ fn each_operation_is_the_f32_one_rounded_on_store() {
     let n = batch * heads * l * l;
     let s0 = bf16_values(1, n);
     let (mut got, mut want) = (tag(&s0), s0.clone());
-    be.masked_softmax(batch, heads, l, l, &lens, 0.5, Mut::whole(&mut got));
-    cpu.masked_softmax(batch, heads, l, l, &lens_host, 0.5, Mut::whole(&mut want));
+    be.masked_softmax(batch, heads, l, l, &lens, 0, 0.5, Mut::whole(&mut got));
+    cpu.masked_softmax(
+        batch,
+        heads,
+        l,
+        l,
+        &lens_host,
+        0,
+        0.5,
+        Mut::whole(&mut want),
+    );
     assert_eq!(got.values(), rounded(want.clone()), "masked_softmax");
     let (p, dp) = (got.values().to_vec(), bf16_values(2, n));
     let (mut got_ds, mut want_ds) = (tag(&poison(n)), poison(n));

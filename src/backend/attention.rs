@@ -108,23 +108,38 @@ fn heads_outer(count: usize, stride_a: usize, stride_b: usize, stride_c: usize) 
 }
 
 /// Elements of the probabilities that [`attention_infer_composed`] holds at once, at most
-/// (unless one head alone has more): 2²⁴, 64 MiB in f32. The §8 teacher (batch 1 024, L 128,
-/// 4 heads: 2²⁴ per head) runs one head at a time, the student (L 32) all four at once.
-pub const INFER_ATTN_ELEMS: usize = 1 << 24;
+/// (unless one head of one row alone has more): 2²², 8 MiB in bf16, 16 MiB in f32. The §8
+/// teacher (batch 1 024, L 128, 4 heads: 2²⁴ per head over every row) runs one head of 256
+/// rows at a time, the student (L 32: 2²⁰ per head) all four heads of every row at once.
+pub const INFER_ATTN_ELEMS: usize = 1 << 22;
 
-/// How many consecutive heads [`attention_infer_composed`] runs at once: the most that
-/// divide `heads` and whose probabilities fit [`INFER_ATTN_ELEMS`], at least 1.
-pub fn infer_head_group(s: &AttnShape) -> usize {
+/// How [`attention_infer_composed`] splits `s`, as (heads, rows) at a time: the most
+/// consecutive heads that divide `heads` and whose probabilities over every row fit
+/// [`INFER_ATTN_ELEMS`], with every row; else one head over as many rows as fit (at
+/// least 1).
+pub fn infer_blocks(s: &AttnShape) -> (usize, usize) {
     let per_head = s.batch * s.len * s.len;
-    (1..=s.heads)
+    let heads = (1..=s.heads)
         .rev()
-        .find(|&g| s.heads.is_multiple_of(g) && g * per_head <= INFER_ATTN_ELEMS)
-        .unwrap_or(1)
+        .find(|&g| s.heads.is_multiple_of(g) && g * per_head <= INFER_ATTN_ELEMS);
+    match heads {
+        Some(g) => (g, s.batch),
+        None => (
+            1,
+            (INFER_ATTN_ELEMS / (s.len * s.len).max(1)).clamp(1, s.batch.max(1)),
+        ),
+    }
+}
+
+/// Elements of the probabilities buffer [`attention_infer_composed`] holds for `s`.
+pub fn infer_probs_len(s: &AttnShape) -> usize {
+    let (heads, rows) = infer_blocks(s);
+    heads * rows * s.len * s.len
 }
 
 /// [`Backend::attention_infer`] from the primitives: [`attention_composed`]'s operations
-/// over [`infer_head_group`] heads at a time ([`attention_by_head_groups`]), so an
-/// inference pass never holds the whole `batch·heads·len²`.
+/// over [`infer_blocks`] heads and rows at a time ([`attention_by_blocks`]), so an inference
+/// pass never holds the whole `batch·heads·len²`.
 pub fn attention_infer_composed<B: Backend + ?Sized>(
     be: &B,
     s: &AttnShape,
@@ -133,38 +148,50 @@ pub fn attention_infer_composed<B: Backend + ?Sized>(
     qkv: Ref<B::Buf>,
     ctx: Mut<B::Buf>,
 ) -> Result<()> {
-    attention_by_head_groups(be, s, infer_head_group(s), lens, scale, qkv, ctx)
+    attention_by_blocks(be, s, infer_blocks(s), lens, scale, qkv, ctx)
 }
 
-/// [`attention_composed`]'s output, `group` consecutive heads at a time (`group` divides
-/// `s.heads`) in one scratch buffer of `batch·group·len²` probabilities. Each product and
-/// softmax row is the one [`attention_composed`] computes for the same head.
+/// [`attention_composed`]'s output, `heads` consecutive heads (dividing `s.heads`) of `rows`
+/// consecutive batch rows at a time, in one scratch buffer of `rows·heads·len²`
+/// probabilities: each block is the composition of a batch of those rows, their Q/K/V and
+/// context windows `r0·len` tokens in and their key lengths from row `r0` on. Each product
+/// and softmax row is the one [`attention_composed`] computes for the same row and head.
 #[allow(clippy::too_many_arguments)]
-fn attention_by_head_groups<B: Backend + ?Sized>(
+fn attention_by_blocks<B: Backend + ?Sized>(
     be: &B,
     s: &AttnShape,
-    group: usize,
+    (heads, rows): (usize, usize),
     lens: &B::Ids,
     scale: B::F,
     qkv: Ref<B::Buf>,
-    mut ctx: Mut<B::Buf>,
+    ctx: Mut<B::Buf>,
 ) -> Result<()> {
-    let mut probs = be.scratch(s.batch * group * s.len * s.len)?;
-    for h0 in (0..s.heads).step_by(group) {
-        let p = Mut::whole(&mut probs);
-        heads_forward(be, s, h0, group, lens, scale, qkv, ctx.reborrow(), p);
+    let mut probs = be.scratch(rows * heads * s.len * s.len)?;
+    for r0 in (0..s.batch).step_by(rows.max(1)) {
+        let part = AttnShape {
+            batch: rows.min(s.batch - r0),
+            ..*s
+        };
+        let t0 = r0 * s.len;
+        let q = Ref::at(qkv.buf, qkv.off + t0 * 3 * s.d);
+        for h0 in (0..s.heads).step_by(heads) {
+            let c = Mut::at(&mut *ctx.buf, ctx.off + t0 * s.d);
+            let p = Mut::whole(&mut probs);
+            heads_forward(be, &part, r0, h0, heads, lens, scale, q, c, p);
+        }
     }
     Ok(())
 }
 
 /// The composition for heads `h0 .. h0 + group`: the scores as one
 /// [`Backend::gemm_outer`] over those heads × rows into `probs` (laid out
-/// `[batch, group, len, len]`), [`Backend::masked_softmax`] in place, then their columns of
-/// `ctx` as `P·V`.
+/// `[batch, group, len, len]`), [`Backend::masked_softmax`] in place (the rows' key lengths
+/// from `lens[first_row]` on), then their columns of `ctx` as `P·V`.
 #[allow(clippy::too_many_arguments)]
 fn heads_forward<B: Backend + ?Sized>(
     be: &B,
     s: &AttnShape,
+    first_row: usize,
     h0: usize,
     group: usize,
     lens: &B::Ids,
@@ -179,7 +206,7 @@ fn heads_forward<B: Backend + ?Sized>(
     let (g, heads) = s.scores_product_of(group, 3 * d, 3 * d);
     be.gemm_outer(&g, &heads, one, at(0), at(d), zero, probs.reborrow());
     let p = probs.reborrow();
-    be.masked_softmax(s.batch, group, s.len, s.len, lens, scale, p);
+    be.masked_softmax(s.batch, group, s.len, s.len, lens, first_row, scale, p);
     let (g, heads) = s.probs_product_of(group, false, 3 * d, d);
     let p = Ref::at(&*probs.buf, probs.off);
     let c = Mut::at(ctx.buf, ctx.off + h0 * dh);
@@ -198,7 +225,7 @@ pub fn attention_composed<B: Backend + ?Sized>(
     ctx: Mut<B::Buf>,
     saved: Mut<B::Buf>,
 ) {
-    heads_forward(be, s, 0, s.heads, lens, scale, qkv, ctx, saved);
+    heads_forward(be, s, 0, 0, s.heads, lens, scale, qkv, ctx, saved);
 }
 
 /// [`Backend::attention_backward`] from the primitives, with `saved` the probabilities:
@@ -261,26 +288,33 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
     use rand::{Rng, SeedableRng};
 
-    /// The §8 shapes take the heads one at a time (teacher) or all at once (student).
+    /// The §8 shapes take one head of 256 rows at a time (teacher) or every head of every
+    /// row at once (student).
     #[test]
-    fn head_groups_fit_the_budget() {
+    fn blocks_fit_the_budget() {
         let shape = |batch, len| AttnShape {
             batch,
             len,
             heads: 4,
             d: 128,
         };
-        assert_eq!(infer_head_group(&shape(1024, 128)), 1);
-        assert_eq!(infer_head_group(&shape(1024, 32)), 4);
-        assert_eq!(infer_head_group(&shape(512, 128)), 2);
-        // One head above the budget still runs, alone.
-        assert_eq!(infer_head_group(&shape(4096, 128)), 1);
+        assert_eq!(infer_blocks(&shape(1024, 128)), (1, 256));
+        assert_eq!(infer_blocks(&shape(1024, 32)), (4, 1024));
+        assert_eq!(infer_blocks(&shape(128, 128)), (2, 128));
+        assert_eq!(infer_probs_len(&shape(1024, 128)), INFER_ATTN_ELEMS);
+        // One row of one head above the budget still runs, alone.
+        assert_eq!(infer_blocks(&shape(8, 4096)), (1, 1));
+        assert_eq!(
+            infer_blocks(&shape(0, 128)),
+            (4, 0),
+            "an empty batch holds nothing"
+        );
     }
 
-    /// The outputs of [`attention_composed`] and of every head grouping, as bit patterns,
-    /// after poisoning each output with NaN (every slot must be written, padded queries and
-    /// rows without keys included).
-    fn outputs<F: Float>(group_sizes: &[usize]) -> (Vec<u64>, Vec<Vec<u64>>) {
+    /// The outputs of [`attention_composed`] and of every (heads, rows) blocking, as bit
+    /// patterns, after poisoning each output with NaN (every slot must be written, padded
+    /// queries and rows without keys included).
+    fn outputs<F: Float>(blocks: &[(usize, usize)]) -> (Vec<u64>, Vec<Vec<u64>>) {
         let be = CpuBackend::<F>::new();
         let s = AttnShape {
             batch: 5,
@@ -309,12 +343,12 @@ mod tests {
         let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
         attention_composed(&be, &s, &lens, scale, q, c, Mut::whole(&mut saved));
         let whole = bits(&ctx);
-        let grouped = group_sizes
+        let grouped = blocks
             .iter()
-            .map(|&g| {
+            .map(|&b| {
                 let mut ctx = be.upload(&nan).expect("upload");
                 let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
-                attention_by_head_groups(&be, &s, g, &lens, scale, q, c).expect("attention");
+                attention_by_blocks(&be, &s, b, &lens, scale, q, c).expect("attention");
                 bits(&ctx)
             })
             .collect();
@@ -322,15 +356,17 @@ mod tests {
     }
 
     #[test]
-    fn head_groups_give_the_compositions_bits() {
+    fn blocks_of_heads_and_rows_give_the_compositions_bits() {
         fn check<F: Float>() {
-            let (whole, grouped) = outputs::<F>(&[1, 2, 4]);
+            // Five rows: whole, and in blocks of 2 (the last one short) and 1.
+            let blocks = [(1, 5), (2, 5), (4, 5), (1, 2), (4, 2), (2, 1)];
+            let (whole, grouped) = outputs::<F>(&blocks);
             let distinct: std::collections::BTreeSet<u64> = whole.iter().copied().collect();
             assert!(distinct.len() > 100, "{} distinct outputs", distinct.len());
-            for (g, out) in [1, 2, 4].iter().zip(grouped) {
+            for ((h, r), out) in blocks.iter().zip(grouped) {
                 assert!(
                     out == whole,
-                    "{g} heads at a time differ from the composition"
+                    "{h} heads of {r} rows at a time differ from the composition"
                 );
             }
         }

@@ -1029,6 +1029,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         lq: usize,
         lk: usize,
         key_lens: &Vec<u32>,
+        first_row: usize,
         scale: F,
         scores: Mut<Vec<F>>,
     ) {
@@ -1037,7 +1038,7 @@ impl<F: Float> Backend for CpuBackend<F> {
             return;
         }
         let per_b = heads * lq;
-        let lens = &key_lens[..batch];
+        let lens = &key_lens[first_row..first_row + batch];
         let rpt = rows_per_task(lk);
         wr(scores, rows * lk)
             .par_chunks_mut(rpt * lk)

@@ -41,7 +41,7 @@
 //! own rounding.
 
 use super::arena::{self, lock, ArenaPlan, ArenaStats, HoldsPlan};
-use super::attention::infer_head_group;
+use super::attention::infer_probs_len;
 use super::cpu::{CpuBackend, CpuStaging};
 use super::cuda::attention::{fused_fits, fused_saved_len, AttentionKernels};
 use super::precision::{round_bf16, Precision};
@@ -831,12 +831,13 @@ impl Backend for CpuBf16Backend {
         lq: usize,
         lk: usize,
         key_lens: &Vec<u32>,
+        first_row: usize,
         scale: f32,
         scores: Mut<TaggedBuf>,
     ) {
         w(scores, REST, |s| {
             self.inner
-                .masked_softmax(batch, heads, lq, lk, key_lens, scale, s)
+                .masked_softmax(batch, heads, lq, lk, key_lens, first_row, scale, s)
         })
     }
 
@@ -911,11 +912,11 @@ impl Backend for CpuBf16Backend {
         qkv: Ref<TaggedBuf>,
         ctx: Mut<TaggedBuf>,
     ) -> Result<()> {
-        // The fused forward's row statistics, or the composition's probabilities a group
-        // of heads at a time.
+        // The fused forward's row statistics, or the composition's probabilities for a
+        // block of heads and rows at a time.
         let _held = match self.fused(s) {
             true => self.held_f32(fused_saved_len(s)),
-            false => self.held_bf16(infer_head_group(s) * s.batch * s.len * s.len),
+            false => self.held_bf16(infer_probs_len(s)),
         };
         w(ctx, REST, |c| {
             self.inner.attention_infer(s, lens, scale, r(qkv), c)

@@ -723,9 +723,10 @@ pub trait Backend: Send + Sync {
     // ---- attention and pooling ---------------------------------------------------------
 
     /// Masked softmax of attention scores, in place: `scores` is
-    /// `batch×heads×lq×lk`; for row `b` only keys `j < key_lens[b]` are valid:
+    /// `batch×heads×lq×lk`; for row `b` only keys `j < len_b` are valid, `len_b =
+    /// key_lens[first_row + b]` (`first_row` > 0: a window of the batch's rows):
     /// `p[b,h,i,j] = exp(s·scale − max)/Σ` over valid `j`, 0 for the others, and an all-zero
-    /// row when `key_lens[b] = 0`.
+    /// row when `len_b = 0`.
     #[allow(clippy::too_many_arguments)]
     fn masked_softmax(
         &self,
@@ -734,6 +735,7 @@ pub trait Backend: Send + Sync {
         lq: usize,
         lk: usize,
         key_lens: &Self::Ids,
+        first_row: usize,
         scale: Self::F,
         scores: Mut<Self::Buf>,
     );

@@ -107,7 +107,7 @@ pub struct Forward<B: Backend> {
 
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
 /// ([`Model::infer`]) computes at once: 2²⁴, so its hidden buffer (GELU runs in place over
-/// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch, as much as the
+/// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch, four times the
 /// attention's probabilities ([`crate::backend::INFER_ATTN_ELEMS`]) and a third of the §8
 /// teacher's `Q/K/V`. That is 32 768 tokens at d = 128: the §8 teacher's batch of 1 024 × 128 runs in
 /// four chunks, so nine more launches per block (the FFN's two products and GELU per

@@ -2320,6 +2320,7 @@ impl Backend for CudaBackend {
         lq: usize,
         lk: usize,
         key_lens: &CudaSlice<u32>,
+        first_row: usize,
         scale: f32,
         scores: Mut<CudaBuf>,
     ) {
@@ -2327,7 +2328,9 @@ impl Backend for CudaBackend {
         if rows == 0 || lk == 0 {
             return;
         }
-        let lp = self.ip(key_lens, batch, "masked_softmax key_lens");
+        let lp = self
+            .ip(key_lens, first_row + batch, "masked_softmax key_lens")
+            .offset(first_row);
         let sp = self.mt(scores, rows * lk, "masked_softmax scores");
         let err = self.base(&self.lock_state().err_flag);
         let (cfg, r, per, l) = (
