@@ -15,7 +15,7 @@ use mgkd::backend::arena::MAX_PLANS;
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
 use mgkd::backend::Backend;
 use mgkd::data::Dataset;
-use mgkd::train::{RunOptions, TrainConfig};
+use mgkd::train::RunOptions;
 use train_common::Spec;
 
 #[test]
@@ -24,14 +24,7 @@ fn once_sized_the_emulated_arena_serves_every_step_of_a_second_run() {
     let tmp = tempfile::tempdir().expect("tempdir");
     train_common::write(tmp.path(), Spec::labelled(500, 4));
     let ds = Dataset::open(tmp.path()).expect("open");
-    let tc = TrainConfig {
-        epochs: 2,
-        batch: 40,
-        lr: 5e-3,
-        seed: 11,
-        bucket: true,
-        ..TrainConfig::default()
-    };
+    let tc = train_common::bucketed_run_config();
     let opts = RunOptions::default();
     let run = || train_common::teacher_then_student(&be, &ds, &tc, &opts);
     let before = be

@@ -15,7 +15,7 @@ mod train_common;
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::Backend;
 use mgkd::data::Dataset;
-use mgkd::train::{RunOptions, TrainConfig};
+use mgkd::train::RunOptions;
 use train_common::Spec;
 
 /// Trains a teacher, then a student under it, with bucketed batches (several shapes), op
@@ -25,14 +25,7 @@ fn teacher_then_student(be: &CudaBackend, ds: &Dataset, eager: bool) -> (Vec<u64
         eager,
         ..RunOptions::default()
     };
-    let tc = TrainConfig {
-        epochs: 2,
-        batch: 40,
-        lr: 5e-3,
-        seed: 11,
-        bucket: true,
-        ..TrainConfig::default()
-    };
+    let tc = train_common::bucketed_run_config();
     let (t, s, _) = train_common::teacher_then_student(be, ds, &tc, &opts);
     (t, s)
 }

@@ -260,6 +260,19 @@ pub fn resumed_runs_match<B: mgkd::backend::Backend>(
     checked
 }
 
+/// The run the arena tests repeat (`tests/cuda_arena.rs`, `tests/arena_emulated.rs`): two
+/// epochs of length-bucketed batches of 40 (several batch shapes).
+pub fn bucketed_run_config() -> mgkd::train::TrainConfig {
+    mgkd::train::TrainConfig {
+        epochs: 2,
+        batch: 40,
+        lr: 5e-3,
+        seed: 11,
+        bucket: true,
+        ..mgkd::train::TrainConfig::default()
+    }
+}
+
 /// Trains a teacher (d = 8, 2 heads, 2 blocks, seed 1), then a student under it (seed 2),
 /// on `be` with `tc` and `opts`; returns both parameter vectors as bit patterns (f64 bits of
 /// each value, exact for f32) and the number of batch shapes each run recorded as a graph.
