@@ -2,9 +2,9 @@
 //! the training forward (`Model::forward`): the same operations in the same order, so on
 //! the CPU the logits, the representation `H` and the tokens `T` must be the same bits, for
 //! teacher and student, one and two blocks, on the f32, f64 and bf16-scheme CPU backends,
-//! with the feed-forward networks run whole and in chunks of tokens that do not divide the
-//! batch's (padded token slots included: they hold whatever the forward wrote there and
-//! must match too).
+//! with the blocks run over the whole batch and over windows of rows, and the feed-forward
+//! networks whole and in chunks of tokens that do not divide the batch's (padded token
+//! slots included: they hold whatever the forward wrote there and must match too).
 
 mod bf16_common;
 mod model_common;
@@ -13,7 +13,7 @@ use bf16_common::{model, random_batch};
 use mgkd::backend::cpu::CpuBackend;
 use mgkd::backend::cpu_bf16::CpuBf16Backend;
 use mgkd::backend::{Backend, Float};
-use mgkd::model::{DeviceBatch, Role};
+use mgkd::model::{DeviceBatch, InferChunks, Role};
 use model_common::schema;
 
 /// The bit patterns of `buf`'s elements (as f64, which holds every f32 and bf16 exactly).
@@ -40,11 +40,27 @@ fn check<B: Backend>(be: &B, role: Role, blocks: usize, seed: u64) {
         "{what}: T holds {} distinct values",
         distinct.len()
     );
-    // 7 rows of random lengths (some empty): chunks of 1, 7 and 13 tokens end mid-row.
+    // 7 rows of random lengths (some empty): FFN chunks of 1, 7 and 13 tokens end mid-row;
+    // block windows of 1 token (one row), 2 rows, and 3 rows (the last window short).
     let whole = m.infer(be, &batch).expect("infer");
-    let parts = [1, 7, 13].map(|c| m.infer_in_chunks(be, &batch, c).expect("infer"));
-    for (inf, how) in std::iter::once((&whole, "whole")).chain(parts.iter().zip(["1", "7", "13"])) {
-        let what = format!("{what}, FFN chunks of {how} tokens");
+    let len = batch.in_service.len.max(batch.pre.len);
+    let chunks = [
+        (usize::MAX, 1),
+        (usize::MAX, 7),
+        (1, 13),
+        (2 * len, usize::MAX),
+        (3 * len, 7),
+    ];
+    let parts = chunks.map(|(block_tokens, ffn_tokens)| {
+        let c = InferChunks {
+            block_tokens,
+            ffn_tokens,
+        };
+        (m.infer_in_chunks(be, &batch, c).expect("infer"), c)
+    });
+    let runs = parts.iter().map(|(inf, c)| (inf, format!("{c:?}")));
+    for (inf, how) in std::iter::once((&whole, "whole".to_string())).chain(runs) {
+        let what = format!("{what}, {how}");
         assert_eq!(
             bits(be, &inf.logits),
             bits(be, &train.logits),

@@ -138,30 +138,35 @@ pub fn infer_probs_len(s: &AttnShape) -> usize {
 }
 
 /// [`Backend::attention_infer`] from the primitives: [`attention_composed`]'s operations
-/// over [`infer_blocks`] heads and rows at a time ([`attention_by_blocks`]), so an inference
-/// pass never holds the whole `batch·heads·len²`.
+/// over [`infer_blocks`] heads and rows at a time (`attention_by_blocks`), so an inference
+/// pass never holds the whole `batch·heads·len²`; the rows' key lengths from
+/// `lens[first_row]` on.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_infer_composed<B: Backend + ?Sized>(
     be: &B,
     s: &AttnShape,
     lens: &B::Ids,
+    first_row: usize,
     scale: B::F,
     qkv: Ref<B::Buf>,
     ctx: Mut<B::Buf>,
 ) -> Result<()> {
-    attention_by_blocks(be, s, infer_blocks(s), lens, scale, qkv, ctx)
+    attention_by_blocks(be, s, infer_blocks(s), lens, first_row, scale, qkv, ctx)
 }
 
 /// [`attention_composed`]'s output, `heads` consecutive heads (dividing `s.heads`) of `rows`
 /// consecutive batch rows at a time, in one scratch buffer of `rows·heads·len²`
 /// probabilities: each block is the composition of a batch of those rows, their Q/K/V and
-/// context windows `r0·len` tokens in and their key lengths from row `r0` on. Each product
-/// and softmax row is the one [`attention_composed`] computes for the same row and head.
+/// context windows `r0·len` tokens in and their key lengths from row `first_row + r0` on.
+/// Each product and softmax row is the one [`attention_composed`] computes for the same row
+/// and head.
 #[allow(clippy::too_many_arguments)]
 fn attention_by_blocks<B: Backend + ?Sized>(
     be: &B,
     s: &AttnShape,
     (heads, rows): (usize, usize),
     lens: &B::Ids,
+    first_row: usize,
     scale: B::F,
     qkv: Ref<B::Buf>,
     ctx: Mut<B::Buf>,
@@ -177,7 +182,7 @@ fn attention_by_blocks<B: Backend + ?Sized>(
         for h0 in (0..s.heads).step_by(heads) {
             let c = Mut::at(&mut *ctx.buf, ctx.off + t0 * s.d);
             let p = Mut::whole(&mut probs);
-            heads_forward(be, &part, r0, h0, heads, lens, scale, q, c, p);
+            heads_forward(be, &part, first_row + r0, h0, heads, lens, scale, q, c, p);
         }
     }
     Ok(())
@@ -213,7 +218,7 @@ fn heads_forward<B: Backend + ?Sized>(
     be.gemm_outer(&g, &heads, one, p, at(2 * d), zero, c);
 }
 
-/// [`Backend::attention`] from the primitives: every head at once ([`heads_forward`]) with
+/// [`Backend::attention`] from the primitives: every head at once (`heads_forward`) with
 /// the probabilities in `saved` (`probs_len` elements), which keeps them for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_composed<B: Backend + ?Sized>(
@@ -348,7 +353,7 @@ mod tests {
             .map(|&b| {
                 let mut ctx = be.upload(&nan).expect("upload");
                 let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
-                attention_by_blocks(&be, &s, b, &lens, scale, q, c).expect("attention");
+                attention_by_blocks(&be, &s, b, &lens, 0, scale, q, c).expect("attention");
                 bits(&ctx)
             })
             .collect();

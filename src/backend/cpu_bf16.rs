@@ -26,7 +26,7 @@
 //!   [`Backend::arena_stats`] reports the slab and the misses a device would see;
 //! - the scratch the CUDA backend takes inside an operation that this reference computes
 //!   without it is placed there too, for the operation's duration, with no host memory
-//!   ([`Held`]): the bf16 copy of an f32 operand beside a bf16 one in a matrix product,
+//!   (`Held`): the bf16 copy of an f32 operand beside a bf16 one in a matrix product,
 //!   and the attention's scratch, as the attention implementation the backend emulates
 //!   ([`CpuBf16Backend::emulating`]) takes it: the composition's probabilities
 //!   (inference) and their two gradients (backward), or the fused kernels' row statistics
@@ -908,6 +908,7 @@ impl Backend for CpuBf16Backend {
         &self,
         s: &AttnShape,
         lens: &Vec<u32>,
+        first_row: usize,
         scale: f32,
         qkv: Ref<TaggedBuf>,
         ctx: Mut<TaggedBuf>,
@@ -919,7 +920,8 @@ impl Backend for CpuBf16Backend {
             false => self.held_bf16(infer_probs_len(s)),
         };
         w(ctx, REST, |c| {
-            self.inner.attention_infer(s, lens, scale, r(qkv), c)
+            self.inner
+                .attention_infer(s, lens, first_row, scale, r(qkv), c)
         })
     }
 

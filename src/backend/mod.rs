@@ -784,18 +784,21 @@ pub trait Backend: Send + Sync {
     ) {
         attention::attention_composed(self, s, lens, scale, qkv, ctx, saved)
     }
-    /// [`Backend::attention`] for inference: `ctx` only, nothing saved for a backward. The
-    /// default is [`attention::attention_infer_composed`] (the composition a few heads at
-    /// a time); a backend may fuse it.
+    /// [`Backend::attention`] for inference: `ctx` only, nothing saved for a backward; the
+    /// key lengths of its rows are `lens[first_row ..]` (`first_row` > 0: a window of the
+    /// batch's rows). The default is [`attention::attention_infer_composed`] (the
+    /// composition a few heads and rows at a time); a backend may fuse it.
+    #[allow(clippy::too_many_arguments)]
     fn attention_infer(
         &self,
         s: &AttnShape,
         lens: &Self::Ids,
+        first_row: usize,
         scale: Self::F,
         qkv: Ref<Self::Buf>,
         ctx: Mut<Self::Buf>,
     ) -> Result<()> {
-        attention::attention_infer_composed(self, s, lens, scale, qkv, ctx)
+        attention::attention_infer_composed(self, s, lens, first_row, scale, qkv, ctx)
     }
     /// Backward of [`Backend::attention`]: `dqkv` (`[batch, len, 3d]`, overwritten) from
     /// the gradient of the output `dctx`, given the forward's `qkv` and `saved`. A query

@@ -6,7 +6,7 @@
 
 use crate::backend::{AttnShape, Backend, Float, Mut, Ref};
 use crate::model::layers::{uninit, uninit_full, Linear, SeqShape};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Multi-head self-attention with a key-padding mask:
 /// `[Q K V] = x·W_inᵀ + b_in`, per head `P = softmax_mask(Q_h·K_hᵀ/√dh)`, `C_h = P·V_h`,
@@ -61,64 +61,51 @@ impl Attention {
         x: B::Buf,
         resid: Ref<B::Buf>,
     ) -> Result<(B::Buf, AttentionCache<B>)> {
-        let (out, cache) = self.run(be, params, sh, lens, x, resid, true)?;
-        let cache = cache.ok_or_else(|| Error::invalid("attention: no cache was kept"))?;
-        Ok((out, cache))
-    }
-
-    /// [`Attention::forward`] for inference: `out` only, through
-    /// [`Backend::attention_infer`], which saves nothing (the composition holds a few heads'
-    /// probabilities at a time). `x` is given back once projected, and `[Q K V]` before
-    /// `out` is taken, so that at most `resid`, `[Q K V]` and the context are held at once.
-    pub fn infer<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buf,
-        sh: SeqShape,
-        lens: &B::Ids,
-        x: B::Buf,
-        resid: Ref<B::Buf>,
-    ) -> Result<B::Buf> {
-        Ok(self.run(be, params, sh, lens, x, resid, false)?.0)
-    }
-
-    /// The forward, keeping the backward's cache when `keep`.
-    #[allow(clippy::too_many_arguments)]
-    fn run<B: Backend>(
-        &self,
-        be: &B,
-        params: &B::Buf,
-        sh: SeqShape,
-        lens: &B::Ids,
-        x: B::Buf,
-        resid: Ref<B::Buf>,
-        keep: bool,
-    ) -> Result<(B::Buf, Option<AttentionCache<B>>)> {
-        let (n, d) = (sh.tokens(), sh.d);
-        let s = self.shape(sh);
+        let (n, s) = (sh.tokens(), self.shape(sh));
         let qkv = self.project_in(be, params, n, Ref::whole(&x))?;
         drop(x);
-        let mut ctx = uninit(be, n * d)?;
-        let scale = self.scale::<B::F>(d);
-        let kept = if keep {
-            let mut saved = be.attention_saved(&s)?;
-            be.attention(
-                &s,
-                lens,
-                scale,
-                Ref::whole(&qkv),
-                Mut::whole(&mut ctx),
-                Mut::whole(&mut saved),
-            );
-            Some(saved)
-        } else {
-            be.attention_infer(&s, lens, scale, Ref::whole(&qkv), Mut::whole(&mut ctx))?;
-            None
-        };
+        let mut ctx = uninit(be, n * sh.d)?;
+        let mut saved = be.attention_saved(&s)?;
+        be.attention(
+            &s,
+            lens,
+            self.scale::<B::F>(sh.d),
+            Ref::whole(&qkv),
+            Mut::whole(&mut ctx),
+            Mut::whole(&mut saved),
+        );
         drop(qkv);
         let out = self.project(be, params, n, &ctx, resid)?;
-        let cache = kept.map(|saved| AttentionCache { saved, ctx });
-        Ok((out, cache))
+        Ok((out, AttentionCache { saved, ctx }))
+    }
+
+    /// [`Attention::forward`] for inference, in place on the residual stream: `h +=
+    /// out_proj(MHSA(x))` (the same operations as `resid + out_proj(…)`, so the same bits
+    /// on the CPU), through [`Backend::attention_infer`], which saves nothing. `sh` may be
+    /// a window of a batch's rows, the first being row `first_row` of `lens`. `x` is given
+    /// back once projected, and `[Q K V]` before the output projection, so that at most
+    /// `h`, `[Q K V]` and the context are held at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn infer_into<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        sh: SeqShape,
+        lens: &B::Ids,
+        first_row: usize,
+        x: B::Buf,
+        h: Mut<B::Buf>,
+    ) -> Result<()> {
+        let (n, s) = (sh.tokens(), self.shape(sh));
+        let qkv = self.project_in(be, params, n, Ref::whole(&x))?;
+        drop(x);
+        let mut ctx = uninit(be, n * sh.d)?;
+        let (q, c) = (Ref::whole(&qkv), Mut::whole(&mut ctx));
+        be.attention_infer(&s, lens, first_row, self.scale::<B::F>(sh.d), q, c)?;
+        drop(qkv);
+        self.out_proj
+            .forward(be, params, n, Ref::whole(&ctx), h, true);
+        Ok(())
     }
 
     /// `[Q K V] = x·W_inᵀ + b_in` over `n` tokens, in the activation precision.

@@ -7,6 +7,7 @@ use crate::model::layers::{
     one, uninit, uninit_full, zeros, zeros_full, Block, BlockCache, LayerNorm, Linear, SeqShape,
 };
 use crate::model::params::ParamTable;
+use crate::model::InferChunks;
 use crate::{Error, Result};
 
 /// Sequence encoder: `e_t = Σ_k Emb_k[cat_tk] + W_num·num_t + b_num + Pos[len−1−t]`,
@@ -193,20 +194,20 @@ impl SeqEncoder {
     }
 
     /// Forward over `seq` for inference: the final tokens `T` and `s` only, as
-    /// [`SeqEncoder::forward`] computes them ([`Block::infer`] per block, its feed-forward
-    /// network over `ffn_tokens` tokens at a time), keeping no block's activations.
+    /// [`SeqEncoder::forward`] computes them ([`Block::infer`] per block, over the numbers
+    /// of tokens `chunks` names), keeping no block's activations.
     pub fn infer<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         rows: usize,
         seq: &DeviceSeq<B>,
-        ffn_tokens: usize,
+        chunks: InferChunks,
     ) -> Result<Pooled<B>> {
         let sh = self.shape(rows, seq);
         let mut h = self.embed(be, params, rows, seq)?;
         for block in &self.blocks {
-            h = block.infer(be, params, sh, &seq.lens, h, ffn_tokens)?;
+            h = block.infer(be, params, sh, &seq.lens, h, chunks)?;
         }
         self.pool(be, params, sh, seq, &h)
     }

@@ -8,6 +8,7 @@
 use crate::backend::{Backend, Float, Gemm, Mut, Ref};
 pub use crate::model::attention::{Attention, AttentionCache};
 use crate::model::params::ParamTable;
+use crate::model::InferChunks;
 use crate::{Error, Result};
 
 /// The element 1.
@@ -25,6 +26,11 @@ pub(crate) fn zero<F: Float>() -> F {
 pub(crate) fn zeros<B: Backend>(be: &B, n: usize) -> Result<B::Buf> {
     be.scratch_zeros(n)
 }
+
+/// Tokens of whole rows an inference pass of a block ([`Block::infer`]) runs at once by
+/// default ([`crate::model::InferChunks`]): 2¹⁵, the §8 teacher's batch of 1 024 × 128 in
+/// four windows of 256 rows, the student's (1 024 × 32) in one.
+pub const INFER_BLOCK_TOKENS: usize = 1 << 15;
 
 /// An activation, gradient or scratch buffer of one step whose every element the caller
 /// writes before reading any (shorthand for [`Backend::scratch`]: no zero fill; NaN on the
@@ -255,6 +261,18 @@ impl LayerNorm {
         be.layernorm(rows, self.d, x, Ref::at(params, self.gb), y, stats);
     }
 
+    /// [`LayerNorm::forward`] of the `rows` rows at `x` into a new buffer, in the
+    /// activation precision, for inference (the statistics are made and given back).
+    pub fn normed_window<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+    ) -> Result<B::Buf> {
+        Ok(self.normed_at(be, params, rows, x)?.0)
+    }
+
     /// [`LayerNorm::forward`] of `h` on `rows` rows into new buffers: the output (in the
     /// activation precision) and the statistics (in full precision).
     pub fn normed<B: Backend>(
@@ -264,10 +282,21 @@ impl LayerNorm {
         rows: usize,
         h: &B::Buf,
     ) -> Result<(B::Buf, B::Buf)> {
+        self.normed_at(be, params, rows, Ref::whole(h))
+    }
+
+    /// [`LayerNorm::forward`] of the `rows` rows at `x`: the output and the statistics.
+    fn normed_at<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        rows: usize,
+        x: Ref<B::Buf>,
+    ) -> Result<(B::Buf, B::Buf)> {
         let mut y = uninit(be, rows * self.d)?;
         let mut stats = uninit_full(be, rows * 2)?;
         let (ym, st) = (Mut::whole(&mut y), Mut::whole(&mut stats));
-        self.forward(be, params, rows, Ref::whole(h), ym, st);
+        self.forward(be, params, rows, x, ym, st);
         Ok((y, stats))
     }
 
@@ -382,12 +411,14 @@ impl Block {
         Ok((out, cache))
     }
 
-    /// Forward of `h` for inference: the output `h_out` of [`Block::forward`] (the same
-    /// operations, so the same bits where a product's rounding does not depend on its
-    /// number of rows, as on the CPU), keeping nothing. Every intermediate is given back as
-    /// soon as it has been read, `h` once `h_mid` exists, and the feed-forward network runs
-    /// over `ffn_tokens` tokens at a time, with GELU in place, so its one `tokens×4d`
-    /// buffer is never held for the whole batch.
+    /// Forward of `h` for inference, in place: `h` becomes the output `h_out` of
+    /// [`Block::forward`] (the same operations, so the same bits where a product's rounding
+    /// does not depend on its number of rows, as on the CPU), keeping nothing. The batch
+    /// runs `chunks.block_tokens` tokens of whole rows at a time (at least one row: rows
+    /// attend only to themselves): each window's LayerNorm outputs, Q/K/V, context and
+    /// feed-forward hidden layer (over `chunks.ffn_tokens` tokens at a time, GELU in place)
+    /// are made and given back before the next window's, and both residual connections add
+    /// into `h`'s rows, so beside `h` a pass holds one window's intermediates.
     #[allow(clippy::too_many_arguments)]
     pub fn infer<B: Backend>(
         &self,
@@ -395,30 +426,34 @@ impl Block {
         params: &B::Buf,
         sh: SeqShape,
         lens: &B::Ids,
-        h: B::Buf,
-        ffn_tokens: usize,
+        mut h: B::Buf,
+        chunks: InferChunks,
     ) -> Result<B::Buf> {
-        let (n, d) = (sh.tokens(), sh.d);
-        let (xn1, stats1) = self.ln1.normed(be, params, n, &h)?;
-        drop(stats1);
-        let h_mid = self.attn.infer(be, params, sh, lens, xn1, Ref::whole(&h))?;
-        drop(h);
-        let (xn2, stats2) = self.ln2.normed(be, params, n, &h_mid)?;
-        drop(stats2);
-        let mut out = uninit_full(be, n * d)?;
-        let step = ffn_tokens.max(1);
-        for t0 in (0..n).step_by(step) {
-            let c = step.min(n - t0);
-            let mut g = uninit(be, c * 4 * d)?;
-            let x = Ref::at(&xn2, t0 * d);
-            self.fc1
-                .forward(be, params, c, x, Mut::whole(&mut g), false);
-            be.gelu_in_place(c * 4 * d, Mut::whole(&mut g));
-            let (hm, y) = (Ref::at(&h_mid, t0 * d), Mut::at(&mut out, t0 * d));
-            self.fc2
-                .forward_residual(be, params, c, Ref::whole(&g), hm, y);
+        let d = sh.d;
+        let rows = (chunks.block_tokens / sh.len.max(1)).clamp(1, sh.batch.max(1));
+        for r0 in (0..sh.batch).step_by(rows) {
+            let part = SeqShape {
+                batch: rows.min(sh.batch - r0),
+                ..sh
+            };
+            let (t0, n) = (r0 * sh.len, part.tokens());
+            let xn1 = self.ln1.normed_window(be, params, n, Ref::at(&h, t0 * d))?;
+            let hw = Mut::at(&mut h, t0 * d);
+            self.attn.infer_into(be, params, part, lens, r0, xn1, hw)?;
+            let xn2 = self.ln2.normed_window(be, params, n, Ref::at(&h, t0 * d))?;
+            let step = chunks.ffn_tokens.max(1);
+            for c0 in (0..n).step_by(step) {
+                let c = step.min(n - c0);
+                let mut g = uninit(be, c * 4 * d)?;
+                let x = Ref::at(&xn2, c0 * d);
+                self.fc1
+                    .forward(be, params, c, x, Mut::whole(&mut g), false);
+                be.gelu_in_place(c * 4 * d, Mut::whole(&mut g));
+                let y = Mut::at(&mut h, (t0 + c0) * d);
+                self.fc2.forward(be, params, c, Ref::whole(&g), y, true);
+            }
         }
-        Ok(out)
+        Ok(h)
     }
 
     /// Backward in place: `dh` holds ∂L/∂h_out on entry and ∂L/∂h (the block input `h`)

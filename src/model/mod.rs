@@ -19,6 +19,6 @@ pub mod teacher;
 
 pub use config::{ModelConfig, Role};
 pub use device_batch::{DeviceBatch, DeviceSeq, PendingBatch, StagedBatch};
-pub use net::{Forward, Inference, Model, OutputGrads};
+pub use net::{Forward, InferChunks, Inference, Model, OutputGrads};
 pub use params::{ParamEntry, ParamStore, ParamTable};
 pub use teacher::{Teacher, TeacherCache, TeacherIds, TeacherIndex, TeacherOutputs};

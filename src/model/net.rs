@@ -6,7 +6,7 @@ use crate::backend::{Backend, Mut, Ref};
 use crate::model::config::{ModelConfig, Role};
 use crate::model::device_batch::{DeviceBatch, DeviceSeq};
 use crate::model::encoder::{EncoderCache, ProfileCache, ProfileEncoder, SeqEncoder};
-use crate::model::layers::{one, uninit, uninit_full, zeros, Linear};
+use crate::model::layers::{one, uninit, uninit_full, zeros, Linear, INFER_BLOCK_TOKENS};
 use crate::model::params::{ParamStore, ParamTable};
 use crate::{Error, Result};
 
@@ -107,12 +107,21 @@ pub struct Forward<B: Backend> {
 
 /// Elements of a feed-forward network's hidden layer (`tokens×4d`) that an inference pass
 /// ([`Model::infer`]) computes at once: 2²⁴, so its hidden buffer (GELU runs in place over
-/// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch, four times the
-/// attention's probabilities ([`crate::backend::INFER_ATTN_ELEMS`]) and a third of the §8
-/// teacher's `Q/K/V`. That is 32 768 tokens at d = 128: the §8 teacher's batch of 1 024 × 128 runs in
-/// four chunks, so nine more launches per block (the FFN's two products and GELU per
-/// chunk). The frozen teacher's inference then holds no more than its attention does.
+/// `f1`) takes at most 64 MiB in f32 (32 MiB in bf16) whatever the batch. That is 32 768
+/// tokens at d = 128, one block window ([`INFER_BLOCK_TOKENS`]) of the §8 teacher: its
+/// batch of 1 024 × 128 runs in four windows of one chunk each.
 pub const INFER_FFN_ELEMS: usize = 1 << 24;
+
+/// How many tokens an inference pass ([`Model::infer_in_chunks`]) computes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InferChunks {
+    /// Tokens of whole rows a block runs at once (at least one row):
+    /// [`INFER_BLOCK_TOKENS`] by default.
+    pub block_tokens: usize,
+    /// Tokens a feed-forward network runs at once (within a block's window): those of
+    /// [`INFER_FFN_ELEMS`] hidden elements by default.
+    pub ffn_tokens: usize,
+}
 
 /// The outputs of an inference pass ([`Model::infer`]).
 pub struct Inference<B: Backend> {
@@ -297,27 +306,31 @@ impl<B: Backend> Model<B> {
     /// Forward pass for inference (scoring, a frozen teacher): the logits `z`, the
     /// representation `H` and the tokens `T`, as [`Model::forward`] computes them (the same
     /// operations in the same order), without keeping anything for a backward: each
-    /// block's activations are given back as the pass goes on, and the feed-forward
-    /// networks run over [`INFER_FFN_ELEMS`] hidden elements at a time, so it needs far
-    /// less memory than a training forward. On the CPU the results are the same bits; on
-    /// CUDA a product over fewer rows may round differently in the last bits.
+    /// block's activations are given back as the pass goes on, each block runs over
+    /// [`INFER_BLOCK_TOKENS`] tokens of whole rows at a time, and its feed-forward network
+    /// over [`INFER_FFN_ELEMS`] hidden elements at a time, so it needs far less memory than
+    /// a training forward. On the CPU the results are the same bits; on CUDA a product over
+    /// fewer rows may round differently in the last bits.
     pub fn infer(&self, be: &B, batch: &DeviceBatch<B>) -> Result<Inference<B>> {
-        let ffn_tokens = (INFER_FFN_ELEMS / (4 * self.config.d)).max(1);
-        self.infer_in_chunks(be, batch, ffn_tokens)
+        let chunks = InferChunks {
+            block_tokens: INFER_BLOCK_TOKENS,
+            ffn_tokens: (INFER_FFN_ELEMS / (4 * self.config.d)).max(1),
+        };
+        self.infer_in_chunks(be, batch, chunks)
     }
 
-    /// [`Model::infer`] with the feed-forward networks run over `ffn_tokens` tokens at a
-    /// time.
+    /// [`Model::infer`] with each block and its feed-forward network run over the numbers
+    /// of tokens `chunks` names.
     pub fn infer_in_chunks(
         &self,
         be: &B,
         batch: &DeviceBatch<B>,
-        ffn_tokens: usize,
+        chunks: InferChunks,
     ) -> Result<Inference<B>> {
         let (rows, lay) = (batch.rows, &self.layout);
         let params = self.params.compute();
         let seq = self.checked_sequence(batch)?;
-        let out = lay.encoder.infer(be, params, rows, seq, ffn_tokens)?;
+        let out = lay.encoder.infer(be, params, rows, seq, chunks)?;
         let profile =
             lay.profile
                 .forward(be, params, rows, &batch.profile_num, &batch.profile_cat)?;

@@ -168,20 +168,23 @@ impl CudaBackend {
         }
     }
 
-    /// [`Backend::attention`] in one kernel, the one `plan` names.
+    /// [`Backend::attention`] in one kernel, the one `plan` names; the rows' key lengths
+    /// are `lens.0[lens.1 ..]`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_fused(
         &self,
         s: &AttnShape,
         plan: FusedPlan,
-        lens: &CudaSlice<u32>,
+        (lens, first_row): (&CudaSlice<u32>, usize),
         scale: f32,
         qkv: Ref<CudaBuf>,
         ctx: Mut<CudaBuf>,
         saved: Mut<CudaBuf>,
     ) {
         let tokens = s.batch * s.len;
-        let lp = self.ip(lens, s.batch, "attention lens");
+        let lp = self
+            .ip(lens, first_row + s.batch, "attention lens")
+            .offset(first_row);
         let qp = self.rt(qkv, tokens * 3 * s.d, "attention qkv");
         let cp = self.mt(ctx, tokens * s.d, "attention ctx");
         let sp = self.mp(saved, fused_saved_len(s), "attention saved");

@@ -2269,7 +2269,7 @@ impl Backend for CudaBackend {
         saved: Mut<CudaBuf>,
     ) {
         match self.fused_attention(s) {
-            Some(plan) => self.attention_fused(s, plan, lens, scale, qkv, ctx, saved),
+            Some(plan) => self.attention_fused(s, plan, (lens, 0), scale, qkv, ctx, saved),
             None => attention_composed(self, s, lens, scale, qkv, ctx, saved),
         }
     }
@@ -2280,6 +2280,7 @@ impl Backend for CudaBackend {
         &self,
         s: &AttnShape,
         lens: &CudaSlice<u32>,
+        first_row: usize,
         scale: f32,
         qkv: Ref<CudaBuf>,
         ctx: Mut<CudaBuf>,
@@ -2288,10 +2289,11 @@ impl Backend for CudaBackend {
             Some(plan) => {
                 let mut stats = self.scratch_full(attention::fused_saved_len(s))?;
                 let saved = Mut::whole(&mut stats);
+                let lens = (lens, first_row);
                 self.attention_fused(s, plan, lens, scale, qkv, ctx, saved);
                 Ok(())
             }
-            None => attention_infer_composed(self, s, lens, scale, qkv, ctx),
+            None => attention_infer_composed(self, s, lens, first_row, scale, qkv, ctx),
         }
     }
 
