@@ -539,18 +539,8 @@ impl<F: Float> Backend for CpuBackend<F> {
             return;
         }
         assert!(s.ldc >= n, "gemm: ldc {} < n {n}", s.ldc);
-        let ((ar, ac), (br, bc)) = s.stored_shapes();
         let last = s.batch - 1;
-        let a_ext = if k == 0 {
-            0
-        } else {
-            last * s.stride_a + extent(ar, ac, s.lda)
-        };
-        let b_ext = if k == 0 {
-            0
-        } else {
-            last * s.stride_b + extent(br, bc, s.ldb)
-        };
+        let (a_ext, b_ext) = s.operand_spans();
         let c_ext = last * s.stride_c + extent(m, n, s.ldc);
         let a_s = rd(a, a_ext);
         let b_s = rd(b, b_ext);

@@ -46,8 +46,8 @@ use super::cpu::{CpuBackend, CpuStaging};
 use super::cuda::attention::{fused_fits, fused_saved_len, AttentionKernels};
 use super::precision::{round_bf16, Precision};
 use super::{
-    extent, AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer,
-    Ref, ValidTokens,
+    AdamW, AttnShape, Backend, EmbMode, EmbTable, FineGrads, FineShape, Gemm, Mut, Outer, Ref,
+    ValidTokens,
 };
 use crate::Result;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -609,11 +609,8 @@ impl Backend for CpuBf16Backend {
     ) {
         let (ac, bc) = matrix_operands(a.buf, b.buf);
         // A device converts the extents it reads, for a product that reads them.
-        let ((ar, acols), (br, bcols)) = shape.stored_shapes();
-        let last = shape.batch.saturating_sub(1);
-        let a_len = last * shape.stride_a + extent(ar, acols, shape.lda);
-        let b_len = last * shape.stride_b + extent(br, bcols, shape.ldb);
-        let product = shape.m > 0 && shape.n > 0 && shape.k > 0 && shape.batch > 0;
+        let (a_len, b_len) = shape.operand_spans();
+        let product = shape.m > 0 && shape.n > 0 && a_len > 0;
         let _held = product.then(|| self.held_operands((&ac, &bc), a_len, b_len));
         let (a, b) = (operand(a, &ac), operand(b, &bc));
         w(c, REST, |c| self.inner.gemm(shape, alpha, a, b, beta, c))

@@ -142,6 +142,21 @@ impl Gemm {
         (a, b)
     }
 
+    /// Elements A and B span from their first element over the whole batch, as stored
+    /// (`(batch − 1)·stride + rows·ld` less the last row's slack); 0 for an empty batch or
+    /// `k = 0`, where the product reads neither.
+    pub fn operand_spans(&self) -> (usize, usize) {
+        if self.batch == 0 || self.k == 0 {
+            return (0, 0);
+        }
+        let ((ar, ac), (br, bc)) = self.stored_shapes();
+        let last = self.batch - 1;
+        (
+            last * self.stride_a + extent(ar, ac, self.lda),
+            last * self.stride_b + extent(br, bc, self.ldb),
+        )
+    }
+
     /// A single dense product with packed operands: `C[m,n] = op(A)·op(B)`.
     pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Gemm {
         Gemm {

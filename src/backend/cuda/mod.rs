@@ -1590,9 +1590,7 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        let ((ar, ac), (br, bc)) = s.stored_shapes();
-        let a_len = last * s.stride_a + extent(ar, ac, s.lda);
-        let b_len = last * s.stride_b + extent(br, bc, s.ldb);
+        let (a_len, b_len) = s.operand_spans();
         let ap = self.rt(a, a_len, "gemm A");
         let bp = self.rt(b, b_len, "gemm B");
         let (TypedPtr::F32(ap), TypedPtr::F32(bp), TypedPtr::F32(cp)) = (ap, bp, cp) else {
