@@ -1,13 +1,16 @@
 // A CUDA execution model on the CPU, for checking a kernel's indexing and algorithm without a
 // GPU (tests/attention_emulated.rs). Not a simulator of the hardware: it runs the kernel's
 // own source, compiled by g++, with
-// - one block at a time, its threads as cooperative fibers (ucontext) on one OS thread, so
-//   the schedule is deterministic and a barrier costs a context switch;
+// - one block at a time, its threads as cooperative fibers on one OS thread (each started
+//   once on a ucontext, then switched by _setjmp/_longjmp: compile with -U_FORTIFY_SOURCE,
+//   whose longjmp check refuses another stack), so the schedule is deterministic and a
+//   barrier costs a context switch;
 // - __syncthreads and __syncwarp as barriers of the block and of the warp, __shfl_xor_sync
 //   through a per-warp exchange between two warp barriers (every lane must take part, as
 //   the kernels' fixed shuffle patterns do);
 // - dynamic shared memory as one buffer filled with 0xff bytes (NaN as f32 and as bf16)
-//   before each block, so a read of a word the block did not write shows up as NaN;
+//   before each block, so a read of a word the block did not write shows up as NaN, and
+//   with canary bytes past the launch's size, checked when the launch ends;
 // - emu_mma: mma.sync.m16n8k16 (bf16 × bf16 + f32) as the PTX ISA lays out its fragments
 //   (see kernels/attention_mma.cu's header): the warp's lanes deposit their registers, each
 //   lane rebuilds the two 16×16 and 16×8 matrices, computes its four results (products
@@ -25,9 +28,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,9 +68,9 @@ constexpr size_t kSharedBytes = 228 * 1024;
 constexpr unsigned char kCanary = 0xa5;
 
 struct Fiber {
-  ucontext_t ctx;
-  std::vector<char> stack;
-  bool done = false;
+  jmp_buf at;                     // where the thread stopped (once started)
+  std::unique_ptr<char[]> stack;  // kStack bytes, made at the first start
+  bool started = false, done = false;
 };
 
 struct Barrier {
@@ -73,8 +78,8 @@ struct Barrier {
   unsigned gen = 0;
 };
 
-static ucontext_t scheduler;
-static std::vector<Fiber> fibers;
+static jmp_buf scheduler;
+static std::vector<Fiber> fibers(kMaxThreads);
 static int current = 0;
 static std::function<void()> body;
 static Barrier block_barrier;
@@ -84,8 +89,11 @@ static uint32_t mma_a[kMaxThreads / 32][32][4];
 static uint32_t mma_b[kMaxThreads / 32][32][2];
 static std::vector<unsigned char> shared(kSharedBytes);
 
-// Back to the scheduler; it resumes the fibers in a fixed round-robin order.
-inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+// Back to the scheduler; it resumes the fibers in a fixed round-robin order. (Switches are
+// _setjmp/_longjmp, which save no signal mask: no system call per switch.)
+inline void yield() {
+  if (!_setjmp(fibers[current].at)) _longjmp(scheduler, 1);
+}
 
 // Waits until `b.n` threads have arrived (the last to arrive goes on at once).
 inline void wait(Barrier& b) {
@@ -98,15 +106,38 @@ inline void wait(Barrier& b) {
   while (b.gen == gen) yield();
 }
 
+// A fiber's life: the current kernel body for one block, then parked until the scheduler
+// starts it on the next block (fibers are made once, with their stacks, and kept).
 inline void trampoline() {
-  body();
-  fibers[current].done = true;
+  for (;;) {
+    body();
+    fibers[current].done = true;
+    yield();
+  }
 }
 
-// Runs `kernel` for blocks (0..grid_x) × (0..grid_y), x fastest, with `threads` threads each
-// (a multiple of 32) and `smem` bytes of dynamic shared memory. Exits with a message when a
-// block writes past them.
-inline void launch(int grid_x, int grid_y, int threads, size_t smem, std::function<void()> kernel) {
+// Runs fiber `i` until it yields: a first start through a ucontext on its own stack, a
+// _longjmp back to where it stopped afterwards.
+inline void resume(int i) {
+  if (_setjmp(scheduler)) return;
+  Fiber& f = fibers[i];
+  if (f.started) _longjmp(f.at, 1);
+  f.started = true;
+  f.stack.reset(new char[kStack]);
+  static ucontext_t start;
+  getcontext(&start);
+  start.uc_stack.ss_sp = f.stack.get();
+  start.uc_stack.ss_size = kStack;
+  start.uc_link = nullptr;
+  makecontext(&start, trampoline, 0);
+  setcontext(&start);
+}
+
+// Runs `kernel` for blocks (0..grid_x) × (0..grid_y) × (0..grid_z), x fastest, with `threads`
+// threads each (a multiple of 32) and `smem` bytes of dynamic shared memory. Exits with a
+// message when a block of the launch wrote past them.
+inline void launch(int grid_x, int grid_y, int threads, size_t smem, std::function<void()> kernel,
+                   int grid_z = 1) {
   if (threads % 32 != 0 || threads > kMaxThreads || smem > kSharedBytes) {
     fprintf(stderr, "bad launch: %d threads, %zu bytes of shared memory\n", threads, smem);
     exit(3);
@@ -114,39 +145,34 @@ inline void launch(int grid_x, int grid_y, int threads, size_t smem, std::functi
   body = std::move(kernel);
   gridDim.x = grid_x;
   gridDim.y = grid_y;
+  gridDim.z = grid_z;
   blockDim.x = threads;
-  fibers.assign(threads, Fiber{});
-  for (Fiber& f : fibers) f.stack.resize(kStack);
-  for (int b = 0; b < grid_x * grid_y; ++b) {
+  blockDim.y = blockDim.z = 1;
+  threadIdx.y = threadIdx.z = 0;
+  memset(shared.data() + smem, kCanary, shared.size() - smem);
+  for (int b = 0; b < grid_x * grid_y * grid_z; ++b) {
     blockIdx.x = b % grid_x;
-    blockIdx.y = b / grid_x;
+    blockIdx.y = b / grid_x % grid_y;
+    blockIdx.z = b / grid_x / grid_y;
     memset(shared.data(), 0xff, smem);
-    memset(shared.data() + smem, kCanary, shared.size() - smem);
     block_barrier = Barrier{threads};
     for (int w = 0; w < threads / 32; ++w) warp_barrier[w] = Barrier{32};
-    for (Fiber& f : fibers) {
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
-      f.ctx.uc_stack.ss_size = f.stack.size();
-      f.ctx.uc_link = &scheduler;
-      makecontext(&f.ctx, trampoline, 0);
-      f.done = false;
-    }
+    for (int i = 0; i < threads; ++i) fibers[i].done = false;
     for (int left = threads; left > 0;) {
       left = 0;
       for (int i = 0; i < threads; ++i) {
         if (fibers[i].done) continue;
         current = i;
         threadIdx.x = i;
-        swapcontext(&scheduler, &fibers[i].ctx);
+        resume(i);
         left += fibers[i].done ? 0 : 1;
       }
     }
-    for (size_t k = smem; k < shared.size(); ++k) {
-      if (shared[k] != kCanary) {
-        fprintf(stderr, "block %d wrote shared memory byte %zu, past its %zu bytes\n", b, k, smem);
-        exit(3);
-      }
+  }
+  for (size_t k = smem; k < shared.size(); ++k) {
+    if (shared[k] != kCanary) {
+      fprintf(stderr, "a block wrote shared memory byte %zu, past its %zu bytes\n", k, smem);
+      exit(3);
     }
   }
 }
