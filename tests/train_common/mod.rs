@@ -229,8 +229,10 @@ pub fn resumed_runs_match<B: mgkd::backend::Backend>(
                     std::thread::sleep(std::time::Duration::from_micros(200));
                 }
             });
+            // Stops the copier however the run ends (a panicking run would otherwise leave
+            // it polling forever, and the scope waiting for it).
+            let _stop = StopOnDrop(&done);
             run(&mut model, false);
-            done.store(true, Ordering::Relaxed);
         });
         assert!(
             !state.exists(),
@@ -299,4 +301,13 @@ pub fn teacher_then_student<B: mgkd::backend::Backend>(
         v.iter().map(|&x| x.to_f64().to_bits()).collect()
     };
     (bits(&teacher), bits(&student), [t.graphs, s.graphs])
+}
+
+/// Sets its flag when dropped: the end of a run, however it ends.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
