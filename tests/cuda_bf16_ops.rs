@@ -21,6 +21,7 @@
 //! and the bound against f64.
 
 mod cuda_common;
+mod kernel_emu;
 mod skip;
 
 use std::sync::OnceLock;

@@ -22,6 +22,7 @@
 
 mod bf16_common;
 mod cuda_common;
+mod kernel_emu;
 mod model_common;
 mod skip;
 

@@ -30,6 +30,7 @@
 //! order, the difference the GPU brings.
 
 mod cuda_common;
+mod kernel_emu;
 mod model_common;
 mod skip;
 

@@ -21,6 +21,7 @@
 //! the harness that needs no device.
 
 mod cuda_common;
+mod kernel_emu;
 mod skip;
 
 use cuda_common::{gpu, selftest};

@@ -7,6 +7,7 @@
 //! `MGKD_REQUIRE_GPU=1` a missing GPU is a failure.
 
 mod cuda_common;
+mod kernel_emu;
 mod skip;
 mod train_common;
 

@@ -7,6 +7,7 @@
 //! bit-identically to op-by-op steps, and the gathered outputs match the live ones.
 
 mod cuda_common;
+mod kernel_emu;
 mod skip;
 mod train_common;
 

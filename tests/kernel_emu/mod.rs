@@ -295,7 +295,7 @@ impl Emulator {
         );
         std::fs::write(&src, source).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-w", "-o"])
+            .args(["-std=c++20", "-O2", "-w", "-U_FORTIFY_SOURCE", "-o"])
             .arg(&bin)
             .arg(&src)
             .output()
@@ -431,4 +431,235 @@ impl Emulator {
         let _ = std::fs::remove_file(&inp);
         let _ = std::fs::remove_file(&outp);
     }
+}
+
+/// The C spelling of a launch-table type (which has its spaces removed).
+fn c_spelling(c: &str) -> String {
+    c.replace("unsignedlonglong", "unsigned long long")
+}
+
+/// One kernel file as a translation unit of the emulated device: shim.h, the prelude and the
+/// kernels in a namespace of their own (so that each file keeps its own emulator state and
+/// helpers), then `emu_exists_<stem>` and `emu_bind_<stem>`, which read a launch's
+/// arguments from the driver's parameter array when it is queued and run it later, after
+/// checking that every pointer argument points into device memory.
+fn device_unit(file: &str, shim: &str, prelude: &str, kernels: &str) -> String {
+    let stem = file.trim_end_matches(".cu");
+    let system: Vec<&str> = shim.lines().filter(|l| l.starts_with("#include")).collect();
+    let body: Vec<&str> = shim
+        .lines()
+        .filter(|l| !l.starts_with("#include"))
+        .collect();
+    let mut out = format!(
+        "{}\n#include <memory>\nnamespace emu_{stem} {{\n{}\n{prelude}\n{kernels}\n}}\n",
+        system.join("\n"),
+        body.join("\n")
+    );
+    out += "void emu_check_pointer(const char* kernel, int k, const void* p);\n";
+    let decls: Vec<_> = KERNELS.iter().filter(|k| k.file == file).collect();
+    let names: Vec<String> = decls
+        .iter()
+        .map(|k| format!("strcmp(name, \"{}\") == 0", k.name))
+        .collect();
+    out += &format!(
+        "bool emu_exists_{stem}(const char* name) {{ return {}; }}\n",
+        names.join(" || ")
+    );
+    out += &format!(
+        "std::function<void()> emu_bind_{stem}(const char* name, int gx, int gy, int gz, int \
+         block, size_t smem, void** p) {{\n  using namespace emu_{stem};\n"
+    );
+    for k in decls {
+        let reads: Vec<String> = k
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("    const auto a{i} = *({}*)p[{i}];\n", c_spelling(c)))
+            .collect();
+        let checks: Vec<String> = k
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.ends_with('*'))
+            .map(|(i, _)| {
+                format!(
+                    "      emu_check_pointer(\"{}\", {i}, (const void*)a{i});\n",
+                    k.name
+                )
+            })
+            .collect();
+        let args: Vec<String> = (0..k.params.len()).map(|i| format!("a{i}")).collect();
+        out += &format!(
+            "  if (strcmp(name, \"{name}\") == 0) {{\n{reads}    return [=] {{\n{checks}      \
+             emu::launch(gx, gy, block, smem, [=] {{ {name}({args}); }}, gz);\n    }};\n  }}\n",
+            name = k.name,
+            reads = reads.concat(),
+            checks = checks.concat(),
+            args = args.join(", ")
+        );
+    }
+    out + "  return {};\n}\n"
+}
+
+/// The translation unit joining the files' units: the two entry points
+/// `tests/kernel_emu/device.cpp` declares.
+fn device_table(files: &[&str]) -> String {
+    let mut out = String::from("#include <string.h>\n#include <functional>\n");
+    for f in files {
+        let stem = f.trim_end_matches(".cu");
+        out += &format!(
+            "bool emu_exists_{stem}(const char*);\nstd::function<void()> emu_bind_{stem}(const \
+             char*, int, int, int, int, size_t, void**);\n"
+        );
+    }
+    let exists: Vec<String> = files
+        .iter()
+        .map(|f| format!("emu_exists_{}(name)", f.trim_end_matches(".cu")))
+        .collect();
+    out += &format!(
+        "bool emu_kernel_exists(const char* name) {{ return {}; }}\n",
+        exists.join(" || ")
+    );
+    out += "std::function<void()> emu_kernel_bind(const char* name, int gx, int gy, int gz, int \
+            block, size_t smem, void** p) {\n";
+    for f in files {
+        let stem = f.trim_end_matches(".cu");
+        out += &format!(
+            "  if (emu_exists_{stem}(name)) return emu_bind_{stem}(name, gx, gy, gz, block, smem, p);\n"
+        );
+    }
+    out + "  return {};\n}\n"
+}
+
+/// Runs `cmd`, panicking with its output when it fails.
+fn run_tool(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The emulated CUDA device (`tests/kernel_emu/device.cpp`): a directory holding
+/// `libcuda.so` (the driver API, cuBLAS, cuBLASLt and every kernel of `kernels/*.cu`) and
+/// `libcublas.so`, `libcublasLt.so` (which resolve to it), built once per source content;
+/// `None` (after saying so, or failing under `CI`) where g++ cannot be run.
+pub fn device_library() -> Option<PathBuf> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if let Err(e) = Command::new("g++").arg("--version").output() {
+        crate::skip::skip_unless_ci(&format!(
+            "g++ cannot be run ({e}): the emulated CUDA device needs it"
+        ));
+        return None;
+    }
+    Some(BUILT.get_or_init(build_device_library).clone())
+}
+
+fn build_device_library() -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let (shim, prelude, device) = (
+        read("tests/kernel_emu/shim.h"),
+        read("kernels/common.cuh"),
+        read("tests/kernel_emu/device.cpp"),
+    );
+    let mut files: Vec<&str> = KERNELS.iter().map(|k| k.file).collect();
+    files.dedup();
+    files.sort_unstable();
+    files.dedup();
+    let mut units: Vec<(String, String)> = files
+        .iter()
+        .map(|f| {
+            let src = emulable(&read(&format!("kernels/{f}")))
+                .unwrap_or_else(|e| panic!("kernels/{f}: {e}"));
+            let stem = f.trim_end_matches(".cu");
+            (
+                format!("kernels_{stem}.cpp"),
+                device_unit(f, &shim, &prelude, &src),
+            )
+        })
+        .collect();
+    units.push(("kernel_table.cpp".into(), device_table(&files)));
+    units.push(("device.cpp".into(), device));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    units.hash(&mut h);
+    let dir = work_dir().join(format!("device-{:016x}", h.finish()));
+    if dir.join("libcublasLt.so").exists() {
+        return dir;
+    }
+    let tmp = work_dir().join(format!("device-build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    // Two compilers at a time (CI has two cores).
+    let mut objects = Vec::new();
+    for pair in units.chunks(2) {
+        let children: Vec<_> = pair
+            .iter()
+            .map(|(name, text)| {
+                let src = tmp.join(name);
+                std::fs::write(&src, text).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+                let obj = src.with_extension("o");
+                objects.push(obj.clone());
+                let child = Command::new("g++")
+                    .args([
+                        "-std=c++20",
+                        "-O2",
+                        "-fPIC",
+                        "-w",
+                        "-U_FORTIFY_SOURCE",
+                        "-c",
+                        "-o",
+                    ])
+                    .arg(&obj)
+                    .arg(&src)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("g++ on {}: {e}", src.display()));
+                (src, child)
+            })
+            .collect();
+        for (src, child) in children {
+            let out = child
+                .wait_with_output()
+                .unwrap_or_else(|e| panic!("g++ on {}: {e}", src.display()));
+            assert!(
+                out.status.success(),
+                "g++ failed on {}:\n{}",
+                src.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    run_tool(
+        Command::new("g++")
+            .args(["-shared", "-Wl,-soname,libcuda.so", "-o"])
+            .arg(tmp.join("libcuda.so"))
+            .args(&objects),
+        "linking libcuda.so",
+    );
+    let empty = tmp.join("empty.c");
+    std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{}: {e}", empty.display()));
+    for lib in ["libcublas.so", "libcublasLt.so"] {
+        run_tool(
+            Command::new("g++")
+                .args(["-shared", "-fPIC", "-x", "c"])
+                .arg(&empty)
+                .arg(format!("-Wl,-soname,{lib}"))
+                .args(["-Wl,--no-as-needed", "-L"])
+                .arg(&tmp)
+                .args(["-lcuda", "-o"])
+                .arg(tmp.join(lib)),
+            &format!("linking {lib}"),
+        );
+    }
+    // Another process may have finished the same build first: either copy will do.
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
 }
