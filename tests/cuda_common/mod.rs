@@ -9,15 +9,19 @@
 //! - `MGKD_EMULATED_CUDA=1` ([`emulated`]): the device is the emulated one of
 //!   `tests/kernel_emu/device.cpp` (the driver API, cuBLAS, cuBLASLt and every kernel on the
 //!   CPU), so that the backend's host code runs without a GPU.
+//! - A test that gets the device holds it until it ends ([`gpu`]): tests take turns.
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::ThreadId;
 
 use mgkd::backend::cuda::CudaBackend;
 use mgkd::backend::Backend;
 
-/// The shared GPU backend, or `None` (after saying why, once per test, through
-/// `crate::skip`: the test binary declares `mod skip;`) when there is none.
+/// The shared GPU backend, held by the calling test until it ends (see [`take_turn`]), or
+/// `None` (after saying why, once per test, through `crate::skip`: the test binary declares
+/// `mod skip;`) when there is none.
 pub fn gpu() -> Option<&'static CudaBackend> {
     static GPU: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     let found = GPU.get_or_init(|| match open_device() {
@@ -33,7 +37,10 @@ pub fn gpu() -> Option<&'static CudaBackend> {
         }
     });
     match found {
-        Ok(b) => Some(b),
+        Ok(b) => {
+            take_turn();
+            Some(b)
+        }
         Err(e) => {
             if selftest() {
                 println!("no usable CUDA device: harness self-test (a CPU backend in the device's place)");
@@ -45,6 +52,46 @@ pub fn gpu() -> Option<&'static CudaBackend> {
             None
         }
     }
+}
+
+/// The test thread holding the device, and the signal that it let go.
+static HOLDER: Mutex<Option<ThreadId>> = Mutex::new(None);
+static LET_GO: Condvar = Condvar::new();
+
+/// A test's turn on the device, given back when the test's thread ends (its thread-local
+/// is dropped, after a panic too).
+struct Turn;
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *HOLDER.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        LET_GO.notify_all();
+    }
+}
+
+thread_local! {
+    static TURN: RefCell<Option<Turn>> = const { RefCell::new(None) };
+}
+
+/// Waits until no other test holds the device, then holds it for the rest of this test
+/// (libtest runs each test on a thread of its own, several at once). A backend queues one
+/// sequence of operations at a time: the operations of a step share its scratch buffers,
+/// and a stream under capture records whatever is queued on it. Two tests queueing at once
+/// on the shared backend would interleave their operations (seen on the emulated device:
+/// a student step's soft-label loss changed under a concurrent teacher test).
+fn take_turn() {
+    TURN.with(|t| {
+        if t.borrow().is_some() {
+            return;
+        }
+        let me = std::thread::current().id();
+        let mut holder = HOLDER.lock().unwrap_or_else(|p| p.into_inner());
+        while holder.is_some_and(|h| h != me) {
+            holder = LET_GO.wait(holder).unwrap_or_else(|p| p.into_inner());
+        }
+        *holder = Some(me);
+        *t.borrow_mut() = Some(Turn);
+    });
 }
 
 /// Device 0: the emulated device (`tests/kernel_emu/device.cpp`) where
