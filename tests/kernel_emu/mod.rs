@@ -294,17 +294,13 @@ impl Emulator {
             work_dir().join(stem),
         );
         std::fs::write(&src, source).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
-        let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-w", "-U_FORTIFY_SOURCE", "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .output()
-            .unwrap_or_else(|e| panic!("g++ on {}: {e}", src.display()));
-        assert!(
-            out.status.success(),
-            "g++ failed on {}:\n{}",
-            src.display(),
-            String::from_utf8_lossy(&out.stderr)
+        run_tool(
+            Command::new("g++")
+                .args(GXX_FLAGS)
+                .arg("-o")
+                .arg(&bin)
+                .arg(&src),
+            &format!("g++ on {}", src.display()),
         );
         built.insert(file, bin.clone());
         Some(Emulator { file, bin })
@@ -531,11 +527,19 @@ fn device_table(files: &[&str]) -> String {
     out + "  return {};\n}\n"
 }
 
+/// g++'s options for the emulation (see shim.h on -U_FORTIFY_SOURCE).
+const GXX_FLAGS: &[&str] = &["-std=c++20", "-O2", "-w", "-U_FORTIFY_SOURCE"];
+
 /// Runs `cmd`, panicking with its output when it fails.
 fn run_tool(cmd: &mut Command, what: &str) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    succeeded(&out, what);
+}
+
+/// Panics with the tool's error output unless it succeeded.
+fn succeeded(out: &std::process::Output, what: &str) {
     assert!(
         out.status.success(),
         "{what} failed:\n{}",
@@ -606,15 +610,8 @@ fn build_device_library() -> PathBuf {
                 let obj = src.with_extension("o");
                 objects.push(obj.clone());
                 let child = Command::new("g++")
-                    .args([
-                        "-std=c++20",
-                        "-O2",
-                        "-fPIC",
-                        "-w",
-                        "-U_FORTIFY_SOURCE",
-                        "-c",
-                        "-o",
-                    ])
+                    .args(GXX_FLAGS)
+                    .args(["-fPIC", "-c", "-o"])
                     .arg(&obj)
                     .arg(&src)
                     .stderr(std::process::Stdio::piped())
@@ -624,15 +621,11 @@ fn build_device_library() -> PathBuf {
             })
             .collect();
         for (src, child) in children {
+            let what = format!("g++ on {}", src.display());
             let out = child
                 .wait_with_output()
-                .unwrap_or_else(|e| panic!("g++ on {}: {e}", src.display()));
-            assert!(
-                out.status.success(),
-                "g++ failed on {}:\n{}",
-                src.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            succeeded(&out, &what);
         }
     }
     run_tool(
