@@ -78,7 +78,9 @@ thread_local! {
 /// sequence of operations at a time: the operations of a step share its scratch buffers,
 /// and a stream under capture records whatever is queued on it. Two tests queueing at once
 /// on the shared backend would interleave their operations (seen on the emulated device:
-/// a student step's soft-label loss changed under a concurrent teacher test).
+/// a student step's soft-label loss changed under a concurrent teacher test). The turn
+/// belongs to the calling thread: a thread that a test spawns must not call [`gpu`] itself
+/// (it would wait for the test), but may use the backend the test got.
 fn take_turn() {
     TURN.with(|t| {
         if t.borrow().is_some() {
