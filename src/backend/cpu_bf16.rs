@@ -865,8 +865,6 @@ impl Backend for CpuBf16Backend {
         })
     }
 
-    /// One operation, as a fused kernel runs it: Q·Kᵀ, the masked softmax and P·V in f32,
-    /// the output (and the saved probabilities) rounded once when stored.
     /// The probabilities, in bf16, for the inner composition's backward; under the fused
     /// kernels ([`CpuBf16Backend::emulating`]) the ledger counts them as the fused
     /// forward's row statistics, which is what a device keeps instead.
@@ -885,6 +883,8 @@ impl Backend for CpuBf16Backend {
         ))
     }
 
+    /// One operation, as a fused kernel runs it: Q·Kᵀ, the masked softmax and P·V in f32,
+    /// the output (and the saved probabilities) rounded once when stored.
     fn attention(
         &self,
         s: &AttnShape,
@@ -935,12 +935,12 @@ impl Backend for CpuBf16Backend {
         // The fused query pass's row sums; or the composition's dP, then dS, dP given back
         // once dS is made.
         let _held = match self.fused(s) {
-            true => [self.held_f32(s.batch * s.heads * s.len), None],
+            true => self.held_f32(s.batch * s.heads * s.len),
             false => {
                 let dprobs = self.held_bf16(s.probs_len());
                 let dscores = self.held_bf16(s.probs_len());
                 drop(dprobs);
-                [dscores, None]
+                dscores
             }
         };
         w(dqkv, REST, |dq| {
