@@ -205,10 +205,12 @@ void* allocate(size_t bytes, bool pool, bool graph) {
   void* p = aligned_alloc(256, rounded);
   if (!p) return nullptr;
   memset(p, 0xff, rounded);
-  for (auto it = freed.lower_bound((uintptr_t)p - std::min<uintptr_t>((uintptr_t)p, 1ull << 40));
-       it != freed.end() && it->first < (uintptr_t)p + rounded;) {
-    it = it->first + it->second > (uintptr_t)p ? freed.erase(it) : std::next(it);
-  }
+  // Freed ranges are disjoint (each was an allocation, made after the ranges it overlapped
+  // were dropped here): those overlapping the new one are the one starting before it and
+  // those starting inside it.
+  auto it = freed.upper_bound((uintptr_t)p);
+  if (it != freed.begin() && std::prev(it)->first + std::prev(it)->second > (uintptr_t)p) --it;
+  while (it != freed.end() && it->first < (uintptr_t)p + rounded) it = freed.erase(it);
   allocations[(uintptr_t)p] = Allocation{bytes, pool, graph};
   if (pool) {
     pool_used += bytes;
