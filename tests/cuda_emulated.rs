@@ -2,15 +2,21 @@
 //! `kernels/*.cu` runs on it through the driver API as cudarc calls it, and it refuses what
 //! a GPU refuses (dynamic shared memory past a function's limit, a synchronisation under
 //! stream capture) and reports what a GPU would fault on (a copy past an allocation's end,
-//! which then stays the context's error). The GPU suites run on it in `.ci/run`
-//! (`MGKD_EMULATED_CUDA=1`); this checks that its checks can fail.
+//! which then stays the context's error), and work of two streams that nothing orders (a
+//! kernel reading what another stream's copy writes, page-locked bytes rewritten before
+//! their copy ran, memory freed while another stream writes it). The GPU suites run on it
+//! in `.ci/run` (`MGKD_EMULATED_CUDA=1`); this checks that its checks can fail.
 
 mod cuda_common;
 mod kernel_emu;
 mod skip;
 
+use std::sync::Arc;
+
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 #[test]
@@ -97,6 +103,220 @@ fn the_emulated_device_runs_kernels_and_refuses_what_a_gpu_refuses() {
     );
     assert_eq!(
         stream.synchronize().expect_err("the sticky error").0,
+        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+    );
+}
+
+/// Runs one of the ignored `stream_case_*` tests of this binary alone, in a process of its
+/// own (a fault ends the emulated context for the rest of its process).
+fn run_alone(case: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            case,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{case}: cannot run: {e}"))
+}
+
+#[test]
+fn the_emulated_device_reports_work_of_two_streams_that_nothing_orders() {
+    if kernel_emu::device_library().is_none() {
+        return;
+    }
+    for (case, fault) in [
+        ("stream_case_a_copy_awaited_through_an_event", None),
+        (
+            "stream_case_a_kernel_reading_what_another_streams_copy_writes",
+            Some("a race on the allocation"),
+        ),
+        (
+            "stream_case_page_locked_bytes_rewritten_before_their_copy_ran",
+            Some("were rewritten after the call and before the copy ran"),
+        ),
+        (
+            "stream_case_memory_freed_while_another_stream_writes_it",
+            Some("cuMemFreeAsync (stream"),
+        ),
+    ] {
+        let out = run_alone(case);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{case}:\n{stdout}\n{stderr}"
+        );
+        match fault {
+            Some(fault) => assert!(stderr.contains(fault), "{case}: no `{fault}` in\n{stderr}"),
+            None => assert!(
+                !stderr.contains("emulated CUDA device:"),
+                "{case}: a fault:\n{stderr}"
+            ),
+        }
+    }
+}
+
+/// Two streams of the emulated device, with cudarc's own ordering of buffers shared
+/// between streams off (as the backend has it), so that only the program orders them; and
+/// `axpy_f32` (y += α·x).
+fn two_streams() -> (
+    Arc<CudaContext>,
+    Arc<CudaStream>,
+    Arc<CudaStream>,
+    CudaFunction,
+) {
+    cuda_common::load_emulated_device();
+    let ctx = CudaContext::new(0).expect("context");
+    // SAFETY: nothing is queued yet; the cases order their streams themselves.
+    unsafe { ctx.disable_event_tracking() };
+    let copies = ctx.new_stream().expect("copy stream");
+    let compute = ctx.new_stream().expect("compute stream");
+    let axpy = ctx
+        .load_module(Ptx::from_src("kernels/copy.cu"))
+        .expect("module")
+        .load_function("axpy_f32")
+        .expect("axpy_f32");
+    (ctx, copies, compute, axpy)
+}
+
+/// Queues y += α·x on `stream` (both of `n` elements).
+fn axpy(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    alpha: f32,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+) {
+    let n = x.len() as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: axpy_f32(i64 n, float alpha, const float* x, float* y) over `n` elements of each.
+    unsafe {
+        stream
+            .launch_builder(f)
+            .arg(&n)
+            .arg(&alpha)
+            .arg(x)
+            .arg(y)
+            .launch(cfg)
+    }
+    .expect("launch");
+}
+
+/// `n` floats of page-locked host memory holding 1, 2, …, n.
+fn page_locked(n: usize) -> &'static mut [f32] {
+    // SAFETY: a fresh allocation of `n` floats, written in full below; never freed (the
+    // process of a case ends with it).
+    let p = unsafe { cudarc::driver::result::malloc_host(n * 4, 0) }.expect("page-locked memory");
+    let host = unsafe { std::slice::from_raw_parts_mut(p.cast::<f32>(), n) };
+    for (i, v) in host.iter_mut().enumerate() {
+        *v = (i + 1) as f32;
+    }
+    host
+}
+
+/// Queues a copy of `host` (page-locked) into `dst` on `stream`.
+fn upload(stream: &CudaStream, host: &[f32], dst: &CudaSlice<f32>) {
+    let (ptr, _sync) = dst.device_ptr(stream);
+    // SAFETY: `dst` holds `host.len()` floats; the cases keep `host` unchanged until the copy
+    // is seen done, or (the case that tests it) do not.
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, host, stream.cu_stream()) }
+        .expect("queue the copy");
+}
+
+const N: usize = 100;
+
+#[test]
+#[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
+fn stream_case_a_copy_awaited_through_an_event() {
+    let (ctx, copies, compute, f) = two_streams();
+    let x = compute.alloc_zeros::<f32>(N).expect("x");
+    let mut y = compute.alloc_zeros::<f32>(N).expect("y");
+    let host = page_locked(N);
+    copies
+        .join(&compute)
+        .expect("the copy after the allocation");
+    upload(&copies, host, &x);
+    let copied = copies.record_event(None).expect("event");
+    compute.wait(&copied).expect("wait");
+    axpy(&compute, &f, 2.0, &x, &mut y);
+    // Into page-locked memory, read back only once the stream is seen done: before that the
+    // device has not run the copy (it runs work when something waits for it).
+    let back = page_locked(N);
+    let (src, _sync) = y.device_ptr(&compute);
+    // SAFETY: `y` holds N floats, `back` has room for them.
+    unsafe { cudarc::driver::result::memcpy_dtoh_async(back, src, compute.cu_stream()) }
+        .expect("queue the copy back");
+    assert!(
+        back.iter().all(|v| v.to_bits() == u32::MAX),
+        "filled before the wait"
+    );
+    compute.synchronize().expect("compute");
+    let want: Vec<f32> = (1..=N).map(|i| 2.0 * i as f32).collect();
+    assert_eq!(back.to_vec(), want);
+    copied.synchronize().expect("the copy is done");
+    host.fill(0.0); // rewritten after the wait: fine
+    ctx.synchronize().expect("no fault");
+}
+
+#[test]
+#[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
+fn stream_case_a_kernel_reading_what_another_streams_copy_writes() {
+    let (ctx, copies, compute, f) = two_streams();
+    let x = compute.alloc_zeros::<f32>(N).expect("x");
+    let mut y = compute.alloc_zeros::<f32>(N).expect("y");
+    let host = page_locked(N);
+    copies
+        .join(&compute)
+        .expect("the copy after the allocation");
+    upload(&copies, host, &x);
+    // No wait for the copy: the kernel runs first, on the zeros.
+    axpy(&compute, &f, 2.0, &x, &mut y);
+    assert_eq!(compute.clone_dtoh(&y).expect("y"), vec![0.0; N]);
+    assert_eq!(
+        ctx.synchronize().expect_err("the race").0,
+        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+    );
+}
+
+#[test]
+#[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
+fn stream_case_page_locked_bytes_rewritten_before_their_copy_ran() {
+    let (ctx, copies, compute, _) = two_streams();
+    let x = compute.alloc_zeros::<f32>(N).expect("x");
+    let host = page_locked(N);
+    copies
+        .join(&compute)
+        .expect("the copy after the allocation");
+    upload(&copies, host, &x);
+    host.fill(-1.0); // the next batch, written before anything showed the copy done
+    assert_eq!(
+        ctx.synchronize().expect_err("the rewrite").0,
+        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+    );
+}
+
+#[test]
+#[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
+fn stream_case_memory_freed_while_another_stream_writes_it() {
+    let (ctx, copies, compute, _) = two_streams();
+    let x = compute.alloc_zeros::<f32>(N).expect("x");
+    let host = page_locked(N);
+    copies
+        .join(&compute)
+        .expect("the copy after the allocation");
+    upload(&copies, host, &x);
+    drop(x); // freed in the compute stream's order, which never waited for the copy
+    assert_eq!(
+        ctx.synchronize().expect_err("the race").0,
         CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
     );
 }

@@ -12,12 +12,24 @@
 //   lie in, and every pointer a kernel receives must point into one (or be null). A fault is
 //   reported on stderr and becomes the context's sticky error (CUDA_ERROR_ILLEGAL_ADDRESS),
 //   as on a GPU.
-// - Work runs at once, in call order, on the calling thread (all streams are one queue), so
-//   races between streams are not detected. A stream under capture records instead; a
-//   stream that waits on an event recorded under capture joins that capture; a launched
-//   graph replays the records. Calls a capture forbids (synchronous allocation, copies and
-//   sets, synchronising a capturing stream or the context, querying a captured event) fail
-//   with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the capture.
+// - Streams are queues that run as late as the program allows: work runs only when
+//   something waits for it (a stream, event or context synchronisation, a synchronous call,
+//   a copy to pageable memory, a query), and a stream's operation that waits on an event
+//   first runs the other stream up to that record. So a missing wait shows: a kernel reads
+//   memory a copy on another stream has not written yet (0xff bytes), host code reads a
+//   page-locked copy's destination before it is filled (0xff bytes), a copy from
+//   page-locked memory finds its bytes rewritten by the host before it ran (reported).
+//   Beside that, a race check: every operation carries a vector clock (what it is ordered
+//   after: its stream's earlier work, the events it waited on, what the host saw finish
+//   before queueing it), and each access to an allocation (a copy's range, a product's
+//   operands, a kernel's pointer arguments, taken as writes; an allocation and a free in
+//   stream order count as writes) must be ordered after the allocation's last write, and a
+//   write after the reads since; otherwise the two operations are reported. A stream under
+//   capture records instead; a stream that waits on an event recorded under capture joins
+//   that capture; a launched graph replays the records as one operation of its stream.
+//   Calls a capture forbids (synchronous allocation, copies and sets, synchronising a
+//   capturing stream or the context, querying a captured event) fail with
+//   CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the capture.
 // - Launches: the grid and block limits, dynamic shared memory beyond 48 KiB only after
 //   cuFuncSetAttribute raised the function's limit, one-dimensional blocks of whole warps
 //   (what shim.h runs), each pointer argument inside an allocation.
@@ -37,6 +49,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -79,33 +92,85 @@ constexpr int kOptinSharedLimit = 227 * 1024;
 std::recursive_mutex big_lock;
 #define LOCKED std::lock_guard<std::recursive_mutex> guard_(big_lock)
 
+// The order between streams, as vector clocks: entry i of a clock is how many operations of
+// stream i are ordered before (the stream's own operations count themselves).
+using Clock = std::vector<uint64_t>;
+
+void join(Clock& into, const Clock& from) {
+  if (from.size() > into.size()) into.resize(from.size(), 0);
+  for (size_t i = 0; i < from.size(); ++i) into[i] = std::max(into[i], from[i]);
+}
+
+// Whether operation `tick` of stream `stream` is ordered before whatever holds `clock`.
+bool ordered_before(int stream, uint64_t tick, const Clock& clock) {
+  return (size_t)stream < clock.size() && tick <= clock[stream];
+}
+
+// One access to an allocation: which operation made it (its stream and place there).
+struct Access {
+  int stream = -1;
+  uint64_t tick = 0;
+  std::string what;
+};
+
 struct Allocation {
   size_t bytes;
   bool pool;   // from cuMemAllocAsync (the default pool's statistics)
   bool graph;  // made under capture (the graph's memory)
+  // The last write and the reads since (one per stream, the latest), for the race check.
+  Access written;
+  std::vector<Access> reads;
+  bool free_queued = false;  // cuMemFreeAsync was called (it runs in its stream's order)
 };
 
 std::map<uintptr_t, Allocation> allocations;
 // Allocations given back (base → bytes), until their memory is handed out again: a fault in
 // one of them is a use after free.
 std::map<uintptr_t, size_t> freed;
+// Page-locked host memory (base → bytes): a queued copy reads or writes it when it runs.
+std::map<uintptr_t, size_t> pinned;
 size_t pool_used = 0, pool_high = 0, graph_used = 0, graph_high = 0;
 CUresult sticky = SUCCESS;
 
 struct Graph;
+struct Stream;
+
+// A queued operation: what it does, what it is ordered after (its clock), and the places
+// in other streams it waits for (an event waited on, the legacy stream's implicit order).
+struct Op {
+  std::function<void()> run;
+  std::string what;
+  Clock clock;
+  std::vector<std::pair<Stream*, uint64_t>> after;
+};
+
+// An operation as a graph records it; a replay runs it under the replaying operation.
+struct Recorded {
+  std::function<void()> run;
+  std::string what;
+};
 
 struct Stream {
+  int id;
+  bool blocking;  // ordered with the legacy stream (created without CU_STREAM_NON_BLOCKING)
   Graph* capture = nullptr;  // the graph this stream records into, if any
+  Clock clock;               // what the next operation queued here is ordered after
+  std::deque<Op> pending;    // queued, not yet run (they run when something waits for them)
+  uint64_t queued = 0, done = 0;
+  bool destroyed = false;  // kept: queued waits of other streams may name it
 };
 
 struct Event {
-  bool recorded = false;
+  bool recorded = false;  // a record has run (the time is set)
   double at_ms = 0.0;
   Graph* captured = nullptr;  // recorded under this capture
+  Stream* stream = nullptr;   // the last record outside a capture: its stream and place
+  uint64_t seq = 0;
+  Clock clock;
 };
 
 struct Graph {
-  std::vector<std::function<void()>> ops;
+  std::vector<Recorded> ops;
   std::vector<void*> owned;  // allocations made under capture
   bool invalid = false;
 };
@@ -119,8 +184,30 @@ struct Function {
   int max_dynamic_shared = kDefaultSharedLimit;
 };
 
-Stream legacy_stream;
-std::set<Stream*> streams = {&legacy_stream};
+std::vector<std::unique_ptr<Stream>> all_streams;
+// Events live while a record queued on them may still run (the handle is the raw pointer).
+std::map<void*, std::shared_ptr<Event>> events;
+// What the host has seen finish (through a synchronisation): the work it queues after
+// is ordered after that. Every host thread shares it (they order themselves).
+Clock host_clock;
+
+Stream* new_stream(bool blocking) {
+  all_streams.push_back(std::make_unique<Stream>());
+  Stream* s = all_streams.back().get();
+  s->id = (int)all_streams.size() - 1;
+  s->blocking = blocking;
+  return s;
+}
+
+Stream* const legacy_stream = new_stream(true);
+
+// The operation running now (its stream and clock), which the accesses it makes are
+// checked against; none outside an operation.
+struct Running {
+  int stream = -1;
+  const Clock* clock = nullptr;
+  const std::string* what = nullptr;
+} running;
 
 double now_ms() {
   timespec t;
@@ -146,7 +233,7 @@ CUresult fault(CUresult code, const char* fmt, ...) {
   return code;
 }
 
-Stream* stream_of(void* s) { return s ? static_cast<Stream*>(s) : &legacy_stream; }
+Stream* stream_of(void* s) { return s ? static_cast<Stream*>(s) : legacy_stream; }
 
 // Whether any stream is capturing (the calls a capture forbids are checked against it).
 std::set<Graph*> capturing;
@@ -159,28 +246,88 @@ CUresult forbidden_under_capture(const char* what) {
   return ERR_CAPTURE_UNSUPPORTED;
 }
 
-// Runs `op` now, or records it where `s` is capturing.
-CUresult submit(void* s, std::function<void()> op) {
+// Runs the operations queued on `s` up to its `upto`-th, each after the operations of other
+// streams it waits for. (A wait names only operations queued before it, so this ends.)
+void drain(Stream* s, uint64_t upto) {
+  while (s->done < upto && !s->pending.empty()) {
+    Op op = std::move(s->pending.front());
+    s->pending.pop_front();
+    for (auto& [other, seq] : op.after) drain(other, seq);
+    if (sticky == SUCCESS) {  // after a fault the context runs nothing more
+      const Running outer = running;
+      running = Running{s->id, &op.clock, &op.what};
+      op.run();
+      running = outer;
+    }
+    ++s->done;
+  }
+}
+
+// Runs what `s` has queued; the host has then seen it finish.
+CUresult finish(Stream* s) {
+  drain(s, s->queued);
+  join(host_clock, s->clock);
+  return sticky;
+}
+
+// Runs everything queued on every stream (a synchronisation of the context).
+CUresult finish_all() {
+  for (auto& s : all_streams) finish(s.get());
+  return sticky;
+}
+
+// Queues `fn` on `s`, ordered after what the host has seen finish, after the places of
+// other streams in `after`, and (for the legacy stream and the blocking streams) after each
+// other's work queued before it.
+void queue(Stream* s, std::string what, std::function<void()> fn,
+           std::vector<std::pair<Stream*, uint64_t>> after = {}) {
+  join(s->clock, host_clock);
+  auto implicit = [&](Stream* other) {
+    if (other == s || other->destroyed || other->queued == 0) return;
+    join(s->clock, other->clock);
+    after.push_back({other, other->queued});
+  };
+  if (s == legacy_stream) {
+    for (auto& other : all_streams)
+      if (other->blocking) implicit(other.get());
+  } else if (s->blocking) {
+    implicit(legacy_stream);
+  }
+  if (s->clock.size() <= (size_t)s->id) s->clock.resize(s->id + 1, 0);
+  s->clock[s->id] = ++s->queued;
+  s->pending.push_back(Op{std::move(fn), std::move(what), s->clock, std::move(after)});
+  if (verbose()) fprintf(stderr, "emulated CUDA device: stream %d queues %s\n", s->id, s->pending.back().what.c_str());
+}
+
+// Queues `fn` on stream `s`, or records it where `s` is capturing.
+CUresult submit(void* s, std::string what, std::function<void()> fn) {
   if (sticky != SUCCESS) return sticky;
   Stream* st = stream_of(s);
-  if (st == &legacy_stream && !capturing.empty()) {
+  if (st == legacy_stream && !capturing.empty()) {
     return forbidden_under_capture("work on the legacy stream");
   }
+  if (st->destroyed) return fault(ERR_INVALID_HANDLE, "%s on a destroyed stream", what.c_str());
   if (st->capture) {
-    st->capture->ops.push_back(std::move(op));
+    st->capture->ops.push_back(Recorded{std::move(fn), std::move(what)});
   } else {
-    op();
+    queue(st, std::move(what), std::move(fn));
   }
   return sticky;
 }
 
+// The allocation holding [p, p + bytes), or the end.
+std::map<uintptr_t, Allocation>::iterator holding_it(uintptr_t p, size_t bytes) {
+  auto it = allocations.upper_bound(p);
+  if (it == allocations.begin()) return allocations.end();
+  --it;
+  if (p - it->first + bytes <= it->second.bytes && p >= it->first) return it;
+  return allocations.end();
+}
+
 // The allocation holding [p, p + bytes), or null.
 const Allocation* holding(uintptr_t p, size_t bytes) {
-  auto it = allocations.upper_bound(p);
-  if (it == allocations.begin()) return nullptr;
-  --it;
-  if (p - it->first + bytes <= it->second.bytes && p >= it->first) return &it->second;
-  return nullptr;
+  auto it = holding_it(p, bytes);
+  return it == allocations.end() ? nullptr : &it->second;
 }
 
 // Checks that [p, p + bytes) lies in one allocation (a zero-length range anywhere in or just
@@ -198,6 +345,69 @@ bool in_device_memory(uintptr_t p, size_t bytes, const char* what) {
   fault(ERR_ILLEGAL_ADDRESS, "%s: bytes [%#llx, %#llx) %s", what, (unsigned long long)p,
         (unsigned long long)(p + bytes), where);
   return false;
+}
+
+// Reports two accesses to one allocation that no stream order, event or synchronisation
+// orders (the running operation's, and an earlier one).
+bool race(uintptr_t base, const Allocation& a, const Access& earlier, bool earlier_wrote,
+          bool write) {
+  fault(ERR_ILLEGAL_ADDRESS,
+        "a race on the allocation at %#llx (%zu bytes): %s (stream %d, its operation %llu) %s "
+        "it, and %s (stream %d, its operation %llu) %s it, with no event or synchronisation "
+        "ordering the two",
+        (unsigned long long)base, a.bytes, earlier.what.c_str(), earlier.stream,
+        (unsigned long long)earlier.tick, earlier_wrote ? "wrote" : "read", running.what->c_str(),
+        running.stream, (unsigned long long)(*running.clock)[running.stream],
+        write ? "writes" : "reads");
+  return false;
+}
+
+// An access of the running operation to [p, p + bytes): it must lie in an allocation, after
+// that allocation's last write in the order between streams, and a write also after the
+// reads since. (Granularity: the allocation. Work of one stream is ordered by the stream.)
+bool touch(uintptr_t p, size_t bytes, bool write, const char* what) {
+  if (bytes == 0) return true;
+  if (!in_device_memory(p, bytes, what)) return false;
+  if (!running.clock) return true;
+  auto it = holding_it(p, bytes);
+  Allocation& a = it->second;
+  const Clock& now = *running.clock;
+  if (a.written.stream >= 0 && !ordered_before(a.written.stream, a.written.tick, now)) {
+    return race(it->first, a, a.written, true, write);
+  }
+  const uint64_t tick = now[running.stream];
+  if (write) {
+    for (const Access& r : a.reads)
+      if (!ordered_before(r.stream, r.tick, now)) return race(it->first, a, r, false, true);
+    a.reads.clear();
+    a.written = Access{running.stream, tick, *running.what};
+    return true;
+  }
+  for (Access& r : a.reads) {
+    if (r.stream == running.stream) {
+      r.tick = tick;
+      r.what = *running.what;
+      return true;
+    }
+  }
+  a.reads.push_back(Access{running.stream, tick, *running.what});
+  return true;
+}
+
+// Whether [p, p + bytes) is page-locked host memory.
+bool is_pinned(const void* p, size_t bytes) {
+  auto it = pinned.upper_bound((uintptr_t)p);
+  if (it == pinned.begin()) return false;
+  --it;
+  return (uintptr_t)p >= it->first && (uintptr_t)p - it->first + bytes <= it->second;
+}
+
+// A digest of host bytes (FNV-1a), to see whether they changed.
+uint64_t digest(const void* p, size_t bytes) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < bytes; ++i) h = (h ^ c[i]) * 0x100000001b3ull;
+  return h;
 }
 
 void* allocate(size_t bytes, bool pool, bool graph) {
@@ -223,28 +433,42 @@ void* allocate(size_t bytes, bool pool, bool graph) {
   return p;
 }
 
+// Takes an allocation out of the pool's and the graphs' statistics (when it is given back
+// in stream order, at the call, as a pool counts it).
+void uncount(const Allocation& a) {
+  if (a.pool) pool_used -= a.bytes;
+  if (a.graph) graph_used -= a.bytes;
+}
+
+// Gives the memory back: later accesses to it are uses after free.
+void give_back(std::map<uintptr_t, Allocation>::iterator it) {
+  freed[it->first] = it->second.bytes;
+  free((void*)it->first);
+  allocations.erase(it);
+}
+
 CUresult release(CUdeviceptr p, const char* what) {
   auto it = allocations.find((uintptr_t)p);
-  if (it == allocations.end()) {
+  if (it == allocations.end() || it->second.free_queued) {
     return fault(ERR_INVALID_VALUE, "%s: %#llx is not an allocation", what, p);
   }
-  if (it->second.pool) pool_used -= it->second.bytes;
-  if (it->second.graph) graph_used -= it->second.bytes;
-  freed[it->first] = it->second.bytes;
-  allocations.erase(it);
-  free((void*)p);
+  uncount(it->second);
+  give_back(it);
   return SUCCESS;
 }
 
 }  // namespace
 
-// Kernel arguments: called by the generated launches for every pointer parameter.
+// Kernel arguments: called by the generated launches, as the kernel runs, for every pointer
+// parameter (each an access, as a write, to the allocation it points into; a pointer just
+// past an allocation's end, the end of an empty window, belongs to that allocation).
 void emu_check_pointer(const char* kernel, int k, const void* p) {
   if (!p) return;
-  if (!holding((uintptr_t)p, 1) && !holding((uintptr_t)p - 1, 1)) {
-    fault(ERR_ILLEGAL_ADDRESS, "kernel %s: argument %d (%p) points into no allocation", kernel,
-          k, p);
-  }
+  uintptr_t at = (uintptr_t)p;
+  if (!holding(at, 1) && holding(at - 1, 1)) at -= 1;
+  char what[160];
+  snprintf(what, sizeof what, "kernel %s: argument %d (%p)", kernel, k, p);
+  touch(at, 1, true, what);
 }
 
 extern "C" {
@@ -329,7 +553,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 CUresult cuCtxSynchronize() {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuCtxSynchronize")) return r;
-  return sticky;
+  return finish_all();
 }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
@@ -352,18 +576,18 @@ CUresult cuGetErrorString(CUresult e, const char** s) { return cuGetErrorName(e,
 
 // ---- Streams and events ----------------------------------------------------------------------
 
-CUresult cuStreamCreate(void** s, unsigned) {
+CUresult cuStreamCreate(void** s, unsigned flags) {
   LOCKED;
-  Stream* st = new Stream();
-  streams.insert(st);
-  *s = st;
+  *s = new_stream(!(flags & 1));  // CU_STREAM_NON_BLOCKING
   return SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned f, int) { return cuStreamCreate(s, f); }
+// The queued work still runs (the object is kept: other streams' waits may name it).
 CUresult cuStreamDestroy_v2(void* s) {
   LOCKED;
-  streams.erase(static_cast<Stream*>(s));
-  delete static_cast<Stream*>(s);
+  Stream* st = static_cast<Stream*>(s);
+  drain(st, st->queued);
+  st->destroyed = true;
   return SUCCESS;
 }
 CUresult cuStreamSynchronize(void* s) {
@@ -371,49 +595,82 @@ CUresult cuStreamSynchronize(void* s) {
   if (stream_of(s)->capture || (!s && !capturing.empty())) {
     return forbidden_under_capture("cuStreamSynchronize");
   }
-  return sticky;
+  return finish(stream_of(s));
 }
-CUresult cuStreamQuery(void* s) { return cuStreamSynchronize(s); }
+// Work still queued answers "not ready" (and runs, so that a caller polling sees it end).
+CUresult cuStreamQuery(void* s) {
+  LOCKED;
+  Stream* st = stream_of(s);
+  if (st->capture) return forbidden_under_capture("cuStreamQuery");
+  if (st->done < st->queued) {
+    drain(st, st->queued);
+    return sticky ? sticky : ERR_NOT_READY;
+  }
+  return finish(st);
+}
 
 CUresult cuEventCreate(void** e, unsigned) {
   LOCKED;
-  *e = new Event();
+  auto ev = std::make_shared<Event>();
+  events[ev.get()] = ev;
+  *e = ev.get();
   return SUCCESS;
 }
+// A record still queued keeps the event's state alive until it runs.
 CUresult cuEventDestroy_v2(void* e) {
   LOCKED;
-  delete static_cast<Event*>(e);
-  return SUCCESS;
+  return events.erase(e) ? SUCCESS : ERR_INVALID_HANDLE;
 }
 CUresult cuEventRecord(void* e, void* s) {
   LOCKED;
-  Event* ev = static_cast<Event*>(e);
+  auto found = events.find(e);
+  if (found == events.end()) return ERR_INVALID_HANDLE;
+  std::shared_ptr<Event> ev = found->second;
   Stream* st = stream_of(s);
   if (st->capture) {
     ev->captured = st->capture;
     ev->recorded = true;
     return SUCCESS;
   }
+  if (CUresult r = submit(s, "cuEventRecord", [ev] {
+        ev->recorded = true;
+        ev->at_ms = now_ms();
+      })) {
+    return r;
+  }
   ev->captured = nullptr;
-  return submit(s, [ev] {
-    ev->recorded = true;
-    ev->at_ms = now_ms();
-  });
+  ev->stream = st;
+  ev->seq = st->queued;
+  ev->clock = st->clock;
+  return SUCCESS;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(void* e) {
   LOCKED;
-  if (static_cast<Event*>(e)->captured) return forbidden_under_capture("cuEventSynchronize");
+  Event* ev = static_cast<Event*>(e);
+  if (ev->captured) return forbidden_under_capture("cuEventSynchronize");
+  if (ev->stream) {
+    drain(ev->stream, ev->seq);
+    join(host_clock, ev->clock);
+  }
   return sticky;
 }
+// A record still queued answers "not ready" (and runs, so that a caller polling sees it end).
 CUresult cuEventQuery(void* e) {
   LOCKED;
-  if (static_cast<Event*>(e)->captured) return forbidden_under_capture("cuEventQuery");
-  return sticky;
+  Event* ev = static_cast<Event*>(e);
+  if (ev->captured) return forbidden_under_capture("cuEventQuery");
+  if (ev->stream && ev->stream->done < ev->seq) {
+    drain(ev->stream, ev->seq);
+    return sticky ? sticky : ERR_NOT_READY;
+  }
+  return cuEventSynchronize(e);
 }
 CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
   LOCKED;
   Event *a = static_cast<Event*>(start), *b = static_cast<Event*>(end);
+  for (Event* ev : {a, b})
+    if (ev->stream && ev->stream->done < ev->seq) return ERR_NOT_READY;
   if (!a->recorded || !b->recorded) return ERR_INVALID_HANDLE;
   *ms = (float)(b->at_ms - a->at_ms);
   return SUCCESS;
@@ -422,21 +679,27 @@ CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
   return cuEventElapsedTime(ms, start, end);
 }
 
-// A stream waiting on an event recorded under capture joins that capture.
+// The stream's next operations run after the event's last record; a stream waiting on an
+// event recorded under capture joins that capture.
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
   LOCKED;
   Event* ev = static_cast<Event*>(e);
   Stream* st = stream_of(s);
   if (ev->captured && !st->capture) {
-    if (st == &legacy_stream) return forbidden_under_capture("the legacy stream joining a capture");
+    if (st == legacy_stream) return forbidden_under_capture("the legacy stream joining a capture");
     st->capture = ev->captured;
+    return sticky;
   }
+  if (st->capture || !ev->stream) return sticky;
+  if (sticky) return sticky;
+  join(st->clock, ev->clock);
+  queue(st, "cuStreamWaitEvent", [] {}, {{ev->stream, ev->seq}});
   return sticky;
 }
 
 CUresult cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
   LOCKED;
-  return submit(s, [fn, data] { fn(data); });
+  return submit(s, "cuLaunchHostFunc", [fn, data] { fn(data); });
 }
 
 // ---- Memory ----------------------------------------------------------------------------------
@@ -451,12 +714,17 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   return sticky;
 }
 
+// A synchronous free: the work queued before it finishes first.
 CUresult cuMemFree_v2(CUdeviceptr p) {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuMemFree")) return r;
+  finish_all();
   return release(p, "cuMemFree");
 }
 
+// The memory belongs to the stream from this point of its order: the allocation is an
+// operation of the stream (a write of the whole allocation), which any other stream's use
+// must be ordered after.
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
   LOCKED;
   if (sticky) return sticky;
@@ -467,9 +735,12 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
   Stream* st = stream_of(s);
   void* m = allocate(bytes, !st->capture, st->capture != nullptr);
   if (!m) return ERR_OUT_OF_MEMORY;
-  if (st->capture) st->capture->owned.push_back(m);
   *p = (CUdeviceptr)m;
-  return SUCCESS;
+  if (st->capture) {
+    st->capture->owned.push_back(m);
+    return SUCCESS;
+  }
+  return submit(s, "cuMemAllocAsync", [m, bytes] { touch((uintptr_t)m, bytes, true, "cuMemAllocAsync"); });
 }
 
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, void*, void* s) {
@@ -477,23 +748,30 @@ CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, void*, void* s) {
 }
 
 // A free under capture frees nothing until the graph is destroyed (the graph keeps its
-// allocations); otherwise at once (work is never pending).
+// allocations). Otherwise the pool counts the bytes free at once; the memory is given back
+// when the free runs, in the stream's order (a write of the whole allocation: any other
+// stream's use must be ordered before it), and a use after that is a use after free.
 CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
   LOCKED;
   if (p == 0) return SUCCESS;
-  if (stream_of(s)->capture) {
-    if (!allocations.count((uintptr_t)p)) {
-      return fault(ERR_INVALID_VALUE, "cuMemFreeAsync: %#llx is not an allocation", p);
-    }
-    return SUCCESS;
+  auto it = allocations.find((uintptr_t)p);
+  if (it == allocations.end() || it->second.free_queued) {
+    return fault(ERR_INVALID_VALUE, "cuMemFreeAsync: %#llx is not an allocation", p);
   }
-  Graph* owner = nullptr;
+  if (stream_of(s)->capture) return SUCCESS;
   for (Graph* g : capturing) {
     for (void* o : g->owned)
-      if ((CUdeviceptr)o == p) owner = g;
+      if ((CUdeviceptr)o == p) {
+        return fault(ERR_INVALID_VALUE, "cuMemFreeAsync of a capture's allocation outside it");
+      }
   }
-  if (owner) return fault(ERR_INVALID_VALUE, "cuMemFreeAsync of a capture's allocation outside it");
-  return release(p, "cuMemFreeAsync");
+  if (sticky) return sticky;
+  it->second.free_queued = true;
+  uncount(it->second);
+  const size_t bytes = it->second.bytes;
+  return submit(s, "cuMemFreeAsync", [p, bytes] {
+    if (touch((uintptr_t)p, bytes, true, "cuMemFreeAsync")) give_back(allocations.find((uintptr_t)p));
+  });
 }
 
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -506,23 +784,65 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
-  *p = aligned_alloc(4096, (bytes + 4095) & ~size_t(4095));
-  return *p ? SUCCESS : ERR_OUT_OF_MEMORY;
+  LOCKED;
+  const size_t rounded = (bytes + 4095) & ~size_t(4095);
+  *p = aligned_alloc(4096, rounded ? rounded : 4096);
+  if (!*p) return ERR_OUT_OF_MEMORY;
+  pinned[(uintptr_t)*p] = bytes;
+  return SUCCESS;
 }
 CUresult cuMemFreeHost(void* p) {
+  LOCKED;
+  pinned.erase((uintptr_t)p);
   free(p);
   return SUCCESS;
 }
 
+// From page-locked memory the copy reads the host bytes when it runs: they must not change
+// before then (the host must wait for an event recorded after the copy, or synchronise).
+// From pageable memory the call stages the bytes before it returns.
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* s) {
   LOCKED;
   if (!in_device_memory(dst, bytes, "cuMemcpyHtoDAsync destination")) return sticky;
-  return submit(s, [=] { memcpy((void*)dst, src, bytes); });
+  const char* what = "cuMemcpyHtoDAsync";
+  if (stream_of(s)->capture) {  // a replay reads the host bytes of its time
+    return submit(s, what, [=] {
+      if (touch(dst, bytes, true, what)) memcpy((void*)dst, src, bytes);
+    });
+  }
+  if (is_pinned(src, bytes)) {
+    const uint64_t before = digest(src, bytes);
+    return submit(s, what, [=] {
+      if (digest(src, bytes) != before) {
+        fault(ERR_ILLEGAL_ADDRESS,
+              "cuMemcpyHtoDAsync: the page-locked host bytes [%p, +%zu) it copies were "
+              "rewritten after the call and before the copy ran (nothing waited for the copy)",
+              src, bytes);
+        return;
+      }
+      if (touch(dst, bytes, true, what)) memcpy((void*)dst, src, bytes);
+    });
+  }
+  auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
+  return submit(s, what, [=] {
+    if (touch(dst, bytes, true, what)) memcpy((void*)dst, staged->data(), bytes);
+  });
 }
+// Into page-locked memory the bytes are undefined (here: 0xff) until the copy is seen done;
+// into pageable memory the call returns once the copy is done.
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* s) {
   LOCKED;
   if (!in_device_memory(src, bytes, "cuMemcpyDtoHAsync source")) return sticky;
-  return submit(s, [=] { memcpy(dst, (const void*)src, bytes); });
+  const char* what = "cuMemcpyDtoHAsync";
+  Stream* st = stream_of(s);
+  const bool live = !st->capture;
+  if (live && is_pinned(dst, bytes)) memset(dst, 0xff, bytes);
+  if (CUresult r = submit(s, what, [=] {
+        if (touch(src, bytes, false, what)) memcpy(dst, (const void*)src, bytes);
+      })) {
+    return r;
+  }
+  return live && !is_pinned(dst, bytes) ? finish(st) : sticky;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void* s) {
   LOCKED;
@@ -530,37 +850,50 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, vo
       !in_device_memory(src, bytes, "cuMemcpyDtoDAsync source")) {
     return sticky;
   }
-  return submit(s, [=] { memmove((void*)dst, (const void*)src, bytes); });
+  return submit(s, "cuMemcpyDtoDAsync", [=] {
+    if (touch(src, bytes, false, "cuMemcpyDtoDAsync source") &&
+        touch(dst, bytes, true, "cuMemcpyDtoDAsync destination")) {
+      memmove((void*)dst, (const void*)src, bytes);
+    }
+  });
 }
+// The synchronous copies and sets: on the legacy stream, finished before they return.
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuMemcpyHtoD")) return r;
-  return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr);
+  if (CUresult r = cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr)) return r;
+  return finish(legacy_stream);
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuMemcpyDtoH")) return r;
-  return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr);
+  if (CUresult r = cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr)) return r;
+  return finish(legacy_stream);
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuMemcpyDtoD")) return r;
-  return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
+  if (CUresult r = cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr)) return r;
+  return finish(legacy_stream);
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* s) {
   LOCKED;
   if (!in_device_memory(dst, n, "cuMemsetD8Async")) return sticky;
-  return submit(s, [=] { memset((void*)dst, v, n); });
+  return submit(s, "cuMemsetD8Async", [=] {
+    if (touch(dst, n, true, "cuMemsetD8Async")) memset((void*)dst, v, n);
+  });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
   LOCKED;
   if (CUresult r = forbidden_under_capture("cuMemsetD8")) return r;
-  return cuMemsetD8Async(dst, v, n, nullptr);
+  if (CUresult r = cuMemsetD8Async(dst, v, n, nullptr)) return r;
+  return finish(legacy_stream);
 }
 CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* s) {
   LOCKED;
   if (!in_device_memory(dst, 4 * n, "cuMemsetD32Async")) return sticky;
-  return submit(s, [=] {
+  return submit(s, "cuMemsetD32Async", [=] {
+    if (!touch(dst, 4 * n, true, "cuMemsetD32Async")) return;
     for (size_t i = 0; i < n; ++i) memcpy((char*)dst + 4 * i, &v, 4);
   });
 }
@@ -688,7 +1021,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
   if (verbose()) {
     fprintf(stderr, "emulated CUDA device: %s (%u, %u, %u) x %u\n", fn->name.c_str(), gx, gy, gz, bx);
   }
-  return submit(s, std::move(run));
+  return submit(s, "kernel " + fn->name, std::move(run));
 }
 
 // ---- Graphs ----------------------------------------------------------------------------------
@@ -696,7 +1029,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
 CUresult cuStreamBeginCapture_v2(void* s, int) {
   LOCKED;
   Stream* st = stream_of(s);
-  if (st == &legacy_stream) return ERR_CAPTURE_UNSUPPORTED;
+  if (st == legacy_stream) return ERR_CAPTURE_UNSUPPORTED;
   if (st->capture) return ERR_INVALID_VALUE;
   st->capture = new Graph();
   capturing.insert(st->capture);
@@ -720,7 +1053,7 @@ CUresult cuStreamEndCapture(void* s, void** graph) {
   if (!g) return ERR_INVALID_VALUE;
   // Every stream that joined the capture leaves it with the origin.
   capturing.erase(g);
-  for (Stream* other : streams)
+  for (auto& other : all_streams)
     if (other->capture == g) other->capture = nullptr;
   st->capture = nullptr;
   if (g->invalid) {
@@ -747,19 +1080,25 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
 
 CUresult cuGraphUpload(void*, void*) { return SUCCESS; }
 
+// A launch is one operation of the stream; the recorded operations run in it, in order.
 CUresult cuGraphLaunch(void* exec, void* s) {
   LOCKED;
   Graph* g = static_cast<Exec*>(exec)->graph;
-  return submit(s, [g] {
+  return submit(s, "cuGraphLaunch", [g] {
+    const std::string* launch = running.what;
     for (auto& op : g->ops) {
-      if (sticky) return;
-      op();
+      if (sticky) break;
+      running.what = &op.what;
+      op.run();
     }
+    running.what = launch;
   });
 }
 
+// Queued launches of the graph run first (a GPU frees an executing graph when it ends).
 CUresult cuGraphExecDestroy(void* exec) {
   LOCKED;
+  finish_all();
   Exec* e = static_cast<Exec*>(exec);
   for (void* p : e->graph->owned) release((CUdeviceptr)p, "a graph's allocation");
   delete e->graph;
@@ -919,10 +1258,29 @@ int check(const std::vector<Product>& ps, const char* call) {
   return BLAS_OK;
 }
 
-int enqueue(BlasHandle* h, std::vector<Product> ps, const char* call) {
+// The accesses of a call's products as they run: A and B (and C where β ≠ 0) and the bias
+// read, D written.
+bool touch_products(const std::vector<Product>& ps, const char* call) {
+  for (const Product& p : ps) {
+    if (p.m == 0 || p.n == 0) continue;
+    auto bytes = [](const Operand& o) { return (size_t)o.extent() * elem_bytes(o.type); };
+    if (p.k > 0 && (!touch(p.a.base, bytes(p.a), false, call) || !touch(p.b.base, bytes(p.b), false, call))) {
+      return false;
+    }
+    if (p.beta != 0.0f && !touch(p.c.base, bytes(p.c), false, call)) return false;
+    if (p.bias && !touch(p.bias, (size_t)p.m * elem_bytes(p.bias_type), false, call)) return false;
+    if (!touch(p.d.base, bytes(p.d), true, call)) return false;
+  }
+  return true;
+}
+
+// Checks the products now and queues them (with `scratch`, a workspace they write).
+int enqueue(BlasHandle* h, std::vector<Product> ps, const char* call, uintptr_t scratch = 0,
+            size_t scratch_bytes = 0) {
   if (sticky) return BLAS_EXECUTION_FAILED;
   if (int r = check(ps, call)) return r;
-  return submit(h->stream, [ps] {
+  return submit(h->stream, call, [ps, call, scratch, scratch_bytes] {
+           if (!touch(scratch, scratch_bytes, true, call) || !touch_products(ps, call)) return;
            for (const Product& p : ps) p.run();
          }) == SUCCESS
              ? BLAS_OK
@@ -1053,7 +1411,10 @@ static int batched(void* h, int ta, int tb, int m, int n, int k, float alpha, co
   for (const void* arr : {(const void*)a, (const void*)b, (const void*)c}) {
     if (!in_device_memory((uintptr_t)arr, sizeof(void*) * batch, call)) return BLAS_EXECUTION_FAILED;
   }
-  const CUresult r = submit(bh->stream, [=] {
+  const CUresult r = submit(bh->stream, call, [=] {
+    for (const void* arr : {(const void*)a, (const void*)b, (const void*)c}) {
+      if (!touch((uintptr_t)arr, sizeof(void*) * batch, false, call)) return;
+    }
     std::vector<Product> ps;
     for (int i = 0; i < batch; ++i) {
       const Operand cd{(uintptr_t)c[i], ct, m, n, ldc};
@@ -1065,6 +1426,7 @@ static int batched(void* h, int ta, int tb, int m, int n, int k, float alpha, co
       if (!sticky) sticky = ERR_ILLEGAL_ADDRESS;
       return;
     }
+    if (!touch_products(ps, call)) return;
     for (const Product& p : ps) p.run();
   });
   return r == SUCCESS ? BLAS_OK : BLAS_EXECUTION_FAILED;
@@ -1216,7 +1578,7 @@ int cublasLtMatmul(void* h, void* desc, const void* alpha, const void* a, void* 
     p.bias_type = ds.bias_type >= 0 ? ds.bias_type : D.type;
   }
   BlasHandle tmp{stream};
-  return enqueue(&tmp, {p}, "cublasLtMatmul");
+  return enqueue(&tmp, {p}, "cublasLtMatmul", (uintptr_t)workspace, workspace_bytes);
 }
 
 }  // extern "C"
