@@ -14,9 +14,7 @@ mod skip;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 #[test]
@@ -161,162 +159,142 @@ fn the_emulated_device_reports_work_of_two_streams_that_nothing_orders() {
     }
 }
 
-/// Two streams of the emulated device, with cudarc's own ordering of buffers shared
-/// between streams off (as the backend has it), so that only the program orders them; and
-/// `axpy_f32` (y += α·x).
-fn two_streams() -> (
-    Arc<CudaContext>,
-    Arc<CudaStream>,
-    Arc<CudaStream>,
-    CudaFunction,
-) {
+/// Elements of every buffer of the stream cases.
+const N: usize = 100;
+
+/// What every case starts from, on two streams of the emulated device with cudarc's own
+/// ordering of buffers shared between streams off (as the backend has it), so that only the
+/// case orders them: `x` (N zeros) allocated on the compute stream, and a copy of `host`
+/// (1, 2, …, N, page-locked) into it queued on the copy stream after that allocation.
+struct Upload {
+    ctx: Arc<CudaContext>,
+    copies: Arc<CudaStream>,
+    compute: Arc<CudaStream>,
+    x: CudaSlice<f32>,
+    host: &'static mut [f32],
+}
+
+/// Sets up an [`Upload`].
+fn upload_beside() -> Upload {
     cuda_common::load_emulated_device();
     let ctx = CudaContext::new(0).expect("context");
     // SAFETY: nothing is queued yet; the cases order their streams themselves.
     unsafe { ctx.disable_event_tracking() };
     let copies = ctx.new_stream().expect("copy stream");
     let compute = ctx.new_stream().expect("compute stream");
-    let axpy = ctx
+    let x = compute.alloc_zeros::<f32>(N).expect("x");
+    // SAFETY: a fresh allocation of N floats, written in full below; never freed (the
+    // process of a case ends with it).
+    let p = unsafe { cudarc::driver::result::malloc_host(N * 4, 0) }.expect("page-locked");
+    let host = unsafe { std::slice::from_raw_parts_mut(p.cast::<f32>(), N) };
+    for (i, v) in host.iter_mut().enumerate() {
+        *v = (i + 1) as f32;
+    }
+    copies
+        .join(&compute)
+        .expect("the copy after the allocation");
+    let (dst, record) = x.device_ptr(&copies);
+    // SAFETY: `x` holds N floats; the cases keep `host` unchanged until the copy is seen
+    // done, or (the case that tests it) do not.
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst, &*host, copies.cu_stream()) }
+        .expect("queue the copy");
+    drop(record);
+    Upload {
+        ctx,
+        copies,
+        compute,
+        x,
+        host,
+    }
+}
+
+/// Queues y = 2·x on the compute stream, into a new buffer `y` (axpy_f32 over zeros).
+fn twice(up: &Upload) -> CudaSlice<f32> {
+    let f = up
+        .ctx
         .load_module(Ptx::from_src("kernels/copy.cu"))
         .expect("module")
         .load_function("axpy_f32")
         .expect("axpy_f32");
-    (ctx, copies, compute, axpy)
-}
-
-/// Queues y += α·x on `stream` (both of `n` elements).
-fn axpy(
-    stream: &CudaStream,
-    f: &CudaFunction,
-    alpha: f32,
-    x: &CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-) {
-    let n = x.len() as i64;
+    let mut y = up.compute.alloc_zeros::<f32>(N).expect("y");
+    let (n, alpha) = (N as i64, 2.0f32);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (64, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: axpy_f32(i64 n, float alpha, const float* x, float* y) over `n` elements of each.
+    // SAFETY: axpy_f32(i64 n, float alpha, const float* x, float* y) over N elements of each.
     unsafe {
-        stream
-            .launch_builder(f)
+        up.compute
+            .launch_builder(&f)
             .arg(&n)
             .arg(&alpha)
-            .arg(x)
-            .arg(y)
+            .arg(&up.x)
+            .arg(&mut y)
             .launch(cfg)
     }
     .expect("launch");
+    y
 }
 
-/// `n` floats of page-locked host memory holding 1, 2, …, n.
-fn page_locked(n: usize) -> &'static mut [f32] {
-    // SAFETY: a fresh allocation of `n` floats, written in full below; never freed (the
-    // process of a case ends with it).
-    let p = unsafe { cudarc::driver::result::malloc_host(n * 4, 0) }.expect("page-locked memory");
-    let host = unsafe { std::slice::from_raw_parts_mut(p.cast::<f32>(), n) };
-    for (i, v) in host.iter_mut().enumerate() {
-        *v = (i + 1) as f32;
-    }
-    host
+/// Asserts that synchronising the context reports a fault (an illegal address).
+fn assert_faults(ctx: &CudaContext, what: &str) {
+    assert_eq!(
+        ctx.synchronize().expect_err(what).0,
+        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+    );
 }
-
-/// Queues a copy of `host` (page-locked) into `dst` on `stream`.
-fn upload(stream: &CudaStream, host: &[f32], dst: &CudaSlice<f32>) {
-    let (ptr, _sync) = dst.device_ptr(stream);
-    // SAFETY: `dst` holds `host.len()` floats; the cases keep `host` unchanged until the copy
-    // is seen done, or (the case that tests it) do not.
-    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, host, stream.cu_stream()) }
-        .expect("queue the copy");
-}
-
-const N: usize = 100;
 
 #[test]
 #[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
 fn stream_case_a_copy_awaited_through_an_event() {
-    let (ctx, copies, compute, f) = two_streams();
-    let x = compute.alloc_zeros::<f32>(N).expect("x");
-    let mut y = compute.alloc_zeros::<f32>(N).expect("y");
-    let host = page_locked(N);
-    copies
-        .join(&compute)
-        .expect("the copy after the allocation");
-    upload(&copies, host, &x);
-    let copied = copies.record_event(None).expect("event");
-    compute.wait(&copied).expect("wait");
-    axpy(&compute, &f, 2.0, &x, &mut y);
+    let up = upload_beside();
+    let copied = up.copies.record_event(None).expect("event");
+    up.compute.wait(&copied).expect("wait");
+    let y = twice(&up);
     // Into page-locked memory, read back only once the stream is seen done: before that the
     // device has not run the copy (it runs work when something waits for it).
-    let back = page_locked(N);
-    let (src, _sync) = y.device_ptr(&compute);
+    // SAFETY: a fresh allocation of N floats, filled by the copy below; never freed.
+    let p = unsafe { cudarc::driver::result::malloc_host(N * 4, 0) }.expect("page-locked");
+    let back = unsafe { std::slice::from_raw_parts_mut(p.cast::<f32>(), N) };
+    let (src, _sync) = y.device_ptr(&up.compute);
     // SAFETY: `y` holds N floats, `back` has room for them.
-    unsafe { cudarc::driver::result::memcpy_dtoh_async(back, src, compute.cu_stream()) }
+    unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut *back, src, up.compute.cu_stream()) }
         .expect("queue the copy back");
     assert!(
         back.iter().all(|v| v.to_bits() == u32::MAX),
         "filled before the wait"
     );
-    compute.synchronize().expect("compute");
+    up.compute.synchronize().expect("compute");
     let want: Vec<f32> = (1..=N).map(|i| 2.0 * i as f32).collect();
     assert_eq!(back.to_vec(), want);
     copied.synchronize().expect("the copy is done");
-    host.fill(0.0); // rewritten after the wait: fine
-    ctx.synchronize().expect("no fault");
+    up.host.fill(0.0); // rewritten after the wait: fine
+    up.ctx.synchronize().expect("no fault");
 }
 
 #[test]
 #[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
 fn stream_case_a_kernel_reading_what_another_streams_copy_writes() {
-    let (ctx, copies, compute, f) = two_streams();
-    let x = compute.alloc_zeros::<f32>(N).expect("x");
-    let mut y = compute.alloc_zeros::<f32>(N).expect("y");
-    let host = page_locked(N);
-    copies
-        .join(&compute)
-        .expect("the copy after the allocation");
-    upload(&copies, host, &x);
+    let up = upload_beside();
     // No wait for the copy: the kernel runs first, on the zeros.
-    axpy(&compute, &f, 2.0, &x, &mut y);
-    assert_eq!(compute.clone_dtoh(&y).expect("y"), vec![0.0; N]);
-    assert_eq!(
-        ctx.synchronize().expect_err("the race").0,
-        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
-    );
+    let y = twice(&up);
+    assert_eq!(up.compute.clone_dtoh(&y).expect("y"), vec![0.0; N]);
+    assert_faults(&up.ctx, "the race");
 }
 
 #[test]
 #[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
 fn stream_case_page_locked_bytes_rewritten_before_their_copy_ran() {
-    let (ctx, copies, compute, _) = two_streams();
-    let x = compute.alloc_zeros::<f32>(N).expect("x");
-    let host = page_locked(N);
-    copies
-        .join(&compute)
-        .expect("the copy after the allocation");
-    upload(&copies, host, &x);
-    host.fill(-1.0); // the next batch, written before anything showed the copy done
-    assert_eq!(
-        ctx.synchronize().expect_err("the rewrite").0,
-        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
-    );
+    let up = upload_beside();
+    up.host.fill(-1.0); // the next batch, written before anything showed the copy done
+    assert_faults(&up.ctx, "the rewrite");
 }
 
 #[test]
 #[ignore = "run alone by the_emulated_device_reports_work_of_two_streams_that_nothing_orders"]
 fn stream_case_memory_freed_while_another_stream_writes_it() {
-    let (ctx, copies, compute, _) = two_streams();
-    let x = compute.alloc_zeros::<f32>(N).expect("x");
-    let host = page_locked(N);
-    copies
-        .join(&compute)
-        .expect("the copy after the allocation");
-    upload(&copies, host, &x);
-    drop(x); // freed in the compute stream's order, which never waited for the copy
-    assert_eq!(
-        ctx.synchronize().expect_err("the race").0,
-        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
-    );
+    let up = upload_beside();
+    drop(up.x); // freed in the compute stream's order, which never waited for the copy
+    assert_faults(&up.ctx, "the race");
 }
