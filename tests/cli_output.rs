@@ -17,7 +17,10 @@ enum Sink {
 fn run_into(args: &[String], sink: Sink) -> Output {
     let stdout = match sink {
         Sink::ClosedPipe => {
-            let (reader, writer) = rustix::pipe::pipe().expect("pipe");
+            // Close-on-exec: a process another test thread spawns meanwhile must not inherit
+            // the reading end (it would keep the pipe open, and the write succeed).
+            let (reader, writer) =
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
             drop(reader);
             Stdio::from(writer)
         }
