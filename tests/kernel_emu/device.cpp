@@ -254,10 +254,9 @@ void drain(Stream* s, uint64_t upto) {
     s->pending.pop_front();
     for (auto& [other, seq] : op.after) drain(other, seq);
     if (sticky == SUCCESS) {  // after a fault the context runs nothing more
-      const Running outer = running;
       running = Running{s->id, &op.clock, &op.what};
       op.run();
-      running = outer;
+      running = Running{};
     }
     ++s->done;
   }
@@ -296,7 +295,10 @@ void queue(Stream* s, std::string what, std::function<void()> fn,
   if (s->clock.size() <= (size_t)s->id) s->clock.resize(s->id + 1, 0);
   s->clock[s->id] = ++s->queued;
   s->pending.push_back(Op{std::move(fn), std::move(what), s->clock, std::move(after)});
-  if (verbose()) fprintf(stderr, "emulated CUDA device: stream %d queues %s\n", s->id, s->pending.back().what.c_str());
+  if (verbose()) {
+    fprintf(stderr, "emulated CUDA device: stream %d queues %s\n", s->id,
+            s->pending.back().what.c_str());
+  }
 }
 
 // Queues `fn` on stream `s`, or records it where `s` is capturing.
@@ -367,9 +369,9 @@ bool race(uintptr_t base, const Allocation& a, const Access& earlier, bool earli
 // reads since. (Granularity: the allocation. Work of one stream is ordered by the stream.)
 bool touch(uintptr_t p, size_t bytes, bool write, const char* what) {
   if (bytes == 0) return true;
-  if (!in_device_memory(p, bytes, what)) return false;
-  if (!running.clock) return true;
   auto it = holding_it(p, bytes);
+  if (it == allocations.end()) return in_device_memory(p, bytes, what);  // the fault
+  if (!running.clock) return true;
   Allocation& a = it->second;
   const Clock& now = *running.clock;
   if (a.written.stream >= 0 && !ordered_before(a.written.stream, a.written.tick, now)) {
@@ -464,11 +466,16 @@ CUresult release(CUdeviceptr p, const char* what) {
 // past an allocation's end, the end of an empty window, belongs to that allocation).
 void emu_check_pointer(const char* kernel, int k, const void* p) {
   if (!p) return;
-  uintptr_t at = (uintptr_t)p;
-  if (!holding(at, 1) && holding(at - 1, 1)) at -= 1;
+  const uintptr_t at = (uintptr_t)p;
+  for (uintptr_t byte : {at, at - 1}) {
+    if (holding(byte, 1)) {
+      touch(byte, 1, true, kernel);
+      return;
+    }
+  }
   char what[160];
   snprintf(what, sizeof what, "kernel %s: argument %d (%p)", kernel, k, p);
-  touch(at, 1, true, what);
+  in_device_memory(at, 1, what);  // the fault, with where the pointer points
 }
 
 extern "C" {
@@ -609,6 +616,9 @@ CUresult cuStreamQuery(void* s) {
   return finish(st);
 }
 
+// Whether the event's last record outside a capture is queued and has not run yet.
+bool record_pending(const Event* ev) { return ev->stream && ev->stream->done < ev->seq; }
+
 CUresult cuEventCreate(void** e, unsigned) {
   LOCKED;
   auto ev = std::make_shared<Event>();
@@ -660,7 +670,7 @@ CUresult cuEventQuery(void* e) {
   LOCKED;
   Event* ev = static_cast<Event*>(e);
   if (ev->captured) return forbidden_under_capture("cuEventQuery");
-  if (ev->stream && ev->stream->done < ev->seq) {
+  if (record_pending(ev)) {
     drain(ev->stream, ev->seq);
     return sticky ? sticky : ERR_NOT_READY;
   }
@@ -669,8 +679,7 @@ CUresult cuEventQuery(void* e) {
 CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
   LOCKED;
   Event *a = static_cast<Event*>(start), *b = static_cast<Event*>(end);
-  for (Event* ev : {a, b})
-    if (ev->stream && ev->stream->done < ev->seq) return ERR_NOT_READY;
+  if (record_pending(a) || record_pending(b)) return ERR_NOT_READY;
   if (!a->recorded || !b->recorded) return ERR_INVALID_HANDLE;
   *ms = (float)(b->at_ms - a->at_ms);
   return SUCCESS;
@@ -835,14 +844,14 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* s)
   if (!in_device_memory(src, bytes, "cuMemcpyDtoHAsync source")) return sticky;
   const char* what = "cuMemcpyDtoHAsync";
   Stream* st = stream_of(s);
-  const bool live = !st->capture;
-  if (live && is_pinned(dst, bytes)) memset(dst, 0xff, bytes);
+  const bool live = !st->capture, to_pinned = is_pinned(dst, bytes);
+  if (live && to_pinned) memset(dst, 0xff, bytes);
   if (CUresult r = submit(s, what, [=] {
         if (touch(src, bytes, false, what)) memcpy(dst, (const void*)src, bytes);
       })) {
     return r;
   }
-  return live && !is_pinned(dst, bytes) ? finish(st) : sticky;
+  return live && !to_pinned ? finish(st) : sticky;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void* s) {
   LOCKED;
