@@ -10,9 +10,9 @@
 //! what its backward cannot recompute cheaply (no LayerNorm or GELU output, no Q/K/V); the
 //! frozen teacher inside the student step keeps none of its blocks' activations (the
 //! student step's peak does not grow with the teacher's depth); an inference pass holds a
-//! fraction of a training forward; and the arena's placement ([`ArenaPlan`]), replayed on the student step's requests, needs little
-//! more than the bytes the step holds at its peak, and a second step of the same requests
-//! is served from the slab the first sized.
+//! fraction of a training forward; and the arena's placement ([`ArenaPlan`]), replayed on
+//! the student step's requests, needs little more than the bytes the step holds at its
+//! peak, and a second step of the same requests is served from the slab the first sized.
 //!
 //! One test function: the counters are process-wide, and the test harness runs test
 //! functions on parallel threads.
