@@ -276,8 +276,8 @@ CUresult finish_all() {
 }
 
 // Queues `fn` on `s`, ordered after what the host has seen finish, after the places of
-// other streams in `after`, and (for the legacy stream and the blocking streams) after each
-// other's work queued before it.
+// other streams in `after` (whose clocks the caller has joined into `s`'s), and (for the
+// legacy stream and the blocking streams) after each other's work queued before it.
 void queue(Stream* s, std::string what, std::function<void()> fn,
            std::vector<std::pair<Stream*, uint64_t>> after = {}) {
   join(s->clock, host_clock);
@@ -701,7 +701,7 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
   }
   if (st->capture || !ev->stream) return sticky;
   if (sticky) return sticky;
-  join(st->clock, ev->clock);
+  join(st->clock, ev->clock);  // the record's clock (queue knows only its stream and place)
   queue(st, "cuStreamWaitEvent", [] {}, {{ev->stream, ev->seq}});
   return sticky;
 }
